@@ -1,0 +1,231 @@
+"""safetensors IO: lazy reads over one file or a directory of shards, strict checks, atomic writes.
+
+Every failure raises `CheckpointError` naming the file and the cause. Tensors
+are numpy arrays (bf16 as `ml_dtypes.bfloat16`), read one at a time, so a
+checkpoint larger than memory can be converted or streamed block by block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from minflux import keymaps
+
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+_ST_TO_NP = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be read, written or matched to a model; the message says where and why."""
+
+
+def np_dtype(name: str) -> np.dtype:
+    """numpy dtype for a safetensors dtype name ("BF16" -> ml_dtypes.bfloat16)."""
+    if name == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_ST_TO_NP[name])
+
+
+def st_dtype(dtype) -> str:
+    """safetensors dtype name for a numpy dtype."""
+    name = np.dtype(dtype).name
+    for k, v in _ST_TO_NP.items():
+        if v == name:
+            return k
+    raise ValueError(f"dtype {name} cannot be written to safetensors")
+
+
+def read_header(path: Path) -> dict:
+    """Parse and validate a safetensors header; truncated or corrupt files raise CheckpointError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path}: corrupt header (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: the header needs {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+class Checkpoint:
+    """Lazy view of one safetensors file or a directory of shards; BFL's `model.diffusion_model.` prefix,
+    if present, is stripped from the keys."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
+        if not files:
+            raise CheckpointError(f"{self.path}: directory holds no *.safetensors files")
+        self.files: dict[str, Path] = {}  # key -> file
+        self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (dtype, shape)
+        for file in files:
+            for key, info in read_header(file).items():
+                if key in self.meta:
+                    raise CheckpointError(f"{file}: key {key!r} also in {self.files[key]}")
+                self.files[key], self.meta[key] = file, (info["dtype"], tuple(info["shape"]))
+        self.raw_layout = keymaps.detect_layout(self.meta)
+        self.prefix = keymaps.BFL_PREFIX if self.raw_layout == "bfl-prefixed" else ""
+        if self.prefix:
+            self.files = {k.removeprefix(self.prefix): v for k, v in self.files.items()}
+            self.meta = {k.removeprefix(self.prefix): v for k, v in self.meta.items()}
+        self.layout = {"bfl-prefixed": "bfl"}.get(self.raw_layout, self.raw_layout)
+        self._handles: dict[Path, object] = {}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: s for k, (_, s) in self.meta.items()}
+
+    def _open(self, key: str):
+        file = self.files[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="numpy")
+        return self._handles[file]
+
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor (the whole tensor for 0-d ones), read without the rest."""
+        try:
+            if not self.meta[key][1]:
+                return self._open(key).get_tensor(self.prefix + key)
+            return self._open(key).get_slice(self.prefix + key)[start:stop]
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{self.files[key]}: cannot read {key!r}: {e}") from None
+
+    def get(self, key: str) -> np.ndarray:
+        shape = self.meta[key][1]
+        return self.rows(key, 0, shape[0] if shape else 1)
+
+
+def check_finite(arr: np.ndarray, key: str, where) -> None:
+    if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
+        if not np.isfinite(arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr).all():
+            raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
+
+
+def read_bfl(path, expected: dict[str, tuple[int, ...]], cfg) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream the tensors of a checkpoint (any layout) in BFL layout, checked against `expected` shapes.
+
+    Raises CheckpointError naming the file for an unknown layout, missing or unexpected keys, shape
+    mismatches (expected and found), non-float dtypes, and NaN/Inf values.
+    """
+    ckpt, family = Checkpoint(path), cfg.family
+    if ckpt.layout is None:
+        raise CheckpointError(f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
+                              f"first keys: {sorted(ckpt.meta)[:5]}")
+    try:
+        recipes = keymaps.convert(ckpt.shapes(), ckpt.layout, "bfl", family, getattr(cfg, "hidden_size", 0))
+    except KeyError as e:
+        raise CheckpointError(f"{ckpt.path}: unexpected key {e.args[0]!r} for a {family} "
+                              f"checkpoint in {ckpt.layout} layout") from None
+    missing, unexpected = sorted(set(expected) - set(recipes)), sorted(set(recipes) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt.path} ({ckpt.layout} layout): missing keys {missing[:10]}"
+                              f"{' ...' if len(missing) > 10 else ''}; unexpected keys {unexpected[:10]}"
+                              f"{' ...' if len(unexpected) > 10 else ''}")
+    bad = [f"{k}: expected {expected[k]}, found {r.shape}" for k, r in recipes.items() if r.shape != expected[k]]
+    if bad:
+        raise CheckpointError(f"{ckpt.path}: shape mismatch: " + "; ".join(bad[:10]))
+    for key, recipe in recipes.items():
+        for src, _, _ in recipe.pieces:
+            dtype = ckpt.meta[src][0]
+            if dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{ckpt.path}: tensor {src!r} has dtype {dtype}, expected a float dtype")
+    for key, recipe in recipes.items():
+        arr = keymaps.apply(recipe, ckpt.rows)
+        check_finite(arr, key, ckpt.path)
+        yield key, arr
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produce: Callable[[str], np.ndarray],
+                      metadata: dict[str, str] | None = None, progress: bool = False) -> None:
+    """Write tensors one at a time, so memory stays near the largest tensor; atomic (temp, fsync, rename).
+
+    `specs` maps key -> (safetensors dtype, shape); `produce(key)` returns that tensor.
+    """
+    path = Path(path)
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for key, (dtype, shape) in specs.items():
+        n = int(np.prod(shape, dtype=np.int64)) * np_dtype(dtype).itemsize
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    keys = list(specs)
+    if progress:
+        from tqdm import tqdm
+
+        keys = tqdm(keys, desc=f"writing {path.name}", unit="tensor")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for key in keys:
+                arr = np.asarray(produce(key))
+                arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps 0-d tensors 0-d
+                dtype, shape = specs[key]
+                if arr.dtype != np_dtype(dtype) or tuple(arr.shape) != tuple(shape):
+                    raise CheckpointError(f"{path}: tensor {key!r} is {arr.dtype} {arr.shape}, "
+                                          f"declared {dtype} {tuple(shape)}")
+                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+LAYOUTS = ("bfl", "bfl-prefixed", "diffusers")
+
+
+def save_bfl(path, tensors: dict[str, np.ndarray], cfg, layout: str = "bfl") -> None:
+    """Write BFL-layout numpy tensors of a model with config `cfg` as `layout` (one of LAYOUTS)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    recipes = keymaps.convert(shapes, "bfl", "diffusers" if layout == "diffusers" else "bfl", cfg.family,
+                              getattr(cfg, "hidden_size", 0))
+    if layout == "bfl-prefixed":
+        recipes = {keymaps.BFL_PREFIX + k: r for k, r in recipes.items()}
+    write_recipes(path, recipes, lambda k, a, b: tensors[k][a:b] if tensors[k].ndim else tensors[k],
+                  {k: st_dtype(v.dtype) for k, v in tensors.items()})
+
+
+def write_recipes(path, recipes: dict[str, keymaps.Recipe], rows, src_dtypes: dict[str, str],
+                  dtype: str | None = None, progress: bool = False) -> None:
+    """Write every recipe's tensor, optionally cast to `dtype` (a safetensors name, floats only)."""
+
+    def out_dtype(recipe):
+        src = src_dtypes[recipe.pieces[0][0]]
+        return dtype if dtype and src in FLOAT_DTYPES else src
+
+    specs = {k: (out_dtype(r), r.shape) for k, r in recipes.items()}
+    write_safetensors(path, specs, lambda k: keymaps.apply(recipes[k], rows).astype(np_dtype(specs[k][0])),
+                      progress=progress)

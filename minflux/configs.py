@@ -1,0 +1,110 @@
+"""Model configs: one frozen dataclass per family, BFL field names, a table of presets.
+
+Field names follow the official code (black-forest-labs/flux `FluxParams`,
+black-forest-labs/flux2 `Flux2Params`, `AutoEncoderParams`). rngs, dtype and
+device are arguments of the builders, never config fields. Variants are made
+with `dataclasses.replace`, never by mutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """FLUX.1 transformer (dev, schnell, Kontext, Krea, Fill, Canny, Depth)."""
+
+    in_channels: int = 64
+    out_channels: int = 64
+    vec_in_dim: int = 768  # CLIP-L pooled
+    context_in_dim: int = 4096  # T5-XXL
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+
+    family = "flux1"
+
+
+@dataclass(frozen=True)
+class Flux2Config:
+    """FLUX.2 transformer (dev, klein 4B/9B, distilled and base)."""
+
+    in_channels: int = 128
+    context_in_dim: int = 15360  # Mistral Small 3.x, three layers stacked
+    hidden_size: int = 6144
+    num_heads: int = 48
+    depth: int = 8
+    depth_single_blocks: int = 48
+    axes_dim: tuple[int, ...] = (32, 32, 32, 32)
+    theta: int = 2000
+    mlp_ratio: float = 3.0
+    guidance_embed: bool = True
+
+    family = "flux2"
+
+
+def _check(cfg) -> None:
+    head_dim, rem = divmod(cfg.hidden_size, cfg.num_heads)
+    if rem or sum(cfg.axes_dim) != head_dim:
+        raise ValueError(
+            f"{type(cfg).__name__}: hidden_size {cfg.hidden_size} / num_heads {cfg.num_heads} "
+            f"must be an integer head_dim equal to sum(axes_dim) = {sum(cfg.axes_dim)}"
+        )
+
+
+_flux1 = FluxConfig()
+_klein4b = Flux2Config(context_in_dim=7680, hidden_size=3072, num_heads=24, depth=5,
+                       depth_single_blocks=20, guidance_embed=False)
+_klein9b = Flux2Config(context_in_dim=12288, hidden_size=4096, num_heads=32, depth=8,
+                       depth_single_blocks=24, guidance_embed=False)
+
+PRESETS: dict[str, object] = {
+    # FLUX.1: the dev-shaped models differ only in weights (and Fill/Canny/Depth in input width).
+    "flux1-dev": _flux1,
+    "flux1-schnell": dataclasses.replace(_flux1, guidance_embed=False),
+    "flux1-kontext-dev": _flux1,
+    "flux1-krea-dev": _flux1,
+    "flux1-fill-dev": dataclasses.replace(_flux1, in_channels=384),  # 64 img + 320 mask/masked img
+    "flux1-canny-dev": dataclasses.replace(_flux1, in_channels=128),  # 64 img + 64 control
+    "flux1-depth-dev": dataclasses.replace(_flux1, in_channels=128),
+    # FLUX.2: klein base models share the distilled models' architecture (CFG instead of distillation).
+    "flux2-dev": Flux2Config(),
+    "flux2-klein-4b": _klein4b,
+    "flux2-klein-9b": _klein9b,
+    "flux2-klein-base-4b": _klein4b,
+    "flux2-klein-base-9b": _klein9b,
+    # Tiny configs for tests and the default demo: same code paths, head_dim 32.
+    "flux1-tiny": FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=40,
+                             hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
+                             axes_dim=(8, 12, 12)),
+    "flux2-tiny": Flux2Config(in_channels=128, context_in_dim=48, hidden_size=64, num_heads=2,
+                              depth=2, depth_single_blocks=2, axes_dim=(8, 8, 8, 8)),
+}
+
+
+def names() -> list[str]:
+    """Every preset name, including the tiny test presets."""
+    return list(PRESETS)
+
+
+def get(name: str):
+    """The preset called `name`; an unknown name raises a KeyError listing the valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown config {name!r}; valid names: {', '.join(PRESETS)}") from None
+
+
+def resolve(cfg_or_name):
+    """Accept a config object or a preset name."""
+    cfg = get(cfg_or_name) if isinstance(cfg_or_name, str) else cfg_or_name
+    _check(cfg)
+    return cfg

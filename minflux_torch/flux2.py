@@ -1,0 +1,91 @@
+"""FLUX.2 transformer in PyTorch: dev, klein 4B/9B (distilled and base).
+
+Follows black-forest-labs/flux2 `src/flux2/model.py`; only what differs from
+FLUX.1 lives here: no biases, SwiGLU MLPs, three modulations shared by all
+blocks, 4-D RoPE ids. Twin: `minflux_jax/flux2.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from minflux.configs import Flux2Config
+from minflux_torch.layers import (
+    DoubleStreamBlockBase,
+    EmbedND,
+    LastLayer,
+    MLPEmbedder,
+    Modulation,
+    SingleStreamBlockBase,
+    Trunk,
+    timestep_embedding,
+)
+
+
+class DoubleStreamBlock(DoubleStreamBlockBase):
+    """FLUX.2 double block: modulation comes from the model; separate RoPE for image and text."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__(hidden_size, num_heads, mlp_ratio, "flux2", qkv_bias=False)
+
+    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, pe_ctx: Tensor, mod_img, mod_txt) -> tuple[Tensor, Tensor]:
+        return self.stream(img, txt, torch.cat((pe_ctx, pe), dim=2), mod_img, mod_txt)
+
+
+class SingleStreamBlock(SingleStreamBlockBase):
+    """FLUX.2 single block: SwiGLU MLP, modulation from the model."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__(hidden_size, num_heads, mlp_ratio, "flux2")
+
+    def forward(self, x: Tensor, pe: Tensor, mod) -> Tensor:
+        return self.stream(x, pe, mod)
+
+
+class Flux2(Trunk):
+    """The FLUX.2 flow transformer on 128-channel patchified latent tokens."""
+
+    def __init__(self, params: Flux2Config):
+        super().__init__()
+        self.params = params
+        d = params.hidden_size
+        self.pe_embedder = EmbedND(d // params.num_heads, params.theta, params.axes_dim)
+        self.img_in = nn.Linear(params.in_channels, d, bias=False)
+        self.time_in = MLPEmbedder(256, d, bias=False)
+        self.txt_in = nn.Linear(params.context_in_dim, d, bias=False)
+        if params.guidance_embed:
+            self.guidance_in = MLPEmbedder(256, d, bias=False)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(d, params.num_heads, params.mlp_ratio) for _ in range(params.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(d, params.num_heads, params.mlp_ratio) for _ in range(params.depth_single_blocks)
+        )
+        self.double_stream_modulation_img = Modulation(d, double=True, bias=False)
+        self.double_stream_modulation_txt = Modulation(d, double=True, bias=False)
+        self.single_stream_modulation = Modulation(d, double=False, bias=False)
+        self.final_layer = LastLayer(d, params.in_channels, bias=False)
+
+    def embed(self, x, x_ids, timesteps, ctx, ctx_ids, guidance=None) -> tuple[Tensor, Tensor, dict]:
+        """Input projections and the shared modulations; returns img, txt and the blocks' inputs."""
+        dtype = self.img_in.weight.dtype
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        if self.params.guidance_embed:
+            if guidance is None:
+                raise ValueError("this FLUX.2 model is guidance-distilled: pass guidance=(B,) values")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        pe_x, pe_ctx = self.pe_embedder(x_ids), self.pe_embedder(ctx_ids)
+        kw = {
+            "vec": vec,
+            "double": {"pe": pe_x, "pe_ctx": pe_ctx, "mod_img": self.double_stream_modulation_img(vec),
+                       "mod_txt": self.double_stream_modulation_txt(vec)},
+            "single": {"pe": torch.cat((pe_ctx, pe_x), dim=2), "mod": self.single_stream_modulation(vec)[0]},
+        }
+        return self.img_in(x.to(dtype)), self.txt_in(ctx.to(dtype)), kw
+
+    def forward(self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor,
+                guidance: Tensor | None = None) -> Tensor:
+        """x (B, Li, 128), x_ids (B, Li, 4), timesteps (B,) in [0, 1], ctx (B, Lt, context_in_dim),
+        ctx_ids (B, Lt, 4), guidance (B,) -> (B, Li, 128)."""
+        return self.trunk(*self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance))

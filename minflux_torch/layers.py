@@ -1,0 +1,277 @@
+"""Layers shared by FLUX.1 and FLUX.2, in PyTorch.
+
+Follows black-forest-labs/flux `src/flux/modules/layers.py` and `src/flux/math.py`
+and black-forest-labs/flux2 `src/flux2/model.py`. Attribute names are the
+official checkpoint keys, so `load_state_dict(strict=True)` needs no renaming.
+Twin: `minflux_jax/layers.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------------
+# Positional and timestep embeddings (always fp32)
+# ---------------------------------------------------------------------------------------------
+
+
+def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
+    """Rotation matrices for one id axis: (..., N) positions -> (..., N, dim/2, 2, 2), fp32."""
+    # omega in float64 as BFL does, then fp32 for the product: both frameworks use the same table.
+    omega = torch.from_numpy((1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32))
+    out = pos.float()[..., None] * omega.to(pos.device)  # (..., N, dim/2)
+    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
+    return rearrange(out, "... n d (i j) -> ... n d i j", i=2, j=2)
+
+
+def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate q and k (B, H, L, D) pairwise by `freqs_cis` (B, 1, L, D/2, 2, 2), in fp32."""
+    xq_ = xq.float().reshape(*xq.shape[:-1], -1, 1, 2)
+    xk_ = xk.float().reshape(*xk.shape[:-1], -1, 1, 2)
+    xq_out = freqs_cis[..., 0] * xq_[..., 0] + freqs_cis[..., 1] * xq_[..., 1]
+    xk_out = freqs_cis[..., 0] * xk_[..., 0] + freqs_cis[..., 1] * xk_[..., 1]
+    return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
+
+
+class EmbedND(nn.Module):
+    """RoPE over several id axes ((t, h, w) for FLUX.1, (t, h, w, l) for FLUX.2)."""
+
+    def __init__(self, dim: int, theta: int, axes_dim: tuple[int, ...]):
+        super().__init__()
+        self.dim = dim
+        self.theta = theta
+        self.axes_dim = tuple(axes_dim)
+
+    def forward(self, ids: Tensor) -> Tensor:  # (B, L, n_axes) -> (B, 1, L, D/2, 2, 2)
+        emb = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
+        return emb.unsqueeze(1)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: int = 10_000, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000), computed in fp32: (B,) -> (B, dim)."""
+    # BFL computes this in the model dtype; t * 1000 in bf16 loses three digits, so we stay in fp32.
+    t = time_factor * t.float()
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (time, guidance and pooled-text embedders)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, bias: bool = True):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=bias)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(nn.functional.silu(self.in_layer(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms and attention
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned `scale`, normalising in fp32 (eps 1e-6)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_dtype = x.dtype
+        x = x.float()
+        rrms = torch.rsqrt(torch.mean(x**2, dim=-1, keepdim=True) + 1e-6)
+        return (x * rrms).to(x_dtype) * self.scale
+
+
+class QKNorm(nn.Module):
+    """Separate RMSNorms for queries and keys; the results take v's dtype."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """The parameter-free LayerNorm used before every modulation."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
+    """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D)."""
+    q, k = apply_rope(q, k, pe)
+    x = nn.functional.scaled_dot_product_attention(q, k, v)
+    return rearrange(x, "B H L D -> B L (H D)")
+
+
+class SelfAttention(nn.Module):
+    """Holds the fused qkv projection, QK norm and output projection (used by the double block)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Project, split the fused `(K H D)` axis and normalise q, k: 3 x (B, H, L, D)."""
+        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Modulation, MLPs and the final layer
+# ---------------------------------------------------------------------------------------------
+
+
+class Modulation(nn.Module):
+    """vec -> (shift, scale, gate) once or twice, each (B, 1, D)."""
+
+    def __init__(self, dim: int, double: bool, bias: bool = True):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=bias)
+
+    def forward(self, vec: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+        out = self.lin(nn.functional.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        return out[:3], (out[3:] if self.multiplier == 6 else None)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return (1 + scale) * x + shift
+
+
+class SiLUActivation(nn.Module):
+    """SwiGLU's gate: the first half, through SiLU, times the second half (FLUX.2)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return nn.functional.silu(x1) * x2
+
+
+def mlp_activation(family: str) -> nn.Module:
+    """FLUX.1: GELU(tanh); FLUX.2: SwiGLU (the input is twice as wide)."""
+    return nn.GELU(approximate="tanh") if family == "flux1" else SiLUActivation()
+
+
+def mlp(dim: int, hidden: int, family: str) -> nn.Sequential:
+    """The double block's MLP; indices 0 and 2 are the checkpoint's `img_mlp.0` / `img_mlp.2`."""
+    gated = family == "flux2"
+    return nn.Sequential(
+        nn.Linear(dim, hidden * (2 if gated else 1), bias=not gated),
+        mlp_activation(family),
+        nn.Linear(hidden, dim, bias=not gated),
+    )
+
+
+class LastLayer(nn.Module):
+    """adaLN (shift, scale) -- BFL order; diffusers stores (scale, shift) -- then a linear projection."""
+
+    def __init__(self, hidden_size: int, out_channels: int, bias: bool = True):
+        super().__init__()
+        self.norm_final = layer_norm(hidden_size)
+        self.linear = nn.Linear(hidden_size, out_channels, bias=bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=bias))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# The two block types; flux1.py / flux2.py add where their modulation comes from
+# ---------------------------------------------------------------------------------------------
+
+
+class DoubleStreamBlockBase(nn.Module):
+    """Separate weights for image and text tokens, joint attention over both (text first)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str, qkv_bias: bool):
+        super().__init__()
+        bias = family == "flux1"  # FLUX.2 has no biases anywhere
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.num_heads = num_heads
+        self.img_norm1 = layer_norm(hidden_size)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
+        self.img_norm2 = layer_norm(hidden_size)
+        self.img_mlp = mlp(hidden_size, mlp_hidden, family)
+        self.txt_norm1 = layer_norm(hidden_size)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
+        self.txt_norm2 = layer_norm(hidden_size)
+        self.txt_mlp = mlp(hidden_size, mlp_hidden, family)
+
+    def stream(self, img: Tensor, txt: Tensor, pe: Tensor, img_mod, txt_mod) -> tuple[Tensor, Tensor]:
+        """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]; mods: ((shift, scale, gate) x 2)."""
+        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
+        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+        q = torch.cat((txt_q, img_q), dim=2)  # (B, H, Lt+Li, D)
+        k = torch.cat((txt_k, img_k), dim=2)
+        v = torch.cat((txt_v, img_v), dim=2)
+        attn = attention(q, k, v, pe)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+        img = img + img_gate1 * self.img_attn.proj(img_attn)
+        img = img + img_gate2 * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        return img, txt
+
+
+class SingleStreamBlockBase(nn.Module):
+    """Parallel attention + MLP on the joint sequence, fused into linear1 / linear2."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str):
+        super().__init__()
+        bias = family == "flux1"
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        # linear1 = [q k v | mlp in]; FLUX.2's mlp part is twice as wide (SwiGLU: gate first).
+        self.mlp_in = int(hidden_size * mlp_ratio) * (1 if bias else 2)
+        self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + self.mlp_in, bias=bias)
+        self.linear2 = nn.Linear(hidden_size + int(hidden_size * mlp_ratio), hidden_size, bias=bias)
+        self.norm = QKNorm(hidden_size // num_heads)
+        self.pre_norm = layer_norm(hidden_size)
+        self.mlp_act = mlp_activation(family)
+
+    def stream(self, x: Tensor, pe: Tensor, mod) -> Tensor:
+        """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate)."""
+        shift, scale, gate = mod
+        qkv, mlp_in = torch.split(self.linear1(modulate(self.pre_norm(x), shift, scale)),
+                                  [3 * self.hidden_size, self.mlp_in], dim=-1)
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, v)
+        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp_in)), dim=2))
+        return x + gate * out
+
+
+class Trunk(nn.Module):
+    """The part both families share after `embed`: double blocks, single blocks, final layer."""
+
+    def trunk(self, img: Tensor, txt: Tensor, kw: dict) -> Tensor:
+        for block in self.double_blocks:
+            img, txt = block(img, txt, **kw["double"])
+        x = torch.cat((txt, img), dim=1)  # (B, Lt+Li, D)
+        for block in self.single_blocks:
+            x = block(x, **kw["single"])
+        return self.final_layer(x[:, txt.shape[1] :], kw["vec"])

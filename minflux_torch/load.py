@@ -1,0 +1,60 @@
+"""Build, load and save models in PyTorch. Twin: `minflux_jax/load.py`.
+
+The module attribute names are the BFL checkpoint keys, so a BFL file loads with
+`load_state_dict(strict=True)`; other layouts go through `minflux.keymaps`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from minflux import checkpoint, configs
+from minflux_torch.flux1 import Flux
+from minflux_torch.flux2 import Flux2
+
+MODELS: dict[str, type[nn.Module]] = {"flux1": Flux, "flux2": Flux2}
+
+
+def to_torch(arr: np.ndarray) -> torch.Tensor:
+    """numpy -> torch without a copy; bf16 (ml_dtypes) travels as its uint16 bits."""
+    if arr.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """torch -> numpy, bit-exact; bf16 becomes ml_dtypes.bfloat16."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(checkpoint.np_dtype("BF16"))
+    return t.numpy()
+
+
+def build_model(cfg_or_name, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    """A model with random weights (PyTorch's default init, seeded)."""
+    cfg = configs.resolve(cfg_or_name)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = MODELS[cfg.family](cfg)
+    return model.to(dtype).eval()
+
+
+def load_model(cfg_or_name, path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    """Load a checkpoint (BFL, prefixed BFL or diffusers layout; file or directory of shards)."""
+    cfg = configs.resolve(cfg_or_name)
+    with torch.device("meta"):
+        model = MODELS[cfg.family](cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = {k: to_torch(a).to(device=device, dtype=dtype if a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+                                 else None)
+             for k, a in checkpoint.read_bfl(path, expected, cfg)}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def save_model(model: nn.Module, path, layout: str = "bfl") -> None:
+    """Write a model's weights as safetensors in `layout` ("bfl", "bfl-prefixed" or "diffusers")."""
+    tensors = {k: to_numpy(v) for k, v in model.state_dict().items()}
+    checkpoint.save_bfl(path, tensors, model.params, layout)
