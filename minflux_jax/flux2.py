@@ -1,0 +1,95 @@
+"""FLUX.2 transformer in Flax NNX: dev, klein 4B/9B (distilled and base).
+
+Follows black-forest-labs/flux2 `src/flux2/model.py`; only what differs from
+FLUX.1 lives here: no biases, SwiGLU MLPs, three modulations shared by all
+blocks, 4-D RoPE ids. Twin: `minflux_torch/flux2.py`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from minflux.configs import Flux2Config
+from minflux_jax.layers import (
+    Array,
+    DoubleStreamBlockBase,
+    EmbedND,
+    LastLayer,
+    MLPEmbedder,
+    Modulation,
+    SingleStreamBlockBase,
+    Trunk,
+    linear,
+    timestep_embedding,
+)
+
+
+class DoubleStreamBlock(DoubleStreamBlockBase):
+    """FLUX.2 double block: modulation comes from the model; separate RoPE for image and text."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, dtype, rngs):
+        super().__init__(hidden_size, num_heads, mlp_ratio, "flux2", qkv_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, img: Array, txt: Array, pe: Array, pe_ctx: Array, mod_img, mod_txt) -> tuple[Array, Array]:
+        return self.stream(img, txt, jnp.concatenate((pe_ctx, pe), axis=2), mod_img, mod_txt)
+
+
+class SingleStreamBlock(SingleStreamBlockBase):
+    """FLUX.2 single block: SwiGLU MLP, modulation from the model."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, dtype, rngs):
+        super().__init__(hidden_size, num_heads, mlp_ratio, "flux2", dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, pe: Array, mod) -> Array:
+        return self.stream(x, pe, mod)
+
+
+class Flux2(Trunk):
+    """The FLUX.2 flow transformer on 128-channel patchified latent tokens."""
+
+    def __init__(self, params: Flux2Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.params = params
+        self.dtype = dtype
+        d = params.hidden_size
+        self.pe_embedder = EmbedND(d // params.num_heads, params.theta, params.axes_dim)
+        self.img_in = linear(params.in_channels, d, False, dtype, rngs)
+        self.time_in = MLPEmbedder(256, d, bias=False, dtype=dtype, rngs=rngs)
+        self.txt_in = linear(params.context_in_dim, d, False, dtype, rngs)
+        if params.guidance_embed:
+            self.guidance_in = MLPEmbedder(256, d, bias=False, dtype=dtype, rngs=rngs)
+        self.double_blocks = nnx.List(
+            DoubleStreamBlock(d, params.num_heads, params.mlp_ratio, dtype=dtype, rngs=rngs)
+            for _ in range(params.depth)
+        )
+        self.single_blocks = nnx.List(
+            SingleStreamBlock(d, params.num_heads, params.mlp_ratio, dtype=dtype, rngs=rngs)
+            for _ in range(params.depth_single_blocks)
+        )
+        self.double_stream_modulation_img = Modulation(d, double=True, bias=False, dtype=dtype, rngs=rngs)
+        self.double_stream_modulation_txt = Modulation(d, double=True, bias=False, dtype=dtype, rngs=rngs)
+        self.single_stream_modulation = Modulation(d, double=False, bias=False, dtype=dtype, rngs=rngs)
+        self.final_layer = LastLayer(d, params.in_channels, bias=False, dtype=dtype, rngs=rngs)
+
+    def embed(self, x, x_ids, timesteps, ctx, ctx_ids, guidance=None) -> tuple[Array, Array, dict]:
+        """Input projections and the shared modulations; returns img, txt and the blocks' inputs."""
+        dtype = self.dtype
+        vec = self.time_in(timestep_embedding(timesteps, 256).astype(dtype))
+        if self.params.guidance_embed:
+            if guidance is None:
+                raise ValueError("this FLUX.2 model is guidance-distilled: pass guidance=(B,) values")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).astype(dtype))
+        pe_x, pe_ctx = self.pe_embedder(x_ids), self.pe_embedder(ctx_ids)
+        kw = {
+            "vec": vec,
+            "double": {"pe": pe_x, "pe_ctx": pe_ctx, "mod_img": self.double_stream_modulation_img(vec),
+                       "mod_txt": self.double_stream_modulation_txt(vec)},
+            "single": {"pe": jnp.concatenate((pe_ctx, pe_x), axis=2), "mod": self.single_stream_modulation(vec)[0]},
+        }
+        return self.img_in(x.astype(dtype)), self.txt_in(ctx.astype(dtype)), kw
+
+    def __call__(self, x: Array, x_ids: Array, timesteps: Array, ctx: Array, ctx_ids: Array,
+                 guidance: Array | None = None) -> Array:
+        """x (B, Li, 128), x_ids (B, Li, 4), timesteps (B,) in [0, 1], ctx (B, Lt, context_in_dim),
+        ctx_ids (B, Lt, 4), guidance (B,) -> (B, Li, 128)."""
+        return self.trunk(*self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance))
