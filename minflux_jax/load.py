@@ -31,6 +31,43 @@ def torch_keys(model: nnx.Module) -> dict[tuple, tuple[str, str]]:
     return out
 
 
+def torch_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """The PyTorch/BFL key and shape of every parameter of `module`."""
+    flat = dict(nnx.to_flat_state(nnx.state(module, STATE)))
+    return {key: _torch_shape(flat[path].shape, param) for path, (key, param) in torch_keys(module).items()}
+
+
+def _torch_shape(flax_shape: tuple[int, ...], param: str) -> tuple[int, ...]:
+    # a broadcast view costs no memory; the layout rule gives the PyTorch shape
+    return keymaps.flax_to_torch(np.broadcast_to(np.empty((), np.int8), flax_shape), param).shape
+
+
+def assign(module: nnx.Module, tensors) -> None:
+    """Set every parameter of `module` (concrete or abstract) from PyTorch-layout tensors, strictly.
+
+    `tensors` maps keys relative to `module` to numpy arrays, or is an iterable of (key, array) that is
+    consumed one tensor at a time (each becomes a device array before the next is read).
+    """
+    names = torch_keys(module)
+    by_key = {key: (path, param) for path, (key, param) in names.items()}
+    flat = dict(nnx.to_flat_state(nnx.state(module, STATE)))
+    values, unexpected = {}, []
+    for key, arr in tensors.items() if hasattr(tensors, "items") else tensors:
+        if key not in by_key:
+            unexpected.append(key)
+            continue
+        path, param = by_key[key]
+        if keymaps.torch_to_flax(arr, param).shape != flat[path].shape:
+            raise checkpoint.CheckpointError(f"{type(module).__name__}: {key}: expected "
+                                             f"{_torch_shape(flat[path].shape, param)}, found {arr.shape}")
+        values[path] = jnp.asarray(keymaps.torch_to_flax(arr, param), dtype=flat[path].dtype)
+    missing = sorted(names[p][0] for p in set(names) - set(values))
+    if missing or unexpected:
+        raise checkpoint.CheckpointError(f"{type(module).__name__}: missing keys {missing[:10]}, "
+                                         f"unexpected keys {sorted(unexpected)[:10]}")
+    nnx.update(module, nnx.from_flat_state(list(values.items())))
+
+
 def build_model(cfg_or_name, seed: int = 0, dtype=jnp.float32) -> nnx.Module:
     """A model with random weights (Flax's default init, seeded)."""
     cfg = configs.resolve(cfg_or_name)
@@ -40,26 +77,18 @@ def build_model(cfg_or_name, seed: int = 0, dtype=jnp.float32) -> nnx.Module:
 def load_model(cfg_or_name, path, dtype=jnp.bfloat16) -> nnx.Module:
     """Load a checkpoint (BFL, prefixed BFL or diffusers layout; file or directory of shards)."""
     cfg = configs.resolve(cfg_or_name)
-    abstract = nnx.eval_shape(lambda: MODELS[cfg.family](cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    names = torch_keys(abstract)
-    flat = dict(nnx.to_flat_state(nnx.state(abstract, STATE)))
-    by_key = {key: (path, param) for path, (key, param) in names.items()}
-    expected = {key: keymaps.flax_to_torch(np.broadcast_to(np.empty((), np.int8), flat[path].shape), param).shape
-                for path, (key, param) in names.items()}
-    values = {}
-    for key, arr in checkpoint.read_bfl(path, expected, cfg):
-        p, param = by_key[key]
-        values[p] = jnp.asarray(keymaps.torch_to_flax(arr, param), dtype=flat[p].dtype)
-    for p, var in nnx.to_flat_state(state):
-        if p in values:
-            var.set_value(values[p])
-    return nnx.merge(graphdef, state)
+    model = nnx.eval_shape(lambda: MODELS[cfg.family](cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    assign(model, checkpoint.read_bfl(path, torch_shapes(model), cfg))
+    return model
 
 
 def save_model(model: nnx.Module, path, layout: str = "bfl") -> None:
     """Write a model's weights as safetensors in `layout` ("bfl", "bfl-prefixed" or "diffusers")."""
-    flat = dict(nnx.to_flat_state(nnx.state(model, STATE)))
-    tensors = {key: np.asarray(keymaps.flax_to_torch(np.asarray(jax.device_get(flat[p][...])), param))
-               for p, (key, param) in torch_keys(model).items()}
-    checkpoint.save_bfl(path, tensors, model.params, layout)
+    checkpoint.save_bfl(path, state_dict(model), model.params, layout)
+
+
+def state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
+    """PyTorch-layout numpy tensors of every parameter, keyed like the PyTorch twin's state_dict."""
+    flat = dict(nnx.to_flat_state(nnx.state(module, STATE)))
+    return {key: np.asarray(keymaps.flax_to_torch(np.asarray(jax.device_get(flat[p][...])), param))
+            for p, (key, param) in torch_keys(module).items()}
