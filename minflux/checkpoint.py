@@ -122,38 +122,53 @@ def check_finite(arr: np.ndarray, key: str, where) -> None:
             raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
 
 
-def read_bfl(path, expected: dict[str, tuple[int, ...]], cfg) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream the tensors of a checkpoint (any layout) in BFL layout, checked against `expected` shapes.
+class BflReader:
+    """A checkpoint in any layout, seen as BFL-layout tensors and checked against `expected` shapes up front.
 
     Raises CheckpointError naming the file for an unknown layout, missing or unexpected keys, shape
-    mismatches (expected and found), non-float dtypes, and NaN/Inf values.
+    mismatches (expected and found) and non-float dtypes; `read` raises for NaN/Inf values.
     """
-    ckpt, family = Checkpoint(path), cfg.family
-    if ckpt.layout is None:
-        raise CheckpointError(f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
-                              f"first keys: {sorted(ckpt.meta)[:5]}")
-    try:
-        recipes = keymaps.convert(ckpt.shapes(), ckpt.layout, "bfl", family, getattr(cfg, "hidden_size", 0))
-    except KeyError as e:
-        raise CheckpointError(f"{ckpt.path}: unexpected key {e.args[0]!r} for a {family} "
-                              f"checkpoint in {ckpt.layout} layout") from None
-    missing, unexpected = sorted(set(expected) - set(recipes)), sorted(set(recipes) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt.path} ({ckpt.layout} layout): missing keys {missing[:10]}"
-                              f"{' ...' if len(missing) > 10 else ''}; unexpected keys {unexpected[:10]}"
-                              f"{' ...' if len(unexpected) > 10 else ''}")
-    bad = [f"{k}: expected {expected[k]}, found {r.shape}" for k, r in recipes.items() if r.shape != expected[k]]
-    if bad:
-        raise CheckpointError(f"{ckpt.path}: shape mismatch: " + "; ".join(bad[:10]))
-    for key, recipe in recipes.items():
-        for src, _, _ in recipe.pieces:
-            dtype = ckpt.meta[src][0]
-            if dtype not in FLOAT_DTYPES:
-                raise CheckpointError(f"{ckpt.path}: tensor {src!r} has dtype {dtype}, expected a float dtype")
-    for key, recipe in recipes.items():
-        arr = keymaps.apply(recipe, ckpt.rows)
-        check_finite(arr, key, ckpt.path)
-        yield key, arr
+
+    def __init__(self, path, expected: dict[str, tuple[int, ...]], cfg):
+        ckpt, family = Checkpoint(path), cfg.family
+        if ckpt.layout is None:
+            raise CheckpointError(f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
+                                  f"first keys: {sorted(ckpt.meta)[:5]}")
+        try:
+            recipes = keymaps.convert(ckpt.shapes(), ckpt.layout, "bfl", family, getattr(cfg, "hidden_size", 0))
+        except KeyError as e:
+            raise CheckpointError(f"{ckpt.path}: unexpected key {e.args[0]!r} for a {family} "
+                                  f"checkpoint in {ckpt.layout} layout") from None
+        missing, unexpected = sorted(set(expected) - set(recipes)), sorted(set(recipes) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{ckpt.path} ({ckpt.layout} layout): missing keys {missing[:10]}"
+                                  f"{' ...' if len(missing) > 10 else ''}; unexpected keys {unexpected[:10]}"
+                                  f"{' ...' if len(unexpected) > 10 else ''}")
+        bad = [f"{k}: expected {expected[k]}, found {r.shape}" for k, r in recipes.items() if r.shape != expected[k]]
+        if bad:
+            raise CheckpointError(f"{ckpt.path}: shape mismatch: " + "; ".join(bad[:10]))
+        for recipe in recipes.values():
+            for src, _, _ in recipe.pieces:
+                dtype = ckpt.meta[src][0]
+                if dtype not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{ckpt.path}: tensor {src!r} has dtype {dtype}, expected a float dtype")
+        self.ckpt, self.recipes = ckpt, recipes
+
+    def keys(self) -> list[str]:
+        return list(self.recipes)
+
+    def read(self, key: str) -> np.ndarray:
+        arr = keymaps.apply(self.recipes[key], self.ckpt.rows)
+        check_finite(arr, key, self.ckpt.path)
+        return arr
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        return ((key, self.read(key)) for key in self.recipes)
+
+
+def read_bfl(path, expected: dict[str, tuple[int, ...]], cfg) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream (key, tensor) pairs of a checkpoint in BFL layout; checks as `BflReader`, before the first read."""
+    return iter(BflReader(path, expected, cfg))
 
 
 # ---------------------------------------------------------------------------------------------
