@@ -54,12 +54,18 @@ class EmbedND(nnx.Module):
         return emb[:, None]
 
 
+def _freqs(half: int, max_period: int) -> np.ndarray:
+    # A float64 table rounded once: both frameworks' exp() differ in the last bit, and at t * 1000 that
+    # bit moves sin/cos by ~1e-5 -- so the table is computed once, in numpy.
+    return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+
+
 def timestep_embedding(t: Array, dim: int, max_period: int = 10_000, time_factor: float = 1000.0) -> Array:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000), computed in fp32: (B,) -> (B, dim)."""
     # BFL computes this in the model dtype; t * 1000 in bf16 loses three digits, so we stay in fp32.
     t = time_factor * jnp.asarray(t, jnp.float32)
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.asarray(_freqs(half, max_period))
     args = t[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:

@@ -52,12 +52,18 @@ class EmbedND(nn.Module):
         return emb.unsqueeze(1)
 
 
+def _freqs(half: int, max_period: int) -> np.ndarray:
+    # A float64 table rounded once: both frameworks' exp() differ in the last bit, and at t * 1000 that
+    # bit moves sin/cos by ~1e-5 -- so the table is computed once, in numpy.
+    return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: int = 10_000, time_factor: float = 1000.0) -> Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000), computed in fp32: (B,) -> (B, dim)."""
     # BFL computes this in the model dtype; t * 1000 in bf16 loses three digits, so we stay in fp32.
     t = time_factor * t.float()
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.from_numpy(_freqs(half, max_period)).to(t.device)
     args = t[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

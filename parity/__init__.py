@@ -1,0 +1,4 @@
+"""The parity suite: load one checkpoint into PyTorch and JAX and measure their agreement block by block.
+
+`parity.transformer.run` / `parity.autoencoder.run` return report rows; `parity.cli` is the command.
+"""

@@ -1,0 +1,117 @@
+"""`minflux parity`: load one checkpoint into PyTorch and JAX and report their agreement block by block.
+
+With no arguments it writes seeded tiny checkpoints of every family in the official layouts to a
+temporary directory, loads them through the real loading path and checks them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+TINY_DEFAULTS = [  # (preset, layout written) for the default run
+    ("flux1-tiny", "bfl"),
+    ("flux2-tiny", "bfl"),
+    ("flux2-tiny", "diffusers"),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="preset name (see minflux.configs.names()); needed with --checkpoint")
+    p.add_argument("--checkpoint", type=Path, help="safetensors file or directory of shards, any supported layout")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights of --model's shapes")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or both as 'fp32,bf16' (default fp32)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--allow-tf32", action="store_true", help="canary: leave TF32 on; the fp32 bar must then fail")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default 64 tiny, 1024 full size)")
+    p.add_argument("--txt-len", type=int, help="text tokens (default 8 tiny, 512 full size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    p.add_argument("--plot", type=Path, help="write a PNG of error against depth")
+
+
+def _runs(args) -> list[tuple[object, Path | None, str]]:
+    """(config, checkpoint path or None for random, label) for each model to check."""
+    from minflux import configs
+
+    if args.checkpoint or args.random_weights:
+        if not args.model:
+            raise SystemExit("minflux parity: --model NAME is required with --checkpoint / --random-weights; "
+                             f"valid names: {', '.join(configs.names())}")
+        if args.checkpoint and not args.checkpoint.exists():
+            raise SystemExit(f"minflux parity: --checkpoint {args.checkpoint}: no such file or directory")
+        return [(configs.resolve(args.model), args.checkpoint, args.model)]
+    return []
+
+
+def _default_checkpoints(tmp: Path) -> list[tuple[object, Path, str]]:
+    """Write the seeded tiny checkpoints of the default run (through the real save path)."""
+    import minflux_torch as mt
+    from minflux import configs
+
+    out = []
+    for name, layout in TINY_DEFAULTS:
+        path = tmp / f"{name}-{layout}.safetensors"
+        mt.save_model(mt.build_model(name, seed=0), path, layout=layout)
+        out.append((configs.get(name), path, f"{name} ({layout} file)"))
+    return out
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from minflux import checkpoint
+    from parity import precision, report, transformer, weights
+
+    console = Console()
+    dtypes = [d.strip() for d in args.dtype.split(",")]
+    if any(d not in ("fp32", "bf16") for d in dtypes):
+        raise SystemExit(f"minflux parity: --dtype {args.dtype!r}: use fp32, bf16 or fp32,bf16")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("minflux parity: --device cuda, but PyTorch sees no CUDA device")
+    settings = precision.configure(args.device, args.allow_tf32)
+    if not args.allow_tf32:
+        precision.assert_full_precision()
+    with tempfile.TemporaryDirectory(prefix="minflux-parity-") as tmp:
+        todo = _runs(args) or _default_checkpoints(Path(tmp))
+        default_dtypes = dtypes if _runs(args) else ["fp32", "bf16"]
+        runs = []
+        for cfg, path, label in todo:
+            tiny = cfg.hidden_size < 1024 if hasattr(cfg, "hidden_size") else cfg.ch < 64
+            res = args.resolution or (64 if tiny else 1024)
+            txt_len = args.txt_len or (8 if tiny else 512)
+            for dtype in default_dtypes:
+                side = transformer.TorchSide(cfg, "fp32", "meta")
+                try:
+                    src = (weights.CheckpointWeights(path, cfg, side.expected) if path
+                           else weights.RandomWeights(cfg, side.expected, args.seed))
+                except checkpoint.CheckpointError as e:
+                    console.print(f"[bold red]error:[/bold red] {e}")
+                    return 2
+                with console.status(f"{label} {dtype}: comparing") as status:
+                    out = transformer.run(cfg, src, src, dtype=dtype, device=args.device, resolution=res,
+                                          txt_len=txt_len, seed=args.seed, tiny=tiny,
+                                          progress=lambda s: status.update(f"{label} {dtype}: {s}"))
+                out.update(model=label, dtype=dtype, device=args.device, source=src.description)
+                report.print_run(out, console)
+                runs.append(out)
+    full = {"environment": report.environment(args.device), "precision": settings,
+            "allow_tf32": args.allow_tf32, "runs": runs, "passed": all(r["passed"] for r in runs)}
+    if args.json:
+        report.write_json(full, args.json)
+    if args.plot:
+        report.plot(full, args.plot)
+    verdict = "[green]all blocks agree[/green]" if full["passed"] else "[bold red]parity FAILED[/bold red]"
+    console.print(f"minflux parity: {verdict} ({len(runs)} runs)")
+    return 0 if full["passed"] else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv if argv is not None else sys.argv[1:]))
