@@ -97,7 +97,7 @@ class MLPEmbedder(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned `scale`, normalising in fp32 (eps 1e-6)."""
 
-    def __init__(self, dim: int, *, dtype):
+    def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs | None = None):  # rngs unused: ones, like BFL
         self.scale = nnx.Param(jnp.ones(dim, dtype))
 
     def __call__(self, x: Array) -> Array:
@@ -110,7 +110,7 @@ class RMSNorm(nnx.Module):
 class QKNorm(nnx.Module):
     """Separate RMSNorms for queries and keys; the results take v's dtype."""
 
-    def __init__(self, dim: int, *, dtype):
+    def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs | None = None):
         self.query_norm = RMSNorm(dim, dtype=dtype)
         self.key_norm = RMSNorm(dim, dtype=dtype)
 

@@ -17,3 +17,28 @@ def rel_l2(a, b) -> float:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(preset, layout) -> path of a seeded checkpoint written by the PyTorch save path."""
+    import minflux_torch as mt
+
+    cache = {}
+
+    def make(name: str, layout: str = "bfl"):
+        if (name, layout) not in cache:
+            path = tmp_path_factory.mktemp("ckpt") / f"{name}-{layout}.safetensors"
+            mt.save_model(mt.build_model(name, seed=0), path, layout=layout)
+            cache[name, layout] = path
+        return cache[name, layout]
+
+    return make
+
+
+def transformer_inputs(cfg, rng, batch: int = 2, side: int = 4, txt_len: int = 6) -> dict:
+    """Seeded forward inputs (numpy, BFL keyword names) for a tiny transformer."""
+    from parity.transformer import make_inputs
+
+    out = make_inputs(cfg, resolution=16 * side, txt_len=txt_len, batch=batch, seed=int(rng.integers(1 << 30)))
+    return out
