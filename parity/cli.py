@@ -96,7 +96,7 @@ def run(args) -> int:
                 with console.status(f"{label} {dtype}: comparing") as status:
                     out = transformer.run(cfg, src, src, dtype=dtype, device=args.device, resolution=res,
                                           txt_len=txt_len, seed=args.seed, tiny=tiny,
-                                          progress=lambda s: status.update(f"{label} {dtype}: {s}"))
+                                          progress=lambda s, lb=label, dt=dtype: status.update(f"{lb} {dt}: {s}"))
                 out.update(model=label, dtype=dtype, device=args.device, source=src.description)
                 report.print_run(out, console)
                 runs.append(out)

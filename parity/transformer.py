@@ -8,12 +8,14 @@ Per stage two comparisons, JAX against PyTorch:
 
 from __future__ import annotations
 
+import copy
 import resource
 import time
 
 import jax
 import numpy as np
 import torch
+from flax import nnx
 from torch import nn
 
 from parity.frameworks import JaxSide, TorchSide, nbytes, strip
@@ -65,14 +67,14 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
     def cat(txt, img, side):
         return np.concatenate([side.output(txt), side.output(img)], axis=1)
 
-    import copy
-
     head_keys = [k for k in T.expected if not k.startswith(("double_blocks.", "single_blocks."))]
-    w_t, w_j = torch_weights.read(head_keys), jax_weights.read(head_keys)
+    def read(keys):  # one read when both sides use the same weights
+        w_t = torch_weights.read(keys)
+        return w_t, (w_t if jax_weights is torch_weights else jax_weights.read(keys))
+
+    w_t, w_j = read(head_keys)
     head_bytes = nbytes(w_t, dtype)
     t_head = T.materialise(_head(copy.deepcopy(T.model), nn.ModuleList), w_t)
-    import flax.nnx as nnx
-
     j_head = J.materialise(_head(nnx.clone(J.model), nnx.List), w_j)
     del w_t, w_j
 
@@ -94,7 +96,7 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
         for depth, (kind, i) in enumerate(stages, start=1):
             prefix = f"{kind}.{i}."
             keys = [k for k in T.expected if k.startswith(prefix)]
-            w_t, w_j = torch_weights.read(keys), jax_weights.read(keys)
+            w_t, w_j = read(keys)
             held["torch_weights_peak_bytes"] = max(held["torch_weights_peak_bytes"], head_bytes + nbytes(w_t, dtype))
             held["jax_weights_peak_bytes"] = held["torch_weights_peak_bytes"]
             t_block = T.materialise(getattr(T.model, kind)[i], strip(w_t, prefix))
@@ -130,8 +132,7 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
         rows.append(compare("output", "free", J.output(free), T.output(t_out), dtype, model_bound, depth))
 
     memory = dict(held, process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  model_weights_bytes=nbytes({k: np.empty(0) for k in []}, dtype)
-                  + sum(int(np.prod(s)) for s in T.expected.values()) * (4 if dtype == "fp32" else 2))
+                  model_weights_bytes=sum(int(np.prod(s)) for s in T.expected.values()) * (4 if dtype == "fp32" else 2))
     if device.startswith("cuda"):
         memory["torch_cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
         memory["jax_gpu_peak_bytes"] = J.device.memory_stats().get("peak_bytes_in_use")

@@ -35,13 +35,14 @@ class RandomWeights:
         for k in keys:
             shape = self.expected[k]
             rng = np.random.default_rng([self.seed, zlib.crc32(k.encode())])
+            arr = rng.random(shape, dtype=np.float32) * 2 - 1  # uniform(-1, 1), generated in fp32
             if k.endswith("scale"):  # RMSNorm: around one
-                arr = 1 + 0.1 * rng.standard_normal(shape)
+                arr = 1 + 0.1 * arr
             elif len(shape) >= 2:  # weights: fan-in scaled, like PyTorch's default init
-                arr = rng.uniform(-1, 1, shape) / np.sqrt(np.prod(shape[1:]))
+                arr *= 1 / np.sqrt(np.prod(shape[1:]))
             else:  # biases and the rest
-                arr = 0.02 * rng.standard_normal(shape)
-            out[k] = arr.astype(np.float32)
+                arr *= 0.05
+            out[k] = arr
         return out
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import rel_l2
-from flax import nnx
 from twins import inputs, out, twins
 
 import minflux_jax.flux1 as j1

@@ -1,0 +1,101 @@
+"""The parity suite itself: it passes on matching weights and fails, naming the block, when they differ."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minflux import configs
+from minflux.cli import main
+from parity import transformer, weights
+
+
+def source(name, path):
+    cfg = configs.get(name)
+    return cfg, weights.CheckpointWeights(path, cfg, transformer.TorchSide(cfg, "fp32", "meta").expected)
+
+
+@pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
+def test_passes_on_matching_weights(name, tiny_checkpoint):
+    cfg, w = source(name, tiny_checkpoint(name, "diffusers"))
+    out = transformer.run(cfg, w, w, dtype="fp32", resolution=48, txt_len=5)
+    assert out["passed"], [r for r in out["rows"] if not r["passed"]]
+    names = [r["name"] for r in out["rows"]]
+    assert "double_blocks.1" in names and "single_blocks.1" in names and names[-1] == "output"
+
+
+@pytest.mark.parametrize("block", ["double_blocks.1", "single_blocks.0"])
+def test_fails_naming_the_perturbed_block(block, tiny_checkpoint):
+    """One block's weights changed by 1e-3 in JAX only: that block's teacher-forced row fails, earlier rows pass."""
+    cfg, w = source("flux2-tiny", tiny_checkpoint("flux2-tiny", "bfl"))
+    out = transformer.run(cfg, w, weights.Perturbed(w, block + "."), dtype="fp32", resolution=48, txt_len=5)
+    assert not out["passed"]
+    teacher = {r["name"]: r for r in out["rows"] if r["mode"] == "teacher"}
+    failed = [n for n, r in teacher.items() if not r["passed"]]
+    assert failed == [block]
+    free = [r for r in out["rows"] if r["mode"] == "free"]
+    first_bad = next(i for i, r in enumerate(free) if not r["passed"])
+    assert free[first_bad]["name"] == block  # free-running: wrong from that block on
+    assert all(not r["passed"] for r in free[first_bad:])
+
+
+def test_nan_fails_and_is_not_masked(tiny_checkpoint):
+    cfg, w = source("flux1-tiny", tiny_checkpoint("flux1-tiny", "bfl"))
+
+    class NaNs(weights.Perturbed):
+        def read(self, keys):
+            out = self.source.read(keys)
+            return {k: v * float("nan") if k.startswith(self.prefix) else v for k, v in out.items()}
+
+    out = transformer.run(cfg, w, NaNs(w, "single_blocks.1."), dtype="fp32", resolution=32, txt_len=4)
+    bad = [r for r in out["rows"] if not r["finite"]]
+    assert bad and all(not r["passed"] for r in bad) and bad[0]["name"] == "single_blocks.1"
+
+
+def test_cli_json_schema_and_exit_status(tiny_checkpoint, tmp_path, capsys):
+    path = tiny_checkpoint("flux1-tiny", "bfl-prefixed")
+    rc = main(["parity", "--model", "flux1-tiny", "--checkpoint", str(path), "--dtype", "fp32,bf16",
+               "--resolution", "32", "--txt-len", "4", "--json", str(tmp_path / "r.json"), "--plot",
+               str(tmp_path / "r.png")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report) >= {"environment", "precision", "runs", "passed", "allow_tf32"}
+    assert report["passed"] is True and [r["dtype"] for r in report["runs"]] == ["fp32", "bf16"]
+    for run in report["runs"]:
+        assert set(run) >= {"model", "dtype", "device", "source", "rows", "memory", "passed", "inputs"}
+        for row in run["rows"]:
+            assert set(row) == {"name", "mode", "dtype", "bound", "finite", "max_abs", "rel_l2", "max_rel",
+                                "cosine", "worst_index", "passed", "depth"}
+            assert row["mode"] in ("teacher", "free") and isinstance(row["worst_index"], list)
+            assert 0 <= row["rel_l2"] <= row["bound"] and row["cosine"] > 0.999
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert "all blocks agree" in capsys.readouterr().out
+
+
+def test_cli_exit_status_on_failure_and_bad_arguments(tiny_checkpoint, tmp_path):
+    # a checkpoint of another model: a clear error, exit status 2
+    assert main(["parity", "--model", "flux2-tiny", "--checkpoint", str(tiny_checkpoint("flux1-tiny"))]) == 2
+    with pytest.raises(SystemExit, match="--model"):
+        main(["parity", "--random-weights"])
+
+
+def test_random_weights_full_architecture_rows():
+    """--random-weights checks a preset without a checkpoint (here a one-block variant, for time)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(configs.get("flux2-klein-4b"), depth=1, depth_single_blocks=1, context_in_dim=64)
+    expected = transformer.TorchSide(cfg, "fp32", "meta").expected
+    w = weights.RandomWeights(cfg, expected, seed=1)
+    out = transformer.run(cfg, w, w, dtype="fp32", resolution=32, txt_len=4, tiny=False)
+    assert out["passed"], [(r["name"], r["rel_l2"]) for r in out["rows"] if not r["passed"]]
+
+
+@pytest.mark.gpu
+def test_tf32_canary_fails_the_fp32_bar():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    rc = main(["parity", "--model", "flux2-klein-4b", "--random-weights", "--device", "cuda", "--allow-tf32",
+               "--resolution", "512", "--txt-len", "64"])
+    assert rc == 1
