@@ -65,7 +65,7 @@ def run(args) -> int:
     from minflux import checkpoint
     from parity import precision, report, transformer, weights
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI get the full table
     dtypes = [d.strip() for d in args.dtype.split(",")]
     if any(d not in ("fp32", "bf16") for d in dtypes):
         raise SystemExit(f"minflux parity: --dtype {args.dtype!r}: use fp32, bf16 or fp32,bf16")
