@@ -15,6 +15,8 @@ TINY_DEFAULTS = [  # (preset, layout written) for the default run
     ("flux1-tiny", "bfl"),
     ("flux2-tiny", "bfl"),
     ("flux2-tiny", "diffusers"),
+    ("flux1-ae-tiny", "bfl"),
+    ("flux2-ae-tiny", "bfl"),
 ]
 
 
@@ -25,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or both as 'fp32,bf16' (default fp32)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--allow-tf32", action="store_true", help="canary: leave TF32 on; the fp32 bar must then fail")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default 64 tiny, 1024 full size)")
+    p.add_argument("--resolution", type=int,
+                   help="image side in pixels (default: 64 / 32 tiny transformer / autoencoder; 1024 / 512 full size)")
     p.add_argument("--txt-len", type=int, help="text tokens (default 8 tiny, 512 full size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
@@ -63,7 +66,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from minflux import checkpoint
-    from parity import precision, report, transformer, weights
+    from parity import autoencoder, precision, report, transformer, weights
 
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI get the full table
     dtypes = [d.strip() for d in args.dtype.split(",")]
@@ -82,8 +85,10 @@ def run(args) -> int:
         default_dtypes = dtypes if _runs(args) else ["fp32", "bf16"]
         runs = []
         for cfg, path, label in todo:
-            tiny = cfg.hidden_size < 1024 if hasattr(cfg, "hidden_size") else cfg.ch < 64
-            res = args.resolution or (64 if tiny else 1024)
+            is_ae = cfg.family in ("ae1", "ae2")
+            tiny = cfg.ch < 64 if is_ae else cfg.hidden_size < 1024
+            res = args.resolution or {(False, True): 64, (False, False): 1024, (True, True): 32, (True, False): 512}[
+                is_ae, tiny]
             txt_len = args.txt_len or (8 if tiny else 512)
             for dtype in default_dtypes:
                 side = transformer.TorchSide(cfg, "fp32", "meta")
@@ -94,9 +99,13 @@ def run(args) -> int:
                     console.print(f"[bold red]error:[/bold red] {e}")
                     return 2
                 with console.status(f"{label} {dtype}: comparing") as status:
-                    out = transformer.run(cfg, src, src, dtype=dtype, device=args.device, resolution=res,
-                                          txt_len=txt_len, seed=args.seed, tiny=tiny,
-                                          progress=lambda s, lb=label, dt=dtype: status.update(f"{lb} {dt}: {s}"))
+                    show = lambda s, lb=label, dt=dtype: status.update(f"{lb} {dt}: {s}")  # noqa: E731
+                    if is_ae:
+                        out = autoencoder.run(cfg, src, src, dtype=dtype, device=args.device, resolution=res,
+                                              seed=args.seed, tiny=tiny, progress=show)
+                    else:
+                        out = transformer.run(cfg, src, src, dtype=dtype, device=args.device, resolution=res,
+                                              txt_len=txt_len, seed=args.seed, tiny=tiny, progress=show)
                 out.update(model=label, dtype=dtype, device=args.device, source=src.description)
                 report.print_run(out, console)
                 runs.append(out)

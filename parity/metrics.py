@@ -39,6 +39,7 @@ class Row:
     worst_index: list[int]
     passed: bool
     depth: int = 0  # position along the model, for the plot
+    error: str | None = None  # why the JAX side could not run this stage, if it could not
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -62,7 +62,7 @@ def write_json(report: dict, path) -> None:
 
 
 def plot(report: dict, path) -> None:
-    """Relative L2 error against depth: one panel per model, teacher and free, one line per dtype."""
+    """Relative L2 error against depth: one panel per model; teacher and free, one colour per dtype."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,20 +70,30 @@ def plot(report: dict, path) -> None:
 
     runs = report["runs"]
     models = list(dict.fromkeys(r["model"] for r in runs))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
+    cols = min(3, len(models))
+    rows_ = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.2 * cols, 3.8 * rows_), squeeze=False)
+    colours = {"fp32": "tab:blue", "bf16": "tab:red"}
+    for ax, model in zip(axes.flat, models, strict=False):
         for run in (r for r in runs if r["model"] == model):
             for mode, style in (("teacher", "o-"), ("free", "s--"), ("trajectory", "^:")):
-                rows = [r for r in run["rows"] if r["mode"] == mode]
-                if rows:
-                    ax.semilogy([r["depth"] for r in rows], [max(r["rel_l2"], 1e-12) for r in rows], style,
-                                ms=3, label=f"{run['dtype']} {mode}")
-            for scope_bound in sorted({r["bound"] for r in run["rows"]}):
-                ax.axhline(scope_bound, color="grey", lw=0.6, ls=":")
-        ax.set_title(model)
+                worst: dict[int, float] = {}  # the worst row at each depth (the embedders share depth 0)
+                for r in run["rows"]:
+                    if r["mode"] == mode and r["finite"]:
+                        worst[r["depth"]] = max(worst.get(r["depth"], 0.0), r["rel_l2"])
+                if worst:
+                    d = sorted(worst)
+                    ax.semilogy(d, [max(worst[i], 1e-10) for i in d], style, ms=3, color=colours.get(run["dtype"]),
+                                label=f"{run['dtype']} {mode}")
+            for b in sorted({r["bound"] for r in run["rows"]}):
+                ax.axhline(b, color=colours.get(run["dtype"]), lw=0.6, ls=":")
+        ax.set_title(model, fontsize=10)
         ax.set_xlabel("depth (stage)")
-        ax.set_ylabel("relative L2, JAX vs PyTorch")
+        ax.set_ylabel("rel. L2, JAX vs PyTorch")
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    fig.suptitle("minflux parity (dotted: bounds)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

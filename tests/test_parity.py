@@ -66,7 +66,7 @@ def test_cli_json_schema_and_exit_status(tiny_checkpoint, tmp_path, capsys):
         assert set(run) >= {"model", "dtype", "device", "source", "rows", "memory", "passed", "inputs"}
         for row in run["rows"]:
             assert set(row) == {"name", "mode", "dtype", "bound", "finite", "max_abs", "rel_l2", "max_rel",
-                                "cosine", "worst_index", "passed", "depth"}
+                                "cosine", "worst_index", "passed", "depth", "error"}
             assert row["mode"] in ("teacher", "free") and isinstance(row["worst_index"], list)
             assert 0 <= row["rel_l2"] <= row["bound"] and row["cosine"] > 0.999
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
@@ -99,3 +99,27 @@ def test_tf32_canary_fails_the_fp32_bar():
     rc = main(["parity", "--model", "flux2-klein-4b", "--random-weights", "--device", "cuda", "--allow-tf32",
                "--resolution", "512", "--txt-len", "64"])
     assert rc == 1
+
+
+@pytest.mark.parametrize("name", ["flux1-ae-tiny", "flux2-ae-tiny"])
+def test_autoencoder_passes_and_wrong_layout_fails(name, tiny_checkpoint):
+    from parity import autoencoder
+
+    cfg, w = source(name, tiny_checkpoint(name, "bfl"))
+    out = autoencoder.run(cfg, w, w, dtype="fp32", resolution=16)
+    assert out["passed"], [(r["name"], r["rel_l2"]) for r in out["rows"] if not r["passed"]]
+    names = [r["name"] for r in out["rows"]]
+    assert {"encoder.mid.attn_1", "latents", "decoder.up.0.block.0", "decoder.out"} <= set(names)
+    # NCHW handed to JAX (which is NHWC): the very first block fails, and says why
+    bad = autoencoder.run(cfg, w, w, dtype="fp32", resolution=16, jax_layout="NCHW")
+    first = bad["rows"][0]
+    assert not bad["passed"] and first["name"] == "encoder.conv_in" and not first["passed"] and first["error"]
+
+
+def test_autoencoder_perturbed_block_is_named(tiny_checkpoint):
+    from parity import autoencoder
+
+    cfg, w = source("flux2-ae-tiny", tiny_checkpoint("flux2-ae-tiny", "bfl"))
+    out = autoencoder.run(cfg, w, weights.Perturbed(w, "decoder.mid.attn_1.", 1e-2), dtype="fp32", resolution=16)
+    failed = [r["name"] for r in out["rows"] if r["mode"] == "teacher" and not r["passed"]]
+    assert failed == ["decoder.mid.attn_1"]
