@@ -14,8 +14,8 @@ import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from minflux import keymaps
 
@@ -30,11 +30,7 @@ class CheckpointError(Exception):
 
 def np_dtype(name: str) -> np.dtype:
     """numpy dtype for a safetensors dtype name ("BF16" -> ml_dtypes.bfloat16)."""
-    if name == "BF16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(_ST_TO_NP[name])
+    return np.dtype(ml_dtypes.bfloat16) if name == "BF16" else np.dtype(_ST_TO_NP[name])
 
 
 def st_dtype(dtype) -> str:
@@ -47,7 +43,10 @@ def st_dtype(dtype) -> str:
 
 
 def read_header(path: Path) -> dict:
-    """Parse and validate a safetensors header; truncated or corrupt files raise CheckpointError."""
+    """Parse and validate a safetensors header; truncated or corrupt files raise CheckpointError.
+
+    Each entry gains "start": the absolute file offset of its data.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -60,10 +59,24 @@ def read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt header (a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    for key, info in header.items():  # we read data by offset ourselves, so check what safetensors would
+        try:
+            dtype, shape, (a, b) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype(dtype).itemsize
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt header entry for {key!r}: {info!r} ({e!r})") from None
+        if not 0 <= a <= b or b - a != nbytes or min(shape, default=0) < 0:
+            raise CheckpointError(f"{path}: corrupt header: {key!r} is {dtype} {shape} ({nbytes} bytes) "
+                                  f"but spans data offsets [{a}, {b})")
+        info["start"] = 8 + n + a
+    last = max(header, key=lambda k: header[k]["data_offsets"][1], default=None)
+    end = header[last]["data_offsets"][1] if last is not None else 0
     if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: the header needs {8 + n + end} bytes, the file has {size}")
+        raise CheckpointError(f"{path}: truncated: the header needs {8 + n + end} bytes (up to the end of "
+                              f"{last!r}), the file has {size}")
     return header
 
 
@@ -80,16 +93,19 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: directory holds no *.safetensors files")
         self.files: dict[str, Path] = {}  # key -> file
         self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (dtype, shape)
+        self.starts: dict[str, int] = {}  # key -> file offset of its data
         for file in files:
             for key, info in read_header(file).items():
                 if key in self.meta:
                     raise CheckpointError(f"{file}: key {key!r} also in {self.files[key]}")
                 self.files[key], self.meta[key] = file, (info["dtype"], tuple(info["shape"]))
+                self.starts[key] = info["start"]
         self.raw_layout = keymaps.detect_layout(self.meta)
         self.prefix = keymaps.BFL_PREFIX if self.raw_layout == "bfl-prefixed" else ""
         if self.prefix:
             self.files = {k.removeprefix(self.prefix): v for k, v in self.files.items()}
             self.meta = {k.removeprefix(self.prefix): v for k, v in self.meta.items()}
+            self.starts = {k.removeprefix(self.prefix): v for k, v in self.starts.items()}
         self.layout = {"bfl-prefixed": "bfl"}.get(self.raw_layout, self.raw_layout)
         self._handles: dict[Path, object] = {}
 
@@ -99,21 +115,46 @@ class Checkpoint:
     def _open(self, key: str):
         file = self.files[key]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="numpy")
+            self._handles[file] = open(file, "rb")  # kept open for the next rows
         return self._handles[file]
 
     def rows(self, key: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a tensor (the whole tensor for 0-d ones), read without the rest."""
-        try:
-            if not self.meta[key][1]:
-                return self._open(key).get_tensor(self.prefix + key)
-            return self._open(key).get_slice(self.prefix + key)[start:stop]
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{self.files[key]}: cannot read {key!r}: {e}") from None
+        """Rows [start, stop) of a tensor (the whole tensor for 0-d ones), read without the rest.
+
+        Plain reads straight into a fresh array, not a memory map: mapped pages stay resident (and count
+        in RSS) until the map closes, so converting a 64 GB file through mmap looks like a 64 GB process.
+        """
+        dtype, shape = self.meta[key]
+        if not 0 <= start <= stop <= (shape[0] if shape else 1):
+            raise ValueError(f"rows [{start}, {stop}) of {key!r} {shape}")
+        arr = np.empty((stop - start, *shape[1:]) if shape else (), np_dtype(dtype))
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * arr.itemsize
+        buf = memoryview(arr.reshape(-1).view(np.uint8))
+        f, done = self._open(key), 0
+        f.seek(self.starts[key] + start * row_bytes)
+        while done < len(buf) and (n := f.readinto(buf[done:])):
+            done += n
+        if done < len(buf):
+            raise CheckpointError(f"{self.files[key]}: truncated while reading {key!r} "
+                                  f"(got {done} of {len(buf)} bytes)")
+        return arr
 
     def get(self, key: str) -> np.ndarray:
         shape = self.meta[key][1]
         return self.rows(key, 0, shape[0] if shape else 1)
+
+    def close(self) -> None:
+        for f in getattr(self, "_handles", {}).values():  # also from __del__ after a failed __init__
+            f.close()
+        self._handles = {}
+
+    __del__ = close  # the open files go with the Checkpoint (readers that stream it never call close)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def check_finite(arr: np.ndarray, key: str, where) -> None:
@@ -193,15 +234,15 @@ def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produ
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    keys = list(specs)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        keys = tqdm(keys, desc=f"writing {path.name}", unit="tensor")
+        bar = tqdm(total=offset, desc=f"writing {path.name}", unit="B", unit_scale=True, unit_divisor=1024)
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
-            for key in keys:
+            for key in specs:
                 arr = np.asarray(produce(key))
                 arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps 0-d tensors 0-d
                 dtype, shape = specs[key]
@@ -209,10 +250,23 @@ def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produ
                     raise CheckpointError(f"{path}: tensor {key!r} is {arr.dtype} {arr.shape}, "
                                           f"declared {dtype} {tuple(shape)}")
                 f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                if bar is not None:
+                    bar.update(arr.nbytes)
+                del arr  # before the next produce(): one tensor in memory at a time, not two
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as e:  # no space, no such directory, permissions: one clear line
+        raise CheckpointError(f"{path}: writing failed: {e}") from None
     finally:
+        if bar is not None:
+            bar.close()
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
@@ -234,7 +288,7 @@ def save_bfl(path, tensors: dict[str, np.ndarray], cfg, layout: str = "bfl") -> 
 
 
 def write_recipes(path, recipes: dict[str, keymaps.Recipe], rows, src_dtypes: dict[str, str],
-                  dtype: str | None = None, progress: bool = False) -> None:
+                  dtype: str | None = None, progress: bool = False, metadata: dict[str, str] | None = None) -> None:
     """Write every recipe's tensor, optionally cast to `dtype` (a safetensors name, floats only)."""
 
     def out_dtype(recipe):
@@ -242,5 +296,7 @@ def write_recipes(path, recipes: dict[str, keymaps.Recipe], rows, src_dtypes: di
         return dtype if dtype and src in FLOAT_DTYPES else src
 
     specs = {k: (out_dtype(r), r.shape) for k, r in recipes.items()}
-    write_safetensors(path, specs, lambda k: keymaps.apply(recipes[k], rows).astype(np_dtype(specs[k][0])),
-                      progress=progress)
+    # copy=False: no second copy of the largest tensor when no cast is needed
+    write_safetensors(path, specs,
+                      lambda k: keymaps.apply(recipes[k], rows).astype(np_dtype(specs[k][0]), copy=False),
+                      metadata=metadata, progress=progress)

@@ -10,7 +10,12 @@
               single-block linear1 = [q, k, v, mlp]): every part but the last
               has `hidden_size` rows, the last takes the rest;
      "swap"   BFL's final layer is (shift, scale), diffusers' is (scale, shift);
-     "same"   a rename.
+     "same"   a rename;
+     "rev"    a rename whose first block index counts the other way: BFL's
+              decoder `up.N` is diffusers' `up_blocks.(n-1-N)`, n from the keys;
+     "linear" BFL's 1x1 conv weight (O, I, 1, 1) <-> diffusers' linear (O, I).
+   `num_batches_tracked` (torch BatchNorm's update counter; no minflux model
+   holds one, inference never reads it) is dropped by every conversion.
    RMSNorm weights are `scale` in BFL and `weight` in diffusers.
 2. PyTorch <-> Flax: generic rules keyed by the Flax module class and
    parameter name (2-D kernel transposed, 4-D conv kernel (O,I,kh,kw) <->
@@ -46,7 +51,47 @@ _ATTN = [  # the double block's attention, identical in both families
     ("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"),
 ]
 
+
+def _resnet(bfl: str, diff: str, kind: str = "same") -> list[tuple]:
+    """A VAE ResnetBlock: BFL's `nin_shortcut` is diffusers' `conv_shortcut`."""
+    names = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
+             ("nin_shortcut", "conv_shortcut")]
+    return [(f"{bfl}.{a}", f"{diff}.{b}", kind) for a, b in names]
+
+
+def _vae_side(side: str) -> list[tuple]:
+    """What the encoder and the decoder share: conv_in, the mid block, norm_out, conv_out."""
+    mid, dmid = f"{side}.mid", f"{side}.mid_block"
+    return [
+        (f"{side}.conv_in", f"{side}.conv_in", "same"),
+        *_resnet(f"{mid}.block_1", f"{dmid}.resnets.0"),
+        *_resnet(f"{mid}.block_2", f"{dmid}.resnets.1"),
+        (f"{mid}.attn_1.norm", f"{dmid}.attentions.0.group_norm", "same"),
+        (f"{mid}.attn_1.q", f"{dmid}.attentions.0.to_q", "linear"),
+        (f"{mid}.attn_1.k", f"{dmid}.attentions.0.to_k", "linear"),
+        (f"{mid}.attn_1.v", f"{dmid}.attentions.0.to_v", "linear"),
+        (f"{mid}.attn_1.proj_out", f"{dmid}.attentions.0.to_out.0", "linear"),
+        (f"{side}.norm_out", f"{side}.conv_norm_out", "same"),
+        (f"{side}.conv_out", f"{side}.conv_out", "same"),
+    ]
+
+
+_VAE = [  # FLUX.1's autoencoder (diffusers AutoencoderKL); FLUX.2's adds quant convs and the BatchNorm
+    *_vae_side("encoder"),
+    *_resnet("encoder.down.{}.block.{}", "encoder.down_blocks.{}.resnets.{}"),
+    ("encoder.down.{}.downsample.conv", "encoder.down_blocks.{}.downsamplers.0.conv", "same"),
+    *_vae_side("decoder"),
+    *_resnet("decoder.up.{}.block.{}", "decoder.up_blocks.{}.resnets.{}", "rev"),
+    ("decoder.up.{}.upsample.conv", "decoder.up_blocks.{}.upsamplers.0.conv", "rev"),
+]
+
 TABLES: dict[str, list[tuple]] = {
+    "ae1": _VAE,
+    "ae2": _VAE + [  # diffusers AutoencoderKLFlux2 keeps the quant convs at the top level
+        ("encoder.quant_conv", "quant_conv", "same"),
+        ("decoder.post_quant_conv", "post_quant_conv", "same"),
+        ("bn", "bn", "same"),
+    ],
     "flux1": _ATTN + [
         ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1", "same"),
         ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2", "same"),
@@ -61,9 +106,10 @@ TABLES: dict[str, list[tuple]] = {
         ("double_blocks.{}.txt_mlp.0", "transformer_blocks.{}.ff_context.net.0.proj", "same"),
         ("double_blocks.{}.txt_mlp.2", "transformer_blocks.{}.ff_context.net.2", "same"),
         ("single_blocks.{}.modulation.lin", "single_transformer_blocks.{}.norm.linear", "same"),
-        ("single_blocks.{}.linear1", ("single_transformer_blocks.{}.attn.to_q", "single_transformer_blocks.{}.attn.to_k",
-                                      "single_transformer_blocks.{}.attn.to_v", "single_transformer_blocks.{}.proj_mlp"),
-         "split"),
+        ("single_blocks.{}.linear1", ("single_transformer_blocks.{}.attn.to_q",
+                                      "single_transformer_blocks.{}.attn.to_k",
+                                      "single_transformer_blocks.{}.attn.to_v",
+                                      "single_transformer_blocks.{}.proj_mlp"), "split"),
         ("single_blocks.{}.linear2", "single_transformer_blocks.{}.proj_out", "same"),
         ("single_blocks.{}.norm.query_norm", "single_transformer_blocks.{}.attn.norm_q", "same"),
         ("single_blocks.{}.norm.key_norm", "single_transformer_blocks.{}.attn.norm_k", "same"),
@@ -105,6 +151,33 @@ def detect_layout(keys) -> str | None:
     return None
 
 
+# Which model a file holds, from key names alone (either layout): the first family with a marker key.
+# The autoencoders are recognised here too; converting them needs their entry in TABLES.
+FAMILY_MARKERS = (
+    ("flux2", ("double_stream_modulation_img.",)),  # FLUX.2's shared modulation, same name in both layouts
+    ("flux1", ("vector_in.", "time_text_embed.text_embedder.")),  # FLUX.1's pooled CLIP vector
+    ("ae2", ("bn.running_mean",)),  # FLUX.2 VAE: BatchNorm statistics of the patchified latents
+    ("ae1", ("encoder.", "decoder.")),
+)
+
+
+def infer_family(keys) -> str | None:
+    """"flux1", "flux2", "ae1" or "ae2" from the key names; None when none fits."""
+    keys = [k.removeprefix(BFL_PREFIX) for k in keys]
+    for family, markers in FAMILY_MARKERS:
+        if any(k.startswith(markers) for k in keys):
+            return family
+    return None
+
+
+def infer_hidden_size(shapes: dict[str, tuple]) -> int:
+    """The transformer width: rows of the image input projection (either layout); 0 when there is none."""
+    for key in ("img_in.weight", "x_embedder.weight", BFL_PREFIX + "img_in.weight"):
+        if key in shapes and len(shapes[key]) == 2:
+            return shapes[key][0]
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Recipes: how to build each output tensor from row ranges of source tensors
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +213,26 @@ def _param(module: str, param: str, to_bfl: bool) -> str:
     return param
 
 
+def _rev_count(keys, rules) -> int:
+    """n for the "rev" rules: one more than the largest block index they match in `keys`."""
+    found = [int(m.group(1)) for k in keys for pattern, *_, kind in rules if kind == "rev" and (m := pattern.match(k))]
+    return max(found, default=-1) + 1
+
+
+def _indices(idx: list[str], kind: str, n_rev: int) -> list[str]:
+    return [str(n_rev - 1 - int(idx[0])), *idx[1:]] if kind == "rev" else idx
+
+
 def to_diffusers(shapes: dict[str, tuple], family: str, hidden_size: int) -> dict[str, Recipe]:
     """Recipes for every diffusers tensor, from BFL tensors of the given shapes."""
     out: dict[str, Recipe] = {}
     rules = list(_rules(family, reverse=False))
+    n_rev = _rev_count(shapes, rules)
     for key, shape in shapes.items():
         for pattern, bfl, diff, _, kind in rules:
             if m := pattern.match(key):
                 *idx, param = m.groups()
+                idx = _indices(idx, kind, n_rev)
                 names = [d.format(*idx) + "." + _param(bfl, param, False) for d in diff]
                 rows = shape[0]
                 if kind == "split":
@@ -156,6 +241,8 @@ def to_diffusers(shapes: dict[str, tuple], family: str, hidden_size: int) -> dic
                         out[name] = Recipe(((key, a, b),), (b - a, *shape[1:]))
                 elif kind == "swap":
                     out[names[0]] = Recipe(((key, rows // 2, rows), (key, 0, rows // 2)), shape)
+                elif kind == "linear" and len(shape) == 4:  # (O, I, 1, 1) -> (O, I)
+                    out[names[0]] = Recipe(((key, 0, rows),), shape[:2])
                 else:
                     out[names[0]] = Recipe(((key, 0, rows),), shape)
                 break
@@ -168,10 +255,12 @@ def to_bfl(shapes: dict[str, tuple], family: str) -> dict[str, Recipe]:
     """Recipes for every BFL tensor, from diffusers tensors of the given shapes."""
     parts: dict[str, list] = {}
     rules = list(_rules(family, reverse=True))
+    n_rev = _rev_count(shapes, rules)
     for key, shape in shapes.items():
         for pattern, bfl, i, _, kind in rules:
             if m := pattern.match(key):
                 *idx, param = m.groups()
+                idx = _indices(idx, kind, n_rev)
                 name = bfl.format(*idx) + "." + _param(bfl, param, True)
                 parts.setdefault(name, []).append((i, key, shape, kind))
                 break
@@ -186,8 +275,13 @@ def to_bfl(shapes: dict[str, tuple], family: str) -> dict[str, Recipe]:
             pieces = ((key, rows // 2, rows), (key, 0, rows // 2))
         else:
             pieces = tuple((k, 0, s[0]) for _, k, s, _ in ps)
+        if kind == "linear" and len(shape) == 2:  # (O, I) -> (O, I, 1, 1)
+            shape = (*shape, 1, 1)
         out[name] = Recipe(pieces, (rows, *shape[1:]))
     return out
+
+
+SKIPPED = ("num_batches_tracked",)  # torch BatchNorm's update counter: no minflux model holds one
 
 
 def identity(shapes: dict[str, tuple]) -> dict[str, Recipe]:
@@ -195,7 +289,8 @@ def identity(shapes: dict[str, tuple]) -> dict[str, Recipe]:
 
 
 def convert(shapes: dict[str, tuple], src: str, dst: str, family: str, hidden_size: int) -> dict[str, Recipe]:
-    """Recipes from layout `src` to layout `dst` ("bfl" or "diffusers")."""
+    """Recipes from layout `src` to layout `dst` ("bfl" or "diffusers"); SKIPPED tensors are dropped."""
+    shapes = {k: s for k, s in shapes.items() if k.rsplit(".", 1)[-1] not in SKIPPED}
     if src == dst:
         return identity(shapes)
     return to_diffusers(shapes, family, hidden_size) if src == "bfl" else to_bfl(shapes, family)
@@ -216,6 +311,7 @@ def apply(recipe: Recipe, rows) -> np.ndarray:
 FLAX_NAMES = {
     ("Linear", "kernel"): "weight",
     ("Conv", "kernel"): "weight",
+    ("Embed", "embedding"): "weight",
     ("LayerNorm", "scale"): "weight",
     ("GroupNorm", "scale"): "weight",
     ("BatchNorm", "scale"): "weight",

@@ -1,0 +1,102 @@
+"""`minflux convert SRC DST`: re-lay a checkpoint between the BFL and diffusers layouts, tensor by tensor.
+
+Every output tensor is a `keymaps.Recipe` (row ranges of source tensors): rows are read lazily with
+`Checkpoint.rows` and written one tensor at a time by `checkpoint.write_recipes`, so memory stays near
+the largest tensor (about 0.7 GB for the 64 GB FLUX.2-dev file) and the output appears only once it is
+complete (temp file, fsync, rename). Which model the file holds, and its width, are read off the key
+names and shapes, so no config is needed. Pure numpy: no torch, no jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from minflux import checkpoint, keymaps
+from minflux.checkpoint import Checkpoint, CheckpointError
+
+DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+def plan(src, to: str | None = None) -> tuple[Checkpoint, dict[str, keymaps.Recipe], str]:
+    """Open `src` and work out every output tensor: (checkpoint, recipes by output key, target layout).
+
+    `to` is one of `checkpoint.LAYOUTS`; None picks the other layout (BFL -> diffusers, diffusers -> BFL).
+    """
+    ckpt = Checkpoint(src)
+    if ckpt.layout is None:
+        raise CheckpointError(f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
+                              f"first keys: {sorted(ckpt.meta)[:5]}")
+    family = keymaps.infer_family(ckpt.meta)
+    if family is None:
+        raise CheckpointError(f"{ckpt.path}: cannot tell the model from its keys (no FLUX.1, FLUX.2 or "
+                              f"autoencoder marker); first keys: {sorted(ckpt.meta)[:5]}")
+    if family not in keymaps.TABLES:  # hook: a family recognised by infer_family but not yet mapped
+        raise CheckpointError(f"{ckpt.path}: a {family} checkpoint; no key map for {family} in keymaps.TABLES")
+    if to is not None and to not in checkpoint.LAYOUTS:
+        raise ValueError(f"to={to!r}; expected one of {checkpoint.LAYOUTS}")
+    to = to or ("diffusers" if ckpt.layout == "bfl" else "bfl")
+    shapes = ckpt.shapes()
+    hidden = keymaps.infer_hidden_size(shapes)
+    if family.startswith("flux") and not hidden:
+        raise CheckpointError(f"{ckpt.path}: no 2-D img_in.weight / x_embedder.weight to read the width from")
+    other = "bfl" if ckpt.layout == "diffusers" else "diffusers"
+    try:  # map to the other layout even when the target is the source's: that checks every key
+        recipes = keymaps.convert(shapes, ckpt.layout, other, family, hidden)
+    except KeyError as e:
+        key = e.args[0]
+        raise CheckpointError(f"{ckpt.files[key]}: unexpected key {ckpt.prefix + key!r} for a {family} checkpoint "
+                              f"in {ckpt.layout} layout") from None
+    for key, r in recipes.items():
+        if r.shape and r.shape[0] <= 0:  # a fused tensor too short for its split
+            raise CheckpointError(f"{ckpt.files[r.pieces[0][0]]}: {r.pieces[0][0]!r} {shapes[r.pieces[0][0]]} "
+                                  f"is too small to split with width {hidden} (it would give {key!r} {r.shape})")
+    if (to == "diffusers") == (ckpt.layout == "diffusers"):  # same layout: a copy (or a cast, or a prefix)
+        recipes = keymaps.convert(shapes, ckpt.layout, ckpt.layout, family, hidden)
+    if to == "bfl-prefixed":
+        recipes = {keymaps.BFL_PREFIX + k: r for k, r in recipes.items()}
+    return ckpt, recipes, to
+
+
+def convert(src, dst, to: str | None = None, dtype: str | None = None, progress: bool = False) -> dict:
+    """Convert `src` (file or directory of shards) to one safetensors file `dst`; returns a summary.
+
+    `dtype` ("bf16", "fp16", "fp32" or None) casts the floating-point tensors; others keep theirs.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
+    ckpt, recipes, to = plan(src, to)
+    dst = Path(dst)
+    if dst.is_dir():
+        raise CheckpointError(f"{dst}: is a directory; give the output file name")
+    if dst.exists() and dst.resolve() in {f.resolve() for f in ckpt.files.values()}:
+        raise CheckpointError(f"{dst}: is the input; write the conversion to another file")
+    src_dtypes = {k: d for k, (d, _) in ckpt.meta.items()}
+    t0 = time.perf_counter()
+    with ckpt:
+        checkpoint.write_recipes(dst, recipes, ckpt.rows, src_dtypes, DTYPES.get(dtype), progress=progress,
+                                 metadata={"format": "pt"})
+    return {"src": str(ckpt.path), "dst": str(dst), "from": ckpt.raw_layout, "to": to, "tensors": len(recipes),
+            "bytes": dst.stat().st_size, "seconds": time.perf_counter() - t0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="a .safetensors file or a directory of shards (BFL, prefixed BFL or diffusers)")
+    parser.add_argument("dst", help="the output .safetensors file (written atomically)")
+    parser.add_argument("--to", choices=checkpoint.LAYOUTS,
+                        help="target layout (default: diffusers for a BFL source, bfl for a diffusers one)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="cast floating-point tensors (default: keep)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        s = convert(args.src, args.dst, to=args.to, dtype=args.dtype, progress=not args.no_progress)
+    except CheckpointError as e:
+        print("minflux convert: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+        return 2
+    print(f"wrote {s['dst']}: {s['tensors']} tensors, {s['bytes'] / 1e9:.2f} GB, {s['from']} -> {s['to']}, "
+          f"{s['seconds']:.1f} s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s)")
+    return 0
