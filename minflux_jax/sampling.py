@@ -1,0 +1,262 @@
+"""Sampling in JAX / Flax NNX: noise, latent packing, position ids, and the Euler ODE loop.
+
+Follows black-forest-labs/flux `src/flux/sampling.py` (FLUX.1: `get_noise`, `prepare`, Kontext's
+`prepare_kontext`, Fill's `prepare_fill`, `denoise`, `unpack`) and black-forest-labs/flux2
+`src/flux2/sampling.py` (FLUX.2: `prc_img`, `prc_txt`, `encode_image_refs`, `denoise`, `denoise_cfg`).
+Schedules are framework-free (`minflux.schedules`). Twin: `minflux_torch/sampling.py`, whose images are
+NCHW where these are NHWC; token tensors (B, L, C) and ids (B, L, axes) are identical in both.
+
+The whole loop is one compiled program: the model is split into (graphdef, state), and a `jax.jit`-ed
+function merges it and runs `lax.scan` over the steps. Times, guidance and the CFG scale are traced
+arrays, so a second call with the same shapes reuses the compiled loop (`TRACES` counts traces; the
+tests check it). The progress bar ticks from inside the compiled loop through `jax.debug.callback`.
+Latents are integrated in fp32 whatever the model dtype, as in the PyTorch twin.
+"""
+
+from __future__ import annotations
+
+import collections
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange, repeat
+from flax import nnx
+from tqdm.auto import tqdm
+
+from minflux import schedules
+
+Array = jax.Array
+LATENT_CHANNELS = {"flux1": 16, "flux2": 128}  # the latents the sampler draws, before packing
+ID_AXES = {"flux1": 3, "flux2": 4}  # (t, h, w) and (t, h, w, l)
+REF_TIME = {"flux1": lambda i: 1, "flux2": lambda i: 10 + 10 * i}  # t id of reference i
+TRACES: collections.Counter = collections.Counter()  # how often each compiled function was traced
+_PROGRESS = {"bar": None}  # the tqdm bar the compiled loop's callback ticks (None: no bar)
+
+# ---------------------------------------------------------------------------------------------
+# Noise, packing and position ids
+# ---------------------------------------------------------------------------------------------
+
+
+def get_noise(num_samples: int, height: int, width: int, family: str, seed: int, dtype=jnp.float32,
+              pixels_per_token: int = 16) -> Array:
+    """Seeded Gaussian latents, NHWC: FLUX.1 (B, H/8, W/8, 16); FLUX.2 (B, H/16, W/16, 128).
+
+    `pixels_per_token` is 16 for the real autoencoders (the tiny test ones downsample less).
+    jax.random, so the numbers differ from PyTorch's for the same seed; cross-framework comparisons
+    pass the same noise to both (`denoise`, `sample`).
+    """
+    h, w = schedules.token_grid(width, height, pixels_per_token)
+    c = LATENT_CHANNELS[family]
+    shape = (num_samples, 2 * h, 2 * w, c) if family == "flux1" else (num_samples, h, w, c)
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def token_grid(x: Array, family: str) -> tuple[int, int]:
+    """(h, w) of the token grid of latents x (NHWC); FLUX.1 tokens are 2x2 latent patches."""
+    h, w = x.shape[1:3]
+    return (h // 2, w // 2) if family == "flux1" else (h, w)
+
+
+def pack(x: Array, family: str) -> Array:
+    """Latents -> tokens. FLUX.1: 2x2 patches of 16 channels, (B, 2h, 2w, 16) -> (B, h*w, 64);
+    FLUX.2: the autoencoder already patchified, (B, h, w, 128) -> (B, h*w, 128)."""
+    if family == "flux1":
+        return rearrange(x, "b (h ph) (w pw) c -> b (h w) (c ph pw)", ph=2, pw=2)
+    return rearrange(x, "b h w c -> b (h w) c")
+
+
+def unpack(x: Array, h: int, w: int, family: str) -> Array:
+    """Tokens (B, h*w, C) on an h x w grid -> latents; inverse of `pack`."""
+    if family == "flux1":
+        return rearrange(x, "b (h w) (c ph pw) -> b (h ph) (w pw) c", h=h, w=w, ph=2, pw=2)
+    return rearrange(x, "b (h w) c -> b h w c", h=h, w=w)
+
+
+def image_ids(batch: int, h: int, w: int, family: str, t: float = 0) -> Array:
+    """Position ids of an h x w token grid, row-major: (B, h*w, 3) rows (t, row, col) for FLUX.1,
+    (B, h*w, 4) rows (t, row, col, 0) for FLUX.2; fp32 (the ids are small integers, exact)."""
+    ids = jnp.zeros((h, w, ID_AXES[family]), jnp.float32)
+    ids = ids.at[..., 0].set(t)
+    ids = ids.at[..., 1].set(jnp.arange(h)[:, None])
+    ids = ids.at[..., 2].set(jnp.arange(w)[None, :])
+    return repeat(ids, "h w c -> b (h w) c", b=batch)
+
+
+def text_ids(batch: int, length: int, family: str) -> Array:
+    """Text position ids: all zeros for FLUX.1 (B, L, 3); (0, 0, 0, l) for FLUX.2 (B, L, 4)."""
+    ids = jnp.zeros((batch, length, ID_AXES[family]), jnp.float32)
+    if family == "flux2":
+        ids = ids.at[..., 3].set(jnp.arange(length))
+    return ids
+
+
+def reference_tokens(refs: list[Array], family: str) -> tuple[Array, Array]:
+    """Encoded reference latents (each NHWC, any size) -> (tokens, ids) to append after the image tokens.
+
+    FLUX.1 Kontext takes one reference at t = 1; FLUX.2 takes several, reference i at t = 10 + 10 i.
+    """
+    if family == "flux1" and len(refs) != 1:
+        raise ValueError(f"FLUX.1 Kontext takes exactly one reference image, got {len(refs)}")
+    tokens, ids = [], []
+    for i, ref in enumerate(refs):
+        h, w = token_grid(ref, family)
+        tokens.append(pack(ref, family))
+        ids.append(image_ids(ref.shape[0], h, w, family, t=REF_TIME[family](i)))
+    return jnp.concatenate(tokens, axis=1), jnp.concatenate(ids, axis=1)
+
+
+def fill_conditioning(masked: Array, mask: Array, factor: int = 8) -> Array:
+    """FLUX.1 Fill's extra input channels: the encoded masked image (B, H/8, W/8, 16) and the pixel
+    mask (B, H, W, 1), 1 = repaint, folded 8x8 into channels -> (B, L, 64 + 256) tokens. `factor` is the
+    autoencoder's downsampling (8; less for the tiny test autoencoders)."""
+    mask = rearrange(mask[..., 0], "b (h ph) (w pw) -> b h w (ph pw)", ph=factor, pw=factor)  # (B, H/8, W/8, 64)
+    return jnp.concatenate((pack(masked, "flux1"), pack(mask.astype(masked.dtype), "flux1")), axis=-1)
+
+
+def add_noise(x: Array, noise: Array, t: float) -> Array:
+    """img2img start: the flow-matching interpolation t * noise + (1 - t) * x (diffusers' `scale_noise`)."""
+    return t * noise + (1.0 - t) * x
+
+
+# ---------------------------------------------------------------------------------------------
+# The Euler loop
+# ---------------------------------------------------------------------------------------------
+
+
+def predict(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, t: Array,
+            vec: Array | None, guidance: Array | None) -> Array:
+    """One model call with each family's keyword names; t and guidance are (B,)."""
+    if model.params.family == "flux1":
+        return model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=vec, guidance=guidance)
+    return model(x=img, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, guidance=guidance)
+
+
+def conditioning(model, img_ids: Array, txt: Array, txt_ids: Array, vec=None, guidance=None,
+                 cfg_scale: float = 1.0, neg_txt=None, neg_vec=None, img_cond=None, img_cond_seq=None,
+                 img_cond_seq_ids=None) -> dict:
+    """Everything but the latents and the time, batched once before the loop.
+
+    Image ids, references, Fill channels and the negative prompt may have a batch of one for any text batch.
+    With a negative prompt (`neg_txt`, and `neg_vec` for FLUX.1) the text batch becomes
+    [negative, positive] and each step runs both halves in one call (true CFG, as BFL's `denoise_cfg`).
+    `guidance` only reaches guidance-distilled models (FLUX.1 dev, FLUX.2 dev); others ignore it, as BFL does.
+    """
+    b = txt.shape[0]
+    batch = lambda a: None if a is None else jnp.broadcast_to(a, (b, *a.shape[1:]))  # one serves every prompt
+    img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec = map(
+        batch, (img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec))
+    cfg = neg_txt is not None
+    if cfg:
+        if neg_txt.shape[1:] != txt.shape[1:]:
+            raise ValueError(f"negative text {tuple(neg_txt.shape)} and text {tuple(txt.shape)} must have the "
+                             f"same length and width (pad both to the text encoder's max length)")
+        if model.params.family == "flux1" and neg_vec is None:
+            raise ValueError("FLUX.1 true CFG needs the negative pooled vector `neg_vec` too")
+        txt, txt_ids = jnp.concatenate((neg_txt, txt)), jnp.concatenate((txt_ids, txt_ids))
+        vec = jnp.concatenate((neg_vec, vec)) if vec is not None else None
+    if img_cond_seq is not None and img_cond_seq_ids is None:
+        raise ValueError("pass both or neither of img_cond_seq and img_cond_seq_ids")
+    use_guidance = model.params.guidance_embed and guidance is not None
+    if model.params.guidance_embed and guidance is None:
+        raise ValueError("this model is guidance-distilled: pass guidance (e.g. 3.5 for FLUX.1 dev, 4 for FLUX.2 dev)")
+    return {"img_ids": img_ids, "txt": txt, "txt_ids": txt_ids, "vec": vec,
+            "guidance": jnp.asarray(guidance, jnp.float32) if use_guidance else None,
+            "cfg_scale": jnp.asarray(cfg_scale, jnp.float32) if cfg else None,
+            "img_cond": img_cond, "img_cond_seq": img_cond_seq, "img_cond_seq_ids": img_cond_seq_ids}
+
+
+def velocity(model, img: Array, t: Array, cond: dict) -> Array:
+    """The flow at time t (0-d) for image tokens img (B, L, C): Fill channels and reference tokens
+    attached, the prediction trimmed back to the image tokens, true CFG applied; fp32."""
+    x, ids = img, cond["img_ids"]
+    if cond["img_cond"] is not None:  # FLUX.1 Fill: channel-wise
+        x = jnp.concatenate((x, cond["img_cond"].astype(x.dtype)), axis=-1)
+    if cond["img_cond_seq"] is not None:  # Kontext / FLUX.2 references: sequence-wise
+        x = jnp.concatenate((x, cond["img_cond_seq"].astype(x.dtype)), axis=1)
+        ids = jnp.concatenate((ids, cond["img_cond_seq_ids"]), axis=1)
+    cfg = cond["cfg_scale"] is not None
+    if cfg:
+        x, ids = jnp.concatenate((x, x)), jnp.concatenate((ids, ids))  # batch [negative, positive]
+    b = x.shape[0]
+    guidance = jnp.broadcast_to(cond["guidance"], (b,)) if cond["guidance"] is not None else None
+    pred = predict(model, x, ids, cond["txt"], cond["txt_ids"], jnp.broadcast_to(t, (b,)), cond["vec"], guidance)
+    pred = pred[:, : img.shape[1]].astype(jnp.float32)
+    if cfg:
+        neg, pos = jnp.split(pred, 2)
+        pred = neg + cond["cfg_scale"] * (pos - neg)
+    return pred
+
+
+def _tick(_):
+    """Host callback from inside the compiled loop: one step done."""
+    if _PROGRESS["bar"] is not None:
+        _PROGRESS["bar"].update(1)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "trajectory"))
+def _denoise_loop(graphdef, state, img: Array, ts: Array, cond: dict, trajectory: bool):
+    """The compiled loop: scan over (t_curr, t_prev) pairs; traced once per shapes and options."""
+    TRACES["denoise"] += 1  # a Python side effect: runs when tracing, never when the compiled loop runs
+    model = nnx.merge(graphdef, state)
+
+    def step(x, t_pair):
+        t_curr, t_prev = t_pair
+        x = x + (t_prev - t_curr) * velocity(model, x, t_curr, cond)
+        jax.debug.callback(_tick, t_curr)  # always there (cheap), so a bar on or off reuses the same program
+        return x, x if trajectory else None
+
+    x, states = jax.lax.scan(step, img, (ts[:-1], ts[1:]))
+    return jnp.concatenate((img[None], states)) if trajectory else x
+
+
+def denoise(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, timesteps: list[float],
+            vec=None, guidance=None, cfg_scale: float = 1.0, neg_txt=None, neg_vec=None, img_cond=None,
+            img_cond_seq=None, img_cond_seq_ids=None, trajectory: bool = False, progress: bool = False) -> Array:
+    """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from tokens img.
+
+    img (B, L, C), img_ids (B, L, axes), txt (B, Lt, context_in_dim), txt_ids (B, Lt, axes), vec (B, 768)
+    for FLUX.1; conditioning as in `conditioning`. Returns the final tokens (B, L, C) in fp32, or with
+    `trajectory=True` every state (steps + 1, B, L, C), the input first: the parity suite compares these.
+    """
+    cond = conditioning(model, img_ids, txt, txt_ids, vec, guidance, cfg_scale, neg_txt, neg_vec, img_cond,
+                        img_cond_seq, img_cond_seq_ids)
+    ts = jnp.asarray(timesteps, jnp.float32)  # traced: a new schedule of the same length does not recompile
+    graphdef, state = nnx.split(model)
+    with tqdm(total=len(timesteps) - 1, desc="denoising", unit="step", disable=not progress) as bar:
+        _PROGRESS["bar"] = bar if progress else None
+        try:
+            out = _denoise_loop(graphdef, state, jnp.asarray(img, jnp.float32), ts, cond, trajectory)
+            out.block_until_ready()
+            jax.effects_barrier()  # every tick delivered before the bar closes
+        finally:
+            _PROGRESS["bar"] = None
+    return out
+
+
+def sample(model, noise: Array, txt: Array, vec=None, steps: int = 28, guidance=None, cfg_scale: float = 1.0,
+           neg_txt=None, neg_vec=None, refs=(), img_cond=None, init=None, strength: float = 1.0,
+           shift: bool | None = None, progress: bool = False) -> Array:
+    """Generate latents (NHWC, the shape of `noise`) for text `txt` (and pooled `vec` for FLUX.1).
+
+    refs: encoded reference latents (Kontext, FLUX.2 multi-reference); img_cond: FLUX.1 Fill tokens from
+    `fill_conditioning`; init: encoded latents for img2img, noised to the schedule's time at `strength`.
+    shift: FLUX.1's resolution shift, on by default except for models without a guidance embedder
+    (schnell is the only such FLUX.1); FLUX.2 always shifts.
+    """
+    family = model.params.family
+    h, w = token_grid(noise, family)
+    b = noise.shape[0]
+    if txt.shape[0] != b:
+        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    img, img_ids = pack(noise, family), image_ids(b, h, w, family)
+    shift = model.params.guidance_embed if shift is None else shift
+    timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
+    if init is not None:
+        timesteps = timesteps[schedules.strength_start(steps, strength):]
+        img = add_noise(pack(init, family).astype(jnp.float32), img.astype(jnp.float32), timesteps[0])
+    ref_tok, ref_ids = reference_tokens(list(refs), family) if len(refs) else (None, None)
+    out = denoise(model, img, img_ids, txt, text_ids(b, txt.shape[1], family), timesteps,
+                  vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt, neg_vec=neg_vec,
+                  img_cond=img_cond, img_cond_seq=ref_tok, img_cond_seq_ids=ref_ids, progress=progress)
+    return unpack(out, h, w, family)

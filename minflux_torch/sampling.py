@@ -1,0 +1,233 @@
+"""Sampling in PyTorch: noise, latent packing, position ids, and the Euler ODE loop.
+
+Follows black-forest-labs/flux `src/flux/sampling.py` (FLUX.1: `get_noise`, `prepare`, Kontext's
+`prepare_kontext`, Fill's `prepare_fill`, `denoise`, `unpack`) and black-forest-labs/flux2
+`src/flux2/sampling.py` (FLUX.2: `prc_img`, `prc_txt`, `encode_image_refs`, `denoise`, `denoise_cfg`).
+Schedules are framework-free (`minflux.schedules`). Twin: `minflux_jax/sampling.py`, whose images are
+NHWC where these are NCHW; token tensors (B, L, C) and ids (B, L, axes) are identical in both.
+
+Deliberate differences from BFL's loops: the latents are integrated in fp32 whatever the model dtype
+(BFL keeps them in the model dtype), and times are fp32 tensors, so a bf16 model only rounds its own
+activations. The official loops are otherwise followed step for step: x <- x + (t_prev - t_curr) * v.
+The loop runs under `torch.inference_mode`; `minflux generate --compile` wraps the transformer in
+`torch.compile` (every step calls it with the same shapes, so it compiles once).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from minflux import schedules
+
+LATENT_CHANNELS = {"flux1": 16, "flux2": 128}  # the latents the sampler draws, before packing
+ID_AXES = {"flux1": 3, "flux2": 4}  # (t, h, w) and (t, h, w, l)
+REF_TIME = {"flux1": lambda i: 1, "flux2": lambda i: 10 + 10 * i}  # t id of reference i
+
+# ---------------------------------------------------------------------------------------------
+# Noise, packing and position ids
+# ---------------------------------------------------------------------------------------------
+
+
+def get_noise(num_samples: int, height: int, width: int, family: str, seed: int,
+              dtype: torch.dtype = torch.float32, device="cpu", pixels_per_token: int = 16) -> Tensor:
+    """Seeded Gaussian latents, NCHW: FLUX.1 (B, 16, H/8, W/8); FLUX.2 (B, 128, H/16, W/16).
+
+    `pixels_per_token` is 16 for the real autoencoders (the tiny test ones downsample less).
+    Drawn in fp32 on the CPU generator, so a seed gives the same picture on every device (BFL draws
+    on the GPU in bf16, which no CPU run can reproduce).
+    """
+    h, w = schedules.token_grid(width, height, pixels_per_token)
+    c = LATENT_CHANNELS[family]
+    shape = (num_samples, c, 2 * h, 2 * w) if family == "flux1" else (num_samples, c, h, w)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return noise.to(device=device, dtype=dtype)
+
+
+def token_grid(x: Tensor, family: str) -> tuple[int, int]:
+    """(h, w) of the token grid of latents x (NCHW); FLUX.1 tokens are 2x2 latent patches."""
+    h, w = x.shape[-2:]
+    return (h // 2, w // 2) if family == "flux1" else (h, w)
+
+
+def pack(x: Tensor, family: str) -> Tensor:
+    """Latents -> tokens. FLUX.1: 2x2 patches of 16 channels, (B, 16, 2h, 2w) -> (B, h*w, 64);
+    FLUX.2: the autoencoder already patchified, (B, 128, h, w) -> (B, h*w, 128)."""
+    if family == "flux1":
+        return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+    return rearrange(x, "b c h w -> b (h w) c")
+
+
+def unpack(x: Tensor, h: int, w: int, family: str) -> Tensor:
+    """Tokens (B, h*w, C) on an h x w grid -> latents; inverse of `pack`."""
+    if family == "flux1":
+        return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
+    return rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+
+
+def image_ids(batch: int, h: int, w: int, family: str, t: float = 0) -> Tensor:
+    """Position ids of an h x w token grid, row-major: (B, h*w, 3) rows (t, row, col) for FLUX.1,
+    (B, h*w, 4) rows (t, row, col, 0) for FLUX.2; fp32 (the ids are small integers, exact)."""
+    ids = torch.zeros(h, w, ID_AXES[family])
+    ids[..., 0] = t
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return repeat(ids, "h w c -> b (h w) c", b=batch)
+
+
+def text_ids(batch: int, length: int, family: str) -> Tensor:
+    """Text position ids: all zeros for FLUX.1 (B, L, 3); (0, 0, 0, l) for FLUX.2 (B, L, 4)."""
+    ids = torch.zeros(batch, length, ID_AXES[family])
+    if family == "flux2":
+        ids[..., 3] = torch.arange(length)
+    return ids
+
+
+def reference_tokens(refs: list[Tensor], family: str) -> tuple[Tensor, Tensor]:
+    """Encoded reference latents (each NCHW, any size) -> (tokens, ids) to append after the image tokens.
+
+    FLUX.1 Kontext takes one reference at t = 1; FLUX.2 takes several, reference i at t = 10 + 10 i.
+    """
+    if family == "flux1" and len(refs) != 1:
+        raise ValueError(f"FLUX.1 Kontext takes exactly one reference image, got {len(refs)}")
+    tokens, ids = [], []
+    for i, ref in enumerate(refs):
+        h, w = token_grid(ref, family)
+        tokens.append(pack(ref, family))
+        ids.append(image_ids(ref.shape[0], h, w, family, t=REF_TIME[family](i)))
+    return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
+
+
+def fill_conditioning(masked: Tensor, mask: Tensor, factor: int = 8) -> Tensor:
+    """FLUX.1 Fill's extra input channels: the encoded masked image (B, 16, H/8, W/8) and the pixel
+    mask (B, 1, H, W), 1 = repaint, folded 8x8 into channels -> (B, L, 64 + 256) tokens. `factor` is the
+    autoencoder's downsampling (8; less for the tiny test autoencoders)."""
+    mask = rearrange(mask[:, 0], "b (h ph) (w pw) -> b (ph pw) h w", ph=factor, pw=factor)  # (B, 64, H/8, W/8)
+    return torch.cat((pack(masked, "flux1"), pack(mask.to(masked.dtype), "flux1")), dim=-1)
+
+
+def add_noise(x: Tensor, noise: Tensor, t: float) -> Tensor:
+    """img2img start: the flow-matching interpolation t * noise + (1 - t) * x (diffusers' `scale_noise`)."""
+    return t * noise + (1.0 - t) * x
+
+
+# ---------------------------------------------------------------------------------------------
+# The Euler loop
+# ---------------------------------------------------------------------------------------------
+
+
+def predict(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, t: Tensor,
+            vec: Tensor | None, guidance: Tensor | None) -> Tensor:
+    """One model call with each family's keyword names; t and guidance are (B,)."""
+    if model.params.family == "flux1":
+        return model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=vec, guidance=guidance)
+    return model(x=img, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, guidance=guidance)
+
+
+def conditioning(model, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec=None, guidance=None,
+                 cfg_scale: float = 1.0, neg_txt=None, neg_vec=None, img_cond=None, img_cond_seq=None,
+                 img_cond_seq_ids=None) -> dict:
+    """Everything but the latents and the time, batched once before the loop.
+
+    Image ids, references, Fill channels and the negative prompt may have a batch of one for any text batch.
+    With a negative prompt (`neg_txt`, and `neg_vec` for FLUX.1) the text batch becomes
+    [negative, positive] and each step runs both halves in one call (true CFG, as BFL's `denoise_cfg`).
+    `guidance` only reaches guidance-distilled models (FLUX.1 dev, FLUX.2 dev); others ignore it, as BFL does.
+    """
+    b = txt.shape[0]
+    batch = lambda a: None if a is None else a.expand(b, *a.shape[1:])  # one serves every prompt
+    img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec = map(
+        batch, (img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec))
+    cfg = neg_txt is not None
+    if cfg:
+        if neg_txt.shape[1:] != txt.shape[1:]:
+            raise ValueError(f"negative text {tuple(neg_txt.shape)} and text {tuple(txt.shape)} must have the "
+                             f"same length and width (pad both to the text encoder's max length)")
+        if model.params.family == "flux1" and neg_vec is None:
+            raise ValueError("FLUX.1 true CFG needs the negative pooled vector `neg_vec` too")
+        txt, txt_ids = torch.cat((neg_txt, txt)), torch.cat((txt_ids, txt_ids))
+        vec = torch.cat((neg_vec, vec)) if vec is not None else None
+    if img_cond_seq is not None and img_cond_seq_ids is None:
+        raise ValueError("pass both or neither of img_cond_seq and img_cond_seq_ids")
+    use_guidance = model.params.guidance_embed and guidance is not None
+    if model.params.guidance_embed and guidance is None:
+        raise ValueError("this model is guidance-distilled: pass guidance (e.g. 3.5 for FLUX.1 dev, 4 for FLUX.2 dev)")
+    return {"img_ids": img_ids, "txt": txt, "txt_ids": txt_ids, "vec": vec,
+            "guidance": torch.tensor(float(guidance), device=txt.device) if use_guidance else None,
+            "cfg_scale": torch.tensor(float(cfg_scale), device=txt.device) if cfg else None,
+            "img_cond": img_cond, "img_cond_seq": img_cond_seq, "img_cond_seq_ids": img_cond_seq_ids}
+
+
+def velocity(model, img: Tensor, t: Tensor, cond: dict) -> Tensor:
+    """The flow at time t (0-d) for image tokens img (B, L, C): Fill channels and reference tokens
+    attached, the prediction trimmed back to the image tokens, true CFG applied; fp32."""
+    x, ids = img, cond["img_ids"]
+    if cond["img_cond"] is not None:  # FLUX.1 Fill: channel-wise
+        x = torch.cat((x, cond["img_cond"].to(x.dtype)), dim=-1)
+    if cond["img_cond_seq"] is not None:  # Kontext / FLUX.2 references: sequence-wise
+        x = torch.cat((x, cond["img_cond_seq"].to(x.dtype)), dim=1)
+        ids = torch.cat((ids, cond["img_cond_seq_ids"]), dim=1)
+    cfg = cond["cfg_scale"] is not None
+    if cfg:
+        x, ids = torch.cat((x, x)), torch.cat((ids, ids))  # batch [negative, positive]
+    b = x.shape[0]
+    guidance = cond["guidance"].expand(b) if cond["guidance"] is not None else None
+    pred = predict(model, x, ids, cond["txt"], cond["txt_ids"], t.expand(b), cond["vec"], guidance)
+    pred = pred[:, : img.shape[1]].float()
+    if cfg:
+        neg, pos = pred.chunk(2)
+        pred = neg + cond["cfg_scale"] * (pos - neg)
+    return pred
+
+
+@torch.inference_mode()
+def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: list[float],
+            vec=None, guidance=None, cfg_scale: float = 1.0, neg_txt=None, neg_vec=None, img_cond=None,
+            img_cond_seq=None, img_cond_seq_ids=None, trajectory: bool = False, progress: bool = False) -> Tensor:
+    """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from tokens img.
+
+    img (B, L, C), img_ids (B, L, axes), txt (B, Lt, context_in_dim), txt_ids (B, Lt, axes), vec (B, 768)
+    for FLUX.1; conditioning as in `conditioning`. Returns the final tokens (B, L, C) in fp32, or with
+    `trajectory=True` every state (steps + 1, B, L, C), the input first: the parity suite compares these.
+    """
+    cond = conditioning(model, img_ids, txt, txt_ids, vec, guidance, cfg_scale, neg_txt, neg_vec, img_cond,
+                        img_cond_seq, img_cond_seq_ids)
+    ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)  # fp32 as the JAX loop's
+    x = img.float()
+    states = [x]
+    for i in tqdm(range(len(timesteps) - 1), desc="denoising", unit="step", disable=not progress):
+        x = x + (ts[i + 1] - ts[i]) * velocity(model, x, ts[i], cond)
+        if trajectory:
+            states.append(x)
+    return torch.stack(states) if trajectory else x
+
+
+def sample(model, noise: Tensor, txt: Tensor, vec=None, steps: int = 28, guidance=None, cfg_scale: float = 1.0,
+           neg_txt=None, neg_vec=None, refs=(), img_cond=None, init=None, strength: float = 1.0,
+           shift: bool | None = None, progress: bool = False) -> Tensor:
+    """Generate latents (NCHW, the shape of `noise`) for text `txt` (and pooled `vec` for FLUX.1).
+
+    refs: encoded reference latents (Kontext, FLUX.2 multi-reference); img_cond: FLUX.1 Fill tokens from
+    `fill_conditioning`; init: encoded latents for img2img, noised to the schedule's time at `strength`.
+    shift: FLUX.1's resolution shift, on by default except for models without a guidance embedder
+    (schnell is the only such FLUX.1); FLUX.2 always shifts.
+    """
+    family = model.params.family
+    h, w = token_grid(noise, family)
+    b = noise.shape[0]
+    if txt.shape[0] != b:
+        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    img, img_ids = pack(noise, family), image_ids(b, h, w, family).to(noise.device)
+    shift = model.params.guidance_embed if shift is None else shift
+    timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
+    if init is not None:
+        timesteps = timesteps[schedules.strength_start(steps, strength):]
+        img = add_noise(pack(init, family).float(), img.float(), timesteps[0])
+    ref_tok, ref_ids = reference_tokens(list(refs), family) if len(refs) else (None, None)
+    out = denoise(model, img, img_ids, txt, text_ids(b, txt.shape[1], family).to(noise.device), timesteps,
+                  vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt, neg_vec=neg_vec,
+                  img_cond=img_cond, img_cond_seq=ref_tok,
+                  img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device), progress=progress)
+    return unpack(out, h, w, family)
