@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int,
                    help="image side in pixels (default: 64 / 32 tiny transformer / autoencoder; 1024 / 512 full size)")
     p.add_argument("--txt-len", type=int, help="text tokens (default 8 tiny, 512 full size)")
+    p.add_argument("--trajectory", type=int, metavar="N",
+                   help="also compare an N-step sampling trajectory from identical noise (transformers; holds both "
+                        "whole models; default 4 in the no-argument run, else off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
     p.add_argument("--plot", type=Path, help="write a PNG of error against depth")
@@ -106,6 +109,13 @@ def run(args) -> int:
                     else:
                         out = transformer.run(cfg, src, src, dtype=dtype, device=args.device, resolution=res,
                                               txt_len=txt_len, seed=args.seed, tiny=tiny, progress=show)
+                        steps = args.trajectory if args.trajectory is not None else (0 if _runs(args) else 4)
+                        if steps:
+                            show(f"{steps}-step trajectory")
+                            out["rows"] += transformer.trajectory(cfg, src, src, steps, dtype=dtype,
+                                                                  device=args.device, resolution=res,
+                                                                  txt_len=txt_len, seed=args.seed, tiny=tiny)
+                            out["passed"] = all(r["passed"] for r in out["rows"])
                 out.update(model=label, dtype=dtype, device=args.device, source=src.description)
                 report.print_run(out, console)
                 runs.append(out)

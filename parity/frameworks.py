@@ -51,7 +51,7 @@ class JaxSide:
         self.cfg, self.dtype = cfg, DTYPES[dtype][1]
         self.device = jax.devices("gpu" if device.startswith("cuda") else "cpu")[0]
         with jax.default_device(self.device):
-            self.model = nnx.eval_shape(lambda: jload.MODELS[cfg.family](cfg, dtype=self.dtype, rngs=nnx.Rngs(0)))
+            self.model = jload.abstract_model(cfg, self.dtype)
 
     def materialise(self, module: nnx.Module, tensors: dict[str, np.ndarray]) -> nnx.Module:
         module = nnx.clone(module)  # the abstract original stays abstract

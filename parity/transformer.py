@@ -139,3 +139,41 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
     return {"rows": [r.as_dict() for r in rows], "memory": memory, "seconds": time.perf_counter() - t0,
             "passed": all(r.passed for r in rows), "inputs": {"resolution": resolution, "txt_len": txt_len,
                                                                "seed": seed, "image_tokens": (resolution // 16) ** 2}}
+
+
+def trajectory(cfg, torch_weights, jax_weights, steps: int, dtype: str = "fp32", device: str = "cpu",
+               resolution: int = 64, txt_len: int = 8, seed: int = 0, tiny: bool = True) -> list[dict]:
+    """Rows "step.N": an N-step Euler trajectory from identical noise in each framework, compared per step.
+
+    Unlike the block-by-block comparison this holds both whole models (sampling runs every block each step).
+    """
+    import minflux_jax.sampling as jsampling
+    import minflux_torch.sampling as tsampling
+    from minflux import schedules
+    from minflux_jax.load import assign
+
+    T, J = TorchSide(cfg, dtype, device), JaxSide(cfg, dtype, device)
+    keys = list(T.expected)
+    w_t = torch_weights.read(keys)
+    t_model = T.materialise(copy.deepcopy(T.model), w_t)
+    w_j = w_t if jax_weights is torch_weights else jax_weights.read(keys)
+    j_model = nnx.clone(J.model)
+    with jax.default_device(J.device):
+        assign(j_model, w_j)
+    del w_t, w_j
+    x = make_inputs(cfg, resolution, txt_len, seed=seed)
+    flux1 = cfg.family == "flux1"
+    img, img_ids, txt, txt_ids = (x["img"], x["img_ids"], x["txt"], x["txt_ids"]) if flux1 else (
+        x["x"], x["x_ids"], x["ctx"], x["ctx_ids"])
+    ts = schedules.get_schedule(steps, img.shape[1], cfg.family, shift=cfg.guidance_embed or not flux1)
+    extra = {"vec": x["y"]} if flux1 else {}
+    if cfg.guidance_embed:
+        extra["guidance"] = 3.5
+    t_states = tsampling.denoise(t_model, *map(T.input, (img, img_ids, txt, txt_ids)), ts, trajectory=True,
+                                 **{k: T.input(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()})
+    with jax.default_device(J.device):
+        j_states = jsampling.denoise(j_model, *map(J.input, (img, img_ids, txt, txt_ids)), ts, trajectory=True,
+                                     **{k: J.input(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()})
+    b = bound(dtype, "model", device, tiny)
+    return [compare(f"step.{i}", "trajectory", J.output(j_states[i]), T.output(t_states[i]), dtype, b, i).as_dict()
+            for i in range(1, steps + 1)]

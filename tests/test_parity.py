@@ -56,7 +56,7 @@ def test_nan_fails_and_is_not_masked(tiny_checkpoint):
 def test_cli_json_schema_and_exit_status(tiny_checkpoint, tmp_path, capsys):
     path = tiny_checkpoint("flux1-tiny", "bfl-prefixed")
     rc = main(["parity", "--model", "flux1-tiny", "--checkpoint", str(path), "--dtype", "fp32,bf16",
-               "--resolution", "32", "--txt-len", "4", "--json", str(tmp_path / "r.json"), "--plot",
+               "--resolution", "32", "--txt-len", "4", "--trajectory", "3", "--json", str(tmp_path / "r.json"), "--plot",
                str(tmp_path / "r.png")])
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
@@ -67,8 +67,9 @@ def test_cli_json_schema_and_exit_status(tiny_checkpoint, tmp_path, capsys):
         for row in run["rows"]:
             assert set(row) == {"name", "mode", "dtype", "bound", "finite", "max_abs", "rel_l2", "max_rel",
                                 "cosine", "worst_index", "passed", "depth", "error"}
-            assert row["mode"] in ("teacher", "free") and isinstance(row["worst_index"], list)
+            assert row["mode"] in ("teacher", "free", "trajectory") and isinstance(row["worst_index"], list)
             assert 0 <= row["rel_l2"] <= row["bound"] and row["cosine"] > 0.999
+        assert [r["name"] for r in run["rows"] if r["mode"] == "trajectory"] == ["step.1", "step.2", "step.3"]
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert "all blocks agree" in capsys.readouterr().out
 
