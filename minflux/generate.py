@@ -314,10 +314,9 @@ def random_jax(cfg, seed: int, dtype):
     import jax.numpy as jnp
     from flax import nnx
 
-    from minflux_jax.load import MODELS
+    from minflux_jax.load import abstract_model
 
-    abstract = nnx.eval_shape(lambda: MODELS[cfg.family](cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
     rng = np.random.default_rng(seed)
     for path, var in nnx.to_flat_state(state):
         shape, name = var.shape, path[-1]
