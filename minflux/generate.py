@@ -4,9 +4,18 @@ Inputs are local files only: a transformer checkpoint (`--transformer`, any layo
 with its preset `--model`), an autoencoder (`--ae`), and a prompt-embedding file (`--embeddings`, the
 format `minflux.text.save_embeddings` writes): safetensors holding `txt` (B, L, context_in_dim) and, for
 FLUX.1, `vec` (B, 768); B prompts give B images (`out-0.png`, ...). True CFG (`--cfg`, e.g. klein base)
-takes the negative prompt from a second file, `--neg-embeddings`. Text encoders are not run here.
+takes the negative prompt from a second file, `--neg-embeddings`.
 `--random-weights` needs no files at all: random tiny models (`flux1-tiny` / `flux2-tiny` and their
 tiny autoencoders) and random embeddings, a smoke test of the whole path.
+
+Prompts instead of embeddings: `--prompt` (repeatable; `--negative-prompt` for `--cfg`, default "") with
+`--text-encoder DIR`, run in the chosen `--framework` and freed before the transformer is loaded. The kind
+follows the model: FLUX.1 -> CLIP-L + T5 from a diffusers-style root (`text_encoder/` + `tokenizer/` = CLIP,
+`text_encoder_2/` + `tokenizer_2/` = T5; T5 at 256 tokens for schnell); FLUX.2 dev -> Mistral Small 3.x;
+klein -> Qwen3; other FLUX.2 presets (the tiny ones) -> whatever config.json says. FLUX.2's DIR is a model
+directory (config.json, safetensors, tokenizer.json) or a root with `text_encoder/` + `tokenizer/`.
+`--save-embeddings FILE` writes the prompts' embeddings (and the negatives' to FILE-neg) and stops: encode
+once, then generate from the file with `--embeddings` without loading the encoder again.
 
 Modes: text-to-image; `--ref` reference images (FLUX.1 Kontext: one; FLUX.2: several); `--init` with
 `--strength` (img2img); `--init` with `--mask` (FLUX.1 Fill inpainting, white = repaint).
@@ -19,13 +28,14 @@ before its first tick.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from minflux import checkpoint, configs, keymaps, schedules
+from minflux import checkpoint, configs, keymaps, schedules, text
 
 AE_FAMILY = {"flux1": "ae1", "flux2": "ae2"}
 DEFAULT_GUIDANCE = {"flux1-fill-dev": 30.0, "flux1-kontext-dev": 2.5}  # BFL's cli_fill / cli_kontext defaults
@@ -45,6 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", type=Path, help="prompt embeddings: safetensors with `txt` (B, L, D) and, "
                         "for FLUX.1, `vec` (B, 768); B prompts give B images")
     parser.add_argument("--neg-embeddings", type=Path, help="negative-prompt embeddings (same format) for --cfg")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a prompt, encoded with --text-encoder (repeatable: one image each)")
+    parser.add_argument("--negative-prompt", action="append", metavar="TEXT",
+                        help="negative prompt for --cfg (default \"\"; one, or one per --prompt)")
+    parser.add_argument("--text-encoder", type=Path, metavar="DIR",
+                        help="text encoder for --prompt: FLUX.1, a root with text_encoder/ (CLIP-L) + text_encoder_2/ "
+                        "(T5) + tokenizer/ + tokenizer_2/; FLUX.2, a model directory (config.json, safetensors, "
+                        "tokenizer.json) or a root with text_encoder/ + tokenizer/ (Mistral Small 3.x for dev, Qwen3 "
+                        "for klein)")
+    parser.add_argument("--max-length", type=int, help="prompt tokens for T5 / FLUX.2 (default 512, 256 schnell)")
+    parser.add_argument("--text-encoder-layers", metavar="K,K,K",
+                        help="FLUX.2: hidden_states indices stacked, e.g. 9,18,27 (default: the official ones)")
+    parser.add_argument("--save-embeddings", type=Path, metavar="FILE", help="encode --prompt to this safetensors "
+                        "file (negatives to FILE-neg) and exit; generate later with --embeddings")
     parser.add_argument("--random-weights", action="store_true", help="tiny random models and embeddings, no files")
     parser.add_argument("--framework", choices=("torch", "jax"), default="torch")
     parser.add_argument("--seed", type=int, default=0)
@@ -68,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         plan = make_plan(args)
+        if args.save_embeddings is not None:
+            return save_embeddings(plan)
         start = time.perf_counter()
         images = (generate_torch if args.framework == "torch" else generate_jax)(plan)  # (B, H, W, 3) uint8
     except (GenerateError, checkpoint.CheckpointError) as e:
@@ -120,12 +146,17 @@ def make_plan(args: argparse.Namespace) -> dict:
     if ae_cfg.family != AE_FAMILY[family]:
         raise GenerateError(f"--ae-config {ae_name} is a {FAMILY_NAME.get(ae_cfg.family, ae_cfg.family)}; "
                             f"{name} is {FAMILY_NAME[family]} and needs a {FAMILY_NAME[AE_FAMILY[family]]}")
+    prompts = text_plan(args, name, cfg)
+    dtype = args.dtype or ("fp32" if random else "bf16")
+    if args.save_embeddings is not None:  # encode and stop: no transformer, autoencoder or image settings
+        return {"model": name, "cfg": cfg, "family": family, "args": args, "text": prompts, "dtype": dtype}
     if not random:
         transformer = _file(args.transformer, "the transformer checkpoint", "--transformer")
         ae = _file(args.ae, "the autoencoder checkpoint", "--ae")
-        _file(args.embeddings, "the prompt embeddings", "--embeddings")
-        if args.cfg != 1.0:
-            _file(args.neg_embeddings, "the negative prompt's embeddings, for --cfg", "--neg-embeddings")
+        if prompts is None:
+            _file(args.embeddings, "the prompt embeddings (or pass --prompt with --text-encoder)", "--embeddings")
+            if args.cfg != 1.0:
+                _file(args.neg_embeddings, "the negative prompt's embeddings, for --cfg", "--neg-embeddings")
         found = _family_of(transformer)
         if found is not None and found != family:
             raise GenerateError(f"--transformer {transformer} holds a {FAMILY_NAME.get(found, found)} checkpoint "
@@ -177,7 +208,99 @@ def make_plan(args: argparse.Namespace) -> dict:
             raise GenerateError(str(e)) from None
     return {"model": name, "cfg": cfg, "family": family, "ae_name": ae_name, "ae_cfg": ae_cfg, "random": random,
             "args": args, "width": width, "height": height, "ppt": ppt, "steps": steps, "guidance": guidance,
-            "cfg_scale": args.cfg, "fill": fill, "dtype": args.dtype or ("fp32" if random else "bf16")}
+            "cfg_scale": args.cfg, "fill": fill, "dtype": dtype, "text": prompts}
+
+
+def encoder_kind(name: str, family: str, directory: Path) -> str:
+    """The text encoder a preset was trained with: FLUX.1 -> CLIP-L + T5, FLUX.2 dev -> Mistral, klein -> Qwen3;
+    other FLUX.2 presets (the tiny ones) take the kind config.json names."""
+    if family == "flux1":
+        return "flux1"
+    want = "qwen3" if "klein" in name else "mistral" if name == "flux2-dev" else None
+    try:
+        model_dir = text.resolve_dirs("qwen3", directory)[0]  # (Qwen3 and Mistral share the repo subfolders)
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (FileNotFoundError, ValueError) as e:
+        raise GenerateError(f"--text-encoder {directory}: {e}") from None
+    found = next((k for k in ("qwen3", "mistral") if model_type in text.SPECS[k].model_types), None)
+    if want is not None and found != want:
+        raise GenerateError(f"--text-encoder {directory}: {name} takes a {want} text encoder, but "
+                            f"{model_dir / 'config.json'} holds model_type {model_type!r}")
+    if found is None:
+        raise GenerateError(f"--text-encoder {directory}: {model_dir / 'config.json'} holds model_type "
+                            f"{model_type!r}; FLUX.2 takes a qwen3 or mistral text encoder")
+    return found
+
+
+def text_plan(args: argparse.Namespace, name: str, cfg) -> dict | None:
+    """With --prompt: the text encoder's kind, directories, lengths and stacked layers, checked against the model
+    (output widths against context_in_dim / vec_in_dim) from the config files alone, before any weight is read.
+    None without --prompt."""
+    if not args.prompt:
+        for flag in ("text_encoder", "negative_prompt", "save_embeddings", "max_length", "text_encoder_layers"):
+            if getattr(args, flag) is not None:
+                raise GenerateError(f"--{flag.replace('_', '-')} needs --prompt")
+        return None
+    for flag in ("embeddings", "neg_embeddings"):
+        if getattr(args, flag) is not None:
+            raise GenerateError(f"--prompt and --{flag.replace('_', '-')} exclude each other: the prompt is encoded "
+                                "here, or read from a file")
+    directory = args.text_encoder
+    if directory is None:
+        raise GenerateError("--prompt needs --text-encoder DIR (or encode elsewhere and pass --embeddings)")
+    if not directory.is_dir():
+        raise GenerateError(f"--text-encoder {directory}: no such directory")
+    kind = encoder_kind(name, cfg.family, directory)
+    if args.max_length is not None and args.max_length < 1:
+        raise GenerateError(f"--max-length must be >= 1, got {args.max_length}")
+    max_length = args.max_length or (256 if "schnell" in name else None)  # BFL: T5 at 256 tokens for schnell
+    layers = None
+    if args.text_encoder_layers is not None:
+        if kind == "flux1":
+            raise GenerateError("--text-encoder-layers is for FLUX.2's decoder text encoders, not CLIP + T5")
+        try:
+            layers = tuple(int(k) for k in args.text_encoder_layers.split(","))
+        except ValueError:
+            raise GenerateError(f"--text-encoder-layers {args.text_encoder_layers!r}: expected integers like "
+                                "9,18,27") from None
+    if kind == "flux1":
+        missing = [str(directory / d / "config.json") for d in ("text_encoder", "text_encoder_2")
+                   if not (directory / d / "config.json").is_file()]
+        if missing:
+            raise GenerateError(f"--text-encoder {directory}: FLUX.1 takes CLIP-L and T5 from a diffusers-style "
+                                "root (text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/); no "
+                                + ", ".join(missing))
+    for part in ("clip", "t5") if kind == "flux1" else (kind,):
+        try:
+            s = text.spec(part, None if part == "clip" else max_length, layers)
+            model_dir, tok_dir = text.resolve_dirs(part, directory)
+            if not (tok_dir / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"{tok_dir / 'tokenizer.json'}: no such file (the {part} tokenizer)")
+            tcfg = text.read_config(part, model_dir)
+            if s.arch == "decoder":
+                text.check_layers(s, tcfg, model_dir / "config.json")
+            text.check_length(s, tcfg, model_dir / "config.json")
+        except (FileNotFoundError, ValueError) as e:
+            raise GenerateError(f"--text-encoder {directory}: {e}") from None
+        if s.arch == "decoder":
+            width, how = len(s.layers) * tcfg.hidden_size, f"{len(s.layers)} stacked layers x hidden {tcfg.hidden_size}"
+        else:
+            width, how = (tcfg.d_model, "d_model") if s.arch == "t5" else (tcfg.hidden_size, "hidden_size")
+        field = "vec_in_dim" if s.output == "vec" else "context_in_dim"
+        if width != getattr(cfg, field):
+            raise GenerateError(f"--text-encoder {directory}: the {part} text encoder ({model_dir}) outputs width "
+                                f"{width} ({how}), but {name} has {field} {getattr(cfg, field)}")
+    negatives = list(args.negative_prompt or [])
+    if args.cfg != 1.0 and not negatives:
+        negatives = [""]  # the official pipelines' default negative prompt
+    if negatives and args.cfg == 1.0 and args.save_embeddings is None:
+        print("minflux generate: note: --negative-prompt is ignored without --cfg", file=sys.stderr)
+        negatives = []
+    if len(negatives) not in (0, 1, len(args.prompt)):
+        raise GenerateError(f"{len(negatives)} --negative-prompt for {len(args.prompt)} --prompt: pass one, or one "
+                            "per prompt")
+    return {"kind": kind, "dir": directory, "prompts": list(args.prompt), "negatives": negatives,
+            "max_length": max_length, "layers": layers}
 
 
 def read_embeddings(path: Path, plan: dict, flag: str) -> dict[str, np.ndarray]:
@@ -204,10 +327,63 @@ def read_embeddings(path: Path, plan: dict, flag: str) -> dict[str, np.ndarray]:
     return emb
 
 
+def encode_text(plan: dict) -> dict[str, np.ndarray]:
+    """--prompt and the negative prompts through the text encoder in the chosen framework, as one batch; the encoder
+    is freed before this returns (`encode_prompts`). txt (B, L, D), vec (B, 768) for FLUX.1, and neg_txt / neg_vec
+    for the negatives; numpy in the encoder's dtype (bf16 stays bf16)."""
+    tp, args = plan["text"], plan["args"]
+    prompts, n = tp["prompts"] + tp["negatives"], len(tp["prompts"])
+    kw = {"max_length": tp["max_length"], "layers": tp["layers"]}
+    try:
+        if args.framework == "torch":
+            import torch
+
+            from minflux_torch import text as tt
+            from minflux_torch.load import to_numpy
+
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[plan["dtype"]]
+            out = {k: to_numpy(v) for k, v in tt.encode_prompts(tp["kind"], tp["dir"], prompts, dtype, device,
+                                                                **kw).items()}
+        else:
+            import jax
+            import jax.numpy as jnp
+
+            from minflux_jax import text as jt
+
+            dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[plan["dtype"]]
+            out = {k: np.asarray(jax.device_get(v)) for k, v in jt.encode_prompts(tp["kind"], tp["dir"], prompts,
+                                                                                  dtype, **kw).items()}
+    except (FileNotFoundError, ValueError) as e:  # (CheckpointError, naming the file, passes through)
+        raise GenerateError(f"--text-encoder {tp['dir']}: {e}") from None
+    emb = {}
+    for k, v in out.items():
+        k = "txt" if k == "ctx" else k  # FLUX.2's ctx is the transformer's txt input
+        emb[k], emb["neg_" + k] = v[:n], v[n:]
+    return {k: v for k, v in emb.items() if len(v)}
+
+
+def save_embeddings(plan: dict) -> int:
+    """--save-embeddings FILE: the prompts' embeddings to FILE, the negative prompts' (if any) to FILE-neg."""
+    emb, tp, path = encode_text(plan), plan["text"], plan["args"].save_embeddings
+    outs = [(path, "", tp["prompts"])]
+    if tp["negatives"]:
+        outs.append((path.with_name(f"{path.stem}-neg{path.suffix}"), "neg_", tp["negatives"]))
+    for out, prefix, prompts in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text.save_embeddings(out, {k: emb[prefix + k] for k in ("txt", "vec") if prefix + k in emb}, tp["kind"],
+                             prompts)
+        print(f"wrote {out}: {len(prompts)} prompt(s), txt {emb[prefix + 'txt'].shape} ({tp['kind']}, "
+              f"{plan['args'].framework})")
+    return 0
+
+
 def load_embeddings(plan: dict) -> dict[str, np.ndarray]:
     """txt (B, L, D), vec (B, 768) for FLUX.1, and neg_txt / neg_vec with --cfg; fp32 numpy."""
     cfg, args = plan["cfg"], plan["args"]
     cfg_on = plan["cfg_scale"] != 1.0
+    if plan["text"] is not None:
+        return {k: v.astype(np.float32) for k, v in encode_text(plan).items()}
     if plan["random"]:
         rng = np.random.default_rng(args.seed)
         emb = {"txt": rng.standard_normal((1, 16, cfg.context_in_dim), np.float32)}
@@ -274,6 +450,7 @@ def generate_torch(plan: dict) -> np.ndarray:
     args, family = plan["args"], plan["family"]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[plan["dtype"]]
+    emb = load_embeddings(plan)  # first: a text encoder is freed before the transformer is loaded
     if plan["random"]:
         model = mt.build_model(plan["cfg"], seed=args.seed, dtype=dtype, device=device)
         ae = mt.build_model(plan["ae_cfg"], seed=args.seed + 1, dtype=dtype, device=device)
@@ -282,7 +459,7 @@ def generate_torch(plan: dict) -> np.ndarray:
         ae = mt.load_model(plan["ae_cfg"], args.ae, dtype=dtype, device=device)
     if args.compile:
         model = torch.compile(model)  # attribute access (model.params) passes through to the module
-    emb = {k: torch.from_numpy(v).to(device) for k, v in load_embeddings(plan).items()}
+    emb = {k: torch.from_numpy(v).to(device) for k, v in emb.items()}
     nchw = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].to(device, dtype)  # HWC -> (1, C, H, W)
     size = (plan["width"], plan["height"])
     with torch.inference_mode():
@@ -337,13 +514,14 @@ def generate_jax(plan: dict) -> np.ndarray:
 
     args, family = plan["args"], plan["family"]
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[plan["dtype"]]
+    emb = load_embeddings(plan)  # first: a text encoder is freed before the transformer is loaded
     if plan["random"]:
         model = random_jax(plan["cfg"], args.seed, dtype)
         ae = random_jax(plan["ae_cfg"], args.seed + 1, dtype)
     else:
         model = mj.load_model(plan["cfg"], args.transformer, dtype=dtype)
         ae = mj.load_model(plan["ae_cfg"], args.ae, dtype=dtype)
-    emb = {k: jnp.asarray(v) for k, v in load_embeddings(plan).items()}
+    emb = {k: jnp.asarray(v) for k, v in emb.items()}
     encode, decode = nnx.jit(lambda m, x: m.encode(x)), nnx.jit(lambda m, z: m.decode(z))  # one program each
     nhwc = lambda a: jnp.asarray(a, dtype)[None]  # HWC -> (1, H, W, C)
     size = (plan["width"], plan["height"])
