@@ -51,7 +51,46 @@ class Flux2Config:
     family = "flux2"
 
 
+@dataclass(frozen=True)
+class AutoEncoderConfig:
+    """FLUX.1 autoencoder (BFL `AutoEncoderParams`): z=16, latents scaled by (z - shift) * scale."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    family = "ae1"
+
+
+@dataclass(frozen=True)
+class AutoEncoder2Config:
+    """FLUX.2 autoencoder: z=32, 1x1 quant convs; latents patchified 2x2 and normalised by a frozen BatchNorm."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 32
+    patch_size: int = 2  # latents (c, 2i, 2j) -> (c*4, i, j), channel order (c pi pj)
+    bn_eps: float = 1e-4
+
+    family = "ae2"
+
+
 def _check(cfg) -> None:
+    if cfg.family in ("ae1", "ae2"):
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        if any(w % 32 for w in widths):
+            raise ValueError(f"{type(cfg).__name__}: channel widths {widths} must be multiples of 32 (GroupNorm)")
+        return
     head_dim, rem = divmod(cfg.hidden_size, cfg.num_heads)
     if rem or sum(cfg.axes_dim) != head_dim:
         raise ValueError(
@@ -81,12 +120,17 @@ PRESETS: dict[str, object] = {
     "flux2-klein-9b": _klein9b,
     "flux2-klein-base-4b": _klein4b,
     "flux2-klein-base-9b": _klein9b,
+    # Autoencoders: one per family, shared by every model of the family.
+    "flux1-ae": AutoEncoderConfig(),
+    "flux2-ae": AutoEncoder2Config(),
     # Tiny configs for tests and the default demo: same code paths, head_dim 32.
     "flux1-tiny": FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=40,
                              hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
                              axes_dim=(8, 12, 12)),
     "flux2-tiny": Flux2Config(in_channels=128, context_in_dim=48, hidden_size=64, num_heads=2,
                               depth=2, depth_single_blocks=2, axes_dim=(8, 8, 8, 8)),
+    "flux1-ae-tiny": AutoEncoderConfig(resolution=32, ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    "flux2-ae-tiny": AutoEncoder2Config(resolution=32, ch=32, ch_mult=(1, 2), num_res_blocks=1),
 }
 
 

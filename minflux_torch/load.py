@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from minflux import checkpoint, configs
+from minflux_torch.autoencoder import AutoEncoder
 from minflux_torch.flux1 import Flux
 from minflux_torch.flux2 import Flux2
 
-MODELS: dict[str, type[nn.Module]] = {"flux1": Flux, "flux2": Flux2}
+MODELS: dict[str, type[nn.Module]] = {"flux1": Flux, "flux2": Flux2, "ae1": AutoEncoder, "ae2": AutoEncoder}
 
 
 def to_torch(arr: np.ndarray) -> torch.Tensor:
