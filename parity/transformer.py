@@ -56,7 +56,6 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
     block_bound, model_bound = bound(dtype, "block", device, tiny), bound(dtype, "model", device, tiny)
     inputs = make_inputs(cfg, resolution, txt_len, seed=seed)
     rows: list[Row] = []
-    held = {"torch_weights_peak_bytes": 0, "jax_weights_peak_bytes": 0}
     t0 = time.perf_counter()
 
     def row(name, depth, teacher, free, torch_out):
@@ -68,14 +67,16 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
         return np.concatenate([side.output(txt), side.output(img)], axis=1)
 
     head_keys = [k for k in T.expected if not k.startswith(("double_blocks.", "single_blocks."))]
+
     def read(keys):  # one read when both sides use the same weights
         w_t = torch_weights.read(keys)
         return w_t, (w_t if jax_weights is torch_weights else jax_weights.read(keys))
 
     w_t, w_j = read(head_keys)
-    head_bytes = nbytes(w_t, dtype)
     t_head = T.materialise(_head(copy.deepcopy(T.model), nn.ModuleList), w_t)
     j_head = J.materialise(_head(nnx.clone(J.model), nnx.List), w_j)
+    final_bytes = nbytes({k: v for k, v in w_t.items() if k.startswith("final_layer.")}, dtype)
+    held = {"torch_weights_peak_bytes": nbytes(w_t, dtype), "jax_weights_peak_bytes": nbytes(w_t, dtype)}
     del w_t, w_j
 
     with torch.inference_mode(), jax.default_device(J.device):
@@ -83,6 +84,9 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
         j_in = {k: None if v is None else J.input(v) for k, v in inputs.items()}
         t_img, t_txt, t_kw = t_head.embed(**t_in)
         j_img, j_txt, j_kw = j_head.embed(**j_in)
+        # Only the final layer is needed from here on: drop the embedders (FLUX.2's modulations are 2 GB).
+        t_final, j_final = t_head.final_layer, j_head.final_layer
+        del t_head, j_head
         # The embedders see identical inputs in both modes.
         row("embed.img", 0, j_img, j_img, t_img)
         row("embed.txt", 0, j_txt, j_txt, t_txt)
@@ -95,39 +99,44 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
         t_x = j_x = None
         for depth, (kind, i) in enumerate(stages, start=1):
             prefix = f"{kind}.{i}."
-            keys = [k for k in T.expected if k.startswith(prefix)]
-            w_t, w_j = read(keys)
-            held["torch_weights_peak_bytes"] = max(held["torch_weights_peak_bytes"], head_bytes + nbytes(w_t, dtype))
-            held["jax_weights_peak_bytes"] = held["torch_weights_peak_bytes"]
+            w_t, w_j = read([k for k in T.expected if k.startswith(prefix)])
+            for side in ("torch_weights_peak_bytes", "jax_weights_peak_bytes"):  # one framework's block at a time
+                held[side] = max(held[side], final_bytes + nbytes(w_t, dtype))
+            # PyTorch first: its block runs, then is dropped before JAX's copy of the weights is made.
             t_block = T.materialise(getattr(T.model, kind)[i], strip(w_t, prefix))
-            j_block = J.materialise(getattr(J.model, kind)[i], strip(w_j, prefix))
-            del w_t, w_j
             if kind == "double_blocks":
-                jt_img, jt_txt = T.to_jax((t_img, t_txt))
-                teacher = j_block(jt_img, jt_txt, **jt_kw["double"])
-                j_img, j_txt = j_block(j_img, j_txt, **j_kw["double"])
+                t_in_ = T.to_jax((t_img, t_txt))
                 t_img, t_txt = t_block(t_img, t_txt, **t_kw["double"])
                 ref = cat(t_txt, t_img, T)
+            else:
+                if t_x is None:  # the single blocks run on the joint [txt, img] sequence
+                    t_x, j_x = torch.cat((t_txt, t_img), 1), jax.numpy.concatenate((j_txt, j_img), 1)
+                t_in_ = T.to_jax(t_x)
+                t_x = t_block(t_x, **t_kw["single"])
+                ref = T.output(t_x)
+            t_block.to("meta")
+            del t_block, w_t
+            j_block = J.materialise(getattr(J.model, kind)[i], strip(w_j, prefix))
+            del w_j
+            if kind == "double_blocks":
+                teacher = j_block(*t_in_, **jt_kw["double"])
+                j_img, j_txt = j_block(j_img, j_txt, **j_kw["double"])
                 rows.append(compare(f"{kind}.{i}", "teacher", cat(teacher[1], teacher[0], J), ref, dtype,
                                     block_bound, depth))
                 rows.append(compare(f"{kind}.{i}", "free", cat(j_txt, j_img, J), ref, dtype, model_bound, depth))
             else:
-                if t_x is None:  # the single blocks run on the joint [txt, img] sequence
-                    t_x, j_x = torch.cat((t_txt, t_img), 1), jax.numpy.concatenate((j_txt, j_img), 1)
-                teacher = j_block(T.to_jax(t_x), **jt_kw["single"])
+                teacher = j_block(t_in_, **jt_kw["single"])
                 j_x = j_block(j_x, **j_kw["single"])
-                t_x = t_block(t_x, **t_kw["single"])
-                row(f"{kind}.{i}", depth, teacher, j_x, t_x)
-            t_block.to("meta")  # drop this block's weights before the next is read
-            del j_block
+                row(f"{kind}.{i}", depth, teacher, j_x, ref)
+            del j_block, teacher, t_in_
             if progress:
                 progress(f"{kind}.{i}")
         if t_x is None:
             t_x, j_x = torch.cat((t_txt, t_img), 1), jax.numpy.concatenate((j_txt, j_img), 1)
         depth = len(stages) + 1
-        teacher = j_head.final_layer(T.to_jax(t_x[:, n_txt:]), jt_kw["vec"])
-        free = j_head.final_layer(j_x[:, n_txt:], j_kw["vec"])
-        t_out = t_head.final_layer(t_x[:, n_txt:], t_kw["vec"])
+        teacher = j_final(T.to_jax(t_x[:, n_txt:]), jt_kw["vec"])
+        free = j_final(j_x[:, n_txt:], j_kw["vec"])
+        t_out = t_final(t_x[:, n_txt:], t_kw["vec"])
         rows.append(compare("final_layer", "teacher", J.output(teacher), T.output(t_out), dtype, block_bound, depth))
         rows.append(compare("output", "free", J.output(free), T.output(t_out), dtype, model_bound, depth))
 
