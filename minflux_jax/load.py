@@ -63,7 +63,8 @@ def assign(module: nnx.Module, tensors) -> None:
         if keymaps.torch_to_flax(arr, param).shape != flat[path].shape:
             raise checkpoint.CheckpointError(f"{type(module).__name__}: {key}: expected "
                                              f"{_torch_shape(flat[path].shape, param)}, found {arr.shape}")
-        values[path] = jnp.asarray(keymaps.torch_to_flax(arr, param), dtype=flat[path].dtype)
+        # a copy: on CPU jnp.asarray may alias the numpy buffer (e.g. a live PyTorch tensor's memory)
+        values[path] = jnp.array(keymaps.torch_to_flax(arr, param), dtype=flat[path].dtype, copy=True)
     missing = sorted(names[p][0] for p in set(names) - set(values))
     if missing or unexpected:
         raise checkpoint.CheckpointError(f"{type(module).__name__}: missing keys {missing[:10]}, "

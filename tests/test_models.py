@@ -84,3 +84,19 @@ def test_unknown_preset_lists_valid_names():
     with pytest.raises(KeyError, match="flux2-klein-4b"):
         configs.get("flux3-giant")
     assert len(np.unique(configs.names())) == len(configs.names())
+
+
+def test_jax_assign_copies_its_inputs():
+    """A JAX model must not alias the arrays it was loaded from (they may be a live PyTorch tensor's memory)."""
+    from flax import nnx
+
+    from minflux_jax.load import assign
+    from minflux_torch.load import to_numpy
+
+    t = torch.nn.Linear(256, 512)
+    j = nnx.Linear(256, 512, rngs=nnx.Rngs(0))
+    assign(j, {k: to_numpy(v) for k, v in t.state_dict().items()})
+    before = np.asarray(j.bias[...]).copy()
+    with torch.no_grad():
+        t.bias.add_(1.0)
+    assert np.array_equal(np.asarray(j.bias[...]), before)

@@ -56,8 +56,8 @@ def test_nan_fails_and_is_not_masked(tiny_checkpoint):
 def test_cli_json_schema_and_exit_status(tiny_checkpoint, tmp_path, capsys):
     path = tiny_checkpoint("flux1-tiny", "bfl-prefixed")
     rc = main(["parity", "--model", "flux1-tiny", "--checkpoint", str(path), "--dtype", "fp32,bf16",
-               "--resolution", "32", "--txt-len", "4", "--trajectory", "3", "--json", str(tmp_path / "r.json"), "--plot",
-               str(tmp_path / "r.png")])
+               "--resolution", "32", "--txt-len", "4", "--trajectory", "3", "--json", str(tmp_path / "r.json"),
+               "--plot", str(tmp_path / "r.png")])
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report) >= {"environment", "precision", "runs", "passed", "allow_tf32"}
