@@ -1,0 +1,72 @@
+"""LoRA in JAX: adapters for training (init, the merged weights the step uses) and for inference.
+
+Adapters are a pytree `{BFL module: {"lora_A": (r, in), "lora_B": (out, r)}}` in PyTorch layout, so the
+file formats and the merge arithmetic are shared with PyTorch (`minflux/lora.py`); the step never touches
+the model's classes: `LoRA.effective` returns the base weights with s * (B @ A)^T added to each targeted
+kernel, which is the unmerged LoRA forward W x + s B A x computed as (W + s B A) x. Twin:
+`minflux_torch/lora.py` (inference only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minflux import lora
+from minflux_jax.load import assign, state_dict, torch_keys
+
+Array = jax.Array
+
+
+def linear_names(model: nnx.Module) -> list[str]:
+    """BFL names of every linear layer (the possible LoRA targets)."""
+    classes = {path: type(m).__name__ for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+    return [key.removesuffix(".weight") for path, (key, param) in torch_keys(model).items()
+            if param == "kernel" and classes[path[:-1]] == "Linear"]
+
+
+def merge_lora(model: nnx.Module, adapters: dict[str, dict]) -> nnx.Module:
+    """Add alpha / r * B @ A to each adapted weight, in place; returns the model."""
+    assign(model, lora.merge(state_dict(model), adapters))
+    return model
+
+
+def load_lora(model: nnx.Module, path) -> nnx.Module:
+    """Merge the LoRA file at `path` into the model's weights, in place."""
+    return merge_lora(model, lora.load(path, model.params, linear_names(model)))
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """Which modules carry adapters, their rank and alpha (static; the arrays live in the train state)."""
+
+    modules: tuple[str, ...]
+    rank: int = 16
+    alpha: float = 16.0
+
+    def init(self, key: Array, frozen: dict[str, Array], dtype=jnp.float32) -> dict[str, dict[str, Array]]:
+        """A ~ U(+-1/sqrt(in)) (PEFT's kaiming-uniform bound), B = 0: training starts at the base model."""
+        out = {}
+        for i, m in enumerate(self.modules):
+            d_in, d_out = frozen[m + ".weight"].shape  # Flax kernel (in, out)
+            a = jax.random.uniform(jax.random.fold_in(key, i), (self.rank, d_in), dtype, -1, 1) / d_in**0.5
+            out[m] = {"lora_A": a, "lora_B": jnp.zeros((d_out, self.rank), dtype)}
+        return out
+
+    def effective(self, frozen: dict[str, Array], adapters: dict) -> dict[str, Array]:
+        """The base weights with every adapter added (differentiable in the adapters)."""
+        out = dict(frozen)
+        for m, a in adapters.items():
+            w = frozen[m + ".weight"]
+            out[m + ".weight"] = w + (self.alpha / self.rank * (a["lora_B"] @ a["lora_A"])).T.astype(w.dtype)
+        return out
+
+    def export(self, adapters: dict) -> dict[str, dict]:
+        """numpy adapters with alpha, for `minflux.lora.save`."""
+        import numpy as np
+
+        return {m: {"lora_A": np.asarray(a["lora_A"]), "lora_B": np.asarray(a["lora_B"]), "alpha": self.alpha}
+                for m, a in jax.device_get(adapters).items()}

@@ -1,0 +1,204 @@
+"""Training FLUX in JAX: the rectified-flow objective, timestep sampling, the optimiser and the step.
+
+The objective follows SD3 / FLUX practice (Esser et al. 2024, "Scaling Rectified Flow Transformers";
+BFL's samplers integrate the same flow from t = 1 to t = 0): x_t = (1 - t) x0 + t eps, the model predicts
+the velocity eps - x0, the loss is its mean squared error. Twin: `minflux_torch/train.py`, the same
+functions on the same inputs; tests/test_train.py checks that losses and every gradient agree.
+
+Parameters travel as a flat dict keyed by the BFL checkpoint names (`double_blocks.0.img_attn.qkv.weight`)
+whose values are in Flax layout (kernels (in, out)): orbax saves it, the mesh shards it, LoRA and the
+parity test address it by name, and `nnx.merge` rebuilds the model from it inside the compiled step.
+The loop, mesh and checkpoints live in `minflux_jax/trainer.py`; LoRA in `minflux_jax/lora.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from minflux import schedules
+from minflux_jax.load import torch_keys
+from minflux_jax.sampling import predict
+
+Array = jax.Array
+
+# ---------------------------------------------------------------------------------------------
+# Timesteps and the flow-matching loss
+# ---------------------------------------------------------------------------------------------
+
+
+def resolution_mu(image_seq_len: int) -> float:
+    """FLUX's resolution-dependent shift: mu linear in the token count (FLUX.1's line, used for both families;
+    FLUX.2's sampling mu also depends on the step count, which training does not have)."""
+    return schedules.get_lin_function()(image_seq_len)
+
+
+def shift_timesteps(t: Array, mu: float) -> Array:
+    """`schedules.time_shift(mu, 1, t)` = e^mu / (e^mu + 1/t - 1), written to stay finite at t = 0."""
+    return math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t)
+
+
+def sample_timesteps(key: Array, batch: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
+                     mu: float | None = None) -> Array:
+    """(B,) times in (0, 1): logit-normal sigmoid(mean + std z) (SD3's default) or uniform, then shifted by mu."""
+    if kind == "uniform":
+        t = jax.random.uniform(key, (batch,), jnp.float32)
+    elif kind == "logit_normal":
+        t = jax.nn.sigmoid(mean + std * jax.random.normal(key, (batch,), jnp.float32))
+    else:
+        raise ValueError(f"timestep sampling {kind!r}: expected 'logit_normal' or 'uniform'")
+    return t if mu is None else shift_timesteps(t, mu)
+
+
+def loss_weight(t: Array, kind: str = "none") -> Array:
+    """Per-sample loss weight: none, or SD3's "cosmap" 2 / (pi (1 - 2t + 2t^2))."""
+    if kind == "none":
+        return jnp.ones_like(t)
+    if kind == "cosmap":
+        return 2 / (math.pi * (1 - 2 * t + 2 * t**2))
+    raise ValueError(f"loss weighting {kind!r}: expected 'none' or 'cosmap'")
+
+
+def flow_loss(model, batch: dict, noise: Array, t: Array, weighting: str = "none", remat: str = "none") -> Array:
+    """Rectified-flow MSE for clean tokens batch["img"] (B, L, C), noise (B, L, C) and times t (B,).
+
+    batch also holds img_ids, txt, txt_ids, and vec (FLUX.1's pooled vector) and guidance when the model takes them.
+    """
+    x0 = batch["img"].astype(jnp.float32)
+    tt = t[:, None, None]
+    xt = (1 - tt) * x0 + tt * noise  # t = 1 is pure noise, as in the samplers
+    pred = forward(model, xt, t, batch, remat)
+    err = jnp.mean((pred.astype(jnp.float32) - (noise - x0)) ** 2, axis=(1, 2))  # (B,)
+    return jnp.mean(loss_weight(t, weighting) * err)
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass, with optional rematerialisation per block
+# ---------------------------------------------------------------------------------------------
+
+REMAT_POLICIES = {  # what the backward pass may keep from the forward pass of each block
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything: least memory
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+
+
+def _call(block, x, kw):
+    return block(*x, **kw)
+
+
+def forward(model, x: Array, t: Array, batch: dict, remat: str = "none") -> Array:
+    """The model's prediction on noisy tokens x (B, L, C); with remat, each block is an `nnx.remat`."""
+    if remat == "none":
+        return predict(model, x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch.get("vec"),
+                       batch.get("guidance"))
+    call = nnx.remat(_call, policy=REMAT_POLICIES[remat])
+    if model.params.family == "flux1":
+        img, txt, kw = model.embed(x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch["vec"],
+                                   batch.get("guidance"))
+    else:
+        img, txt, kw = model.embed(x, batch["img_ids"], t, batch["txt"], batch["txt_ids"], batch.get("guidance"))
+    # Trunk.trunk, block by block through `call`
+    for block in model.double_blocks:
+        img, txt = call(block, (img, txt), kw["double"])
+    x = jnp.concatenate((txt, img), axis=1)
+    for block in model.single_blocks:
+        x = call(block, (x,), kw["single"])
+    return model.final_layer(x[:, txt.shape[1] :], kw["vec"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters as a flat dict keyed by BFL names
+# ---------------------------------------------------------------------------------------------
+
+
+def split_params(model) -> tuple[nnx.GraphDef, dict[str, Array], dict[str, tuple]]:
+    """(graphdef, {BFL key: Flax-layout array}, {BFL key: Flax state path}) of a model."""
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    paths = {key: path for path, (key, _) in torch_keys(model).items()}
+    if len(paths) != len(flat):
+        raise ValueError(f"{type(model).__name__}: state {len(flat)} entries, BFL names {len(paths)}")
+    return graphdef, {key: flat[path][...] for key, path in paths.items()}, paths
+
+
+def merge_params(graphdef: nnx.GraphDef, params: dict[str, Array], paths: dict[str, tuple]):
+    """The model of `graphdef` holding `params`; works on traced arrays, inside jit and grad."""
+    nested: dict = {}
+    for key, value in params.items():
+        *head, last = paths[key]
+        d = nested
+        for p in head:
+            d = d.setdefault(p, {})
+        d[last] = value
+    return nnx.merge(graphdef, nested)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and the step
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_schedule(lr: float, warmup: int, steps: int, final: float = 0.1):
+    """Linear warm-up from 0 to lr over `warmup` steps, then cosine decay to `final * lr` at `steps`."""
+    if warmup == 0:
+        return optax.cosine_decay_schedule(lr, max(steps, 1), final)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), final * lr)
+
+
+def make_optimizer(lr: float = 1e-4, warmup: int = 0, steps: int = 1000, weight_decay: float = 0.0,
+                   clip: float = 1.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   accumulate: int = 1) -> optax.GradientTransformation:
+    """AdamW on a warm-up + cosine schedule, after global-norm clipping; weight decay on matrices only.
+
+    accumulate > 1 wraps it in `optax.MultiSteps`: gradients are averaged over that many calls and the
+    update applied on the last (the schedule counts updates, not calls).
+    """
+    decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(optax.clip_by_global_norm(clip),
+                     optax.adamw(lr_schedule(lr, warmup, steps), b1=b1, b2=b2, eps=eps,
+                                 weight_decay=weight_decay, mask=decay))
+    return optax.MultiSteps(tx, accumulate) if accumulate > 1 else tx
+
+
+def step_inputs(key: Array, batch: dict, family: str, timesteps: dict) -> tuple[Array, Array]:
+    """Noise (B, L, C) and times (B,) for one step, from one key: the data decide nothing random."""
+    k_noise, k_t = jax.random.split(key)
+    x0 = batch["img"]
+    mu = resolution_mu(x0.shape[1]) if timesteps.get("shift") else None
+    t = sample_timesteps(k_t, x0.shape[0], timesteps.get("kind", "logit_normal"), timesteps.get("mean", 0.0),
+                         timesteps.get("std", 1.0), mu)
+    return jax.random.normal(k_noise, x0.shape, jnp.float32), t
+
+
+def loss_fn(trainable: dict, frozen: dict, graphdef, paths, batch: dict, noise: Array, t: Array,
+            compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None) -> Array:
+    """The loss as a function of the trainable parameters (fp32 masters or bf16), cast to the compute dtype.
+
+    Full fine-tuning: trainable holds every weight, frozen is empty. LoRA: trainable holds the adapters,
+    frozen the base weights, and `lora.effective` adds B @ A to each targeted kernel (exactly the unmerged
+    LoRA forward, W x + s B A x, computed as (W + s B A) x).
+    """
+    params = lora.effective(frozen, trainable) if lora is not None else trainable
+    params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+    return flow_loss(merge_params(graphdef, params, paths), batch, noise, t, weighting, remat)
+
+
+def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, paths, tx, family: str, timesteps: dict,
+               compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None):
+    """One optimiser step: state {"params", "opt_state", "step", "key"} -> (new state, metrics).
+
+    Noise and times come from fold_in(key, step), so a resumed run draws exactly what the first run would.
+    """
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+    noise, t = step_inputs(key, batch, family, timesteps)
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, graphdef, paths, batch, noise, t,
+                                              compute_dtype, weighting, remat, lora)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}
+    return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}

@@ -1,0 +1,266 @@
+"""The JAX training loop: mesh and FSDP sharding, mixed precision, LoRA, orbax checkpoints, previews.
+
+JAX-only on purpose (no PyTorch twin): minflux trains through JAX; `minflux_torch/train.py` exists to prove
+the objective and the step, and tests/test_train.py compares the two. The step itself is
+`minflux_jax.train.train_step`; this file places its inputs on devices and keeps the run going.
+
+Scale: a `jax.sharding.Mesh` with axes ("data", "fsdp"). Every parameter, gradient and optimiser moment is
+sharded along "fsdp" on its largest axis divisible by the fsdp size (ZeRO-3 / FSDP: XLA all-gathers a weight
+where it is used and reduce-scatters its gradient); the batch is split over both axes, so fsdp devices also
+see different data. Multi-host: `jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS is set, each
+process feeding its slice of the global batch (`jax.make_array_from_process_local_data`).
+
+Checkpoints: orbax `CheckpointManager`, asynchronous, every `save_every` steps: params, optimiser state,
+step, RNG key, and (as JSON) the data position. Orbax writes into a temporary directory and renames it on
+completion, so a save killed midway leaves the previous checkpoint as the latest good one. Noise and times
+are drawn from fold_in(key, step) and batches are a pure function of the data position, so a resumed run
+reproduces the uninterrupted loss trajectory bitwise (on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from minflux import configs
+from minflux import lora as lora_files
+from minflux_jax import load, sampling
+from minflux_jax.lora import LoRA, linear_names
+from minflux_jax.train import make_optimizer, merge_params, resolution_mu, shift_timesteps, split_params, train_step
+
+PRECISIONS = {  # (master weights, compute)
+    "fp32": (jnp.float32, jnp.float32),
+    "bf16-mixed": (jnp.float32, jnp.bfloat16),  # fp32 masters and optimiser state, bf16 forward/backward
+    "bf16": (jnp.bfloat16, jnp.bfloat16),  # everything bf16: half the memory, noisier updates
+}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything a run needs besides the model config and the data."""
+
+    steps: int = 1000  # optimiser updates
+    batch_size: int = 8  # per micro-batch, global (all devices)
+    lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    accumulate: int = 1  # micro-batches per update (optax.MultiSteps)
+    precision: str = "fp32"
+    remat: str = "none"  # none | full | dots | dots_no_batch (see train.REMAT_POLICIES)
+    timesteps: dict = field(default_factory=lambda: {"kind": "logit_normal", "mean": 0.0, "std": 1.0, "shift": False})
+    weighting: str = "none"
+    guidance: float | None = None  # the value fed to guidance-distilled models
+    seed: int = 0
+    mesh: tuple[int, int] = (1, 1)  # (data, fsdp); -1 in one place: all remaining devices
+    lora_rank: int = 0  # > 0: train LoRA adapters, base frozen
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = lora_files.DEFAULT_TARGETS
+    init: str | None = None  # base weights (safetensors, any layout) instead of a random init
+    ckpt_dir: str | None = None
+    save_every: int = 0  # 0: no periodic checkpoints
+    keep: int = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: multi-host start, the mesh, FSDP shardings
+# ---------------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize` when the environment describes a multi-process job."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                                   int(os.environ["JAX_PROCESS_ID"]))
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp") mesh over `devices` (default: all); -1 takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data == -1:
+        data = len(devices) // fsdp
+    if fsdp == -1:
+        fsdp = len(devices) // data
+    if data * fsdp > len(devices):
+        raise ValueError(f"mesh {data} x {fsdp} needs {data * fsdp} devices, found {len(devices)}")
+    return Mesh(np.array(devices[: data * fsdp]).reshape(data, fsdp), ("data", "fsdp"))
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
+    """Shard the largest axis divisible by n along "fsdp"; replicate what has none (scalars, odd sizes)."""
+    axes = [i for i in np.argsort(shape, kind="stable")[::-1] if shape[i] % n == 0 and shape[i] >= n]
+    if n == 1 or not axes:
+        return PartitionSpec()
+    spec = [None] * len(shape)
+    spec[axes[0]] = "fsdp"
+    return PartitionSpec(*spec)
+
+
+def fsdp_shardings(tree, mesh: Mesh):
+    """A NamedSharding per array leaf of `tree` (concrete or abstract)."""
+    n = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # the batch axis over every device
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Owns the train state on the mesh, the compiled step and the checkpoint manager."""
+
+    def __init__(self, cfg, data, opts: TrainOptions, devices=None):
+        self.cfg, self.data, self.opts = configs.resolve(cfg), data, opts
+        master, compute = PRECISIONS[opts.precision]
+        self.compute_dtype = compute
+        self.mesh = make_mesh(*opts.mesh, devices=devices)
+        if opts.batch_size % self.mesh.size:
+            raise ValueError(f"batch_size {opts.batch_size} must divide over the {self.mesh.size} devices")
+        # weights: the master copy is built (or loaded) in the master dtype; the step runs a compute-dtype model
+        model = load.load_model(self.cfg, opts.init, master) if opts.init else load.build_model(self.cfg, opts.seed,
+                                                                                                master)
+        self.linear_names = linear_names(model)
+        _, params, self.paths = split_params(model)
+        self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: load.MODELS[self.cfg.family](
+            self.cfg, dtype=compute, rngs=nnx.Rngs(0))))
+        self.master_graphdef = nnx.graphdef(model)
+        key = jax.random.key(opts.seed)
+        if opts.lora_rank:
+            self.lora = LoRA(tuple(lora_files.targets(self.linear_names, opts.lora_targets)), opts.lora_rank,
+                             opts.lora_alpha)
+            trainable = self.lora.init(jax.random.fold_in(key, 1), params, master)
+            frozen = jax.tree.map(lambda p: p.astype(compute), params)  # the base only ever runs in compute dtype
+        else:
+            self.lora, trainable, frozen = None, params, {}
+        self.tx = make_optimizer(opts.lr, opts.warmup, opts.steps, opts.weight_decay, opts.clip,
+                                 accumulate=opts.accumulate)
+        state = {"params": trainable, "opt_state": self.tx.init(trainable), "step": jnp.zeros((), jnp.int32),
+                 "key": jax.random.key_data(key)}
+        self.shardings = fsdp_shardings(state, self.mesh)
+        self.state = jax.device_put(state, self.shardings)
+        self.frozen = jax.device_put(frozen, fsdp_shardings(frozen, self.mesh))
+        step = partial(train_step, graphdef=self.graphdef, paths=self.paths, tx=self.tx, family=self.cfg.family,
+                       timesteps=dict(opts.timesteps), compute_dtype=compute, weighting=opts.weighting,
+                       remat=opts.remat, lora=self.lora)
+        self._step = jax.jit(step, out_shardings=(self.shardings, None), donate_argnums=0)
+        self.manager = None
+        if opts.ckpt_dir:
+            self.manager = ocp.CheckpointManager(
+                Path(opts.ckpt_dir).absolute(),
+                options=ocp.CheckpointManagerOptions(max_to_keep=opts.keep, enable_async_checkpointing=True))
+
+    # -- data ---------------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])  # micro-steps; updates = step // accumulate
+
+    def batch(self, step: int) -> dict:
+        """The global batch of micro-step `step`, this process's share placed on its devices."""
+        arrays = self.data.batch(step * self.opts.batch_size, self.opts.batch_size)
+        if self.cfg.guidance_embed:
+            arrays["guidance"] = np.full((self.opts.batch_size,), self.opts.guidance or 1.0, np.float32)
+        sharding = batch_sharding(self.mesh)
+        n, i = jax.process_count(), jax.process_index()
+        local = {k: v[i * len(v) // n : (i + 1) * len(v) // n] for k, v in arrays.items()}
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        """One micro-step (one optimiser update every `accumulate`); returns float metrics."""
+        self.state, metrics = self._step(self.state, self.frozen, self.batch(self.step))
+        if self.manager is not None and self.opts.save_every and self.step % self.opts.save_every == 0:
+            self.save()
+        return metrics
+
+    def fit(self, steps: int | None = None, progress: bool = True) -> list[float]:
+        """Train up to `steps` micro-steps in all (default: the options' updates x accumulate); returns the losses."""
+        from tqdm.auto import tqdm
+
+        total = (steps if steps is not None else self.opts.steps * self.opts.accumulate)
+        losses = []
+        with tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not progress) as bar:
+            while self.step < total:
+                losses.append(float(self.train_step()["loss"]))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.update(1)
+        return losses
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save(self, wait: bool = False) -> None:
+        """An asynchronous orbax save of the train state and the data position, at the current step."""
+        step = self.step
+        if step in self.manager.all_steps():  # a resumed run passing a step it already saved
+            return
+        meta = {"step": step, "position": step * self.opts.batch_size, "config": dataclasses.asdict(self.cfg)}
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
+                                                         meta=ocp.args.JsonSave(meta)))
+        if wait:
+            self.manager.wait_until_finished()
+
+    def restore(self, step: int | None = None) -> int:
+        """Load the latest (or a given) complete checkpoint into this trainer; returns its step."""
+        self.manager.wait_until_finished()
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.opts.ckpt_dir}")
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
+                                self.shardings)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 meta=ocp.args.JsonRestore()))
+        if out.meta["position"] != int(out.state["step"]) * self.opts.batch_size:
+            raise ValueError(f"checkpoint {step}: data position {out.meta['position']} does not match its step")
+        self.state = out.state
+        return step
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+    # -- using the result ---------------------------------------------------------------------
+
+    def model(self) -> nnx.Module:
+        """The trained model (master dtype), LoRA adapters merged in."""
+        params = self.state["params"]
+        if self.lora is not None:
+            params = self.lora.effective(jax.tree.map(lambda p: p.astype(jnp.float32), self.frozen), params)
+        return merge_params(self.master_graphdef, jax.device_get(params), self.paths)
+
+    def export(self, path, layout: str = "bfl") -> None:
+        """The trained weights as a safetensors file (BFL layout by default), via `save_model`."""
+        load.save_model(self.model(), path, layout)
+
+    def save_lora(self, path, fmt: str = "diffusers") -> None:
+        lora_files.save(path, self.lora.export(self.state["params"]), self.cfg, fmt)
+
+    def sample(self, txt: np.ndarray, h: int, w: int, steps: int = 20, seed: int = 0, vec=None) -> np.ndarray:
+        """Tokens (B, h*w, C) generated for text embeddings txt (B, Lt, D) (and FLUX.1's pooled vec) by the
+        JAX Euler sampler, on the training schedule (shifted if training was)."""
+        b, fam = txt.shape[0], self.cfg.family
+        noise = jax.random.normal(jax.random.key(seed), (b, h * w, self.cfg.in_channels), jnp.float32)
+        ts = np.linspace(1.0, 0.0, steps + 1)
+        if self.opts.timesteps.get("shift"):
+            ts = shift_timesteps(ts, resolution_mu(h * w))
+        guidance = (self.opts.guidance or 1.0) if self.cfg.guidance_embed else None
+        out = sampling.denoise(self.model(), noise, sampling.image_ids(b, h, w, fam), jnp.asarray(txt),
+                               sampling.text_ids(b, txt.shape[1], fam), [float(t) for t in ts],
+                               vec=None if vec is None else jnp.asarray(vec), guidance=guidance)
+        return np.asarray(jax.device_get(out))

@@ -1,0 +1,335 @@
+"""Training: JAX's loss and gradients against PyTorch's, learning, bitwise resume, interrupted saves,
+sharded vs single-device runs, LoRA files and merges (against an explicit W + alpha/r B @ A)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import rel_l2
+
+import minflux_jax as mj
+import minflux_torch as mt
+from minflux import configs, keymaps, lora, schedules
+from minflux import train as data
+from minflux_jax import lora as jlora
+from minflux_jax import train as jtrain
+from minflux_jax import trainer as tr
+from minflux_jax.load import assign, torch_keys
+from minflux_torch import lora as tlora
+from minflux_torch import train as ttrain
+from minflux_torch.load import to_numpy
+
+# fp32 on CPU, measured 26 Nov 2026 (rel-L2 per parameter, worst over all parameters): flux2-tiny 1.6e-6,
+# flux1-tiny (cosmap weighting) 1.1e-6, flux2-tiny with remat 1.6e-6; loss rel 1.0e-7 / 1.1e-7.
+GRAD_BOUND = 1e-4
+LOSS_BOUND = 1e-5
+# One AdamW step (clip 1.0): the update is ~lr * sign(g), so it inherits the gradients' agreement.
+UPDATE_BOUND = 1e-3
+
+# A tiny demo-shaped FLUX.2 (pixel tokens of 4x4x3) and its data: fast enough for several compiles.
+TINY = dataclasses.replace(data.DEMO, in_channels=48, hidden_size=64, num_heads=2, axes_dim=(8, 8, 8, 8), depth=1,
+                           depth_single_blocks=1)
+
+
+def tiny_data(n=128):
+    return data.Shapes(n=n, size=16, patch=4, context_dim=TINY.context_in_dim)
+
+
+def torch_and_jax(name):
+    """A seeded PyTorch model (norm scales randomised so their gradients matter) and its JAX copy."""
+    tm = mt.build_model(name, seed=0)
+    with torch.no_grad():
+        for k, p in tm.named_parameters():
+            if k.endswith("scale"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    jm = mj.build_model(name, seed=1)
+    assign(jm, {k: to_numpy(v).copy() for k, v in tm.state_dict().items()})  # copy: jax may alias numpy on CPU
+    return tm, jm
+
+
+def random_batch(cfg, rng, b=3, side=4, lt=5):
+    axes = len(cfg.axes_dim)
+    out = {"img": rng.standard_normal((b, side * side, cfg.in_channels)).astype(np.float32),
+           "img_ids": data.image_ids(b, side, side, axes),
+           "txt": rng.standard_normal((b, lt, cfg.context_in_dim)).astype(np.float32),
+           "txt_ids": data.text_ids(b, lt, axes)}
+    if cfg.family == "flux1":
+        out["vec"] = rng.standard_normal((b, cfg.vec_in_dim)).astype(np.float32)
+    if cfg.guidance_embed:
+        out["guidance"] = np.full((b,), 3.5, np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective and the step: JAX against PyTorch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,weighting,remat", [("flux2-tiny", "none", "none"), ("flux1-tiny", "cosmap", "none"),
+                                                  ("flux2-tiny", "none", "full")])
+def test_loss_gradients_and_update_match_torch(name, weighting, remat, rng):
+    cfg = configs.get(name)
+    tm, jm = torch_and_jax(name)
+    batch = random_batch(cfg, rng)
+    noise = rng.standard_normal(batch["img"].shape).astype(np.float32)
+    t = np.array([0.05, 0.5, 0.93], np.float32)
+
+    # PyTorch: loss, gradients, one AdamW step with clipping
+    opt, sched = ttrain.make_optimizer(tm, lr=1e-3, warmup=0, steps=10, weight_decay=0.1)
+    before = {k: to_numpy(v).copy() for k, v in tm.state_dict().items()}
+    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    t_loss = ttrain.flow_loss(tm, tb, torch.from_numpy(noise), torch.from_numpy(t), weighting, remat)
+    t_loss.backward()
+    t_grads = {k: p.grad.numpy().copy() for k, p in tm.named_parameters()}  # before the step clips them
+    out = ttrain.train_step(tm, opt, sched, tb, torch.from_numpy(noise), torch.from_numpy(t), clip=1.0,
+                            weighting=weighting, remat=remat)
+    assert float(out["loss"]) == float(t_loss.detach())
+    t_update = {k: to_numpy(v) - before[k] for k, v in tm.state_dict().items()}
+
+    # JAX: the same, on the flat BFL-keyed parameters
+    graphdef, params, paths = jtrain.split_params(jm)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    grad_fn = jax.jit(lambda p, b, n, t: jax.value_and_grad(jtrain.loss_fn)(p, {}, graphdef, paths, b, n, t,
+                                                                             weighting=weighting, remat=remat))
+    loss, grads = grad_fn(params, jb, jnp.asarray(noise), jnp.asarray(t))
+    tx = jtrain.make_optimizer(lr=1e-3, warmup=0, steps=10, weight_decay=0.1, clip=1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    layout = {key: param for key, param in torch_keys(jm).values()}  # BFL key -> Flax param name
+
+    assert abs(float(loss) - float(out["loss"])) / float(out["loss"]) < LOSS_BOUND
+    assert set(grads) == set(t_grads)
+    errs = {k: rel_l2(keymaps.flax_to_torch(np.asarray(grads[k]), layout[k]), t_grads[k]) for k in t_grads}
+    worst = max(errs, key=errs.get)
+    print(f"{name}: loss rel {abs(float(loss) / float(out['loss']) - 1):.2e}, worst grad rel-L2 {errs[worst]:.2e} "
+          f"({worst})")
+    top = sorted(errs, key=errs.get)[-5:]
+    assert errs[worst] < GRAD_BOUND, [(k, errs[k], float(np.linalg.norm(t_grads[k]))) for k in top]
+    upd = {k: rel_l2(keymaps.flax_to_torch(np.asarray(updates[k]), layout[k]), t_update[k]) for k in t_update}
+    print(f"{name}: worst AdamW-update rel-L2 {max(upd.values()):.2e}")
+    assert max(upd.values()) < UPDATE_BOUND, max(upd.items(), key=lambda kv: kv[1])
+
+
+def test_timestep_sampling():
+    """The shift is the samplers' time_shift; logit-normal and uniform have their distributions; both twins agree."""
+    t = np.linspace(0.0, 1.0, 11)
+    for mu in (0.5, 1.15):
+        np.testing.assert_allclose(jtrain.shift_timesteps(jnp.asarray(t), mu), schedules.time_shift(mu, 1.0, t),
+                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(ttrain.shift_timesteps(torch.from_numpy(t), mu), schedules.time_shift(mu, 1.0, t),
+                                   rtol=1e-12)
+    z = jtrain.sample_timesteps(jax.random.key(0), 20000, "logit_normal", mean=0.5, std=0.8)
+    logit = np.log(np.asarray(z) / (1 - np.asarray(z)))
+    assert abs(logit.mean() - 0.5) < 0.03 and abs(logit.std() - 0.8) < 0.03
+    u = ttrain.sample_timesteps(torch.Generator().manual_seed(0), 20000, "uniform")
+    assert abs(float(u.mean()) - 0.5) < 0.01 and float(u.min()) >= 0 and float(u.max()) < 1
+    g = torch.Generator().manual_seed(0)
+    zt = ttrain.sample_timesteps(g, 20000, "logit_normal", mean=0.5, std=0.8)
+    assert abs(float(torch.logit(zt).mean()) - 0.5) < 0.03
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: learning, checkpoints, export
+# ---------------------------------------------------------------------------------------------
+
+
+def options(tmp_path, **kw):
+    base = dict(steps=30, batch_size=16, lr=2e-3, warmup=5, ckpt_dir=str(tmp_path / "ckpt"), save_every=15)
+    return tr.TrainOptions(**{**base, **kw})
+
+
+def test_training_learns_resumes_bitwise_and_exports(tmp_path):
+    ds = tiny_data()
+    a = tr.Trainer(TINY, ds, options(tmp_path))
+    losses = a.fit(progress=False)
+    a.manager.wait_until_finished()
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+
+    b = tr.Trainer(TINY, ds, options(tmp_path))
+    assert b.restore(15) == 15 and b.step == 15
+    resumed = b.fit(progress=False)
+    assert resumed == losses[15:]  # bitwise: float equality of every loss
+    for k in a.state["params"]:
+        np.testing.assert_array_equal(np.asarray(b.state["params"][k]), np.asarray(a.state["params"][k]))
+    # the optimiser state came back too: one more step agrees bitwise
+    assert a.fit(31, progress=False) == b.fit(31, progress=False)
+
+    a.export(tmp_path / "trained.safetensors")  # BFL layout, readable by the PyTorch loader
+    tm = mt.load_model(TINY, tmp_path / "trained.safetensors", dtype=torch.float32)
+    exported = mj.load.state_dict(a.model())
+    for k, v in tm.state_dict().items():
+        np.testing.assert_array_equal(to_numpy(v), exported[k])
+    a.close()
+    b.close()
+
+
+def test_interrupted_save_keeps_last_good_checkpoint(tmp_path):
+    """A process killed while orbax writes checkpoint 7 leaves checkpoint 0 the latest, intact."""
+    script = textwrap.dedent(f"""
+        import os, jax.numpy as jnp
+        import sys
+        sys.path.insert(0, "tests")
+        from test_train import TINY, tiny_data, options
+        from minflux_jax import trainer as tr
+        import pathlib
+        t = tr.Trainer(TINY, tiny_data(32), options(pathlib.Path({str(tmp_path)!r})))
+        t.save(wait=True)  # step 0: complete
+        t.state = {{**t.state, "step": jnp.asarray(7, jnp.int32),
+                    "params": {{k: v + 1 for k, v in t.state["params"].items()}}}}
+        t.save()  # asynchronous: the write is still in flight when the process dies
+        os._exit(3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    left = os.listdir(tmp_path / "ckpt")
+    print("left in the checkpoint directory:", left)
+    assert "7" not in left, left  # never finalised
+    t = tr.Trainer(TINY, tiny_data(32), options(tmp_path))
+    fresh = {k: np.asarray(v) for k, v in t.state["params"].items()}
+    t.state = {**t.state, "params": {k: v * 0 for k, v in t.state["params"].items()}}
+    assert t.manager.latest_step() == 0 and t.restore() == 0
+    for k, v in fresh.items():
+        np.testing.assert_array_equal(np.asarray(t.state["params"][k]), v)
+    t.save(wait=True)  # and a later save at the same place still works
+    t.close()
+
+
+SHARDED = """
+import json, os
+import jax, numpy as np
+import sys
+sys.path.insert(0, "tests")
+from test_train import TINY, tiny_data
+from minflux_jax import trainer as tr
+ds = tiny_data(64)
+opts = tr.TrainOptions(steps=4, batch_size=8, lr=2e-3, warmup=2)
+one = tr.Trainer(TINY, ds, opts, devices=jax.devices()[:1])
+a = one.fit(progress=False)
+many = tr.Trainer(TINY, ds, tr.TrainOptions(**{**opts.__dict__, "mesh": (2, 4)}))
+b = many.fit(progress=False)
+specs = {k: str(v.sharding.spec) for k, v in many.state["params"].items()}
+mu = many.state["opt_state"][1][0].mu
+print(json.dumps({"devices": len(jax.devices()), "single": a, "sharded": b, "specs": specs,
+                  "mu_spec": str(mu["img_in.weight"].sharding.spec),
+                  "shards": len(many.state["params"]["img_in.weight"].addressable_shards)}))
+"""
+
+
+def test_sharded_run_matches_single_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8 and out["shards"] == 8
+    assert "fsdp" in out["specs"]["img_in.weight"] and "fsdp" in out["mu_spec"]  # params and Adam moments sharded
+    a, b = np.array(out["single"]), np.array(out["sharded"])
+    print("sharded vs single-device loss rel diff per step:", np.abs(a - b) / a)
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def random_adapters(names, rng, rank=3, alpha=6.0, shapes=None):
+    return {m: {"lora_A": rng.standard_normal((rank, shapes[m][1])).astype(np.float32),
+                "lora_B": rng.standard_normal((shapes[m][0], rank)).astype(np.float32), "alpha": alpha}
+            for m in names}
+
+
+@pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
+def test_lora_files_round_trip(name, tmp_path, rng):
+    cfg = configs.get(name)
+    tm = mt.build_model(name)
+    modules = tlora.linear_names(tm)
+    assert sorted(modules) == sorted(jlora.linear_names(mj.build_model(name)))  # both frameworks see the same targets
+    shapes = {k.removesuffix(".weight"): tuple(v.shape) for k, v in tm.state_dict().items()}
+    names = lora.targets(modules, lora.DEFAULT_TARGETS + (r"final_layer\.adaLN_modulation\.1$",))
+    ad = random_adapters(names, rng, shapes=shapes)
+    for fmt in ("diffusers", "kohya"):
+        lora.save(tmp_path / f"{fmt}.safetensors", ad, cfg, fmt)
+        back = lora.load(tmp_path / f"{fmt}.safetensors", cfg, modules)
+        assert set(back) == set(ad)
+        for m in ad:
+            for k in ("lora_A", "lora_B"):
+                np.testing.assert_array_equal(back[m][k], ad[m][k])
+            assert back[m]["alpha"] == ad[m]["alpha"]
+    from safetensors.numpy import load_file
+
+    keys = load_file(tmp_path / "diffusers.safetensors")
+    d = cfg.hidden_size
+    q = keys["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    np.testing.assert_array_equal(q, ad["double_blocks.0.img_attn.qkv"]["lora_B"][:d])
+    np.testing.assert_array_equal(keys["transformer.transformer_blocks.0.attn.to_v.lora_A.weight"],
+                                  ad["double_blocks.0.img_attn.qkv"]["lora_A"])
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in load_file(tmp_path / "kohya.safetensors")
+
+
+def test_lora_merge_equals_explicit_update(tmp_path, rng):
+    """Merged weights in both frameworks equal W + alpha/r * B @ A computed here, in float64."""
+    name = "flux1-tiny"
+    cfg = configs.get(name)
+    tm, jm = torch_and_jax(name)
+    base = {k: to_numpy(v).astype(np.float64) for k, v in tm.state_dict().items()}
+    shapes = {k.removesuffix(".weight"): v.shape for k, v in base.items()}
+    names = lora.targets(tlora.linear_names(tm))
+    ad = random_adapters(names, rng, shapes=shapes)
+    lora.save(tmp_path / "a.safetensors", ad, cfg)
+    tlora.load_lora(tm, tmp_path / "a.safetensors")
+    jlora.load_lora(jm, tmp_path / "a.safetensors")
+    merged_t = {k: to_numpy(v) for k, v in tm.state_dict().items()}
+    merged_j = mj.load.state_dict(jm)
+    for m, a in ad.items():
+        want = base[m + ".weight"] + a["alpha"] / 3 * (a["lora_B"].astype(np.float64) @ a["lora_A"])
+        assert rel_l2(merged_t[m + ".weight"], want) < 1e-6
+        assert rel_l2(merged_j[m + ".weight"], want) < 1e-6
+    untouched = "double_blocks.0.img_mod.lin.weight"
+    np.testing.assert_array_equal(merged_t[untouched], base[untouched].astype(np.float32))
+
+    # an adapter trained on diffusers' split q / k / v (different A each) fuses exactly (block-diagonal)
+    d = cfg.hidden_size
+    parts = {p: (rng.standard_normal((2, d)).astype(np.float32), rng.standard_normal((d, 2)).astype(np.float32))
+             for p in ("to_q", "to_k", "to_v")}
+    tensors = {f"transformer.transformer_blocks.1.attn.{p}.lora_{x}.weight": v
+               for p, (A, B) in parts.items() for x, v in (("A", A), ("B", B))}
+    meta = {"lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 4.0})}
+    fused = lora.from_diffusers(tensors, meta, "flux1")["double_blocks.1.img_attn.qkv"]
+    want = np.concatenate([2.0 * B.astype(np.float64) @ A for A, B in parts.values()])
+    assert rel_l2(lora.delta(fused), want) < 1e-6
+
+
+def test_lora_training_freezes_base_and_exports(tmp_path):
+    ds = tiny_data()
+    t = tr.Trainer(TINY, ds, options(tmp_path, steps=4, lr=1e-2, lora_rank=4, lora_alpha=4.0, ckpt_dir=None))
+    base = {k: np.asarray(v) for k, v in t.frozen.items()}
+    t.fit(progress=False)
+    for k, v in t.frozen.items():
+        np.testing.assert_array_equal(np.asarray(v), base[k])
+    assert set(t.state["params"]) == set(t.lora.modules) and "double_blocks.0.img_attn.qkv" in t.lora.modules
+    assert float(np.abs(np.asarray(t.state["params"]["double_blocks.0.img_attn.qkv"]["lora_B"])).max()) > 0
+    # the trained adapter file, merged by PyTorch into the base, gives the trainer's own merged model
+    t.save_lora(tmp_path / "lora.safetensors")
+    mt_model = mt.build_model(TINY)
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in mj.load.state_dict(merge_base(t)).items()}
+    mt_model.load_state_dict(sd)
+    tlora.load_lora(mt_model, tmp_path / "lora.safetensors")
+    want = mj.load.state_dict(t.model())
+    for k, v in mt_model.state_dict().items():
+        assert rel_l2(to_numpy(v), want[k]) < 1e-6, k
+
+
+def merge_base(t):
+    """The trainer's frozen base as a model."""
+    return jtrain.merge_params(t.master_graphdef, jax.tree.map(lambda p: p.astype(jnp.float32), t.frozen), t.paths)
