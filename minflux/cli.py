@@ -15,6 +15,7 @@ COMMANDS = {
     "convert": ("minflux.convert", "convert a checkpoint between the BFL and diffusers layouts"),
     "generate": ("minflux.generate", "sample images with either framework"),
     "train": ("minflux.train", "train FLUX through JAX"),
+    "cache": ("minflux.cache", "encode images + captions into the latent shards `train --data` reads"),
 }
 
 
