@@ -52,8 +52,8 @@ class Flux2Config:
 
 
 @dataclass(frozen=True)
-class AutoEncoderConfig:
-    """FLUX.1 autoencoder (BFL `AutoEncoderParams`): z=16, latents scaled by (z - shift) * scale."""
+class _AutoEncoderShape:
+    """The encoder/decoder shape both FLUX autoencoders share (BFL `AutoEncoderParams`)."""
 
     resolution: int = 256
     in_channels: int = 3
@@ -62,6 +62,12 @@ class AutoEncoderConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     z_channels: int = 16
+
+
+@dataclass(frozen=True)
+class AutoEncoderConfig(_AutoEncoderShape):
+    """FLUX.1 autoencoder: z=16, latents scaled by (z - shift) * scale."""
+
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
 
@@ -69,15 +75,9 @@ class AutoEncoderConfig:
 
 
 @dataclass(frozen=True)
-class AutoEncoder2Config:
+class AutoEncoder2Config(_AutoEncoderShape):
     """FLUX.2 autoencoder: z=32, 1x1 quant convs; latents patchified 2x2 and normalised by a frozen BatchNorm."""
 
-    resolution: int = 256
-    in_channels: int = 3
-    ch: int = 128
-    out_ch: int = 3
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
     z_channels: int = 32
     patch_size: int = 2  # latents (c, 2i, 2j) -> (c*4, i, j), channel order (c pi pj)
     bn_eps: float = 1e-4
