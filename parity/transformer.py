@@ -43,6 +43,12 @@ def make_inputs(cfg, resolution: int, txt_len: int, batch: int = 1, seed: int = 
     return dict(x=img, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, guidance=g)
 
 
+@nnx.jit
+def _jit_call(module, *args, **kwargs):
+    """One compiled program per block type and input shapes (eager JAX compiles every op separately)."""
+    return module(*args, **kwargs)
+
+
 def _head(model, empty_list):
     """The model without its blocks: embedders and final layer."""
     model.double_blocks, model.single_blocks = empty_list(), empty_list()
@@ -119,14 +125,14 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
             j_block = J.materialise(getattr(J.model, kind)[i], strip(w_j, prefix))
             del w_j
             if kind == "double_blocks":
-                teacher = j_block(*t_in_, **jt_kw["double"])
-                j_img, j_txt = j_block(j_img, j_txt, **j_kw["double"])
+                teacher = _jit_call(j_block, *t_in_, **jt_kw["double"])
+                j_img, j_txt = _jit_call(j_block, j_img, j_txt, **j_kw["double"])
                 rows.append(compare(f"{kind}.{i}", "teacher", cat(teacher[1], teacher[0], J), ref, dtype,
                                     block_bound, depth))
                 rows.append(compare(f"{kind}.{i}", "free", cat(j_txt, j_img, J), ref, dtype, model_bound, depth))
             else:
-                teacher = j_block(t_in_, **jt_kw["single"])
-                j_x = j_block(j_x, **j_kw["single"])
+                teacher = _jit_call(j_block, t_in_, **jt_kw["single"])
+                j_x = _jit_call(j_block, j_x, **j_kw["single"])
                 row(f"{kind}.{i}", depth, teacher, j_x, ref)
             del j_block, teacher, t_in_
             if progress:
