@@ -84,8 +84,10 @@ def run(args) -> int:
     if not args.allow_tf32:
         precision.assert_full_precision()
     with tempfile.TemporaryDirectory(prefix="minflux-parity-") as tmp:
-        todo = _runs(args) or _default_checkpoints(Path(tmp))
-        default_dtypes = dtypes if _runs(args) else ["fp32", "bf16"]
+        explicit = _runs(args)  # a model named on the command line; else the default tiny run
+        todo = explicit or _default_checkpoints(Path(tmp))
+        run_dtypes = dtypes if explicit else ["fp32", "bf16"]
+        steps = args.trajectory if args.trajectory is not None else (0 if explicit else 4)
         runs = []
         for cfg, path, label in todo:
             is_ae = cfg.family in ("ae1", "ae2")
@@ -93,14 +95,14 @@ def run(args) -> int:
             res = args.resolution or {(False, True): 64, (False, False): 1024, (True, True): 32, (True, False): 512}[
                 is_ae, tiny]
             txt_len = args.txt_len or (8 if tiny else 512)
-            for dtype in default_dtypes:
-                side = transformer.TorchSide(cfg, "fp32", "meta")
-                try:
-                    src = (weights.CheckpointWeights(path, cfg, side.expected) if path
-                           else weights.RandomWeights(cfg, side.expected, args.seed))
-                except checkpoint.CheckpointError as e:
-                    console.print(f"[bold red]error:[/bold red] {e}")
-                    return 2
+            expected = transformer.TorchSide(cfg, "fp32", "meta").expected  # the model's keys and shapes
+            try:  # validated once per model, read per dtype
+                src = (weights.CheckpointWeights(path, cfg, expected) if path
+                       else weights.RandomWeights(cfg, expected, args.seed))
+            except checkpoint.CheckpointError as e:
+                console.print(f"[bold red]error:[/bold red] {e}")
+                return 2
+            for dtype in run_dtypes:
                 with console.status(f"{label} {dtype}: comparing") as status:
                     show = lambda s, lb=label, dt=dtype: status.update(f"{lb} {dt}: {s}")  # noqa: E731
                     if is_ae:
@@ -109,7 +111,6 @@ def run(args) -> int:
                     else:
                         out = transformer.run(cfg, src, src, dtype=dtype, device=args.device, resolution=res,
                                               txt_len=txt_len, seed=args.seed, tiny=tiny, progress=show)
-                        steps = args.trajectory if args.trajectory is not None else (0 if _runs(args) else 4)
                         if steps:
                             show(f"{steps}-step trajectory")
                             out["rows"] += transformer.trajectory(cfg, src, src, steps, dtype=dtype,
