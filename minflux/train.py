@@ -213,6 +213,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16"])
     p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
+                   help="cudnn: fused flash attention on NVIDIA GPUs, bf16 only (1.6x faster steps at 1024 px)")
     p.add_argument("--timesteps", default="logit_normal", choices=["logit_normal", "uniform"])
     p.add_argument("--logit-mean", type=float, default=0.3, help="> 0: more high-noise steps (layout)")
     p.add_argument("--logit-std", type=float, default=1.0)
@@ -233,8 +235,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import time
 
+    from minflux_jax import layers
     from minflux_jax import trainer as tr
 
+    layers.set_attention_implementation(args.attention)
     tr.maybe_initialize_distributed()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -124,11 +124,25 @@ def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
                          dtype=dtype, rngs=rngs)
 
 
+# The backend of jax.nn.dot_product_attention: None (XLA's, any device and dtype) or "cudnn" (fused flash
+# attention on NVIDIA GPUs, bf16/fp16 only). Read when a function is traced; set with set_attention_implementation.
+ATTENTION_IMPLEMENTATION: str | None = None
+
+
+def set_attention_implementation(implementation: str | None) -> None:
+    """Choose the attention backend for computations traced from now on: None/"xla" or "cudnn"."""
+    global ATTENTION_IMPLEMENTATION
+    if implementation not in (None, "xla", "cudnn"):
+        raise ValueError(f"attention implementation {implementation!r}: expected None, 'xla' or 'cudnn'")
+    ATTENTION_IMPLEMENTATION = None if implementation == "xla" else implementation
+
+
 def attention(q: Array, k: Array, v: Array, pe: Array) -> Array:
     """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D)."""
     q, k = apply_rope(q, k, pe)
     # jax.nn.dot_product_attention takes (B, L, H, D).
-    x = jax.nn.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))
+    x = jax.nn.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),
+                                     implementation=ATTENTION_IMPLEMENTATION)
     return rearrange(x, "B L H D -> B L (H D)")
 
 
