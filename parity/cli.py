@@ -7,6 +7,7 @@ temporary directory, loads them through the real loading path and checks them al
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -76,6 +77,8 @@ def run(args) -> int:
     if any(d not in ("fp32", "bf16") for d in dtypes):
         raise SystemExit(f"minflux parity: --dtype {args.dtype!r}: use fp32, bf16 or fp32,bf16")
     if args.device == "cuda":
+        # Both frameworks share the GPU: JAX must not reserve 75% of it when its backend starts.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         import torch
 
         if not torch.cuda.is_available():
