@@ -188,11 +188,18 @@ def loss_fn(trainable: dict, frozen: dict, graphdef, paths, batch: dict, noise: 
     return flow_loss(merge_params(graphdef, params, paths), batch, noise, t, weighting, remat)
 
 
+def ema_decay(step: Array, decay: float) -> Array:
+    """The EMA decay at micro-step `step`: min(decay, (1 + step) / (10 + step)), so early weights fade fast."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, paths, tx, family: str, timesteps: dict,
-               compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None):
-    """One optimiser step: state {"params", "opt_state", "step", "key"} -> (new state, metrics).
+               compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None, ema: float = 0.0):
+    """One optimiser step: state {"params", "opt_state", "step", "key"[, "ema"]} -> (new state, metrics).
 
     Noise and times come from fold_in(key, step), so a resumed run draws exactly what the first run would.
+    With ema > 0, state["ema"] is an exponential moving average of the trainable parameters, updated every
+    micro-step with decay `ema_decay(step, ema)`.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
     noise, t = step_inputs(key, batch, family, timesteps)
@@ -201,4 +208,8 @@ def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, paths, tx, f
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}
+    if ema > 0:
+        d = ema_decay(state["step"].astype(jnp.float32), ema)
+        new["ema"] = jax.tree.map(lambda e, p: (d * e + (1 - d) * p.astype(e.dtype)).astype(e.dtype), state["ema"],
+                                  params)
     return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}

@@ -10,7 +10,7 @@ where it is used and reduce-scatters its gradient); the batch is split over both
 see different data. Multi-host: `jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS is set, each
 process feeding its slice of the global batch (`jax.make_array_from_process_local_data`).
 
-Checkpoints: orbax `CheckpointManager`, asynchronous, every `save_every` steps: params, optimiser state,
+Checkpoints: orbax `CheckpointManager`, asynchronous, every `save_every` steps: params (and their EMA), optimiser state,
 step, RNG key, and (as JSON) the data position. Orbax writes into a temporary directory and renames it on
 completion, so a save killed midway leaves the previous checkpoint as the latest good one. Noise and times
 are drawn from fold_in(key, step) and batches are a pure function of the data position, so a resumed run
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -63,6 +64,7 @@ class TrainOptions:
     guidance: float | None = None  # the value fed to guidance-distilled models
     seed: int = 0
     mesh: tuple[int, int] = (1, 1)  # (data, fsdp); -1 in one place: all remaining devices
+    ema: float = 0.0  # > 0: keep an EMA of the trained weights with this decay; sampling and export use it
     lora_rank: int = 0  # > 0: train LoRA adapters, base frozen
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = lora_files.DEFAULT_TARGETS
@@ -151,12 +153,14 @@ class Trainer:
                                  accumulate=opts.accumulate)
         state = {"params": trainable, "opt_state": self.tx.init(trainable), "step": jnp.zeros((), jnp.int32),
                  "key": jax.random.key_data(key)}
+        if opts.ema > 0:
+            state["ema"] = jax.tree.map(jnp.copy, trainable)
         self.shardings = fsdp_shardings(state, self.mesh)
         self.state = jax.device_put(state, self.shardings)
         self.frozen = jax.device_put(frozen, fsdp_shardings(frozen, self.mesh))
         step = partial(train_step, graphdef=self.graphdef, paths=self.paths, tx=self.tx, family=self.cfg.family,
                        timesteps=dict(opts.timesteps), compute_dtype=compute, weighting=opts.weighting,
-                       remat=opts.remat, lora=self.lora)
+                       remat=opts.remat, lora=self.lora, ema=opts.ema)
         self._step = jax.jit(step, out_shardings=(self.shardings, None), donate_argnums=0)
         self.manager = None
         if opts.ckpt_dir:
@@ -195,7 +199,9 @@ class Trainer:
 
         total = (steps if steps is not None else self.opts.steps * self.opts.accumulate)
         losses = []
-        with tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not progress) as bar:
+        quiet = not sys.stderr.isatty()  # a log file gets a line a second, not one per step
+        with tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not progress,
+                  mininterval=1.0 if quiet else 0.1) as bar:
             while self.step < total:
                 losses.append(float(self.train_step()["loss"]))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -237,9 +243,13 @@ class Trainer:
 
     # -- using the result ---------------------------------------------------------------------
 
+    def weights(self) -> dict:
+        """The trained weights: their EMA when the run keeps one, else the current parameters."""
+        return self.state["ema"] if "ema" in self.state else self.state["params"]
+
     def model(self) -> nnx.Module:
-        """The trained model (master dtype), LoRA adapters merged in."""
-        params = self.state["params"]
+        """The trained model (master dtype; the EMA weights if kept), LoRA adapters merged in."""
+        params = self.weights()
         if self.lora is not None:
             params = self.lora.effective(jax.tree.map(lambda p: p.astype(jnp.float32), self.frozen), params)
         return merge_params(self.master_graphdef, jax.device_get(params), self.paths)
@@ -249,11 +259,13 @@ class Trainer:
         load.save_model(self.model(), path, layout)
 
     def save_lora(self, path, fmt: str = "diffusers") -> None:
-        lora_files.save(path, self.lora.export(self.state["params"]), self.cfg, fmt)
+        lora_files.save(path, self.lora.export(self.weights()), self.cfg, fmt)
 
-    def sample(self, txt: np.ndarray, h: int, w: int, steps: int = 20, seed: int = 0, vec=None) -> np.ndarray:
+    def sample(self, txt: np.ndarray, h: int, w: int, steps: int = 20, seed: int = 0, vec=None,
+               cfg_scale: float = 1.0, neg_txt=None, neg_vec=None) -> np.ndarray:
         """Tokens (B, h*w, C) generated for text embeddings txt (B, Lt, D) (and FLUX.1's pooled vec) by the
-        JAX Euler sampler, on the training schedule (shifted if training was)."""
+        JAX Euler sampler, on the training schedule (shifted if training was); with neg_txt (and neg_vec),
+        classifier-free guidance at cfg_scale."""
         b, fam = txt.shape[0], self.cfg.family
         noise = jax.random.normal(jax.random.key(seed), (b, h * w, self.cfg.in_channels), jnp.float32)
         ts = np.linspace(1.0, 0.0, steps + 1)
@@ -262,5 +274,7 @@ class Trainer:
         guidance = (self.opts.guidance or 1.0) if self.cfg.guidance_embed else None
         out = sampling.denoise(self.model(), noise, sampling.image_ids(b, h, w, fam), jnp.asarray(txt),
                                sampling.text_ids(b, txt.shape[1], fam), [float(t) for t in ts],
-                               vec=None if vec is None else jnp.asarray(vec), guidance=guidance)
+                               vec=None if vec is None else jnp.asarray(vec), guidance=guidance, cfg_scale=cfg_scale,
+                               neg_txt=None if neg_txt is None else jnp.asarray(neg_txt),
+                               neg_vec=None if neg_vec is None else jnp.asarray(neg_vec))
         return np.asarray(jax.device_get(out))
