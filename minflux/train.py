@@ -61,6 +61,14 @@ class Dataset:
         idx = self.indices(position, size)
         return {k: v[idx] for k, v in self.arrays.items()}
 
+    def dropped(self, position: int, size: int, rate: float) -> np.ndarray:
+        """(size,) bool: which samples at positions [position, position + size) lose their caption; a pure
+        function of each position (the same on resume, for any batch size or process split)."""
+        if rate <= 0:
+            return np.zeros(size, bool)
+        return np.array([np.random.default_rng((self.seed, 0xD0, p)).random() < rate
+                         for p in range(position, position + size)])
+
 
 class LatentShards(Dataset):
     """Cached latents for fine-tuning: a directory of safetensors shards, each with per-sample tensors
@@ -85,15 +93,19 @@ class LatentShards(Dataset):
 
 class Shapes(Dataset):
     """Procedural images: a circle, square or triangle in one of four colours on a dark background, at a random
-    place and size; captions "a red circle" become two tokens, one fixed random embedding per word."""
+    place and size; captions "a red circle" become two tokens, one fixed random embedding per word.
+
+    A fraction `caption_dropout` of the samples gets the empty caption (all-zero embeddings) instead, so the
+    model also learns the unconditional flow and sampling can use classifier-free guidance."""
 
     SHAPES = ("circle", "square", "triangle")
     COLOURS = {"red": (0.9, -0.8, -0.8), "green": (-0.8, 0.8, -0.8), "blue": (-0.7, -0.5, 0.95),
                "yellow": (0.95, 0.85, -0.8)}
 
     def __init__(self, n: int = 4096, size: int = 24, patch: int = 4, context_dim: int = 32, family: str = "flux2",
-                 seed: int = 0):
+                 seed: int = 0, caption_dropout: float = 0.0):
         self.size, self.patch, self.context_dim, self.family, self.seed = size, patch, context_dim, family, seed
+        self.caption_dropout = caption_dropout
         rng = np.random.default_rng(seed)
         labels = np.stack([rng.integers(len(self.SHAPES), size=n), rng.integers(len(self.COLOURS), size=n)], 1)
         images = np.stack([self.draw(s, c, rng) for s, c in labels])
@@ -106,11 +118,23 @@ class Shapes(Dataset):
             self.arrays["vec"] = txt.mean(axis=1)
         self.labels = labels
 
+    def batch(self, position: int, size: int) -> dict[str, np.ndarray]:
+        out = super().batch(position, size)
+        drop = self.dropped(position, size, self.caption_dropout)
+        for k in ("txt", "vec") if drop.any() else ():
+            if k in out:
+                out[k][drop] = 0.0  # the fancy-indexed batch is a copy: the data set is untouched
+        return out
+
+    def null(self, n: int) -> np.ndarray:
+        """(n, 2, D): the empty caption, as trained with caption dropout."""
+        return np.zeros((n, 2, self.context_dim), np.float32)
+
     def draw(self, shape: int, colour: int, rng) -> np.ndarray:
         """(size, size, 3) in [-1, 1]."""
         s = self.size
-        r = rng.uniform(0.28, 0.36) * s  # varied a little in size and place: a demo, learnt in minutes
-        cy, cx = s / 2 + rng.uniform(-0.1, 0.1, size=2) * s
+        r = rng.uniform(0.30, 0.34) * s  # varied a little in size and place: a demo, learnt in minutes
+        cy, cx = s / 2 + rng.uniform(-0.05, 0.05, size=2) * s
         y, x = np.mgrid[:s, :s] + 0.5
         dy, dx = y - cy, x - cx
         if self.SHAPES[shape] == "circle":
@@ -223,6 +247,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="guidance value for guidance-distilled models")
     p.add_argument("--mesh", type=int, nargs=2, default=(1, 1), metavar=("DATA", "FSDP"),
                    help="device mesh; -1 in one place takes the remaining devices")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999); the "
+                        "samples and exported files use it")
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters of this rank, base frozen")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", nargs="+", default=None, help="regexes over BFL module names")
@@ -230,6 +257,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-steps", type=int, default=24)
+    p.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="demo data: fraction of samples trained on the empty caption (enables --cfg)")
+    p.add_argument("--cfg", type=float, default=3.0,
+                   help="demo sample grid: classifier-free guidance scale against the empty caption (1: none)")
 
 
 def run(args) -> int:
@@ -246,13 +277,14 @@ def run(args) -> int:
     if args.data:
         data = LatentShards(args.data, seed=args.seed)
     else:
-        data = Shapes(context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed)
+        data = Shapes(context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed,
+                      caption_dropout=args.caption_dropout)
     opts = tr.TrainOptions(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip, accumulate=args.accumulate, precision=args.precision, remat=args.remat,
         timesteps={"kind": args.timesteps, "mean": args.logit_mean, "std": args.logit_std, "shift": args.shift},
         weighting=args.weighting, guidance=args.guidance, seed=args.seed, mesh=tuple(args.mesh),
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        ema=args.ema, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}),
         init=args.init, ckpt_dir=str(out / "ckpt") if args.save_every or args.resume else None,
         save_every=args.save_every)
@@ -279,7 +311,11 @@ def run(args) -> int:
         txt = np.repeat(data.embed(labels), cols, axis=0)
         g = data.size // data.patch
         vec = txt.mean(axis=1) if cfg.family == "flux1" else None
-        tokens = trainer.sample(txt, g, g, steps=args.sample_steps, seed=args.seed, vec=vec)
+        guide = args.cfg != 1.0 and data.caption_dropout > 0  # no unconditional flow was learnt otherwise
+        neg = data.null(len(txt)) if guide else None
+        tokens = trainer.sample(txt, g, g, steps=args.sample_steps, seed=args.seed, vec=vec,
+                                cfg_scale=args.cfg if guide else 1.0, neg_txt=neg,
+                                neg_vec=None if neg is None or vec is None else neg.mean(axis=1))
         save_grid(data.unpatchify(tokens), [data.caption(lab) for lab in labels], cols, out / "samples.png")
         written.append(out / "samples.png")
     print("wrote " + ", ".join(map(str, written)))

@@ -1,5 +1,6 @@
 """Training: JAX's loss and gradients against PyTorch's, learning, bitwise resume, interrupted saves,
-sharded vs single-device runs, LoRA files and merges (against an explicit W + alpha/r B @ A)."""
+sharded vs single-device and two-process runs, EMA, caption dropout, the demo command, LoRA files and
+merges (against an explicit W + alpha/r B @ A)."""
 
 from __future__ import annotations
 
@@ -149,27 +150,55 @@ def options(tmp_path, **kw):
 
 def test_training_learns_resumes_bitwise_and_exports(tmp_path):
     ds = tiny_data()
-    a = tr.Trainer(TINY, ds, options(tmp_path))
+    a = tr.Trainer(TINY, ds, options(tmp_path, ema=0.99))
     losses = a.fit(progress=False)
     a.manager.wait_until_finished()
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-10:])
 
-    b = tr.Trainer(TINY, ds, options(tmp_path))
+    b = tr.Trainer(TINY, ds, options(tmp_path, ema=0.99))
     assert b.restore(15) == 15 and b.step == 15
     resumed = b.fit(progress=False)
     assert resumed == losses[15:]  # bitwise: float equality of every loss
-    for k in a.state["params"]:
-        np.testing.assert_array_equal(np.asarray(b.state["params"][k]), np.asarray(a.state["params"][k]))
+    for part in ("params", "ema"):
+        for k in a.state[part]:
+            np.testing.assert_array_equal(np.asarray(b.state[part][k]), np.asarray(a.state[part][k]))
     # the optimiser state came back too: one more step agrees bitwise
     assert a.fit(31, progress=False) == b.fit(31, progress=False)
 
-    a.export(tmp_path / "trained.safetensors")  # BFL layout, readable by the PyTorch loader
+    a.export(tmp_path / "trained.safetensors")  # BFL layout, readable by the PyTorch loader; the EMA weights
     tm = mt.load_model(TINY, tmp_path / "trained.safetensors", dtype=torch.float32)
     exported = mj.load.state_dict(a.model())
     for k, v in tm.state_dict().items():
         np.testing.assert_array_equal(to_numpy(v), exported[k])
+        ema = np.asarray(a.state["ema"][k])  # Flax layout: 2-D kernels are (in, out)
+        np.testing.assert_array_equal(to_numpy(v), ema.T if ema.ndim == 2 else ema)
     a.close()
     b.close()
+
+
+def test_ema_is_the_moving_average_of_the_weights(tmp_path):
+    decay = 0.9
+    t = tr.Trainer(TINY, tiny_data(), options(tmp_path, steps=5, ema=decay, ckpt_dir=None, save_every=0))
+    expected = {k: np.asarray(v) for k, v in t.state["params"].items()}
+    for step in range(5):
+        t.train_step()
+        d = np.float32(min(decay, (1 + step) / (10 + step)))
+        expected = {k: d * e + (1 - d) * np.asarray(t.state["params"][k]) for k, e in expected.items()}
+    worst = max(rel_l2(t.state["ema"][k], e) for k, e in expected.items())
+    assert worst < 1e-6
+    assert max(rel_l2(t.state["ema"][k], t.state["params"][k]) for k in expected) > 1e-3  # it does lag
+
+
+def test_caption_dropout_is_a_pure_function_of_position():
+    ds = data.Shapes(n=64, size=16, patch=4, context_dim=8, caption_dropout=0.25)
+    full = ds.batch(0, 64)
+    dropped = ~full["txt"].any(axis=(1, 2))
+    assert 5 <= dropped.sum() <= 30  # about a quarter
+    np.testing.assert_array_equal(full["txt"][~dropped], ds.arrays["txt"][ds.indices(0, 64)][~dropped])
+    assert ds.arrays["txt"].any(axis=(1, 2)).all()  # the data set itself keeps every caption
+    part = ds.batch(10, 5)  # another batch size: the same samples dropped at the same positions
+    np.testing.assert_array_equal(part["txt"], full["txt"][10:15])
+    assert not data.Shapes(n=64, size=16, patch=4, context_dim=8).dropped(0, 64, 0.0).any()
 
 
 def test_interrupted_save_keeps_last_good_checkpoint(tmp_path):
@@ -236,6 +265,50 @@ def test_sharded_run_matches_single_device():
     a, b = np.array(out["single"]), np.array(out["sharded"])
     print("sharded vs single-device loss rel diff per step:", np.abs(a - b) / a)
     np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+MULTI_PROCESS = """
+import json, sys
+sys.path.insert(0, "tests")
+import jax
+from test_train import TINY, tiny_data
+from minflux_jax import trainer as tr
+tr.maybe_initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+opts = tr.TrainOptions(steps=4, batch_size=8, lr=2e-3, warmup=2, mesh=(2, 2), ckpt_dir=sys.argv[1], save_every=2)
+t = tr.Trainer(TINY, tiny_data(64), opts)
+losses = t.fit(progress=False)
+t.close()
+print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(), "devices": len(jax.devices()),
+                  "local": len(jax.local_devices()), "losses": losses}))
+"""
+
+
+def test_two_process_run_matches_single_device(tmp_path):
+    """Two JAX processes (2 CPU devices each, a 2 x 2 mesh) through jax.distributed: each feeds its half of
+    every batch, orbax saves collectively, and the loss curve is the single-device one."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+    root = os.path.dirname(os.path.dirname(__file__))
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI_PROCESS, str(tmp_path / "ckpt")], cwd=root, text=True,
+                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert sorted(r["process"] for r in results) == [0, 1]
+    assert all(r["processes"] == 2 and r["devices"] == 4 and r["local"] == 2 for r in results)
+    assert results[0]["losses"] == results[1]["losses"]  # one global computation, seen by both
+    assert sorted(int(d.name) for d in (tmp_path / "ckpt").iterdir() if d.name.isdigit()) == [2, 4]
+
+    single = tr.Trainer(TINY, tiny_data(64), tr.TrainOptions(steps=4, batch_size=8, lr=2e-3, warmup=2),
+                        devices=jax.devices()[:1]).fit(progress=False)
+    np.testing.assert_allclose(results[0]["losses"], single, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +385,8 @@ def test_lora_merge_equals_explicit_update(tmp_path, rng):
 
 def test_lora_training_freezes_base_and_exports(tmp_path):
     ds = tiny_data()
-    t = tr.Trainer(TINY, ds, options(tmp_path, steps=4, lr=1e-2, lora_rank=4, lora_alpha=4.0, ckpt_dir=None))
+    t = tr.Trainer(TINY, ds, options(tmp_path, steps=4, lr=1e-2, lora_rank=4, lora_alpha=4.0, ckpt_dir=None,
+                                     ema=0.5))  # the model and the file are then the adapters' EMA
     base = {k: np.asarray(v) for k, v in t.frozen.items()}
     t.fit(progress=False)
     for k, v in t.frozen.items():
@@ -328,6 +402,16 @@ def test_lora_training_freezes_base_and_exports(tmp_path):
     want = mj.load.state_dict(t.model())
     for k, v in mt_model.state_dict().items():
         assert rel_l2(to_numpy(v), want[k]) < 1e-6, k
+
+
+def test_demo_command_writes_grid_curve_and_weights(tmp_path):
+    from minflux import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["train", "--out", str(out), "--steps", "3", "--batch-size", "8", "--sample-steps", "2"]) == 0
+    for name in ("samples.png", "loss.png", "model.safetensors"):
+        assert (out / name).stat().st_size > 0, name
+    assert mt.load_model(data.DEMO, out / "model.safetensors", dtype=torch.float32) is not None
 
 
 def merge_base(t):
