@@ -5,7 +5,9 @@ Both hand out BFL-layout numpy tensors for a set of keys, so a run holds one blo
 
 from __future__ import annotations
 
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -31,19 +33,22 @@ class RandomWeights:
         self.description = f"random weights (seed {seed})"
 
     def read(self, keys) -> dict[str, np.ndarray]:
-        out = {}
-        for k in keys:
-            shape = self.expected[k]
-            rng = np.random.default_rng([self.seed, zlib.crc32(k.encode())])
-            arr = rng.random(shape, dtype=np.float32) * 2 - 1  # uniform(-1, 1), generated in fp32
-            if k.endswith("scale"):  # RMSNorm: around one
-                arr = 1 + 0.1 * arr
-            elif len(shape) >= 2:  # weights: fan-in scaled, like PyTorch's default init
-                arr *= 1 / np.sqrt(np.prod(shape[1:]))
-            else:  # biases and the rest
-                arr *= 0.05
-            out[k] = arr
-        return out
+        keys = list(keys)
+        with ThreadPoolExecutor(min(len(keys), os.cpu_count() or 1) or 1) as pool:  # numpy fills without the GIL
+            return dict(zip(keys, pool.map(self.tensor, keys), strict=True))
+
+    def tensor(self, k: str) -> np.ndarray:
+        shape = self.expected[k]
+        rng = np.random.default_rng([self.seed, zlib.crc32(k.encode())])
+        if k.endswith("scale"):  # RMSNorm: around one
+            lo, width = 0.9, 0.2
+        else:  # weights fan-in scaled, like PyTorch's default init; biases and the rest small
+            s = 1 / np.sqrt(np.prod(shape[1:])) if len(shape) >= 2 else 0.05
+            lo, width = -s, 2 * s
+        arr = rng.random(shape, dtype=np.float32)  # uniform in [lo, lo + width), generated in fp32, in place
+        arr *= np.float32(width)
+        arr += np.float32(lo)
+        return arr
 
 
 class Perturbed:
