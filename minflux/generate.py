@@ -274,8 +274,7 @@ def text_plan(args: argparse.Namespace, name: str, cfg) -> dict | None:
         try:
             s = text.spec(part, None if part == "clip" else max_length, layers)
             model_dir, tok_dir = text.resolve_dirs(part, directory)
-            if not (tok_dir / "tokenizer.json").is_file():
-                raise FileNotFoundError(f"{tok_dir / 'tokenizer.json'}: no such file (the {part} tokenizer)")
+            text.tokenizer_files(tok_dir, s.arch)
             tcfg = text.read_config(part, model_dir)
             if s.arch == "decoder":
                 text.check_layers(s, tcfg, model_dir / "config.json")

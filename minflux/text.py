@@ -211,20 +211,60 @@ def check_length(s: EncoderSpec, cfg, file) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def clip_bpe(vocab_file: Path, merges_file: Path):
+    """CLIP's tokenizer built from its slow-tokenizer files (vocab.json, merges.txt), as FLUX.1 repos ship it:
+    byte-level BPE with "</w>" word ends, NFC + whitespace folding + lowercasing, CLIP's word split, and
+    <|startoftext|> ... <|endoftext|> around every prompt (the fast tokenizer transformers derives from them)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab = _load_json(vocab_file)
+    lines = merges_file.read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+    if bad := [i for i, m in enumerate(merges) if len(m) != 2]:
+        raise ValueError(f"{merges_file}: merge {bad[0]} is not two tokens: {' '.join(merges[bad[0]])!r}")
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    if missing := [t for t in (bos, eos) if t not in vocab]:
+        raise ValueError(f"{vocab_file}: no {missing} token(s); not a CLIP vocabulary")
+    tok = Tokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                               fuse_unk=False, unk_token=eos))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}",
+                                                       special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    tok.add_special_tokens([bos, eos])
+    return tok
+
+
+def tokenizer_files(directory, arch: str) -> tuple[Path, ...]:
+    """(tokenizer.json,) or, for CLIP only, (vocab.json, merges.txt): what `Tokenizer` reads in `directory`."""
+    directory = Path(directory)
+    file = directory / "tokenizer.json"
+    bpe_files = directory / "vocab.json", directory / "merges.txt"
+    if file.is_file():
+        return (file,)
+    if arch == "clip" and all(f.is_file() for f in bpe_files):
+        return bpe_files
+    also = " or vocab.json + merges.txt" if arch == "clip" else ""
+    raise FileNotFoundError(f"{file}: no such file; minflux reads {arch} tokenizers from tokenizer.json{also} "
+                            f"(a slow tokenizer can be converted once with transformers' "
+                            f"AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
+
+
 class Tokenizer:
-    """tokenizer.json (+ tokenizer_config.json for pad token and padding side) with the official prompt format."""
+    """tokenizer.json (+ tokenizer_config.json for pad token and padding side) with the official prompt format;
+    for CLIP also vocab.json + merges.txt, the files FLUX.1 repositories ship."""
 
     def __init__(self, directory, s: EncoderSpec):
         from tokenizers import Tokenizer as Backend
 
         directory = Path(directory)
-        file = directory / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no such file; minflux reads tokenizers from tokenizer.json only "
-                                    f"(a slow tokenizer can be converted once with transformers' "
-                                    f"AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
-        self.file, self.spec = file, s
-        self.backend = Backend.from_file(str(file))
+        files = tokenizer_files(directory, s.arch)
+        self.file, self.spec = files[0], s
+        self.backend = Backend.from_file(str(files[0])) if len(files) == 1 else clip_bpe(*files)
         conf_file = directory / "tokenizer_config.json"
         conf = _load_json(conf_file) if conf_file.is_file() else {}
         self.padding_side = conf.get("padding_side", "right")
@@ -232,9 +272,11 @@ class Tokenizer:
         pad = pad.get("content") if isinstance(pad, dict) else pad
         if pad is None and self.backend.padding:
             pad = self.backend.padding["pad_token"]
+        if pad is None and s.arch == "clip":
+            pad = "<|endoftext|>"  # CLIP's default (transformers' CLIPTokenizer), as in every FLUX.1 repo
         self.pad_id = self.backend.token_to_id(pad) if pad is not None else None
         if self.pad_id is None:
-            raise ValueError(f"{file}: no pad token (set pad_token in {conf_file.name}); FLUX pads to max_length")
+            raise ValueError(f"{self.file}: no pad token (set pad_token in {conf_file.name}); FLUX pads to max_length")
         self.pad_token = pad
         self.backend.enable_truncation(s.max_length, direction=conf.get("truncation_side", "right"))
         self.backend.enable_padding(direction=self.padding_side, pad_id=self.pad_id, pad_token=pad,
@@ -266,7 +308,7 @@ class Tokenizer:
 
 
 def resolve_dirs(kind: str, directory, tokenizer=None) -> tuple[Path, Path]:
-    """(model dir, tokenizer dir): `directory` is a model dir (config.json inside, tokenizer.json beside it unless
+    """(model dir, tokenizer dir): `directory` is a model dir (config.json inside, the tokenizer beside it unless
     `tokenizer` is given) or a diffusers repo root with the spec's subfolders (text_encoder_2/tokenizer_2 for T5)."""
     directory = Path(directory)
     if not directory.is_dir():

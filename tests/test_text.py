@@ -213,6 +213,36 @@ def test_left_padding(hf, encoders, tmp_path):
     assert rel_l2(got_t, ref) <= 1e-5 and rel_l2(got_j, ref) <= 1e-5
 
 
+def test_clip_from_vocab_and_merges_matches_transformers(tmp_path):
+    """FLUX.1 repos ship CLIP's tokenizer as vocab.json + merges.txt (no tokenizer.json): read as transformers'
+    CLIPTokenizer reads them, casing, whitespace, punctuation and truncation included."""
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, special_tokens=[bos, eos], show_progress=False,
+                                                        end_of_word_suffix="</w>",
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.model.save(str(tmp_path))  # vocab.json, merges.txt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
+    prompts = PROMPTS + ["A Cat,  ON the   Bench!!", "it's a dog's life; we're 3.14 sure", "tabs\tand\nnewlines"]
+    ours = text.Tokenizer(tmp_path, text.spec("clip", MAX_LEN["clip"]))
+    with pytest.warns(UserWarning, match="longer than"):
+        ids, mask = ours(prompts)
+    want = transformers.CLIPTokenizer.from_pretrained(tmp_path)(prompts, padding="max_length", truncation=True,
+                                                                max_length=MAX_LEN["clip"], return_tensors="np")
+    np.testing.assert_array_equal(ids, want["input_ids"])
+    np.testing.assert_array_equal(mask, want["attention_mask"])
+    assert ids[0, 0] == ours.backend.token_to_id(bos) and ours.pad_id == ours.backend.token_to_id(eos)
+
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
+    with pytest.raises(ValueError, match=r"merges.txt: merge 0 is not two tokens"):
+        text.Tokenizer(tmp_path, text.spec("clip"))
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json or vocab.json"):
+        text.Tokenizer(tmp_path, text.spec("clip"))
+
+
 def test_prompt_formats_and_defaults(hf):
     """The official chat formats (BFL flux2 text_encoder.py) and lengths (512, 77)."""
     d = hf["mistral"][0]
