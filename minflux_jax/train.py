@@ -63,15 +63,17 @@ def loss_weight(t: Array, kind: str = "none") -> Array:
     raise ValueError(f"loss weighting {kind!r}: expected 'none' or 'cosmap'")
 
 
-def flow_loss(model, batch: dict, noise: Array, t: Array, weighting: str = "none", remat: str = "none") -> Array:
+def flow_loss(model, batch: dict, noise: Array, t: Array, weighting: str = "none", remat: str = "none",
+              gather=None) -> Array:
     """Rectified-flow MSE for clean tokens batch["img"] (B, L, C), noise (B, L, C) and times t (B,).
 
     batch also holds img_ids, txt, txt_ids, and vec (FLUX.1's pooled vector) and guidance when the model takes them.
+    gather (JAX only): see `forward`.
     """
     x0 = batch["img"].astype(jnp.float32)
     tt = t[:, None, None]
     xt = (1 - tt) * x0 + tt * noise  # t = 1 is pure noise, as in the samplers
-    pred = forward(model, xt, t, batch, remat)
+    pred = forward(model, xt, t, batch, remat, gather)
     err = jnp.mean((pred.astype(jnp.float32) - (noise - x0)) ** 2, axis=(1, 2))  # (B,)
     return jnp.mean(loss_weight(t, weighting) * err)
 
@@ -87,16 +89,35 @@ REMAT_POLICIES = {  # what the backward pass may keep from the forward pass of e
 }
 
 
-def _call(block, x, kw):
+def _call(block, x, kw, gather=None):
+    if gather is not None:  # FSDP: this block's weights, all-gathered here and only here
+        graphdef, state = nnx.split(block)
+        block = nnx.merge(graphdef, jax.tree.map(gather, state))
     return block(*x, **kw)
 
 
-def forward(model, x: Array, t: Array, batch: dict, remat: str = "none") -> Array:
-    """The model's prediction on noisy tokens x (B, L, C); with remat, each block is an `nnx.remat`."""
-    if remat == "none":
+def gather_outside_blocks(params: dict, gather) -> dict:
+    """`gather` applied to the weights that are not in a block (embedders, modulations, final layer)."""
+    inside = ("double_blocks.", "single_blocks.")
+    return {k: v if k.startswith(inside) else gather(v) for k, v in params.items()}
+
+
+def forward(model, x: Array, t: Array, batch: dict, remat: str = "none", gather=None) -> Array:
+    """The model's prediction on noisy tokens x (B, L, C); with remat, each block is an `nnx.remat`.
+
+    gather: FSDP training's array -> array constraint (`trainer.fsdp_gather`), applied to each block's weights
+    where the block runs, inside its remat region: XLA then all-gathers a block's weights where it runs and
+    reduces their gradients, instead of resharding activations to match sharded weights. The weights outside
+    blocks are gathered by `loss_fn`.
+    """
+    if remat == "none" and gather is None:
         return predict(model, x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch.get("vec"),
                        batch.get("guidance"))
-    call = nnx.remat(_call, policy=REMAT_POLICIES[remat])
+    def call(block, x, kw):  # positional only, as nnx.remat wants
+        return _call(block, x, kw, gather)
+
+    if remat != "none":
+        call = nnx.remat(call, policy=REMAT_POLICIES[remat])
     if model.params.family == "flux1":
         img, txt, kw = model.embed(x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch["vec"],
                                    batch.get("guidance"))
@@ -176,16 +197,19 @@ def step_inputs(key: Array, batch: dict, family: str, timesteps: dict) -> tuple[
 
 
 def loss_fn(trainable: dict, frozen: dict, graphdef, paths, batch: dict, noise: Array, t: Array,
-            compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None) -> Array:
+            compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None, gather=None) -> Array:
     """The loss as a function of the trainable parameters (fp32 masters or bf16), cast to the compute dtype.
 
     Full fine-tuning: trainable holds every weight, frozen is empty. LoRA: trainable holds the adapters,
     frozen the base weights, and `lora.effective` adds B @ A to each targeted kernel (exactly the unmerged
-    LoRA forward, W x + s B A x, computed as (W + s B A) x).
+    LoRA forward, W x + s B A x, computed as (W + s B A) x). gather: see `forward`; it receives the weights
+    in the compute dtype.
     """
     params = lora.effective(frozen, trainable) if lora is not None else trainable
     params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-    return flow_loss(merge_params(graphdef, params, paths), batch, noise, t, weighting, remat)
+    if gather is not None:
+        params = gather_outside_blocks(params, gather)
+    return flow_loss(merge_params(graphdef, params, paths), batch, noise, t, weighting, remat, gather)
 
 
 def ema_decay(step: Array, decay: float) -> Array:
@@ -194,7 +218,8 @@ def ema_decay(step: Array, decay: float) -> Array:
 
 
 def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, paths, tx, family: str, timesteps: dict,
-               compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None, ema: float = 0.0):
+               compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None, ema: float = 0.0,
+               gather=None):
     """One optimiser step: state {"params", "opt_state", "step", "key"[, "ema"]} -> (new state, metrics).
 
     Noise and times come from fold_in(key, step), so a resumed run draws exactly what the first run would.
@@ -204,7 +229,7 @@ def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, paths, tx, f
     key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
     noise, t = step_inputs(key, batch, family, timesteps)
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, graphdef, paths, batch, noise, t,
-                                              compute_dtype, weighting, remat, lora)
+                                              compute_dtype, weighting, remat, lora, gather)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}

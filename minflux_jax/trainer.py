@@ -5,10 +5,11 @@ the objective and the step, and tests/test_train.py compares the two. The step i
 `minflux_jax.train.train_step`; this file places its inputs on devices and keeps the run going.
 
 Scale: a `jax.sharding.Mesh` with axes ("data", "fsdp"). Every parameter, gradient and optimiser moment is
-sharded along "fsdp" on its largest axis divisible by the fsdp size (ZeRO-3 / FSDP: XLA all-gathers a weight
-where it is used and reduce-scatters its gradient); the batch is split over both axes, so fsdp devices also
-see different data. Multi-host: `jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS is set, each
-process feeding its slice of the global batch (`jax.make_array_from_process_local_data`).
+sharded along "fsdp" on its largest axis divisible by the fsdp size (ZeRO-3 / FSDP: `fsdp_gather` makes XLA
+all-gather a weight, in the compute dtype, where its block runs, and reduce its gradient back to the shard);
+the batch is split over both axes, so fsdp devices also see different data. Multi-host:
+`jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS is set, each process feeding its slice of the
+global batch (`jax.make_array_from_process_local_data`).
 
 Checkpoints: orbax `CheckpointManager`, asynchronous, every `save_every` steps: params (and their EMA), optimiser state,
 step, RNG key, and (as JSON) the data position. Orbax writes into a temporary directory and renames it on
@@ -114,6 +115,19 @@ def fsdp_shardings(tree, mesh: Mesh):
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n)), tree)
 
 
+def fsdp_gather(mesh: Mesh):
+    """The constraint FSDP puts on a weight where it is used (`train.forward`): first its own sharding, so
+    the cast to the compute dtype happens on the shard (bf16 training then gathers bf16, not fp32), then
+    replicated, so XLA all-gathers the weight instead of resharding the activations that meet it."""
+    n, replicated = mesh.shape["fsdp"], NamedSharding(mesh, PartitionSpec())
+
+    def gather(x: jax.Array) -> jax.Array:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fsdp_spec(tuple(x.shape), n)))
+        return jax.lax.with_sharding_constraint(x, replicated)
+
+    return gather
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # the batch axis over every device
 
@@ -160,7 +174,8 @@ class Trainer:
         self.frozen = jax.device_put(frozen, fsdp_shardings(frozen, self.mesh))
         step = partial(train_step, graphdef=self.graphdef, paths=self.paths, tx=self.tx, family=self.cfg.family,
                        timesteps=dict(opts.timesteps), compute_dtype=compute, weighting=opts.weighting,
-                       remat=opts.remat, lora=self.lora, ema=opts.ema)
+                       remat=opts.remat, lora=self.lora, ema=opts.ema,
+                       gather=fsdp_gather(self.mesh) if self.mesh.shape["fsdp"] > 1 else None)
         self._step = jax.jit(step, out_shardings=(self.shardings, None), donate_argnums=0)
         self.manager = None
         if opts.ckpt_dir:
