@@ -18,7 +18,9 @@ directory (config.json, safetensors, tokenizer.json) or a root with `text_encode
 once, then generate from the file with `--embeddings` without loading the encoder again.
 
 Modes: text-to-image; `--ref` reference images (FLUX.1 Kontext: one; FLUX.2: several); `--init` with
-`--strength` (img2img); `--init` with `--mask` (FLUX.1 Fill inpainting, white = repaint).
+`--strength` (img2img); `--init` with `--mask` (FLUX.1 Fill inpainting, white = repaint); `--control` (FLUX.1
+Canny/Depth: the preprocessed control image, encoded and packed as extra input channels, as BFL's
+`prepare_control` after its edge or depth detector).
 
 Progress: PyTorch ticks a tqdm bar per step. JAX compiles the whole loop once (`lax.scan`) and ticks the
 bar from inside the compiled loop through `jax.debug.callback`; the first call's bar waits for compilation
@@ -38,7 +40,8 @@ import numpy as np
 from minflux import checkpoint, configs, keymaps, schedules, text
 
 AE_FAMILY = {"flux1": "ae1", "flux2": "ae2"}
-DEFAULT_GUIDANCE = {"flux1-fill-dev": 30.0, "flux1-kontext-dev": 2.5}  # BFL's cli_fill / cli_kontext defaults
+DEFAULT_GUIDANCE = {"flux1-fill-dev": 30.0, "flux1-kontext-dev": 2.5,  # BFL's cli_fill / cli_kontext defaults
+                    "flux1-canny-dev": 30.0, "flux1-depth-dev": 10.0}  # and cli_control's
 FAMILY_NAME = {"flux1": "FLUX.1", "flux2": "FLUX.2", "ae1": "FLUX.1 autoencoder", "ae2": "FLUX.2 autoencoder"}
 
 
@@ -82,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", type=Path, help="start image: img2img, or the image to inpaint with --mask")
     parser.add_argument("--strength", type=float, default=0.8, help="img2img: 1 = ignore the init image")
     parser.add_argument("--mask", type=Path, help="FLUX.1 Fill: inpainting mask (white = repaint)")
+    parser.add_argument("--control", type=Path, help="FLUX.1 Canny/Depth: the control image, already preprocessed "
+                        "(a Canny edge map or a depth map); resized to the output size")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 (fp32 with --random-weights)")
     parser.add_argument("--device", help="PyTorch device (default: cuda if available)")
     parser.add_argument("--compile", action="store_true", help="PyTorch: torch.compile the transformer")
@@ -177,15 +182,23 @@ def make_plan(args: argparse.Namespace) -> dict:
     # FLUX.1 Fill adds the masked image's 64 token channels and the mask folded f x f then 2x2 (f = 8: 256).
     fill_channels = 64 + 64 + 4 * (ppt // 2) ** 2
     fill = family == "flux1" and cfg.in_channels == fill_channels
-    if family == "flux1" and cfg.in_channels not in (64, fill_channels):
-        raise GenerateError(f"--model {name} takes {cfg.in_channels - 64} control channels (Canny/Depth): "
-                            "not supported by generate")
+    control = family == "flux1" and cfg.in_channels == 128  # 64 image + 64 control-image token channels
+    if family == "flux1" and cfg.in_channels not in (64, 128, fill_channels):
+        raise GenerateError(f"--model {name} takes {cfg.in_channels} input channels: neither text-to-image (64), "
+                            f"Canny/Depth (128) nor Fill ({fill_channels})")
+    if control and args.control is None:
+        raise GenerateError(f"{name} is a structural-control (Canny/Depth) model: pass --control IMAGE, an edge "
+                            "map or a depth map")
+    if args.control is not None and not control:
+        raise GenerateError(f"--control needs a FLUX.1 Canny/Depth model (in_channels 128); {name} has "
+                            f"{cfg.in_channels}")
     if args.mask is not None and not fill:
         raise GenerateError(f"--mask needs a FLUX.1 Fill model (in_channels {fill_channels}); {name} has "
                             f"{cfg.in_channels}")
     if fill and (args.mask is None or args.init is None):
         raise GenerateError(f"{name} is an inpainting (Fill) model: pass --init IMAGE and --mask MASK")
-    for p, flag in [(r, "--ref") for r in args.ref] + [(args.init, "--init"), (args.mask, "--mask")]:
+    for p, flag in [(r, "--ref") for r in args.ref] + [(args.init, "--init"), (args.mask, "--mask"),
+                                                       (args.control, "--control")]:
         if p is not None and not p.exists():
             raise GenerateError(f"{flag} {p}: no such file")
     if family == "flux1" and len(args.ref) > 1:
@@ -208,7 +221,7 @@ def make_plan(args: argparse.Namespace) -> dict:
             raise GenerateError(str(e)) from None
     return {"model": name, "cfg": cfg, "family": family, "ae_name": ae_name, "ae_cfg": ae_cfg, "random": random,
             "args": args, "width": width, "height": height, "ppt": ppt, "steps": steps, "guidance": guidance,
-            "cfg_scale": args.cfg, "fill": fill, "dtype": dtype, "text": prompts}
+            "cfg_scale": args.cfg, "fill": fill, "control": control, "dtype": dtype, "text": prompts}
 
 
 def encoder_kind(name: str, family: str, directory: Path) -> str:
@@ -470,6 +483,8 @@ def generate_torch(plan: dict) -> np.ndarray:
             masked = ae.encode(nchw(load_image(args.init, size)) * (1 - mask))
             img_cond = sampling.fill_conditioning(masked, mask, factor=plan["ppt"] // 2)
             init = None
+        if plan["control"]:
+            img_cond = sampling.pack(ae.encode(nchw(load_image(args.control, size))), family)
         noise = sampling.get_noise(len(emb["txt"]), plan["height"], plan["width"], family, args.seed, device=device,
                                    pixels_per_token=plan["ppt"])
         latents = sampling.sample(model, noise, emb["txt"], emb.get("vec"), steps=plan["steps"],
@@ -532,6 +547,8 @@ def generate_jax(plan: dict) -> np.ndarray:
         masked = encode(ae, nhwc(load_image(args.init, size)) * (1 - mask))
         img_cond = sampling.fill_conditioning(masked, mask, factor=plan["ppt"] // 2)
         init = None
+    if plan["control"]:
+        img_cond = sampling.pack(encode(ae, nhwc(load_image(args.control, size))), family)
     noise = sampling.get_noise(len(emb["txt"]), plan["height"], plan["width"], family, args.seed,
                                pixels_per_token=plan["ppt"])
     latents = sampling.sample(model, noise, emb["txt"], emb.get("vec"), steps=plan["steps"],

@@ -25,7 +25,8 @@ from minflux_jax import sampling as js
 from minflux_torch import sampling as ts
 
 # fp32 CPU, per step, the DESIGN bound for tiny whole models. Measured over 6 steps (pytest -s prints it):
-# rel-L2 <= 3.0e-7 (true CFG), <= 1.8e-7 (Fill), <= 9e-8 (Kontext, FLUX.2 references); max-abs <= 2e-6.
+# rel-L2 <= 3.0e-7 (true CFG), <= 1.8e-7 (Fill), <= 8.3e-8 (Canny/Depth), <= 9e-8 (Kontext, FLUX.2 references);
+# max-abs <= 2e-6.
 TRAJECTORY_RTOL = 1e-5
 
 
@@ -217,6 +218,7 @@ _SHALLOW = {"depth": 1, "depth_single_blocks": 1}  # one block of each kind: com
 SCENARIOS = {
     "flux1-dev-kontext": (_F1, {"guidance": 3.5, "refs": 1}),  # guidance embedding + a reference at t=1
     "flux1-fill": (dataclasses.replace(_F1, in_channels=384, **_SHALLOW), {"guidance": 30.0, "fill": True}),
+    "flux1-canny": (dataclasses.replace(_F1, in_channels=128, **_SHALLOW), {"guidance": 30.0, "fill": True}),
     "flux2-dev-2refs": (_F2, {"guidance": 4.0, "refs": 2}),  # references at t=10, 20
     "flux2-klein-base-cfg": (dataclasses.replace(_F2, guidance_embed=False, **_SHALLOW), {"cfg": 4.0}),  # true CFG
 }
@@ -402,6 +404,40 @@ def test_generate_fill_and_kontext_torch(tmp_path, monkeypatch):
     assert cli.main(common + ["--model", "flux1-tiny", "--ref", str(tmp_path / "img.png"),
                               "--out", str(tmp_path / "kontext.png")]) == 0
     assert _png(tmp_path / "fill.png").shape == _png(tmp_path / "kontext.png").shape == (32, 32, 3)
+
+
+def test_generate_control(tmp_path, monkeypatch, capsys):
+    """FLUX.1 Canny/Depth through generate: the control image is encoded, packed and fed as 64 extra channels
+    in both frameworks (whose loops agree on such a model: the flux1-canny trajectory scenario), and it
+    changes the picture."""
+    from PIL import Image
+
+    monkeypatch.setitem(configs.PRESETS, "flux1-canny-tiny", dataclasses.replace(_F1, in_channels=128))
+    f = _tiny_files(tmp_path)
+    mt.save_model(mt.build_model("flux1-canny-tiny", seed=3), tmp_path / "canny.safetensors")
+    rng = np.random.default_rng(0)
+    for name in ("edges-a.png", "edges-b.png"):  # any size: resized to the output like BFL's prepare_control
+        Image.fromarray(rng.integers(0, 255, (40, 24, 3), dtype=np.uint8)).save(tmp_path / name)
+    base = ["generate", "--model", "flux1-canny-tiny", "--transformer", str(tmp_path / "canny.safetensors"),
+            "--ae", str(f["ae1"]), "--embeddings", str(f["emb"]), "--steps", "3", "--width", "32", "--height", "32",
+            "--no-progress", "--dtype", "fp32"]
+    out = {}
+    for fw, edges in (("torch", "a"), ("jax", "a"), ("torch", "b")):
+        path = tmp_path / f"{fw}-{edges}.png"
+        assert cli.main(base + ["--framework", fw, "--control", str(tmp_path / f"edges-{edges}.png"),
+                                "--out", str(path)]) == 0
+        out[fw, edges] = _png(path).astype(int)
+    assert out["jax", "a"].shape == out["torch", "a"].shape == (32, 32, 3)  # (their noise generators differ)
+    assert np.abs(out["torch", "a"] - out["torch", "b"]).mean() > 1  # the control reaches the model
+
+    def error(args) -> str:
+        capsys.readouterr()
+        assert cli.main(args) == 2
+        return capsys.readouterr().err
+
+    assert "pass --control IMAGE" in error(base)
+    assert "--control needs a FLUX.1 Canny/Depth model" in error(
+        ["generate", "--model", "flux1-tiny", "--random-weights", "--control", str(tmp_path / "edges-a.png")])
 
 
 def _tiny_files(tmp_path) -> dict:
