@@ -223,8 +223,8 @@ def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, paths, tx, f
     """One optimiser step: state {"params", "opt_state", "step", "key"[, "ema"]} -> (new state, metrics).
 
     Noise and times come from fold_in(key, step), so a resumed run draws exactly what the first run would.
-    With ema > 0, state["ema"] is an exponential moving average of the trainable parameters, updated every
-    micro-step with decay `ema_decay(step, ema)`.
+    With ema > 0, state["ema"] is an exponential moving average of the trainable parameters, moved with decay
+    `ema_decay(step, ema)` on every micro-step that applies an update (with accumulation, the last of each group).
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
     noise, t = step_inputs(key, batch, family, timesteps)
@@ -234,7 +234,8 @@ def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, paths, tx, f
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}
     if ema > 0:
-        d = ema_decay(state["step"].astype(jnp.float32), ema)
+        updated = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
+        d = jnp.where(updated, ema_decay(state["step"].astype(jnp.float32), ema), 1.0)
         new["ema"] = jax.tree.map(lambda e, p: (d * e + (1 - d) * p.astype(e.dtype)).astype(e.dtype), state["ema"],
                                   params)
     return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}

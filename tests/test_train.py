@@ -187,6 +187,19 @@ def test_ema_is_the_moving_average_of_the_weights(tmp_path):
     worst = max(rel_l2(t.state["ema"][k], e) for k, e in expected.items())
     assert worst < 1e-6
     assert max(rel_l2(t.state["ema"][k], t.state["params"][k]) for k in expected) > 1e-3  # it does lag
+    # with accumulation, only the micro-steps that apply an update move the average
+    t = tr.Trainer(TINY, tiny_data(), options(tmp_path, steps=3, accumulate=2, warmup=0, ema=decay, ckpt_dir=None,
+                                              save_every=0))
+    expected = {k: np.asarray(v) for k, v in t.state["params"].items()}
+    for step in range(6):
+        before = {k: np.asarray(v) for k, v in t.state["params"].items()}
+        t.train_step()
+        moved = any(not np.array_equal(before[k], np.asarray(t.state["params"][k])) for k in before)
+        assert moved == (step % 2 == 1)
+        if moved:
+            d = np.float32(min(decay, (1 + step) / (10 + step)))
+            expected = {k: d * e + (1 - d) * np.asarray(t.state["params"][k]) for k, e in expected.items()}
+    assert max(rel_l2(t.state["ema"][k], e) for k, e in expected.items()) < 1e-6
 
 
 def test_caption_dropout_is_a_pure_function_of_position():
