@@ -4,7 +4,8 @@ Every image `NAME.png|jpg|jpeg|webp` in a folder needs a caption `NAME.txt` besi
 and resized to `--size` pixels, encoded by the model family's autoencoder, captions by its text encoder
 (chosen as `minflux generate` chooses it), both in `--framework`; the encoders are dropped in turn. The output
 is safetensors shards (`minflux.train.LatentShards`): img (N, L, C) latent tokens, img_ids, txt, txt_ids and,
-for FLUX.1, vec; each shard is written atomically, so an interrupted run leaves only whole shards.
+for FLUX.1, vec; each shard is written atomically, so an interrupted run leaves only whole shards. The empty
+prompt's embedding goes to `empty_caption.safetensors`, for caption dropout (`minflux train --caption-dropout`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def run(args) -> int:
 
     from minflux import checkpoint, configs
     from minflux import generate as gen
+    from minflux.train import LatentShards
 
     try:
         cfg = configs.resolve(args.model)
@@ -115,8 +117,8 @@ def run(args) -> int:
             raise CacheError(f"--ae {args.ae}: no such file")
         data = pairs(args.images)
         # captions: the same checks and encoder choice as `minflux generate --prompt`
-        ns = argparse.Namespace(prompt=[c for _, c in data], text_encoder=args.text_encoder, negative_prompt=None,
-                                save_embeddings=None, max_length=args.max_length, embeddings=None,
+        ns = argparse.Namespace(prompt=[c for _, c in data] + [""], text_encoder=args.text_encoder,  # + the empty one
+                                negative_prompt=None, save_embeddings=None, max_length=args.max_length, embeddings=None,
                                 neg_embeddings=None, cfg=1.0, text_encoder_layers=args.text_encoder_layers,
                                 framework=args.framework, device=args.device)
         emb = gen.encode_text({"text": gen.text_plan(ns, args.model, cfg), "args": ns, "dtype": args.dtype})
@@ -126,6 +128,8 @@ def run(args) -> int:
         print(f"minflux cache: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     n, axes = len(data), len(cfg.axes_dim)
+    empty = {k: np.ascontiguousarray(v[n:], np.float32) for k, v in emb.items() if k in ("txt", "vec")}
+    emb = {k: v[:n] for k, v in emb.items()}
     img_ids = np.zeros((n, gh * gw, axes), np.float32)  # rows (0, row, col[, 0]), as sampling.image_ids
     img_ids[..., 1], img_ids[..., 2] = np.divmod(np.arange(gh * gw), gw)
     txt = emb["txt"].astype(np.float32)
@@ -141,4 +145,7 @@ def run(args) -> int:
         path = args.out / f"shard-{s:05d}.safetensors"
         checkpoint.write_safetensors(path, {k: ("F32", v.shape) for k, v in part.items()}, part.__getitem__)
         print(f"wrote {path}: {len(part['img'])} samples, img {part['img'].shape[1:]}, txt {part['txt'].shape[1:]}")
+    path = args.out / LatentShards.EMPTY
+    checkpoint.write_safetensors(path, {k: ("F32", v.shape) for k, v in empty.items()}, empty.__getitem__)
+    print(f"wrote {path}: the empty prompt, for caption dropout")
     return 0

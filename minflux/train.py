@@ -42,10 +42,18 @@ def text_ids(n: int, length: int, axes: int) -> np.ndarray:
 
 
 class Dataset:
-    """Samples in memory as arrays with a leading sample axis; `batch(position, size)` walks seeded epochs."""
+    """Samples in memory as arrays with a leading sample axis; `batch(position, size)` walks seeded epochs.
+
+    Caption dropout: a fraction `caption_dropout` of the samples gets the empty caption (`empty`: one sample's
+    txt, and vec for FLUX.1) instead of its own, so the model also learns the unconditional flow that
+    classifier-free guidance needs. Which samples is a pure function of each position (the same on resume,
+    for any batch size or process split).
+    """
 
     arrays: dict[str, np.ndarray]
     seed: int = 0
+    caption_dropout: float = 0.0
+    empty: dict[str, np.ndarray] | None = None  # {"txt": (Lt, D)[, "vec": (768,)]}
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
@@ -59,28 +67,39 @@ class Dataset:
 
     def batch(self, position: int, size: int) -> dict[str, np.ndarray]:
         idx = self.indices(position, size)
-        return {k: v[idx] for k, v in self.arrays.items()}
+        out = {k: v[idx] for k, v in self.arrays.items()}  # fancy indexing copies: the data set is untouched
+        drop = self.dropped(position, size)
+        if drop.any():
+            for k, v in self.empty.items():
+                out[k][drop] = v
+        return out
 
-    def dropped(self, position: int, size: int, rate: float) -> np.ndarray:
-        """(size,) bool: which samples at positions [position, position + size) lose their caption; a pure
-        function of each position (the same on resume, for any batch size or process split)."""
-        if rate <= 0:
+    def dropped(self, position: int, size: int) -> np.ndarray:
+        """(size,) bool: which samples at positions [position, position + size) get the empty caption."""
+        if self.caption_dropout <= 0:
             return np.zeros(size, bool)
-        return np.array([np.random.default_rng((self.seed, 0xD0, p)).random() < rate
+        return np.array([np.random.default_rng((self.seed, 0xD0, p)).random() < self.caption_dropout
                          for p in range(position, position + size)])
+
+    def null(self, n: int) -> dict[str, np.ndarray]:
+        """The empty caption for n samples: the negative prompt of classifier-free guidance."""
+        return {k: np.repeat(v[None], n, axis=0) for k, v in self.empty.items()}
 
 
 class LatentShards(Dataset):
     """Cached latents for fine-tuning: a directory of safetensors shards, each with per-sample tensors
     img (N, L, C) latent tokens, img_ids (N, L, axes), txt (N, Lt, D), txt_ids (N, Lt, axes), and for
-    FLUX.1 vec (N, 768). Write them once with the autoencoder and text encoder; training never runs those."""
+    FLUX.1 vec (N, 768). Write them once with the autoencoder and text encoder; training never runs those.
+    `minflux cache` also writes EMPTY (the empty prompt's txt, and vec), which caption dropout uses."""
 
     KEYS = ("img", "img_ids", "txt", "txt_ids")
+    EMPTY = "empty_caption.safetensors"
 
-    def __init__(self, directory, seed: int = 0):
+    def __init__(self, directory, seed: int = 0, caption_dropout: float = 0.0):
         from safetensors.numpy import load_file
 
-        shards = sorted(Path(directory).glob("*.safetensors"))
+        directory = Path(directory)
+        shards = sorted(p for p in directory.glob("*.safetensors") if p.name != self.EMPTY)
         if not shards:
             raise FileNotFoundError(f"{directory}: no *.safetensors shards")
         parts = [load_file(p) for p in shards]
@@ -88,15 +107,23 @@ class LatentShards(Dataset):
             if missing := [k for k in self.KEYS if k not in part]:
                 raise KeyError(f"{p}: missing {missing}; a shard holds {self.KEYS} (+ vec for FLUX.1)")
         self.arrays = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-        self.seed = seed
+        self.seed, self.caption_dropout = seed, caption_dropout
+        if caption_dropout > 0:
+            file = directory / self.EMPTY
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: no such file; caption dropout needs the empty prompt's embedding "
+                                        "(minflux cache writes it)")
+            self.empty = {k: v[0] for k, v in load_file(file).items()}
+            for k, v in self.empty.items():
+                if k not in self.arrays or v.shape != self.arrays[k].shape[1:]:
+                    found = self.arrays[k].shape[1:] if k in self.arrays else "nothing"
+                    raise ValueError(f"{file}: {k} {v.shape} does not match the shards' {found}")
 
 
 class Shapes(Dataset):
     """Procedural images: a circle, square or triangle in one of four colours on a dark background, at a random
-    place and size; captions "a red circle" become two tokens, one fixed random embedding per word.
-
-    A fraction `caption_dropout` of the samples gets the empty caption (all-zero embeddings) instead, so the
-    model also learns the unconditional flow and sampling can use classifier-free guidance."""
+    place and size; captions "a red circle" become two tokens, one fixed random embedding per word. The empty
+    caption (for caption dropout) is all-zero embeddings."""
 
     SHAPES = ("circle", "square", "triangle")
     COLOURS = {"red": (0.9, -0.8, -0.8), "green": (-0.8, 0.8, -0.8), "blue": (-0.7, -0.5, 0.95),
@@ -106,6 +133,9 @@ class Shapes(Dataset):
                  seed: int = 0, caption_dropout: float = 0.0):
         self.size, self.patch, self.context_dim, self.family, self.seed = size, patch, context_dim, family, seed
         self.caption_dropout = caption_dropout
+        self.empty = {"txt": np.zeros((2, context_dim), np.float32)}
+        if family == "flux1":
+            self.empty["vec"] = np.zeros(context_dim, np.float32)
         rng = np.random.default_rng(seed)
         labels = np.stack([rng.integers(len(self.SHAPES), size=n), rng.integers(len(self.COLOURS), size=n)], 1)
         images = np.stack([self.draw(s, c, rng) for s, c in labels])
@@ -117,18 +147,6 @@ class Shapes(Dataset):
         if family == "flux1":
             self.arrays["vec"] = txt.mean(axis=1)
         self.labels = labels
-
-    def batch(self, position: int, size: int) -> dict[str, np.ndarray]:
-        out = super().batch(position, size)
-        drop = self.dropped(position, size, self.caption_dropout)
-        for k in ("txt", "vec") if drop.any() else ():
-            if k in out:
-                out[k][drop] = 0.0  # the fancy-indexed batch is a copy: the data set is untouched
-        return out
-
-    def null(self, n: int) -> np.ndarray:
-        """(n, 2, D): the empty caption, as trained with caption dropout."""
-        return np.zeros((n, 2, self.context_dim), np.float32)
 
     def draw(self, shape: int, colour: int, rng) -> np.ndarray:
         """(size, size, 3) in [-1, 1]."""
@@ -257,8 +275,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-steps", type=int, default=24)
-    p.add_argument("--caption-dropout", type=float, default=0.1,
-                   help="demo data: fraction of samples trained on the empty caption (enables --cfg)")
+    p.add_argument("--caption-dropout", type=float, default=None,
+                   help="fraction of samples trained on the empty caption, for CFG (default: 0.1 demo, 0 --data; "
+                        "--data needs the empty_caption.safetensors minflux cache writes)")
     p.add_argument("--cfg", type=float, default=3.0,
                    help="demo sample grid: classifier-free guidance scale against the empty caption (1: none)")
 
@@ -275,10 +294,10 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = DEMO if args.config == "demo" else configs.get(args.config)
     if args.data:
-        data = LatentShards(args.data, seed=args.seed)
+        data = LatentShards(args.data, seed=args.seed, caption_dropout=args.caption_dropout or 0.0)
     else:
-        data = Shapes(context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed,
-                      caption_dropout=args.caption_dropout)
+        dropout = 0.1 if args.caption_dropout is None else args.caption_dropout
+        data = Shapes(context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed, caption_dropout=dropout)
     opts = tr.TrainOptions(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip, accumulate=args.accumulate, precision=args.precision, remat=args.remat,
@@ -312,10 +331,9 @@ def run(args) -> int:
         g = data.size // data.patch
         vec = txt.mean(axis=1) if cfg.family == "flux1" else None
         guide = args.cfg != 1.0 and data.caption_dropout > 0  # no unconditional flow was learnt otherwise
-        neg = data.null(len(txt)) if guide else None
+        neg = data.null(len(txt)) if guide else {}
         tokens = trainer.sample(txt, g, g, steps=args.sample_steps, seed=args.seed, vec=vec,
-                                cfg_scale=args.cfg if guide else 1.0, neg_txt=neg,
-                                neg_vec=None if neg is None or vec is None else neg.mean(axis=1))
+                                cfg_scale=args.cfg if guide else 1.0, neg_txt=neg.get("txt"), neg_vec=neg.get("vec"))
         save_grid(data.unpatchify(tokens), [data.caption(lab) for lab in labels], cols, out / "samples.png")
         written.append(out / "samples.png")
     print("wrote " + ", ".join(map(str, written)))

@@ -45,7 +45,8 @@ def test_cache_matches_the_other_framework_and_trains(files, tmp_path, model, fr
     images = make_images(tmp_path / "images")
     out = tmp_path / "cache"
     assert cli.main(cache_args(files, model, images, out, framework)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["empty_caption.safetensors", "shard-00000.safetensors",
+                                                     "shard-00001.safetensors"]
     data = LatentShards(out)
     cfg, ae = configs.get(model), configs.get(model.replace("-tiny", "-ae-tiny"))
     side = 32 // (2 ** (len(ae.ch_mult) - 1) * 2)  # autoencoder downsampling, then 2x2 (pack or patchify)
@@ -53,7 +54,7 @@ def test_cache_matches_the_other_framework_and_trains(files, tmp_path, model, fr
     # the latents and embeddings again, by the *other* framework's autoencoder and text encoder
     pix = np.stack([cache.load_square(images / f"im{i}.png", 32) for i in range(3)])
     ae_cfg = model.replace("-tiny", "-ae-tiny")
-    caps = [(images / f"im{i}.txt").read_text().strip() for i in range(3)]
+    caps = [(images / f"im{i}.txt").read_text().strip() for i in range(3)] + [""]  # + the empty prompt
     kw = {"max_length": 20} if model == "flux1-tiny" else {"max_length": 40, "layers": (1, 2, 3)}
     kind = "flux1" if model == "flux1-tiny" else "qwen3"
     enc_dir = files["flux1-enc" if model == "flux1-tiny" else "flux2-enc"]
@@ -70,13 +71,23 @@ def test_cache_matches_the_other_framework_and_trains(files, tmp_path, model, fr
         ref_txt = {k: v.float().numpy() for k, v in tt.encode_prompts(kind, enc_dir, caps, torch.float32,
                                                                         **kw).items()}
     assert rel_l2(data.arrays["img"], ref_img) < 1e-5
-    assert rel_l2(data.arrays["txt"], ref_txt.get("txt", ref_txt.get("ctx"))) < 1e-5
+    ref_txt = {k: ref_txt[k] for k in ("txt", "ctx", "vec") if k in ref_txt}
+    ref_txt["txt"] = ref_txt.pop("ctx", ref_txt.get("txt"))
+    assert rel_l2(data.arrays["txt"], ref_txt["txt"][:3]) < 1e-5
     if model == "flux1-tiny":
-        assert rel_l2(data.arrays["vec"], ref_txt["vec"]) < 1e-5
-    # and `minflux train` fine-tunes on it
+        assert rel_l2(data.arrays["vec"], ref_txt["vec"][:3]) < 1e-5
+    # the empty prompt's embedding, which caption dropout puts in place of some captions
+    dropping = LatentShards(out, caption_dropout=0.5)
+    for k, v in dropping.empty.items():
+        assert rel_l2(v, ref_txt[k][3]) < 1e-5, k
+    batch = dropping.batch(0, 8)
+    dropped = dropping.dropped(0, 8)
+    assert 0 < dropped.sum() < 8
+    assert (batch["txt"][dropped] == dropping.empty["txt"]).all() and (batch["txt"][~dropped] != 0).any()
+    # and `minflux train` fine-tunes on it, with caption dropout
     run = tmp_path / "run"
     assert cli.main(["train", "--config", model, "--data", str(out), "--steps", "2", "--batch-size", "2",
-                     "--out", str(run)]) == 0
+                     "--caption-dropout", "0.2", "--out", str(run)]) == 0
     assert (run / "model.safetensors").is_file()
 
 

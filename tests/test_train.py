@@ -211,7 +211,7 @@ def test_caption_dropout_is_a_pure_function_of_position():
     assert ds.arrays["txt"].any(axis=(1, 2)).all()  # the data set itself keeps every caption
     part = ds.batch(10, 5)  # another batch size: the same samples dropped at the same positions
     np.testing.assert_array_equal(part["txt"], full["txt"][10:15])
-    assert not data.Shapes(n=64, size=16, patch=4, context_dim=8).dropped(0, 64, 0.0).any()
+    assert not data.Shapes(n=64, size=16, patch=4, context_dim=8).dropped(0, 64).any()
 
 
 def test_interrupted_save_keeps_last_good_checkpoint(tmp_path):
