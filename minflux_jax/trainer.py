@@ -219,7 +219,7 @@ class Trainer:
                   mininterval=1.0 if quiet else 0.1) as bar:
             while self.step < total:
                 losses.append(float(self.train_step()["loss"]))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)  # drawn by update, at its interval
                 bar.update(1)
         return losses
 
