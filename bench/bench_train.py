@@ -52,15 +52,8 @@ def main() -> None:
                               depth_single_blocks=args.single)
     side = int(args.tokens**0.5)
     rng = np.random.default_rng(0)
-    b, n_axes = args.batch, len(axes)
-    batch = {"img": rng.standard_normal((b, side * side, cfg.in_channels)).astype(np.float32),
-             "img_ids": data.image_ids(b, side, side, n_axes),
-             "txt": rng.standard_normal((b, args.txt, cfg.context_in_dim)).astype(np.float32),
-             "txt_ids": data.text_ids(b, args.txt, n_axes)}
-    if cfg.family == "flux1":
-        batch["vec"] = rng.standard_normal((b, cfg.vec_in_dim)).astype(np.float32)
-    if cfg.guidance_embed:
-        batch["guidance"] = np.full((b,), 3.5, np.float32)
+    b = args.batch
+    batch = data.random_batch(cfg, b, side, args.txt, rng)
     noise = rng.standard_normal(batch["img"].shape).astype(np.float32)
     t = rng.uniform(0.05, 0.95, b).astype(np.float32)
 

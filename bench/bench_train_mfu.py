@@ -31,16 +31,8 @@ def worker(args) -> dict:
 
     cfg = configs.get(args.model)
     side = args.resolution // 16  # 8x autoencoder, then 2x2 patches: 16 px per token in both families
-    b, lt, na = args.batch, args.txt_len, len(cfg.axes_dim)
-    rng = np.random.default_rng(0)
-    batch = {"img": rng.standard_normal((b, side * side, cfg.in_channels), np.float32),
-             "img_ids": data.image_ids(b, side, side, na),
-             "txt": rng.standard_normal((b, lt, cfg.context_in_dim), np.float32),
-             "txt_ids": data.text_ids(b, lt, na)}
-    if cfg.family == "flux1":
-        batch["vec"] = rng.standard_normal((b, cfg.vec_in_dim), np.float32)
-    if cfg.guidance_embed:
-        batch["guidance"] = np.full((b,), 3.5, np.float32)
+    b = args.batch
+    batch = data.random_batch(cfg, b, side, args.txt_len, np.random.default_rng(0))
     times: list[float] = []
     fw = args.worker
     t_start = time.perf_counter()

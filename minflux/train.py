@@ -41,6 +41,21 @@ def text_ids(n: int, length: int, axes: int) -> np.ndarray:
     return ids
 
 
+def random_batch(cfg, batch: int, side: int, txt_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A seeded synthetic batch of `cfg`'s shapes (benchmarks and tests): img tokens on a side x side grid,
+    txt embeddings of txt_len tokens, their ids, FLUX.1's pooled vec, and guidance 3.5 where the model takes it."""
+    axes = len(cfg.axes_dim)
+    out = {"img": rng.standard_normal((batch, side * side, cfg.in_channels)).astype(np.float32),
+           "img_ids": image_ids(batch, side, side, axes),
+           "txt": rng.standard_normal((batch, txt_len, cfg.context_in_dim)).astype(np.float32),
+           "txt_ids": text_ids(batch, txt_len, axes)}
+    if cfg.family == "flux1":
+        out["vec"] = rng.standard_normal((batch, cfg.vec_in_dim)).astype(np.float32)
+    if cfg.guidance_embed:
+        out["guidance"] = np.full((batch,), 3.5, np.float32)
+    return out
+
+
 class Dataset:
     """Samples in memory as arrays with a leading sample axis; `batch(position, size)` walks seeded epochs.
 

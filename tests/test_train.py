@@ -58,19 +58,6 @@ def torch_and_jax(name):
     return tm, jm
 
 
-def random_batch(cfg, rng, b=3, side=4, lt=5):
-    axes = len(cfg.axes_dim)
-    out = {"img": rng.standard_normal((b, side * side, cfg.in_channels)).astype(np.float32),
-           "img_ids": data.image_ids(b, side, side, axes),
-           "txt": rng.standard_normal((b, lt, cfg.context_in_dim)).astype(np.float32),
-           "txt_ids": data.text_ids(b, lt, axes)}
-    if cfg.family == "flux1":
-        out["vec"] = rng.standard_normal((b, cfg.vec_in_dim)).astype(np.float32)
-    if cfg.guidance_embed:
-        out["guidance"] = np.full((b,), 3.5, np.float32)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The objective and the step: JAX against PyTorch
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +68,7 @@ def random_batch(cfg, rng, b=3, side=4, lt=5):
 def test_loss_gradients_and_update_match_torch(name, weighting, remat, rng):
     cfg = configs.get(name)
     tm, jm = torch_and_jax(name)
-    batch = random_batch(cfg, rng)
+    batch = data.random_batch(cfg, 3, 4, 5, rng)
     noise = rng.standard_normal(batch["img"].shape).astype(np.float32)
     t = np.array([0.05, 0.5, 0.93], np.float32)
 
