@@ -30,7 +30,19 @@ class FluxConfig:
     qkv_bias: bool = True
     guidance_embed: bool = True
 
+    # Family behaviour, read by the shared code instead of `family == ...` branches.
     family = "flux1"
+    gated_mlp = False  # MLP: GELU(tanh); FLUX.2: SwiGLU
+    bias = True  # every linear layer has a bias (qkv: `qkv_bias`)
+    shared_modulation = False  # modulation per block; FLUX.2: three shared modulations
+    latent_channels = 16  # autoencoder latents the sampler draws (B, 16, H/8, W/8) ...
+    latent_patch = 2  # ... packed 2x2 into 64-channel tokens
+    text_id_axis = None  # text ids are all zero
+
+    @staticmethod
+    def ref_time(i: int) -> int:
+        """The t position id of reference image i (Kontext: one reference, at t = 1)."""
+        return 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,17 @@ class Flux2Config:
     guidance_embed: bool = True
 
     family = "flux2"
+    gated_mlp = True
+    bias = False
+    shared_modulation = True
+    latent_channels = 128  # the autoencoder already patchified: (B, 128, H/16, W/16), one token each
+    latent_patch = 1
+    text_id_axis = 3  # text token l has ids (0, 0, 0, l)
+
+    @staticmethod
+    def ref_time(i: int) -> int:
+        """The t position id of reference image i (BFL flux2 `encode_image_refs`: 10 + 10 i)."""
+        return 10 + 10 * i
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,9 @@ Both hand out BFL-layout numpy tensors for a set of keys, so a run holds one blo
 
 from __future__ import annotations
 
-import os
-import zlib
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from minflux import checkpoint
+from minflux import checkpoint, random
 
 
 class CheckpointWeights:
@@ -26,29 +22,15 @@ class CheckpointWeights:
 
 
 class RandomWeights:
-    """Seeded random tensors of the model's shapes: each key gets its own stream, so any subset is reproducible."""
+    """Seeded random tensors of the model's shapes (`minflux.random`): each key its own stream, any subset
+    reproducible, the same values `build_model(seed=...)` gives in both frameworks."""
 
     def __init__(self, cfg, expected: dict[str, tuple[int, ...]], seed: int = 0):
         self.expected, self.seed = expected, seed
         self.description = f"random weights (seed {seed})"
 
     def read(self, keys) -> dict[str, np.ndarray]:
-        keys = list(keys)
-        with ThreadPoolExecutor(min(len(keys), os.cpu_count() or 1) or 1) as pool:  # numpy fills without the GIL
-            return dict(zip(keys, pool.map(self.tensor, keys), strict=True))
-
-    def tensor(self, k: str) -> np.ndarray:
-        shape = self.expected[k]
-        rng = np.random.default_rng([self.seed, zlib.crc32(k.encode())])
-        if k.endswith("scale"):  # RMSNorm: around one
-            lo, width = 0.9, 0.2
-        else:  # weights fan-in scaled, like PyTorch's default init; biases and the rest small
-            s = 1 / np.sqrt(np.prod(shape[1:])) if len(shape) >= 2 else 0.05
-            lo, width = -s, 2 * s
-        arr = rng.random(shape, dtype=np.float32)  # uniform in [lo, lo + width), generated in fp32, in place
-        arr *= np.float32(width)
-        arr += np.float32(lo)
-        return arr
+        return random.tensors({k: self.expected[k] for k in keys}, self.seed)
 
 
 class Perturbed:
