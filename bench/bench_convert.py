@@ -34,7 +34,7 @@ GB = 1e9
 # exec; getrusage of a child would also count the parent's RSS at fork) to the file named by argv[1].
 CHILD = """
 import sys
-from minflux import cli
+from minflux_cli import main as cli
 try:
     rc = cli.main(sys.argv[2:])
 except SystemExit as e:  # --help

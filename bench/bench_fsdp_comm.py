@@ -54,7 +54,7 @@ def main() -> None:
 
     import jax
 
-    from minflux import train as data
+    from minflux import data
     from minflux_jax import trainer as tr
 
     if args.no_gather:

@@ -38,8 +38,7 @@ def main() -> None:
 
     import minflux_jax as mj
     import minflux_torch as mt
-    from minflux import configs
-    from minflux import train as data
+    from minflux import configs, data
     from minflux_jax import train as jtrain
     from minflux_jax.load import assign
     from minflux_torch import train as ttrain

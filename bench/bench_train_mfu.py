@@ -26,8 +26,7 @@ import numpy as np
 
 def worker(args) -> dict:
     """One framework's measurement in this process; returns the figures."""
-    from minflux import configs
-    from minflux import train as data
+    from minflux import configs, data
 
     cfg = configs.get(args.model)
     side = args.resolution // 16  # 8x autoencoder, then 2x2 patches: 16 px per token in both families

@@ -9,8 +9,9 @@ from conftest import rel_l2
 from PIL import Image
 from test_generate_text import QWEN_LAYERS, files  # noqa: F401  (the fixture)
 
-from minflux import cli, configs
-from minflux.train import LatentShards
+from minflux import configs
+from minflux.data import LatentShards
+from minflux_cli import main as cli
 
 
 def make_images(folder, n=3, captions=True):
@@ -36,7 +37,7 @@ def test_cache_matches_the_other_framework_and_trains(files, tmp_path, model, fr
 
     import minflux_jax as mj
     import minflux_torch as mt
-    from minflux import cache
+    from minflux_cli import cache
     from minflux_jax import sampling as js
     from minflux_jax import text as jt
     from minflux_torch import sampling as ts

@@ -16,8 +16,9 @@ import torch
 
 import minflux_jax as mj
 import minflux_torch as mt
-from minflux import checkpoint, cli, configs
+from minflux import checkpoint, configs
 from minflux.checkpoint import Checkpoint, CheckpointError
+from minflux_cli import main as cli
 from minflux_jax.load import state_dict as jax_state_dict
 from minflux_torch.load import to_numpy
 
@@ -407,7 +408,7 @@ def test_convert_refuses_to_overwrite_its_input(tiny, tmp_path, capsys):
 def test_convert_cli_exit_code_and_one_line_error(tmp_path):
     """The installed entry point, in a subprocess: exit code 2 and a single line on stderr, no traceback."""
     missing = tmp_path / "missing.safetensors"
-    r = subprocess.run([sys.executable, "-m", "minflux.cli", "convert", str(missing), str(tmp_path / "o.safetensors")],
+    r = subprocess.run([sys.executable, "-m", "minflux_cli", "convert", str(missing), str(tmp_path / "o.safetensors")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [f"minflux convert: error: {missing}: no such file or directory"]

@@ -9,8 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import minflux_torch as mt
-from minflux import configs, flops
-from minflux import train as data
+from minflux import configs, data, flops
 from minflux_torch.sampling import predict
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from test_text import make_tokenizer, randomize
 
-from minflux import cli, configs, text
+from minflux import configs, text
+from minflux_cli import main as cli
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from minflux import configs
-from minflux.cli import main
+from minflux_cli.main import main
 from parity import transformer, weights
 
 

@@ -20,7 +20,8 @@ from conftest import rel_l2
 
 import minflux_jax as mj
 import minflux_torch as mt
-from minflux import cli, configs, schedules
+from minflux import configs, schedules
+from minflux_cli import main as cli
 from minflux_jax import sampling as js
 from minflux_torch import sampling as ts
 

@@ -20,8 +20,7 @@ from conftest import rel_l2
 
 import minflux_jax as mj
 import minflux_torch as mt
-from minflux import configs, keymaps, lora, schedules
-from minflux import train as data
+from minflux import configs, data, keymaps, lora, schedules
 from minflux_jax import lora as jlora
 from minflux_jax import train as jtrain
 from minflux_jax import trainer as tr
@@ -414,7 +413,7 @@ def test_lora_training_freezes_base_and_exports(tmp_path):
 
 
 def test_demo_command_writes_grid_curve_and_weights(tmp_path):
-    from minflux import cli
+    from minflux_cli import main as cli
 
     out = tmp_path / "demo"
     assert cli.main(["train", "--out", str(out), "--steps", "3", "--batch-size", "8", "--sample-steps", "2"]) == 0

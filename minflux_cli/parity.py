@@ -132,9 +132,3 @@ def run(args) -> int:
     verdict = "[green]all blocks agree[/green]" if full["passed"] else "[bold red]parity FAILED[/bold red]"
     console.print(f"minflux parity: {verdict} ({len(runs)} runs)")
     return 0 if full["passed"] else 1
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv if argv is not None else sys.argv[1:]))

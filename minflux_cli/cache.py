@@ -103,9 +103,10 @@ def encode_images(images: np.ndarray, ae_cfg, ae_path: Path, family: str, args) 
 def run(args) -> int:
     import sys
 
+    from minflux.train import LatentShards
+
     from minflux import checkpoint, configs
     from minflux import generate as gen
-    from minflux.train import LatentShards
 
     try:
         cfg = configs.resolve(args.model)

@@ -1,0 +1,5 @@
+import sys
+
+from minflux_cli.main import main
+
+sys.exit(main())

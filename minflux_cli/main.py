@@ -1,0 +1,76 @@
+"""The `minflux` command: parity | convert | generate | train | cache.
+
+One error contract for every command: a user error (a wrong file, preset, number or combination of flags)
+prints one line naming the argument or file and exits 2; a parity row over its bound exits 1; Ctrl-C and
+SIGTERM print one line and exit 130 / 143, after temporary files are removed (writes clean up in `finally`).
+torch and jax are imported only by the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+
+from minflux.checkpoint import CheckpointError
+from minflux_cli.args import UsageError
+
+COMMANDS = {
+    "parity": "block-by-block agreement of the PyTorch and JAX models (default: tiny checkpoints)",
+    "convert": "convert a checkpoint between the BFL and diffusers layouts",
+    "generate": "sample images with either framework",
+    "train": "train FLUX through JAX",
+    "cache": "encode images + captions into the latent shards `train --data` reads",
+}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so `finally` blocks (temp files) run as for Ctrl-C."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `minflux CMD: error: ...` and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parser() -> Parser:
+    p = Parser(prog="minflux", description=__doc__.splitlines()[0],
+               epilog="no command: `minflux parity` (tiny checkpoints of every family, both frameworks)")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=Parser)
+    for name, help_ in COMMANDS.items():
+        importlib.import_module(f"minflux_cli.{name}").add_arguments(sub.add_parser(name, help=help_,
+                                                                                    description=help_))
+    return p
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv or ["parity"])  # no arguments: the default parity run
+    if args.command is None:
+        parser().error("a command is required")
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    prefix = f"minflux {args.command}"
+    try:
+        return importlib.import_module(f"minflux_cli.{args.command}").run(args)
+    except (UsageError, CheckpointError) as e:
+        print(f"{prefix}: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{prefix}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
