@@ -37,7 +37,7 @@ step() {  # step LIMIT NAME CMD...: run CMD for at most min(LIMIT, time left), o
 }
 
 $py -c "import rich, tqdm" 2>/dev/null || $py -m pip install -q --no-deps --no-index .whl/*.whl >>"$log" 2>&1
-parity=("$py" -m parity --random-weights --device cuda --resolution 1024)
+parity=("$py" -m minflux_cli parity --random-weights --device cuda --resolution 1024)
 for part in $parts; do
   case $part in
     env) step 60 env bash -c "nvidia-smi; $py -c 'import sys, torch, jax, flax, optax; print(sys.version); \
