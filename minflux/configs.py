@@ -37,7 +37,9 @@ class FluxConfig:
     shared_modulation = False  # modulation per block; FLUX.2: three shared modulations
     latent_channels = 16  # autoencoder latents the sampler draws (B, 16, H/8, W/8) ...
     latent_patch = 2  # ... packed 2x2 into 64-channel tokens
+    id_axes = 3  # position ids (t, row, col)
     text_id_axis = None  # text ids are all zero
+    max_refs = 1  # Kontext: one reference image
 
     @staticmethod
     def ref_time(i: int) -> int:
@@ -66,7 +68,9 @@ class Flux2Config:
     shared_modulation = True
     latent_channels = 128  # the autoencoder already patchified: (B, 128, H/16, W/16), one token each
     latent_patch = 1
+    id_axes = 4  # (t, row, col, l)
     text_id_axis = 3  # text token l has ids (0, 0, 0, l)
+    max_refs = None  # any number of reference images
 
     @staticmethod
     def ref_time(i: int) -> int:
@@ -106,6 +110,9 @@ class AutoEncoder2Config(_AutoEncoderShape):
     bn_eps: float = 1e-4
 
     family = "ae2"
+
+
+FAMILIES = {"flux1": FluxConfig, "flux2": Flux2Config}  # family name -> config class (its behaviour properties)
 
 
 def _check(cfg) -> None:

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from minflux import configs, schedules
+
 
 def tensor(key: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """One float32 weight by a single rule keyed by its BFL name, its own stream per (seed, name).
@@ -46,3 +48,11 @@ def tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.n
 def noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Standard-normal float32 noise of `shape` from `seed`: the same starting latents in both frameworks."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def noise_nchw(batch: int, height: int, width: int, family: str, seed: int, pixels_per_token: int = 16) -> np.ndarray:
+    """The sampler's starting latents for a height x width image, (B, C, h, w) float32: FLUX.1 (B, 16, H/8, W/8),
+    FLUX.2 (B, 128, H/16, W/16) (`pixels_per_token` 16 for the real autoencoders, less for the tiny ones)."""
+    spec = configs.FAMILIES[family]
+    h, w = schedules.token_grid(width, height, pixels_per_token)
+    return noise((batch, spec.latent_channels, spec.latent_patch * h, spec.latent_patch * w), seed)

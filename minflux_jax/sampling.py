@@ -20,16 +20,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange, repeat
+from einops import rearrange
 from flax import nnx
 from tqdm.auto import tqdm
 
-from minflux import schedules
+from minflux import configs, ids, random, schedules
 
 Array = jax.Array
-LATENT_CHANNELS = {"flux1": 16, "flux2": 128}  # the latents the sampler draws, before packing
-ID_AXES = {"flux1": 3, "flux2": 4}  # (t, h, w) and (t, h, w, l)
-REF_TIME = {"flux1": lambda i: 1, "flux2": lambda i: 10 + 10 * i}  # t id of reference i
 TRACES: collections.Counter = collections.Counter()  # how often each compiled function was traced
 _PROGRESS = {"bar": None}  # the tqdm bar the compiled loop's callback ticks (None: no bar)
 
@@ -42,53 +39,42 @@ def get_noise(num_samples: int, height: int, width: int, family: str, seed: int,
               pixels_per_token: int = 16) -> Array:
     """Seeded Gaussian latents, NHWC: FLUX.1 (B, H/8, W/8, 16); FLUX.2 (B, H/16, W/16, 128).
 
-    `pixels_per_token` is 16 for the real autoencoders (the tiny test ones downsample less).
-    jax.random, so the numbers differ from PyTorch's for the same seed; cross-framework comparisons
-    pass the same noise to both (`denoise`, `sample`).
+    `pixels_per_token` is 16 for the real autoencoders (the tiny test ones downsample less). Drawn in fp32
+    numpy (`minflux.random.noise`, NCHW, transposed here), so a seed gives the same latents in both frameworks.
     """
-    h, w = schedules.token_grid(width, height, pixels_per_token)
-    c = LATENT_CHANNELS[family]
-    shape = (num_samples, 2 * h, 2 * w, c) if family == "flux1" else (num_samples, h, w, c)
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+    noise = random.noise_nchw(num_samples, height, width, family, seed, pixels_per_token)
+    return jnp.asarray(noise.transpose(0, 2, 3, 1), dtype)
 
 
 def token_grid(x: Array, family: str) -> tuple[int, int]:
     """(h, w) of the token grid of latents x (NHWC); FLUX.1 tokens are 2x2 latent patches."""
-    h, w = x.shape[1:3]
-    return (h // 2, w // 2) if family == "flux1" else (h, w)
+    p = configs.FAMILIES[family].latent_patch
+    return x.shape[1] // p, x.shape[2] // p
 
 
 def pack(x: Array, family: str) -> Array:
     """Latents -> tokens. FLUX.1: 2x2 patches of 16 channels, (B, 2h, 2w, 16) -> (B, h*w, 64);
     FLUX.2: the autoencoder already patchified, (B, h, w, 128) -> (B, h*w, 128)."""
-    if family == "flux1":
-        return rearrange(x, "b (h ph) (w pw) c -> b (h w) (c ph pw)", ph=2, pw=2)
-    return rearrange(x, "b h w c -> b (h w) c")
+    p = configs.FAMILIES[family].latent_patch
+    return rearrange(x, "b (h ph) (w pw) c -> b (h w) (c ph pw)", ph=p, pw=p)
 
 
 def unpack(x: Array, h: int, w: int, family: str) -> Array:
     """Tokens (B, h*w, C) on an h x w grid -> latents; inverse of `pack`."""
-    if family == "flux1":
-        return rearrange(x, "b (h w) (c ph pw) -> b (h ph) (w pw) c", h=h, w=w, ph=2, pw=2)
-    return rearrange(x, "b (h w) c -> b h w c", h=h, w=w)
+    p = configs.FAMILIES[family].latent_patch
+    return rearrange(x, "b (h w) (c ph pw) -> b (h ph) (w pw) c", h=h, w=w, ph=p, pw=p)
 
 
 def image_ids(batch: int, h: int, w: int, family: str, t: float = 0) -> Array:
-    """Position ids of an h x w token grid, row-major: (B, h*w, 3) rows (t, row, col) for FLUX.1,
-    (B, h*w, 4) rows (t, row, col, 0) for FLUX.2; fp32 (the ids are small integers, exact)."""
-    ids = jnp.zeros((h, w, ID_AXES[family]), jnp.float32)
-    ids = ids.at[..., 0].set(t)
-    ids = ids.at[..., 1].set(jnp.arange(h)[:, None])
-    ids = ids.at[..., 2].set(jnp.arange(w)[None, :])
-    return repeat(ids, "h w c -> b (h w) c", b=batch)
+    """Position ids of an h x w token grid (`minflux.ids.image_ids`): (B, h*w, 3) rows (t, row, col) for
+    FLUX.1, (B, h*w, 4) rows (t, row, col, 0) for FLUX.2; fp32 (small integers, exact)."""
+    return jnp.asarray(ids.image_ids(batch, h, w, configs.FAMILIES[family].id_axes, t))
 
 
 def text_ids(batch: int, length: int, family: str) -> Array:
-    """Text position ids: all zeros for FLUX.1 (B, L, 3); (0, 0, 0, l) for FLUX.2 (B, L, 4)."""
-    ids = jnp.zeros((batch, length, ID_AXES[family]), jnp.float32)
-    if family == "flux2":
-        ids = ids.at[..., 3].set(jnp.arange(length))
-    return ids
+    """Text position ids (`minflux.ids.text_ids`): zeros for FLUX.1 (B, L, 3); (0, 0, 0, l) for FLUX.2 (B, L, 4)."""
+    spec = configs.FAMILIES[family]
+    return jnp.asarray(ids.text_ids(batch, length, spec.id_axes, spec.text_id_axis))
 
 
 def reference_tokens(refs: list[Array], family: str) -> tuple[Array, Array]:
@@ -96,14 +82,15 @@ def reference_tokens(refs: list[Array], family: str) -> tuple[Array, Array]:
 
     FLUX.1 Kontext takes one reference at t = 1; FLUX.2 takes several, reference i at t = 10 + 10 i.
     """
-    if family == "flux1" and len(refs) != 1:
-        raise ValueError(f"FLUX.1 Kontext takes exactly one reference image, got {len(refs)}")
-    tokens, ids = [], []
+    spec = configs.FAMILIES[family]
+    if spec.max_refs is not None and len(refs) > spec.max_refs:
+        raise ValueError(f"{family} takes at most {spec.max_refs} reference image(s), got {len(refs)}")
+    tokens, pos = [], []
     for i, ref in enumerate(refs):
         h, w = token_grid(ref, family)
         tokens.append(pack(ref, family))
-        ids.append(image_ids(ref.shape[0], h, w, family, t=REF_TIME[family](i)))
-    return jnp.concatenate(tokens, axis=1), jnp.concatenate(ids, axis=1)
+        pos.append(image_ids(ref.shape[0], h, w, family, t=spec.ref_time(i)))
+    return jnp.concatenate(tokens, axis=1), jnp.concatenate(pos, axis=1)
 
 
 def fill_conditioning(masked: Array, mask: Array, factor: int = 8) -> Array:
@@ -151,7 +138,7 @@ def conditioning(model, img_ids: Array, txt: Array, txt_ids: Array, vec=None, gu
         if neg_txt.shape[1:] != txt.shape[1:]:
             raise ValueError(f"negative text {tuple(neg_txt.shape)} and text {tuple(txt.shape)} must have the "
                              f"same length and width (pad both to the text encoder's max length)")
-        if model.params.family == "flux1" and neg_vec is None:
+        if vec is not None and neg_vec is None:
             raise ValueError("FLUX.1 true CFG needs the negative pooled vector `neg_vec` too")
         txt, txt_ids = jnp.concatenate((neg_txt, txt)), jnp.concatenate((txt_ids, txt_ids))
         vec = jnp.concatenate((neg_vec, vec)) if vec is not None else None

@@ -16,15 +16,11 @@ The loop runs under `torch.inference_mode`; `minflux generate --compile` wraps t
 from __future__ import annotations
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from minflux import schedules
-
-LATENT_CHANNELS = {"flux1": 16, "flux2": 128}  # the latents the sampler draws, before packing
-ID_AXES = {"flux1": 3, "flux2": 4}  # (t, h, w) and (t, h, w, l)
-REF_TIME = {"flux1": lambda i: 1, "flux2": lambda i: 10 + 10 * i}  # t id of reference i
+from minflux import configs, ids, random, schedules
 
 # ---------------------------------------------------------------------------------------------
 # Noise, packing and position ids
@@ -35,54 +31,43 @@ def get_noise(num_samples: int, height: int, width: int, family: str, seed: int,
               dtype: torch.dtype = torch.float32, device="cpu", pixels_per_token: int = 16) -> Tensor:
     """Seeded Gaussian latents, NCHW: FLUX.1 (B, 16, H/8, W/8); FLUX.2 (B, 128, H/16, W/16).
 
-    `pixels_per_token` is 16 for the real autoencoders (the tiny test ones downsample less).
-    Drawn in fp32 on the CPU generator, so a seed gives the same picture on every device (BFL draws
-    on the GPU in bf16, which no CPU run can reproduce).
+    `pixels_per_token` is 16 for the real autoencoders (the tiny test ones downsample less). Drawn in fp32
+    numpy (`minflux.random.noise`, NCHW), so a seed gives the same latents in both frameworks and on every
+    device (BFL draws on the GPU in bf16, which no CPU run can reproduce).
     """
-    h, w = schedules.token_grid(width, height, pixels_per_token)
-    c = LATENT_CHANNELS[family]
-    shape = (num_samples, c, 2 * h, 2 * w) if family == "flux1" else (num_samples, c, h, w)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    return noise.to(device=device, dtype=dtype)
+    return torch.from_numpy(random.noise_nchw(num_samples, height, width, family, seed, pixels_per_token)).to(
+        device=device, dtype=dtype)
 
 
 def token_grid(x: Tensor, family: str) -> tuple[int, int]:
     """(h, w) of the token grid of latents x (NCHW); FLUX.1 tokens are 2x2 latent patches."""
-    h, w = x.shape[-2:]
-    return (h // 2, w // 2) if family == "flux1" else (h, w)
+    p = configs.FAMILIES[family].latent_patch
+    return x.shape[-2] // p, x.shape[-1] // p
 
 
 def pack(x: Tensor, family: str) -> Tensor:
     """Latents -> tokens. FLUX.1: 2x2 patches of 16 channels, (B, 16, 2h, 2w) -> (B, h*w, 64);
     FLUX.2: the autoencoder already patchified, (B, 128, h, w) -> (B, h*w, 128)."""
-    if family == "flux1":
-        return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
-    return rearrange(x, "b c h w -> b (h w) c")
+    p = configs.FAMILIES[family].latent_patch
+    return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=p, pw=p)
 
 
 def unpack(x: Tensor, h: int, w: int, family: str) -> Tensor:
     """Tokens (B, h*w, C) on an h x w grid -> latents; inverse of `pack`."""
-    if family == "flux1":
-        return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
-    return rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+    p = configs.FAMILIES[family].latent_patch
+    return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=p, pw=p)
 
 
 def image_ids(batch: int, h: int, w: int, family: str, t: float = 0) -> Tensor:
-    """Position ids of an h x w token grid, row-major: (B, h*w, 3) rows (t, row, col) for FLUX.1,
-    (B, h*w, 4) rows (t, row, col, 0) for FLUX.2; fp32 (the ids are small integers, exact)."""
-    ids = torch.zeros(h, w, ID_AXES[family])
-    ids[..., 0] = t
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
-    return repeat(ids, "h w c -> b (h w) c", b=batch)
+    """Position ids of an h x w token grid (`minflux.ids.image_ids`): (B, h*w, 3) rows (t, row, col) for
+    FLUX.1, (B, h*w, 4) rows (t, row, col, 0) for FLUX.2; fp32 (small integers, exact)."""
+    return torch.from_numpy(ids.image_ids(batch, h, w, configs.FAMILIES[family].id_axes, t))
 
 
 def text_ids(batch: int, length: int, family: str) -> Tensor:
-    """Text position ids: all zeros for FLUX.1 (B, L, 3); (0, 0, 0, l) for FLUX.2 (B, L, 4)."""
-    ids = torch.zeros(batch, length, ID_AXES[family])
-    if family == "flux2":
-        ids[..., 3] = torch.arange(length)
-    return ids
+    """Text position ids (`minflux.ids.text_ids`): zeros for FLUX.1 (B, L, 3); (0, 0, 0, l) for FLUX.2 (B, L, 4)."""
+    spec = configs.FAMILIES[family]
+    return torch.from_numpy(ids.text_ids(batch, length, spec.id_axes, spec.text_id_axis))
 
 
 def reference_tokens(refs: list[Tensor], family: str) -> tuple[Tensor, Tensor]:
@@ -90,14 +75,15 @@ def reference_tokens(refs: list[Tensor], family: str) -> tuple[Tensor, Tensor]:
 
     FLUX.1 Kontext takes one reference at t = 1; FLUX.2 takes several, reference i at t = 10 + 10 i.
     """
-    if family == "flux1" and len(refs) != 1:
-        raise ValueError(f"FLUX.1 Kontext takes exactly one reference image, got {len(refs)}")
-    tokens, ids = [], []
+    spec = configs.FAMILIES[family]
+    if spec.max_refs is not None and len(refs) > spec.max_refs:
+        raise ValueError(f"{family} takes at most {spec.max_refs} reference image(s), got {len(refs)}")
+    tokens, pos = [], []
     for i, ref in enumerate(refs):
         h, w = token_grid(ref, family)
         tokens.append(pack(ref, family))
-        ids.append(image_ids(ref.shape[0], h, w, family, t=REF_TIME[family](i)))
-    return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
+        pos.append(image_ids(ref.shape[0], h, w, family, t=spec.ref_time(i)).to(ref.device))
+    return torch.cat(tokens, dim=1), torch.cat(pos, dim=1)
 
 
 def fill_conditioning(masked: Tensor, mask: Tensor, factor: int = 8) -> Tensor:
@@ -145,7 +131,7 @@ def conditioning(model, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec=None,
         if neg_txt.shape[1:] != txt.shape[1:]:
             raise ValueError(f"negative text {tuple(neg_txt.shape)} and text {tuple(txt.shape)} must have the "
                              f"same length and width (pad both to the text encoder's max length)")
-        if model.params.family == "flux1" and neg_vec is None:
+        if vec is not None and neg_vec is None:
             raise ValueError("FLUX.1 true CFG needs the negative pooled vector `neg_vec` too")
         txt, txt_ids = torch.cat((neg_txt, txt)), torch.cat((txt_ids, txt_ids))
         vec = torch.cat((neg_vec, vec)) if vec is not None else None

@@ -206,6 +206,8 @@ def test_noise_shapes_and_seeds():
         assert not torch.equal(a, ts.get_noise(1, 64, 96, family, seed=4))
         j = js.get_noise(1, 64, 96, family, seed=3)
         assert j.shape == jshape and np.array_equal(np.asarray(j), np.asarray(js.get_noise(1, 64, 96, family, 3)))
+        # the same numbers in both frameworks (NCHW vs NHWC): one picture per seed, whichever framework draws it
+        assert np.array_equal(np.asarray(j), a.permute(0, 2, 3, 1).numpy())
     with pytest.raises(ValueError, match="multiple of 16"):
         ts.get_noise(1, 72, 64, "flux1", seed=0)
 
@@ -245,7 +247,7 @@ def _inputs(cfg, opts, h=3, w=4, lt=5, seed=0) -> dict:
     if fam == "flux1":
         kw["vec"] = rng.standard_normal((1, cfg.vec_in_dim), np.float32)
     if opts.get("refs"):
-        refs = [torch.from_numpy(rng.standard_normal((1, ts.LATENT_CHANNELS[fam], 2 + i, 4), np.float32))
+        refs = [torch.from_numpy(rng.standard_normal((1, configs.FAMILIES[fam].latent_channels, 2 + i, 4), np.float32))
                 for i in range(opts["refs"])]
         tok, ids = ts.reference_tokens(refs, fam)
         kw["img_cond_seq"], kw["img_cond_seq_ids"] = tok.numpy(), ids.numpy()
