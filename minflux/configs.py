@@ -164,6 +164,25 @@ PRESETS: dict[str, object] = {
 }
 
 
+def pixels_per_token(ae_cfg) -> int:
+    """Image pixels per transformer token side: the autoencoder's downsampling times the 2x2 packing
+    (16 for the real autoencoders; 4 for the tiny ones)."""
+    return 2 * 2 ** (len(ae_cfg.ch_mult) - 1)
+
+
+def input_kind(cfg, pixels: int = 16) -> str:
+    """What a FLUX transformer takes besides its noisy latent tokens, read off `in_channels`: "text" (text to
+    image, Kontext references; FLUX.2), "fill" (FLUX.1 Fill: masked-image tokens + the mask folded into 256
+    channels) or "control" (FLUX.1 Canny/Depth: control-image tokens). Raises ValueError for other widths."""
+    tokens = cfg.latent_channels * cfg.latent_patch**2  # channels of one image token
+    fill = 2 * tokens + 4 * (pixels // 2) ** 2  # + masked image + mask folded (pixels/2)^2 then 2x2
+    kinds = {tokens: "text", 2 * tokens: "control", fill: "fill"} if cfg.family == "flux1" else {tokens: "text"}
+    if cfg.in_channels not in kinds:
+        raise ValueError(f"in_channels {cfg.in_channels} is none of {sorted(kinds)} "
+                         f"({', '.join(f'{v}: {k}' for k, v in sorted(kinds.items()))})")
+    return kinds[cfg.in_channels]
+
+
 def names() -> list[str]:
     """Every preset name, including the tiny test presets."""
     return list(PRESETS)

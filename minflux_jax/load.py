@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minflux import checkpoint, configs, keymaps
+from minflux import checkpoint, configs, keymaps, random
 from minflux_jax.autoencoder import AutoEncoder
 from minflux_jax.flux1 import Flux
 from minflux_jax.flux2 import Flux2
@@ -92,7 +92,15 @@ def abstract_model(cfg_or_name, dtype=jnp.float32) -> nnx.Module:
 
 
 def build_model(cfg_or_name, seed: int = 0, dtype=jnp.float32) -> nnx.Module:
-    """A model with random weights (Flax's default init, seeded)."""
+    """A model with seeded random weights (`minflux.random`, numpy): the same values `minflux_torch.build_model`
+    gives for the same seed, so a random-weight model computes the same numbers in both frameworks."""
+    model = abstract_model(cfg_or_name, dtype)
+    assign(model, random.tensors(torch_shapes(model), seed))
+    return model
+
+
+def init_model(cfg_or_name, seed: int = 0, dtype=jnp.float32) -> nnx.Module:
+    """A model with Flax's own initialisers (seeded): the starting point of training from scratch."""
     cfg = configs.resolve(cfg_or_name)
     return MODELS[cfg.family](cfg, dtype=dtype, rngs=nnx.Rngs(seed))
 

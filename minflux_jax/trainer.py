@@ -148,8 +148,8 @@ class Trainer:
         if opts.batch_size % self.mesh.size:
             raise ValueError(f"batch_size {opts.batch_size} must divide over the {self.mesh.size} devices")
         # weights: the master copy is built (or loaded) in the master dtype; the step runs a compute-dtype model
-        model = load.load_model(self.cfg, opts.init, master) if opts.init else load.build_model(self.cfg, opts.seed,
-                                                                                                master)
+        model = load.load_model(self.cfg, opts.init, master) if opts.init else load.init_model(self.cfg, opts.seed,
+                                                                                               master)
         self.linear_names = linear_names(model)
         _, params, self.paths = split_params(model)
         self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: load.MODELS[self.cfg.family](

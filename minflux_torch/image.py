@@ -1,35 +1,24 @@
 """Images <-> tensors in [-1, 1] for the autoencoder, in PyTorch (NCHW). Twin: `minflux_jax/image.py`.
 
-PNG and every other format PIL reads; the conversions are numpy, so both frameworks
-produce bit-identical pixels.
+The pixels come from `minflux.images` (numpy), so both frameworks see bit-identical inputs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+
+from minflux import images
+from minflux.images import to_uint8  # noqa: F401  (re-exported)
 
 
 def load_image(path, multiple: int = 16) -> torch.Tensor:
     """An image file -> (1, 3, H, W) float32 in [-1, 1], centre-cropped to a multiple of `multiple` pixels
-    (16: the FLUX latent grid after the 2x2 patchify)."""
-    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
-    h, w = img.shape[0] // multiple * multiple, img.shape[1] // multiple * multiple
-    if not h or not w:
-        raise ValueError(f"{path}: image {img.shape[1]}x{img.shape[0]} is smaller than {multiple} pixels")
-    top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
-    img = img[top : top + h, left : left + w] / 127.5 - 1.0
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8, clipped and rounded (BFL truncates with `.byte()`; rounding is unbiased)."""
-    return np.round((np.clip(x.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    (16: the FLUX latent grid after the 2x2 patchify); `minflux.images.load`."""
+    return torch.from_numpy(np.ascontiguousarray(images.load(path, multiple=multiple).transpose(2, 0, 1)))[None]
 
 
 def save_image(x: torch.Tensor, path) -> None:
     """(1, 3, H, W) or (3, H, W) in [-1, 1] -> an image file (format from the suffix, e.g. .png)."""
     x = x.detach().float().cpu().numpy()
-    x = x[0] if x.ndim == 4 else x
-    Image.fromarray(to_uint8(x.transpose(1, 2, 0))).save(path)
+    images.save((x[0] if x.ndim == 4 else x).transpose(1, 2, 0), path)

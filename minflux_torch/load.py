@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from minflux import checkpoint, configs
+from minflux import checkpoint, configs, random
 from minflux_torch.autoencoder import AutoEncoder
 from minflux_torch.flux1 import Flux
 from minflux_torch.flux2 import Flux2
@@ -34,12 +34,17 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def build_model(cfg_or_name, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """A model with random weights (PyTorch's default init, seeded)."""
+    """A model with seeded random weights (`minflux.random`, numpy): the same values `minflux_jax.build_model`
+    gives for the same seed, so a random-weight model computes the same numbers in both frameworks."""
     cfg = configs.resolve(cfg_or_name)
-    torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device("meta"):
         model = MODELS[cfg.family](cfg)
-    return model.to(dtype).eval()
+    meta = model.state_dict()
+    floats = {k: tuple(v.shape) for k, v in meta.items() if v.dtype.is_floating_point}
+    state = {k: to_torch(v).to(device=device, dtype=dtype) for k, v in random.tensors(floats, seed).items()}
+    state.update({k: torch.zeros(v.shape, dtype=v.dtype, device=device) for k, v in meta.items() if k not in floats})
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def load_model(cfg_or_name, path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:

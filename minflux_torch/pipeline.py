@@ -1,0 +1,106 @@
+"""Generation as one library call in PyTorch: prompt embeddings (+ references, init image, mask, control image)
+-> decoded images. Twin: `minflux_jax/pipeline.py` (the same functions and arguments; images NCHW here).
+
+Follows BFL flux `cli.py` / `cli_fill.py` / `cli_control.py` / `cli_kontext.py` and flux2 `cli.py`: encode the
+conditioning images, draw the noise (numpy, `minflux.random`: the same latents in both frameworks for a seed),
+integrate the flow (`sampling.sample`), decode one image at a time. Inputs and outputs are numpy, so a caller
+never touches framework tensors:
+
+    import numpy as np, torch
+    from minflux import configs, images
+    import minflux_torch as mt
+    from minflux_torch import pipeline
+    model = mt.build_model("flux2-tiny", seed=0)                      # or mt.load_model(cfg, path)
+    ae = mt.build_model("flux2-ae-tiny", seed=1)
+    txt = np.random.default_rng(0).standard_normal((1, 16, 48), np.float32)   # (B, L, context_in_dim)
+    out = pipeline.generate(model, ae, txt, width=64, height=64, steps=4)     # (1, 64, 64, 3) uint8
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from minflux import configs, images
+from minflux_torch import sampling
+
+# ---------------------------------------------------------------------------------------------
+# Autoencoder <-> numpy images
+# ---------------------------------------------------------------------------------------------
+
+
+def _layout(x: np.ndarray, like: nn.Module) -> torch.Tensor:
+    """(N, H, W, C) numpy -> NCHW tensor on the module's device and dtype."""
+    p = next(like.parameters())
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(p.device, p.dtype)
+
+
+@torch.inference_mode()
+def encode(ae: nn.Module, pixels: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) float in [-1, 1] -> latents NCHW (the autoencoder's dtype)."""
+    return ae.encode(_layout(pixels, ae))
+
+
+@torch.inference_mode()
+def decode(ae: nn.Module, latents: torch.Tensor) -> np.ndarray:
+    """Latents NCHW -> (N, H, W, 3) uint8, one image at a time (bounded memory)."""
+    dtype = next(ae.parameters()).dtype
+    out = [ae.decode(z[None].to(dtype)).float().permute(0, 2, 3, 1).cpu().numpy() for z in latents]
+    return images.to_uint8(np.concatenate(out))
+
+
+@torch.inference_mode()
+def encode_tokens(ae: nn.Module, pixels: np.ndarray, family: str, batch_size: int = 8) -> tuple[np.ndarray, tuple]:
+    """(N, H, W, 3) in [-1, 1] -> packed latent tokens (N, L, C) float32 numpy and the (h, w) token grid:
+    what `minflux cache` stores for training."""
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        z = encode(ae, pixels[i : i + batch_size])
+        out.append(sampling.pack(z, family).float().cpu().numpy())
+    return np.concatenate(out), sampling.token_grid(z, family)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, ae: nn.Module, txt: np.ndarray, vec: np.ndarray | None = None, *, width: int,
+             height: int, seed: int = 0, steps: int = 28, guidance: float | None = None, cfg_scale: float = 1.0,
+             neg_txt: np.ndarray | None = None, neg_vec: np.ndarray | None = None, refs=(),
+             init: np.ndarray | None = None, strength: float = 1.0, mask: np.ndarray | None = None,
+             control: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+    """Images for B prompts: (B, height, width, 3) uint8.
+
+    txt (B, L, context_in_dim) and, for FLUX.1, vec (B, 768): prompt embeddings (numpy, any float dtype);
+    neg_txt / neg_vec: the negative prompt for true CFG (`cfg_scale` != 1). Images are numpy (H, W, C) from
+    `minflux.images.load`: refs (Kontext: one; FLUX.2: several), init (img2img from `strength`, or the image
+    to inpaint with `mask` (H, W, 1), 1 = repaint, for FLUX.1 Fill), control (FLUX.1 Canny/Depth: the edge or
+    depth map), init, mask and control at width x height. Raises ValueError for a conditioning the model
+    does not take (names it).
+    """
+    cfg, family = model.params, model.params.family
+    device = next(model.parameters()).device
+    ppt = configs.pixels_per_token(ae.params)
+    kind = configs.input_kind(cfg, ppt)
+    if (mask is not None) != (kind == "fill") or (control is not None) != (kind == "control"):
+        raise ValueError(f"a {kind} model: " + {"fill": "pass init and mask", "control": "pass control"}.get(
+            kind, "mask and control need FLUX.1 Fill / Canny / Depth models"))
+    emb = {k: None if v is None else torch.from_numpy(np.asarray(v, np.float32)).to(device)
+           for k, v in dict(txt=txt, vec=vec, neg_txt=neg_txt, neg_vec=neg_vec).items()}
+    img_cond = None
+    if kind == "fill":  # BFL prepare_fill: the image with the repaint region blanked, then the mask
+        masked = encode(ae, (init * (1 - mask))[None])
+        img_cond = sampling.fill_conditioning(masked, _layout(mask[None], ae), factor=ppt // 2)
+        init = None
+    elif kind == "control":  # BFL prepare_control, after its edge / depth detector
+        img_cond = sampling.pack(encode(ae, control[None]), family)
+    noise = sampling.get_noise(len(txt), height, width, family, seed, device=device, pixels_per_token=ppt)
+    latents = sampling.sample(model, noise, emb["txt"], emb["vec"], steps=steps, guidance=guidance,
+                              cfg_scale=cfg_scale, neg_txt=emb["neg_txt"], neg_vec=emb["neg_vec"],
+                              refs=[encode(ae, r[None]) for r in refs], img_cond=img_cond,
+                              init=None if init is None else encode(ae, init[None]), strength=strength,
+                              progress=progress)
+    return decode(ae, latents)
