@@ -15,8 +15,8 @@ def load(path, size: tuple[int, int] | None = None, multiple: int = 16, max_pixe
          square: bool = False, gray: bool = False) -> np.ndarray:
     """An image file as float32 (H, W, 3) in [-1, 1] (gray: (H, W, 1) in [0, 1], for masks).
 
-    size (w, h): resized to exactly that (Lanczos). Otherwise: `square` centre-crops to a square first; an image
-    over `max_pixels` is scaled down to it; then centre-cropped to a multiple of `multiple` pixels per side.
+    `square` centre-crops to a square first. size (w, h): then resized to exactly that (Lanczos). Otherwise an
+    image over `max_pixels` is scaled down to it, then centre-cropped to a multiple of `multiple` pixels per side.
     Raises ValueError naming the file when it cannot be read as an image or is smaller than `multiple`.
     """
     from PIL import Image, UnidentifiedImageError
@@ -26,13 +26,13 @@ def load(path, size: tuple[int, int] | None = None, multiple: int = 16, max_pixe
             img = im.convert("L" if gray else "RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path}: not an image PIL can read ({e.__class__.__name__})") from None
+    if square:
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s))
     if size is not None:
         img = img.resize(size, Image.Resampling.LANCZOS)
     else:
-        if square:
-            s = min(img.size)
-            left, top = (img.width - s) // 2, (img.height - s) // 2
-            img = img.crop((left, top, left + s, top + s))
         if max_pixels and img.width * img.height > max_pixels:
             scale = (max_pixels / (img.width * img.height)) ** 0.5
             img = img.resize((int(img.width * scale), int(img.height * scale)), Image.Resampling.LANCZOS)

@@ -52,9 +52,10 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv or ["parity"])  # no arguments: the default parity run
-    if args.command is None:
-        parser().error("a command is required")
+    try:
+        args = parser().parse_args(argv or ["parity"])  # no arguments: the default parity run
+    except SystemExit as e:  # --help (0) or a usage error (2, one line already printed): a return value
+        return e.code
     previous = signal.signal(signal.SIGTERM, _terminate)
     prefix = f"minflux {args.command}"
     try:

@@ -11,6 +11,7 @@ from test_generate_text import QWEN_LAYERS, files  # noqa: F401  (the fixture)
 
 from minflux import configs
 from minflux.data import LatentShards
+from minflux.images import load as load_image
 from minflux_cli import main as cli
 
 
@@ -37,7 +38,6 @@ def test_cache_matches_the_other_framework_and_trains(files, tmp_path, model, fr
 
     import minflux_jax as mj
     import minflux_torch as mt
-    from minflux_cli import cache
     from minflux_jax import sampling as js
     from minflux_jax import text as jt
     from minflux_torch import sampling as ts
@@ -53,7 +53,7 @@ def test_cache_matches_the_other_framework_and_trains(files, tmp_path, model, fr
     side = 32 // (2 ** (len(ae.ch_mult) - 1) * 2)  # autoencoder downsampling, then 2x2 (pack or patchify)
     assert len(data) == 3 and data.arrays["img"].shape[1:] == (side * side, cfg.in_channels)
     # the latents and embeddings again, by the *other* framework's autoencoder and text encoder
-    pix = np.stack([cache.load_square(images / f"im{i}.png", 32) for i in range(3)])
+    pix = np.stack([load_image(images / f"im{i}.png", (32, 32), square=True) for i in range(3)])
     ae_cfg = model.replace("-tiny", "-ae-tiny")
     caps = [(images / f"im{i}.txt").read_text().strip() for i in range(3)] + [""]  # + the empty prompt
     kw = {"max_length": 20} if model == "flux1-tiny" else {"max_length": 40, "layers": (1, 2, 3)}
@@ -97,5 +97,5 @@ def test_cache_errors(files, tmp_path, capsys):  # noqa: F811
     assert cli.main(cache_args(files, "flux2-tiny", images, tmp_path / "out", "torch")) == 2
     assert "im0.png: no caption file im0.txt" in capsys.readouterr().err
     assert cli.main(cache_args(files, "flux2-tiny", tmp_path / "nope", tmp_path / "out", "torch")) == 2
-    assert "no such directory" in capsys.readouterr().err
+    assert "nope: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -132,7 +132,7 @@ def test_errors(files, tmp_path, capsys):
                                                       str(files["flux2-enc"])])
     assert "FLUX.1 takes CLIP-L and T5 from a diffusers-style root" in msg and "text_encoder_2/config.json" in msg
     assert "needs --text-encoder" in error(f2)
-    assert "no such directory" in error(f2 + ["--text-encoder", str(tmp_path / "missing")])
+    assert "missing: no such file or directory" in error(f2 + ["--text-encoder", str(tmp_path / "missing")])
     assert "exclude each other" in error(f2 + ["--text-encoder", str(files["flux2-enc"]), "--embeddings",
                                                str(files["flux2-tiny"])])
     assert "--negative-prompt needs --prompt" in error(base(files, "flux2-tiny", "torch") + ["--negative-prompt", "x"])

@@ -430,7 +430,8 @@ def test_generate_control(tmp_path, monkeypatch, capsys):
         assert cli.main(base + ["--framework", fw, "--control", str(tmp_path / f"edges-{edges}.png"),
                                 "--out", str(path)]) == 0
         out[fw, edges] = _png(path).astype(int)
-    assert out["jax", "a"].shape == out["torch", "a"].shape == (32, 32, 3)  # (their noise generators differ)
+    # the same noise (numpy) and weights: the same picture in both frameworks, up to fp32 rounding
+    assert np.abs(out["jax", "a"] - out["torch", "a"]).max() <= 1
     assert np.abs(out["torch", "a"] - out["torch", "b"]).mean() > 1  # the control reaches the model
 
     def error(args) -> str:
@@ -487,7 +488,7 @@ def test_generate_from_files_and_errors(tmp_path, capsys):
     assert "FLUX.1" in error(["generate", "--model", "flux2-tiny", "--transformer", str(f["t1"]), "--ae",
                               str(f["ae2"]), "--embeddings", str(f["emb"])])
     assert "--transformer is required" in error(["generate", "--model", "flux1-tiny"])
-    assert "unknown config" in error(["generate", "--model", "flux3-huge", "--random-weights"])
+    assert "unknown preset 'flux3-huge'" in error(["generate", "--model", "flux3-huge", "--random-weights"])
     assert "--neg-embeddings is required" in error(base + ["--cfg", "3"])
     assert "'vec'" in error(base + ["--embeddings", str(f["ae1"])])  # not an embedding file
     assert "Fill" in error(base + ["--mask", str(f["emb"])])

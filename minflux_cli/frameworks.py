@@ -1,0 +1,61 @@
+"""The one place a command picks a framework: its package, pipeline, text encoders, dtypes and device."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Framework:
+    """`minflux_torch` or `minflux_jax` behind the same calls; `kw` carries dtype (and the torch device)."""
+
+    name: str  # "torch" | "jax"
+    dtype: str  # "fp32" | "bf16"
+    device: str | None = None  # torch only; default cuda when available
+
+    def _import(self, module: str = ""):
+        return importlib.import_module(f"minflux_{self.name}{'.' + module if module else ''}")
+
+    @property
+    def package(self):
+        return self._import()
+
+    @property
+    def pipeline(self):
+        return self._import("pipeline")
+
+    @property
+    def text(self):
+        return self._import("text")
+
+    @property
+    def kw(self) -> dict:
+        """dtype= (and device= for torch) for build_model / load_model."""
+        if self.name == "torch":
+            import torch
+
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            return {"dtype": {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype], "device": device}
+        import jax.numpy as jnp
+
+        return {"dtype": {"bf16": jnp.bfloat16, "fp32": jnp.float32}[self.dtype]}
+
+    def model(self, cfg, path=None, seed: int = 0):
+        """A model of `cfg`: loaded from `path`, or seeded random weights (the same in both frameworks)."""
+        if path is None:
+            return self.package.build_model(cfg, seed=seed, **self.kw)
+        return self.package.load_model(cfg, path, **self.kw)
+
+    def encode_prompts(self, kind: str, directory, prompts: list[str], **kw) -> dict[str, np.ndarray]:
+        """Prompt embeddings as numpy in the encoder's dtype (the encoder is freed before this returns)."""
+        out = self.text.encode_prompts(kind, directory, prompts, **self.kw, **kw)
+        if self.name == "torch":
+            from minflux_torch.load import to_numpy
+
+            return {k: to_numpy(v) for k, v in out.items()}
+        import jax
+
+        return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
