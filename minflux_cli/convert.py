@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
 
 from minflux import checkpoint
-from minflux.checkpoint import CheckpointError
 from minflux.convert import DTYPES, convert
+from minflux_cli.args import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,11 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        s = convert(args.src, args.dst, to=args.to, dtype=args.dtype, progress=not args.no_progress)
-    except CheckpointError as e:
-        print("minflux convert: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
-        return 2
+    src, dst = Path(args.src), Path(args.dst)
+    if dst.is_dir():
+        raise UsageError(f"dst {dst}: is a directory; name the output .safetensors file")
+    if src.exists() and dst.exists() and dst.resolve() == src.resolve():
+        raise UsageError(f"dst {dst} is the source file: write the conversion to another path")
+    s = convert(src, dst, to=args.to, dtype=args.dtype, progress=not args.no_progress)
     print(f"wrote {s['dst']}: {s['tensors']} tensors, {s['bytes'] / 1e9:.2f} GB, {s['from']} -> {s['to']}, "
           f"{s['seconds']:.1f} s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s)")
     return 0

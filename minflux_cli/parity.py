@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from minflux_cli.args import UsageError, existing, nonneg_int, pixels, positive_int, preset
+
 TINY_DEFAULTS = [  # (preset, layout written) for the default run
     ("flux1-tiny", "bfl"),
     ("flux2-tiny", "bfl"),
@@ -22,19 +24,20 @@ TINY_DEFAULTS = [  # (preset, layout written) for the default run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="preset name (see minflux.configs.names()); needed with --checkpoint")
-    p.add_argument("--checkpoint", type=Path, help="safetensors file or directory of shards, any supported layout")
+    p.add_argument("--model", type=preset, help="preset name (see minflux.configs.names()); with --checkpoint or "
+                   "--random-weights")
+    p.add_argument("--checkpoint", type=existing, help="safetensors file or directory of shards, any supported layout")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights of --model's shapes")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or both as 'fp32,bf16' (default fp32)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--allow-tf32", action="store_true", help="canary: leave TF32 on; the fp32 bar must then fail")
-    p.add_argument("--resolution", type=int,
+    p.add_argument("--resolution", type=pixels,
                    help="image side in pixels (default: 64 / 32 tiny transformer / autoencoder; 1024 / 512 full size)")
-    p.add_argument("--txt-len", type=int, help="text tokens (default 8 tiny, 512 full size)")
-    p.add_argument("--trajectory", type=int, metavar="N",
+    p.add_argument("--txt-len", type=positive_int, help="text tokens (default 8 tiny, 512 full size)")
+    p.add_argument("--trajectory", type=nonneg_int, metavar="N",
                    help="also compare an N-step sampling trajectory from identical noise (transformers; holds both "
                         "whole models; default 4 in the no-argument run, else off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
     p.add_argument("--plot", type=Path, help="write a PNG of error against depth")
 
@@ -43,13 +46,16 @@ def _runs(args) -> list[tuple[object, Path | None, str]]:
     """(config, checkpoint path or None for random, label) for each model to check."""
     from minflux import configs
 
+    if args.checkpoint and args.random_weights:
+        raise UsageError("--checkpoint and --random-weights exclude each other: weights from a file, or random")
     if args.checkpoint or args.random_weights:
         if not args.model:
-            raise SystemExit("minflux parity: --model NAME is required with --checkpoint / --random-weights; "
-                             f"valid names: {', '.join(configs.names())}")
-        if args.checkpoint and not args.checkpoint.exists():
-            raise SystemExit(f"minflux parity: --checkpoint {args.checkpoint}: no such file or directory")
+            raise UsageError("--model NAME is required with --checkpoint / --random-weights; presets: "
+                             + ", ".join(configs.names()))
         return [(configs.resolve(args.model), args.checkpoint, args.model)]
+    if args.model:
+        raise UsageError(f"--model {args.model} needs --checkpoint FILE or --random-weights (without --model, "
+                         "parity checks the tiny default suite)")
     return []
 
 
@@ -69,25 +75,24 @@ def _default_checkpoints(tmp: Path) -> list[tuple[object, Path, str]]:
 def run(args) -> int:
     from rich.console import Console
 
-    from minflux import checkpoint
     from parity import autoencoder, precision, report, transformer, weights
 
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI get the full table
+    explicit = _runs(args)  # a model named on the command line; else the default tiny run
     dtypes = [d.strip() for d in args.dtype.split(",")]
-    if any(d not in ("fp32", "bf16") for d in dtypes):
-        raise SystemExit(f"minflux parity: --dtype {args.dtype!r}: use fp32, bf16 or fp32,bf16")
+    if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):
+        raise UsageError(f"--dtype {args.dtype!r}: use fp32, bf16 or fp32,bf16")
     if args.device == "cuda":
         # Both frameworks share the GPU: JAX must not reserve 75% of it when its backend starts.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit("minflux parity: --device cuda, but PyTorch sees no CUDA device")
+            raise UsageError("--device cuda, but PyTorch sees no CUDA device")
     settings = precision.configure(args.device, args.allow_tf32)
     if not args.allow_tf32:
         precision.assert_full_precision()
     with tempfile.TemporaryDirectory(prefix="minflux-parity-") as tmp:
-        explicit = _runs(args)  # a model named on the command line; else the default tiny run
         todo = explicit or _default_checkpoints(Path(tmp))
         run_dtypes = dtypes if explicit else ["fp32", "bf16"]
         steps = args.trajectory if args.trajectory is not None else (0 if explicit else 4)
@@ -99,12 +104,9 @@ def run(args) -> int:
                 is_ae, tiny]
             txt_len = args.txt_len or (8 if tiny else 512)
             expected = transformer.TorchSide(cfg, "fp32", "meta").expected  # the model's keys and shapes
-            try:  # validated once per model, read per dtype
-                src = (weights.CheckpointWeights(path, cfg, expected) if path
-                       else weights.RandomWeights(cfg, expected, args.seed))
-            except checkpoint.CheckpointError as e:
-                console.print(f"[bold red]error:[/bold red] {e}")
-                return 2
+            # validated once per model, read per dtype (a CheckpointError is a one-line error, exit 2)
+            src = (weights.CheckpointWeights(path, cfg, expected) if path
+                   else weights.RandomWeights(cfg, expected, args.seed))
             for dtype in run_dtypes:
                 with console.status(f"{label} {dtype}: comparing") as status:
                     show = lambda s, lb=label, dt=dtype: status.update(f"{lb} {dt}: {s}")  # noqa: E731
