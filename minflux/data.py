@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from minflux import configs, ids
+from minflux.checkpoint import CheckpointError, read_header
 
 # The default demo model: FLUX.2 blocks at toy width; 48 input channels = 4x4 RGB pixel patches.
 DEMO = configs.Flux2Config(in_channels=48, context_in_dim=32, hidden_size=128, num_heads=4, depth=2,
@@ -84,34 +85,78 @@ class LatentShards(Dataset):
     """Cached latents for fine-tuning: a directory of safetensors shards, each with per-sample tensors
     img (N, L, C) latent tokens, img_ids (N, L, axes), txt (N, Lt, D), txt_ids (N, Lt, axes), and for
     FLUX.1 vec (N, 768). Write them once with the autoencoder and text encoder; training never runs those.
-    `minflux cache` also writes EMPTY (the empty prompt's txt, and vec), which caption dropout uses."""
+    `minflux cache` also writes EMPTY (the empty prompt's txt, and vec), which caption dropout uses.
+
+    With `cfg`, every shard is checked against the model's widths (`check_shapes`) before training starts.
+    Raises `CheckpointError` naming the directory or the shard: no shards, an unreadable file, a missing key,
+    tensors that disagree (sample counts, shapes between shards) or do not fit `cfg`, a missing EMPTY.
+    """
 
     KEYS = ("img", "img_ids", "txt", "txt_ids")
     EMPTY = "empty_caption.safetensors"
 
-    def __init__(self, directory, seed: int = 0, caption_dropout: float = 0.0):
-        from safetensors.numpy import load_file
-
+    def __init__(self, directory, seed: int = 0, caption_dropout: float = 0.0, cfg=None):
         directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: {'not a directory' if directory.exists() else 'no such directory'}")
         shards = sorted(p for p in directory.glob("*.safetensors") if p.name != self.EMPTY)
         if not shards:
-            raise FileNotFoundError(f"{directory}: no *.safetensors shards")
-        parts = [load_file(p) for p in shards]
+            raise CheckpointError(f"{directory}: no *.safetensors shards (minflux cache writes them)")
+        parts = [_read(p) for p in shards]
+        first = {k: v.shape[1:] for k, v in parts[0].items()}
         for p, part in zip(shards, parts, strict=True):
-            if missing := [k for k in self.KEYS if k not in part]:
-                raise KeyError(f"{p}: missing {missing}; a shard holds {self.KEYS} (+ vec for FLUX.1)")
+            if missing := [k for k in self.KEYS + (("vec",) if cfg is not None and cfg.family == "flux1" else ())
+                           if k not in part]:
+                raise CheckpointError(f"{p}: missing {missing}; a shard holds {self.KEYS} (+ vec for FLUX.1)")
+            counts = {k: v.shape[0] if v.ndim else 0 for k, v in part.items()}
+            if len(set(counts.values())) != 1:
+                raise CheckpointError(f"{p}: the tensors hold different numbers of samples: {counts}")
+            trailing = {k: v.shape[1:] for k, v in part.items()}
+            if trailing != first:
+                raise CheckpointError(f"{p}: per-sample shapes {trailing} differ from {shards[0].name}'s {first}")
+            if cfg is not None:
+                check_shapes(p, trailing, cfg)
         self.arrays = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
         self.seed, self.caption_dropout = seed, caption_dropout
         if caption_dropout > 0:
             file = directory / self.EMPTY
             if not file.is_file():
-                raise FileNotFoundError(f"{file}: no such file; caption dropout needs the empty prompt's embedding "
-                                        "(minflux cache writes it)")
-            self.empty = {k: v[0] for k, v in load_file(file).items()}
+                raise CheckpointError(f"{file}: no such file; caption dropout needs the empty prompt's embedding "
+                                      "(minflux cache writes it)")
+            self.empty = {k: v[0] for k, v in _read(file).items()}
             for k, v in self.empty.items():
                 if k not in self.arrays or v.shape != self.arrays[k].shape[1:]:
                     found = self.arrays[k].shape[1:] if k in self.arrays else "nothing"
-                    raise ValueError(f"{file}: {k} {v.shape} does not match the shards' {found}")
+                    raise CheckpointError(f"{file}: {k} {v.shape} does not match the shards' {found}")
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors; a file that is not one raises CheckpointError naming it (header checks
+    of `checkpoint.read_header`: not safetensors, corrupt, truncated)."""
+    from safetensors.numpy import load_file
+
+    read_header(path)
+    return load_file(path)
+
+
+def check_shapes(path, trailing: dict[str, tuple[int, ...]], cfg) -> None:
+    """Raise CheckpointError naming `path` when per-sample shapes (`trailing`: key -> shape without the
+    sample axis) do not fit the transformer `cfg`: img (L, in_channels), txt (Lt, context_in_dim), ids
+    (L or Lt, len(axes_dim)), FLUX.1's vec (vec_in_dim,)."""
+    axes = len(cfg.axes_dim)
+    want = {"img": (None, cfg.in_channels), "txt": (None, cfg.context_in_dim),
+            "img_ids": (trailing["img"][0] if len(trailing["img"]) else None, axes),
+            "txt_ids": (trailing["txt"][0] if len(trailing["txt"]) else None, axes)}
+    if cfg.family == "flux1":
+        want["vec"] = (cfg.vec_in_dim,)
+
+    def fits(found, shape):  # None: any length
+        return len(found) == len(shape) and all(n is None or n == m for n, m in zip(shape, found, strict=True))
+
+    bad = [f"{k} {trailing[k]} (expected {tuple('L' if n is None else n for n in shape)})"
+           for k, shape in want.items() if not fits(trailing[k], shape)]
+    if bad:
+        raise CheckpointError(f"{path}: per-sample shapes do not fit the model: " + "; ".join(bad))
 
 
 class Shapes(Dataset):

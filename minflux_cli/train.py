@@ -10,12 +10,28 @@ With `--data DIR` it fine-tunes on cached latents and text embeddings (safetenso
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
 
-from minflux import configs
+from minflux import configs, keymaps
+from minflux import lora as lora_files
+from minflux.checkpoint import Checkpoint, CheckpointError
 from minflux.data import DEMO, LatentShards, Shapes
+from minflux_cli.args import (
+    UsageError,
+    directory,
+    existing,
+    finite,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    preset,
+)
+
+FAMILY_NAME = {"flux1": "FLUX.1", "flux2": "FLUX.2"}  # the transformers train takes
 
 # ---------------------------------------------------------------------------------------------
 # Pictures: the sample grid and the loss curve
@@ -69,45 +85,122 @@ def save_loss_curve(losses: list[float], path, title: str = "training loss") -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def config_name(text: str) -> str:
+    """--config: 'demo' or a transformer preset."""
+    if text == "demo":
+        return text
+    name = preset(text)
+    if configs.get(name).family not in FAMILY_NAME:
+        raise argparse.ArgumentTypeError(f"{name} is an autoencoder; train takes a transformer preset or 'demo'")
+    return name
+
+
+def mesh_axis(text: str) -> int:
+    """One --mesh size: >= 1, or -1 for the remaining devices."""
+    return -1 if text.strip() == "-1" else positive_int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="demo", help="a preset name (configs.names()), or 'demo' (default)")
-    p.add_argument("--data", help="directory of cached-latent shards; default: the procedural shapes demo")
-    p.add_argument("--init", help="base weights (safetensors, BFL or diffusers layout); default: random init")
-    p.add_argument("--out", default="out/train", help="output directory (default: out/train)")
-    p.add_argument("--steps", type=int, default=1200, help="optimiser updates")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per update")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--config", type=config_name, default="demo",
+                   help="a transformer preset name (configs.names()), or 'demo' (default)")
+    p.add_argument("--data", type=directory, help="directory of cached-latent shards; default: the shapes demo")
+    p.add_argument("--init", type=existing, help="base weights (safetensors, BFL or diffusers layout); default: random")
+    p.add_argument("--out", type=Path, default=Path("out/train"), help="output directory (default: out/train)")
+    p.add_argument("--steps", type=positive_int, default=1200, help="optimiser updates")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="global micro-batch, a multiple of the mesh")
+    p.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per update")
+    p.add_argument("--lr", type=nonneg_float, default=2e-3)
+    p.add_argument("--warmup", type=nonneg_int, default=50)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--clip", type=nonneg_float, default=1.0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16"])
     p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
     p.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
                    help="cudnn: fused flash attention on NVIDIA GPUs, bf16 only (1.6x faster steps at 1024 px)")
     p.add_argument("--timesteps", default="logit_normal", choices=["logit_normal", "uniform"])
-    p.add_argument("--logit-mean", type=float, default=0.3, help="> 0: more high-noise steps (layout)")
-    p.add_argument("--logit-std", type=float, default=1.0)
+    p.add_argument("--logit-mean", type=finite, default=0.3, help="> 0: more high-noise steps (layout)")
+    p.add_argument("--logit-std", type=nonneg_float, default=1.0)
     p.add_argument("--shift", action="store_true", help="FLUX's resolution-dependent timestep shift")
     p.add_argument("--weighting", default="none", choices=["none", "cosmap"])
-    p.add_argument("--guidance", type=float, default=None, help="guidance value for guidance-distilled models")
-    p.add_argument("--mesh", type=int, nargs=2, default=(1, 1), metavar=("DATA", "FSDP"),
+    p.add_argument("--guidance", type=finite, default=None,
+                   help="guidance value for guidance-distilled models (default 1.0; 0.0 is honoured)")
+    p.add_argument("--mesh", type=mesh_axis, nargs=2, default=(1, 1), metavar=("DATA", "FSDP"),
                    help="device mesh; -1 in one place takes the remaining devices")
-    p.add_argument("--ema", type=float, default=0.0,
+    p.add_argument("--ema", type=fraction, default=0.0,
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.999); the "
                         "samples and exported files use it")
-    p.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters of this rank, base frozen")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-targets", nargs="+", default=None, help="regexes over BFL module names")
-    p.add_argument("--save-every", type=int, default=0, help="orbax checkpoint every N micro-steps (0: none)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample-steps", type=int, default=24)
-    p.add_argument("--caption-dropout", type=float, default=None,
+    p.add_argument("--lora-rank", type=positive_int, default=None,
+                   help="train LoRA adapters of this rank (>= 1), base frozen; default: full fine-tuning")
+    p.add_argument("--lora-alpha", type=finite, default=16.0)
+    p.add_argument("--lora-targets", nargs="+", default=None, help="regexes over BFL module names (with --lora-rank)")
+    p.add_argument("--save-every", type=nonneg_int, default=0, help="orbax checkpoint every N micro-steps (0: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest intact checkpoint in OUT/ckpt, with the same config, batch size, "
+                        "accumulation, LoRA, precision, EMA and mesh")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--sample-steps", type=positive_int, default=24)
+    p.add_argument("--caption-dropout", type=fraction, default=None,
                    help="fraction of samples trained on the empty caption, for CFG (default: 0.1 demo, 0 --data; "
                         "--data needs the empty_caption.safetensors minflux cache writes)")
-    p.add_argument("--cfg", type=float, default=3.0,
+    p.add_argument("--cfg", type=finite, default=3.0,
                    help="demo sample grid: classifier-free guidance scale against the empty caption (1: none)")
+
+
+def check_init(path: Path, cfg, name: str) -> None:
+    """--init must hold a transformer of `cfg`'s family and width: said before any key list."""
+    with Checkpoint(path) as ckpt:  # headers only: a file that is not safetensors is a CheckpointError
+        family, width = keymaps.infer_family(ckpt.meta), keymaps.infer_hidden_size(ckpt.meta)
+    want = f"{name} needs a {FAMILY_NAME[cfg.family]} transformer of width {cfg.hidden_size}"
+    if family not in FAMILY_NAME:
+        what = {"ae1": "a FLUX.1 autoencoder", "ae2": "a FLUX.2 autoencoder"}.get(family, "no FLUX transformer")
+        raise UsageError(f"--init {path} holds {what}; {want}")
+    if (family, width) != (cfg.family, cfg.hidden_size):
+        raise UsageError(f"--init {path} holds a {FAMILY_NAME[family]} transformer of width {width}; {want}")
+
+
+def plan(args):
+    """Check every argument that needs no model: (cfg, data, mesh). Raises UsageError / CheckpointError."""
+    import jax
+
+    from minflux_jax import load
+    from minflux_jax import trainer as tr
+    from minflux_jax.lora import linear_names
+
+    cfg = DEMO if args.config == "demo" else configs.get(args.config)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: not a directory")
+    if args.lora_targets and args.lora_rank is None:
+        raise UsageError("--lora-targets needs --lora-rank")
+    if args.guidance is not None and not cfg.guidance_embed:
+        raise UsageError(f"--guidance: {args.config} is not guidance-distilled (it takes no guidance value)")
+    if args.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise UsageError(f"--attention cudnn needs an NVIDIA GPU; this JAX runs on {jax.default_backend()}")
+    if args.init:
+        check_init(args.init, cfg, args.config)
+    if args.data:
+        dropout = 0.0 if args.caption_dropout is None else args.caption_dropout
+        data = LatentShards(args.data, seed=args.seed, caption_dropout=dropout, cfg=cfg)
+    else:
+        if cfg.in_channels != 4 * 4 * 3:
+            raise UsageError(f"--config {args.config} takes {cfg.in_channels}-channel tokens; the shapes demo makes "
+                             "48 (4x4 RGB patches): pass --data with latents cached for it")
+        dropout = 0.1 if args.caption_dropout is None else args.caption_dropout
+        data = Shapes(context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed, caption_dropout=dropout)
+    if tuple(args.mesh) == (-1, -1):
+        raise UsageError("--mesh -1 -1: -1 may stand for one axis only")
+    try:
+        mesh = tr.make_mesh(*args.mesh)
+    except ValueError as e:
+        raise UsageError(f"--mesh {' '.join(map(str, args.mesh))}: {e}") from None
+    if args.batch_size % mesh.size:
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the mesh's {mesh.size} devices "
+                         f"(--mesh {' '.join(map(str, args.mesh))})")
+    if args.lora_targets:
+        try:
+            lora_files.targets(linear_names(load.abstract_model(cfg)), args.lora_targets)
+        except (ValueError, re.error) as e:
+            raise UsageError(f"--lora-targets: {e}") from None
+    return cfg, data, tuple(int(n) for n in mesh.shape.values())
 
 
 def run(args) -> int:
@@ -116,25 +209,30 @@ def run(args) -> int:
     from minflux_jax import layers
     from minflux_jax import trainer as tr
 
-    layers.set_attention_implementation(args.attention)
     tr.maybe_initialize_distributed()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = DEMO if args.config == "demo" else configs.get(args.config)
-    if args.data:
-        data = LatentShards(args.data, seed=args.seed, caption_dropout=args.caption_dropout or 0.0)
-    else:
-        dropout = 0.1 if args.caption_dropout is None else args.caption_dropout
-        data = Shapes(context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed, caption_dropout=dropout)
+    cfg, data, mesh = plan(args)
+    out = args.out
+    ckpt = out / "ckpt"
     opts = tr.TrainOptions(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip, accumulate=args.accumulate, precision=args.precision, remat=args.remat,
         timesteps={"kind": args.timesteps, "mean": args.logit_mean, "std": args.logit_std, "shift": args.shift},
         weighting=args.weighting, guidance=args.guidance, seed=args.seed, mesh=tuple(args.mesh),
-        ema=args.ema, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        ema=args.ema, lora_rank=0 if args.lora_rank is None else args.lora_rank, lora_alpha=args.lora_alpha,
         **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}),
-        init=args.init, ckpt_dir=str(out / "ckpt") if args.save_every or args.resume else None,
-        save_every=args.save_every)
+        init=None if args.init is None else str(args.init),
+        ckpt_dir=str(ckpt) if args.save_every or args.resume else None, save_every=args.save_every)
+    # resume: the saved run's options against these, before any model is built or checkpoint read
+    if args.resume:
+        try:
+            tr.check_resume(ckpt, tr.run_record(cfg, opts, mesh))
+        except CheckpointError as e:
+            raise UsageError(f"--resume: {e}") from None
+    elif args.save_every and (steps := tr.saved_steps(ckpt)):
+        raise UsageError(f"{ckpt} holds checkpoints (latest: step {steps[0]}); pass --resume to continue that run, "
+                         "or another --out")
+    layers.set_attention_implementation(args.attention)
+    out.mkdir(parents=True, exist_ok=True)
     trainer = tr.Trainer(cfg, data, opts)
     if args.resume:
         print(f"resumed from step {trainer.restore()}")
@@ -143,12 +241,16 @@ def run(args) -> int:
     if trainer.manager is not None:
         trainer.save(wait=True)
     trainer.close()
-    print(f"{len(losses)} steps in {time.time() - t0:.0f} s; final loss (mean of last 50) "
-          f"{np.mean(losses[-50:]):.4f}")
+    if losses:
+        print(f"{len(losses)} steps in {time.time() - t0:.0f} s; final loss (mean of last 50) "
+              f"{np.mean(losses[-50:]):.4f}")
+    else:
+        print(f"no steps left: the checkpoint is at micro-step {trainer.step} of {opts.steps * opts.accumulate}")
+    written = [out / "model.safetensors"]
     if losses:
         save_loss_curve(losses, out / "loss.png")
+        written.append(out / "loss.png")
     trainer.export(out / "model.safetensors")
-    written = [out / "loss.png", out / "model.safetensors"]
     if opts.lora_rank:
         trainer.save_lora(out / "lora.safetensors")
         written.append(out / "lora.safetensors")

@@ -21,6 +21,7 @@ reproduces the uninterrupted loss trajectory bitwise (on CPU).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from minflux import configs
 from minflux import lora as lora_files
+from minflux.checkpoint import CheckpointError
 from minflux_jax import load, sampling
 from minflux_jax.lora import LoRA, linear_names
 from minflux_jax.train import make_optimizer, merge_params, resolution_mu, shift_timesteps, split_params, train_step
@@ -73,6 +75,118 @@ class TrainOptions:
     ckpt_dir: str | None = None
     save_every: int = 0  # 0: no periodic checkpoints
     keep: int = 2
+
+    def __post_init__(self):
+        # a zero or negative count would train nothing (loss nan) or fail deep inside JAX: say which option
+        for name in ("steps", "batch_size", "accumulate", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainOptions.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "lora_rank", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainOptions.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"TrainOptions.ema must be in [0, 1), got {self.ema}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainOptions.precision {self.precision!r}: expected one of {list(PRECISIONS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run record: what a checkpoint's train state depends on, checked before a resume reads it
+# ---------------------------------------------------------------------------------------------
+
+RUN_FILE = "run.json"  # beside orbax's step directories in ckpt_dir
+
+
+def run_record(cfg, opts: TrainOptions, mesh: tuple[int, int]) -> dict:
+    """The options a resumed run must share with the saved one: the model config, the batch (the data
+    position of a step is step x batch_size), accumulation, LoRA, precision, EMA (the state's tree and
+    dtypes), and the resolved (data, fsdp) mesh. JSON-ready, as `check_resume` compares it."""
+    return json.loads(json.dumps({
+        "config": {"class": type(cfg).__name__, **dataclasses.asdict(cfg)}, "batch_size": opts.batch_size,
+        "accumulate": opts.accumulate, "lora_rank": opts.lora_rank, "lora_alpha": opts.lora_alpha,
+        "lora_targets": list(opts.lora_targets), "precision": opts.precision, "ema": opts.ema > 0,
+        "mesh": list(mesh)}))
+
+
+def write_run(ckpt_dir, record: dict) -> None:
+    """RUN_FILE in ckpt_dir, atomically: written to a temporary file, then renamed over the old one."""
+    path = Path(ckpt_dir) / RUN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def saved_steps(ckpt_dir) -> list[int]:
+    """Steps of the finalised checkpoints in ckpt_dir, newest first (orbax names a finished save by its
+    step; one in flight lives in a temporary directory with another name)."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    return sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
+
+
+def resume_differences(saved: dict, now: dict) -> list[str]:
+    """One phrase per option in which this run (`now`) differs from the saved one: "batch_size 8 (saved: 4)"."""
+    out = []
+    a, b = saved.get("config", {}), now["config"]
+    if a.get("class") != b["class"]:
+        out.append(f"config {b['class']} (saved: {a.get('class')})")
+    elif fields := [f"{k} {b.get(k)} (saved: {a.get(k)})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]:
+        out.append("config " + ", ".join(fields[:6]) + (" ..." if len(fields) > 6 else ""))
+    lora = saved.get("lora_rank") or now["lora_rank"]  # alpha and targets matter only with adapters
+    for key in ("batch_size", "accumulate", "lora_rank", "lora_alpha", "lora_targets", "precision", "ema", "mesh"):
+        if key in ("lora_alpha", "lora_targets") and not lora:
+            continue
+        if saved.get(key) != now[key]:
+            show = {"ema": lambda v: "on" if v else "off", "mesh": lambda v: "x".join(map(str, v or ()))}.get(
+                key, lambda v: v)
+            out.append(f"{key} {show(now[key])} (saved: {show(saved.get(key))})")
+    return out
+
+
+def check_resume(ckpt_dir, record: dict) -> None:
+    """Raise CheckpointError (one line, naming the directory or RUN_FILE) when ckpt_dir holds no finalised
+    checkpoint, or when its run's options differ from `record` (each difference named). Checkpoints
+    written before RUN_FILE existed are left to orbax's own checks."""
+    root = Path(ckpt_dir)
+    if not saved_steps(root):
+        why = "no such directory" if not root.exists() else "no finished save in it"
+        raise CheckpointError(f"{root}: no checkpoint to resume from ({why}; runs save with save_every > 0)")
+    if not any(not _lacking(root, step) for step in saved_steps(root)):
+        raise CheckpointError(f"{root}: no intact checkpoint to resume from: every one lacks state/ or meta/")
+    path = root / RUN_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable run record ({_first_line(e)})") from None
+    if differences := resume_differences(saved, record):
+        raise CheckpointError(f"{path}: this run differs from the saved one in " + "; ".join(differences))
+
+
+def _lacking(root: Path, step: int) -> list[str]:
+    """The items (orbax subdirectories) checkpoint `step` lacks."""
+    return [item for item in ("state", "meta") if not (root / str(step) / item).is_dir()]
+
+
+def _listing(root: Path, failed: dict[int, str]) -> str:
+    return "; ".join(f"{root / str(step)} ({why})" for step, why in failed.items())
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = text.split(" See full TensorStore details")[0]  # then a spec dump of the array
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,13 +291,19 @@ class Trainer:
                        remat=opts.remat, lora=self.lora, ema=opts.ema,
                        gather=fsdp_gather(self.mesh) if self.mesh.shape["fsdp"] > 1 else None)
         self._step = jax.jit(step, out_shardings=(self.shardings, None), donate_argnums=0)
-        self.manager = None
+        self.record = run_record(self.cfg, opts, tuple(int(n) for n in self.mesh.shape.values()))
+        self.restored_step, self.manager = None, None
         if opts.ckpt_dir:
             self.manager = ocp.CheckpointManager(
                 Path(opts.ckpt_dir).absolute(),
                 options=ocp.CheckpointManagerOptions(max_to_keep=opts.keep, enable_async_checkpointing=True))
 
     # -- data ---------------------------------------------------------------------------------
+
+    @property
+    def guidance(self) -> float:
+        """The guidance value fed to guidance-distilled models: the option, 1.0 when unset (0.0 stays 0.0)."""
+        return 1.0 if self.opts.guidance is None else self.opts.guidance
 
     @property
     def step(self) -> int:
@@ -193,7 +313,7 @@ class Trainer:
         """The global batch of micro-step `step`, this process's share placed on its devices."""
         arrays = self.data.batch(step * self.opts.batch_size, self.opts.batch_size)
         if self.cfg.guidance_embed:
-            arrays["guidance"] = np.full((self.opts.batch_size,), self.opts.guidance or 1.0, np.float32)
+            arrays["guidance"] = np.full((self.opts.batch_size,), self.guidance, np.float32)
         sharding = batch_sharding(self.mesh)
         n, i = jax.process_count(), jax.process_index()
         local = {k: v[i * len(v) // n : (i + 1) * len(v) // n] for k, v in arrays.items()}
@@ -226,30 +346,61 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def save(self, wait: bool = False) -> None:
-        """An asynchronous orbax save of the train state and the data position, at the current step."""
+        """An asynchronous orbax save of the train state and the data position, at the current step; the
+        run's options go to RUN_FILE beside the checkpoints first (once), for `restore` to check."""
         step = self.step
-        if step in self.manager.all_steps():  # a resumed run passing a step it already saved
-            return
+        if not self._record_written:
+            if jax.process_index() == 0:
+                write_run(self.opts.ckpt_dir, self.record)
+            self._record_written = True
+        if step in self.manager.all_steps():
+            if step == self.restored_step:  # a resumed run saving the step it started from: the same state
+                return
+            self.manager.wait_until_finished()  # a later step left by a run that fell back past it: replaced
+            self.manager.delete(step)
         meta = {"step": step, "position": step * self.opts.batch_size, "config": dataclasses.asdict(self.cfg)}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
                                                          meta=ocp.args.JsonSave(meta)))
         if wait:
             self.manager.wait_until_finished()
 
+    _record_written = False
+
     def restore(self, step: int | None = None) -> int:
-        """Load the latest (or a given) complete checkpoint into this trainer; returns its step."""
+        """Load the latest intact checkpoint (or a given one) into this trainer; returns its step.
+
+        First, before orbax reads anything, the saved run's options (RUN_FILE) are compared with this
+        trainer's (`check_resume`). A checkpoint that cannot be read (a missing item directory, a truncated
+        or corrupt array file) is skipped for the next older one, with a warning on stderr naming both, and removed.
+        Raises CheckpointError (one line, naming the directory): no checkpoint, options that differ, no
+        intact checkpoint left.
+        """
         self.manager.wait_until_finished()
-        step = self.manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.opts.ckpt_dir}")
+        root = Path(self.opts.ckpt_dir)
+        check_resume(root, self.record)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
                                 self.shardings)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 meta=ocp.args.JsonRestore()))
-        if out.meta["position"] != int(out.state["step"]) * self.opts.batch_size:
-            raise ValueError(f"checkpoint {step}: data position {out.meta['position']} does not match its step")
-        self.state = out.state
-        return step
+        failed = {}  # step -> why it cannot be read
+        for candidate in saved_steps(root) if step is None else [step]:
+            try:
+                if missing := _lacking(root, candidate):
+                    raise CheckpointError(f"incomplete: no {' or '.join(f'{m}/' for m in missing)}")
+                out = self.manager.restore(candidate, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # orbax and tensorstore raise plain Exceptions for unreadable files
+                failed[candidate] = _first_line(e)
+                continue
+            if out.meta["position"] != int(out.state["step"]) * self.opts.batch_size:
+                raise CheckpointError(f"{root / str(candidate)}: data position {out.meta['position']} does not "
+                                      f"match step {int(out.state['step'])} x batch size {self.opts.batch_size}")
+            if failed:  # removed: they cannot be read, and the run continues from an earlier step anyway
+                print(f"warning: removed unreadable checkpoint {_listing(root, failed)}; resuming from "
+                      f"{root / str(candidate)}", file=sys.stderr)
+                for bad in failed:
+                    self.manager.delete(bad)
+            self.state, self.restored_step = out.state, candidate
+            return candidate
+        raise CheckpointError(f"{root}: no intact checkpoint to resume from: {_listing(root, failed)}")
 
     def close(self) -> None:
         if self.manager is not None:
@@ -286,7 +437,7 @@ class Trainer:
         ts = np.linspace(1.0, 0.0, steps + 1)
         if self.opts.timesteps.get("shift"):
             ts = shift_timesteps(ts, resolution_mu(h * w))
-        guidance = (self.opts.guidance or 1.0) if self.cfg.guidance_embed else None
+        guidance = self.guidance if self.cfg.guidance_embed else None
         out = sampling.denoise(self.model(), noise, sampling.image_ids(b, h, w, fam), jnp.asarray(txt),
                                sampling.text_ids(b, txt.shape[1], fam), [float(t) for t in ts],
                                vec=None if vec is None else jnp.asarray(vec), guidance=guidance, cfg_scale=cfg_scale,
