@@ -100,6 +100,14 @@ def mesh_axis(text: str) -> int:
     return -1 if text.strip() == "-1" else positive_int(text)
 
 
+def decay(text: str) -> float:
+    """--ema: a decay in [0, 1); 1.0 would keep the initial weights forever."""
+    value = fraction(text)
+    if value == 1.0:
+        raise argparse.ArgumentTypeError("must be < 1 (1.0 would keep the initial weights), got 1.0")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=config_name, default="demo",
                    help="a transformer preset name (configs.names()), or 'demo' (default)")
@@ -126,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="guidance value for guidance-distilled models (default 1.0; 0.0 is honoured)")
     p.add_argument("--mesh", type=mesh_axis, nargs=2, default=(1, 1), metavar=("DATA", "FSDP"),
                    help="device mesh; -1 in one place takes the remaining devices")
-    p.add_argument("--ema", type=fraction, default=0.0,
+    p.add_argument("--ema", type=decay, default=0.0,
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.999); the "
                         "samples and exported files use it")
     p.add_argument("--lora-rank", type=positive_int, default=None,
@@ -149,7 +157,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_init(path: Path, cfg, name: str) -> None:
     """--init must hold a transformer of `cfg`'s family and width: said before any key list."""
     with Checkpoint(path) as ckpt:  # headers only: a file that is not safetensors is a CheckpointError
-        family, width = keymaps.infer_family(ckpt.meta), keymaps.infer_hidden_size(ckpt.meta)
+        family, width = keymaps.infer_family(ckpt.meta), keymaps.infer_hidden_size(ckpt.shapes())
     want = f"{name} needs a {FAMILY_NAME[cfg.family]} transformer of width {cfg.hidden_size}"
     if family not in FAMILY_NAME:
         what = {"ae1": "a FLUX.1 autoencoder", "ae2": "a FLUX.2 autoencoder"}.get(family, "no FLUX transformer")
@@ -175,11 +183,17 @@ def plan(args):
         raise UsageError(f"--guidance: {args.config} is not guidance-distilled (it takes no guidance value)")
     if args.attention == "cudnn" and jax.default_backend() != "gpu":
         raise UsageError(f"--attention cudnn needs an NVIDIA GPU; this JAX runs on {jax.default_backend()}")
-    if args.init:
-        check_init(args.init, cfg, args.config)
+    try:
+        if args.init:
+            check_init(args.init, cfg, args.config)
+    except CheckpointError as e:  # not safetensors, corrupt, truncated
+        raise UsageError(f"--init {e}") from None
     if args.data:
         dropout = 0.0 if args.caption_dropout is None else args.caption_dropout
-        data = LatentShards(args.data, seed=args.seed, caption_dropout=dropout, cfg=cfg)
+        try:
+            data = LatentShards(args.data, seed=args.seed, caption_dropout=dropout, cfg=cfg)
+        except CheckpointError as e:  # each names the shard and the cause
+            raise UsageError(f"--data {e}") from None
     else:
         if cfg.in_channels != 4 * 4 * 3:
             raise UsageError(f"--config {args.config} takes {cfg.in_channels}-channel tokens; the shapes demo makes "
@@ -203,6 +217,24 @@ def plan(args):
     return cfg, data, tuple(int(n) for n in mesh.shape.values())
 
 
+def train_options(args, ckpt: Path):
+    """The command's arguments as `TrainOptions`; its own checks (ValueError) become a UsageError."""
+    from minflux_jax.trainer import TrainOptions
+
+    try:
+        return TrainOptions(
+            steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr, warmup=args.warmup,
+            weight_decay=args.weight_decay, clip=args.clip, precision=args.precision, remat=args.remat,
+            timesteps={"kind": args.timesteps, "mean": args.logit_mean, "std": args.logit_std, "shift": args.shift},
+            weighting=args.weighting, guidance=args.guidance, seed=args.seed, mesh=tuple(args.mesh),
+            ema=args.ema, lora_rank=0 if args.lora_rank is None else args.lora_rank, lora_alpha=args.lora_alpha,
+            **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}),
+            init=None if args.init is None else str(args.init),
+            ckpt_dir=str(ckpt) if args.save_every or args.resume else None, save_every=args.save_every)
+    except ValueError as e:  # should one slip past the argument types
+        raise UsageError(str(e)) from None
+
+
 def run(args) -> int:
     import time
 
@@ -210,18 +242,10 @@ def run(args) -> int:
     from minflux_jax import trainer as tr
 
     tr.maybe_initialize_distributed()
-    cfg, data, mesh = plan(args)
     out = args.out
     ckpt = out / "ckpt"
-    opts = tr.TrainOptions(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-        clip=args.clip, accumulate=args.accumulate, precision=args.precision, remat=args.remat,
-        timesteps={"kind": args.timesteps, "mean": args.logit_mean, "std": args.logit_std, "shift": args.shift},
-        weighting=args.weighting, guidance=args.guidance, seed=args.seed, mesh=tuple(args.mesh),
-        ema=args.ema, lora_rank=0 if args.lora_rank is None else args.lora_rank, lora_alpha=args.lora_alpha,
-        **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}),
-        init=None if args.init is None else str(args.init),
-        ckpt_dir=str(ckpt) if args.save_every or args.resume else None, save_every=args.save_every)
+    opts = train_options(args, ckpt)
+    cfg, data, mesh = plan(args)
     # resume: the saved run's options against these, before any model is built or checkpoint read
     if args.resume:
         try:

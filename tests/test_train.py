@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,6 +23,7 @@ from conftest import rel_l2
 import minflux_jax as mj
 import minflux_torch as mt
 from minflux import configs, data, keymaps, lora, schedules
+from minflux.checkpoint import CheckpointError
 from minflux_jax import lora as jlora
 from minflux_jax import train as jtrain
 from minflux_jax import trainer as tr
@@ -41,8 +44,23 @@ TINY = dataclasses.replace(data.DEMO, in_channels=48, hidden_size=64, num_heads=
                            depth_single_blocks=1)
 
 
+TINY_DATA = dict(size=16, patch=4, context_dim=TINY.context_in_dim)
+
+
 def tiny_data(n=128):
-    return data.Shapes(n=n, size=16, patch=4, context_dim=TINY.context_in_dim)
+    return data.Shapes(n=n, **TINY_DATA)
+
+
+def program(body: str) -> str:
+    """A Python program for a subprocess: TINY and tiny_data as here (passed by value, so the program needs
+    no import of this test module), then `body`."""
+    return textwrap.dedent(f"""
+        from minflux import data
+        from minflux.configs import Flux2Config
+        TINY = {TINY!r}
+        def tiny_data(n=128):
+            return data.Shapes(n=n, **{TINY_DATA!r})
+    """) + textwrap.dedent(body)
 
 
 def torch_and_jax(name):
@@ -202,14 +220,10 @@ def test_caption_dropout_is_a_pure_function_of_position():
 
 def test_interrupted_save_keeps_last_good_checkpoint(tmp_path):
     """A process killed while orbax writes checkpoint 7 leaves checkpoint 0 the latest, intact."""
-    script = textwrap.dedent(f"""
+    script = program(f"""
         import os, jax.numpy as jnp
-        import sys
-        sys.path.insert(0, "tests")
-        from test_train import TINY, tiny_data, options
         from minflux_jax import trainer as tr
-        import pathlib
-        t = tr.Trainer(TINY, tiny_data(32), options(pathlib.Path({str(tmp_path)!r})))
+        t = tr.Trainer(TINY, tiny_data(32), tr.{options(tmp_path)!r})
         t.save(wait=True)  # step 0: complete
         t.state = {{**t.state, "step": jnp.asarray(7, jnp.int32),
                     "params": {{k: v + 1 for k, v in t.state["params"].items()}}}}
@@ -232,12 +246,129 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path):
     t.close()
 
 
-SHARDED = """
+# ---------------------------------------------------------------------------------------------
+# Resume that explains itself: the saved run's options checked first, unreadable checkpoints skipped
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A TINY run that saved checkpoints at micro-steps 2 and 4: (ckpt dir, its options, its params at step 2)."""
+    root = tmp_path_factory.mktemp("run") / "ckpt"
+    opts = tr.TrainOptions(steps=4, batch_size=8, lr=2e-3, warmup=1, ckpt_dir=str(root), save_every=2)
+    t = tr.Trainer(TINY, tiny_data(32), opts)
+    t.fit(2, progress=False)
+    at_2 = {k: np.asarray(v).copy() for k, v in t.state["params"].items()}
+    t.fit(progress=False)
+    t.close()
+    assert tr.saved_steps(root) == [4, 2]
+    return root, opts, at_2
+
+
+def copy_run(saved_run, tmp_path):
+    root, opts, at_2 = saved_run
+    shutil.copytree(root, tmp_path / "ckpt")
+    return tmp_path / "ckpt", dataclasses.replace(opts, ckpt_dir=str(tmp_path / "ckpt")), at_2
+
+
+def test_run_record_is_written_beside_the_checkpoints(saved_run):
+    root, opts, _ = saved_run
+    assert sorted(p.name for p in root.iterdir()) == ["2", "4", tr.RUN_FILE]  # no temporary file left
+    assert json.loads((root / tr.RUN_FILE).read_text()) == tr.run_record(TINY, opts, (1, 1))
+
+
+@pytest.mark.parametrize("change,said", [
+    (dict(batch_size=16), ["batch_size 16 (saved: 8)"]),  # was "data position 32 does not match its step"
+    (dict(accumulate=2), ["accumulate 2 (saved: 1)"]),
+    (dict(lora_rank=4), ["lora_rank 4 (saved: 0)"]),  # was orbax's tree dump
+    (dict(precision="bf16", ema=0.9), ["precision bf16 (saved: fp32)", "ema on (saved: off)"]),
+    (dict(cfg=dataclasses.replace(TINY, depth=2, hidden_size=128, num_heads=4)),  # was orbax's tree dump
+     ["config depth 2 (saved: 1), hidden_size 128 (saved: 64), num_heads 4 (saved: 2)"]),
+    (dict(cfg=configs.get("flux1-tiny")), ["config FluxConfig (saved: Flux2Config)"]),
+    (dict(mesh=(2, 1), batch_size=16, lora_rank=2, lora_alpha=2.0),
+     ["mesh 2x1 (saved: 1x1)", "batch_size 16 (saved: 8)", "lora_rank 2 (saved: 0)", "lora_alpha 2.0 (saved: 16.0)"]),
+])
+def test_resume_names_each_difference(saved_run, change, said):
+    root, opts, _ = saved_run
+    cfg, mesh = change.pop("cfg", TINY), change.pop("mesh", (1, 1))
+    with pytest.raises(CheckpointError) as e:
+        tr.check_resume(root, tr.run_record(cfg, dataclasses.replace(opts, **change), mesh))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(str(root / tr.RUN_FILE)), message
+    assert message.count("(saved: ") == sum(phrase.count("(saved: ") for phrase in said), message  # nothing else
+    for phrase in said:
+        assert phrase in message, message
+    tr.check_resume(root, tr.run_record(TINY, dataclasses.replace(opts, steps=9, lr=1.0), (1, 1)))  # free to change
+
+
+def test_restore_checks_options_before_orbax(saved_run):
+    """Through the trainer: a wider model is refused by the run record, not by orbax's tree comparison."""
+    root, opts, _ = saved_run
+    t = tr.Trainer(dataclasses.replace(TINY, hidden_size=128, num_heads=4), tiny_data(32), opts)
+    with pytest.raises(CheckpointError, match=r"config hidden_size 128 \(saved: 64\), num_heads 4 \(saved: 2\)$"):
+        t.restore()
+    t.close()
+
+
+def test_resume_falls_back_past_a_truncated_latest_checkpoint(saved_run, tmp_path, capsys):
+    root, opts, at_2 = copy_run(saved_run, tmp_path)
+    arrays = [f for f in (root / "4" / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert arrays
+    for f in arrays:
+        f.write_bytes(f.read_bytes()[:10])  # was a tensorstore traceback
+    t = tr.Trainer(TINY, tiny_data(32), opts)
+    assert t.restore() == 2 and t.step == 2
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and f"{root / '4'} (" in warning[0] and warning[0].endswith(f"resuming from {root / '2'}")
+    for k, v in at_2.items():
+        np.testing.assert_array_equal(np.asarray(t.state["params"][k]), v)
+    assert tr.saved_steps(root) == [2]  # the unreadable one is gone, so a later save takes its place
+    t.fit(progress=False)
+    t.close()
+    again = tr.Trainer(TINY, tiny_data(32), opts)
+    assert again.restore() == 4
+    again.close()
+
+
+def test_resume_with_deleted_state(saved_run, tmp_path, capsys):
+    root, opts, _ = copy_run(saved_run, tmp_path)
+    shutil.rmtree(root / "4" / "state")  # was KeyError: 'Item "state" was not found in the checkpoint'
+    t = tr.Trainer(TINY, tiny_data(32), opts)
+    assert t.restore() == 2
+    assert f"{root / '4'} (incomplete: no state/); resuming from {root / '2'}" in capsys.readouterr().err
+    shutil.rmtree(root / "2" / "state")
+    with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
+        tr.check_resume(root, t.record)  # before any model is built
+    with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
+        t.restore()
+    t.close()
+
+
+def test_resume_without_checkpoint_or_with_a_broken_record(saved_run, tmp_path):
+    _, opts, _ = saved_run
+    record = tr.run_record(TINY, opts, (1, 1))
+    for root in (tmp_path / "nothing", tmp_path):  # was a FileNotFoundError traceback
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(root))}: no checkpoint to resume from"):
+            tr.check_resume(root, record)
+    root, _, _ = copy_run(saved_run, tmp_path)
+    (root / tr.RUN_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(root / tr.RUN_FILE))}: unreadable run record"):
+        tr.check_resume(root, record)
+
+
+def test_explicit_zero_guidance_and_counts_are_honoured():
+    cfg = dataclasses.replace(TINY, guidance_embed=True)
+    for guidance, fed in ((0.0, 0.0), (None, 1.0), (4.5, 4.5)):  # was `guidance or 1.0`: 0.0 became 1.0
+        t = tr.Trainer(cfg, tiny_data(16), tr.TrainOptions(batch_size=4, guidance=guidance))
+        np.testing.assert_array_equal(np.asarray(t.batch(0)["guidance"]), np.full(4, fed, np.float32))
+    for bad in (dict(steps=0), dict(batch_size=0), dict(accumulate=0), dict(lora_rank=-3), dict(ema=1.0)):
+        with pytest.raises(ValueError, match=f"TrainOptions.{next(iter(bad))} must be"):
+            tr.TrainOptions(**bad)
+
+
+SHARDED = program("""
 import json, os
 import jax, numpy as np
-import sys
-sys.path.insert(0, "tests")
-from test_train import TINY, tiny_data
 from minflux_jax import trainer as tr
 ds = tiny_data(64)
 opts = tr.TrainOptions(steps=4, batch_size=8, lr=2e-3, warmup=2)
@@ -254,7 +385,7 @@ ops = collections.Counter(re.findall(rf" ({kinds})(?:-start)?\(", hlo))
 print(json.dumps({"devices": len(jax.devices()), "single": a, "sharded": b, "specs": specs, "collectives": ops,
                   "mu_spec": str(mu["img_in.weight"].sharding.spec),
                   "shards": len(many.state["params"]["img_in.weight"].addressable_shards)}))
-"""
+""")
 
 
 def test_sharded_run_matches_single_device():
@@ -275,11 +406,9 @@ def test_sharded_run_matches_single_device():
     np.testing.assert_allclose(b, a, rtol=1e-5)
 
 
-MULTI_PROCESS = """
+MULTI_PROCESS = program("""
 import json, sys
-sys.path.insert(0, "tests")
 import jax
-from test_train import TINY, tiny_data
 from minflux_jax import trainer as tr
 tr.maybe_initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
 opts = tr.TrainOptions(steps=4, batch_size=8, lr=2e-3, warmup=2, mesh=(2, 2), ckpt_dir=sys.argv[1], save_every=2)
@@ -288,7 +417,7 @@ losses = t.fit(progress=False)
 t.close()
 print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(), "devices": len(jax.devices()),
                   "local": len(jax.local_devices()), "losses": losses}))
-"""
+""")
 
 
 def test_two_process_run_matches_single_device(tmp_path):
@@ -412,14 +541,32 @@ def test_lora_training_freezes_base_and_exports(tmp_path):
         assert rel_l2(to_numpy(v), want[k]) < 1e-6, k
 
 
-def test_demo_command_writes_grid_curve_and_weights(tmp_path):
+def test_demo_command_writes_grid_curve_and_weights_and_resumes(tmp_path, capsys):
     from minflux_cli import main as cli
 
     out = tmp_path / "demo"
-    assert cli.main(["train", "--out", str(out), "--steps", "3", "--batch-size", "8", "--sample-steps", "2"]) == 0
+    run = ["train", "--out", str(out), "--batch-size", "8", "--sample-steps", "2", "--save-every", "1"]
+    assert cli.main(run + ["--steps", "3"]) == 0
     for name in ("samples.png", "loss.png", "model.safetensors"):
         assert (out / name).stat().st_size > 0, name
     assert mt.load_model(data.DEMO, out / "model.safetensors", dtype=torch.float32) is not None
+    capsys.readouterr()
+
+    # resume with another batch size: one line naming the difference, exit 2, before any model is built
+    assert cli.main(run + ["--steps", "4", "--batch-size", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minflux train: error: --resume: ") and \
+        err[0].endswith("batch_size 4 (saved: 8)"), err
+    # a truncated latest checkpoint: the command warns, naming both, and goes on from the one before
+    for f in (out / "ckpt" / "3" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:10])
+    assert cli.main(run + ["--steps", "4", "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "resumed from step 2" in captured.out
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(out / "ckpt" / "3") in warnings[0] and str(out / "ckpt" / "2") in warnings[0]
+    assert tr.saved_steps(out / "ckpt") == [4, 3]  # step 3 written again on the way to 4
 
 
 def merge_base(t):

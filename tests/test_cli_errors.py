@@ -1,0 +1,139 @@
+"""The command line's error contract, one table: each bad invocation exits 2 with one stderr line
+`minflux CMD: error: ...` that names the argument or file, and never a traceback.
+
+A row is (argv, exit code, a substring of that line). `{name}` in an argument is a file or directory of the
+`files` fixture (tiny, seeded, in the official layouts). Rows run in-process through `minflux_cli.main.main`;
+the train rows must fail before any model is built (a Trainer built during a row fails the test).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from minflux import data
+from minflux.data import LatentShards
+from minflux_cli.main import main
+
+TRAIN = [
+    # numbers, validated where they are parsed (--steps 0 and --accumulate 0 used to train nothing, exit 0)
+    (["train", "--steps", "0"], 2, "argument --steps: must be >= 1, got 0"),
+    (["train", "--steps", "ten"], 2, "argument --steps: expected an integer, got 'ten'"),
+    (["train", "--batch-size", "0"], 2, "argument --batch-size: must be >= 1"),
+    (["train", "--accumulate", "0"], 2, "argument --accumulate: must be >= 1"),
+    (["train", "--lora-rank", "-3"], 2, "argument --lora-rank: must be >= 1, got -3"),
+    (["train", "--lora-rank", "0"], 2, "argument --lora-rank: must be >= 1, got 0"),
+    (["train", "--lr", "nan"], 2, "argument --lr: expected a finite number"),
+    (["train", "--warmup", "-1"], 2, "argument --warmup: must be >= 0"),
+    (["train", "--ema", "1.5"], 2, "argument --ema: must be <= 1.0"),
+    (["train", "--ema", "1.0"], 2, "argument --ema: must be < 1"),
+    (["train", "--caption-dropout", "-0.1"], 2, "argument --caption-dropout: must be >= 0.0"),
+    (["train", "--seed", "-1"], 2, "argument --seed: must be >= 0"),
+    (["train", "--save-every", "-2"], 2, "argument --save-every: must be >= 0"),
+    (["train", "--sample-steps", "0"], 2, "argument --sample-steps: must be >= 1"),
+    (["train", "--precision", "fp8"], 2, "argument --precision: invalid choice: 'fp8'"),
+    # the model
+    (["train", "--config", "nosuch"], 2, "argument --config: unknown preset 'nosuch'"),
+    (["train", "--config", "flux1-ae"], 2, "argument --config: flux1-ae is an autoencoder"),
+    (["train", "--config", "flux2-tiny"], 2, "--config flux2-tiny takes 128-channel tokens; the shapes demo makes 48"),
+    (["train", "--guidance", "0.0"], 2, "--guidance: demo is not guidance-distilled"),
+    # the mesh
+    (["train", "--mesh", "0", "1"], 2, "argument --mesh: must be >= 1, got 0"),
+    (["train", "--mesh", "-1", "-1"], 2, "--mesh -1 -1: -1 may stand for one axis only"),
+    (["train", "--mesh", "4096", "1"], 2, "--mesh 4096 1: mesh 4096 x 1 needs 4096 devices, found"),
+    # LoRA
+    (["train", "--lora-rank", "2", "--lora-targets", "nomatch"], 2,
+     "--lora-targets: no linear layer matches the LoRA targets ['nomatch']"),
+    (["train", "--lora-rank", "2", "--lora-targets", "("], 2, "--lora-targets: missing ), unterminated subpattern"),
+    (["train", "--lora-targets", "qkv"], 2, "--lora-targets needs --lora-rank"),
+    # --init: the file, its family and width, before any key list
+    (["train", "--init", "{tmp}/nosuch.safetensors"], 2, "argument --init: {tmp}/nosuch.safetensors: no such file"),
+    (["train", "--init", "{flux2_tiny}"], 2,
+     "--init {flux2_tiny} holds a FLUX.2 transformer of width 64; demo needs a FLUX.2 transformer of width 128"),
+    (["train", "--config", "flux1-dev", "--init", "{flux2_tiny}"], 2,
+     "holds a FLUX.2 transformer of width 64; flux1-dev needs a FLUX.1 transformer of width 3072"),
+    (["train", "--init", "{flux1_ae}"], 2, "--init {flux1_ae} holds a FLUX.1 autoencoder; demo needs a FLUX.2"),
+    (["train", "--init", "{pickle}"], 2, "--init {pickle}: "),
+    # --data: the directory, each shard, their shapes against the config
+    (["train", "--data", "{tmp}/nosuch"], 2, "argument --data: {tmp}/nosuch: no such file or directory"),
+    (["train", "--data", "{flux2_tiny}"], 2, "argument --data: {flux2_tiny}: not a directory"),
+    (["train", "--data", "{empty}"], 2, "--data {empty}: no *.safetensors shards"),
+    (["train", "--data", "{no_ids}"], 2, "--data {no_ids}/0.safetensors: missing ['txt_ids']"),
+    (["train", "--data", "{wide}"], 2,
+     "--data {wide}/0.safetensors: per-sample shapes do not fit the model: img (16, 64) (expected ('L', 48))"),
+    (["train", "--data", "{ragged}"], 2, "--data {ragged}/1.safetensors: per-sample shapes"),
+    (["train", "--data", "{corrupt}"], 2, "--data {corrupt}/0.safetensors: "),
+    (["train", "--data", "{shards}", "--caption-dropout", "0.1"], 2,
+     "--data {shards}/empty_caption.safetensors: no such file; caption dropout needs"),
+    # --out and --resume
+    (["train", "--out", "{flux2_tiny}"], 2, "--out {flux2_tiny}: not a directory"),
+    (["train", "--resume", "--out", "{tmp}/fresh"], 2, "--resume: {tmp}/fresh/ckpt: no checkpoint to resume from"),
+    (["train", "--save-every", "5", "--out", "{saved}"], 2, "{saved}/ckpt holds checkpoints (latest: step 4); pass"),
+    (["train", "--resume", "--batch-size", "16", "--accumulate", "2", "--out", "{saved}"], 2,
+     "--resume: {saved}/ckpt/run.json: this run differs from the saved one in batch_size 16 (saved: 8); "
+     "accumulate 2 (saved: 1)"),
+]
+
+ROWS = TRAIN  # the other commands' rows join this table
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_checkpoint):
+    """The files the rows name: checkpoints, latent shards (good and broken), a saved run's directory."""
+    tmp = tmp_path_factory.mktemp("cli")
+    shapes = data.Shapes(n=4, size=16, patch=4, context_dim=data.DEMO.context_in_dim)  # fits the demo config
+    good = {k: np.ascontiguousarray(v) for k, v in shapes.arrays.items()}
+    out = {"tmp": tmp, "flux2_tiny": tiny_checkpoint("flux2-tiny"), "flux1_ae": tiny_checkpoint("flux1-ae-tiny")}
+    for name, shards in {"empty": [], "shards": [good], "no_ids": [{k: v for k, v in good.items() if k != "txt_ids"}],
+                         "wide": [{**good, "img": np.zeros((4, 16, 64), np.float32)}],
+                         "ragged": [good, {**good, "txt": np.zeros((4, 3, 32), np.float32)}]}.items():
+        (tmp / name).mkdir()
+        for i, shard in enumerate(shards):
+            save_file(shard, tmp / name / f"{i}.safetensors")
+        out[name] = tmp / name
+    (tmp / "corrupt").mkdir()
+    (tmp / "corrupt" / "0.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    out["corrupt"] = tmp / "corrupt"
+    out["pickle"] = tmp / "model.pt"
+    out["pickle"].write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # a zip, as torch.save writes
+    assert len(LatentShards(out["shards"], cfg=data.DEMO)) == 4  # the good shards do load
+    # a saved run: its record and two (empty) checkpoint directories; the rows stop at the record
+    from minflux_jax import trainer as tr
+
+    ckpt = tmp / "saved" / "ckpt"
+    for step in (2, 4):
+        for item in ("state", "meta"):
+            (ckpt / str(step) / item).mkdir(parents=True)
+    tr.write_run(ckpt, tr.run_record(data.DEMO, tr.TrainOptions(batch_size=8), (1, 1)))
+    out["saved"] = tmp / "saved"
+    return {k: str(v) for k, v in out.items()}
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail any row that gets as far as building a trainer: every mistake is found before that."""
+    from minflux_jax import trainer as tr
+
+    def built(*args, **kwargs):
+        raise AssertionError("a Trainer was built: the mistake was not caught while checking the arguments")
+
+    monkeypatch.setattr(tr.Trainer, "__init__", built)
+
+
+@pytest.mark.parametrize("argv,code,expected", ROWS, ids=[" ".join(argv) for argv, _, _ in ROWS])
+def test_bad_invocation(argv, code, expected, files, no_models, capsys):
+    argv = [a.format(**files) for a in argv]
+    if argv[0] == "train" and "--out" not in argv:
+        argv += ["--out", f"{files['tmp']}/out"]  # never the working directory's out/train
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's errors
+        rc = e.code
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err + captured.out
+    assert rc == code, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"minflux {argv[0]}: error: "), lines[0]
+    assert expected.format(**files) in lines[0], lines[0]
