@@ -140,15 +140,17 @@ def resume_differences(saved: dict, now: dict) -> list[str]:
         out.append(f"config {b['class']} (saved: {a.get('class')})")
     elif fields := [f"{k} {b.get(k)} (saved: {a.get(k)})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]:
         out.append("config " + ", ".join(fields[:6]) + (" ..." if len(fields) > 6 else ""))
-    lora = saved.get("lora_rank") or now["lora_rank"]  # alpha and targets matter only with adapters
+    adapters = saved.get("lora_rank", 0) > 0 or now["lora_rank"] > 0  # alpha and targets matter only then
     for key in ("batch_size", "accumulate", "lora_rank", "lora_alpha", "lora_targets", "precision", "ema", "mesh"):
-        if key in ("lora_alpha", "lora_targets") and not lora:
-            continue
-        if saved.get(key) != now[key]:
-            show = {"ema": lambda v: "on" if v else "off", "mesh": lambda v: "x".join(map(str, v or ()))}.get(
-                key, lambda v: v)
-            out.append(f"{key} {show(now[key])} (saved: {show(saved.get(key))})")
+        if saved.get(key) != now[key] and (adapters or key not in ("lora_alpha", "lora_targets")):
+            out.append(f"{key} {_show(key, now[key])} (saved: {_show(key, saved.get(key))})")
     return out
+
+
+def _show(key: str, value) -> str:
+    if key == "ema":
+        return "on" if value else "off"
+    return "x".join(map(str, value)) if key == "mesh" and value else str(value)
 
 
 def check_resume(ckpt_dir, record: dict) -> None:
@@ -177,6 +179,14 @@ def check_resume(ckpt_dir, record: dict) -> None:
 def _lacking(root: Path, step: int) -> list[str]:
     """The items (orbax subdirectories) checkpoint `step` lacks."""
     return [item for item in ("state", "meta") if not (root / str(step) / item).is_dir()]
+
+
+def _move_aside(path: Path) -> None:
+    """Rename a step directory out of orbax's sight (a name that is not a number): STEP.unreadable[N]."""
+    target, n = path.with_name(f"{path.name}.unreadable"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.unreadable{n}"), n + 1
+    path.rename(target)
 
 
 def _listing(root: Path, failed: dict[int, str]) -> str:
@@ -371,7 +381,8 @@ class Trainer:
 
         First, before orbax reads anything, the saved run's options (RUN_FILE) are compared with this
         trainer's (`check_resume`). A checkpoint that cannot be read (a missing item directory, a truncated
-        or corrupt array file) is skipped for the next older one, with a warning on stderr naming both, and removed.
+        or corrupt array file) is skipped for the next older one, with a warning on stderr naming both, and
+        moved aside (renamed STEP.unreadable).
         Raises CheckpointError (one line, naming the directory): no checkpoint, options that differ, no
         intact checkpoint left.
         """
@@ -393,11 +404,13 @@ class Trainer:
             if out.meta["position"] != int(out.state["step"]) * self.opts.batch_size:
                 raise CheckpointError(f"{root / str(candidate)}: data position {out.meta['position']} does not "
                                       f"match step {int(out.state['step'])} x batch size {self.opts.batch_size}")
-            if failed:  # removed: they cannot be read, and the run continues from an earlier step anyway
-                print(f"warning: removed unreadable checkpoint {_listing(root, failed)}; resuming from "
-                      f"{root / str(candidate)}", file=sys.stderr)
-                for bad in failed:
-                    self.manager.delete(bad)
+            if failed:  # moved aside (kept for inspection): the run goes on from an earlier step, saving anew
+                print(f"warning: unreadable checkpoint {_listing(root, failed)}, moved aside to STEP.unreadable; "
+                      f"resuming from {root / str(candidate)}", file=sys.stderr)
+                if jax.process_index() == 0:
+                    for bad in failed:
+                        _move_aside(root / str(bad))
+                self.manager.reload()
             self.state, self.restored_step = out.state, candidate
             return candidate
         raise CheckpointError(f"{root}: no intact checkpoint to resume from: {_listing(root, failed)}")

@@ -322,7 +322,7 @@ def test_resume_falls_back_past_a_truncated_latest_checkpoint(saved_run, tmp_pat
     assert len(warning) == 1 and f"{root / '4'} (" in warning[0] and warning[0].endswith(f"resuming from {root / '2'}")
     for k, v in at_2.items():
         np.testing.assert_array_equal(np.asarray(t.state["params"][k]), v)
-    assert tr.saved_steps(root) == [2]  # the unreadable one is gone, so a later save takes its place
+    assert tr.saved_steps(root) == [2] and (root / "4.unreadable").is_dir()  # moved aside: a later save takes its place
     t.fit(progress=False)
     t.close()
     again = tr.Trainer(TINY, tiny_data(32), opts)
@@ -335,7 +335,8 @@ def test_resume_with_deleted_state(saved_run, tmp_path, capsys):
     shutil.rmtree(root / "4" / "state")  # was KeyError: 'Item "state" was not found in the checkpoint'
     t = tr.Trainer(TINY, tiny_data(32), opts)
     assert t.restore() == 2
-    assert f"{root / '4'} (incomplete: no state/); resuming from {root / '2'}" in capsys.readouterr().err
+    warning = capsys.readouterr().err
+    assert f"{root / '4'} (incomplete: no state/)" in warning and f"resuming from {root / '2'}" in warning
     shutil.rmtree(root / "2" / "state")
     with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
         tr.check_resume(root, t.record)  # before any model is built
