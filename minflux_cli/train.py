@@ -167,7 +167,8 @@ def check_init(path: Path, cfg, name: str) -> None:
 
 
 def plan(args):
-    """Check every argument that needs no model: (cfg, data, mesh). Raises UsageError / CheckpointError."""
+    """Check every argument before any model is built, cheap checks first, the data last: returns
+    (cfg, data, the resolved (data, fsdp) mesh). Raises UsageError naming the argument."""
     import jax
 
     from minflux_jax import load
@@ -188,18 +189,9 @@ def plan(args):
             check_init(args.init, cfg, args.config)
     except CheckpointError as e:  # not safetensors, corrupt, truncated
         raise UsageError(f"--init {e}") from None
-    if args.data:
-        dropout = 0.0 if args.caption_dropout is None else args.caption_dropout
-        try:
-            data = LatentShards(args.data, seed=args.seed, caption_dropout=dropout, cfg=cfg)
-        except CheckpointError as e:  # each names the shard and the cause
-            raise UsageError(f"--data {e}") from None
-    else:
-        if cfg.in_channels != 4 * 4 * 3:
-            raise UsageError(f"--config {args.config} takes {cfg.in_channels}-channel tokens; the shapes demo makes "
-                             "48 (4x4 RGB patches): pass --data with latents cached for it")
-        dropout = 0.1 if args.caption_dropout is None else args.caption_dropout
-        data = Shapes(context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed, caption_dropout=dropout)
+    if not args.data and cfg.in_channels != 4 * 4 * 3:
+        raise UsageError(f"--config {args.config} takes {cfg.in_channels}-channel tokens; the shapes demo makes 48 "
+                         "(4x4 RGB patches): pass --data with latents cached for it")
     if tuple(args.mesh) == (-1, -1):
         raise UsageError("--mesh -1 -1: -1 may stand for one axis only")
     try:
@@ -214,6 +206,15 @@ def plan(args):
             lora_files.targets(linear_names(load.abstract_model(cfg)), args.lora_targets)
         except (ValueError, re.error) as e:
             raise UsageError(f"--lora-targets: {e}") from None
+    if args.data:
+        dropout = 0.0 if args.caption_dropout is None else args.caption_dropout
+        try:
+            data = LatentShards(args.data, seed=args.seed, caption_dropout=dropout, cfg=cfg)
+        except CheckpointError as e:  # each names the shard and the cause
+            raise UsageError(f"--data {e}") from None
+    else:
+        dropout = 0.1 if args.caption_dropout is None else args.caption_dropout
+        data = Shapes(context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed, caption_dropout=dropout)
     return cfg, data, tuple(int(n) for n in mesh.shape.values())
 
 

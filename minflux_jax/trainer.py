@@ -15,7 +15,9 @@ Checkpoints: orbax `CheckpointManager`, asynchronous, every `save_every` steps: 
 step, RNG key, and (as JSON) the data position. Orbax writes into a temporary directory and renames it on
 completion, so a save killed midway leaves the previous checkpoint as the latest good one. Noise and times
 are drawn from fold_in(key, step) and batches are a pure function of the data position, so a resumed run
-reproduces the uninterrupted loss trajectory bitwise (on CPU).
+reproduces the uninterrupted loss trajectory bitwise (on CPU). Beside the step directories, RUN_FILE records
+the options the state depends on (config, batch size, accumulation, LoRA, precision, EMA, mesh); a resume
+compares them with its own before orbax reads anything, and skips checkpoints it cannot read for older ones.
 """
 
 from __future__ import annotations

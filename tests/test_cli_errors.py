@@ -8,6 +8,10 @@ the train rows must fail before any model is built (a Trainer built during a row
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -64,6 +68,7 @@ TRAIN = [
      "--data {wide}/0.safetensors: per-sample shapes do not fit the model: img (16, 64) (expected ('L', 48))"),
     (["train", "--data", "{ragged}"], 2, "--data {ragged}/1.safetensors: per-sample shapes"),
     (["train", "--data", "{corrupt}"], 2, "--data {corrupt}/0.safetensors: "),
+    (["train", "--config", "flux1-tiny", "--data", "{shards}"], 2, "--data {shards}/0.safetensors: missing ['vec']"),
     (["train", "--data", "{shards}", "--caption-dropout", "0.1"], 2,
      "--data {shards}/empty_caption.safetensors: no such file; caption dropout needs"),
     # --out and --resume
@@ -137,3 +142,14 @@ def test_bad_invocation(argv, code, expected, files, no_models, capsys):
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"minflux {argv[0]}: error: "), lines[0]
     assert expected.format(**files) in lines[0], lines[0]
+
+
+def test_batch_must_divide_over_the_mesh():
+    """Two (forced) CPU devices in a fresh process: a batch of 3 cannot split over a 2 x 1 mesh."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "minflux_cli", "train", "--mesh", "2", "1", "--batch-size", "3"],
+                          capture_output=True, text=True, timeout=300, env=env,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == "minflux train: error: --batch-size 3 must be a multiple of the mesh's 2 devices (--mesh 2 1)"
