@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if dst.is_dir():
         raise UsageError(f"dst {dst}: is a directory; name the output .safetensors file")
+    if not dst.parent.is_dir():
+        raise UsageError(f"dst {dst}: no such directory {dst.parent}")
     if src.exists() and dst.exists() and dst.resolve() == src.resolve():
         raise UsageError(f"dst {dst} is the source file: write the conversion to another path")
     s = convert(src, dst, to=args.to, dtype=args.dtype, progress=not args.no_progress)

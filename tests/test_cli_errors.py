@@ -9,8 +9,11 @@ the train rows must fail before any model is built (a Trainer built during a row
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from safetensors.numpy import save_file
 
 from minflux import data
 from minflux.data import LatentShards
-from minflux_cli.main import main
+from minflux_cli.main import COMMANDS, main
 
 TRAIN = [
     # numbers, validated where they are parsed (--steps 0 and --accumulate 0 used to train nothing, exit 0)
@@ -80,7 +83,79 @@ TRAIN = [
      "accumulate 2 (saved: 1)"),
 ]
 
-ROWS = TRAIN  # the other commands' rows join this table
+GENERATE = [
+    (["generate", "--random-weights", "--width", "0"], 2, "argument --width: must be >= 16, got 0"),
+    (["generate", "--random-weights", "--height", "40"], 2, "argument --height: must be a multiple of 16, got 40"),
+    (["generate", "--random-weights", "--steps", "0"], 2, "argument --steps: must be >= 1, got 0"),
+    (["generate", "--random-weights", "--strength", "0.5"], 2, "--strength needs --init IMAGE"),
+    (["generate", "--random-weights", "--init", "{png}", "--strength", "1.5"], 2, "argument --strength: must be <="),
+    (["generate", "--random-weights", "--seed", "-1"], 2, "argument --seed: must be >= 0"),
+    (["generate", "--random-weights", "--cfg", "nan"], 2, "argument --cfg: expected a finite number"),
+    (["generate", "--random-weights", "--framework", "tf"], 2, "argument --framework: invalid choice: 'tf'"),
+    (["generate", "--model", "nosuch"], 2, "argument --model: unknown preset 'nosuch'"),
+    (["generate", "--model", "flux1-ae", "--random-weights"], 2, "--model flux1-ae is a FLUX.1 autoencoder, not"),
+    (["generate", "--random-weights", "--ae-config", "flux2-ae-tiny"], 2,
+     "--ae-config flux2-ae-tiny is a FLUX.2 autoencoder; flux1-tiny is FLUX.1"),
+    (["generate", "--model", "flux1-tiny"], 2, "--transformer is required"),
+    (["generate", "--model", "flux1-tiny", "--transformer", "{flux2_tiny}", "--ae", "{flux1_ae}", "--embeddings",
+      "{flux2_tiny}"], 2, "--transformer {flux2_tiny} holds a FLUX.2 checkpoint but --model flux1-tiny is FLUX.1"),
+    (["generate", "--random-weights", "--ref", "{tmp}/nosuch.png"], 2, "argument --ref: {tmp}/nosuch.png: no such"),
+    (["generate", "--random-weights", "--ref", "{flux2_tiny}"], 2, "{flux2_tiny}: not an image PIL can read"),
+    (["generate", "--random-weights", "--ref", "{png}", "--ref", "{png}"], 2, "FLUX.1 Kontext takes one --ref"),
+    (["generate", "--random-weights", "--mask", "{png}"], 2, "--mask needs a FLUX.1 Fill model"),
+    (["generate", "--random-weights", "--control", "{png}"], 2, "--control needs a FLUX.1 Canny/Depth model"),
+    (["generate", "--random-weights", "--prompt", "a cat"], 2, "--prompt needs --text-encoder DIR"),
+    (["generate", "--random-weights", "--save-embeddings", "{tmp}/e.safetensors"], 2,
+     "--save-embeddings needs --prompt"),
+    (["generate", "--random-weights", "--text-encoder", "{tmp}"], 2, "--text-encoder needs --prompt"),
+]
+
+PARITY = [
+    (["parity", "--model", "nosuch"], 2, "argument --model: unknown preset 'nosuch'"),
+    (["parity", "--model", "flux1-tiny"], 2, "--model flux1-tiny needs --checkpoint FILE or --random-weights"),
+    (["parity", "--random-weights"], 2, "--model NAME is required with --checkpoint / --random-weights"),
+    (["parity", "--model", "flux1-tiny", "--random-weights", "--checkpoint", "{flux2_tiny}"], 2,
+     "--checkpoint and --random-weights exclude each other"),
+    (["parity", "--model", "flux1-tiny", "--checkpoint", "{tmp}/nosuch"], 2, "argument --checkpoint: {tmp}/nosuch"),
+    (["parity", "--dtype", "fp16"], 2, "--dtype 'fp16': use fp32, bf16 or fp32,bf16"),
+    (["parity", "--resolution", "0"], 2, "argument --resolution: must be >= 16, got 0"),
+    (["parity", "--resolution", "24"], 2, "argument --resolution: must be a multiple of 16"),
+    (["parity", "--txt-len", "0"], 2, "argument --txt-len: must be >= 1"),
+    (["parity", "--device", "tpu"], 2, "argument --device: invalid choice: 'tpu'"),
+    (["parity", "--model", "flux1-tiny", "--checkpoint", "{flux2_tiny}"], 2, "{flux2_tiny}"),
+    (["parity", "--model", "flux1-tiny", "--checkpoint", "{corrupt}/0.safetensors"], 2, "corrupt"),
+]
+
+CONVERT = [
+    (["convert", "{tmp}/nosuch.safetensors", "{tmp}/o.safetensors"], 2, "{tmp}/nosuch.safetensors: no such file"),
+    (["convert", "{flux2_tiny}", "{tmp}"], 2, "dst {tmp}: is a directory"),
+    (["convert", "{flux2_tiny}", "{flux2_tiny}"], 2, "is the source file"),
+    (["convert", "{corrupt}/0.safetensors", "{tmp}/o.safetensors"], 2, "{corrupt}/0.safetensors: "),
+    (["convert", "{pickle}", "{tmp}/o.safetensors"], 2, "{pickle}: "),
+    (["convert", "{flux2_tiny}", "{tmp}/o.safetensors", "--to", "onnx"], 2, "argument --to: invalid choice"),
+    (["convert", "{flux2_tiny}", "{tmp}/nodir/o.safetensors"], 2, "dst {tmp}/nodir/o.safetensors: no such directory"),
+]
+
+CACHE = [
+    (["cache", "{tmp}/nosuch", "{tmp}/c", "--model", "flux2-tiny", "--ae", "{flux1_ae}", "--text-encoder", "{tmp}"],
+     2, "argument images: {tmp}/nosuch: no such file or directory"),
+    (["cache", "{empty}", "{tmp}/c", "--model", "nosuch", "--ae", "{flux1_ae}", "--text-encoder", "{tmp}"], 2,
+     "argument --model: unknown preset 'nosuch'"),
+    (["cache", "{empty}", "{tmp}/c", "--model", "flux2-tiny", "--ae", "{flux1_ae}", "--text-encoder", "{tmp}"], 2,
+     "{empty}: no images"),
+    (["cache", "{empty}", "{tmp}/c", "--model", "flux2-tiny", "--ae", "{flux1_ae}", "--text-encoder", "{tmp}",
+      "--size", "0"], 2, "argument --size: must be >= 16, got 0"),
+    (["cache", "{empty}", "{tmp}/c", "--model", "flux2-tiny", "--ae", "{flux1_ae}", "--text-encoder", "{tmp}",
+      "--batch-size", "0"], 2, "argument --batch-size: must be >= 1"),
+    (["cache", "{empty}", "{tmp}/c", "--model", "flux2-tiny", "--ae", "{flux1_ae}"], 2,
+     "the following arguments are required: --text-encoder"),
+]
+
+TOP = [
+    (["nosuch"], 2, "invalid choice: 'nosuch' (choose from 'parity'"),
+]
+
+ROWS = TRAIN + GENERATE + PARITY + CONVERT + CACHE + TOP
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +175,10 @@ def files(tmp_path_factory, tiny_checkpoint):
     (tmp / "corrupt").mkdir()
     (tmp / "corrupt" / "0.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
     out["corrupt"] = tmp / "corrupt"
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp / "img.png")
+    out["png"] = tmp / "img.png"
     out["pickle"] = tmp / "model.pt"
     out["pickle"].write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # a zip, as torch.save writes
     assert len(LatentShards(out["shards"], cfg=data.DEMO)) == 4  # the good shards do load
@@ -124,6 +203,9 @@ def no_models(monkeypatch):
         raise AssertionError("a Trainer was built: the mistake was not caught while checking the arguments")
 
     monkeypatch.setattr(tr.Trainer, "__init__", built)
+    from minflux_cli.frameworks import Framework
+
+    monkeypatch.setattr(Framework, "model", built)
 
 
 @pytest.mark.parametrize("argv,code,expected", ROWS, ids=[" ".join(argv) for argv, _, _ in ROWS])
@@ -140,7 +222,8 @@ def test_bad_invocation(argv, code, expected, files, no_models, capsys):
     assert "Traceback" not in captured.err + captured.out
     assert rc == code, captured.err
     assert len(lines) == 1, captured.err
-    assert lines[0].startswith(f"minflux {argv[0]}: error: "), lines[0]
+    command = f"minflux {argv[0]}" if argv[0] in COMMANDS else "minflux"
+    assert lines[0].startswith(f"{command}: error: "), lines[0]
     assert expected.format(**files) in lines[0], lines[0]
 
 
@@ -153,3 +236,35 @@ def test_batch_must_divide_over_the_mesh():
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0] == "minflux train: error: --batch-size 3 must be a multiple of the mesh's 2 devices (--mesh 2 1)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: one line, no traceback, 130 / 143
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signals_give_one_line_and_their_exit_code(tmp_path, sig, code, word):
+    """A long `minflux generate` is stopped once its loop runs (its progress bar has appeared)."""
+    cmd = [sys.executable, "-m", "minflux_cli", "generate", "--random-weights", "--steps", "100000",
+           "--out", str(tmp_path / "never.png")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+
+    def read():
+        for line in iter(lambda: proc.stderr.read(1), ""):
+            seen.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while "denoising" not in "".join(seen):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code
+    reader.join(timeout=10)
+    err = "".join(seen).replace("\r", "\n")
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("minflux")] == [f"minflux generate: {word}"]
+    assert not (tmp_path / "never.png").exists()
