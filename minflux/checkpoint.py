@@ -1,16 +1,33 @@
-"""safetensors IO: lazy reads over one file or a directory of shards, strict checks, atomic writes.
+"""safetensors IO: lazy reads over files as users hold them, strict checks, atomic writes.
 
-Every failure raises `CheckpointError` naming the file and the cause. Tensors
-are numpy arrays (bf16 as `ml_dtypes.bfloat16`), read one at a time, so a
-checkpoint larger than memory can be converted or streamed block by block.
+Every failure raises `CheckpointError` naming the file and the cause. Tensors are numpy arrays (bf16 as
+`ml_dtypes.bfloat16`, fp8 as `ml_dtypes.float8_e4m3fn` / `float8_e5m2`), read one at a time, so a checkpoint
+larger than memory can be converted or streamed block by block. What is read (see docs/checkpoints.md):
+
+- one file, a directory of shards, or a shard index (`*.safetensors.index.json`, which then decides which
+  shard holds which key);
+- one component of a bundle: the transformer under `model.diffusion_model.`, `diffusion_model.` or
+  `transformer.`, the autoencoder under `vae.` or `first_stage_model.` (or either with no prefix);
+- fp8 weights, plain or scaled: a `X.scale_weight` (ComfyUI's legacy scaled fp8) or `X.weight_scale` (ComfyUI's
+  quantized format, NVIDIA ModelOpt, compressed-tensors) beside `X.weight` is folded in, weight = fp8 * scale,
+  per tensor or per row.
+
+The header checks follow the reference reader, safetensors' `Metadata::validate` (huggingface/safetensors,
+safetensors/src/tensor.rs), and go further where it is lenient (repeated keys, nesting).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
+import re
+import signal
 import struct
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,9 +36,16 @@ import numpy as np
 
 from minflux import keymaps
 
-FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
-_ST_TO_NP = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+log = logging.getLogger("minflux")
+
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", *FP8_DTYPES}
+_ST_TO_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+             "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+MAX_HEADER = 100_000_000  # bytes, as safetensors' MAX_HEADER_SIZE
+DIGEST_PREFIX = "sha256:"  # `__metadata__` entry "sha256:KEY" = hex SHA-256 of KEY's stored bytes
 
 
 class CheckpointError(Exception):
@@ -29,119 +53,354 @@ class CheckpointError(Exception):
 
 
 def np_dtype(name: str) -> np.dtype:
-    """numpy dtype for a safetensors dtype name ("BF16" -> ml_dtypes.bfloat16)."""
-    return np.dtype(ml_dtypes.bfloat16) if name == "BF16" else np.dtype(_ST_TO_NP[name])
+    """numpy dtype for a safetensors dtype name ("BF16" -> ml_dtypes.bfloat16, "F8_E4M3" -> float8_e4m3fn)."""
+    return np.dtype(_ST_TO_NP[name])
 
 
 def st_dtype(dtype) -> str:
     """safetensors dtype name for a numpy dtype."""
-    name = np.dtype(dtype).name
+    dtype = np.dtype(dtype)
     for k, v in _ST_TO_NP.items():
-        if v == name:
+        if np.dtype(v) == dtype:
             return k
-    raise ValueError(f"dtype {name} cannot be written to safetensors")
+    raise ValueError(f"dtype {dtype.name} cannot be written to safetensors")
 
 
-def read_header(path: Path) -> dict:
-    """Parse and validate a safetensors header; truncated or corrupt files raise CheckpointError.
+# ---------------------------------------------------------------------------------------------
+# Reading: the header, checked at least as strictly as safetensors does
+# ---------------------------------------------------------------------------------------------
 
-    Each entry gains "start": the absolute file offset of its data.
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _no_repeats(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise CheckpointError(f"repeated key {next(k for k, n in Counter(keys).items() if n > 1)!r}")
+    return dict(pairs)
+
+
+def _uint(x) -> bool:
+    return type(x) is int and 0 <= x < 1 << 64  # not bool, not float: JSON integers only, as usize
+
+
+def _check_entry(key: str, info) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, start, stop) of one header entry, or a ValueError saying what is wrong."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError("an entry needs dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _ST_TO_NP:
+        raise ValueError(f"dtype {dtype!r} is none of {sorted(_ST_TO_NP)}")
+    if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+        raise ValueError(f"shape {shape!r} is no list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_uint(o) for o in offsets):
+        raise ValueError(f"data_offsets {offsets!r} is no pair of non-negative integers")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def parse_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Parse and validate a safetensors header: ({key: {"dtype", "shape", "start", "nbytes"}}, metadata).
+
+    "start" is the absolute file offset of a tensor's data. Raises CheckpointError naming the file (and the key)
+    for: no header, a header length past the file or over 100 MB, bytes that are not UTF-8 JSON, nesting deeper
+    than a header has, repeated keys, entries without an integer shape and offset pair, unknown dtypes,
+    offsets that do not tile the data area from 0 to its end without gaps or overlaps, sizes that disagree with
+    shape x dtype, and metadata that is not string -> string.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{path}: corrupt header (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt header ({e})") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER):
+                raise CheckpointError(f"{path}: corrupt header (header length {n}, file size {size})")
+            raw = f.read(n)
+    except OSError as e:  # a directory, no permission, ...
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    # A header is at most 3 deep ({key: {field: [int]}}); count brackets outside strings before parsing,
+    # so a hostile nesting never reaches the recursive JSON parser.
+    skeleton = np.frombuffer(_STRING.sub(b'""', raw), np.uint8)
+    depth = np.cumsum((skeleton == ord("{")) | (skeleton == ord("[")), dtype=np.int64) - np.cumsum(
+        (skeleton == ord("}")) | (skeleton == ord("]")), dtype=np.int64)
+    if depth.size and depth.max() > 3:
+        raise CheckpointError(f"{path}: corrupt header (JSON nested {int(depth.max())} deep; a header has 3 levels)")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_repeats,
+                            parse_constant=lambda c: _no_constant(c))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: corrupt header ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt header (a JSON {type(header).__name__}, not an object)")
-    header.pop("__metadata__", None)
-    for key, info in header.items():  # we read data by offset ourselves, so check what safetensors would
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupt header (__metadata__ must map strings to strings)")
+    entries, spans = {}, []
+    for key, info in header.items():
         try:
-            dtype, shape, (a, b) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype(dtype).itemsize
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt header entry for {key!r}: {info!r} ({e!r})") from None
-        if not 0 <= a <= b or b - a != nbytes or min(shape, default=0) < 0:
+            key.encode("utf-8")  # a lone surrogate escape (\ud800) is valid to Python's json, not to serde
+            dtype, shape, a, b = _check_entry(key, info)
+        except (ValueError, UnicodeEncodeError) as e:
+            raise CheckpointError(f"{path}: corrupt header entry for {key!r}: {e}") from None
+        nbytes = int(np.prod(shape, dtype=object)) * np_dtype(dtype).itemsize
+        if b - a != nbytes:
             raise CheckpointError(f"{path}: corrupt header: {key!r} is {dtype} {shape} ({nbytes} bytes) "
                                   f"but spans data offsets [{a}, {b})")
-        info["start"] = 8 + n + a
-    last = max(header, key=lambda k: header[k]["data_offsets"][1], default=None)
-    end = header[last]["data_offsets"][1] if last is not None else 0
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: the header needs {8 + n + end} bytes (up to the end of "
+        entries[key] = {"dtype": dtype, "shape": shape, "start": 8 + n + a, "nbytes": nbytes}
+        spans.append((a, b, key))
+    end = 0  # the tensors must tile the data area: sorted by offset, each starts where the previous ended
+    for a, b, key in sorted(spans):
+        if a != end:
+            raise CheckpointError(f"{path}: corrupt header: {key!r} starts at data offset {a}, expected {end} "
+                                  f"({'overlaps the previous tensor' if a < end else 'a gap before it'})")
+        end = b
+    if 8 + n + end != size:
+        last = max(spans)[2] if spans else None
+        what = "truncated" if 8 + n + end > size else "corrupt: bytes after the last tensor"
+        raise CheckpointError(f"{path}: {what}: the header needs {8 + n + end} bytes (up to the end of "
                               f"{last!r}), the file has {size}")
-    return header
+    return entries, meta
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_header(path) -> dict[str, dict]:
+    """The validated tensor entries of a safetensors file (see `parse_header`)."""
+    return parse_header(Path(path))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: files, shards and indexes, components, fp8 scales
+# ---------------------------------------------------------------------------------------------
+
+SCALES = (".scale_weight", ".weight_scale")  # fp8 weight scales: ComfyUI legacy; ComfyUI / ModelOpt / vLLM
+SKIPPED_AUX = (".scale_input", ".input_scale", ".comfy_quant")  # activation scales, per-layer format tags
+MARKERS = ("scaled_fp8",)  # ComfyUI's legacy marker tensor (its dtype names the fp8 format)
+
+
+def _shards(path: Path) -> tuple[list[Path], dict[str, str] | None, Path | None, list[str]]:
+    """(files to read, index weight map or None, index file, notices) for a file, directory or index json."""
+    index = path if path.is_file() and path.name.endswith(".index.json") else None
+    if path.is_dir():
+        indexes = sorted(p for p in path.glob("*.safetensors.index.json") if p.is_file())
+        if len(indexes) > 1:
+            raise CheckpointError(f"{path}: several shard indexes ({', '.join(p.name for p in indexes)}); "
+                                  f"pass the one to read")
+        index = indexes[0] if indexes else None
+    elif index is None:
+        return [path], None, None, []
+    directory = index.parent if index is not None else path
+    found = sorted(directory.glob("*.safetensors"))
+    if index is None:
+        if not found:
+            raise CheckpointError(f"{path}: directory holds no *.safetensors files")
+        for p in found:
+            if not p.is_file():
+                raise CheckpointError(f"{p}: not a file (a shard directory holds *.safetensors files)")
+        return found, None, None, []
+    try:
+        weight_map = json.loads(index.read_text("utf-8"), object_pairs_hook=_no_repeats)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map must map tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, CheckpointError) as e:
+        raise CheckpointError(f"{index}: not a shard index ({type(e).__name__}: {e})") from None
+    named = sorted(set(weight_map.values()))
+    for name in named:
+        if Path(name).name != name:
+            raise CheckpointError(f"{index}: names shard {name!r} outside its directory")
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name}: missing (named by {index.name})")
+    ignored = [p.name for p in found if p.name not in set(named)]
+    notices = [f"{index}: ignored {len(ignored)} file(s) the index does not name: {', '.join(ignored[:5])}"
+               f"{' ...' if len(ignored) > 5 else ''}"] if ignored else []
+    return [directory / n for n in named], weight_map, index, notices
 
 
 class Checkpoint:
-    """Lazy view of one safetensors file or a directory of shards; BFL's `model.diffusion_model.` prefix,
-    if present, is stripped from the keys."""
+    """Lazy view of one safetensors file, a directory of shards or a shard index, as logical tensors.
 
-    def __init__(self, path: str | os.PathLike):
+    `component` picks what is read: None reads every key (a `model.diffusion_model.` prefix on all of them is
+    stripped); "transformer" or "ae" reads that component of a bundle, its prefix stripped, other keys
+    ignored (counted in one notice); "auto" reads the only component a file holds. fp8 weights with a stored
+    scale read as F32, weight = fp8 * scale. `meta` maps each logical key to (dtype, shape); `files` to its file.
+    Raises CheckpointError naming the file (and the key) for anything `parse_header` rejects, a missing path,
+    a shard the index names that is missing, a key the index places in a shard that lacks it, a key in two
+    shards, a component the file does not hold, and a scale whose shape is neither per tensor nor per row.
+    """
+
+    def __init__(self, path: str | os.PathLike, component: str | None = None):
         self.path = Path(path)
+        self._handles: dict[Path, object] = {}
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
-        files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
-        if not files:
-            raise CheckpointError(f"{self.path}: directory holds no *.safetensors files")
-        self.files: dict[str, Path] = {}  # key -> file
-        self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (dtype, shape)
-        self.starts: dict[str, int] = {}  # key -> file offset of its data
+        files, weight_map, index, self.notices = _shards(self.path)
+        stored: dict[str, tuple[Path, dict]] = {}  # raw key -> (file, header entry)
+        self.digests: dict[str, str] = {}  # raw key -> hex digest recorded by the writer
+        extra = 0
         for file in files:
-            for key, info in read_header(file).items():
-                if key in self.meta:
-                    raise CheckpointError(f"{file}: key {key!r} also in {self.files[key]}")
-                self.files[key], self.meta[key] = file, (info["dtype"], tuple(info["shape"]))
-                self.starts[key] = info["start"]
+            entries, meta = parse_header(file)
+            for key, info in entries.items():
+                if weight_map is not None and weight_map.get(key) != file.name:
+                    extra += 1  # the index places it elsewhere (or nowhere): it decides
+                    continue
+                if key in stored:
+                    raise CheckpointError(f"{file}: key {key!r} also in {stored[key][0]}")
+                stored[key] = (file, info)
+                if DIGEST_PREFIX + key in meta:
+                    self.digests[key] = meta[DIGEST_PREFIX + key]
+        if weight_map is not None:
+            lost = [k for k in weight_map if k not in stored]
+            if lost:
+                raise CheckpointError(f"{index.parent / weight_map[lost[0]]}: has no tensor {lost[0]!r}, which "
+                                      f"{index.name} places there ({len(lost)} such keys)")
+            if extra:
+                self.notices.append(f"{index}: ignored {extra} tensor(s) in shards that the index places elsewhere")
+        self.stored = stored
+        self._select(component)
+        for notice in self.notices:
+            log.warning("notice: %s", notice)
+
+    def _select(self, component: str | None) -> None:
+        keys = list(self.stored)
+        if component == "auto":
+            found = [c for c in keymaps.COMPONENTS if keymaps.find_component(keys, c) is not None]
+            if len(found) > 1:
+                where = ", ".join(f"{c} under {keymaps.find_component(keys, c)!r}" for c in found)
+                raise CheckpointError(f"{self.path}: holds several components ({where}); pick one to extract")
+            component = found[0] if found else None
+        if component is None:
+            self.prefix = keymaps.BFL_PREFIX if keys and all(k.startswith(keymaps.BFL_PREFIX) for k in keys) else ""
+            chosen = keys
+        else:
+            prefix = keymaps.find_component(keys, component)
+            if prefix is None:
+                raise CheckpointError(f"{self.path}: unknown layout: no {'autoencoder' if component == 'ae' else component} "
+                                      f"(no {' / '.join(keymaps.COMPONENTS[component][1])} keys under any of the "
+                                      f"prefixes {keymaps.COMPONENTS[component][0]} or none); "
+                                      f"first keys: {sorted(keys)[:5]}")
+            self.prefix, chosen = prefix, keymaps.component_keys(keys, prefix)
+            if len(chosen) < len(keys):
+                others = Counter(k.split(".", 1)[0] + "." for k in keys if k not in set(chosen))
+                self.notices.append(f"{self.path}: read the {component} under {prefix!r}; ignored "
+                                    f"{len(keys) - len(chosen)} other tensor(s) ("
+                                    + ", ".join(f"{p}: {n}" for p, n in others.most_common(5)) + ")")
+        self.component = component
+        # logical key -> raw key; fp8 scales folded into their weights, auxiliary tensors dropped
+        names = {k[len(self.prefix):]: k for k in chosen}
+        self.sources, self.scales, aux = {}, {}, 0
+        for name, raw in names.items():
+            if name.endswith(SCALES) or name.endswith(SKIPPED_AUX) or name in MARKERS:
+                if name.endswith(SCALES) and name.rsplit(".", 1)[0] + ".weight" not in names:
+                    raise CheckpointError(f"{self.stored[raw][0]}: scale {raw!r} has no weight beside it")
+                aux += not name.endswith(SCALES)
+                continue
+            self.sources[name] = raw
+            scale = next((names[name.removesuffix("weight") + s[1:]] for s in SCALES
+                          if name.endswith(".weight") and name.removesuffix("weight") + s[1:] in names), None)
+            if scale is not None:
+                self._check_scale(raw, scale)
+                self.scales[name] = scale
+        self.files = {k: self.stored[r][0] for k, r in self.sources.items()}
+        self.meta = {k: ("F32" if k in self.scales else self.stored[r][1]["dtype"], self.stored[r][1]["shape"])
+                     for k, r in self.sources.items()}
         self.raw_layout = keymaps.detect_layout(self.meta)
-        self.prefix = keymaps.BFL_PREFIX if self.raw_layout == "bfl-prefixed" else ""
-        if self.prefix:
-            self.files = {k.removeprefix(self.prefix): v for k, v in self.files.items()}
-            self.meta = {k.removeprefix(self.prefix): v for k, v in self.meta.items()}
-            self.starts = {k.removeprefix(self.prefix): v for k, v in self.starts.items()}
-        self.layout = {"bfl-prefixed": "bfl"}.get(self.raw_layout, self.raw_layout)
-        self._handles: dict[Path, object] = {}
+        self.layout = self.raw_layout
+        if self.prefix == keymaps.BFL_PREFIX and self.layout == "bfl":
+            self.raw_layout = "bfl-prefixed"
+        elif self.prefix and self.layout:
+            self.raw_layout = f"{self.layout} under {self.prefix!r}"
+
+    def _check_scale(self, raw: str, scale: str) -> None:
+        file, w = self.stored[raw]
+        s = self.stored[scale][1]
+        rows = w["shape"][0] if w["shape"] else 1
+        if w["dtype"] not in FP8_DTYPES or s["dtype"] not in FLOAT_DTYPES:
+            raise CheckpointError(f"{file}: {raw!r} is {w['dtype']} with scale {scale!r} {s['dtype']}; "
+                                  f"expected an fp8 weight and a float scale")
+        n = int(np.prod(s["shape"], dtype=np.int64))
+        if not (n == 1 or (n == rows and s["shape"] in ((rows,), (rows, 1)))):
+            raise CheckpointError(f"{file}: scale {scale!r} has shape {s['shape']} for weight {w['shape']}; "
+                                  f"read are per-tensor (one value) and per-row ({rows} or ({rows}, 1)) scales")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: s for k, (_, s) in self.meta.items()}
 
-    def _open(self, key: str):
-        file = self.files[key]
+    def dtypes(self) -> str:
+        """What the file stores, for reports: e.g. "F8_E4M3 x 60 (scaled, weight_scale), BF16 x 23"."""
+        counts = Counter(self.stored[r][1]["dtype"] for r in self.sources.values())
+        scaled = Counter(self.stored[r][1]["dtype"] for k, r in self.sources.items() if k in self.scales)
+        names = sorted({self.scales[k].rsplit(".", 1)[1] for k in self.scales})
+        return ", ".join(f"{d} x {n}" + (f" ({scaled[d]} scaled: {'/'.join(names)})" if scaled[d] else "")
+                         for d, n in counts.most_common())
+
+    def _raw_rows(self, raw: str, start: int, stop: int) -> np.ndarray:
+        file, info = self.stored[raw]
+        shape = info["shape"]
+        arr = np.empty((stop - start, *shape[1:]) if shape else (), np_dtype(info["dtype"]))
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * arr.itemsize
+        buf = memoryview(arr.reshape(-1).view(np.uint8))
         if file not in self._handles:
             self._handles[file] = open(file, "rb")  # kept open for the next rows
-        return self._handles[file]
+        f, done = self._handles[file], 0
+        f.seek(info["start"] + start * row_bytes)
+        while done < len(buf) and (n := f.readinto(buf[done:])):
+            done += n
+        if done < len(buf):
+            raise CheckpointError(f"{file}: truncated while reading {raw!r} (got {done} of {len(buf)} bytes)")
+        return arr
 
     def rows(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tensor (the whole tensor for 0-d ones), read without the rest.
 
         Plain reads straight into a fresh array, not a memory map: mapped pages stay resident (and count
         in RSS) until the map closes, so converting a 64 GB file through mmap looks like a 64 GB process.
+        A scaled fp8 weight comes back as float32: fp8 * scale, the scale's rows for per-row scales.
         """
-        dtype, shape = self.meta[key]
+        shape = self.meta[key][1]
         if not 0 <= start <= stop <= (shape[0] if shape else 1):
             raise ValueError(f"rows [{start}, {stop}) of {key!r} {shape}")
-        arr = np.empty((stop - start, *shape[1:]) if shape else (), np_dtype(dtype))
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * arr.itemsize
-        buf = memoryview(arr.reshape(-1).view(np.uint8))
-        f, done = self._open(key), 0
-        f.seek(self.starts[key] + start * row_bytes)
-        while done < len(buf) and (n := f.readinto(buf[done:])):
-            done += n
-        if done < len(buf):
-            raise CheckpointError(f"{self.files[key]}: truncated while reading {key!r} "
-                                  f"(got {done} of {len(buf)} bytes)")
+        arr = self._raw_rows(self.sources[key], start, stop)
+        if key in self.scales:
+            scale = self.stored[self.scales[key]][1]
+            per_row = int(np.prod(scale["shape"], dtype=np.int64)) > 1
+            s = self._raw_rows(self.scales[key], *((start, stop) if per_row else (0, scale["shape"][0] if
+                                                                                  scale["shape"] else 1)))
+            s = s.astype(np.float32).reshape((-1,) + (1,) * (arr.ndim - 1) if per_row else ())
+            arr = arr.astype(np.float32) * s
         return arr
 
     def get(self, key: str) -> np.ndarray:
         shape = self.meta[key][1]
         return self.rows(key, 0, shape[0] if shape else 1)
+
+    def verify(self, key: str) -> None:
+        """Check the digests the writer recorded for a tensor (and its scale); CheckpointError naming the tensor
+        that fails or has none. Reads the stored bytes in 64 MB pieces."""
+        for raw in (self.sources[key], self.scales.get(key)):
+            if raw is None:
+                continue
+            file, info = self.stored[raw]
+            if raw not in self.digests:
+                raise CheckpointError(f"{file}: no digest recorded for {raw!r} (verify needs a file written by "
+                                      f"minflux convert or save_model)")
+            h, f = hashlib.sha256(), open(file, "rb")
+            with f:
+                f.seek(info["start"])
+                left = info["nbytes"]
+                while left:
+                    piece = f.read(min(left, 1 << 26))
+                    if not piece:
+                        raise CheckpointError(f"{file}: truncated while reading {raw!r}")
+                    h.update(piece)
+                    left -= len(piece)
+            if h.hexdigest() != self.digests[raw]:
+                raise CheckpointError(f"{file}: tensor {raw!r} does not match its recorded digest "
+                                      f"(the file changed after it was written)")
 
     def close(self) -> None:
         for f in getattr(self, "_handles", {}).values():  # also from __del__ after a failed __init__
@@ -158,27 +417,32 @@ class Checkpoint:
 
 
 def check_finite(arr: np.ndarray, key: str, where) -> None:
-    if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
-        if not np.isfinite(arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr).all():
+    ml = arr.dtype in (np.dtype(ml_dtypes.bfloat16), *(np_dtype(d) for d in FP8_DTYPES))
+    if arr.dtype.kind == "f" or ml:
+        if not np.isfinite(arr.astype(np.float32) if ml else arr).all():
             raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
 
 
 class BflReader:
     """A checkpoint in any layout, seen as BFL-layout tensors and checked against `expected` shapes up front.
 
-    Raises CheckpointError naming the file for an unknown layout, missing or unexpected keys, shape
-    mismatches (expected and found) and non-float dtypes; `read` raises for NaN/Inf values.
+    The model's own component is read from a bundle (the transformer for FLUX configs, the autoencoder for
+    autoencoder configs). Raises CheckpointError naming the file for an unknown layout, missing or unexpected
+    keys, shape mismatches (expected and found) and non-float dtypes; `read` raises for NaN/Inf values and,
+    with `verify`, for a tensor whose bytes do not match the digest its writer recorded. fp8 tensors are read
+    as float32 (exact), for the framework to cast to the requested dtype.
     """
 
-    def __init__(self, path, expected: dict[str, tuple[int, ...]], cfg):
-        ckpt, family = Checkpoint(path), cfg.family
+    def __init__(self, path, expected: dict[str, tuple[int, ...]], cfg, verify: bool = False):
+        family = cfg.family
+        ckpt = Checkpoint(path, "ae" if family.startswith("ae") else "transformer")
         if ckpt.layout is None:
             raise CheckpointError(f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
                                   f"first keys: {sorted(ckpt.meta)[:5]}")
         try:
             recipes = keymaps.convert(ckpt.shapes(), ckpt.layout, "bfl", family, getattr(cfg, "hidden_size", 0))
         except KeyError as e:
-            raise CheckpointError(f"{ckpt.path}: unexpected key {e.args[0]!r} for a {family} "
+            raise CheckpointError(f"{ckpt.path}: unexpected key {ckpt.prefix + e.args[0]!r} for a {family} "
                                   f"checkpoint in {ckpt.layout} layout") from None
         missing, unexpected = sorted(set(expected) - set(recipes)), sorted(set(recipes) - set(expected))
         if missing or unexpected:
@@ -192,14 +456,25 @@ class BflReader:
             for src, _, _ in recipe.pieces:
                 dtype = ckpt.meta[src][0]
                 if dtype not in FLOAT_DTYPES:
-                    raise CheckpointError(f"{ckpt.path}: tensor {src!r} has dtype {dtype}, expected a float dtype")
-        self.ckpt, self.recipes = ckpt, recipes
+                    raise CheckpointError(f"{ckpt.files[src]}: tensor {ckpt.sources[src]!r} has dtype {dtype}, "
+                                          f"expected a float dtype")
+        self.ckpt, self.recipes, self.verify = ckpt, recipes, verify
 
     def keys(self) -> list[str]:
         return list(self.recipes)
 
+    def describe(self) -> str:
+        """Where the tensors come from, for reports: path, layout, prefix and stored dtypes."""
+        return f"{self.ckpt.path} ({self.ckpt.raw_layout} layout; {self.ckpt.dtypes()})"
+
     def read(self, key: str) -> np.ndarray:
-        arr = keymaps.apply(self.recipes[key], self.ckpt.rows)
+        recipe = self.recipes[key]
+        if self.verify:
+            for src in dict.fromkeys(k for k, _, _ in recipe.pieces):
+                self.ckpt.verify(src)
+        arr = keymaps.apply(recipe, self.ckpt.rows)
+        if arr.dtype.itemsize == 1:  # fp8: every value is exact in float32 (and in bf16 / fp16)
+            arr = arr.astype(np.float32)
         check_finite(arr, key, self.ckpt.path)
         return arr
 
@@ -207,9 +482,9 @@ class BflReader:
         return ((key, self.read(key)) for key in self.recipes)
 
 
-def read_bfl(path, expected: dict[str, tuple[int, ...]], cfg) -> Iterator[tuple[str, np.ndarray]]:
+def read_bfl(path, expected: dict[str, tuple[int, ...]], cfg, verify: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """Stream (key, tensor) pairs of a checkpoint in BFL layout; checks as `BflReader`, before the first read."""
-    return iter(BflReader(path, expected, cfg))
+    return iter(BflReader(path, expected, cfg, verify))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,13 +492,70 @@ def read_bfl(path, expected: dict[str, tuple[int, ...]], cfg) -> Iterator[tuple[
 # ---------------------------------------------------------------------------------------------
 
 
-def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produce: Callable[[str], np.ndarray],
-                      metadata: dict[str, str] | None = None, progress: bool = False) -> None:
-    """Write tensors one at a time, so memory stays near the largest tensor; atomic (temp, fsync, rename).
+def temp_name(path: Path, pid: int | None = None) -> Path:
+    """The temp file a write to `path` goes through: `.NAME.tmp-PID`, beside it, named by its process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
 
-    `specs` maps key -> (safetensors dtype, shape); `produce(key)` returns that tensor.
+
+def remove_stale_temp_files(path: Path) -> list[Path]:
+    """Remove temp files of earlier writes to `path` whose process is gone (killed by SIGKILL, power loss).
+
+    Both `.NAME.tmp-PID` and the older `.NAME.tmpPID` are recognised; a live process's file is left alone.
     """
-    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-?(\d+)")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            m = pattern.fullmatch(entry.name)
+            if m and not _alive(int(m.group(1))) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover: this process is not writing it now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 1 << 22  # another user's live process (or an impossible id)
+    return True
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during a write (raised by the handler `_cleanup_on_sigterm` installs)."""
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm():
+    """Turn SIGTERM into an exception while writing, so `finally` removes the temp file; then die of it.
+
+    Only when SIGTERM has its default action (death without cleanup) and we run in the main thread; a program
+    with its own SIGTERM handler (the CLI's exits 143) keeps it, and the exception it raises cleans up the same.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)  # the death the default action would have given, after cleanup
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _header_blob(specs, metadata: dict[str, str]) -> tuple[bytes, int]:
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = metadata
@@ -233,49 +565,79 @@ def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produ
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return struct.pack("<Q", len(blob)) + blob, offset
+
+
+def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produce: Callable[[str], np.ndarray],
+                      metadata: dict[str, str] | None = None, progress: bool = False, digests: bool = False) -> None:
+    """Write tensors one at a time, so memory stays near the largest tensor; atomic (temp, fsync, rename).
+
+    `specs` maps key -> (safetensors dtype, shape); `produce(key)` returns that tensor. The temp file is
+    `.NAME.tmp-PID` beside `path`; it is removed on any failure, on Ctrl-C and on SIGTERM, and one left by a
+    killed process is removed by the next write to `path`. With `digests`, `__metadata__` records the SHA-256
+    of each tensor's bytes as "sha256:KEY" (the header is rewritten in place once they are known: same length).
+    Raises CheckpointError naming the file for OS errors and for a produced tensor unlike its spec.
+    """
+    path = Path(path)
+    metadata = dict(metadata or {})
+    if digests:
+        metadata.update({DIGEST_PREFIX + key: "0" * 64 for key in specs})  # placeholders, as long as the digests
+    head, total = _header_blob(specs, metadata)
+    remove_stale_temp_files(path)
+    tmp = temp_name(path)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=offset, desc=f"writing {path.name}", unit="B", unit_scale=True, unit_divisor=1024)
+        bar = tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, unit_divisor=1024)
     try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            for key in specs:
-                arr = np.asarray(produce(key))
-                arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps 0-d tensors 0-d
-                dtype, shape = specs[key]
-                if arr.dtype != np_dtype(dtype) or tuple(arr.shape) != tuple(shape):
-                    raise CheckpointError(f"{path}: tensor {key!r} is {arr.dtype} {arr.shape}, "
-                                          f"declared {dtype} {tuple(shape)}")
-                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-                if bar is not None:
-                    bar.update(arr.nbytes)
-                del arr  # before the next produce(): one tensor in memory at a time, not two
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY)
+        with _cleanup_on_sigterm():
             try:
-                os.fsync(fd)
+                with open(tmp, "wb") as f:
+                    f.write(head)
+                    for key in specs:
+                        arr = np.asarray(produce(key))
+                        arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps 0-d tensors 0-d
+                        dtype, shape = specs[key]
+                        if arr.dtype != np_dtype(dtype) or tuple(arr.shape) != tuple(shape):
+                            raise CheckpointError(f"{path}: tensor {key!r} is {arr.dtype} {arr.shape}, "
+                                                  f"declared {dtype} {tuple(shape)}")
+                        data = memoryview(arr.reshape(-1).view(np.uint8))
+                        f.write(data)
+                        if digests:
+                            metadata[DIGEST_PREFIX + key] = hashlib.sha256(data).hexdigest()
+                        if bar is not None:
+                            bar.update(arr.nbytes)
+                        del arr, data  # before the next produce(): one tensor in memory at a time, not two
+                    if digests:
+                        final, _ = _header_blob(specs, metadata)
+                        assert len(final) == len(head)  # same keys, digests as long as their placeholders
+                        f.seek(0)
+                        f.write(final)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                with contextlib.suppress(OSError):  # make the rename itself durable
+                    fd = os.open(path.parent, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
             finally:
-                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
     except OSError as e:  # no space, no such directory, permissions: one clear line
         raise CheckpointError(f"{path}: writing failed: {e}") from None
     finally:
         if bar is not None:
             bar.close()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 LAYOUTS = ("bfl", "bfl-prefixed", "diffusers")
 
 
 def save_bfl(path, tensors: dict[str, np.ndarray], cfg, layout: str = "bfl") -> None:
-    """Write BFL-layout numpy tensors of a model with config `cfg` as `layout` (one of LAYOUTS)."""
+    """Write BFL-layout numpy tensors of a model with config `cfg` as `layout` (one of LAYOUTS), with digests."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -287,16 +649,66 @@ def save_bfl(path, tensors: dict[str, np.ndarray], cfg, layout: str = "bfl") -> 
                   {k: st_dtype(v.dtype) for k, v in tensors.items()})
 
 
+# ---------------------------------------------------------------------------------------------
+# fp8 with per-tensor scales, as written by `minflux convert --dtype fp8`
+# ---------------------------------------------------------------------------------------------
+
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+FP8_SCALE = ".weight_scale"  # written beside each fp8 weight: ComfyUI's quantized format (also ModelOpt, vLLM)
+
+
+def quantize_fp8(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float8_e4m3fn weight, float32 0-d scale) with weight * scale ~ arr: scale = amax / 448, round to nearest."""
+    a = np.asarray(arr, np.float32)
+    amax = float(np.abs(a).max()) if a.size else 0.0
+    scale = np.float32(amax / FP8_MAX if amax > 0 else 1.0)
+    return (a / scale).astype(ml_dtypes.float8_e4m3fn), np.array(scale, np.float32)
+
+
+def _quantized(key: str, shape: tuple[int, ...]) -> bool:
+    return key.endswith(".weight") and len(shape) == 2  # the linear layers: where the parameters are
+
+
 def write_recipes(path, recipes: dict[str, keymaps.Recipe], rows, src_dtypes: dict[str, str],
-                  dtype: str | None = None, progress: bool = False, metadata: dict[str, str] | None = None) -> None:
-    """Write every recipe's tensor, optionally cast to `dtype` (a safetensors name, floats only)."""
+                  dtype: str | None = None, progress: bool = False, metadata: dict[str, str] | None = None,
+                  prefix: str = "") -> None:
+    """Write every recipe's tensor, optionally cast to `dtype` (a safetensors name, floats only), with digests.
 
-    def out_dtype(recipe):
+    dtype "F8_E4M3" quantizes the 2-D `*.weight` tensors (the linear layers) with a per-tensor scale stored as
+    `*.weight_scale` (F32, 0-d) and lists them in `__metadata__["_quantization_metadata"]` (ComfyUI's
+    convention; layer names without the component `prefix`); the other tensors keep their dtype.
+    """
+    fp8 = dtype == "F8_E4M3"
+
+    def out_dtype(key, recipe):
         src = src_dtypes[recipe.pieces[0][0]]
-        return dtype if dtype and src in FLOAT_DTYPES else src
+        if not dtype or src not in FLOAT_DTYPES:
+            return src
+        return ("F8_E4M3" if _quantized(key, recipe.shape) else src) if fp8 else dtype
 
-    specs = {k: (out_dtype(r), r.shape) for k, r in recipes.items()}
-    # copy=False: no second copy of the largest tensor when no cast is needed
-    write_safetensors(path, specs,
-                      lambda k: keymaps.apply(recipes[k], rows).astype(np_dtype(specs[k][0]), copy=False),
-                      metadata=metadata, progress=progress)
+    specs, scales = {}, {}
+    for k, r in recipes.items():
+        specs[k] = (out_dtype(k, r), r.shape)
+        if fp8 and specs[k][0] == "F8_E4M3":
+            specs[k.removesuffix(".weight") + FP8_SCALE] = ("F32", ())
+            scales[k.removesuffix(".weight") + FP8_SCALE] = None
+    metadata = dict(metadata or {})
+    if scales:
+        layers = {k.removeprefix(prefix).removesuffix(FP8_SCALE): {"format": "float8_e4m3fn"} for k in scales}
+        metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
+
+    def produce(key):
+        if key in scales:  # written right after its weight, which computed it
+            return scales[key]
+        arr = keymaps.apply(recipes[key], rows)
+        if fp8 and specs[key][0] == "F8_E4M3" and key.removesuffix(".weight") + FP8_SCALE in scales:
+            if arr.dtype == np_dtype("F8_E4M3"):  # already fp8 without a scale: kept, scale 1
+                arr, scale = arr, np.array(1, np.float32)
+            else:
+                check_finite(arr, key, path)
+                arr, scale = quantize_fp8(arr)
+            scales[key.removesuffix(".weight") + FP8_SCALE] = scale
+            return arr
+        return arr.astype(np_dtype(specs[key][0]), copy=False)  # no second copy when no cast is needed
+
+    write_safetensors(path, specs, produce, metadata=metadata, progress=progress, digests=True)

@@ -16,15 +16,20 @@ from pathlib import Path
 from minflux import checkpoint, keymaps
 from minflux.checkpoint import Checkpoint, CheckpointError
 
-DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8": "F8_E4M3"}
+EXTRACT = ("transformer", "ae")
 
 
-def plan(src, to: str | None = None) -> tuple[Checkpoint, dict[str, keymaps.Recipe], str]:
+def plan(src, to: str | None = None, extract: str | None = None) -> tuple[Checkpoint, dict[str, keymaps.Recipe], str]:
     """Open `src` and work out every output tensor: (checkpoint, recipes by output key, target layout).
 
     `to` is one of `checkpoint.LAYOUTS`; None picks the other layout (BFL -> diffusers, diffusers -> BFL).
+    `extract` ("transformer" or "ae") picks one component of a bundle; None reads the only one a file holds
+    (CheckpointError if it holds several).
     """
-    ckpt = Checkpoint(src)
+    if extract is not None and extract not in EXTRACT:
+        raise ValueError(f"extract={extract!r}; expected one of {EXTRACT}")
+    ckpt = Checkpoint(src, extract or "auto")
     if ckpt.layout is None:
         raise CheckpointError(f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
                               f"first keys: {sorted(ckpt.meta)[:5]}")
@@ -59,14 +64,18 @@ def plan(src, to: str | None = None) -> tuple[Checkpoint, dict[str, keymaps.Reci
     return ckpt, recipes, to
 
 
-def convert(src, dst, to: str | None = None, dtype: str | None = None, progress: bool = False) -> dict:
-    """Convert `src` (file or directory of shards) to one safetensors file `dst`; returns a summary.
+def convert(src, dst, to: str | None = None, dtype: str | None = None, progress: bool = False,
+            extract: str | None = None) -> dict:
+    """Convert `src` (file, directory of shards or shard index; one component of a bundle) to one safetensors
+    file `dst` with a SHA-256 digest per tensor in its metadata; returns a summary.
 
-    `dtype` ("bf16", "fp16", "fp32" or None) casts the floating-point tensors; others keep theirs.
+    `dtype` ("bf16", "fp16", "fp32" or None) casts the floating-point tensors; others keep theirs. "fp8" writes
+    the linear weights as float8_e4m3fn with a per-tensor F32 `*.weight_scale` (ComfyUI's convention, see
+    `checkpoint.write_recipes`); scaled fp8 sources are read dequantized (weight * scale).
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
-    ckpt, recipes, to = plan(src, to)
+    ckpt, recipes, to = plan(src, to, extract)
     dst = Path(dst)
     if dst.is_dir():
         raise CheckpointError(f"{dst}: is a directory; give the output file name")
@@ -76,6 +85,6 @@ def convert(src, dst, to: str | None = None, dtype: str | None = None, progress:
     t0 = time.perf_counter()
     with ckpt:
         checkpoint.write_recipes(dst, recipes, ckpt.rows, src_dtypes, DTYPES.get(dtype), progress=progress,
-                                 metadata={"format": "pt"})
+                                 metadata={"format": "pt"}, prefix=keymaps.BFL_PREFIX if to == "bfl-prefixed" else "")
     return {"src": str(ckpt.path), "dst": str(dst), "from": ckpt.raw_layout, "to": to, "tensors": len(recipes),
             "bytes": dst.stat().st_size, "seconds": time.perf_counter() - t0}

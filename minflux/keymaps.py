@@ -151,6 +151,34 @@ def detect_layout(keys) -> str | None:
     return None
 
 
+# All-in-one files (ComfyUI / Forge / SwarmUI "checkpoints", BFL-style bundles) put each component under a
+# prefix; a component is recognised under a prefix by one of its marker keys (either layout).
+COMPONENTS = {
+    "transformer": (("model.diffusion_model.", "diffusion_model.", "transformer."),
+                    ("img_in.", "x_embedder.", "double_blocks.", "transformer_blocks.")),
+    "ae": (("vae.", "first_stage_model."), ("encoder.", "decoder.")),
+}
+# Prefixes of the other parts bundles carry (text encoders); never read as a model component.
+OTHER_PREFIXES = ("text_encoders.", "text_encoder.", "text_encoder_2.", "cond_stage_model.", "conditioner.")
+
+
+def find_component(keys, component: str) -> str | None:
+    """The prefix `component` ("transformer" or "ae") sits under in `keys` ("" for none), or None if absent."""
+    prefixes, markers = COMPONENTS[component]
+    for prefix in (*prefixes, ""):
+        if any(k.startswith(prefix) and k[len(prefix):].startswith(markers) for k in keys):
+            return prefix
+    return None
+
+
+def component_keys(keys, prefix: str) -> list[str]:
+    """The keys under `prefix`; for "" the keys under no known component or text-encoder prefix."""
+    if prefix:
+        return [k for k in keys if k.startswith(prefix)]
+    known = (*(p for ps, _ in COMPONENTS.values() for p in ps), *OTHER_PREFIXES)
+    return [k for k in keys if not k.startswith(known)]
+
+
 # Which model a file holds, from key names alone (either layout): the first family with a marker key.
 # The autoencoders are recognised here too; converting them needs their entry in TABLES.
 FAMILY_MARKERS = (

@@ -105,16 +105,22 @@ def init_model(cfg_or_name, seed: int = 0, dtype=jnp.float32) -> nnx.Module:
     return MODELS[cfg.family](cfg, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
-def load_model(cfg_or_name, path, dtype=jnp.bfloat16) -> nnx.Module:
-    """Load a checkpoint (BFL, prefixed BFL or diffusers layout; file or directory of shards)."""
+def load_model(cfg_or_name, path, dtype=jnp.bfloat16, verify: bool = False) -> nnx.Module:
+    """Load a checkpoint: BFL or diffusers names, bare or behind a component prefix, alone or in a bundle; one
+    file, a directory of shards or a shard index; bf16 / fp16 / fp32 / fp8 (plain or scaled), cast to `dtype`.
+
+    `verify` checks each tensor against the SHA-256 its writer recorded (minflux convert / save_model).
+    Raises CheckpointError naming the file and the key (see `minflux.checkpoint.BflReader`).
+    """
     cfg = configs.resolve(cfg_or_name)
     model = abstract_model(cfg, dtype)
-    assign(model, checkpoint.read_bfl(path, torch_shapes(model), cfg))
+    assign(model, checkpoint.read_bfl(path, torch_shapes(model), cfg, verify))
     return model
 
 
 def save_model(model: nnx.Module, path, layout: str = "bfl") -> None:
-    """Write a model's weights as safetensors in `layout` ("bfl", "bfl-prefixed" or "diffusers")."""
+    """Write a model's weights as safetensors in `layout` ("bfl", "bfl-prefixed" or "diffusers"), atomically,
+    with a SHA-256 digest per tensor in the metadata (checked by `load_model(..., verify=True)`)."""
     checkpoint.save_bfl(path, state_dict(model), model.params, layout)
 
 

@@ -47,20 +47,26 @@ def build_model(cfg_or_name, seed: int = 0, dtype: torch.dtype = torch.float32, 
     return model.eval()
 
 
-def load_model(cfg_or_name, path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
-    """Load a checkpoint (BFL, prefixed BFL or diffusers layout; file or directory of shards)."""
+def load_model(cfg_or_name, path, dtype: torch.dtype = torch.bfloat16, device="cpu", verify: bool = False) -> nn.Module:
+    """Load a checkpoint: BFL or diffusers names, bare or behind a component prefix, alone or in a bundle; one
+    file, a directory of shards or a shard index; bf16 / fp16 / fp32 / fp8 (plain or scaled), cast to `dtype`.
+
+    `verify` checks each tensor against the SHA-256 its writer recorded (minflux convert / save_model).
+    Raises CheckpointError naming the file and the key (see `minflux.checkpoint.BflReader`).
+    """
     cfg = configs.resolve(cfg_or_name)
     with torch.device("meta"):
         model = MODELS[cfg.family](cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {k: to_torch(a).to(device=device, dtype=dtype if a.dtype.kind == "f" or a.dtype.name == "bfloat16"
                                  else None)
-             for k, a in checkpoint.read_bfl(path, expected, cfg)}
+             for k, a in checkpoint.read_bfl(path, expected, cfg, verify)}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
 def save_model(model: nn.Module, path, layout: str = "bfl") -> None:
-    """Write a model's weights as safetensors in `layout` ("bfl", "bfl-prefixed" or "diffusers")."""
+    """Write a model's weights as safetensors in `layout` ("bfl", "bfl-prefixed" or "diffusers"), atomically,
+    with a SHA-256 digest per tensor in the metadata (checked by `load_model(..., verify=True)`)."""
     tensors = {k: to_numpy(v) for k, v in model.state_dict().items()}
     checkpoint.save_bfl(path, tensors, model.params, layout)

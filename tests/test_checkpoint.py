@@ -3,6 +3,7 @@ file and the key) in both frameworks, and the `minflux convert` CLI end to end."
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -308,12 +309,14 @@ def test_convert_sharded_directory(tiny, src, dst, tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     ckpt = Checkpoint(files[src])
+    weight_map = {}
     for i in range(3):
         part = keys[i::3]
         specs = {k: (header[k]["dtype"], tuple(header[k]["shape"])) for k in part}
-        checkpoint.write_safetensors(shards / f"model-{i + 1:05d}-of-00003.safetensors", specs,
-                                     lambda k: ckpt.get(k.removeprefix(ckpt.prefix)))
-    (shards / "model.safetensors.index.json").write_text("{}")  # ignored: only *.safetensors are read
+        name = f"model-{i + 1:05d}-of-00003.safetensors"
+        checkpoint.write_safetensors(shards / name, specs, lambda k: ckpt.get(k.removeprefix(ckpt.prefix)))
+        weight_map.update(dict.fromkeys(part, name))
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     assert convert(shards, tmp_path / "out.safetensors", "--to", dst) == 0
     assert raw_keys(tmp_path / "out.safetensors") == raw_keys(files[dst])
     assert_same_tensors(read_all(tmp_path / "out.safetensors"), read_all(files[dst]))
