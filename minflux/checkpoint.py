@@ -89,7 +89,7 @@ def _check_entry(key: str, info) -> tuple[str, tuple[int, ...], int, int]:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise ValueError("an entry needs dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in _ST_TO_NP:
+    if not isinstance(dtype, str) or dtype not in _ST_TO_NP:
         raise ValueError(f"dtype {dtype!r} is none of {sorted(_ST_TO_NP)}")
     if not isinstance(shape, list) or not all(_uint(d) for d in shape):
         raise ValueError(f"shape {shape!r} is no list of non-negative integers")
@@ -279,7 +279,8 @@ class Checkpoint:
         else:
             prefix = keymaps.find_component(keys, component)
             if prefix is None:
-                raise CheckpointError(f"{self.path}: unknown layout: no {'autoencoder' if component == 'ae' else component} "
+                what = "autoencoder" if component == "ae" else component
+                raise CheckpointError(f"{self.path}: unknown layout: no {what} "
                                       f"(no {' / '.join(keymaps.COMPONENTS[component][1])} keys under any of the "
                                       f"prefixes {keymaps.COMPONENTS[component][0]} or none); "
                                       f"first keys: {sorted(keys)[:5]}")
