@@ -151,12 +151,12 @@ def parse_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
                                   f"but spans data offsets [{a}, {b})")
         entries[key] = {"dtype": dtype, "shape": shape, "start": 8 + n + a, "nbytes": nbytes}
         spans.append((a, b, key))
-    end = 0  # the tensors must tile the data area: sorted by offset, each starts where the previous ended
+    end, prev = 0, None  # the tensors must tile the data area: sorted by offset, each starts where the last ended
     for a, b, key in sorted(spans):
         if a != end:
-            raise CheckpointError(f"{path}: corrupt header: {key!r} starts at data offset {a}, expected {end} "
-                                  f"({'overlaps the previous tensor' if a < end else 'a gap before it'})")
-        end = b
+            what = f"overlaps {prev[2]!r} at [{prev[0]}, {prev[1]})" if a < end else f"leaves {a - end} bytes unused"
+            raise CheckpointError(f"{path}: corrupt header: {key!r} at data offsets [{a}, {b}) {what}")
+        end, prev = b, (a, b, key)
     if 8 + n + end != size:
         last = max(spans)[2] if spans else None
         what = "truncated" if 8 + n + end > size else "corrupt: bytes after the last tensor"
@@ -287,7 +287,8 @@ class Checkpoint:
             self.prefix, chosen = prefix, keymaps.component_keys(keys, prefix)
             if len(chosen) < len(keys):
                 others = Counter(k.split(".", 1)[0] + "." for k in keys if k not in set(chosen))
-                self.notices.append(f"{self.path}: read the {component} under {prefix!r}; ignored "
+                what = "autoencoder" if component == "ae" else component
+                self.notices.append(f"{self.path}: read the {what} under {prefix!r}; ignored "
                                     f"{len(keys) - len(chosen)} other tensor(s) ("
                                     + ", ".join(f"{p}: {n}" for p, n in others.most_common(5)) + ")")
         self.component = component

@@ -13,9 +13,9 @@ from minflux import checkpoint, random
 class CheckpointWeights:
     """A checkpoint in any supported layout, validated against the model's keys and shapes up front."""
 
-    def __init__(self, path, cfg, expected: dict[str, tuple[int, ...]]):
-        self.reader = checkpoint.BflReader(path, expected, cfg)
-        self.description = f"{path} ({self.reader.ckpt.raw_layout} layout)"
+    def __init__(self, path, cfg, expected: dict[str, tuple[int, ...]], verify: bool = False):
+        self.reader = checkpoint.BflReader(path, expected, cfg, verify)
+        self.description = self.reader.describe()  # path, layout and the dtypes read (e.g. F8_E4M3, scaled)
 
     def read(self, keys) -> dict[str, np.ndarray]:
         return {k: self.reader.read(k) for k in keys}

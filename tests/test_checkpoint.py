@@ -3,8 +3,10 @@ file and the key) in both frameworks, and the `minflux convert` CLI end to end."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import minflux_jax as mj
 import minflux_torch as mt
@@ -194,12 +198,79 @@ def make_bad(case: str, d) -> tuple[object, list[str]]:
         return d / "empty", ["no *.safetensors"]
     if case == "nonexistent path":
         return d / "nope.safetensors", ["no such file"]
+    if case in ("offsets shifted by 4", "two tensors on the same bytes", "repeated key", "string offset",
+                "float offset", "deep nesting", "trailing bytes"):
+        _save(path, t)
+        n, header, data = _split(path.read_bytes())
+        pairs = [(k, v) for k, v in header.items()]
+        key, info = pairs[3]
+        a, b = info["data_offsets"]
+        if case == "offsets shifted by 4":
+            pairs[3] = (key, {**info, "data_offsets": [a + 4, b + 4]})
+        elif case == "two tensors on the same bytes":  # same size, same offsets: the next one's bytes unread
+            size = lambda v: v["data_offsets"][1] - v["data_offsets"][0]  # noqa: E731
+            j, k = next((j, k) for j in range(len(pairs)) for k in range(j + 1, len(pairs))
+                        if size(pairs[j][1]) == size(pairs[k][1]))
+            key = [pairs[k][0], "overlaps", pairs[j][0]]
+            pairs[k] = (key[0], {**pairs[k][1], "data_offsets": pairs[j][1]["data_offsets"]})
+        elif case == "repeated key":
+            pairs.append((key, info))
+        elif case == "string offset":
+            pairs[3] = (key, {**info, "data_offsets": [str(a), b]})
+        elif case == "float offset":
+            pairs[3] = (key, {**info, "data_offsets": [float(a), b]})
+        elif case == "deep nesting":
+            pairs[3] = (key, {**info, "shape": json.loads("[" * 50 + "1" + "]" * 50)})
+        path.write_bytes(_join(pairs, data + (b"\0" * 8 if case == "trailing bytes" else b"")))
+        return path, {"trailing bytes": ["bytes after the last tensor"], "deep nesting": ["nested"],
+                      "repeated key": ["repeated key", key]}.get(case, key if isinstance(key, list) else [key])
+    if case == "directory in shards":
+        (d / "shards").mkdir()
+        _save(d / "shards" / "a.safetensors", t)
+        (d / "shards" / "x.safetensors").mkdir()
+        return d / "shards", ["x.safetensors", "not a file"]
+    if case in ("index names a missing shard", "index places a key in the wrong shard"):
+        index = _sharded(t, d / "shards")
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if case == "index names a missing shard":
+            (d / "shards" / "model-00002-of-00003.safetensors").unlink()
+            return d / "shards", ["model-00002-of-00003.safetensors", "missing", index.name]
+        key = next(k for k, f in weight_map.items() if f.startswith("model-00001"))
+        weight_map[key] = "model-00003-of-00003.safetensors"
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        return d / "shards", ["model-00003-of-00003.safetensors", key, index.name]
     raise ValueError(case)
+
+
+def _split(blob: bytes) -> tuple[int, dict, bytes]:
+    n = struct.unpack("<Q", blob[:8])[0]
+    return n, json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def _join(pairs, data: bytes) -> bytes:
+    """A safetensors file from header (key, value) pairs, which may repeat keys."""
+    blob = ("{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}").encode()
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+def _sharded(tensors: dict[str, np.ndarray], directory, parts: int = 3, prefix: str = "model") -> object:
+    """`tensors` in `parts` shards with a transformers-style index; returns the index path."""
+    directory.mkdir(exist_ok=True)
+    keys, weight_map = list(tensors), {}
+    for i in range(parts):
+        name = f"{prefix}-{i + 1:05d}-of-{parts:05d}.safetensors"
+        _save(directory / name, {k: tensors[k] for k in keys[i::parts]})
+        weight_map.update(dict.fromkeys(keys[i::parts], name))
+    index = directory / f"{prefix}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return index
 
 
 BAD = ["missing key", "unexpected key", "unexpected block", "wrong shape", "wrong shape (diffusers)", "integer dtype",
        "truncated", "corrupt header", "corrupt header length", "inconsistent header", "NaN", "Inf", "unknown layout",
-       "duplicate key in shards", "empty directory", "nonexistent path"]
+       "duplicate key in shards", "empty directory", "nonexistent path", "offsets shifted by 4",
+       "two tensors on the same bytes", "repeated key", "string offset", "float offset", "deep nesting",
+       "trailing bytes", "directory in shards", "index names a missing shard", "index places a key in the wrong shard"]
 LOADERS = {"torch": mt.load_model, "jax": mj.load_model}
 
 
@@ -428,3 +499,306 @@ def test_convert_is_framework_free():
 def test_configs_still_resolve():
     assert configs.resolve(NAME).hidden_size == 64  # the malformed cases above assume these dims
     assert configs.resolve(NAME).depth == 2 and configs.resolve(NAME).depth_single_blocks == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8: plain and scaled, against torch's float8 casts and safetensors' reader
+# ---------------------------------------------------------------------------------------------
+
+FP8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+MODELS = ["flux1-tiny", "flux2-tiny", "flux1-ae-tiny", "flux2-ae-tiny"]
+
+
+def _loaded(framework: str, name, path, **kw) -> dict[str, np.ndarray]:
+    """fp32 BFL-layout tensors of a model loaded by `framework`."""
+    if framework == "torch":
+        return torch_state(mt.load_model(name, path, dtype=torch.float32, **kw))
+    return jax_state_dict(mj.load_model(name, path, dtype=jnp.float32, **kw))
+
+
+def _fp32_state(name, seed=11) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in mt.build_model(name, seed=seed, dtype=torch.float32).state_dict().items()}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("dtype", "prefix"), [("F8_E4M3", ""), ("F8_E5M2", "model.diffusion_model.")])
+def test_plain_fp8_loads_as_torch_casts_it(name, dtype, prefix, tmp_path):
+    """Every float tensor stored as fp8 (by torch, written by safetensors): both frameworks read what
+    torch's fp8 -> fp32 cast gives, and the reader's raw fp8 bytes are safe_open's."""
+    if prefix and "ae" in name:
+        prefix = "vae."
+    fp8 = {k: v.to(FP8[dtype]) for k, v in _fp32_state(name).items()}
+    path = tmp_path / "fp8.safetensors"
+    save_file({prefix + k: v for k, v in fp8.items()}, str(path))
+    with safe_open(str(path), "pt") as f, Checkpoint(path, "ae" if "ae" in name else "transformer") as ckpt:
+        assert {m[0] for m in ckpt.meta.values()} == {dtype}
+        for k in ckpt.meta:
+            assert ckpt.get(k).tobytes() == f.get_tensor(prefix + k).view(torch.uint8).numpy().tobytes(), k
+    want = {k: to_numpy(v.to(torch.float32)) for k, v in fp8.items()}
+    for framework in LOADERS:
+        assert_same_tensors(_loaded(framework, name, path), want)
+    bf16 = torch_state(mt.load_model(name, path, dtype=torch.bfloat16))  # every fp8 value is exact in bf16
+    assert_same_tensors(bf16, {k: to_numpy(v.to(torch.bfloat16)) for k, v in fp8.items()})
+
+
+def _scaled(state: dict[str, torch.Tensor], convention: str) -> tuple[dict, dict]:
+    """(file tensors, expected fp32 tensors) of a scaled-fp8 export made with torch in one convention:
+    "comfy-legacy": X.scale_weight 0-d + X.scale_input + the `scaled_fp8` marker (ComfyUI fp8_scaled files);
+    "per-row": X.weight_scale (O, 1) + X.input_scale (compressed-tensors / vLLM channel-wise);
+    "per-tensor": X.weight_scale (1,) (NVIDIA ModelOpt, ComfyUI's quantized format)."""
+    out, want = {}, {}
+    if convention == "comfy-legacy":
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    for k, w in state.items():
+        if not (k.endswith(".weight") and w.ndim == 2):
+            out[k] = want[k] = w
+            continue
+        layer = k.removesuffix(".weight")
+        amax = w.abs().amax(dim=1, keepdim=True) if convention == "per-row" else w.abs().amax()
+        scale = (amax / 448).clamp(min=1e-12).float()
+        q = (w / scale).to(torch.float8_e4m3fn)
+        out[k], want[k] = q, q.float() * scale
+        if convention == "comfy-legacy":
+            out[layer + ".scale_weight"], out[layer + ".scale_input"] = scale.reshape(()), torch.tensor(1.0)
+        else:
+            out[layer + ".weight_scale"] = scale.reshape(-1, 1) if convention == "per-row" else scale.reshape(1)
+            out[layer + ".input_scale"] = torch.tensor([0.5])
+    return out, want
+
+
+@pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
+@pytest.mark.parametrize("convention", ["comfy-legacy", "per-row", "per-tensor"])
+def test_scaled_fp8_dequantizes_on_load(name, convention, tmp_path):
+    """weight = fp8 * scale, as torch computes it, in both frameworks; activation scales and markers ignored."""
+    tensors, want = _scaled(_fp32_state(name), convention)
+    path = tmp_path / "scaled.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in tensors.items()}, str(path))
+    for framework in LOADERS:
+        assert_same_tensors(_loaded(framework, name, path), {k: to_numpy(v) for k, v in want.items()})
+    assert "F8_E4M3" in checkpoint.BflReader(path, {k: tuple(v.shape) for k, v in want.items()},
+                                             configs.resolve(name)).describe()
+
+
+def test_scaled_fp8_with_a_block_scale_is_refused(tmp_path):
+    tensors, _ = _scaled(_fp32_state("flux2-tiny"), "per-tensor")
+    tensors["img_in.weight_scale"] = torch.ones(2, 2)  # block-wise (DeepSeek-style): not read
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    with pytest.raises(CheckpointError, match=r"x.safetensors: scale 'img_in.weight_scale' has shape \(2, 2\)"):
+        mt.load_model("flux2-tiny", tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize(("name", "layout"), [("flux1-tiny", "bfl"), ("flux2-tiny", "diffusers"),
+                                              ("flux2-tiny", "bfl-prefixed")])
+def test_convert_to_fp8_round_trip(name, layout, tmp_path):
+    """`convert --dtype fp8`: e4m3fn linear weights with per-tensor F32 `weight_scale` (scale = amax / 448), the
+    fp8 values torch's cast gives, ComfyUI's `_quantization_metadata`; loads back as fp8 * scale in both."""
+    state = _fp32_state(name)
+    model = mt.build_model(name, seed=11, dtype=torch.float32)
+    mt.save_model(model, tmp_path / "fp32.safetensors")
+    mt.save_model(model, tmp_path / "ref.safetensors", layout=layout)  # the fp32 tensors in the output layout
+    with safe_open(str(tmp_path / "ref.safetensors"), "pt") as f:
+        ref = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    out = tmp_path / "fp8.safetensors"
+    assert convert(tmp_path / "fp32.safetensors", out, "--to", layout, "--dtype", "fp8") == 0
+    prefix = "model.diffusion_model." if layout == "bfl-prefixed" else ""
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    layers = json.loads(meta["_quantization_metadata"])["layers"]
+    assert all(v == {"format": "float8_e4m3fn"} for v in layers.values())
+    assert sorted(layers) == sorted(k.removeprefix(prefix).removesuffix(".weight") for k, v in ref.items()
+                                    if k.endswith(".weight") and v.ndim == 2)
+    for layer in layers:  # scale = amax / 448 in fp32; the fp8 values are torch's cast of w / scale
+        w, q, s = ref[prefix + layer + ".weight"], stored[prefix + layer + ".weight"], stored[prefix + layer +
+                                                                                           ".weight_scale"]
+        assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == ()
+        assert s.item() == np.float32(w.abs().max().item() / 448)
+        assert torch.equal(q.view(torch.uint8), (w / s).to(torch.float8_e4m3fn).view(torch.uint8)), layer
+    for k in set(stored) - {prefix + layer + suffix for layer in layers for suffix in (".weight", ".weight_scale")}:
+        assert torch.equal(stored[k], ref[k]), k  # the rest keeps its dtype and value
+    loaded = {framework: _loaded(framework, name, out) for framework in LOADERS}
+    assert_same_tensors(loaded["torch"], loaded["jax"])
+    if layout != "diffusers":  # one BFL tensor per stored one: loads exactly as torch dequantizes
+        want = {k: to_numpy((w / (s := torch.tensor(np.float32(w.abs().max().item() / 448)))).to(
+            torch.float8_e4m3fn).float() * s) if k.endswith(".weight") and w.ndim == 2 else to_numpy(w)
+            for k, w in state.items()}
+        assert_same_tensors(loaded["torch"], want)
+        assert convert(out, tmp_path / "back.safetensors", "--to", "bfl") == 0  # dequantized on the way: F32
+        assert_same_tensors(read_all(tmp_path / "back.safetensors"), want)
+    for k, v in loaded["torch"].items():  # fp8's 3 mantissa bits: within 1/16 of each value's magnitude
+        assert np.all(np.abs(v - to_numpy(state[k])) <= np.abs(to_numpy(state[k])) / 16 + 1e-3), k
+
+
+# ---------------------------------------------------------------------------------------------
+# All-in-one bundles
+# ---------------------------------------------------------------------------------------------
+
+BUNDLES = [("flux1-tiny", "flux1-ae-tiny", "model.diffusion_model.", "vae.", "bfl"),
+           ("flux1-tiny", "flux1-ae-tiny", "diffusion_model.", "first_stage_model.", "diffusers"),
+           ("flux2-tiny", "flux2-ae-tiny", "transformer.", "vae.", "diffusers"),
+           ("flux2-tiny", "flux2-ae-tiny", "model.diffusion_model.", "first_stage_model.", "bfl")]
+
+
+def _bundle(d, name, ae_name, t_prefix, ae_prefix, layout) -> tuple[object, dict, dict]:
+    """A bundle file: transformer, autoencoder and text-encoder tensors; returns (path, transformer, ae) states."""
+    model, ae = mt.build_model(name, seed=12), mt.build_model(ae_name, seed=13)
+    mt.save_model(model, d / "t.safetensors", layout=layout)
+    mt.save_model(ae, d / "ae.safetensors", layout=layout)
+    tensors = {t_prefix + k: v for k, v in read_all(d / "t.safetensors").items()}
+    tensors |= {ae_prefix + k: v for k, v in read_all(d / "ae.safetensors").items()}
+    rng = np.random.default_rng(0)
+    tensors |= {f"text_encoders.t5xxl.transformer.encoder.block.{i}.layer.0.SelfAttention.q.weight":
+                rng.standard_normal((8, 8), np.float32) for i in range(3)}
+    _save(d / "bundle.safetensors", tensors)
+    return d / "bundle.safetensors", torch_state(model), torch_state(ae)
+
+
+@pytest.mark.parametrize(("name", "ae_name", "t_prefix", "ae_prefix", "layout"), BUNDLES)
+def test_bundle_loads_each_component(name, ae_name, t_prefix, ae_prefix, layout, tmp_path, caplog):
+    path, want_t, want_ae = _bundle(tmp_path, name, ae_name, t_prefix, ae_prefix, layout)
+    for framework in LOADERS:
+        assert_same_tensors(_loaded(framework, name, path), want_t)
+        assert_same_tensors(_loaded(framework, ae_name, path), want_ae)
+    notices = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    n_t, n_ae = len(raw_keys(tmp_path / "t.safetensors")), len(raw_keys(tmp_path / "ae.safetensors"))
+    assert any(f"read the transformer under {t_prefix!r}; ignored {n_ae + 3} other" in m for m in notices), notices
+    assert any(f"read the autoencoder under {ae_prefix!r}; ignored {n_t + 3} other" in m for m in notices), notices
+
+
+@pytest.mark.parametrize("bundle", BUNDLES[1:3])
+def test_convert_extracts_one_component(bundle, tmp_path, capsys):
+    name, ae_name, _, _, layout = bundle
+    path, _, _ = _bundle(tmp_path, *bundle)
+    assert convert(path, tmp_path / "out.safetensors") == 2  # two components: which one?
+    assert "several components" in capsys.readouterr().err
+    for what, single in (("transformer", "t"), ("ae", "ae")):
+        out = tmp_path / f"{what}.safetensors"
+        assert convert(path, out, "--extract", what, "--to", layout) == 0
+        assert_same_tensors(read_all(out), read_all(tmp_path / f"{single}.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard indexes: diffusers' own save_pretrained
+# ---------------------------------------------------------------------------------------------
+
+
+def _diffusers_sharded(name, d) -> tuple[object, dict]:
+    """`name`'s seeded model in diffusers' own classes, written by diffusers' save_pretrained in several
+    shards with an index; returns (directory, our model's state)."""
+    from test_autoencoder import diffusers_model as diffusers_vae
+    from test_reference import diffusers_model as diffusers_transformer
+
+    cfg = configs.resolve(name)
+    model = mt.build_model(name, seed=14)
+    mt.save_model(model, d / "single.safetensors", layout="diffusers")
+    if cfg.family.startswith("ae"):
+        dm = diffusers_vae(cfg, d / "single.safetensors")
+    else:
+        dm = diffusers_transformer(cfg)
+        dm.load_state_dict({k: torch.from_numpy(v) for k, v in read_all(d / "single.safetensors").items()})
+    dm.save_pretrained(d / "diffusers", max_shard_size="200KB", safe_serialization=True)
+    return d / "diffusers", torch_state(model)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_diffusers_sharded_directory_loads(name, tmp_path, caplog):
+    directory, want = _diffusers_sharded(name, tmp_path)
+    shards = sorted(directory.glob("*.safetensors"))
+    (index,) = directory.glob("*.safetensors.index.json")
+    assert len(shards) >= 2
+    for framework in LOADERS:
+        assert_same_tensors(_loaded(framework, name, directory), want)
+    # a stale shard beside the indexed ones: ignored, with a notice, instead of a duplicate-key error
+    (directory / "diffusion_pytorch_model-00001-of-00099.safetensors").write_bytes(shards[0].read_bytes())
+    assert_same_tensors(_loaded("torch", name, directory), want)
+    assert any("ignored 1 file(s) the index does not name" in r.getMessage() for r in caplog.records)
+    assert_same_tensors(_loaded("jax", name, index), want)  # the index file itself as the path
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"{shards[-1]}: missing .named by {index.name}"):
+        mt.load_model(name, directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted writes
+# ---------------------------------------------------------------------------------------------
+
+_SLOW_WRITER = """
+import sys, time, numpy as np
+from minflux import checkpoint
+def produce(key):
+    if key == "t1":
+        print("writing", flush=True)
+        time.sleep(60)
+    return np.zeros((256, 256), np.float32)
+checkpoint.write_safetensors(sys.argv[1], {f"t{i}": ("F32", (256, 256)) for i in range(3)}, produce)
+"""
+
+
+def _interrupted_write(dst, sig) -> int:
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(dst)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.stdout.readline().strip() == "writing"  # the temp file holds the header and t0 by now
+    assert (dst.parent / f".{dst.name}.tmp-{p.pid}").exists()
+    p.send_signal(sig)
+    return p.wait(timeout=60)
+
+
+def test_sigterm_during_a_write_removes_the_temp_file(tmp_path):
+    dst = tmp_path / "out.safetensors"
+    assert _interrupted_write(dst, signal.SIGTERM) == -signal.SIGTERM  # still dies of SIGTERM, after cleaning up
+    assert not dst.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path, tiny):
+    """SIGKILL cannot be caught: the temp file stays until the next write to the same destination."""
+    name, model, _ = tiny
+    dst = tmp_path / "out.safetensors"
+    assert _interrupted_write(dst, signal.SIGKILL) == -signal.SIGKILL
+    (left,) = os.listdir(tmp_path)
+    assert left.startswith(".out.safetensors.tmp-")
+    other = tmp_path / f".other.safetensors.tmp-{os.getpid() + 1}"  # another destination's: not ours to remove
+    old_style = tmp_path / f".out.safetensors.tmp{left.rsplit('-', 1)[1]}"  # the earlier naming, dead process
+    live = tmp_path / f".out.safetensors.tmp-{os.getppid()}"  # a live process may still be writing it
+    for p in (other, old_style, live):
+        p.write_bytes(b"partial")
+    mt.save_model(model, dst)
+    assert sorted(os.listdir(tmp_path)) == sorted([dst.name, other.name, live.name])
+    assert_same_tensors(torch_state(mt.load_model(name, dst)), torch_state(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Digests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_digests_are_sha256_of_the_bytes_safetensors_reads(tiny, tmp_path):
+    name, _, files = tiny
+    assert convert(files["bfl"], tmp_path / "d.safetensors", "--to", "diffusers") == 0
+    for path in (files["bfl"], files["diffusers"], tmp_path / "d.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            for k in f.keys():  # noqa: SIM118
+                data = f.get_tensor(k).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                assert meta["sha256:" + k] == hashlib.sha256(data).hexdigest(), (path, k)
+
+
+@pytest.mark.parametrize("framework", LOADERS)
+def test_verify_names_the_tensor_whose_bytes_changed(framework, tiny, tmp_path):
+    name, model, files = tiny
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(files["diffusers"].read_bytes())
+    want = torch_state(model.float())
+    assert_same_tensors(_loaded(framework, name, path, verify=True), want)
+    key = "transformer_blocks.1.attn.to_k.weight"
+    start = checkpoint.read_header(path)[key]["start"]
+    blob = bytearray(path.read_bytes())
+    blob[start + 10] ^= 1  # one low mantissa bit of one bf16 weight: finite, plausible, wrong
+    path.write_bytes(bytes(blob))
+    _loaded(framework, name, path)  # undetectable without a digest
+    with pytest.raises(CheckpointError, match=f"{path}: tensor '{key}' does not match its recorded digest"):
+        _loaded(framework, name, path, verify=True)
+    save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in read_all(files["bfl"]).items()},
+              str(tmp_path / "plain.safetensors"))
+    assert_same_tensors(_loaded(framework, name, tmp_path / "plain.safetensors"), want)  # no digests: as before
+    with pytest.raises(CheckpointError, match="no digest recorded"):
+        _loaded(framework, name, tmp_path / "plain.safetensors", verify=True)
