@@ -114,6 +114,9 @@ def parse_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
+            if head.startswith((b"PK\x03\x04", b"\x80")) and n > size - 8:  # zip (torch.save) or a bare pickle
+                raise CheckpointError(f"{path}: a PyTorch pickle (.pt / .bin / .ckpt), not safetensors (pickles can "
+                                      f"run code: minflux never loads them; save it as safetensors first)")
             if n > min(size - 8, MAX_HEADER):
                 raise CheckpointError(f"{path}: corrupt header (header length {n}, file size {size})")
             raw = f.read(n)
@@ -333,12 +336,12 @@ class Checkpoint:
         return {k: s for k, (_, s) in self.meta.items()}
 
     def dtypes(self) -> str:
-        """What the file stores, for reports: e.g. "F8_E4M3 x 60 (scaled, weight_scale), BF16 x 23"."""
+        """What the file stores, for reports: e.g. "F8_E4M3 x60 (scaled by weight_scale), BF16 x23"."""
         counts = Counter(self.stored[r][1]["dtype"] for r in self.sources.values())
         scaled = Counter(self.stored[r][1]["dtype"] for k, r in self.sources.items() if k in self.scales)
-        names = sorted({self.scales[k].rsplit(".", 1)[1] for k in self.scales})
-        return ", ".join(f"{d} x {n}" + (f" ({scaled[d]} scaled: {'/'.join(names)})" if scaled[d] else "")
-                         for d, n in counts.most_common())
+        names = "/".join(sorted({self.scales[k].rsplit(".", 1)[1] for k in self.scales}))
+        part = lambda d, n, k: f"{d} x{n}" + (f" ({'' if k == n else f'{k} '}scaled by {names})" if k else "")  # noqa: E731
+        return ", ".join(part(d, n, scaled[d]) for d, n in counts.most_common())
 
     def _raw_rows(self, raw: str, start: int, stop: int) -> np.ndarray:
         file, info = self.stored[raw]

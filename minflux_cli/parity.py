@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--random-weights")
     p.add_argument("--checkpoint", type=existing, help="safetensors file or directory of shards, any supported layout")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights of --model's shapes")
+    p.add_argument("--verify", action="store_true",
+                   help="check every tensor against the SHA-256 its writer recorded (minflux convert, save_model)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or both as 'fp32,bf16' (default fp32)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--allow-tf32", action="store_true", help="canary: leave TF32 on; the fp32 bar must then fail")
@@ -105,7 +107,7 @@ def run(args) -> int:
             txt_len = args.txt_len or (8 if tiny else 512)
             expected = transformer.TorchSide(cfg, "fp32", "meta").expected  # the model's keys and shapes
             # validated once per model, read per dtype (a CheckpointError is a one-line error, exit 2)
-            src = (weights.CheckpointWeights(path, cfg, expected) if path
+            src = (weights.CheckpointWeights(path, cfg, expected, args.verify) if path
                    else weights.RandomWeights(cfg, expected, args.seed))
             for dtype in run_dtypes:
                 with console.status(f"{label} {dtype}: comparing") as status:

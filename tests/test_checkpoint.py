@@ -26,6 +26,7 @@ from minflux.checkpoint import Checkpoint, CheckpointError
 from minflux_cli import main as cli
 from minflux_jax.load import state_dict as jax_state_dict
 from minflux_torch.load import to_numpy
+from parity import transformer, weights
 
 TINY = ["flux1-tiny", "flux2-tiny"]
 LAYOUTS = checkpoint.LAYOUTS
@@ -224,6 +225,9 @@ def make_bad(case: str, d) -> tuple[object, list[str]]:
         path.write_bytes(_join(pairs, data + (b"\0" * 8 if case == "trailing bytes" else b"")))
         return path, {"trailing bytes": ["bytes after the last tensor"], "deep nesting": ["nested"],
                       "repeated key": ["repeated key", key]}.get(case, key if isinstance(key, list) else [key])
+    if case == "pickle":
+        torch.save({k: torch.from_numpy(v.astype(np.float32)) for k, v in t.items()}, path)
+        return path, ["a PyTorch pickle", "not safetensors"]
     if case == "directory in shards":
         (d / "shards").mkdir()
         _save(d / "shards" / "a.safetensors", t)
@@ -270,7 +274,8 @@ BAD = ["missing key", "unexpected key", "unexpected block", "wrong shape", "wron
        "truncated", "corrupt header", "corrupt header length", "inconsistent header", "NaN", "Inf", "unknown layout",
        "duplicate key in shards", "empty directory", "nonexistent path", "offsets shifted by 4",
        "two tensors on the same bytes", "repeated key", "string offset", "float offset", "deep nesting",
-       "trailing bytes", "directory in shards", "index names a missing shard", "index places a key in the wrong shard"]
+       "trailing bytes", "pickle", "directory in shards", "index names a missing shard",
+       "index places a key in the wrong shard"]
 LOADERS = {"torch": mt.load_model, "jax": mj.load_model}
 
 
@@ -616,7 +621,10 @@ def test_convert_to_fp8_round_trip(name, layout, tmp_path):
         assert torch.equal(q.view(torch.uint8), (w / s).to(torch.float8_e4m3fn).view(torch.uint8)), layer
     for k in set(stored) - {prefix + layer + suffix for layer in layers for suffix in (".weight", ".weight_scale")}:
         assert torch.equal(stored[k], ref[k]), k  # the rest keeps its dtype and value
-    loaded = {framework: _loaded(framework, name, out) for framework in LOADERS}
+    cfg = configs.resolve(name)  # what `minflux parity --checkpoint FP8FILE --verify` reads and reports
+    source = weights.CheckpointWeights(out, cfg, transformer.TorchSide(cfg, "fp32", "meta").expected, verify=True)
+    assert f"F8_E4M3 x{len(layers)} (scaled by weight_scale)" in source.description
+    loaded = {framework: _loaded(framework, name, out, verify=True) for framework in LOADERS}
     assert_same_tensors(loaded["torch"], loaded["jax"])
     if layout != "diffusers":  # one BFL tensor per stored one: loads exactly as torch dequantizes
         want = {k: to_numpy((w / (s := torch.tensor(np.float32(w.abs().max().item() / 448)))).to(
