@@ -6,16 +6,21 @@ import argparse
 from pathlib import Path
 
 from minflux import checkpoint
-from minflux.convert import DTYPES, convert
+from minflux.convert import DTYPES, EXTRACT, convert
 from minflux_cli.args import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="a .safetensors file or a directory of shards (BFL, prefixed BFL or diffusers)")
+    parser.add_argument("src", help="a .safetensors file, a directory of shards or a shard index (BFL or diffusers "
+                                    "names, bare, prefixed or in an all-in-one file; bf16/fp16/fp32/fp8)")
     parser.add_argument("dst", help="the output .safetensors file (written atomically)")
     parser.add_argument("--to", choices=checkpoint.LAYOUTS,
                         help="target layout (default: diffusers for a BFL source, bfl for a diffusers one)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="cast floating-point tensors (default: keep)")
+    parser.add_argument("--dtype", choices=list(DTYPES),
+                        help="cast floating-point tensors (default: keep); fp8: float8_e4m3fn linear weights with "
+                             "per-tensor F32 *.weight_scale (ComfyUI's convention)")
+    parser.add_argument("--extract", choices=EXTRACT,
+                        help="the component to write from an all-in-one file (transformer or autoencoder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -27,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"dst {dst}: no such directory {dst.parent}")
     if src.exists() and dst.exists() and dst.resolve() == src.resolve():
         raise UsageError(f"dst {dst} is the source file: write the conversion to another path")
-    s = convert(src, dst, to=args.to, dtype=args.dtype, progress=not args.no_progress)
+    s = convert(src, dst, to=args.to, dtype=args.dtype, progress=not args.no_progress, extract=args.extract)
     print(f"wrote {s['dst']}: {s['tensors']} tensors, {s['bytes'] / 1e9:.2f} GB, {s['from']} -> {s['to']}, "
           f"{s['seconds']:.1f} s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s)")
     return 0

@@ -479,7 +479,7 @@ def test_convert_refuses_to_overwrite_its_input(tiny, tmp_path, capsys):
     _, _, files = tiny
     before = files["bfl"].read_bytes()
     assert convert(files["bfl"], files["bfl"]) == 2
-    assert "is the input" in capsys.readouterr().err and files["bfl"].read_bytes() == before
+    assert "is the source file" in capsys.readouterr().err and files["bfl"].read_bytes() == before
     assert convert(files["bfl"], tmp_path) == 2
     assert "is a directory" in capsys.readouterr().err
 
