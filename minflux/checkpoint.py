@@ -29,6 +29,7 @@ import struct
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ml_dtypes
@@ -70,7 +71,7 @@ def st_dtype(dtype) -> str:
 # Reading: the header, checked at least as strictly as safetensors does
 # ---------------------------------------------------------------------------------------------
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 def _no_repeats(pairs: list) -> dict:
@@ -310,6 +311,9 @@ class Checkpoint:
             if scale is not None:
                 self._check_scale(raw, scale)
                 self.scales[name] = scale
+        if aux:
+            self.notices.append(f"{self.path}: skipped {aux} fp8 activation scale(s) and format tag(s) "
+                                f"(scale_input, input_scale, comfy_quant, scaled_fp8): not needed to compute")
         self.files = {k: self.stored[r][0] for k, r in self.sources.items()}
         self.meta = {k: ("F32" if k in self.scales else self.stored[r][1]["dtype"], self.stored[r][1]["shape"])
                      for k, r in self.sources.items()}
@@ -596,7 +600,7 @@ def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produ
 
         bar = tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, unit_divisor=1024)
     try:
-        with _cleanup_on_sigterm():
+        with _cleanup_on_sigterm(), ThreadPoolExecutor(1) as hasher:
             try:
                 with open(tmp, "wb") as f:
                     f.write(head)
@@ -608,9 +612,11 @@ def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produ
                             raise CheckpointError(f"{path}: tensor {key!r} is {arr.dtype} {arr.shape}, "
                                                   f"declared {dtype} {tuple(shape)}")
                         data = memoryview(arr.reshape(-1).view(np.uint8))
+                        # hashing and writing both release the GIL: the digest costs no time beside the write
+                        digest = hasher.submit(hashlib.sha256, data) if digests else None
                         f.write(data)
-                        if digests:
-                            metadata[DIGEST_PREFIX + key] = hashlib.sha256(data).hexdigest()
+                        if digest is not None:
+                            metadata[DIGEST_PREFIX + key] = digest.result().hexdigest()
                         if bar is not None:
                             bar.update(arr.nbytes)
                         del arr, data  # before the next produce(): one tensor in memory at a time, not two
