@@ -682,7 +682,7 @@ def _quantized(key: str, shape: tuple[int, ...]) -> bool:
 
 def write_recipes(path, recipes: dict[str, keymaps.Recipe], rows, src_dtypes: dict[str, str],
                   dtype: str | None = None, progress: bool = False, metadata: dict[str, str] | None = None,
-                  prefix: str = "") -> None:
+                  prefix: str = "", digests: bool = True) -> None:
     """Write every recipe's tensor, optionally cast to `dtype` (a safetensors name, floats only), with digests.
 
     dtype "F8_E4M3" quantizes the 2-D `*.weight` tensors (the linear layers) with a per-tensor scale stored as
@@ -722,4 +722,4 @@ def write_recipes(path, recipes: dict[str, keymaps.Recipe], rows, src_dtypes: di
             return arr
         return arr.astype(np_dtype(specs[key][0]), copy=False)  # no second copy when no cast is needed
 
-    write_safetensors(path, specs, produce, metadata=metadata, progress=progress, digests=True)
+    write_safetensors(path, specs, produce, metadata=metadata, progress=progress, digests=digests)

@@ -65,9 +65,9 @@ def plan(src, to: str | None = None, extract: str | None = None) -> tuple[Checkp
 
 
 def convert(src, dst, to: str | None = None, dtype: str | None = None, progress: bool = False,
-            extract: str | None = None) -> dict:
+            extract: str | None = None, digests: bool = True) -> dict:
     """Convert `src` (file, directory of shards or shard index; one component of a bundle) to one safetensors
-    file `dst` with a SHA-256 digest per tensor in its metadata; returns a summary.
+    file `dst` with a SHA-256 digest per tensor in its metadata (unless `digests=False`); returns a summary.
 
     `dtype` ("bf16", "fp16", "fp32" or None) casts the floating-point tensors; others keep theirs. "fp8" writes
     the linear weights as float8_e4m3fn with a per-tensor F32 `*.weight_scale` (ComfyUI's convention, see
@@ -85,6 +85,7 @@ def convert(src, dst, to: str | None = None, dtype: str | None = None, progress:
     t0 = time.perf_counter()
     with ckpt:
         checkpoint.write_recipes(dst, recipes, ckpt.rows, src_dtypes, DTYPES.get(dtype), progress=progress,
-                                 metadata={"format": "pt"}, prefix=keymaps.BFL_PREFIX if to == "bfl-prefixed" else "")
+                                 metadata={"format": "pt"}, prefix=keymaps.BFL_PREFIX if to == "bfl-prefixed" else "",
+                                 digests=digests)
     return {"src": str(ckpt.path), "dst": str(dst), "from": ckpt.raw_layout, "to": to, "tensors": len(recipes),
             "bytes": dst.stat().st_size, "seconds": time.perf_counter() - t0}

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extract", choices=EXTRACT,
                         help="the component to write from an all-in-one file (transformer or autoencoder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-digests", action="store_true",
+                        help="skip the per-tensor SHA-256 digests (what `load_model(verify=True)` checks)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"dst {dst}: no such directory {dst.parent}")
     if src.exists() and dst.exists() and dst.resolve() == src.resolve():
         raise UsageError(f"dst {dst} is the source file: write the conversion to another path")
-    s = convert(src, dst, to=args.to, dtype=args.dtype, progress=not args.no_progress, extract=args.extract)
+    s = convert(src, dst, to=args.to, dtype=args.dtype, progress=not args.no_progress, extract=args.extract,
+                digests=not args.no_digests)
     print(f"wrote {s['dst']}: {s['tensors']} tensors, {s['bytes'] / 1e9:.2f} GB, {s['from']} -> {s['to']}, "
           f"{s['seconds']:.1f} s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s)")
     return 0

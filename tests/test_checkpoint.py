@@ -788,6 +788,9 @@ def test_digests_are_sha256_of_the_bytes_safetensors_reads(tiny, tmp_path):
             for k in f.keys():  # noqa: SIM118
                 data = f.get_tensor(k).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                 assert meta["sha256:" + k] == hashlib.sha256(data).hexdigest(), (path, k)
+    assert convert(files["bfl"], tmp_path / "plain.safetensors", "--no-digests") == 0
+    with safe_open(str(tmp_path / "plain.safetensors"), "pt") as f:
+        assert not [k for k in f.metadata() if k.startswith("sha256:")]
 
 
 @pytest.mark.parametrize("framework", LOADERS)
