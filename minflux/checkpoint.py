@@ -670,10 +670,11 @@ FP8_SCALE = ".weight_scale"  # written beside each fp8 weight: ComfyUI's quantiz
 
 def quantize_fp8(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(float8_e4m3fn weight, float32 0-d scale) with weight * scale ~ arr: scale = amax / 448, round to nearest."""
-    a = np.asarray(arr, np.float32)
-    amax = float(np.abs(a).max()) if a.size else 0.0
+    a = np.array(arr, np.float32)  # a copy, divided in place: one fp32 copy of the tensor at a time
+    amax = max(float(a.max()), -float(a.min())) if a.size else 0.0  # |a|.max() without another copy
     scale = np.float32(amax / FP8_MAX if amax > 0 else 1.0)
-    return (a / scale).astype(ml_dtypes.float8_e4m3fn), np.array(scale, np.float32)
+    np.divide(a, scale, out=a)
+    return a.astype(ml_dtypes.float8_e4m3fn), np.array(scale, np.float32)
 
 
 def _quantized(key: str, shape: tuple[int, ...]) -> bool:
