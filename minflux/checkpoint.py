@@ -35,7 +35,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from minflux import keymaps
+from minflux import configs, keymaps
 
 log = logging.getLogger("minflux")
 
@@ -432,6 +432,18 @@ def check_finite(arr: np.ndarray, key: str, where) -> None:
             raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
 
 
+def check_holds(ckpt: Checkpoint, cfg, name: str = "the model") -> None:
+    """Raise CheckpointError "PATH holds a FLUX.2 transformer of width 64; NAME needs a FLUX.1 transformer of width
+    3072" when the file's component is of another family or width than `cfg`: said before any key list. Files whose
+    family cannot be told from the keys pass (the key check that follows names what is wrong)."""
+    found = keymaps.infer_family(ckpt.meta)
+    width = keymaps.infer_hidden_size(ckpt.shapes()) if found in configs.FAMILIES else 0
+    want = getattr(cfg, "hidden_size", 0)
+    if found is not None and (found != cfg.family or (width and want and width != want)):
+        raise CheckpointError(f"{ckpt.path} holds {configs.describe(found, width)}; {name} needs "
+                              f"{configs.describe(cfg.family, want)}")
+
+
 class BflReader:
     """A checkpoint in any layout, seen as BFL-layout tensors and checked against `expected` shapes up front.
 
@@ -448,6 +460,7 @@ class BflReader:
         if ckpt.layout is None:
             raise CheckpointError(f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
                                   f"first keys: {sorted(ckpt.meta)[:5]}")
+        check_holds(ckpt, cfg)
         try:
             recipes = keymaps.convert(ckpt.shapes(), ckpt.layout, "bfl", family, getattr(cfg, "hidden_size", 0))
         except KeyError as e:

@@ -113,6 +113,15 @@ class AutoEncoder2Config(_AutoEncoderShape):
 
 
 FAMILIES = {"flux1": FluxConfig, "flux2": Flux2Config}  # family name -> config class (its behaviour properties)
+KIND = {"flux1": "FLUX.1 transformer", "flux2": "FLUX.2 transformer", "ae1": "FLUX.1 autoencoder",
+        "ae2": "FLUX.2 autoencoder"}  # what a family's checkpoint holds, in words
+
+
+def describe(family: str | None, width: int = 0) -> str:
+    """"a FLUX.2 transformer of width 3072", "a FLUX.1 autoencoder", or "no FLUX model" (family None)."""
+    if family is None:
+        return "no FLUX model"
+    return f"a {KIND[family]}" + (f" of width {width}" if width and family in FAMILIES else "")
 
 
 def _check(cfg) -> None:

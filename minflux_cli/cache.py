@@ -65,7 +65,7 @@ def run(args) -> int:
     family = cfg.family
     ae_cfg = configs.resolve(args.ae_config or f"{family}-ae" + ("-tiny" if args.model.endswith("-tiny") else ""))
     if ae_cfg.family != gen.AE_FAMILY.get(family):
-        raise UsageError(f"--ae-config: {args.model} needs a {gen.FAMILY_NAME[gen.AE_FAMILY[family]]}")
+        raise UsageError(f"--ae-config {args.ae_config}: {args.model} needs {configs.describe(gen.AE_FAMILY[family])}")
     data = pairs(args.images)
     # captions: the same checks and encoder choice as `minflux generate --prompt`, plus the empty caption
     fw = Framework(args.framework, args.dtype, args.device)

@@ -38,14 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from minflux import checkpoint, configs, images, keymaps, schedules, text
+from minflux import checkpoint, configs, images, schedules, text
 from minflux_cli.args import UsageError, directory, existing, finite, fraction, nonneg_int, pixels, positive_int, preset
 from minflux_cli.frameworks import Framework
 
 AE_FAMILY = {"flux1": "ae1", "flux2": "ae2"}
 DEFAULT_GUIDANCE = {"flux1-fill-dev": 30.0, "flux1-kontext-dev": 2.5,  # BFL's cli_fill / cli_kontext defaults
                     "flux1-canny-dev": 30.0, "flux1-depth-dev": 10.0}  # and cli_control's
-FAMILY_NAME = {"flux1": "FLUX.1", "flux2": "FLUX.2", "ae1": "FLUX.1 autoencoder", "ae2": "FLUX.2 autoencoder"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,10 +184,6 @@ def _required(path: Path | None, what: str, flag: str) -> Path:
     return path
 
 
-def _family_of(path: Path) -> str | None:
-    return keymaps.infer_family(checkpoint.Checkpoint(path).meta)
-
-
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate the arguments and resolve every default; raises UsageError naming the flag."""
     random = args.random_weights
@@ -198,12 +193,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     cfg = configs.resolve(name)
     family = cfg.family
     if family not in AE_FAMILY:
-        raise UsageError(f"--model {name} is a {FAMILY_NAME.get(family, family)}, not a transformer")
+        raise UsageError(f"--model {name} is {configs.describe(family)}, not a transformer")
     ae_name = args.ae_config or f"{family}-ae" + ("-tiny" if random or name.endswith("-tiny") else "")
     ae_cfg = configs.resolve(ae_name)
     if ae_cfg.family != AE_FAMILY[family]:
-        raise UsageError(f"--ae-config {ae_name} is a {FAMILY_NAME.get(ae_cfg.family, ae_cfg.family)}; "
-                         f"{name} is {FAMILY_NAME[family]} and needs a {FAMILY_NAME[AE_FAMILY[family]]}")
+        raise UsageError(f"--ae-config {ae_name} is {configs.describe(ae_cfg.family)}; {name} needs "
+                         f"{configs.describe(AE_FAMILY[family])}")
     for flag in ("embeddings", "neg_embeddings"):
         if args.prompt and getattr(args, flag) is not None:
             raise UsageError(f"--prompt and --{flag.replace('_', '-')} exclude each other: the prompt is encoded "
@@ -220,14 +215,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
             _required(args.embeddings, "the prompt embeddings (or pass --prompt with --text-encoder)", "--embeddings")
             if args.cfg != 1.0:
                 _required(args.neg_embeddings, "the negative prompt's embeddings, for --cfg", "--neg-embeddings")
-        found = _family_of(args.transformer)
-        if found is not None and found != family:
-            raise UsageError(f"--transformer {args.transformer} holds a {FAMILY_NAME.get(found, found)} checkpoint "
-                             f"but --model {name} is {FAMILY_NAME[family]}")
-        found_ae = _family_of(args.ae)
-        if found_ae is not None and found_ae != AE_FAMILY[family]:
-            raise UsageError(f"--ae {args.ae} holds a {FAMILY_NAME.get(found_ae, found_ae)} but the transformer is "
-                             f"{FAMILY_NAME[family]}: the transformer and autoencoder come from different families")
+        for flag, path, want in (("--transformer", args.transformer, cfg), ("--ae", args.ae, ae_cfg)):
+            with checkpoint.Checkpoint(path) as ckpt:  # headers only
+                try:
+                    checkpoint.check_holds(ckpt, want, name if want is cfg else ae_name)
+                except checkpoint.CheckpointError as e:
+                    hint = "" if want is cfg else " (the transformer and autoencoder come from different families)"
+                    raise UsageError(f"{flag} {e}{hint}") from None
     ppt = configs.pixels_per_token(ae_cfg)
     width = args.width if args.width is not None else (64 if random else 1024)
     height = args.height if args.height is not None else (64 if random else 1024)
@@ -373,7 +367,7 @@ def read_embeddings(path: Path, plan: Plan, flag: str) -> dict[str, np.ndarray]:
     for key, shape in wanted.items():
         if key not in ckpt.meta:
             raise UsageError(f"{flag} {path}: no {key!r} tensor (found {sorted(ckpt.meta)}); "
-                             f"{FAMILY_NAME[plan.family]} needs {' and '.join(map(repr, wanted))}")
+                             f"{configs.describe(plan.family)} needs {' and '.join(map(repr, wanted))}")
         a = ckpt.get(key).astype(np.float32)
         a = a[None] if a.ndim == len(shape) else a  # one prompt without a batch axis
         if a.ndim != len(shape) + 1 or a.shape[-1] != shape[-1]:

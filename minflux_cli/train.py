@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minflux import configs, keymaps
+from minflux import checkpoint, configs, keymaps
 from minflux import lora as lora_files
 from minflux.checkpoint import Checkpoint, CheckpointError
 from minflux.data import DEMO, LatentShards, Shapes
@@ -30,8 +30,6 @@ from minflux_cli.args import (
     positive_int,
     preset,
 )
-
-FAMILY_NAME = {"flux1": "FLUX.1", "flux2": "FLUX.2"}  # the transformers train takes
 
 # ---------------------------------------------------------------------------------------------
 # Pictures: the sample grid and the loss curve
@@ -90,7 +88,7 @@ def config_name(text: str) -> str:
     if text == "demo":
         return text
     name = preset(text)
-    if configs.get(name).family not in FAMILY_NAME:
+    if configs.get(name).family not in configs.FAMILIES:
         raise argparse.ArgumentTypeError(f"{name} is an autoencoder; train takes a transformer preset or 'demo'")
     return name
 
@@ -157,13 +155,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_init(path: Path, cfg, name: str) -> None:
     """--init must hold a transformer of `cfg`'s family and width: said before any key list."""
     with Checkpoint(path) as ckpt:  # headers only: a file that is not safetensors is a CheckpointError
-        family, width = keymaps.infer_family(ckpt.meta), keymaps.infer_hidden_size(ckpt.shapes())
-    want = f"{name} needs a {FAMILY_NAME[cfg.family]} transformer of width {cfg.hidden_size}"
-    if family not in FAMILY_NAME:
-        what = {"ae1": "a FLUX.1 autoencoder", "ae2": "a FLUX.2 autoencoder"}.get(family, "no FLUX transformer")
-        raise UsageError(f"--init {path} holds {what}; {want}")
-    if (family, width) != (cfg.family, cfg.hidden_size):
-        raise UsageError(f"--init {path} holds a {FAMILY_NAME[family]} transformer of width {width}; {want}")
+        try:
+            checkpoint.check_holds(ckpt, cfg, name)
+        except CheckpointError as e:
+            raise UsageError(f"--init {e}") from None
+        if keymaps.infer_family(ckpt.meta) is None:
+            raise UsageError(f"--init {path} holds {configs.describe(None)}; {name} needs "
+                             f"{configs.describe(cfg.family, cfg.hidden_size)}")
 
 
 def plan(args):

@@ -95,10 +95,10 @@ GENERATE = [
     (["generate", "--model", "nosuch"], 2, "argument --model: unknown preset 'nosuch'"),
     (["generate", "--model", "flux1-ae", "--random-weights"], 2, "--model flux1-ae is a FLUX.1 autoencoder, not"),
     (["generate", "--random-weights", "--ae-config", "flux2-ae-tiny"], 2,
-     "--ae-config flux2-ae-tiny is a FLUX.2 autoencoder; flux1-tiny is FLUX.1"),
+     "--ae-config flux2-ae-tiny is a FLUX.2 autoencoder; flux1-tiny needs a FLUX.1 autoencoder"),
     (["generate", "--model", "flux1-tiny"], 2, "--transformer is required"),
     (["generate", "--model", "flux1-tiny", "--transformer", "{flux2_tiny}", "--ae", "{flux1_ae}", "--embeddings",
-      "{flux2_tiny}"], 2, "--transformer {flux2_tiny} holds a FLUX.2 checkpoint but --model flux1-tiny is FLUX.1"),
+      "{flux2_tiny}"], 2, "--transformer {flux2_tiny} holds a FLUX.2 transformer of width 64; flux1-tiny needs"),
     (["generate", "--random-weights", "--ref", "{tmp}/nosuch.png"], 2, "argument --ref: {tmp}/nosuch.png: no such"),
     (["generate", "--random-weights", "--ref", "{flux2_tiny}"], 2, "{flux2_tiny}: not an image PIL can read"),
     (["generate", "--random-weights", "--ref", "{png}", "--ref", "{png}"], 2, "FLUX.1 Kontext takes one --ref"),
@@ -122,7 +122,8 @@ PARITY = [
     (["parity", "--resolution", "24"], 2, "argument --resolution: must be a multiple of 16"),
     (["parity", "--txt-len", "0"], 2, "argument --txt-len: must be >= 1"),
     (["parity", "--device", "tpu"], 2, "argument --device: invalid choice: 'tpu'"),
-    (["parity", "--model", "flux1-tiny", "--checkpoint", "{flux2_tiny}"], 2, "{flux2_tiny}"),
+    (["parity", "--model", "flux1-dev", "--checkpoint", "{flux2_tiny}"], 2,
+     "{flux2_tiny} holds a FLUX.2 transformer of width 64; the model needs a FLUX.1 transformer of width 3072"),
     (["parity", "--model", "flux1-tiny", "--checkpoint", "{corrupt}/0.safetensors"], 2, "corrupt"),
 ]
 
