@@ -1,4 +1,4 @@
-"""LoRA in JAX: adapters for training (init, the merged weights the step uses) and for inference.
+"""LoRA in JAX: adapters for training (init, the merged weights the step uses) and merging files for inference.
 
 Adapters are a pytree `{BFL module: {"lora_A": (r, in), "lora_B": (out, r)}}` in PyTorch layout, so the
 file formats and the merge arithmetic are shared with PyTorch (`minflux/lora.py`); the step never touches
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minflux import lora
-from minflux_jax.load import assign, state_dict, torch_keys
+from minflux_jax.load import assign, state_dict, torch_keys, torch_shapes
 
 Array = jax.Array
 
@@ -28,15 +28,25 @@ def linear_names(model: nnx.Module) -> list[str]:
             if param == "kernel" and classes[path[:-1]] == "Linear"]
 
 
-def merge_lora(model: nnx.Module, adapters: dict[str, dict]) -> nnx.Module:
-    """Add alpha / r * B @ A to each adapted weight, in place; returns the model."""
-    assign(model, lora.merge(state_dict(model), adapters))
+def merge_lora(model: nnx.Module, loras, scale: float = 1.0) -> nnx.Module:
+    """Add LoRA(s) to the model's weights, in place (see `minflux.lora.merge`); returns the model."""
+    sd = state_dict(model)
+    merged = lora.merge(sd, loras, scale)
+    assign(model, merged)
     return model
 
 
-def load_lora(model: nnx.Module, path) -> nnx.Module:
-    """Merge the LoRA file at `path` into the model's weights, in place."""
-    return merge_lora(model, lora.load(path, model.params, linear_names(model)))
+def load_lora(model: nnx.Module, paths, scale=1.0) -> nnx.Module:
+    """Merge one LoRA file or several into the model's weights, in place; returns the model.
+
+    paths: a path or a list of paths; scale: the strength, one float or one per file (as diffusers'
+    `fuse_lora(lora_scale=)`: the update is scale * alpha / r * B @ A). Formats read (detected from the keys):
+    diffusers / PEFT (with diffusers' or PEFT's alpha metadata or `.alpha` keys), kohya over BFL or diffusers
+    names, XLabs, `diffusion_model.` BFL names (ai-toolkit, ComfyUI), BFL control LoRAs (full tensors replace
+    the model's). Text-encoder parts are reported, not applied. Raises CheckpointError naming file and key.
+    """
+    shapes = torch_shapes(model)
+    return merge_lora(model, lora.load(paths, model.params, shapes, scale))
 
 
 @dataclass(frozen=True)

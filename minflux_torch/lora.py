@@ -1,7 +1,7 @@
-"""LoRA for inference in PyTorch: load an adapter file (diffusers / PEFT or kohya keys) and merge it.
+"""LoRA for inference in PyTorch: merge LoRA files of any common format into a model, in place.
 
-The file formats and the merge arithmetic are framework-free (`minflux/lora.py`); training happens in
-JAX (`minflux_jax/lora.py`, the twin, which adds adapter init and the on-the-fly merge used by the step).
+Reading the formats and the merge arithmetic are framework-free (`minflux/lora.py`); training happens in JAX
+(`minflux_jax/lora.py`, the twin, which adds adapter init and the on-the-fly merge the step uses).
 """
 
 from __future__ import annotations
@@ -17,14 +17,22 @@ def linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def merge_lora(model: nn.Module, adapters: dict[str, dict]) -> nn.Module:
-    """Add alpha / r * B @ A to each adapted weight, in place; returns the model."""
+def merge_lora(model: nn.Module, loras, scale: float = 1.0) -> nn.Module:
+    """Add LoRA(s) to the model's weights, in place (see `minflux.lora.merge`); returns the model."""
     sd = {k: to_numpy(v) for k, v in model.state_dict().items()}
-    merged = lora.merge(sd, adapters)
+    merged = lora.merge(sd, loras, scale)
     model.load_state_dict({k: to_torch(v) for k, v in merged.items()}, strict=True)
     return model
 
 
-def load_lora(model: nn.Module, path) -> nn.Module:
-    """Merge the LoRA file at `path` into the model's weights, in place."""
-    return merge_lora(model, lora.load(path, model.params, linear_names(model)))
+def load_lora(model: nn.Module, paths, scale=1.0) -> nn.Module:
+    """Merge one LoRA file or several into the model's weights, in place; returns the model.
+
+    paths: a path or a list of paths; scale: the strength, one float or one per file (as diffusers'
+    `fuse_lora(lora_scale=)`: the update is scale * alpha / r * B @ A). Formats read (detected from the keys):
+    diffusers / PEFT (with diffusers' or PEFT's alpha metadata or `.alpha` keys), kohya over BFL or diffusers
+    names, XLabs, `diffusion_model.` BFL names (ai-toolkit, ComfyUI), BFL control LoRAs (full tensors replace
+    the model's). Text-encoder parts are reported, not applied. Raises CheckpointError naming file and key.
+    """
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return merge_lora(model, lora.load(paths, model.params, shapes, scale))
