@@ -236,6 +236,15 @@ def detect(keys) -> str:
     return "unknown"
 
 
+def is_lora(path) -> bool:
+    """Whether a safetensors file holds LoRA pairs (from its header alone; False for a model checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        return False
+    keys = checkpoint.read_header(path)
+    return any(_split(k)[1] in ("A", "B") for k in keys if k != "__metadata__")
+
+
 def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None) -> LoRA:
     """Read a LoRA file in any format above into a `LoRA` keyed by BFL module (pieces keep the file's dtype).
 
@@ -334,12 +343,13 @@ def parse_spec(spec: str) -> tuple[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def merge(weights: dict[str, np.ndarray], loras, scale: float = 1.0) -> dict[str, np.ndarray]:
+def merge(weights: dict[str, np.ndarray], loras, scale: float = 1.0, strict: bool = True) -> dict[str, np.ndarray]:
     """PyTorch-layout weights with the LoRA(s) added, in float32, each cast back to its dtype.
 
     `loras`: one `LoRA`, the trainer's adapter dict, or a list of (LoRA, scale) pairs (`load`'s result).
     Pieces add `scale * piece.scale * B @ A` to their rows (and the bias); full tensors replace the model's
     (unscaled, as diffusers does). Returns the whole dict (unchanged tensors are the same objects).
+    strict=False: `weights` may be a subset of the model (one block at a time); adapters of the rest are skipped.
     """
     if not isinstance(loras, list):
         loras = [(loras if isinstance(loras, LoRA) else from_adapters(loras), scale)]
@@ -347,6 +357,8 @@ def merge(weights: dict[str, np.ndarray], loras, scale: float = 1.0) -> dict[str
     acc: dict[str, np.ndarray] = {}
     for lora, s in loras:
         for key, t in lora.tensors.items():
+            if key not in weights and not strict:
+                continue
             out[key] = t.astype(weights[key].dtype)
             acc.pop(key, None)
         for module, pieces in lora.pieces.items():
@@ -355,6 +367,8 @@ def merge(weights: dict[str, np.ndarray], loras, scale: float = 1.0) -> dict[str
                 if p.bias is not None:
                     updates.append((module + ".bias", np.float32(p.scale) * p.bias.astype(np.float32)))
                 for key, d in updates:
+                    if key not in weights and not strict:
+                        continue
                     if key not in weights:
                         raise CheckpointError(f"LoRA adds to {key!r}, which this model does not have")
                     if key not in acc:
