@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import re
-import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,8 +321,8 @@ def load(paths, cfg, shapes=None, scales=1.0) -> list[tuple[LoRA, float]]:
     for p, s in zip(paths, scales, strict=True):
         lora = read(p, cfg, shapes)
         if lora.text_encoder:
-            print(f"minflux: note: {p}: {lora.text_encoder} text-encoder LoRA modules not applied "
-                  "(only the transformer's are)", file=sys.stderr)
+            warnings.warn(f"{p}: {lora.text_encoder} text-encoder LoRA modules not applied (only the "
+                          "transformer's are)", stacklevel=2)
         out.append((lora, float(s)))
     return out
 
