@@ -20,7 +20,9 @@ Formats read (detected from the keys; the reference for each is diffusers' own r
 - BFL names behind `diffusion_model.` (ai-toolkit `lora_A` / `lora_B`, ComfyUI `lora_down` / `lora_up` / `alpha`)
   or bare; BFL's control LoRAs (FLUX.1 Canny / Depth: `lora_B.bias` keys and full tensors such as the q/k norm
   scales, which replace the model's own).
-Text-encoder parts (`lora_te*`, `text_encoder*.`, `text_encoders.`) are counted and reported, never applied here.
+Text-encoder parts (`lora_te1_` / `text_encoder.` / `text_encoders.clip_l.`: CLIP-L; `lora_te2_` / `text_encoder_2.` /
+`text_encoders.t5xxl.`: T5) are read with component="clip" / "t5" for minflux's own encoders; reading the
+transformer's part only counts them (one warning).
 DoRA, LoKr, LoHa files raise CheckpointError naming the format.
 
 Written (`write`): "diffusers" (what `load_lora_weights` reads), "kohya" (sd-scripts / ComfyUI, with `.alpha`),
@@ -52,6 +54,11 @@ ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A",
          ".down.weight": "A", ".up.weight": "B", ".lora_B.bias": "bias", ".lora_up.bias": "bias", ".alpha": "alpha"}
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 TEXT_PREFIXES = ("lora_te", "text_encoder.", "text_encoder_2.", "text_encoders.")
+TEXT_ENCODERS = {  # minflux text encoder -> prefixes of its module names in LoRA files (kohya's end in "_")
+    "clip": ("lora_te1_text_model_", "lora_te_text_model_", "text_encoder.text_model.",
+             "text_encoders.clip_l.transformer.text_model."),
+    "t5": ("lora_te2_", "text_encoder_2.", "text_encoders.t5xxl.transformer."),
+}
 UNSUPPORTED = {"DoRA": ("magnitude", "dora_scale"), "LoKr": ("lokr_",), "LoHa": ("hada_",), "IA3": ("ia3_l",)}
 XLABS = {  # XLabs processor name -> BFL module, and the number of rows (in hidden sizes) it adds to, if not all
     r"double_blocks\.(\d+)\.processor\.qkv_lora1": ("double_blocks.{}.img_attn.qkv", None),
@@ -181,8 +188,8 @@ def _strip(key: str) -> str:
     return key
 
 
-def _metadata(path: Path) -> dict:
-    """PEFT config values from the header: diffusers' `transformer.`-prefixed keys, or PEFT's bare ones."""
+def _metadata(path: Path, component: str = "transformer") -> dict:
+    """PEFT config values from the header: diffusers' component-prefixed keys, or PEFT's bare ones."""
     from safetensors import safe_open
 
     with safe_open(path, "np") as f:
@@ -193,7 +200,7 @@ def _metadata(path: Path) -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: lora_adapter_metadata is not JSON ({e})") from None
-    prefixed = {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}
+    prefixed = {k.removeprefix(component + "."): v for k, v in meta.items() if k.startswith(component + ".")}
     return prefixed or meta
 
 
@@ -245,35 +252,47 @@ def is_lora(path) -> bool:
     return any(_split(k)[1] in ("A", "B") for k in keys if k != "__metadata__")
 
 
-def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None) -> LoRA:
+def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None, component: str = "transformer") -> LoRA:
     """Read a LoRA file in any format above into a `LoRA` keyed by BFL module (pieces keep the file's dtype).
 
     `shapes`: the model's PyTorch-layout parameter shapes by key (`model.state_dict()` shapes); default: the
-    linear layers of `cfg`. Raises CheckpointError naming the file and key for: an unknown format (with its first
-    keys), DoRA / LoKr / LoHa, a module the model lacks, shapes that do not fit, a half pair, NaN / Inf.
+    linear layers of `cfg`. component: "transformer", or "clip" / "t5" for the file's text-encoder parts, keyed
+    by minflux's encoder module names (Hugging Face names; cfg unused). Raises CheckpointError naming the file
+    and key for: an unknown format (with its first keys), DoRA / LoKr / LoHa, a module the model lacks, shapes
+    that do not fit, a half pair, NaN / Inf.
     """
     path = Path(path)
     shapes = shapes or {m + ".weight": s for m, s in linear_shapes(cfg).items()}
     linear = {k.removesuffix(".weight"): s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
     with checkpoint.Checkpoint(path) as ck:
         raw = {k: ck.get(k) for k in ck.meta}
-    fmt = detect(raw)
+    text_prefixes = TEXT_ENCODERS.get(component, ())
+    if text_prefixes:  # one text encoder's part of the file
+        raw = {k: v for k, v in raw.items() if k.startswith(text_prefixes)}
+        fmt = next((f for f, marks in UNSUPPORTED.items() if any(m in k for k in raw for m in marks)), component)
+    else:
+        fmt = detect(raw)
     if fmt in UNSUPPORTED:
         raise CheckpointError(f"{path}: a {fmt} file: only plain low-rank LoRA (A, B, alpha) is supported")
     if fmt == "unknown":
         raise CheckpointError(f"{path}: unknown LoRA format; first keys: {sorted(raw)[:6]}")
-    meta = _metadata(path) if fmt in ("diffusers", "bfl") else {}
-    table = names(linear, cfg.family, cfg.hidden_size)
+    if text_prefixes:
+        meta = _metadata(path, "text_encoder" if component == "clip" else "text_encoder_2")
+        table = {p + (m.replace(".", "_") if p.endswith("_") else m): Target(m, ((0, s[0]),))
+                 for p in text_prefixes for m, s in linear.items()}
+    else:
+        meta = _metadata(path) if fmt in ("diffusers", "bfl") else {}
+        table = names(linear, cfg.family, cfg.hidden_size)
 
     out = LoRA(format=fmt)
     groups: dict[str, dict[str, np.ndarray]] = {}
     text = set()
     for key, arr in raw.items():
         checkpoint.check_finite(arr, key, path)
-        if key.startswith(TEXT_PREFIXES):
+        if key.startswith(TEXT_PREFIXES) and not text_prefixes:
             text.add(_split(key)[0])
             continue
-        name, role = _split(_strip(key))
+        name, role = _split(key if text_prefixes else _strip(key))
         if role is None:  # a full tensor (control LoRAs): replaces the model's own
             if name not in shapes or tuple(shapes[name]) != arr.shape:
                 raise CheckpointError(f"{path}: {key!r} {arr.shape} is no tensor of this model "
@@ -289,13 +308,14 @@ def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None) -> LoRA:
         A, B = g["A"], g["B"]
         target = _xlabs(name, cfg.hidden_size, linear) if fmt == "xlabs" else table.get(name)
         if target is None:
-            raise CheckpointError(f"{path}: LoRA module {name!r} is no linear layer of this {cfg.family} model")
+            what = component if text_prefixes else cfg.family
+            raise CheckpointError(f"{path}: LoRA module {name!r} is no linear layer of this {what} model")
         d_out, d_in = linear[target.module]
         rows = sum(b - a for a, b in target.segments)
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[1] != d_in or B.shape[0] != rows:
             raise CheckpointError(f"{path}: {name!r}: A {A.shape}, B {B.shape} do not fit {target.module} "
                                   f"(out {d_out}, in {d_in}; this part: {rows} rows): a wrong family or width?")
-        scale = _scale(name, A.shape[0], g.get("alpha"), meta, fmt)
+        scale = _scale(name, A.shape[0], g.get("alpha"), meta, "diffusers" if text_prefixes else fmt)
         lo, hi = min(a for a, _ in target.segments), max(b for _, b in target.segments)
         if len(target.segments) > 1:  # diffusers' final layer (scale, shift) -> BFL's (shift, scale): permute rows
             b_rows = np.empty((hi - lo, B.shape[1]), B.dtype)
@@ -311,7 +331,7 @@ def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None) -> LoRA:
     return out
 
 
-def load(paths, cfg, shapes=None, scales=1.0) -> list[tuple[LoRA, float]]:
+def load(paths, cfg, shapes=None, scales=1.0, component: str = "transformer") -> list[tuple[LoRA, float]]:
     """`read` each of one path or a list, paired with its strength (one float, or a list as long)."""
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     scales = list(scales) if isinstance(scales, list | tuple) else [scales] * len(paths)
@@ -319,10 +339,10 @@ def load(paths, cfg, shapes=None, scales=1.0) -> list[tuple[LoRA, float]]:
         raise ValueError(f"{len(paths)} LoRA files but {len(scales)} scales")
     out = []
     for p, s in zip(paths, scales, strict=True):
-        lora = read(p, cfg, shapes)
+        lora = read(p, cfg, shapes, component)
         if lora.text_encoder:
-            warnings.warn(f"{p}: {lora.text_encoder} text-encoder LoRA modules not applied (only the "
-                          "transformer's are)", stacklevel=2)
+            warnings.warn(f"{p}: {lora.text_encoder} text-encoder LoRA modules not applied to the transformer "
+                          "(load_lora(encoder, file, component='clip' or 't5') applies them)", stacklevel=2)
         out.append((lora, float(s)))
     return out
 

@@ -36,17 +36,20 @@ def merge_lora(model: nnx.Module, loras, scale: float = 1.0) -> nnx.Module:
     return model
 
 
-def load_lora(model: nnx.Module, paths, scale=1.0) -> nnx.Module:
+def load_lora(model: nnx.Module, paths, scale=1.0, component: str = "transformer") -> nnx.Module:
     """Merge one LoRA file or several into the model's weights, in place; returns the model.
 
     paths: a path or a list of paths; scale: the strength, one float or one per file (as diffusers'
     `fuse_lora(lora_scale=)`: the update is scale * alpha / r * B @ A). Formats read (detected from the keys):
     diffusers / PEFT (with diffusers' or PEFT's alpha metadata or `.alpha` keys), kohya over BFL or diffusers
     names, XLabs, `diffusion_model.` BFL names (ai-toolkit, ComfyUI), BFL control LoRAs (full tensors replace
-    the model's). Text-encoder parts are reported, not applied. Raises CheckpointError naming file and key.
+    the model's). component: "transformer"; "clip" or "t5" for a text encoder of minflux (the file's `lora_te1_` /
+    `text_encoder.` or `lora_te2_` / `text_encoder_2.` parts), whose parts the transformer's load only counts
+    (one warning). Raises CheckpointError naming file and key.
     """
     shapes = torch_shapes(model)
-    return merge_lora(model, lora.load(paths, model.params, shapes, scale))
+    cfg = model.params if component == "transformer" else None
+    return merge_lora(model, lora.load(paths, cfg, shapes, scale, component))
 
 
 @dataclass(frozen=True)

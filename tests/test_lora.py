@@ -490,3 +490,82 @@ def test_init_lora_adapters_reproduce_the_file(tmp_path, rng, tiny_checkpoint):
     lora.save(tmp_path / "again.safetensors", ad, cfg, "kohya")
     want = reference(name, path, tiny_checkpoint)
     check(name, tmp_path / "again.safetensors", tiny_checkpoint, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-encoder parts, applied to minflux's own CLIP-L / T5
+# ---------------------------------------------------------------------------------------------
+
+
+def text_models(kind):
+    """A tiny minflux encoder in both frameworks with the same weights: (torch model, jax model)."""
+    from minflux import text
+    from minflux_jax.load import assign
+    from minflux_jax.text import encoder as je
+    from minflux_torch.text import encoder as te
+
+    cfg = (text.CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=2, max_position_embeddings=16) if kind == "clip" else
+           text.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4))
+    tm = te.build_model(kind, cfg, torch.float32, seed=0)
+    jm = je.build_model(kind, cfg, jnp.float32, seed=0)
+    assign(jm, {k: to_numpy(v) for k, v in tm.state_dict().items()})
+    return tm, jm
+
+
+def text_deltas(tm, jm, path, kind, scale=1.0):
+    base = {k: to_numpy(v).astype(np.float64) for k, v in tm.state_dict().items()}
+    tlora.load_lora(tm, path, scale, component=kind)
+    jlora.load_lora(jm, path, scale, component=kind)
+    return ({k: to_numpy(v).astype(np.float64) - base[k] for k, v in tm.state_dict().items()},
+            {k: v.astype(np.float64) - base[k] for k, v in jax_state_dict(jm).items()})
+
+
+def test_clip_part_of_a_kohya_file_against_diffusers(tmp_path, rng):
+    """A kohya file that also trains CLIP: the transformer part loads (one warning), the CLIP part applies to
+    minflux's CLIP-L as diffusers' converter reads it (its up @ down, alpha folded)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    tm, jm = text_models("clip")
+    ours_to_diffusers = {"encoder.layers.0.self_attn.q_proj": "encoder.layers.0.self_attn.to_q_lora",
+                         "encoder.layers.1.mlp.fc1": "encoder.layers.1.mlp.fc1.lora_linear_layer",
+                         "encoder.layers.1.self_attn.out_proj": "encoder.layers.1.self_attn.to_out_lora"}
+    tensors = {}
+    for i, m in enumerate(ours_to_diffusers):
+        w = tm.state_dict()[m + ".weight"]
+        A, B = pair(rng, 4, w.shape[1], w.shape[0])
+        base = "lora_te1_text_model_" + m.replace(".", "_")
+        tensors |= {f"{base}.lora_down.weight": A, f"{base}.lora_up.weight": B,
+                    f"{base}.alpha": np.asarray(2.0 + i, np.float32)}
+    # copies: the converter scales its inputs in place
+    conv = _convert_kohya_flux_lora_to_diffusers({k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+    want = {m + ".weight": (conv[f"text_encoder.text_model.{d}.up.weight"].double()
+                            @ conv[f"text_encoder.text_model.{d}.down.weight"].double()).numpy()
+            for m, d in ours_to_diffusers.items()}
+    name = "flux1-tiny"  # and a transformer part beside it
+    shapes = lora.linear_shapes(configs.get(name))
+    A, B = pair(rng, 4, shapes["txt_in"][1], shapes["txt_in"][0])
+    tensors |= {"lora_unet_txt_in.lora_down.weight": A, "lora_unet_txt_in.lora_up.weight": B}
+    save_file(tensors, str(tmp_path / "te.safetensors"))
+    with pytest.warns(UserWarning, match="3 text-encoder LoRA modules"):
+        mt.load_lora(mt.build_model(name), tmp_path / "te.safetensors")
+    for got in text_deltas(tm, jm, tmp_path / "te.safetensors", "clip", 0.5):
+        for k, v in got.items():
+            assert rel_l2(v, 0.5 * want[k]) <= BOUND if k in want else not v.any(), k
+
+
+def test_t5_part_comfyui_keys(tmp_path, rng):
+    """ComfyUI's `text_encoders.t5xxl.transformer.` keys: the definition (diffusers reads no T5 LoRA)."""
+    tm, jm = text_models("t5")
+    tensors, want = {}, {}
+    for i, m in enumerate(["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.1.DenseReluDense.wo"]):
+        w = tm.state_dict()[m + ".weight"]
+        A, B = pair(rng, 4, w.shape[1], w.shape[0])
+        base = "text_encoders.t5xxl.transformer." + m
+        tensors |= {f"{base}.lora_down.weight": A, f"{base}.lora_up.weight": B,
+                    f"{base}.alpha": np.asarray(3.0 + i, np.float32)}
+        want[m + ".weight"] = (3.0 + i) / 4 * (B.astype(np.float64) @ A)
+    save_file(tensors, str(tmp_path / "t5.safetensors"))
+    for got in text_deltas(tm, jm, tmp_path / "t5.safetensors", "t5"):
+        for k, v in got.items():
+            assert rel_l2(v, want[k]) <= BOUND if k in want else not v.any(), k
