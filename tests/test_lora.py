@@ -569,3 +569,64 @@ def test_t5_part_comfyui_keys(tmp_path, rng):
     for got in text_deltas(tm, jm, tmp_path / "t5.safetensors", "t5"):
         for k, v in got.items():
             assert rel_l2(v, want[k]) <= BOUND if k in want else not v.any(), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands: generate --lora, convert of LoRA files, parity --lora
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generate_lora_flag(tmp_path, rng):
+    from PIL import Image
+
+    from minflux_cli.main import main
+
+    name = "flux2-tiny"
+    ad = trainer_adapters(name, rng, lora.targets(lora.linear_shapes(configs.get(name))), alpha=40.0)
+    lora.save(tmp_path / "l.safetensors", ad, configs.get(name), "kohya")
+    common = ["generate", "--random-weights", "--model", name, "--steps", "2", "--width", "32", "--height", "32",
+              "--no-progress"]
+    images = {}
+    for tag, extra in (("none", []), ("zero", ["--lora", f"{tmp_path / 'l.safetensors'}:0"]),
+                       ("one", ["--lora", str(tmp_path / "l.safetensors")])):
+        assert main([*common, *extra, "--out", str(tmp_path / f"{tag}.png")]) == 0
+        images[tag] = np.asarray(Image.open(tmp_path / f"{tag}.png"), np.int16)
+    np.testing.assert_array_equal(images["zero"], images["none"])  # strength 0 is the base model
+    assert np.abs(images["one"] - images["none"]).mean() > 1  # the LoRA changes the picture
+    assert main([*common, "--lora", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_convert_command_on_lora_files(tmp_path, rng, tiny_checkpoint, capsys):
+    from minflux_cli.main import main
+
+    name = "flux1-tiny"
+    ad = trainer_adapters(name, rng, ["double_blocks.0.img_attn.qkv", "single_blocks.1.linear1"])
+    lora.save(tmp_path / "k.safetensors", ad, configs.get(name), "kohya")
+    assert main(["convert", str(tmp_path / "k.safetensors"), str(tmp_path / "d.safetensors"), "--to", "diffusers",
+                 "--model", name]) == 0
+    assert "kohya -> diffusers" in capsys.readouterr().out
+    want = {m + ".weight": 1.5 * (a["lora_B"].astype(np.float64) @ a["lora_A"]) for m, a in ad.items()}
+    check(name, tmp_path / "d.safetensors", tiny_checkpoint, want)
+    assert main(["convert", str(tmp_path / "k.safetensors"), str(tmp_path / "x.safetensors")]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_parity_lora_source_merges_block_by_block(tmp_path, rng, tiny_checkpoint):
+    """parity --lora's weight source (one block's keys at a time) gives the whole-model merge's tensors."""
+    from minflux_cli.parity import WithLoRA
+    from parity.weights import CheckpointWeights
+
+    name = "flux1-tiny"
+    path = tmp_path / "d.safetensors"
+    diffusers_file(path, name, tiny_checkpoint, rng, "meta")
+    tm = mt.load_model(name, tiny_checkpoint(name, "bfl"), dtype=torch.float32)
+    expected = {k: tuple(v.shape) for k, v in tm.state_dict().items()}
+    src = WithLoRA(CheckpointWeights(tiny_checkpoint(name, "bfl"), configs.get(name), expected),
+                   [(str(path), 0.5)], configs.get(name), expected)
+    want = {k: to_numpy(v) for k, v in mt.load_lora(tm, path, 0.5).state_dict().items()}
+    for prefix in ("double_blocks.0.", "single_blocks.0.", "final_layer."):
+        keys = [k for k in expected if k.startswith(prefix)]
+        got = src.read(keys)
+        assert set(got) == set(keys)
+        for k in keys:
+            np.testing.assert_array_equal(got[k], want[k])
