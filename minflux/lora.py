@@ -246,9 +246,12 @@ def detect(keys) -> str:
 def is_lora(path) -> bool:
     """Whether a safetensors file holds LoRA pairs (from its header alone; False for a model checkpoint)."""
     path = Path(path)
-    if path.is_dir():
+    if not path.is_file():
         return False
-    keys = checkpoint.read_header(path)
+    try:
+        keys = checkpoint.read_header(path)
+    except CheckpointError:
+        return False  # the checkpoint reader reports it
     return any(_split(k)[1] in ("A", "B") for k in keys if k != "__metadata__")
 
 
