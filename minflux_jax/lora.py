@@ -60,8 +60,20 @@ class LoRA:
     rank: int = 16
     alpha: float = 16.0
 
-    def init(self, key: Array, frozen: dict[str, Array], dtype=jnp.float32) -> dict[str, dict[str, Array]]:
-        """A ~ U(+-1/sqrt(in)) (PEFT's kaiming-uniform bound), B = 0: training starts at the base model."""
+    @classmethod
+    def from_file(cls, path, cfg) -> tuple[LoRA, dict]:
+        """(LoRA, starting adapters) from any readable LoRA file (`train --init-lora`): its modules and rank
+        become the run's; alpha = rank, the file's scales folded into B (`minflux.lora.to_adapters`)."""
+        start = lora.to_adapters(lora.read(path, cfg), lora.linear_shapes(cfg))
+        rank = next(iter(start.values()))["lora_A"].shape[0]
+        return cls(tuple(start), rank, float(rank)), start
+
+    def init(self, key: Array, frozen: dict[str, Array], dtype=jnp.float32, start: dict | None = None
+             ) -> dict[str, dict[str, Array]]:
+        """A ~ U(+-1/sqrt(in)) (PEFT's kaiming-uniform bound), B = 0: training starts at the base model.
+        start: adapters to begin from instead (`from_file`), cast to dtype."""
+        if start is not None:
+            return {m: {k: jnp.asarray(start[m][k], dtype) for k in ("lora_A", "lora_B")} for m in self.modules}
         out = {}
         for i, m in enumerate(self.modules):
             d_in, d_out = frozen[m + ".weight"].shape  # Flax kernel (in, out)

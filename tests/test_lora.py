@@ -630,3 +630,20 @@ def test_parity_lora_source_merges_block_by_block(tmp_path, rng, tiny_checkpoint
         assert set(got) == set(keys)
         for k in keys:
             np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_training_can_start_from_a_lora_file(tmp_path, rng, tiny_checkpoint):
+    """`train --init-lora`: the JAX trainer's LoRA from a diffusers file (mixed ranks, partial fused parts) gives
+    the weights PyTorch's merge of that file gives."""
+    name = "flux1-tiny"
+    path = tmp_path / "d.safetensors"
+    diffusers_file(path, name, tiny_checkpoint, rng, "keys")
+    spec, start = jlora.LoRA.from_file(path, configs.get(name))
+    jm = mj.load_model(name, tiny_checkpoint(name, "bfl"), dtype=jnp.float32)
+    frozen = {k: jnp.asarray(v.T if v.ndim == 2 else v) for k, v in jax_state_dict(jm).items()}  # Flax layout
+    adapters = spec.init(None, frozen, start=start)
+    got = {k: np.asarray(v) for k, v in spec.effective(frozen, adapters).items()}
+    t, _, base = ours(name, path, tiny_checkpoint)
+    for m in spec.modules:
+        k = m + ".weight"
+        assert rel_l2(got[k].T.astype(np.float64) - base[k], t[k]) <= BOUND
