@@ -647,3 +647,32 @@ def test_training_can_start_from_a_lora_file(tmp_path, rng, tiny_checkpoint):
     for m in spec.modules:
         k = m + ".weight"
         assert rel_l2(got[k].T.astype(np.float64) - base[k], t[k]) <= BOUND
+
+
+@pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
+def test_partial_file_converted_to_every_form_keeps_the_update(name, tmp_path, rng, tiny_checkpoint):
+    """A diffusers file with partial fused parts and mixed ranks, converted to each form: diffusers' reading of
+    the original is what every converted file merges to."""
+    path = tmp_path / "d.safetensors"
+    diffusers_file(path, name, tiny_checkpoint, rng, "meta")
+    want = reference(name, path, tiny_checkpoint)
+    for fmt in lora.FORMATS:
+        lora.convert_file(path, tmp_path / f"{fmt}.safetensors", fmt, configs.get(name))
+        check(name, tmp_path / f"{fmt}.safetensors", tiny_checkpoint, want)
+
+
+def test_bf16_file(tmp_path, rng, tiny_checkpoint):
+    """A bf16 kohya file: the update is alpha / r * up @ down of the stored bf16 values, computed in fp32."""
+    import ml_dtypes
+
+    name = "flux2-tiny"
+    shapes = lora.linear_shapes(configs.get(name))
+    tensors, parts = {}, {}
+    for m in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1"):
+        A, B = (x.astype(ml_dtypes.bfloat16) for x in pair(rng, 4, shapes[m][1], shapes[m][0]))
+        base = "lora_unet_" + m.replace(".", "_")
+        tensors |= {f"{base}.lora_down.weight": A, f"{base}.lora_up.weight": B,
+                    f"{base}.alpha": np.asarray(6.0, ml_dtypes.bfloat16)}
+        parts[m] = [(0, A.astype(np.float32), B.astype(np.float32), 6.0)]
+    save_file(tensors, str(tmp_path / "bf16.safetensors"))
+    check(name, tmp_path / "bf16.safetensors", tiny_checkpoint, definition(name, parts))
