@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -366,44 +367,58 @@ def parse_spec(spec: str) -> tuple[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def merge(weights: dict[str, np.ndarray], loras, scale: float = 1.0, strict: bool = True) -> dict[str, np.ndarray]:
-    """PyTorch-layout weights with the LoRA(s) added, in float32, each cast back to its dtype.
+def _pairs(loras, scale: float) -> list[tuple[LoRA, float]]:
+    """One `LoRA`, the trainer's adapter dict, or a list of (LoRA, scale) pairs (`load`'s result) -> pairs."""
+    if isinstance(loras, list):
+        return loras
+    return [(loras if isinstance(loras, LoRA) else from_adapters(loras), scale)]
 
-    `loras`: one `LoRA`, the trainer's adapter dict, or a list of (LoRA, scale) pairs (`load`'s result).
-    Pieces add `scale * piece.scale * B @ A` to their rows (and the bias); full tensors replace the model's
-    (unscaled, as diffusers does). Returns the whole dict (unchanged tensors are the same objects).
-    strict=False: `weights` may be a subset of the model (one block at a time); adapters of the rest are skipped.
+
+def merged(get, keys, loras, scale: float = 1.0, strict: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, merged tensor) for each model tensor the LoRA(s) change, one at a time (memory: one tensor in fp32).
+
+    get(key): the model's PyTorch-layout tensor (numpy); keys: all of the model's keys. Pieces add
+    `scale * piece.scale * B @ A` to their rows (and the bias), accumulated in float32 and cast back to the
+    tensor's dtype; full tensors replace the model's (unscaled, as diffusers does), in file order. strict=False:
+    `keys` may be a subset of the model (one block at a time) and adapters of the rest are skipped; otherwise a
+    tensor the model lacks raises CheckpointError.
     """
-    if not isinstance(loras, list):
-        loras = [(loras if isinstance(loras, LoRA) else from_adapters(loras), scale)]
-    out = dict(weights)
-    acc: dict[str, np.ndarray] = {}
-    for lora, s in loras:
+    ops: dict[str, list] = {}  # key -> ("set", tensor) / ("add", module, piece, strength, bias?), in order
+    for lora, s in _pairs(loras, scale):
         for key, t in lora.tensors.items():
-            if key not in weights and not strict:
-                continue
-            out[key] = t.astype(weights[key].dtype)
-            acc.pop(key, None)
+            ops.setdefault(key, []).append(("set", t))
         for module, pieces in lora.pieces.items():
             for p in pieces:
-                updates = [(module + ".weight", p.delta())]
+                ops.setdefault(module + ".weight", []).append(("add", module, p, s, False))
                 if p.bias is not None:
-                    updates.append((module + ".bias", np.float32(p.scale) * p.bias.astype(np.float32)))
-                for key, d in updates:
-                    if key not in weights and not strict:
-                        continue
-                    if key not in weights:
-                        raise CheckpointError(f"LoRA adds to {key!r}, which this model does not have")
-                    if key not in acc:
-                        acc[key] = out[key].astype(np.float32)
-                    if d.ndim == 2 and d.shape[1] != acc[key].shape[1]:
-                        raise CheckpointError(f"LoRA for {module}: {d.shape[1]} inputs, the model has "
-                                              f"{acc[key].shape[1]} (a control LoRA needs a model built with "
-                                              f"in_channels={d.shape[1]}, e.g. flux1-canny-dev)")
-                    acc[key][p.start : p.stop] += np.float32(s) * d
-    for key, a in acc.items():
-        out[key] = a.astype(weights[key].dtype)
-    return out
+                    ops.setdefault(module + ".bias", []).append(("add", module, p, s, True))
+    keys = set(keys)
+    for key, todo in ops.items():
+        if key not in keys:
+            if strict:
+                raise CheckpointError(f"LoRA changes {key!r}, which this model does not have")
+            continue
+        w = get(key)
+        dtype, acc = w.dtype, None
+        for op in todo:
+            if op[0] == "set":
+                w, acc = op[1], None
+                continue
+            _, module, p, s, is_bias = op
+            d = np.float32(p.scale) * p.bias.astype(np.float32) if is_bias else p.delta()
+            if acc is None:
+                acc = w.astype(np.float32)
+            if d.ndim == 2 and d.shape[1] != acc.shape[1]:
+                raise CheckpointError(f"LoRA for {module}: {d.shape[1]} inputs, the model has {acc.shape[1]} "
+                                      f"(a control LoRA needs a model built with in_channels={d.shape[1]}, "
+                                      "e.g. flux1-canny-dev)")
+            acc[p.start : p.stop] += np.float32(s) * d
+        yield key, (w if acc is None else acc).astype(dtype)
+
+
+def merge(weights: dict[str, np.ndarray], loras, scale: float = 1.0, strict: bool = True) -> dict[str, np.ndarray]:
+    """PyTorch-layout weights with the LoRA(s) added (see `merged`); the whole dict, unchanged tensors as given."""
+    return {**weights, **dict(merged(weights.__getitem__, weights.keys(), loras, scale, strict))}
 
 
 def delta(a: dict) -> np.ndarray:

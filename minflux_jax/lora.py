@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from minflux import lora
-from minflux_jax.load import assign, state_dict, torch_keys, torch_shapes
+from minflux import keymaps, lora
+from minflux_jax.load import STATE, torch_keys, torch_shapes
 
 Array = jax.Array
 
@@ -29,10 +30,14 @@ def linear_names(model: nnx.Module) -> list[str]:
 
 
 def merge_lora(model: nnx.Module, loras, scale: float = 1.0) -> nnx.Module:
-    """Add LoRA(s) to the model's weights, in place (see `minflux.lora.merge`); returns the model."""
-    sd = state_dict(model)
-    merged = lora.merge(sd, loras, scale)
-    assign(model, merged)
+    """Add LoRA(s) to the model's weights in place, one tensor at a time (`minflux.lora.merged`); returns it."""
+    paths = {key: (path, param) for path, (key, param) in torch_keys(model).items()}
+    flat = dict(nnx.to_flat_state(nnx.state(model, STATE)))  # variables of the model itself
+    get = lambda k: keymaps.flax_to_torch(np.asarray(jax.device_get(flat[paths[k][0]][...])), paths[k][1])  # noqa: E731
+    for key, arr in lora.merged(get, paths.keys(), loras, scale):
+        path, param = paths[key]
+        value = jnp.asarray(keymaps.torch_to_flax(arr, param), flat[path].dtype)
+        nnx.update(model, nnx.from_flat_state([(path, value)]))
     return model
 
 
@@ -91,7 +96,5 @@ class LoRA:
 
     def export(self, adapters: dict) -> dict[str, dict]:
         """numpy adapters with alpha, for `minflux.lora.save`."""
-        import numpy as np
-
         return {m: {"lora_A": np.asarray(a["lora_A"]), "lora_B": np.asarray(a["lora_B"]), "alpha": self.alpha}
                 for m, a in jax.device_get(adapters).items()}

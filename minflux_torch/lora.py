@@ -6,6 +6,7 @@ Reading the formats and the merge arithmetic are framework-free (`minflux/lora.p
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from minflux import lora
@@ -18,10 +19,11 @@ def linear_names(model: nn.Module) -> list[str]:
 
 
 def merge_lora(model: nn.Module, loras, scale: float = 1.0) -> nn.Module:
-    """Add LoRA(s) to the model's weights, in place (see `minflux.lora.merge`); returns the model."""
-    sd = {k: to_numpy(v) for k, v in model.state_dict().items()}
-    merged = lora.merge(sd, loras, scale)
-    model.load_state_dict({k: to_torch(v) for k, v in merged.items()}, strict=True)
+    """Add LoRA(s) to the model's weights in place, one tensor at a time (`minflux.lora.merged`); returns it."""
+    sd = model.state_dict()  # tensors that share the parameters' memory
+    with torch.no_grad():
+        for key, arr in lora.merged(lambda k: to_numpy(sd[k]), sd.keys(), loras, scale):
+            sd[key].copy_(to_torch(arr))
     return model
 
 

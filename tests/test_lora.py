@@ -676,3 +676,20 @@ def test_bf16_file(tmp_path, rng, tiny_checkpoint):
         parts[m] = [(0, A.astype(np.float32), B.astype(np.float32), 6.0)]
     save_file(tensors, str(tmp_path / "bf16.safetensors"))
     check(name, tmp_path / "bf16.safetensors", tiny_checkpoint, definition(name, parts))
+
+
+def test_bf16_models_merge_alike(tmp_path, rng, tiny_checkpoint):
+    """bf16 models: both frameworks merge to the same bits (one float32 accumulation, one rounding), within a
+    bf16 step of the fp32 merge."""
+    name = "flux1-tiny"
+    path = tmp_path / "d.safetensors"
+    diffusers_file(path, name, tiny_checkpoint, rng, "meta")
+    tm = mt.load_lora(mt.load_model(name, tiny_checkpoint(name, "bfl"), dtype=torch.bfloat16), path, 0.7)
+    jm = mj.load_lora(mj.load_model(name, tiny_checkpoint(name, "bfl"), dtype=jnp.bfloat16), path, 0.7)
+    t = {k: to_numpy(v) for k, v in tm.state_dict().items()}
+    j = jax_state_dict(jm)
+    f32, _, base = ours(name, path, tiny_checkpoint, 0.7)
+    for k in t:
+        assert t[k].dtype == j[k].dtype and t[k].dtype.name == "bfloat16", k
+        np.testing.assert_array_equal(t[k].view(np.uint16), j[k].view(np.uint16), err_msg=k)
+        assert rel_l2(t[k].astype(np.float64), base[k] + f32[k]) <= 1e-2, k
