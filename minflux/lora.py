@@ -97,7 +97,7 @@ class LoRA:
     pieces: dict[str, list[Piece]] = field(default_factory=dict)
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     format: str = "minflux"
-    text_encoder: int = 0  # text-encoder modules in the file (not applied)
+    text_encoder: int = 0  # text-encoder modules in the file (read with component="clip" / "t5")
 
     def add(self, module: str, piece: Piece) -> None:
         self.pieces.setdefault(module, []).append(piece)
@@ -112,7 +112,7 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(out, in) of every linear layer of a FLUX.1 / FLUX.2 transformer, by BFL name (tested against both models)."""
     h, m = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
     mlp_in = 2 * m if cfg.gated_mlp else m
-    mod = "lin" if not cfg.shared_modulation else None
+    per_block_mod = not cfg.shared_modulation  # FLUX.1: modulation in each block; FLUX.2: three shared ones
     out = {"img_in": (h, cfg.in_channels), "txt_in": (h, cfg.context_in_dim),
            "time_in.in_layer": (h, 256), "time_in.out_layer": (h, h),
            "final_layer.linear": (getattr(cfg, "out_channels", cfg.in_channels), h),
@@ -128,11 +128,11 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
         for s in ("img", "txt"):
             out |= {f"double_blocks.{i}.{s}_attn.qkv": (3 * h, h), f"double_blocks.{i}.{s}_attn.proj": (h, h),
                     f"double_blocks.{i}.{s}_mlp.0": (mlp_in, h), f"double_blocks.{i}.{s}_mlp.2": (h, m)}
-            if mod:
+            if per_block_mod:
                 out[f"double_blocks.{i}.{s}_mod.lin"] = (6 * h, h)
     for i in range(cfg.depth_single_blocks):
         out |= {f"single_blocks.{i}.linear1": (3 * h + mlp_in, h), f"single_blocks.{i}.linear2": (h, h + m)}
-        if mod:
+        if per_block_mod:
             out[f"single_blocks.{i}.modulation.lin"] = (3 * h, h)
     return out
 
@@ -494,8 +494,7 @@ def to_tensors(lora: LoRA, cfg, to: str = "diffusers") -> dict[str, np.ndarray]:
     if to not in FORMATS:
         raise ValueError(f"LoRA format {to!r}: expected one of {FORMATS}")
     if lora.tensors or any(p.bias is not None for ps in lora.pieces.values() for p in ps):
-        raise CheckpointError("a control LoRA (full tensors, lora_B biases) is kept in BFL's own file; "
-                              "no other format holds its full tensors")
+        raise ValueError("a control LoRA (full tensors, lora_B biases) has no other form than BFL's own file")
     shapes = linear_shapes(cfg)
     out = {}
     for module, pieces in lora.pieces.items():
@@ -540,8 +539,9 @@ def save(path, adapters: dict[str, dict], cfg, fmt: str = "diffusers") -> None:
 
 def convert_file(src, dst, to: str, cfg) -> LoRA:
     """Read a LoRA file in any format and write it in `to` (`minflux convert` of LoRA files)."""
+    if detect(checkpoint.read_header(Path(src))) == "control":
+        raise CheckpointError(f"{src}: a BFL control LoRA (full tensors, lora_B biases): no other form holds it, "
+                              "use the file as it is")
     lora = read(src, cfg)
-    if to == "bfl" and lora.format == "control":
-        raise CheckpointError(f"{src}: already a BFL control LoRA")
     write(dst, lora, cfg, to)
     return lora

@@ -378,6 +378,8 @@ def test_bfl_control_lora(tmp_path, rng, tiny_checkpoint):
             assert rel_l2(got[m.replace(".weight", ".bias")], 0.5 * parts[m.replace(".weight", ".bias")]) <= BOUND
         key = "double_blocks.1.img_attn.norm.query_norm.scale"
         np.testing.assert_array_equal(got[key] + base[key], scale.astype(np.float64))  # replaced, not scaled
+    with pytest.raises(CheckpointError, match="ctl.safetensors: a BFL control LoRA"):
+        lora.convert_file(tmp_path / "ctl.safetensors", tmp_path / "x.safetensors", "kohya", cfg)
     # a control LoRA whose img_in is wider than the model's: one error naming the width
     tensors["img_in.lora_A.weight"] = np.ones((4, 2 * cfg.in_channels), np.float32)
     save_file(tensors, str(tmp_path / "wide.safetensors"))
