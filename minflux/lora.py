@@ -244,6 +244,22 @@ def detect(keys) -> str:
     return "unknown"
 
 
+WIDENED = "img_in"  # the one layer a LoRA may widen: BFL's Canny / Depth LoRAs take 128 input channels, not 64
+
+
+def _widens(key: str, shape: tuple, shapes: dict) -> bool:
+    """Whether a full tensor is a wider `img_in` weight (more input columns, same rows)."""
+    want = shapes.get(key, ())
+    return key == WIDENED + ".weight" and len(shape) == 2 == len(want) and shape[0] == want[0] and shape[1] > want[1]
+
+
+def input_width(loras) -> int:
+    """The widest `img_in` input the LoRA(s) need (0: none); the model's `img_in` is widened to it before merging."""
+    widths = [p.A.shape[1] for lora, _ in loras for p in lora.pieces.get(WIDENED, [])]
+    widths += [t.shape[1] for lora, _ in loras for k, t in lora.tensors.items() if k == WIDENED + ".weight"]
+    return max(widths, default=0)
+
+
 def is_lora(path) -> bool:
     """Whether a safetensors file holds LoRA pairs (from its header alone; False for a model checkpoint)."""
     path = Path(path)
@@ -298,7 +314,7 @@ def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None, component:
             continue
         name, role = _split(key if text_prefixes else _strip(key))
         if role is None:  # a full tensor (control LoRAs): replaces the model's own
-            if name not in shapes or tuple(shapes[name]) != arr.shape:
+            if name not in shapes or tuple(shapes[name]) != arr.shape and not _widens(name, arr.shape, shapes):
                 raise CheckpointError(f"{path}: {key!r} {arr.shape} is no tensor of this model "
                                       f"(expected {tuple(shapes.get(name, ()))})")
             out.tensors[name] = arr
@@ -316,7 +332,9 @@ def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None, component:
             raise CheckpointError(f"{path}: LoRA module {name!r} is no linear layer of this {what} model")
         d_out, d_in = linear[target.module]
         rows = sum(b - a for a, b in target.segments)
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[1] != d_in or B.shape[0] != rows:
+        wide = target.module == WIDENED and A.ndim == 2 and A.shape[1] > d_in  # a control LoRA's wider img_in
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or (A.shape[1] != d_in and not wide) or (
+                B.shape[0] != rows):
             raise CheckpointError(f"{path}: {name!r}: A {A.shape}, B {B.shape} do not fit {target.module} "
                                   f"(out {d_out}, in {d_in}; this part: {rows} rows): a wrong family or width?")
         scale = _scale(name, A.shape[0], g.get("alpha"), meta, "diffusers" if text_prefixes else fmt)

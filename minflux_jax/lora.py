@@ -9,6 +9,7 @@ kernel, which is the unmerged LoRA forward W x + s B A x computed as (W + s B A)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from minflux import keymaps, lora
+from minflux_jax.layers import linear
 from minflux_jax.load import STATE, torch_keys, torch_shapes
 
 Array = jax.Array
@@ -41,6 +43,19 @@ def merge_lora(model: nnx.Module, loras, scale: float = 1.0) -> nnx.Module:
     return model
 
 
+def widen_input(model: nnx.Module, width: int) -> nnx.Module:
+    """`img_in` with `width` input channels, the new columns zero, and `model.params.in_channels` to match: what
+    BFL's Canny / Depth LoRAs need on a FLUX.1-dev model (as diffusers expands `x_embedder` for them)."""
+    old = model.img_in
+    new = linear(width, old.out_features, old.bias is not None, old.kernel.dtype, nnx.Rngs(0))
+    new.kernel.value = jnp.zeros_like(new.kernel.value).at[: old.in_features].set(old.kernel.value)  # (in, out)
+    if old.bias is not None:
+        new.bias.value = old.bias.value
+    model.img_in = new
+    model.params = dataclasses.replace(model.params, in_channels=width)
+    return model
+
+
 def load_lora(model: nnx.Module, paths, scale=1.0, component: str = "transformer") -> nnx.Module:
     """Merge one LoRA file or several into the model's weights, in place; returns the model.
 
@@ -48,13 +63,18 @@ def load_lora(model: nnx.Module, paths, scale=1.0, component: str = "transformer
     `fuse_lora(lora_scale=)`: the update is scale * alpha / r * B @ A). Formats read (detected from the keys):
     diffusers / PEFT (with diffusers' or PEFT's alpha metadata or `.alpha` keys), kohya over BFL or diffusers
     names, XLabs, `diffusion_model.` BFL names (ai-toolkit, ComfyUI), BFL control LoRAs (full tensors replace
-    the model's). component: "transformer"; "clip" or "t5" for a text encoder of minflux (the file's `lora_te1_` /
-    `text_encoder.` or `lora_te2_` / `text_encoder_2.` parts), whose parts the transformer's load only counts
-    (one warning). Raises CheckpointError naming file and key.
+    the model's; a wider `img_in` widens the model's, see `widen_input`). component: "transformer"; "clip" or
+    "t5" for a text encoder of minflux (the file's `lora_te1_` / `text_encoder.` or `lora_te2_` /
+    `text_encoder_2.` parts), whose parts the transformer's load only counts (one warning). Raises
+    CheckpointError naming file and key.
     """
     shapes = torch_shapes(model)
     cfg = model.params if component == "transformer" else None
-    return merge_lora(model, lora.load(paths, cfg, shapes, scale, component))
+    loras = lora.load(paths, cfg, shapes, scale, component)
+    width = lora.input_width(loras)
+    if width and width > model.params.in_channels:
+        widen_input(model, width)
+    return merge_lora(model, loras)
 
 
 @dataclass(frozen=True)

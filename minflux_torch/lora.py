@@ -6,6 +6,8 @@ Reading the formats and the merge arithmetic are framework-free (`minflux/lora.p
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -27,6 +29,22 @@ def merge_lora(model: nn.Module, loras, scale: float = 1.0) -> nn.Module:
     return model
 
 
+def widen_input(model: nn.Module, width: int) -> nn.Module:
+    """`img_in` with `width` input channels, the new columns zero, and `model.params.in_channels` to match: what
+    BFL's Canny / Depth LoRAs need on a FLUX.1-dev model (as diffusers expands `x_embedder` for them)."""
+    old = model.img_in
+    new = nn.Linear(width, old.out_features, bias=old.bias is not None, device=old.weight.device,
+                    dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_features] = old.weight
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    model.img_in = new
+    model.params = dataclasses.replace(model.params, in_channels=width)
+    return model
+
+
 def load_lora(model: nn.Module, paths, scale=1.0, component: str = "transformer") -> nn.Module:
     """Merge one LoRA file or several into the model's weights, in place; returns the model.
 
@@ -34,10 +52,15 @@ def load_lora(model: nn.Module, paths, scale=1.0, component: str = "transformer"
     `fuse_lora(lora_scale=)`: the update is scale * alpha / r * B @ A). Formats read (detected from the keys):
     diffusers / PEFT (with diffusers' or PEFT's alpha metadata or `.alpha` keys), kohya over BFL or diffusers
     names, XLabs, `diffusion_model.` BFL names (ai-toolkit, ComfyUI), BFL control LoRAs (full tensors replace
-    the model's). component: "transformer"; "clip" or "t5" for a text encoder of minflux (the file's `lora_te1_` /
-    `text_encoder.` or `lora_te2_` / `text_encoder_2.` parts), whose parts the transformer's load only counts
-    (one warning). Raises CheckpointError naming file and key.
+    the model's; a wider `img_in` widens the model's, see `widen_input`). component: "transformer"; "clip" or
+    "t5" for a text encoder of minflux (the file's `lora_te1_` / `text_encoder.` or `lora_te2_` /
+    `text_encoder_2.` parts), whose parts the transformer's load only counts (one warning). Raises
+    CheckpointError naming file and key.
     """
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     cfg = model.params if component == "transformer" else None
-    return merge_lora(model, lora.load(paths, cfg, shapes, scale, component))
+    loras = lora.load(paths, cfg, shapes, scale, component)
+    width = lora.input_width(loras)
+    if width and width > model.params.in_channels:
+        widen_input(model, width)
+    return merge_lora(model, loras)

@@ -380,11 +380,37 @@ def test_bfl_control_lora(tmp_path, rng, tiny_checkpoint):
         np.testing.assert_array_equal(got[key] + base[key], scale.astype(np.float64))  # replaced, not scaled
     with pytest.raises(CheckpointError, match="ctl.safetensors: a BFL control LoRA"):
         lora.convert_file(tmp_path / "ctl.safetensors", tmp_path / "x.safetensors", "kohya", cfg)
-    # a control LoRA whose img_in is wider than the model's: one error naming the width
-    tensors["img_in.lora_A.weight"] = np.ones((4, 2 * cfg.in_channels), np.float32)
-    save_file(tensors, str(tmp_path / "wide.safetensors"))
-    with pytest.raises(CheckpointError, match="img_in"):
-        mt.load_lora(mt.build_model(name), tmp_path / "wide.safetensors")
+
+
+def test_control_lora_widens_img_in(tmp_path, rng, tiny_checkpoint):
+    """A Canny / Depth LoRA on a FLUX.1-dev model: img_in gains the control channels, zero columns plus the LoRA
+    (as diffusers expands x_embedder); both frameworks then run the widened model alike."""
+    name = "flux1-tiny"
+    cfg = configs.get(name)
+    wide = 2 * cfg.in_channels
+    A, B = pair(rng, 4, wide, cfg.hidden_size)
+    b = rng.standard_normal(cfg.hidden_size).astype(np.float32)
+    scale = rng.standard_normal(cfg.hidden_size // cfg.num_heads).astype(np.float32)
+    save_file({"img_in.lora_A.weight": A, "img_in.lora_B.weight": B, "img_in.lora_B.bias": b,
+               "single_blocks.0.norm.key_norm.scale": scale}, str(tmp_path / "canny.safetensors"))
+    tm = mt.load_model(name, tiny_checkpoint(name, "bfl"), dtype=torch.float32)
+    base = {k: to_numpy(v).astype(np.float64) for k, v in tm.state_dict().items()}
+    mt.load_lora(tm, tmp_path / "canny.safetensors")
+    jm = mj.load_lora(mj.load_model(name, tiny_checkpoint(name, "bfl"), dtype=jnp.float32),
+                      tmp_path / "canny.safetensors")
+    want = np.concatenate([base["img_in.weight"], np.zeros((cfg.hidden_size, wide - cfg.in_channels))], axis=1)
+    want += B.astype(np.float64) @ A
+    for sd, params in ((tm.state_dict(), tm.params), (jax_state_dict(jm), jm.params)):
+        sd = {k: np.asarray(to_numpy(v) if isinstance(v, torch.Tensor) else v, np.float64) for k, v in sd.items()}
+        assert params.in_channels == wide and sd["img_in.weight"].shape == (cfg.hidden_size, wide)
+        assert rel_l2(sd["img_in.weight"], want) <= BOUND
+        assert rel_l2(sd["img_in.bias"], base["img_in.bias"] + b) <= BOUND
+        np.testing.assert_array_equal(sd["single_blocks.0.norm.key_norm.scale"], scale)
+    x = transformer_inputs(tm.params, rng, batch=1)
+    with torch.inference_mode():
+        got_t = tm(**{k: None if v is None else torch.from_numpy(v) for k, v in x.items()})
+    got_j = jm(**{k: None if v is None else jnp.asarray(v) for k, v in x.items()})
+    assert x["img"].shape[-1] == wide and rel_l2(out(got_j), out(got_t)) <= BOUND
 
 
 # ---------------------------------------------------------------------------------------------
