@@ -61,3 +61,11 @@ def directory(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: not a directory")
     return path
+
+
+def lora_spec(text: str) -> tuple[Path, float]:
+    """`FILE[:SCALE]` of a LoRA file that exists (`minflux.lora.parse_spec`; scale 1 when absent)."""
+    from minflux import lora
+
+    path, scale = lora.parse_spec(text)
+    return existing(path), scale

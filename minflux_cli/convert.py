@@ -1,21 +1,25 @@
-"""`minflux convert SRC DST`: re-lay a checkpoint between the BFL and diffusers layouts (`minflux.convert`)."""
+"""`minflux convert SRC DST`: re-lay a checkpoint between the BFL and diffusers layouts (`minflux.convert`), or a
+LoRA file between the diffusers, kohya and BFL forms (`minflux.lora.convert_file`; needs `--model`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from minflux import checkpoint
+from minflux import checkpoint, configs, lora
 from minflux.convert import DTYPES, EXTRACT, convert
 from minflux_cli.args import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="a .safetensors file, a directory of shards or a shard index (BFL or diffusers "
-                                    "names, bare, prefixed or in an all-in-one file; bf16/fp16/fp32/fp8)")
+                                    "names, bare, prefixed or in an all-in-one file; bf16/fp16/fp32/fp8), or a LoRA "
+                                    "file in any common format")
     parser.add_argument("dst", help="the output .safetensors file (written atomically)")
-    parser.add_argument("--to", choices=checkpoint.LAYOUTS,
-                        help="target layout (default: diffusers for a BFL source, bfl for a diffusers one)")
+    parser.add_argument("--to", choices=sorted(set(checkpoint.LAYOUTS) | set(lora.FORMATS)),
+                        help="target layout (default: diffusers for a BFL source, bfl for a diffusers one); "
+                             f"LoRA files: one of {', '.join(lora.FORMATS)} (required)")
+    parser.add_argument("--model", help="LoRA files: the preset the LoRA is for (family and width)")
     parser.add_argument("--dtype", choices=list(DTYPES),
                         help="cast floating-point tensors (default: keep); fp8: float8_e4m3fn linear weights with "
                              "per-tensor F32 *.weight_scale (ComfyUI's convention)")
@@ -34,6 +38,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"dst {dst}: no such directory {dst.parent}")
     if src.exists() and dst.exists() and dst.resolve() == src.resolve():
         raise UsageError(f"dst {dst} is the source file: write the conversion to another path")
+    if lora.is_lora(src):
+        if args.model is None or args.to not in lora.FORMATS:
+            raise UsageError(f"{src} is a LoRA file: pass --model PRESET and --to one of {', '.join(lora.FORMATS)}")
+        try:
+            cfg = configs.resolve(args.model)
+        except KeyError as e:
+            raise UsageError(f"--model {args.model}: {e.args[0]}") from None
+        read = lora.convert_file(src, dst, args.to, cfg)
+        print(f"wrote {dst}: {len(read.pieces)} adapted modules, {read.format} -> {args.to}")
+        return 0
+    if args.to == "kohya":
+        raise UsageError(f"--to kohya is a LoRA form; {src} is a model checkpoint")
     s = convert(src, dst, to=args.to, dtype=args.dtype, progress=not args.no_progress, extract=args.extract,
                 digests=not args.no_digests)
     print(f"wrote {s['dst']}: {s['tensors']} tensors, {s['bytes'] / 1e9:.2f} GB, {s['from']} -> {s['to']}, "

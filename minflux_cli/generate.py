@@ -39,7 +39,18 @@ from pathlib import Path
 import numpy as np
 
 from minflux import checkpoint, configs, images, schedules, text
-from minflux_cli.args import UsageError, directory, existing, finite, fraction, nonneg_int, pixels, positive_int, preset
+from minflux_cli.args import (
+    UsageError,
+    directory,
+    existing,
+    finite,
+    fraction,
+    lora_spec,
+    nonneg_int,
+    pixels,
+    positive_int,
+    preset,
+)
 from minflux_cli.frameworks import Framework
 
 AE_FAMILY = {"flux1": "ae1", "flux2": "ae2"}
@@ -102,6 +113,7 @@ class Plan:
     compile: bool
     progress: bool
     out: Path
+    loras: tuple[tuple[Path, float], ...] = ()  # --lora FILE[:SCALE], merged into the transformer
 
     @property
     def family(self) -> str:
@@ -154,6 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 (fp32 with --random-weights)")
     parser.add_argument("--device", help="PyTorch device (default: cuda if available)")
     parser.add_argument("--compile", action="store_true", help="PyTorch: torch.compile the transformer")
+    parser.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA file (any common format) at SCALE (default 1); repeatable")
     parser.add_argument("--out", type=Path, default=Path("minflux.png"), help="output PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -263,7 +277,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 embeddings=args.embeddings, neg_embeddings=args.neg_embeddings, text=prompts, width=width,
                 height=height, steps=steps, guidance=guidance, cfg_scale=args.cfg, strength=strength,
                 refs=tuple(args.ref), init=args.init, mask=args.mask, control=args.control, seed=args.seed,
-                compile=args.compile, progress=not args.no_progress, out=args.out)
+                compile=args.compile, progress=not args.no_progress, out=args.out, loras=tuple(args.lora))
 
 
 def encoder_kind(name: str, family: str, directory: Path) -> str:
@@ -445,6 +459,8 @@ def generate(plan: Plan) -> np.ndarray:
     fw = plan.fw
     model = fw.model(plan.cfg, None if plan.random else plan.transformer, seed=plan.seed)
     ae = fw.model(plan.ae_cfg, None if plan.random else plan.ae, seed=plan.seed + 1)
+    if plan.loras:
+        fw.package.load_lora(model, [p for p, _ in plan.loras], [s for _, s in plan.loras])
     if plan.compile and fw.name == "torch":
         import torch
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from minflux_cli.args import UsageError, existing, nonneg_int, pixels, positive_int, preset
+from minflux_cli.args import UsageError, existing, lora_spec, nonneg_int, pixels, positive_int, preset
 
 TINY_DEFAULTS = [  # (preset, layout written) for the default run
     ("flux1-tiny", "bfl"),
@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also compare an N-step sampling trajectory from identical noise (transformers; holds both "
                         "whole models; default 4 in the no-argument run, else off)")
     p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="compare the model with this LoRA merged (any common format; repeatable)")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
     p.add_argument("--plot", type=Path, help="write a PNG of error against depth")
 
@@ -59,6 +61,22 @@ def _runs(args) -> list[tuple[object, Path | None, str]]:
         raise UsageError(f"--model {args.model} needs --checkpoint FILE or --random-weights (without --model, "
                          "parity checks the tiny default suite)")
     return []
+
+
+class WithLoRA:
+    """A weight source with LoRA files merged (`minflux.lora.merge`), block by block, the same for both sides."""
+
+    def __init__(self, source, specs: list[tuple[Path, float]], cfg, expected):
+        from minflux import lora
+
+        self.source = source
+        self.loras = lora.load([p for p, _ in specs], cfg, expected, [s for _, s in specs])
+        self.description = f"{source.description} + LoRA {', '.join(f'{p}:{s:g}' for p, s in specs)}"
+
+    def read(self, keys) -> dict:
+        from minflux import lora
+
+        return lora.merge(self.source.read(keys), self.loras, strict=False)
 
 
 def _default_checkpoints(tmp: Path) -> list[tuple[object, Path, str]]:
@@ -81,6 +99,8 @@ def run(args) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI get the full table
     explicit = _runs(args)  # a model named on the command line; else the default tiny run
+    if args.lora and (not explicit or explicit[0][0].family not in ("flux1", "flux2")):
+        raise UsageError("--lora needs a transformer --model with --checkpoint or --random-weights")
     dtypes = [d.strip() for d in args.dtype.split(",")]
     if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):
         raise UsageError(f"--dtype {args.dtype!r}: use fp32, bf16 or fp32,bf16")
@@ -109,6 +129,8 @@ def run(args) -> int:
             # validated once per model, read per dtype (a CheckpointError is a one-line error, exit 2)
             src = (weights.CheckpointWeights(path, cfg, expected, args.verify) if path
                    else weights.RandomWeights(cfg, expected, args.seed))
+            if args.lora:
+                src = WithLoRA(src, args.lora, cfg, expected)
             for dtype in run_dtypes:
                 with console.status(f"{label} {dtype}: comparing") as status:
                     show = lambda s, lb=label, dt=dtype: status.update(f"{lb} {dt}: {s}")  # noqa: E731

@@ -139,6 +139,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train LoRA adapters of this rank (>= 1), base frozen; default: full fine-tuning")
     p.add_argument("--lora-alpha", type=finite, default=16.0)
     p.add_argument("--lora-targets", nargs="+", default=None, help="regexes over BFL module names (with --lora-rank)")
+    p.add_argument("--lora-format", choices=lora_files.FORMATS, default="diffusers",
+                   help="the LoRA file written: diffusers (load_lora_weights reads it at the intended strength), "
+                        "kohya (sd-scripts / ComfyUI, with .alpha) or bfl (diffusion_model. names)")
     p.add_argument("--save-every", type=nonneg_int, default=0, help="orbax checkpoint every N micro-steps (0: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest intact checkpoint in OUT/ckpt, with the same config, batch size, "
@@ -275,7 +278,7 @@ def run(args) -> int:
         written.append(out / "loss.png")
     trainer.export(out / "model.safetensors")
     if opts.lora_rank:
-        trainer.save_lora(out / "lora.safetensors")
+        trainer.save_lora(out / "lora.safetensors", args.lora_format)
         written.append(out / "lora.safetensors")
     if isinstance(data, Shapes):
         cols = 6

@@ -1,4 +1,4 @@
-"""LoRA in JAX: adapters for training (init, the merged weights the step uses) and for inference.
+"""LoRA in JAX: adapters for training (init, the merged weights the step uses) and merging files for inference.
 
 Adapters are a pytree `{BFL module: {"lora_A": (r, in), "lora_B": (out, r)}}` in PyTorch layout, so the
 file formats and the merge arithmetic are shared with PyTorch (`minflux/lora.py`); the step never touches
@@ -9,14 +9,17 @@ kernel, which is the unmerged LoRA forward W x + s B A x computed as (W + s B A)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from minflux import lora
-from minflux_jax.load import assign, state_dict, torch_keys
+from minflux import keymaps, lora
+from minflux_jax.layers import linear
+from minflux_jax.load import STATE, torch_keys, torch_shapes
 
 Array = jax.Array
 
@@ -28,15 +31,50 @@ def linear_names(model: nnx.Module) -> list[str]:
             if param == "kernel" and classes[path[:-1]] == "Linear"]
 
 
-def merge_lora(model: nnx.Module, adapters: dict[str, dict]) -> nnx.Module:
-    """Add alpha / r * B @ A to each adapted weight, in place; returns the model."""
-    assign(model, lora.merge(state_dict(model), adapters))
+def merge_lora(model: nnx.Module, loras, scale: float = 1.0) -> nnx.Module:
+    """Add LoRA(s) to the model's weights in place, one tensor at a time (`minflux.lora.merged`); returns it."""
+    paths = {key: (path, param) for path, (key, param) in torch_keys(model).items()}
+    flat = dict(nnx.to_flat_state(nnx.state(model, STATE)))  # variables of the model itself
+    get = lambda k: keymaps.flax_to_torch(np.asarray(jax.device_get(flat[paths[k][0]][...])), paths[k][1])  # noqa: E731
+    for key, arr in lora.merged(get, paths.keys(), loras, scale):
+        path, param = paths[key]
+        value = jnp.asarray(keymaps.torch_to_flax(arr, param), flat[path].dtype)
+        nnx.update(model, nnx.from_flat_state([(path, value)]))
     return model
 
 
-def load_lora(model: nnx.Module, path) -> nnx.Module:
-    """Merge the LoRA file at `path` into the model's weights, in place."""
-    return merge_lora(model, lora.load(path, model.params, linear_names(model)))
+def widen_input(model: nnx.Module, width: int) -> nnx.Module:
+    """`img_in` with `width` input channels, the new columns zero, and `model.params.in_channels` to match: what
+    BFL's Canny / Depth LoRAs need on a FLUX.1-dev model (as diffusers expands `x_embedder` for them)."""
+    old = model.img_in
+    new = linear(width, old.out_features, old.bias is not None, old.kernel.dtype, nnx.Rngs(0))
+    new.kernel.value = jnp.zeros_like(new.kernel.value).at[: old.in_features].set(old.kernel.value)  # (in, out)
+    if old.bias is not None:
+        new.bias.value = old.bias.value
+    model.img_in = new
+    model.params = dataclasses.replace(model.params, in_channels=width)
+    return model
+
+
+def load_lora(model: nnx.Module, paths, scale=1.0, component: str = "transformer") -> nnx.Module:
+    """Merge one LoRA file or several into the model's weights, in place; returns the model.
+
+    paths: a path or a list of paths; scale: the strength, one float or one per file (as diffusers'
+    `fuse_lora(lora_scale=)`: the update is scale * alpha / r * B @ A). Formats read (detected from the keys):
+    diffusers / PEFT (with diffusers' or PEFT's alpha metadata or `.alpha` keys), kohya over BFL or diffusers
+    names, XLabs, `diffusion_model.` BFL names (ai-toolkit, ComfyUI), BFL control LoRAs (full tensors replace
+    the model's; a wider `img_in` widens the model's, see `widen_input`). component: "transformer"; "clip" or
+    "t5" for a text encoder of minflux (the file's `lora_te1_` / `text_encoder.` or `lora_te2_` /
+    `text_encoder_2.` parts), whose parts the transformer's load only counts (one warning). Raises
+    CheckpointError naming file and key.
+    """
+    shapes = torch_shapes(model)
+    cfg = model.params if component == "transformer" else None
+    loras = lora.load(paths, cfg, shapes, scale, component)
+    width = lora.input_width(loras)
+    if width and width > model.params.in_channels:
+        widen_input(model, width)
+    return merge_lora(model, loras)
 
 
 @dataclass(frozen=True)
@@ -47,8 +85,20 @@ class LoRA:
     rank: int = 16
     alpha: float = 16.0
 
-    def init(self, key: Array, frozen: dict[str, Array], dtype=jnp.float32) -> dict[str, dict[str, Array]]:
-        """A ~ U(+-1/sqrt(in)) (PEFT's kaiming-uniform bound), B = 0: training starts at the base model."""
+    @classmethod
+    def from_file(cls, path, cfg) -> tuple[LoRA, dict]:
+        """(LoRA, starting adapters) from any readable LoRA file (`train --init-lora`): its modules and rank
+        become the run's; alpha = rank, the file's scales folded into B (`minflux.lora.to_adapters`)."""
+        start = lora.to_adapters(lora.read(path, cfg), lora.linear_shapes(cfg))
+        rank = next(iter(start.values()))["lora_A"].shape[0]
+        return cls(tuple(start), rank, float(rank)), start
+
+    def init(self, key: Array, frozen: dict[str, Array], dtype=jnp.float32, start: dict | None = None
+             ) -> dict[str, dict[str, Array]]:
+        """A ~ U(+-1/sqrt(in)) (PEFT's kaiming-uniform bound), B = 0: training starts at the base model.
+        start: adapters to begin from instead (`from_file`), cast to dtype."""
+        if start is not None:
+            return {m: {k: jnp.asarray(start[m][k], dtype) for k in ("lora_A", "lora_B")} for m in self.modules}
         out = {}
         for i, m in enumerate(self.modules):
             d_in, d_out = frozen[m + ".weight"].shape  # Flax kernel (in, out)
@@ -66,7 +116,5 @@ class LoRA:
 
     def export(self, adapters: dict) -> dict[str, dict]:
         """numpy adapters with alpha, for `minflux.lora.save`."""
-        import numpy as np
-
         return {m: {"lora_A": np.asarray(a["lora_A"]), "lora_B": np.asarray(a["lora_B"]), "alpha": self.alpha}
                 for m, a in jax.device_get(adapters).items()}

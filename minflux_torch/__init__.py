@@ -1,5 +1,6 @@
 """minflux in PyTorch: FLUX.1 and FLUX.2 with the official checkpoint names."""
 
 from minflux_torch.load import build_model, load_model, save_model
+from minflux_torch.lora import load_lora
 
-__all__ = ["build_model", "load_model", "save_model"]
+__all__ = ["build_model", "load_lora", "load_model", "save_model"]

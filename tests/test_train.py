@@ -1,6 +1,6 @@
 """Training: JAX's loss and gradients against PyTorch's, learning, bitwise resume, interrupted saves,
-sharded vs single-device and two-process runs, EMA, caption dropout, the demo command, LoRA files and
-merges (against an explicit W + alpha/r B @ A)."""
+sharded vs single-device and two-process runs, EMA, caption dropout, the demo command, LoRA training
+(LoRA files and merges: test_lora.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ from conftest import rel_l2
 
 import minflux_jax as mj
 import minflux_torch as mt
-from minflux import configs, data, keymaps, lora, schedules
+from minflux import configs, data, keymaps, schedules
 from minflux.checkpoint import CheckpointError
-from minflux_jax import lora as jlora
 from minflux_jax import train as jtrain
 from minflux_jax import trainer as tr
 from minflux_jax.load import assign, torch_keys
@@ -452,73 +451,6 @@ def test_two_process_run_matches_single_device(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # LoRA
 # ---------------------------------------------------------------------------------------------
-
-
-def random_adapters(names, rng, rank=3, alpha=6.0, shapes=None):
-    return {m: {"lora_A": rng.standard_normal((rank, shapes[m][1])).astype(np.float32),
-                "lora_B": rng.standard_normal((shapes[m][0], rank)).astype(np.float32), "alpha": alpha}
-            for m in names}
-
-
-@pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
-def test_lora_files_round_trip(name, tmp_path, rng):
-    cfg = configs.get(name)
-    tm = mt.build_model(name)
-    modules = tlora.linear_names(tm)
-    assert sorted(modules) == sorted(jlora.linear_names(mj.build_model(name)))  # both frameworks see the same targets
-    shapes = {k.removesuffix(".weight"): tuple(v.shape) for k, v in tm.state_dict().items()}
-    names = lora.targets(modules, lora.DEFAULT_TARGETS + (r"final_layer\.adaLN_modulation\.1$",))
-    ad = random_adapters(names, rng, shapes=shapes)
-    for fmt in ("diffusers", "kohya"):
-        lora.save(tmp_path / f"{fmt}.safetensors", ad, cfg, fmt)
-        back = lora.load(tmp_path / f"{fmt}.safetensors", cfg, modules)
-        assert set(back) == set(ad)
-        for m in ad:
-            for k in ("lora_A", "lora_B"):
-                np.testing.assert_array_equal(back[m][k], ad[m][k])
-            assert back[m]["alpha"] == ad[m]["alpha"]
-    from safetensors.numpy import load_file
-
-    keys = load_file(tmp_path / "diffusers.safetensors")
-    d = cfg.hidden_size
-    q = keys["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
-    np.testing.assert_array_equal(q, ad["double_blocks.0.img_attn.qkv"]["lora_B"][:d])
-    np.testing.assert_array_equal(keys["transformer.transformer_blocks.0.attn.to_v.lora_A.weight"],
-                                  ad["double_blocks.0.img_attn.qkv"]["lora_A"])
-    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in load_file(tmp_path / "kohya.safetensors")
-
-
-def test_lora_merge_equals_explicit_update(tmp_path, rng):
-    """Merged weights in both frameworks equal W + alpha/r * B @ A computed here, in float64."""
-    name = "flux1-tiny"
-    cfg = configs.get(name)
-    tm, jm = torch_and_jax(name)
-    base = {k: to_numpy(v).astype(np.float64) for k, v in tm.state_dict().items()}
-    shapes = {k.removesuffix(".weight"): v.shape for k, v in base.items()}
-    names = lora.targets(tlora.linear_names(tm))
-    ad = random_adapters(names, rng, shapes=shapes)
-    lora.save(tmp_path / "a.safetensors", ad, cfg)
-    tlora.load_lora(tm, tmp_path / "a.safetensors")
-    jlora.load_lora(jm, tmp_path / "a.safetensors")
-    merged_t = {k: to_numpy(v) for k, v in tm.state_dict().items()}
-    merged_j = mj.load.state_dict(jm)
-    for m, a in ad.items():
-        want = base[m + ".weight"] + a["alpha"] / 3 * (a["lora_B"].astype(np.float64) @ a["lora_A"])
-        assert rel_l2(merged_t[m + ".weight"], want) < 1e-6
-        assert rel_l2(merged_j[m + ".weight"], want) < 1e-6
-    untouched = "double_blocks.0.img_mod.lin.weight"
-    np.testing.assert_array_equal(merged_t[untouched], base[untouched].astype(np.float32))
-
-    # an adapter trained on diffusers' split q / k / v (different A each) fuses exactly (block-diagonal)
-    d = cfg.hidden_size
-    parts = {p: (rng.standard_normal((2, d)).astype(np.float32), rng.standard_normal((d, 2)).astype(np.float32))
-             for p in ("to_q", "to_k", "to_v")}
-    tensors = {f"transformer.transformer_blocks.1.attn.{p}.lora_{x}.weight": v
-               for p, (A, B) in parts.items() for x, v in (("A", A), ("B", B))}
-    meta = {"lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 4.0})}
-    fused = lora.from_diffusers(tensors, meta, "flux1")["double_blocks.1.img_attn.qkv"]
-    want = np.concatenate([2.0 * B.astype(np.float64) @ A for A, B in parts.values()])
-    assert rel_l2(lora.delta(fused), want) < 1e-6
 
 
 def test_lora_training_freezes_base_and_exports(tmp_path):
