@@ -106,6 +106,22 @@ def add_noise(x: Array, noise: Array, t: float) -> Array:
     return t * noise + (1.0 - t) * x
 
 
+def inpaint_mask(mask: Array, family: str, factor: int = 8) -> Array:
+    """Pixel mask (B, H, W, 1) in [0, 1], 1 = repaint -> per-token blend weights, as diffusers' inpainting
+    pipelines derive them: binarised at 0.5 (their mask processor), then FLUX.1 (`FluxInpaintPipeline`) takes the
+    nearest pixel per latent, (B, H/8, W/8, 1), packed like the latents -> (B, L, 64); FLUX.2
+    (`Flux2KleinInpaintPipeline`) resizes bilinearly (no antialias) to the token grid -> (B, L, 1), which at an
+    even factor is the mean of the 2 x 2 pixels at each token's centre. `factor`: the autoencoder's downsampling."""
+    mask = (mask >= 0.5).astype(jnp.float32)
+    if family == "flux1":
+        m = mask[:, ::factor, ::factor]
+        return pack(jnp.broadcast_to(m, (*m.shape[:3], LATENT_CHANNELS["flux1"])), family)
+    f = 2 * factor  # pixels per FLUX.2 token
+    lo, hi = (f - 1) // 2, f // 2  # bilinear at align_corners=False samples pixel f * i + (f - 1) / 2
+    rows = (mask[:, lo::f] + mask[:, hi::f]) / 2
+    return pack((rows[:, :, lo::f] + rows[:, :, hi::f]) / 2, family)
+
+
 # ---------------------------------------------------------------------------------------------
 # The Euler loop
 # ---------------------------------------------------------------------------------------------
@@ -246,4 +262,87 @@ def sample(model, noise: Array, txt: Array, vec=None, steps: int = 28, guidance=
     out = denoise(model, img, img_ids, txt, text_ids(b, txt.shape[1], family), timesteps,
                   vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt, neg_vec=neg_vec,
                   img_cond=img_cond, img_cond_seq=ref_tok, img_cond_seq_ids=ref_ids, progress=progress)
+    return unpack(out, h, w, family)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inpainting with the ordinary models: img2img with the known region put back after every step
+# ---------------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _inpaint_loop(graphdef, state, img: Array, ts: Array, cond: dict, init: Array, noise: Array, mask: Array):
+    """The compiled inpainting loop: `_denoise_loop`'s step followed by the blend; traced once per shapes."""
+    TRACES["inpaint"] += 1
+    model = nnx.merge(graphdef, state)
+
+    def step(x, t_pair):
+        t_curr, t_prev = t_pair
+        x = x + (t_prev - t_curr) * velocity(model, x, t_curr, cond)
+        x = (1 - mask) * add_noise(init, noise, t_prev) + mask * x
+        jax.debug.callback(_tick, t_curr)
+        return x, None
+
+    x, _ = jax.lax.scan(step, img, (ts[:-1], ts[1:]))
+    return x
+
+
+def denoise_inpaint(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, timesteps: list[float],
+                    init: Array, noise: Array, mask: Array, vec=None, guidance=None, cfg_scale: float = 1.0,
+                    neg_txt=None, neg_vec=None, img_cond_seq=None, img_cond_seq_ids=None,
+                    progress: bool = False) -> Array:
+    """`denoise`, and after every step the known region is reset to the init tokens noised to the new time
+    (diffusers' `FluxInpaintPipeline` / `Flux2KleinInpaintPipeline` loops):
+    x <- x + (t_prev - t_curr) * v;  x <- (1 - mask) * add_noise(init, noise, t_prev) + mask * x.
+    At the last step t_prev = 0, so the known region ends exactly as init. init, noise (B, L, C) tokens; mask from
+    `inpaint_mask`, (B, L, C) or (B, L, 1). Returns the final tokens (B, L, C) in fp32.
+    """
+    cond = conditioning(model, img_ids, txt, txt_ids, vec, guidance, cfg_scale, neg_txt, neg_vec, None,
+                        img_cond_seq, img_cond_seq_ids)
+    ts = jnp.asarray(timesteps, jnp.float32)
+    graphdef, state = nnx.split(model)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    with tqdm(total=len(timesteps) - 1, desc="inpainting", unit="step", disable=not progress) as bar:
+        _PROGRESS["bar"] = bar if progress else None
+        try:
+            out = _inpaint_loop(graphdef, state, f32(img), ts, cond, f32(init), f32(noise), f32(mask))
+            out.block_until_ready()
+            jax.effects_barrier()
+        finally:
+            _PROGRESS["bar"] = None
+    return out
+
+
+def sample_inpaint(model, noise: Array, txt: Array, init: Array, mask: Array, vec=None, steps: int = 28,
+                   strength: float = 1.0, guidance=None, cfg_scale: float = 1.0, neg_txt=None, neg_vec=None,
+                   refs=(), factor: int = 8, shift: bool | None = None, progress: bool = False) -> Array:
+    """Inpaint with an ordinary model: latents (NHWC, the shape of `noise`) that keep `init` where mask is 0.
+
+    init: the encoded image (FLUX.1 (B, H/8, W/8, 16); FLUX.2 (B, H/16, W/16, 128), normalised as our
+    autoencoder's `encode` returns it); mask: pixels (B, H, W, 1), 1 = repaint (see `inpaint_mask`; `factor` is
+    the autoencoder's downsampling). The start is init noised to the schedule's time at `strength`, as img2img.
+    FLUX.1 follows `FluxInpaintPipeline` (dev, schnell, Krea; Fill has its own conditioning, `fill_conditioning`).
+    FLUX.2 follows `Flux2KleinInpaintPipeline`: init is also the first reference image (t = 10), then `refs`.
+    Other arguments as in `sample`.
+    """
+    family = model.params.family
+    h, w = token_grid(noise, family)
+    b = noise.shape[0]
+    if txt.shape[0] != b:
+        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    if init.shape[1:] != noise.shape[1:]:
+        raise ValueError(f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in size")
+    m = inpaint_mask(mask, family, factor)
+    if m.shape[1] != h * w:
+        raise ValueError(f"mask {tuple(mask.shape)} does not cover the {h} x {w} token grid at factor {factor}")
+    shift = model.params.guidance_embed if shift is None else shift
+    timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
+    timesteps = timesteps[schedules.strength_start(steps, strength):]
+    init_tok, noise_tok = pack(init, family).astype(jnp.float32), pack(noise, family).astype(jnp.float32)
+    img, img_ids = add_noise(init_tok, noise_tok, timesteps[0]), image_ids(b, h, w, family)
+    refs = [init, *refs] if family == "flux2" else list(refs)
+    ref_tok, ref_ids = reference_tokens(refs, family) if refs else (None, None)
+    out = denoise_inpaint(model, img, img_ids, txt, text_ids(b, txt.shape[1], family), timesteps,
+                          init_tok, noise_tok, m, vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt,
+                          neg_vec=neg_vec, img_cond_seq=ref_tok, img_cond_seq_ids=ref_ids, progress=progress)
     return unpack(out, h, w, family)
