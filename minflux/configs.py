@@ -40,6 +40,8 @@ class FluxConfig:
     id_axes = 3  # position ids (t, row, col)
     text_id_axis = None  # text ids are all zero
     max_refs = 1  # Kontext: one reference image
+    inpaint_resize = "nearest"  # FluxInpaintPipeline: the mask's nearest pixel per latent
+    inpaint_init_ref = False  # inpainting: the init image is only the start
 
     @staticmethod
     def ref_time(i: int) -> int:
@@ -71,6 +73,8 @@ class Flux2Config:
     id_axes = 4  # (t, row, col, l)
     text_id_axis = 3  # text token l has ids (0, 0, 0, l)
     max_refs = None  # any number of reference images
+    inpaint_resize = "bilinear"  # Flux2KleinInpaintPipeline: the mask resized bilinearly to the token grid
+    inpaint_init_ref = True  # ... and the init image is also the first reference image
 
     @staticmethod
     def ref_time(i: int) -> int:

@@ -112,14 +112,15 @@ def inpaint_mask(mask: Array, family: str, factor: int = 8) -> Array:
     nearest pixel per latent, (B, H/8, W/8, 1), packed like the latents -> (B, L, 64); FLUX.2
     (`Flux2KleinInpaintPipeline`) resizes bilinearly (no antialias) to the token grid -> (B, L, 1), which at an
     even factor is the mean of the 2 x 2 pixels at each token's centre. `factor`: the autoencoder's downsampling."""
+    spec = configs.FAMILIES[family]
     mask = (mask >= 0.5).astype(jnp.float32)
-    if family == "flux1":
+    if spec.inpaint_resize == "nearest":
         m = mask[:, ::factor, ::factor]
-        return pack(jnp.broadcast_to(m, (*m.shape[:3], LATENT_CHANNELS["flux1"])), family)
-    f = 2 * factor  # pixels per FLUX.2 token
+        return pack(jnp.broadcast_to(m, (*m.shape[:3], spec.latent_channels)), family)
+    f = 2 * factor  # pixels per token
     lo, hi = (f - 1) // 2, f // 2  # bilinear at align_corners=False samples pixel f * i + (f - 1) / 2
     rows = (mask[:, lo::f] + mask[:, hi::f]) / 2
-    return pack((rows[:, :, lo::f] + rows[:, :, hi::f]) / 2, family)
+    return rearrange((rows[:, :, lo::f] + rows[:, :, hi::f]) / 2, "b h w c -> b (h w) c")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def sample_inpaint(model, noise: Array, txt: Array, init: Array, mask: Array, ve
     timesteps = timesteps[schedules.strength_start(steps, strength):]
     init_tok, noise_tok = pack(init, family).astype(jnp.float32), pack(noise, family).astype(jnp.float32)
     img, img_ids = add_noise(init_tok, noise_tok, timesteps[0]), image_ids(b, h, w, family)
-    refs = [init, *refs] if family == "flux2" else list(refs)
+    refs = [init, *refs] if model.params.inpaint_init_ref else list(refs)
     ref_tok, ref_ids = reference_tokens(refs, family) if refs else (None, None)
     out = denoise_inpaint(model, img, img_ids, txt, text_ids(b, txt.shape[1], family), timesteps,
                           init_tok, noise_tok, m, vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt,
