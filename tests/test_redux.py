@@ -117,7 +117,7 @@ def test_embedder_matches_diffusers(repo, encoders, framework):
     assert want.shape == (2, 16, TXT) and err <= 1e-5
 
 
-def prior_pipeline(repo, n: int, txt: np.ndarray, vec: np.ndarray, scale, pooled_scale):
+def prior_pipeline(repo, n: int, txt: np.ndarray, vec: np.ndarray, scale, pooled_scale, seed: int = 0):
     """diffusers' FluxPriorReduxPipeline on n images with given prompt embeddings (one prompt for every image)."""
     root, siglip, proc, embedder = repo
     # A CLIP text model only so that the pipeline takes the prompt embeddings given (it is never run).
@@ -125,7 +125,7 @@ def prior_pipeline(repo, n: int, txt: np.ndarray, vec: np.ndarray, scale, pooled
                                                                   num_hidden_layers=1, num_attention_heads=1))
     pipe = diffusers.FluxPriorReduxPipeline(image_encoder=siglip, feature_extractor=proc, image_embedder=embedder,
                                             text_encoder=clip)
-    out = pipe(image=images(n), prompt_embeds=torch.from_numpy(txt).repeat(n, 1, 1),
+    out = pipe(image=images(n, seed), prompt_embeds=torch.from_numpy(txt).repeat(n, 1, 1),
                pooled_prompt_embeds=torch.from_numpy(vec).repeat(n, 1), prompt_embeds_scale=scale,
                pooled_prompt_embeds_scale=pooled_scale)
     return out.prompt_embeds.numpy(), out.pooled_prompt_embeds.numpy()
@@ -211,3 +211,23 @@ def test_errors(repo, tmp_path):
         jr.load_redux(root / "image_encoder")
     with pytest.raises(ValueError, match="scale: 3 scales for 2 images"):
         tr.redux_prompt(torch.zeros(1, 2, TXT), None, torch.zeros(2, 16, TXT), [1, 2, 3])
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_pipeline_redux(repo, encoders, framework, tmp_path):
+    """`pipeline.redux` (numpy in and out, image files) against FluxPriorReduxPipeline on the same pictures."""
+    from minflux_jax import pipeline as jp
+    from minflux_torch import pipeline as tp
+
+    rng = np.random.default_rng(3)
+    txt, vec = rng.standard_normal((1, 7, TXT), np.float32), rng.standard_normal((1, 24), np.float32)
+    files = []
+    for i, img in enumerate(images(2, seed=4)):
+        img.save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    want_txt, want_vec = prior_pipeline(repo, 2, txt, vec, [0.7, 1.0], 1.0, seed=4)  # PNG keeps the pixels
+    got_txt, got_vec = (tp if framework == "torch" else jp).redux(encoders[framework], txt, vec, files, [0.7, 1.0])
+    assert isinstance(got_txt, np.ndarray) and got_txt.dtype == np.float32
+    e = rel_l2(got_txt, want_txt)
+    print(f"pipeline.redux {framework} vs FluxPriorReduxPipeline: rel-L2 {e:.1e}")
+    assert e <= 1e-5 and rel_l2(got_vec, want_vec) <= 1e-6
