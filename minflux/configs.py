@@ -63,6 +63,9 @@ class Flux2Config:
     theta: int = 2000
     mlp_ratio: float = 3.0
     guidance_embed: bool = True
+    # klein KV: reference tokens attend only to themselves and are modulated at t = 0, so their keys and values
+    # are computed once (`sampling.sample_kv`); the weights are laid out as any klein's.
+    ref_kv: bool = False
 
     family = "flux2"
     gated_mlp = True
@@ -163,6 +166,7 @@ PRESETS: dict[str, object] = {
     "flux2-klein-9b": _klein9b,
     "flux2-klein-base-4b": _klein4b,
     "flux2-klein-base-9b": _klein9b,
+    "flux2-klein-9b-kv": dataclasses.replace(_klein9b, ref_kv=True),  # diffusers Flux2KleinKVPipeline
     # Autoencoders: one per family, shared by every model of the family.
     "flux1-ae": AutoEncoderConfig(),
     "flux2-ae": AutoEncoder2Config(),

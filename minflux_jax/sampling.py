@@ -25,6 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from minflux import configs, ids, random, schedules
+from minflux_jax.layers import RefKV
 
 Array = jax.Array
 TRACES: collections.Counter = collections.Counter()  # how often each compiled function was traced
@@ -346,4 +347,89 @@ def sample_inpaint(model, noise: Array, txt: Array, init: Array, mask: Array, ve
     out = denoise_inpaint(model, img, img_ids, txt, text_ids(b, txt.shape[1], family), timesteps,
                           init_tok, noise_tok, m, vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt,
                           neg_vec=neg_vec, img_cond_seq=ref_tok, img_cond_seq_ids=ref_ids, progress=progress)
+    return unpack(out, h, w, family)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.2 klein KV: reference tokens computed once
+# ---------------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("graphdef", "cached"))
+def _kv_loop(graphdef, state, img: Array, ts: Array, txt: Array, txt_ids: Array, img_ids: Array, ref: Array,
+             ref_ids: Array, cached: bool):
+    """The compiled klein KV loop: the first step with the references (filling the caches), then a scan over
+    the rest that reads the caches (traced values, part of the program) or recomputes them."""
+    TRACES["kv"] += 1
+    model = nnx.merge(graphdef, state)
+    b, n = txt.shape[0], ref.shape[1]
+
+    def with_refs(x, t):  # the references in the sequence; returns the velocity and the filled caches
+        kv = model.ref_kv(n)
+        pred = model(x=jnp.concatenate((x, ref.astype(x.dtype)), axis=1),
+                     x_ids=jnp.concatenate((img_ids, ref_ids), axis=1), timesteps=jnp.broadcast_to(t, (b,)),
+                     ctx=txt, ctx_ids=txt_ids, kv=kv)
+        return pred[:, : x.shape[1]].astype(jnp.float32), [(c.k, c.v) for c in kv]
+
+    v, cache = with_refs(img, ts[0])
+    x = img + (ts[1] - ts[0]) * v
+    jax.debug.callback(_tick, ts[0])
+
+    def step(x, t_pair):
+        t_curr, t_prev = t_pair
+        if cached:
+            kv = [RefKV(n, k, v) for k, v in cache]
+            pred = model(x=x, x_ids=img_ids, timesteps=jnp.broadcast_to(t_curr, (b,)), ctx=txt, ctx_ids=txt_ids,
+                         kv=kv).astype(jnp.float32)
+        else:
+            pred = with_refs(x, t_curr)[0]
+        x = x + (t_prev - t_curr) * pred
+        jax.debug.callback(_tick, t_curr)
+        return x, None
+
+    x, _ = jax.lax.scan(step, x, (ts[1:-1], ts[2:]))
+    return x
+
+
+def denoise_kv(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, timesteps: list[float],
+               ref: Array, ref_ids: Array, cached: bool = True, progress: bool = False) -> Array:
+    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the reference
+    tokens ref (B or 1, Lr, 128) attend only to themselves and are modulated at t = 0, so their keys and values
+    are the same at every step. cached=True computes them at the first step and reuses them (the references
+    leave the sequence); cached=False recomputes them at every step (the same numbers, for checking). No guidance
+    embedder, no CFG (klein KV is distilled). Returns the final tokens (B, L, C) in fp32.
+    """
+    if model.params.guidance_embed:
+        raise ValueError("klein KV sampling takes no guidance: this model has a guidance embedder")
+    b = txt.shape[0]
+    img_ids, txt_ids, ref, ref_ids = (jnp.broadcast_to(a, (b, *a.shape[1:])) for a in (img_ids, txt_ids, ref, ref_ids))
+    ts = jnp.asarray(timesteps, jnp.float32)
+    graphdef, state = nnx.split(model)
+    with tqdm(total=len(timesteps) - 1, desc="denoising", unit="step", disable=not progress) as bar:
+        _PROGRESS["bar"] = bar if progress else None
+        try:
+            out = _kv_loop(graphdef, state, jnp.asarray(img, jnp.float32), ts, txt, txt_ids, img_ids, ref, ref_ids,
+                           cached)
+            out.block_until_ready()
+            jax.effects_barrier()
+        finally:
+            _PROGRESS["bar"] = None
+    return out
+
+
+def sample_kv(model, noise: Array, txt: Array, refs, steps: int = 4, cached: bool = True,
+              progress: bool = False) -> Array:
+    """Generate latents (NHWC, the shape of `noise`) with a klein KV model from reference latents `refs` (each
+    NHWC, any size; reference i at t = 10 + 10 i) and text `txt`; see `denoise_kv`."""
+    family = model.params.family
+    if not len(refs):
+        raise ValueError("klein KV sampling needs at least one reference image (without, use `sample`)")
+    h, w = token_grid(noise, family)
+    b = noise.shape[0]
+    if txt.shape[0] != b:
+        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    timesteps = schedules.get_schedule(steps, h * w, family)
+    ref_tok, ref_ids = reference_tokens(list(refs), family)
+    out = denoise_kv(model, pack(noise, family), image_ids(b, h, w, family), txt, text_ids(b, txt.shape[1], family),
+                     timesteps, ref_tok, ref_ids, cached=cached, progress=progress)
     return unpack(out, h, w, family)

@@ -295,3 +295,54 @@ def sample_inpaint(model, noise: Tensor, txt: Tensor, init: Tensor, mask: Tensor
                           neg_vec=neg_vec, img_cond_seq=ref_tok,
                           img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device), progress=progress)
     return unpack(out, h, w, family)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.2 klein KV: reference tokens computed once
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def denoise_kv(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: list[float],
+               ref: Tensor, ref_ids: Tensor, cached: bool = True, progress: bool = False) -> Tensor:
+    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the reference
+    tokens ref (B or 1, Lr, 128) attend only to themselves and are modulated at t = 0, so their keys and values
+    are the same at every step. cached=True computes them at the first step and reuses them (the references
+    leave the sequence); cached=False recomputes them at every step (the same numbers, for checking). No guidance
+    embedder, no CFG (klein KV is distilled). Returns the final tokens (B, L, C) in fp32.
+    """
+    if model.params.guidance_embed:
+        raise ValueError("klein KV sampling takes no guidance: this model has a guidance embedder")
+    b = txt.shape[0]
+    img_ids, txt_ids, ref, ref_ids = (a.expand(b, *a.shape[1:]) for a in (img_ids, txt_ids, ref, ref_ids))
+    ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)
+    x, kv = img.float(), None
+    for i in tqdm(range(len(timesteps) - 1), desc="denoising", unit="step", disable=not progress):
+        t = ts[i].expand(b)
+        if kv is None or not cached:  # the references in the sequence; their keys and values kept in kv
+            kv = model.ref_kv(ref.shape[1])
+            pred = model(x=torch.cat((x, ref.float()), dim=1), x_ids=torch.cat((img_ids, ref_ids), dim=1),
+                         timesteps=t, ctx=txt, ctx_ids=txt_ids, kv=kv)
+        else:
+            pred = model(x=x, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, kv=kv)
+        x = x + (ts[i + 1] - ts[i]) * pred[:, : x.shape[1]].float()
+    return x
+
+
+def sample_kv(model, noise: Tensor, txt: Tensor, refs, steps: int = 4, cached: bool = True,
+              progress: bool = False) -> Tensor:
+    """Generate latents (NCHW, the shape of `noise`) with a klein KV model from reference latents `refs` (each
+    NCHW, any size; reference i at t = 10 + 10 i) and text `txt`; see `denoise_kv`."""
+    family = model.params.family
+    if not len(refs):
+        raise ValueError("klein KV sampling needs at least one reference image (without, use `sample`)")
+    h, w = token_grid(noise, family)
+    b = noise.shape[0]
+    if txt.shape[0] != b:
+        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    timesteps = schedules.get_schedule(steps, h * w, family)
+    ref_tok, ref_ids = reference_tokens(list(refs), family)
+    out = denoise_kv(model, pack(noise, family), image_ids(b, h, w, family).to(noise.device), txt,
+                     text_ids(b, txt.shape[1], family).to(noise.device), timesteps, ref_tok, ref_ids.to(noise.device),
+                     cached=cached, progress=progress)
+    return unpack(out, h, w, family)
