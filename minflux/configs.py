@@ -42,6 +42,7 @@ class FluxConfig:
     max_refs = 1  # Kontext: one reference image
     inpaint_resize = "nearest"  # FluxInpaintPipeline: the mask's nearest pixel per latent
     inpaint_init_ref = False  # inpainting: the init image is only the start
+    ref_kv = False  # no klein KV variant (see Flux2Config.ref_kv)
 
     @staticmethod
     def ref_time(i: int) -> int:

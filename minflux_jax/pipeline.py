@@ -90,7 +90,8 @@ def generate(model: nnx.Module, ae: nnx.Module, txt: np.ndarray, vec: np.ndarray
     to inpaint with `mask` (H, W, 1), 1 = repaint: FLUX.1 Fill through its conditioning, any other FLUX.1 or
     FLUX.2 model by `sampling.sample_inpaint`, diffusers' `FluxInpaintPipeline` / `Flux2KleinInpaintPipeline`),
     control (FLUX.1 Canny/Depth: the edge or depth map), init, mask and control at width x height. Redux: extend
-    txt and vec first (`redux`). Raises ValueError for a conditioning the model does not take (names it).
+    txt and vec first (`redux`). klein KV models (`ref_kv`) take refs through `sampling.sample_kv`. Raises
+    ValueError for a conditioning the model does not take (names it).
     """
     cfg, family = model.params, model.params.family
     ppt = configs.pixels_per_token(ae.params)
@@ -111,6 +112,12 @@ def generate(model: nnx.Module, ae: nnx.Module, txt: np.ndarray, vec: np.ndarray
     elif kind == "control":  # BFL prepare_control, after its edge / depth detector
         img_cond = sampling.pack(encode(ae, control[None]), family)
     noise = sampling.get_noise(len(txt), height, width, family, seed, pixels_per_token=ppt)
+    if cfg.ref_kv and refs:  # klein KV: the references' keys and values computed once (Flux2KleinKVPipeline)
+        if init is not None or emb["neg_txt"] is not None:
+            raise ValueError("a klein KV model: pass reference images only (no init image, no negative prompt)")
+        latents = sampling.sample_kv(model, noise, emb["txt"], [encode(ae, r[None]) for r in refs], steps=steps,
+                                     progress=progress)
+        return decode(ae, latents)
     if mask is not None and kind == "text":  # inpainting with an ordinary model: the known region is kept
         latents = sampling.sample_inpaint(
             model, noise, emb["txt"], encode(ae, init[None]), _layout(mask[None], ae), emb["vec"], steps=steps,

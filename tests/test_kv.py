@@ -161,3 +161,27 @@ def test_kv_preset_and_errors(models):
         ts.sample_kv(tm, noise, txt, [])
     with pytest.raises(ValueError, match="takes no guidance"):
         ts.sample_kv(mt.build_model("flux2-tiny", seed=0), noise, txt, [noise])
+
+
+def test_pipeline_uses_kv_for_kv_models():
+    """`pipeline.generate` with references on a klein KV model runs the cached loop: the same picture in both
+    frameworks, and (PyTorch) the picture of `sample_kv` decoded, not of the ordinary reference path."""
+    from minflux_jax import pipeline as jp
+    from minflux_torch import pipeline as tp
+
+    rng = np.random.default_rng(6)
+    side = 32
+    ref = rng.uniform(-1, 1, (32, 48, 3)).astype(np.float32)
+    txt = rng.standard_normal((1, 5, KV.context_in_dim), np.float32)
+    kw = {"width": side, "height": side, "steps": 3, "refs": [ref], "seed": 3}
+    tm, ae = mt.build_model(KV, seed=0), mt.build_model("flux2-ae-tiny", seed=1)
+    a = tp.generate(tm, ae, txt, **kw)
+    b = jp.generate(mj.build_model(KV, seed=0), mj.build_model("flux2-ae-tiny", seed=1), txt, **kw)
+    diff = np.abs(a.astype(int) - b.astype(int)).max()
+    print(f"pipeline klein KV: torch vs jax max |diff| {diff} (uint8)")
+    assert diff <= 1
+    noise = ts.get_noise(1, side, side, "flux2", 3, pixels_per_token=4)
+    lat = ts.sample_kv(tm, noise, torch.from_numpy(txt), [tp.encode(ae, ref[None])], steps=3)
+    np.testing.assert_array_equal(a, tp.decode(ae, lat))
+    plain = ts.sample(tm, noise, torch.from_numpy(txt), steps=3, refs=[tp.encode(ae, ref[None])])
+    assert not np.array_equal(a, tp.decode(ae, plain))
