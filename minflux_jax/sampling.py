@@ -3,6 +3,9 @@
 Follows black-forest-labs/flux `src/flux/sampling.py` (FLUX.1: `get_noise`, `prepare`, Kontext's
 `prepare_kontext`, Fill's `prepare_fill`, `denoise`, `unpack`) and black-forest-labs/flux2
 `src/flux2/sampling.py` (FLUX.2: `prc_img`, `prc_txt`, `encode_image_refs`, `denoise`, `denoise_cfg`).
+Two loops follow diffusers, which BFL's repositories do not have: inpainting with the ordinary models
+(`sample_inpaint`: `FluxInpaintPipeline`, `Flux2KleinInpaintPipeline`) and klein KV (`sample_kv`:
+`Flux2KleinKVPipeline`, the references' keys and values computed once).
 Schedules are framework-free (`minflux.schedules`). Twin: `minflux_torch/sampling.py`, whose images are
 NCHW where these are NHWC; token tensors (B, L, C) and ids (B, L, axes) are identical in both.
 
@@ -365,7 +368,7 @@ def _kv_loop(graphdef, state, img: Array, ts: Array, txt: Array, txt_ids: Array,
     b, n = txt.shape[0], ref.shape[1]
 
     def with_refs(x, t):  # the references in the sequence; returns the velocity and the filled caches
-        kv = model.ref_kv(n)
+        kv = model.kv_caches(n)
         pred = model(x=jnp.concatenate((x, ref.astype(x.dtype)), axis=1),
                      x_ids=jnp.concatenate((img_ids, ref_ids), axis=1), timesteps=jnp.broadcast_to(t, (b,)),
                      ctx=txt, ctx_ids=txt_ids, kv=kv)

@@ -101,7 +101,7 @@ class Flux2(Trunk):
         }
         return self.img_in(x.to(dtype)), self.txt_in(ctx.to(dtype)), kw
 
-    def ref_kv(self, n_ref: int) -> list[RefKV]:
+    def kv_caches(self, n_ref: int) -> list[RefKV]:
         """Empty klein KV caches, one per block (double blocks first), for `n_ref` reference tokens."""
         return [RefKV(n_ref) for _ in range(len(self.double_blocks) + len(self.single_blocks))]
 
@@ -110,7 +110,7 @@ class Flux2(Trunk):
         """x (B, Li, 128), x_ids (B, Li, 4), timesteps (B,) in [0, 1], ctx (B, Lt, context_in_dim),
         ctx_ids (B, Lt, 4), guidance (B,) -> (B, Li, 128).
 
-        kv (klein KV, from `ref_kv`): empty, the last n_ref tokens of x are reference images that attend only to
+        kv (klein KV, from `kv_caches`): empty, the last n_ref tokens of x are reference images that attend only to
         themselves and their keys and values are kept; filled, x holds no references and attends to the kept ones.
         """
         if kv is None:

@@ -3,6 +3,9 @@
 Follows black-forest-labs/flux `src/flux/sampling.py` (FLUX.1: `get_noise`, `prepare`, Kontext's
 `prepare_kontext`, Fill's `prepare_fill`, `denoise`, `unpack`) and black-forest-labs/flux2
 `src/flux2/sampling.py` (FLUX.2: `prc_img`, `prc_txt`, `encode_image_refs`, `denoise`, `denoise_cfg`).
+Two loops follow diffusers, which BFL's repositories do not have: inpainting with the ordinary models
+(`sample_inpaint`: `FluxInpaintPipeline`, `Flux2KleinInpaintPipeline`) and klein KV (`sample_kv`:
+`Flux2KleinKVPipeline`, the references' keys and values computed once).
 Schedules are framework-free (`minflux.schedules`). Twin: `minflux_jax/sampling.py`, whose images are
 NHWC where these are NCHW; token tensors (B, L, C) and ids (B, L, axes) are identical in both.
 
@@ -320,7 +323,7 @@ def denoise_kv(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor
     for i in tqdm(range(len(timesteps) - 1), desc="denoising", unit="step", disable=not progress):
         t = ts[i].expand(b)
         if kv is None or not cached:  # the references in the sequence; their keys and values kept in kv
-            kv = model.ref_kv(ref.shape[1])
+            kv = model.kv_caches(ref.shape[1])
             pred = model(x=torch.cat((x, ref.float()), dim=1), x_ids=torch.cat((img_ids, ref_ids), dim=1),
                          timesteps=t, ctx=txt, ctx_ids=txt_ids, kv=kv)
         else:

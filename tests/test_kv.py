@@ -76,12 +76,12 @@ def test_forward_extract_and_cached_match_diffusers(models):
         want2 = ref(hidden_states=T(img2), encoder_hidden_states=T(txt), timestep=T(t2), img_ids=T(img_ids),
                     txt_ids=T(txt_ids), return_dict=False, kv_cache=cache, kv_cache_mode="cached")[0]
         want1 = want1.numpy()  # diffusers returns the image tokens only
-        kv = tm.ref_kv(ref_tok.shape[1])  # ours: references last, [img, ref]
+        kv = tm.kv_caches(ref_tok.shape[1])  # ours: references last, [img, ref]
         a1 = tm(x=T(np.concatenate((img, ref_tok), 1)), x_ids=T(np.concatenate((img_ids, ref_ids), 1)),
                 timesteps=T(t1), ctx=T(txt), ctx_ids=T(txt_ids), kv=kv)[:, : h * w]
         a2 = tm(x=T(img2), x_ids=T(img_ids), timesteps=T(t2), ctx=T(txt), ctx_ids=T(txt_ids), kv=kv)
     J = jnp.asarray
-    kv = jm.ref_kv(ref_tok.shape[1])
+    kv = jm.kv_caches(ref_tok.shape[1])
     b1 = jm(x=J(np.concatenate((img, ref_tok), 1)), x_ids=J(np.concatenate((img_ids, ref_ids), 1)), timesteps=J(t1),
             ctx=J(txt), ctx_ids=J(txt_ids), kv=kv)[:, : h * w]
     b2 = jm(x=J(img2), x_ids=J(img_ids), timesteps=J(t2), ctx=J(txt), ctx_ids=J(txt_ids), kv=kv)
