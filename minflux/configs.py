@@ -40,6 +40,9 @@ class FluxConfig:
     id_axes = 3  # position ids (t, row, col)
     text_id_axis = None  # text ids are all zero
     max_refs = 1  # Kontext: one reference image
+    inpaint_resize = "nearest"  # FluxInpaintPipeline: the mask's nearest pixel per latent
+    inpaint_init_ref = False  # inpainting: the init image is only the start
+    ref_kv = False  # no klein KV variant (see Flux2Config.ref_kv)
 
     @staticmethod
     def ref_time(i: int) -> int:
@@ -61,6 +64,9 @@ class Flux2Config:
     theta: int = 2000
     mlp_ratio: float = 3.0
     guidance_embed: bool = True
+    # klein KV: reference tokens attend only to themselves and are modulated at t = 0, so their keys and values
+    # are computed once (`sampling.sample_kv`); the weights are laid out as any klein's.
+    ref_kv: bool = False
 
     family = "flux2"
     gated_mlp = True
@@ -71,6 +77,8 @@ class Flux2Config:
     id_axes = 4  # (t, row, col, l)
     text_id_axis = 3  # text token l has ids (0, 0, 0, l)
     max_refs = None  # any number of reference images
+    inpaint_resize = "bilinear"  # Flux2KleinInpaintPipeline: the mask resized bilinearly to the token grid
+    inpaint_init_ref = True  # ... and the init image is also the first reference image
 
     @staticmethod
     def ref_time(i: int) -> int:
@@ -159,6 +167,7 @@ PRESETS: dict[str, object] = {
     "flux2-klein-9b": _klein9b,
     "flux2-klein-base-4b": _klein4b,
     "flux2-klein-base-9b": _klein9b,
+    "flux2-klein-9b-kv": dataclasses.replace(_klein9b, ref_kv=True),  # diffusers Flux2KleinKVPipeline
     # Autoencoders: one per family, shared by every model of the family.
     "flux1-ae": AutoEncoderConfig(),
     "flux2-ae": AutoEncoder2Config(),

@@ -9,6 +9,7 @@ Twin: `minflux_torch/layers.py` (same classes, order and local names).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -137,13 +138,41 @@ def set_attention_implementation(implementation: str | None) -> None:
     ATTENTION_IMPLEMENTATION = None if implementation == "xla" else implementation
 
 
-def attention(q: Array, k: Array, v: Array, pe: Array) -> Array:
-    """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D)."""
-    q, k = apply_rope(q, k, pe)
+@dataclass
+class RefKV:
+    """FLUX.2 klein KV, one block: the reference tokens (the last `n_ref` of the sequence) attend only to
+    themselves, so their keys and values (B, H, n_ref, D), after RoPE, are the same at every step: the first step
+    records them here, later steps run without the reference tokens and attend to these instead (diffusers
+    `Flux2KVLayerCache`). Inside a compiled loop the arrays are traced values, carried like any other."""
+
+    n_ref: int
+    k: Array | None = None
+    v: Array | None = None
+
+
+def _sdpa(q: Array, k: Array, v: Array) -> Array:
     # jax.nn.dot_product_attention takes (B, L, H, D).
     x = jax.nn.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),
                                      implementation=ATTENTION_IMPLEMENTATION)
-    return rearrange(x, "B L H D -> B L (H D)")
+    return x.swapaxes(1, 2)  # (B, H, L, D)
+
+
+def attention(q: Array, k: Array, v: Array, pe: Array, kv: RefKV | None = None) -> Array:
+    """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D).
+
+    With `kv` (klein KV): empty, the last kv.n_ref queries attend only to the last kv.n_ref keys and those keys
+    and values are kept in kv; filled, its keys and values are appended to a sequence without references.
+    """
+    q, k = apply_rope(q, k, pe)
+    if kv is None:
+        x = _sdpa(q, k, v)
+    elif kv.k is not None:  # later steps: the references' keys and values from the first
+        x = _sdpa(q, jnp.concatenate((k, kv.k), axis=2), jnp.concatenate((v, kv.v), axis=2))
+    else:  # first step: text and image tokens attend to everything, the references to themselves
+        n = kv.n_ref
+        kv.k, kv.v = k[:, :, -n:], v[:, :, -n:]
+        x = jnp.concatenate((_sdpa(q[:, :, :-n], k, v), _sdpa(q[:, :, -n:], kv.k, kv.v)), axis=2)
+    return rearrange(x, "B H L D -> B L (H D)")
 
 
 class SelfAttention(nnx.Module):
@@ -252,8 +281,9 @@ class DoubleStreamBlockBase(nnx.Module):
         self.txt_norm2 = layer_norm(hidden_size, dtype, rngs)
         self.txt_mlp = mlp(hidden_size, mlp_hidden, family, dtype, rngs)
 
-    def stream(self, img: Array, txt: Array, pe: Array, img_mod, txt_mod) -> tuple[Array, Array]:
-        """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]; mods: ((shift, scale, gate) x 2)."""
+    def stream(self, img: Array, txt: Array, pe: Array, img_mod, txt_mod,
+               kv: RefKV | None = None) -> tuple[Array, Array]:
+        """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]; mods: ((shift, scale, gate) x 2); kv: klein KV."""
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
 
@@ -262,7 +292,7 @@ class DoubleStreamBlockBase(nnx.Module):
         q = jnp.concatenate((txt_q, img_q), axis=2)  # (B, H, Lt+Li, D)
         k = jnp.concatenate((txt_k, img_k), axis=2)
         v = jnp.concatenate((txt_v, img_v), axis=2)
-        attn = attention(q, k, v, pe)
+        attn = attention(q, k, v, pe, kv)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -287,14 +317,14 @@ class SingleStreamBlockBase(nnx.Module):
         self.pre_norm = layer_norm(hidden_size, dtype, rngs)
         self.mlp_act = mlp_activation(family)
 
-    def stream(self, x: Array, pe: Array, mod) -> Array:
-        """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate)."""
+    def stream(self, x: Array, pe: Array, mod, kv: RefKV | None = None) -> Array:
+        """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate); kv: klein KV."""
         shift, scale, gate = mod
         qkv, mlp_in = jnp.split(self.linear1(modulate(self.pre_norm(x), shift, scale)), [3 * self.hidden_size],
                                 axis=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(jnp.concatenate((attention(q, k, v, pe), self.mlp_act(mlp_in)), axis=2))
+        out = self.linear2(jnp.concatenate((attention(q, k, v, pe, kv), self.mlp_act(mlp_in)), axis=2))
         return x + gate * out
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 from minflux import configs, images
 from minflux_jax import sampling
+from minflux_jax.redux import redux_prompt
 
 # ---------------------------------------------------------------------------------------------
 # Autoencoder <-> numpy images
@@ -86,16 +87,21 @@ def generate(model: nnx.Module, ae: nnx.Module, txt: np.ndarray, vec: np.ndarray
     txt (B, L, context_in_dim) and, for FLUX.1, vec (B, 768): prompt embeddings (numpy, any float dtype);
     neg_txt / neg_vec: the negative prompt for true CFG (`cfg_scale` != 1). Images are numpy (H, W, C) from
     `minflux.images.load`: refs (Kontext: one; FLUX.2: several), init (img2img from `strength`, or the image
-    to inpaint with `mask` (H, W, 1), 1 = repaint, for FLUX.1 Fill), control (FLUX.1 Canny/Depth: the edge or
-    depth map), init, mask and control at width x height. Raises ValueError for a conditioning the model
-    does not take (names it).
+    to inpaint with `mask` (H, W, 1), 1 = repaint: FLUX.1 Fill through its conditioning, any other FLUX.1 or
+    FLUX.2 model by `sampling.sample_inpaint`, diffusers' `FluxInpaintPipeline` / `Flux2KleinInpaintPipeline`),
+    control (FLUX.1 Canny/Depth: the edge or depth map), init, mask and control at width x height. Redux: extend
+    txt and vec first (`redux`). klein KV models (`ref_kv`) take refs through `sampling.sample_kv`. Raises
+    ValueError for a conditioning the model does not take (names it).
     """
     cfg, family = model.params, model.params.family
     ppt = configs.pixels_per_token(ae.params)
     kind = configs.input_kind(cfg, ppt)
-    if (mask is not None) != (kind == "fill") or (control is not None) != (kind == "control"):
+    if (kind == "fill" and mask is None) or (mask is not None and kind == "control") or \
+            (control is not None) != (kind == "control"):
         raise ValueError(f"a {kind} model: " + {"fill": "pass init and mask", "control": "pass control"}.get(
-            kind, "mask and control need FLUX.1 Fill / Canny / Depth models"))
+            kind, "control needs a FLUX.1 Canny / Depth model"))
+    if mask is not None and init is None:
+        raise ValueError("mask: inpainting needs the init image too")
     emb = {k: None if v is None else jnp.asarray(np.asarray(v, np.float32))
            for k, v in dict(txt=txt, vec=vec, neg_txt=neg_txt, neg_vec=neg_vec).items()}
     img_cond = None
@@ -106,9 +112,33 @@ def generate(model: nnx.Module, ae: nnx.Module, txt: np.ndarray, vec: np.ndarray
     elif kind == "control":  # BFL prepare_control, after its edge / depth detector
         img_cond = sampling.pack(encode(ae, control[None]), family)
     noise = sampling.get_noise(len(txt), height, width, family, seed, pixels_per_token=ppt)
+    if cfg.ref_kv and refs:  # klein KV: the references' keys and values computed once (Flux2KleinKVPipeline)
+        if init is not None or emb["neg_txt"] is not None:
+            raise ValueError("a klein KV model: pass reference images only (no init image, no negative prompt)")
+        latents = sampling.sample_kv(model, noise, emb["txt"], [encode(ae, r[None]) for r in refs], steps=steps,
+                                     progress=progress)
+        return decode(ae, latents)
+    if mask is not None and kind == "text":  # inpainting with an ordinary model: the known region is kept
+        latents = sampling.sample_inpaint(
+            model, noise, emb["txt"], encode(ae, init[None]), _layout(mask[None], ae), emb["vec"], steps=steps,
+            strength=strength, guidance=guidance, cfg_scale=cfg_scale, neg_txt=emb["neg_txt"],
+            neg_vec=emb["neg_vec"], refs=[encode(ae, r[None]) for r in refs], factor=ppt // 2, progress=progress)
+        return decode(ae, latents)
     latents = sampling.sample(model, noise, emb["txt"], emb["vec"], steps=steps, guidance=guidance,
                               cfg_scale=cfg_scale, neg_txt=emb["neg_txt"], neg_vec=emb["neg_vec"],
                               refs=[encode(ae, r[None]) for r in refs], img_cond=img_cond,
                               init=None if init is None else encode(ae, init[None]), strength=strength,
                               progress=progress)
     return decode(ae, latents)
+
+
+def redux(encoder, txt: np.ndarray, vec: np.ndarray, pictures, scale=1.0,
+          pooled_scale=1.0) -> tuple[np.ndarray, np.ndarray]:
+    """FLUX.1 Redux: one prompt's embeddings txt (1, L, 4096) and vec (1, 768) extended by the image tokens of
+    `pictures` (paths, PIL images or uint8 arrays; SigLIP resizes them itself) from `encoder`
+    (`minflux_jax.redux.load_redux`), with per-image scales, as `redux.redux_prompt`: (1, L + 729 N, 4096),
+    (1, 768) float32 numpy for `generate`."""
+    tokens = encoder.encode(pictures).astype(jnp.float32)
+    t, v = redux_prompt(jnp.asarray(txt, jnp.float32), jnp.asarray(vec, jnp.float32), tokens, scale,
+                               pooled_scale)
+    return np.asarray(t), np.asarray(v)

@@ -3,6 +3,9 @@
 Follows black-forest-labs/flux `src/flux/sampling.py` (FLUX.1: `get_noise`, `prepare`, Kontext's
 `prepare_kontext`, Fill's `prepare_fill`, `denoise`, `unpack`) and black-forest-labs/flux2
 `src/flux2/sampling.py` (FLUX.2: `prc_img`, `prc_txt`, `encode_image_refs`, `denoise`, `denoise_cfg`).
+Two loops follow diffusers, which BFL's repositories do not have: inpainting with the ordinary models
+(`sample_inpaint`: `FluxInpaintPipeline`, `Flux2KleinInpaintPipeline`) and klein KV (`sample_kv`:
+`Flux2KleinKVPipeline`, the references' keys and values computed once).
 Schedules are framework-free (`minflux.schedules`). Twin: `minflux_torch/sampling.py`, whose images are
 NCHW where these are NHWC; token tensors (B, L, C) and ids (B, L, axes) are identical in both.
 
@@ -25,6 +28,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from minflux import configs, ids, random, schedules
+from minflux_jax.layers import RefKV
 
 Array = jax.Array
 TRACES: collections.Counter = collections.Counter()  # how often each compiled function was traced
@@ -104,6 +108,23 @@ def fill_conditioning(masked: Array, mask: Array, factor: int = 8) -> Array:
 def add_noise(x: Array, noise: Array, t: float) -> Array:
     """img2img start: the flow-matching interpolation t * noise + (1 - t) * x (diffusers' `scale_noise`)."""
     return t * noise + (1.0 - t) * x
+
+
+def inpaint_mask(mask: Array, family: str, factor: int = 8) -> Array:
+    """Pixel mask (B, H, W, 1) in [0, 1], 1 = repaint -> per-token blend weights, as diffusers' inpainting
+    pipelines derive them: binarised at 0.5 (their mask processor), then FLUX.1 (`FluxInpaintPipeline`) takes the
+    nearest pixel per latent, (B, H/8, W/8, 1), packed like the latents -> (B, L, 64); FLUX.2
+    (`Flux2KleinInpaintPipeline`) resizes bilinearly (no antialias) to the token grid -> (B, L, 1), which at an
+    even factor is the mean of the 2 x 2 pixels at each token's centre. `factor`: the autoencoder's downsampling."""
+    spec = configs.FAMILIES[family]
+    mask = (mask >= 0.5).astype(jnp.float32)
+    if spec.inpaint_resize == "nearest":
+        m = mask[:, ::factor, ::factor]
+        return pack(jnp.broadcast_to(m, (*m.shape[:3], spec.latent_channels)), family)
+    f = 2 * factor  # pixels per token
+    lo, hi = (f - 1) // 2, f // 2  # bilinear at align_corners=False samples pixel f * i + (f - 1) / 2
+    rows = (mask[:, lo::f] + mask[:, hi::f]) / 2
+    return rearrange((rows[:, :, lo::f] + rows[:, :, hi::f]) / 2, "b h w c -> b (h w) c")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,4 +267,172 @@ def sample(model, noise: Array, txt: Array, vec=None, steps: int = 28, guidance=
     out = denoise(model, img, img_ids, txt, text_ids(b, txt.shape[1], family), timesteps,
                   vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt, neg_vec=neg_vec,
                   img_cond=img_cond, img_cond_seq=ref_tok, img_cond_seq_ids=ref_ids, progress=progress)
+    return unpack(out, h, w, family)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inpainting with the ordinary models: img2img with the known region put back after every step
+# ---------------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _inpaint_loop(graphdef, state, img: Array, ts: Array, cond: dict, init: Array, noise: Array, mask: Array):
+    """The compiled inpainting loop: `_denoise_loop`'s step followed by the blend; traced once per shapes."""
+    TRACES["inpaint"] += 1
+    model = nnx.merge(graphdef, state)
+
+    def step(x, t_pair):
+        t_curr, t_prev = t_pair
+        x = x + (t_prev - t_curr) * velocity(model, x, t_curr, cond)
+        x = (1 - mask) * add_noise(init, noise, t_prev) + mask * x
+        jax.debug.callback(_tick, t_curr)
+        return x, None
+
+    x, _ = jax.lax.scan(step, img, (ts[:-1], ts[1:]))
+    return x
+
+
+def denoise_inpaint(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, timesteps: list[float],
+                    init: Array, noise: Array, mask: Array, vec=None, guidance=None, cfg_scale: float = 1.0,
+                    neg_txt=None, neg_vec=None, img_cond_seq=None, img_cond_seq_ids=None,
+                    progress: bool = False) -> Array:
+    """`denoise`, and after every step the known region is reset to the init tokens noised to the new time
+    (diffusers' `FluxInpaintPipeline` / `Flux2KleinInpaintPipeline` loops):
+    x <- x + (t_prev - t_curr) * v;  x <- (1 - mask) * add_noise(init, noise, t_prev) + mask * x.
+    At the last step t_prev = 0, so the known region ends exactly as init. init, noise (B, L, C) tokens; mask from
+    `inpaint_mask`, (B, L, C) or (B, L, 1). Returns the final tokens (B, L, C) in fp32.
+    """
+    cond = conditioning(model, img_ids, txt, txt_ids, vec, guidance, cfg_scale, neg_txt, neg_vec, None,
+                        img_cond_seq, img_cond_seq_ids)
+    ts = jnp.asarray(timesteps, jnp.float32)
+    graphdef, state = nnx.split(model)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    with tqdm(total=len(timesteps) - 1, desc="inpainting", unit="step", disable=not progress) as bar:
+        _PROGRESS["bar"] = bar if progress else None
+        try:
+            out = _inpaint_loop(graphdef, state, f32(img), ts, cond, f32(init), f32(noise), f32(mask))
+            out.block_until_ready()
+            jax.effects_barrier()
+        finally:
+            _PROGRESS["bar"] = None
+    return out
+
+
+def sample_inpaint(model, noise: Array, txt: Array, init: Array, mask: Array, vec=None, steps: int = 28,
+                   strength: float = 1.0, guidance=None, cfg_scale: float = 1.0, neg_txt=None, neg_vec=None,
+                   refs=(), factor: int = 8, shift: bool | None = None, progress: bool = False) -> Array:
+    """Inpaint with an ordinary model: latents (NHWC, the shape of `noise`) that keep `init` where mask is 0.
+
+    init: the encoded image (FLUX.1 (B, H/8, W/8, 16); FLUX.2 (B, H/16, W/16, 128), normalised as our
+    autoencoder's `encode` returns it); mask: pixels (B, H, W, 1), 1 = repaint (see `inpaint_mask`; `factor` is
+    the autoencoder's downsampling). The start is init noised to the schedule's time at `strength`, as img2img.
+    FLUX.1 follows `FluxInpaintPipeline` (dev, schnell, Krea; Fill has its own conditioning, `fill_conditioning`).
+    FLUX.2 follows `Flux2KleinInpaintPipeline`: init is also the first reference image (t = 10), then `refs`.
+    Other arguments as in `sample`.
+    """
+    family = model.params.family
+    h, w = token_grid(noise, family)
+    b = noise.shape[0]
+    if txt.shape[0] != b:
+        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    if init.shape[1:] != noise.shape[1:]:
+        raise ValueError(f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in size")
+    m = inpaint_mask(mask, family, factor)
+    if m.shape[1] != h * w:
+        raise ValueError(f"mask {tuple(mask.shape)} does not cover the {h} x {w} token grid at factor {factor}")
+    shift = model.params.guidance_embed if shift is None else shift
+    timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
+    timesteps = timesteps[schedules.strength_start(steps, strength):]
+    init_tok, noise_tok = pack(init, family).astype(jnp.float32), pack(noise, family).astype(jnp.float32)
+    img, img_ids = add_noise(init_tok, noise_tok, timesteps[0]), image_ids(b, h, w, family)
+    refs = [init, *refs] if model.params.inpaint_init_ref else list(refs)
+    ref_tok, ref_ids = reference_tokens(refs, family) if refs else (None, None)
+    out = denoise_inpaint(model, img, img_ids, txt, text_ids(b, txt.shape[1], family), timesteps,
+                          init_tok, noise_tok, m, vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt,
+                          neg_vec=neg_vec, img_cond_seq=ref_tok, img_cond_seq_ids=ref_ids, progress=progress)
+    return unpack(out, h, w, family)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.2 klein KV: reference tokens computed once
+# ---------------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("graphdef", "cached"))
+def _kv_loop(graphdef, state, img: Array, ts: Array, txt: Array, txt_ids: Array, img_ids: Array, ref: Array,
+             ref_ids: Array, cached: bool):
+    """The compiled klein KV loop: the first step with the references (filling the caches), then a scan over
+    the rest that reads the caches (traced values, part of the program) or recomputes them."""
+    TRACES["kv"] += 1
+    model = nnx.merge(graphdef, state)
+    b, n = txt.shape[0], ref.shape[1]
+
+    def with_refs(x, t):  # the references in the sequence; returns the velocity and the filled caches
+        kv = model.kv_caches(n)
+        pred = model(x=jnp.concatenate((x, ref.astype(x.dtype)), axis=1),
+                     x_ids=jnp.concatenate((img_ids, ref_ids), axis=1), timesteps=jnp.broadcast_to(t, (b,)),
+                     ctx=txt, ctx_ids=txt_ids, kv=kv)
+        return pred[:, : x.shape[1]].astype(jnp.float32), [(c.k, c.v) for c in kv]
+
+    v, cache = with_refs(img, ts[0])
+    x = img + (ts[1] - ts[0]) * v
+    jax.debug.callback(_tick, ts[0])
+
+    def step(x, t_pair):
+        t_curr, t_prev = t_pair
+        if cached:
+            kv = [RefKV(n, k, v) for k, v in cache]
+            pred = model(x=x, x_ids=img_ids, timesteps=jnp.broadcast_to(t_curr, (b,)), ctx=txt, ctx_ids=txt_ids,
+                         kv=kv).astype(jnp.float32)
+        else:
+            pred = with_refs(x, t_curr)[0]
+        x = x + (t_prev - t_curr) * pred
+        jax.debug.callback(_tick, t_curr)
+        return x, None
+
+    x, _ = jax.lax.scan(step, x, (ts[1:-1], ts[2:]))
+    return x
+
+
+def denoise_kv(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, timesteps: list[float],
+               ref: Array, ref_ids: Array, cached: bool = True, progress: bool = False) -> Array:
+    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the reference
+    tokens ref (B or 1, Lr, 128) attend only to themselves and are modulated at t = 0, so their keys and values
+    are the same at every step. cached=True computes them at the first step and reuses them (the references
+    leave the sequence); cached=False recomputes them at every step (the same numbers, for checking). No guidance
+    embedder, no CFG (klein KV is distilled). Returns the final tokens (B, L, C) in fp32.
+    """
+    if model.params.guidance_embed:
+        raise ValueError("klein KV sampling takes no guidance: this model has a guidance embedder")
+    b = txt.shape[0]
+    img_ids, txt_ids, ref, ref_ids = (jnp.broadcast_to(a, (b, *a.shape[1:])) for a in (img_ids, txt_ids, ref, ref_ids))
+    ts = jnp.asarray(timesteps, jnp.float32)
+    graphdef, state = nnx.split(model)
+    with tqdm(total=len(timesteps) - 1, desc="denoising", unit="step", disable=not progress) as bar:
+        _PROGRESS["bar"] = bar if progress else None
+        try:
+            out = _kv_loop(graphdef, state, jnp.asarray(img, jnp.float32), ts, txt, txt_ids, img_ids, ref, ref_ids,
+                           cached)
+            out.block_until_ready()
+            jax.effects_barrier()
+        finally:
+            _PROGRESS["bar"] = None
+    return out
+
+
+def sample_kv(model, noise: Array, txt: Array, refs, steps: int = 4, cached: bool = True,
+              progress: bool = False) -> Array:
+    """Generate latents (NHWC, the shape of `noise`) with a klein KV model from reference latents `refs` (each
+    NHWC, any size; reference i at t = 10 + 10 i) and text `txt`; see `denoise_kv`."""
+    family = model.params.family
+    if not len(refs):
+        raise ValueError("klein KV sampling needs at least one reference image (without, use `sample`)")
+    h, w = token_grid(noise, family)
+    b = noise.shape[0]
+    if txt.shape[0] != b:
+        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    timesteps = schedules.get_schedule(steps, h * w, family)
+    ref_tok, ref_ids = reference_tokens(list(refs), family)
+    out = denoise_kv(model, pack(noise, family), image_ids(b, h, w, family), txt, text_ids(b, txt.shape[1], family),
+                     timesteps, ref_tok, ref_ids, cached=cached, progress=progress)
     return unpack(out, h, w, family)

@@ -17,6 +17,7 @@ from minflux_torch.layers import (
     LastLayer,
     MLPEmbedder,
     Modulation,
+    RefKV,
     SingleStreamBlockBase,
     Trunk,
     timestep_embedding,
@@ -29,8 +30,9 @@ class DoubleStreamBlock(DoubleStreamBlockBase):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
         super().__init__(hidden_size, num_heads, mlp_ratio, "flux2", qkv_bias=False)
 
-    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, pe_ctx: Tensor, mod_img, mod_txt) -> tuple[Tensor, Tensor]:
-        return self.stream(img, txt, torch.cat((pe_ctx, pe), dim=2), mod_img, mod_txt)
+    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, pe_ctx: Tensor, mod_img, mod_txt,
+                kv: RefKV | None = None) -> tuple[Tensor, Tensor]:
+        return self.stream(img, txt, torch.cat((pe_ctx, pe), dim=2), mod_img, mod_txt, kv)
 
 
 class SingleStreamBlock(SingleStreamBlockBase):
@@ -39,8 +41,8 @@ class SingleStreamBlock(SingleStreamBlockBase):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
         super().__init__(hidden_size, num_heads, mlp_ratio, "flux2")
 
-    def forward(self, x: Tensor, pe: Tensor, mod) -> Tensor:
-        return self.stream(x, pe, mod)
+    def forward(self, x: Tensor, pe: Tensor, mod, kv: RefKV | None = None) -> Tensor:
+        return self.stream(x, pe, mod, kv)
 
 
 class Flux2(Trunk):
@@ -67,25 +69,56 @@ class Flux2(Trunk):
         self.single_stream_modulation = Modulation(d, double=False, bias=False)
         self.final_layer = LastLayer(d, params.in_channels, bias=False)
 
-    def embed(self, x, x_ids, timesteps, ctx, ctx_ids, guidance=None) -> tuple[Tensor, Tensor, dict]:
-        """Input projections and the shared modulations; returns img, txt and the blocks' inputs."""
+    def time_vec(self, timesteps: Tensor, guidance: Tensor | None) -> Tensor:
+        """The time (and guidance) embedding every modulation reads: (B,) -> (B, hidden)."""
         dtype = self.img_in.weight.dtype
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX.2 model is guidance-distilled: pass guidance=(B,) values")
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        return vec
+
+    def embed(self, x, x_ids, timesteps, ctx, ctx_ids, guidance=None, n_ref: int = 0) -> tuple[Tensor, Tensor, dict]:
+        """Input projections and the shared modulations; returns img, txt and the blocks' inputs. With n_ref (klein
+        KV) the last n_ref tokens of x are reference images, modulated as clean ones (t = 0) at every step."""
+        dtype = self.img_in.weight.dtype
+        vec = self.time_vec(timesteps, guidance)
         pe_x, pe_ctx = self.pe_embedder(x_ids), self.pe_embedder(ctx_ids)
+        mod_img, mod = self.double_stream_modulation_img(vec), self.single_stream_modulation(vec)[0]
+        if n_ref:  # per-token modulation: (B, 1, D) for the image tokens, then the references' (diffusers)
+            ref_vec = self.time_vec(torch.zeros_like(timesteps), guidance)
+            ref_img, ref = self.double_stream_modulation_img(ref_vec), self.single_stream_modulation(ref_vec)[0]
+            tokens = lambda m, r, n: torch.cat((m.expand(-1, n, -1), r.expand(-1, n_ref, -1)), dim=1)
+            n_img = x.shape[1] - n_ref
+            mod_img = tuple(tuple(map(tokens, a, b, [n_img] * 3)) for a, b in zip(mod_img, ref_img, strict=True))
+            mod = tuple(map(tokens, mod, ref, [ctx.shape[1] + n_img] * 3))
         kw = {
             "vec": vec,
-            "double": {"pe": pe_x, "pe_ctx": pe_ctx, "mod_img": self.double_stream_modulation_img(vec),
+            "double": {"pe": pe_x, "pe_ctx": pe_ctx, "mod_img": mod_img,
                        "mod_txt": self.double_stream_modulation_txt(vec)},
-            "single": {"pe": torch.cat((pe_ctx, pe_x), dim=2), "mod": self.single_stream_modulation(vec)[0]},
+            "single": {"pe": torch.cat((pe_ctx, pe_x), dim=2), "mod": mod},
         }
         return self.img_in(x.to(dtype)), self.txt_in(ctx.to(dtype)), kw
 
+    def kv_caches(self, n_ref: int) -> list[RefKV]:
+        """Empty klein KV caches, one per block (double blocks first), for `n_ref` reference tokens."""
+        return [RefKV(n_ref) for _ in range(len(self.double_blocks) + len(self.single_blocks))]
+
     def forward(self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor,
-                guidance: Tensor | None = None) -> Tensor:
+                guidance: Tensor | None = None, kv: list[RefKV] | None = None) -> Tensor:
         """x (B, Li, 128), x_ids (B, Li, 4), timesteps (B,) in [0, 1], ctx (B, Lt, context_in_dim),
-        ctx_ids (B, Lt, 4), guidance (B,) -> (B, Li, 128)."""
-        return self.trunk(*self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance))
+        ctx_ids (B, Lt, 4), guidance (B,) -> (B, Li, 128).
+
+        kv (klein KV, from `kv_caches`): empty, the last n_ref tokens of x are reference images that attend only to
+        themselves and their keys and values are kept; filled, x holds no references and attends to the kept ones.
+        """
+        if kv is None:
+            return self.trunk(*self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance))
+        img, txt, kw = self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance, kv[0].n_ref if kv[0].k is None else 0)
+        for block, c in zip(self.double_blocks, kv[: len(self.double_blocks)], strict=True):
+            img, txt = block(img, txt, **kw["double"], kv=c)
+        x = torch.cat((txt, img), dim=1)
+        for block, c in zip(self.single_blocks, kv[len(self.double_blocks) :], strict=True):
+            x = block(x, **kw["single"], kv=c)
+        return self.final_layer(x[:, txt.shape[1] :], kw["vec"])

@@ -9,6 +9,7 @@ Twin: `minflux_jax/layers.py`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -119,10 +120,34 @@ def layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D)."""
+@dataclass
+class RefKV:
+    """FLUX.2 klein KV, one block: the reference tokens (the last `n_ref` of the sequence) attend only to
+    themselves, so their keys and values (B, H, n_ref, D), after RoPE, are the same at every step: the first step
+    records them here, later steps run without the reference tokens and attend to these instead (diffusers
+    `Flux2KVLayerCache`)."""
+
+    n_ref: int
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, kv: RefKV | None = None) -> Tensor:
+    """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D).
+
+    With `kv` (klein KV): empty, the last kv.n_ref queries attend only to the last kv.n_ref keys and those keys
+    and values are kept in kv; filled, its keys and values are appended to a sequence without references.
+    """
     q, k = apply_rope(q, k, pe)
-    x = nn.functional.scaled_dot_product_attention(q, k, v)
+    sdpa = nn.functional.scaled_dot_product_attention
+    if kv is None:
+        x = sdpa(q, k, v)
+    elif kv.k is not None:  # later steps: the references' keys and values from the first
+        x = sdpa(q, torch.cat((k, kv.k), dim=2), torch.cat((v, kv.v), dim=2))
+    else:  # first step: text and image tokens attend to everything, the references to themselves
+        n = kv.n_ref
+        kv.k, kv.v = k[:, :, -n:], v[:, :, -n:]
+        x = torch.cat((sdpa(q[:, :, :-n], k, v), sdpa(q[:, :, -n:], kv.k, kv.v)), dim=2)
     return rearrange(x, "B H L D -> B L (H D)")
 
 
@@ -224,8 +249,9 @@ class DoubleStreamBlockBase(nn.Module):
         self.txt_norm2 = layer_norm(hidden_size)
         self.txt_mlp = mlp(hidden_size, mlp_hidden, family)
 
-    def stream(self, img: Tensor, txt: Tensor, pe: Tensor, img_mod, txt_mod) -> tuple[Tensor, Tensor]:
-        """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]; mods: ((shift, scale, gate) x 2)."""
+    def stream(self, img: Tensor, txt: Tensor, pe: Tensor, img_mod, txt_mod,
+               kv: RefKV | None = None) -> tuple[Tensor, Tensor]:
+        """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]; mods: ((shift, scale, gate) x 2); kv: klein KV."""
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
 
@@ -234,7 +260,7 @@ class DoubleStreamBlockBase(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)  # (B, H, Lt+Li, D)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe)
+        attn = attention(q, k, v, pe, kv)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -260,14 +286,14 @@ class SingleStreamBlockBase(nn.Module):
         self.pre_norm = layer_norm(hidden_size)
         self.mlp_act = mlp_activation(family)
 
-    def stream(self, x: Tensor, pe: Tensor, mod) -> Tensor:
-        """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate)."""
+    def stream(self, x: Tensor, pe: Tensor, mod, kv: RefKV | None = None) -> Tensor:
+        """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate); kv: klein KV."""
         shift, scale, gate = mod
         qkv, mlp_in = torch.split(self.linear1(modulate(self.pre_norm(x), shift, scale)),
                                   [3 * self.hidden_size, self.mlp_in], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp_in)), dim=2))
+        out = self.linear2(torch.cat((attention(q, k, v, pe, kv), self.mlp_act(mlp_in)), dim=2))
         return x + gate * out
 
 

@@ -3,6 +3,9 @@
 Follows black-forest-labs/flux `src/flux/sampling.py` (FLUX.1: `get_noise`, `prepare`, Kontext's
 `prepare_kontext`, Fill's `prepare_fill`, `denoise`, `unpack`) and black-forest-labs/flux2
 `src/flux2/sampling.py` (FLUX.2: `prc_img`, `prc_txt`, `encode_image_refs`, `denoise`, `denoise_cfg`).
+Two loops follow diffusers, which BFL's repositories do not have: inpainting with the ordinary models
+(`sample_inpaint`: `FluxInpaintPipeline`, `Flux2KleinInpaintPipeline`) and klein KV (`sample_kv`:
+`Flux2KleinKVPipeline`, the references' keys and values computed once).
 Schedules are framework-free (`minflux.schedules`). Twin: `minflux_jax/sampling.py`, whose images are
 NHWC where these are NCHW; token tensors (B, L, C) and ids (B, L, axes) are identical in both.
 
@@ -97,6 +100,22 @@ def fill_conditioning(masked: Tensor, mask: Tensor, factor: int = 8) -> Tensor:
 def add_noise(x: Tensor, noise: Tensor, t: float) -> Tensor:
     """img2img start: the flow-matching interpolation t * noise + (1 - t) * x (diffusers' `scale_noise`)."""
     return t * noise + (1.0 - t) * x
+
+
+def inpaint_mask(mask: Tensor, family: str, factor: int = 8) -> Tensor:
+    """Pixel mask (B, 1, H, W) in [0, 1], 1 = repaint -> per-token blend weights, as diffusers' inpainting
+    pipelines derive them: binarised at 0.5 (their mask processor), then FLUX.1 (`FluxInpaintPipeline`) takes the
+    nearest pixel per latent, (B, 1, H/8, W/8), packed like the latents -> (B, L, 64); FLUX.2
+    (`Flux2KleinInpaintPipeline`) resizes bilinearly (no antialias) to the token grid -> (B, L, 1), which at an
+    even factor is the mean of the 2 x 2 pixels at each token's centre. `factor`: the autoencoder's downsampling."""
+    spec = configs.FAMILIES[family]
+    mask = (mask >= 0.5).float()
+    if spec.inpaint_resize == "nearest":
+        return pack(mask[:, :, ::factor, ::factor].expand(-1, spec.latent_channels, -1, -1), family)
+    f = 2 * factor  # pixels per token
+    lo, hi = (f - 1) // 2, f // 2  # bilinear at align_corners=False samples pixel f * i + (f - 1) / 2
+    rows = (mask[:, :, lo::f] + mask[:, :, hi::f]) / 2
+    return rearrange((rows[..., lo::f] + rows[..., hi::f]) / 2, "b c h w -> b (h w) c")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,4 +235,117 @@ def sample(model, noise: Tensor, txt: Tensor, vec=None, steps: int = 28, guidanc
                   vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt, neg_vec=neg_vec,
                   img_cond=img_cond, img_cond_seq=ref_tok,
                   img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device), progress=progress)
+    return unpack(out, h, w, family)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inpainting with the ordinary models: img2img with the known region put back after every step
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def denoise_inpaint(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: list[float],
+                    init: Tensor, noise: Tensor, mask: Tensor, vec=None, guidance=None, cfg_scale: float = 1.0,
+                    neg_txt=None, neg_vec=None, img_cond_seq=None, img_cond_seq_ids=None,
+                    progress: bool = False) -> Tensor:
+    """`denoise`, and after every step the known region is reset to the init tokens noised to the new time
+    (diffusers' `FluxInpaintPipeline` / `Flux2KleinInpaintPipeline` loops):
+    x <- x + (t_prev - t_curr) * v;  x <- (1 - mask) * add_noise(init, noise, t_prev) + mask * x.
+    At the last step t_prev = 0, so the known region ends exactly as init. init, noise (B, L, C) tokens; mask from
+    `inpaint_mask`, (B, L, C) or (B, L, 1). Returns the final tokens (B, L, C) in fp32.
+    """
+    cond = conditioning(model, img_ids, txt, txt_ids, vec, guidance, cfg_scale, neg_txt, neg_vec, None,
+                        img_cond_seq, img_cond_seq_ids)
+    ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)
+    x, init, noise, mask = img.float(), init.float(), noise.float(), mask.float()
+    for i in tqdm(range(len(timesteps) - 1), desc="inpainting", unit="step", disable=not progress):
+        x = x + (ts[i + 1] - ts[i]) * velocity(model, x, ts[i], cond)
+        x = (1 - mask) * add_noise(init, noise, ts[i + 1]) + mask * x
+    return x
+
+
+def sample_inpaint(model, noise: Tensor, txt: Tensor, init: Tensor, mask: Tensor, vec=None, steps: int = 28,
+                   strength: float = 1.0, guidance=None, cfg_scale: float = 1.0, neg_txt=None, neg_vec=None,
+                   refs=(), factor: int = 8, shift: bool | None = None, progress: bool = False) -> Tensor:
+    """Inpaint with an ordinary model: latents (NCHW, the shape of `noise`) that keep `init` where mask is 0.
+
+    init: the encoded image (FLUX.1 (B, 16, H/8, W/8); FLUX.2 (B, 128, H/16, W/16), normalised as our
+    autoencoder's `encode` returns it); mask: pixels (B, 1, H, W), 1 = repaint (see `inpaint_mask`; `factor` is
+    the autoencoder's downsampling). The start is init noised to the schedule's time at `strength`, as img2img.
+    FLUX.1 follows `FluxInpaintPipeline` (dev, schnell, Krea; Fill has its own conditioning, `fill_conditioning`).
+    FLUX.2 follows `Flux2KleinInpaintPipeline`: init is also the first reference image (t = 10), then `refs`.
+    Other arguments as in `sample`.
+    """
+    family = model.params.family
+    h, w = token_grid(noise, family)
+    b = noise.shape[0]
+    if txt.shape[0] != b:
+        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    if init.shape[1:] != noise.shape[1:]:
+        raise ValueError(f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in size")
+    m = inpaint_mask(mask, family, factor).to(noise.device)
+    if m.shape[1] != h * w:
+        raise ValueError(f"mask {tuple(mask.shape)} does not cover the {h} x {w} token grid at factor {factor}")
+    shift = model.params.guidance_embed if shift is None else shift
+    timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
+    timesteps = timesteps[schedules.strength_start(steps, strength):]
+    init_tok, noise_tok = pack(init, family).float(), pack(noise, family).float()
+    img, img_ids = add_noise(init_tok, noise_tok, timesteps[0]), image_ids(b, h, w, family).to(noise.device)
+    refs = [init, *refs] if model.params.inpaint_init_ref else list(refs)
+    ref_tok, ref_ids = reference_tokens(refs, family) if refs else (None, None)
+    out = denoise_inpaint(model, img, img_ids, txt, text_ids(b, txt.shape[1], family).to(noise.device), timesteps,
+                          init_tok, noise_tok, m, vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt,
+                          neg_vec=neg_vec, img_cond_seq=ref_tok,
+                          img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device), progress=progress)
+    return unpack(out, h, w, family)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.2 klein KV: reference tokens computed once
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def denoise_kv(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: list[float],
+               ref: Tensor, ref_ids: Tensor, cached: bool = True, progress: bool = False) -> Tensor:
+    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the reference
+    tokens ref (B or 1, Lr, 128) attend only to themselves and are modulated at t = 0, so their keys and values
+    are the same at every step. cached=True computes them at the first step and reuses them (the references
+    leave the sequence); cached=False recomputes them at every step (the same numbers, for checking). No guidance
+    embedder, no CFG (klein KV is distilled). Returns the final tokens (B, L, C) in fp32.
+    """
+    if model.params.guidance_embed:
+        raise ValueError("klein KV sampling takes no guidance: this model has a guidance embedder")
+    b = txt.shape[0]
+    img_ids, txt_ids, ref, ref_ids = (a.expand(b, *a.shape[1:]) for a in (img_ids, txt_ids, ref, ref_ids))
+    ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)
+    x, kv = img.float(), None
+    for i in tqdm(range(len(timesteps) - 1), desc="denoising", unit="step", disable=not progress):
+        t = ts[i].expand(b)
+        if kv is None or not cached:  # the references in the sequence; their keys and values kept in kv
+            kv = model.kv_caches(ref.shape[1])
+            pred = model(x=torch.cat((x, ref.float()), dim=1), x_ids=torch.cat((img_ids, ref_ids), dim=1),
+                         timesteps=t, ctx=txt, ctx_ids=txt_ids, kv=kv)
+        else:
+            pred = model(x=x, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, kv=kv)
+        x = x + (ts[i + 1] - ts[i]) * pred[:, : x.shape[1]].float()
+    return x
+
+
+def sample_kv(model, noise: Tensor, txt: Tensor, refs, steps: int = 4, cached: bool = True,
+              progress: bool = False) -> Tensor:
+    """Generate latents (NCHW, the shape of `noise`) with a klein KV model from reference latents `refs` (each
+    NCHW, any size; reference i at t = 10 + 10 i) and text `txt`; see `denoise_kv`."""
+    family = model.params.family
+    if not len(refs):
+        raise ValueError("klein KV sampling needs at least one reference image (without, use `sample`)")
+    h, w = token_grid(noise, family)
+    b = noise.shape[0]
+    if txt.shape[0] != b:
+        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    timesteps = schedules.get_schedule(steps, h * w, family)
+    ref_tok, ref_ids = reference_tokens(list(refs), family)
+    out = denoise_kv(model, pack(noise, family), image_ids(b, h, w, family).to(noise.device), txt,
+                     text_ids(b, txt.shape[1], family).to(noise.device), timesteps, ref_tok, ref_ids.to(noise.device),
+                     cached=cached, progress=progress)
     return unpack(out, h, w, family)
