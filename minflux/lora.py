@@ -464,14 +464,22 @@ def from_adapters(adapters: dict[str, dict]) -> LoRA:
 def fuse(pieces: list[Piece], start: int, stop: int) -> tuple[np.ndarray, np.ndarray, float] | None:
     """One (A, B, scale) whose scale * B @ A is the pieces' sum over rows [start, stop) (None: none there).
 
-    A single piece that covers exactly those rows keeps A, B and scale bitwise. Otherwise A stacks the pieces'
-    A, B is block-sparse with each piece's scale folded in (rank = the sum of ranks, scale 1): exact.
+    A single piece that covers exactly those rows keeps A, B and scale bitwise; pieces sharing one A (one adapter
+    written split by rows) keep that A and its rank. Otherwise A stacks the pieces' A, B is block-sparse with each
+    piece's scale folded in (rank = the sum of ranks, scale 1): exact.
     """
     parts = [p for p in pieces if p.start < stop and p.stop > start]
     if not parts:
         return None
     if len(parts) == 1 and (parts[0].start, parts[0].stop) == (start, stop):
         return parts[0].A, parts[0].B, parts[0].scale
+    if all(p.A.shape == parts[0].A.shape and np.array_equal(p.A, parts[0].A) for p in parts[1:]):
+        # one adapter split by rows (a fused layer written as diffusers' q / k / v): its rank is kept
+        B = np.zeros((stop - start, parts[0].A.shape[0]), np.float32)
+        for p in parts:
+            a, b = max(p.start, start), min(p.stop, stop)
+            B[a - start : b - start] += p.B[a - p.start : b - p.start].astype(np.float32) * np.float32(p.scale)
+        return parts[0].A, B.astype(parts[0].B.dtype), 1.0
     rank = sum(p.A.shape[0] for p in parts)
     B = np.zeros((stop - start, rank), np.float32)
     col = 0

@@ -49,6 +49,10 @@ class Framework:
             return self.package.build_model(cfg, seed=seed, **self.kw)
         return self.package.load_model(cfg, path, **self.kw)
 
+    def redux_encoder(self, directory, embedder=None):
+        """FLUX.1 Redux's SigLIP + embedder (`load_redux`), in this framework's dtype."""
+        return self._import("redux").load_redux(directory, **self.kw, embedder=embedder)
+
     def encode_prompts(self, kind: str, directory, prompts: list[str], **kw) -> dict[str, np.ndarray]:
         """Prompt embeddings as numpy in the encoder's dtype (the encoder is freed before this returns)."""
         out = self.text.encode_prompts(kind, directory, prompts, **self.kw, **kw)

@@ -17,10 +17,12 @@ directory (config.json, safetensors, tokenizer.json) or a root with `text_encode
 `--save-embeddings FILE` writes the prompts' embeddings (and the negatives' to FILE-neg) and stops: encode
 once, then generate from the file with `--embeddings` without loading the encoder again.
 
-Modes: text-to-image; `--ref` reference images (FLUX.1 Kontext: one; FLUX.2: several); `--init` with
-`--strength` (img2img); `--init` with `--mask` (FLUX.1 Fill inpainting, white = repaint); `--control` (FLUX.1
-Canny/Depth: the preprocessed control image, encoded and packed as extra input channels, as BFL's
-`prepare_control` after its edge or depth detector).
+Modes: text-to-image; `--ref` reference images (FLUX.1 Kontext: one; FLUX.2: several; klein KV models cache
+their keys and values); `--init` with `--strength` (img2img); `--init` with `--mask` (inpainting, white = repaint:
+FLUX.1 Fill, or any other model as diffusers' inpaint pipelines); `--control` (FLUX.1 Canny/Depth: the
+preprocessed control image, encoded and packed as extra input channels, as BFL's `prepare_control` after its
+edge or depth detector); `--redux IMAGE` (FLUX.1 Redux: SigLIP image tokens appended to the prompt);
+`--lora FILE[:SCALE]` (any common LoRA format, merged into the transformer).
 
 Progress: PyTorch ticks a tqdm bar per step. JAX compiles the whole loop once (`lax.scan`) and ticks the
 bar from inside the compiled loop through `jax.debug.callback`; the first call's bar waits for compilation
@@ -46,6 +48,7 @@ from minflux_cli.args import (
     finite,
     fraction,
     lora_spec,
+    nonneg_float,
     nonneg_int,
     pixels,
     positive_int,
@@ -114,6 +117,11 @@ class Plan:
     progress: bool
     out: Path
     loras: tuple[tuple[Path, float], ...] = ()  # --lora FILE[:SCALE], merged into the transformer
+    redux: tuple[Path, ...] = ()  # FLUX.1 Redux images, their tokens appended to the prompt
+    redux_model: Path | None = None
+    redux_embedder: Path | None = None
+    redux_scale: float = 1.0
+    redux_pooled_scale: float = 1.0
 
     @property
     def family(self) -> str:
@@ -160,7 +168,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", type=existing, help="start image: img2img, or the image to inpaint with --mask")
     parser.add_argument("--strength", type=fraction, help="img2img with --init: 1 = ignore the init image (default "
                         "0.8)")
-    parser.add_argument("--mask", type=existing, help="FLUX.1 Fill: inpainting mask (white = repaint)")
+    parser.add_argument("--mask", type=existing, help="inpainting mask for --init (white = repaint): FLUX.1 Fill, or "
+                        "any FLUX.1 / FLUX.2 model (the known region re-noised and kept, as diffusers' inpaint "
+                        "pipelines; --strength default 0.6 FLUX.1, 0.8 FLUX.2)")
+    parser.add_argument("--redux", type=existing, action="append", default=[], metavar="IMAGE",
+                        help="FLUX.1 Redux: an image whose SigLIP tokens extend the prompt (repeatable)")
+    parser.add_argument("--redux-model", type=directory, metavar="DIR", help="FLUX.1-Redux-dev root (image_encoder/, "
+                        "feature_extractor/, flux1-redux-dev.safetensors), or a SigLIP directory")
+    parser.add_argument("--redux-embedder", type=existing, metavar="FILE", help="the Redux embedder file, with a "
+                        "SigLIP directory as --redux-model")
+    parser.add_argument("--redux-scale", type=nonneg_float, default=1.0, help="Redux prompt scale (diffusers' "
+                        "prompt_embeds_scale)")
+    parser.add_argument("--redux-pooled-scale", type=nonneg_float, default=1.0, help="Redux pooled-prompt scale")
     parser.add_argument("--control", type=existing, help="FLUX.1 Canny/Depth: the control image, already "
                         "preprocessed (a Canny edge map or a depth map); resized to the output size")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 (fp32 with --random-weights)")
@@ -250,13 +269,24 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.control is not None and kind != "control":
         raise UsageError(f"--control needs a FLUX.1 Canny/Depth model (in_channels 128); {name} has "
                          f"{cfg.in_channels}")
-    if args.mask is not None and kind != "fill":
-        raise UsageError(f"--mask needs a FLUX.1 Fill model; {name} has in_channels {cfg.in_channels}")
+    if args.mask is not None and kind == "control":
+        raise UsageError(f"--mask: {name} is a Canny/Depth model; inpaint with a Fill model or an ordinary one")
+    if args.mask is not None and args.init is None:
+        raise UsageError("--mask needs --init IMAGE, the image to inpaint")
     if kind == "fill" and (args.mask is None or args.init is None):
         raise UsageError(f"{name} is an inpainting (Fill) model: pass --init IMAGE and --mask MASK")
-    if args.strength is not None and (args.init is None or args.mask is not None):
-        raise UsageError("--strength needs --init (img2img); it does not apply to Fill inpainting"
-                         if args.mask is not None else "--strength needs --init IMAGE (img2img)")
+    if args.strength is not None and (args.init is None or kind == "fill"):
+        raise UsageError("--strength does not apply to Fill inpainting (the model repaints the masked region)"
+                         if kind == "fill" else "--strength needs --init IMAGE (img2img or inpainting)")
+    if args.redux:
+        if cfg.family != "flux1" or args.redux_model is None:
+            raise UsageError("--redux needs a FLUX.1 model and --redux-model DIR (the FLUX.1-Redux-dev root, or a "
+                             "SigLIP directory with --redux-embedder FILE)"
+                             if cfg.family == "flux1" else f"--redux is for FLUX.1 models; {name} is FLUX.2")
+        if args.cfg != 1.0:
+            raise UsageError("--redux with --cfg: the image tokens lengthen the prompt but not the negative one")
+    elif args.redux_model is not None or args.redux_embedder is not None:
+        raise UsageError("--redux-model / --redux-embedder need --redux IMAGE")
     if cfg.max_refs is not None and len(args.ref) > cfg.max_refs:
         raise UsageError(f"FLUX.1 Kontext takes one --ref image, got {len(args.ref)}")
     cfg_on = args.cfg != 1.0
@@ -267,8 +297,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.guidance is not None and not cfg.guidance_embed:
         print(f"minflux generate: note: {name} has no guidance embedder; --guidance is ignored "
               "(use --cfg with a negative prompt for true CFG)", file=sys.stderr)
-    strength = 0.8 if args.strength is None else args.strength
-    if args.init is not None and args.mask is None:
+    # defaults as diffusers': img2img 0.8, FLUX.1 inpainting 0.6 (FluxInpaintPipeline), klein 0.8
+    strength = args.strength if args.strength is not None else (
+        0.6 if args.mask is not None and family == "flux1" else 0.8)
+    if args.init is not None and kind != "fill":
         try:
             schedules.strength_start(steps, strength)
         except ValueError as e:
@@ -277,7 +309,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 embeddings=args.embeddings, neg_embeddings=args.neg_embeddings, text=prompts, width=width,
                 height=height, steps=steps, guidance=guidance, cfg_scale=args.cfg, strength=strength,
                 refs=tuple(args.ref), init=args.init, mask=args.mask, control=args.control, seed=args.seed,
-                compile=args.compile, progress=not args.no_progress, out=args.out, loras=tuple(args.lora))
+                compile=args.compile, progress=not args.no_progress, out=args.out, loras=tuple(args.lora),
+                redux=tuple(args.redux), redux_model=args.redux_model, redux_embedder=args.redux_embedder,
+                redux_scale=args.redux_scale, redux_pooled_scale=args.redux_pooled_scale)
 
 
 def encoder_kind(name: str, family: str, directory: Path) -> str:
@@ -457,6 +491,16 @@ def generate(plan: Plan) -> np.ndarray:
     cond = conditioning_images(plan)
     emb = load_embeddings(plan)  # first: a text encoder is freed before the transformer is loaded
     fw = plan.fw
+    if plan.redux:
+        if len(emb["txt"]) != 1:
+            raise UsageError(f"--redux extends one prompt; {len(emb['txt'])} were given")
+        try:
+            encoder = fw.redux_encoder(plan.redux_model, plan.redux_embedder)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--redux-model {plan.redux_model}: {e}") from None
+        emb["txt"], emb["vec"] = fw.pipeline.redux(encoder, emb["txt"], emb["vec"], list(plan.redux),
+                                                   plan.redux_scale, plan.redux_pooled_scale)
+        del encoder  # freed before the transformer loads
     model = fw.model(plan.cfg, None if plan.random else plan.transformer, seed=plan.seed)
     ae = fw.model(plan.ae_cfg, None if plan.random else plan.ae, seed=plan.seed + 1)
     if plan.loras:

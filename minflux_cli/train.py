@@ -138,6 +138,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=positive_int, default=None,
                    help="train LoRA adapters of this rank (>= 1), base frozen; default: full fine-tuning")
     p.add_argument("--lora-alpha", type=finite, default=16.0)
+    p.add_argument("--init-lora", type=existing, metavar="FILE", help="start the adapters from this LoRA file (any "
+                   "format minflux reads: diffusers/PEFT, kohya, XLabs, ComfyUI, ...); its rank and modules become "
+                   "the run's")
     p.add_argument("--lora-targets", nargs="+", default=None, help="regexes over BFL module names (with --lora-rank)")
     p.add_argument("--lora-format", choices=lora_files.FORMATS, default="diffusers",
                    help="the LoRA file written: diffusers (load_lora_weights reads it at the intended strength), "
@@ -179,6 +182,9 @@ def plan(args):
     cfg = DEMO if args.config == "demo" else configs.get(args.config)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: not a directory")
+    if args.init_lora is not None and (args.lora_rank is not None or args.lora_targets):
+        raise UsageError("--init-lora takes its rank and modules from the file: leave out --lora-rank and "
+                         "--lora-targets")
     if args.lora_targets and args.lora_rank is None:
         raise UsageError("--lora-targets needs --lora-rank")
     if args.guidance is not None and not cfg.guidance_embed:
@@ -207,6 +213,14 @@ def plan(args):
             lora_files.targets(linear_names(load.abstract_model(cfg)), args.lora_targets)
         except (ValueError, re.error) as e:
             raise UsageError(f"--lora-targets: {e}") from None
+    if args.init_lora is not None:
+        from minflux_jax.lora import LoRA
+
+        try:
+            lora, _ = LoRA.from_file(args.init_lora, cfg)
+        except (CheckpointError, ValueError) as e:
+            raise UsageError(f"--init-lora {args.init_lora}: {e}") from None
+        args.lora_rank, args.lora_alpha = lora.rank, lora.alpha  # the file's, for the run record and the options
     if args.data:
         dropout = 0.0 if args.caption_dropout is None else args.caption_dropout
         try:
@@ -232,6 +246,7 @@ def train_options(args, ckpt: Path):
             ema=args.ema, lora_rank=0 if args.lora_rank is None else args.lora_rank, lora_alpha=args.lora_alpha,
             **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}),
             init=None if args.init is None else str(args.init),
+            init_lora=None if args.init_lora is None else str(args.init_lora),
             ckpt_dir=str(ckpt) if args.save_every or args.resume else None, save_every=args.save_every)
     except ValueError as e:  # should one slip past the argument types
         raise UsageError(str(e)) from None
@@ -246,8 +261,8 @@ def run(args) -> int:
     tr.maybe_initialize_distributed()
     out = args.out
     ckpt = out / "ckpt"
+    cfg, data, mesh = plan(args)  # (an --init-lora file sets the run's LoRA rank)
     opts = train_options(args, ckpt)
-    cfg, data, mesh = plan(args)
     # resume: the saved run's options against these, before any model is built or checkpoint read
     if args.resume:
         try:

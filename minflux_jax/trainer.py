@@ -74,6 +74,7 @@ class TrainOptions:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = lora_files.DEFAULT_TARGETS
     init: str | None = None  # base weights (safetensors, any layout) instead of a random init
+    init_lora: str | None = None  # start the adapters from this LoRA file (any format): its modules and rank
     ckpt_dir: str | None = None
     save_every: int = 0  # 0: no periodic checkpoints
     keep: int = 2
@@ -283,9 +284,13 @@ class Trainer:
         self.master_graphdef = nnx.graphdef(model)
         key = jax.random.key(opts.seed)
         if opts.lora_rank:
-            self.lora = LoRA(tuple(lora_files.targets(self.linear_names, opts.lora_targets)), opts.lora_rank,
-                             opts.lora_alpha)
-            trainable = self.lora.init(jax.random.fold_in(key, 1), params, master)
+            start = None
+            if opts.init_lora:  # a downloaded or earlier LoRA: its modules, rank and values are the start
+                self.lora, start = LoRA.from_file(opts.init_lora, self.cfg)
+            else:
+                self.lora = LoRA(tuple(lora_files.targets(self.linear_names, opts.lora_targets)), opts.lora_rank,
+                                 opts.lora_alpha)
+            trainable = self.lora.init(jax.random.fold_in(key, 1), params, master, start=start)
             frozen = jax.tree.map(lambda p: p.astype(compute), params)  # the base only ever runs in compute dtype
         else:
             self.lora, trainable, frozen = None, params, {}

@@ -721,3 +721,25 @@ def test_bf16_models_merge_alike(tmp_path, rng, tiny_checkpoint):
         assert t[k].dtype == j[k].dtype and t[k].dtype.name == "bfloat16", k
         np.testing.assert_array_equal(t[k].view(np.uint16), j[k].view(np.uint16), err_msg=k)
         assert rel_l2(t[k].astype(np.float64), base[k] + f32[k]) <= 1e-2, k
+
+
+def test_train_init_lora_starts_from_the_file(tmp_path):
+    """`train --init-lora FILE`: with lr 0 the run exports exactly the model the file's run ended with (same base
+    from the same seed, adapters from the file: its rank and modules), and writes the same adapters back."""
+    from safetensors.numpy import load_file
+
+    from minflux_cli.main import main
+
+    common = ["train", "--steps", "2", "--batch-size", "2", "--sample-steps", "1", "--warmup", "0"]
+    assert main(common + ["--lora-rank", "2", "--lora-targets", "img_attn.qkv", "--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--init-lora", str(tmp_path / "a" / "lora.safetensors"), "--lr", "0",
+                          "--out", str(tmp_path / "b")]) == 0
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    moved = [k for k in a if "img_attn.qkv" in k and k.endswith("weight")]
+    assert moved and a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    la, lb = (load_file(tmp_path / run / "lora.safetensors") for run in ("a", "b"))
+    assert la.keys() == lb.keys()
+    for k in la:
+        np.testing.assert_allclose(lb[k], la[k], rtol=1e-6, atol=1e-7, err_msg=k)

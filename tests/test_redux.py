@@ -231,3 +231,28 @@ def test_pipeline_redux(repo, encoders, framework, tmp_path):
     e = rel_l2(got_txt, want_txt)
     print(f"pipeline.redux {framework} vs FluxPriorReduxPipeline: rel-L2 {e:.1e}")
     assert e <= 1e-5 and rel_l2(got_vec, want_vec) <= 1e-6
+
+
+def test_generate_redux_command(repo, tmp_path, monkeypatch):
+    """`minflux generate --redux`: both frameworks run it and draw the same picture (same noise and weights), and
+    the prompt reaching the transformer carries the image tokens (16 per image here)."""
+    from minflux_cli.main import main
+    from minflux_jax import pipeline as jp
+    from minflux_torch import pipeline as tp
+
+    seen = []
+    for module in (tp, jp):
+        original = module.generate
+        monkeypatch.setattr(module, "generate", lambda m, ae, txt, *a, _f=original, **k: (
+            seen.append(txt.shape), _f(m, ae, txt, *a, **k))[1])
+    images(1, seed=5)[0].save(tmp_path / "style.png")
+    out = {}
+    for fw in ("torch", "jax"):
+        assert main(["generate", "--random-weights", "--model", "flux1-tiny", "--framework", fw, "--steps", "2",
+                     "--width", "32", "--height", "32", "--redux", str(tmp_path / "style.png"), "--redux-model",
+                     str(repo[0]), "--redux-scale", "0.8", "--no-progress", "--out", str(tmp_path / f"{fw}.png")]) == 0
+        out[fw] = np.asarray(Image.open(tmp_path / f"{fw}.png"), np.int16)
+    assert main(["generate", "--random-weights", "--model", "flux1-tiny", "--steps", "2", "--width", "32",
+                 "--height", "32", "--no-progress", "--out", str(tmp_path / "plain.png")]) == 0
+    assert np.abs(out["torch"] - out["jax"]).max() <= 1
+    assert seen == [(1, 16 + 16, TXT)] * 2 + [(1, 16, TXT)]  # the random prompt's 16 tokens + the image's 16
