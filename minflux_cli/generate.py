@@ -36,6 +36,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +74,14 @@ class TextPlan:
     max_length: int | None
     layers: tuple[int, ...] | None
 
-    def encode(self, fw: Framework) -> dict[str, np.ndarray]:
+    def encode(self, fw: Framework, loras=()) -> dict[str, np.ndarray]:
         """txt (B, L, D), vec (B, 768) for FLUX.1, and neg_txt / neg_vec for the negatives; numpy in the
-        encoder's dtype. The encoder is freed before this returns."""
+        encoder's dtype. loras: (file, scale) pairs whose text-encoder parts are merged into FLUX.1's CLIP-L and
+        T5 first. The encoder is freed before this returns."""
         prompts, n = list(self.prompts + self.negatives), len(self.prompts)
         try:
-            out = fw.encode_prompts(self.kind, self.directory, prompts, max_length=self.max_length, layers=self.layers)
+            out = fw.encode_prompts(self.kind, self.directory, prompts, max_length=self.max_length, layers=self.layers,
+                                    loras=loras)
         except (FileNotFoundError, ValueError) as e:  # (CheckpointError, naming the file, passes through)
             raise UsageError(f"--text-encoder {self.directory}: {e}") from None
         emb = {}
@@ -430,7 +433,7 @@ def read_embeddings(path: Path, plan: Plan, flag: str) -> dict[str, np.ndarray]:
 def save_embeddings(plan: Plan, path: Path) -> int:
     """--save-embeddings FILE: the prompts' embeddings to FILE, the negative prompts' (if any) to FILE-neg."""
     tp = plan.text
-    emb = tp.encode(plan.fw)
+    emb = tp.encode(plan.fw, plan.loras)
     outs = [(path, "", tp.prompts)]
     if tp.negatives:
         outs.append((path.with_name(f"{path.stem}-neg{path.suffix}"), "neg_", tp.negatives))
@@ -446,7 +449,7 @@ def load_embeddings(plan: Plan) -> dict[str, np.ndarray]:
     """txt (B, L, D), vec (B, 768) for FLUX.1, and neg_txt / neg_vec with --cfg; fp32 numpy."""
     cfg = plan.cfg
     if plan.text is not None:
-        return {k: v.astype(np.float32) for k, v in plan.text.encode(plan.fw).items()}
+        return {k: v.astype(np.float32) for k, v in plan.text.encode(plan.fw, plan.loras).items()}
     if plan.random:
         rng = np.random.default_rng(plan.seed)
         emb = {"txt": rng.standard_normal((1, 16, cfg.context_in_dim), np.float32)}
@@ -504,7 +507,10 @@ def generate(plan: Plan) -> np.ndarray:
     model = fw.model(plan.cfg, None if plan.random else plan.transformer, seed=plan.seed)
     ae = fw.model(plan.ae_cfg, None if plan.random else plan.ae, seed=plan.seed + 1)
     if plan.loras:
-        fw.package.load_lora(model, [p for p, _ in plan.loras], [s for _, s in plan.loras])
+        with warnings.catch_warnings():
+            if plan.text is not None:  # the files' text-encoder parts went into the encoders above
+                warnings.filterwarnings("ignore", message=".*text-encoder LoRA modules not applied")
+            fw.package.load_lora(model, [p for p, _ in plan.loras], [s for _, s in plan.loras])
     if plan.compile and fw.name == "torch":
         import torch
 

@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import rel_l2
 from test_text import make_tokenizer, randomize
 
 from minflux import configs, text
@@ -148,3 +149,30 @@ def test_errors(files, tmp_path, capsys):
     (bare / "tokenizer.json").unlink()
     assert f"{bare / 'tokenizer.json'}: no such file" in error(f2 + ["--text-encoder", str(bare), *QWEN_LAYERS])
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_prompt_with_a_lora_that_trains_clip(files, tmp_path):
+    """A kohya file that also trains CLIP (`lora_te1_`): with --prompt, its text-encoder part
+    reach the embeddings, the same numbers in both frameworks; the transformer part loads beside them."""
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(0)
+    f1 = configs.get("flux1-tiny")
+    qkv = (3 * f1.hidden_size, f1.hidden_size)
+    tensors = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": rng.standard_normal((2, qkv[1])),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": rng.standard_normal((qkv[0], 2)),
+               "lora_unet_double_blocks_0_img_attn_qkv.alpha": np.array(1.0),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": rng.standard_normal((2, 24)),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": rng.standard_normal((48, 2)),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": np.array(1.0)}
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, tmp_path / "lora.safetensors")
+    enc = ["generate", "--model", "flux1-tiny", *encoder_args(files, "flux1-tiny"), "--prompt", "a cat",
+           "--dtype", "fp32"]
+    emb = {}
+    for name, extra in (("plain", []), ("torch", ["--lora", str(tmp_path / "lora.safetensors")]),
+                        ("jax", ["--lora", f"{tmp_path / 'lora.safetensors'}:1.0", "--framework", "jax"])):
+        assert cli.main(enc + extra + ["--save-embeddings", str(tmp_path / f"{name}.safetensors")]) == 0
+        emb[name] = load_file(tmp_path / f"{name}.safetensors")
+    assert rel_l2(emb["torch"]["vec"], emb["plain"]["vec"]) > 1e-3  # the CLIP part moved the pooled vector
+    assert rel_l2(emb["jax"]["vec"], emb["torch"]["vec"]) < 1e-5
+    np.testing.assert_array_equal(emb["torch"]["txt"], emb["plain"]["txt"])  # the file trains no T5

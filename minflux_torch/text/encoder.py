@@ -105,15 +105,28 @@ def load_text_encoder(kind: str, directory, dtype: torch.dtype = torch.bfloat16,
 
 
 def encode_prompts(kind: str, directory, prompts: str | list[str], dtype: torch.dtype = torch.bfloat16,
-                   device="cpu", **kw) -> dict[str, Tensor]:
-    """Load, encode and free the encoder before returning, so the transformer gets the memory."""
+                   device="cpu", loras=(), **kw) -> dict[str, Tensor]:
+    """Load, encode and free the encoder before returning, so the transformer gets the memory.
+
+    loras: (file, scale) pairs whose text-encoder parts (CLIP: `lora_te1_` / `text_encoder.`; T5: `lora_te2_` /
+    `text_encoder_2.`) are merged into FLUX.1's encoders first (`load_lora(..., component=)`)."""
     enc = load_text_encoder(kind, directory, dtype, device, **kw)
+    apply_loras(enc, loras)
     out = enc.encode(prompts)
     del enc
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def apply_loras(enc, loras) -> None:
+    """Merge the text-encoder parts of LoRA files into FLUX.1's CLIP-L and T5 (FLUX.2's decoders take none)."""
+    from minflux_torch.lora import load_lora
+
+    if loras and enc.kind == "flux1":
+        for part, component in ((enc.clip, "clip"), (enc.t5, "t5")):
+            load_lora(part.model, [p for p, _ in loras], [s for _, s in loras], component=component)
 
 
 def save_prompt_embeddings(path, embeds: dict[str, Tensor], kind: str, prompts: list[str] | None = None) -> None:
