@@ -86,6 +86,12 @@ REMAT_POLICIES = {  # what the backward pass may keep from the forward pass of e
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything: least memory
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+    # keep each attention output (named in layers.attention): the backward pass recomputes the cheap linears,
+    # never the attention kernel, for (B, L, D) per attention call
+    "attention": jax.checkpoint_policies.save_only_these_names("attention"),
+    "attention_dots": jax.checkpoint_policies.save_from_both_policies(  # attention outputs + weight matmuls
+        jax.checkpoint_policies.save_only_these_names("attention"),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 
 

@@ -49,7 +49,6 @@ def test_full_size_count_and_peaks():
 def test_attention_implementation_is_validated():
     from minflux_jax import layers
 
-    with pytest.raises(ValueError, match="expected None, 'xla' or 'cudnn'"):
-        layers.set_attention_implementation("flash")
-    layers.set_attention_implementation("xla")
-    assert layers.ATTENTION_IMPLEMENTATION is None
+    with pytest.raises(ValueError, match="expected 'auto', 'xla' or 'cudnn'"):
+        layers.attention_backend("flash", None)
+    assert layers.attention_backend("xla", None) == "xla"
