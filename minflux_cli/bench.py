@@ -106,7 +106,7 @@ def worker(args) -> dict:
         from minflux_jax import bench as runner
     if args.worker in bench.GPU_ONLY and runner.device() not in ("gpu", "cuda"):
         return {"device": runner.device_name(), "skipped": "needs an NVIDIA GPU"}
-    out = runner.run(plan, options)
+    out = runner.run(plan, options, lambda row: print("ROW " + json.dumps(row), flush=True))
     if args.parity:
         model = runner.build(plan.model, plan.seed, runner.DTYPES[plan.dtype])
         out["fp8_parity"] = runner.fp8_parity(model, bench.inputs(plan), plan.fp8)
@@ -125,8 +125,10 @@ def spawn(name: str, plan: bench.Plan, args) -> dict:
     cmd += ["--parity"] if parity else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
+    except subprocess.TimeoutExpired as e:  # the rows finished before the limit still count
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        done = [json.loads(ln[len("ROW "):]) for ln in stdout.splitlines() if ln.startswith("ROW ")]
+        return {"error": f"timed out after {args.timeout} s", "rows": done}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or [f"exit {proc.returncode}"]
@@ -161,7 +163,10 @@ def run(args) -> int:
             continue
         if "error" in out:
             print(f"minflux bench: {name} failed: {out['error']}", file=sys.stderr)
-            rows += [{"backend": name, "framework": framework, "kind": k, "error": out["error"]} for k in plan.kinds]
+            done = out.get("rows", [])
+            rows += [{"backend": name, "framework": framework, **r} for r in done]
+            rows += [{"backend": name, "framework": framework, "kind": k, "error": out["error"]} for k in plan.kinds
+                     if k not in {r["kind"] for r in done}]
             continue
         device = out["device"] if out["device"] != "cpu" else device
         versions[framework] = out["version"]

@@ -214,8 +214,9 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(plan, options: dict) -> dict:
-    """Every row of `plan` on this backend (`options`: {"attention": ...}); a failing row is reported, not raised."""
+def run(plan, options: dict, report=None) -> dict:
+    """Every row of `plan` on this backend (`options`: {"attention": ...}); a failing row is reported, not raised;
+    `report(row)` (if given) sees each row as soon as it is done."""
     attention = options.get("attention", "auto")
     dtype = DTYPES[plan.dtype]
     inp = bench.inputs(plan)
@@ -226,6 +227,8 @@ def run(plan, options: dict) -> dict:
             rows.append({"kind": kind, **fn()})
         except Exception as e:  # noqa: BLE001 -- one failed row (an unsupported kernel, OOM) must not end the run
             rows.append({"kind": kind, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+        if report is not None:
+            report(rows[-1])
 
     inference = [k for k in plan.kinds if k in ("forward", "sample", "fp8")]
     if inference:

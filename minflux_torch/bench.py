@@ -216,8 +216,9 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(plan, options: dict) -> dict:
-    """Every row of `plan` on this backend (`options`: {"compile": bool}); a failing row is reported, not raised."""
+def run(plan, options: dict, report=None) -> dict:
+    """Every row of `plan` on this backend (`options`: {"compile": bool}); a failing row is reported, not raised;
+    `report(row)` (if given) sees each row as soon as it is done."""
     compiled = options.get("compile", False)
     dtype = DTYPES[plan.dtype]
     inp = bench.inputs(plan)
@@ -228,6 +229,8 @@ def run(plan, options: dict) -> dict:
             rows.append({"kind": kind, **fn()})
         except Exception as e:  # noqa: BLE001 -- one failed row (an unsupported kernel, OOM) must not end the run
             rows.append({"kind": kind, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+        if report is not None:
+            report(rows[-1])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
