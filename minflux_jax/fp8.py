@@ -59,8 +59,9 @@ class FP8Linear(nnx.Module):
     def __call__(self, x: Array) -> Array:
         shape = x.shape
         xq, xs = quantize(x.reshape(-1, shape[-1]), self.axis)  # (M, in), () or (M, 1)
+        # default precision: XLA's fp8 rewrite of the pattern is for default-precision dots
         y = jnp.dot(dequantize(xq, xs), dequantize(self.kernel_q[...], self.kernel_scale[...]),
-                    precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32).astype(self.out_dtype)
+                    preferred_element_type=jnp.float32).astype(self.out_dtype)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*shape[:-1], -1)

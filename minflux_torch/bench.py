@@ -151,7 +151,11 @@ def train_row(plan, inp: dict, lora_rank: int, compiled: bool, attention: str = 
     opt, sched = ttrain.make_optimizer(model, lr=1e-5, warmup=0, steps=1000)
     x = tensors(inp)
     batch = {k: x[k] for k in ("img", "img_ids", "txt", "txt_ids", "vec", "guidance") if k in x}
-    step = torch.compile(ttrain.train_step) if compiled else ttrain.train_step  # the whole step, graph breaks
+    step = ttrain.train_step
+    if compiled:  # the whole step; the optimiser and schedule stay eager (their lr changes every step, and a
+        # compiled one would recompile on each new value): the loss, backward and clipping compile
+        opt.step, sched.step = torch.compiler.disable(opt.step), torch.compiler.disable(sched.step)
+        step = torch.compile(ttrain.train_step)
     remat = "none" if plan.remat == "none" else "full"  # torch checkpoints whole blocks for every policy
     metrics = {}
 
