@@ -93,16 +93,17 @@ def _compile(fn, compiled: bool, inference: bool):
 
 def forward_row(plan, model, inp: dict, compiled: bool) -> dict:
     """One denoising step: one transformer forward."""
-    x = tensors(inp)
     fn = _compile(model, compiled, inference=True)
-    with torch.inference_mode():
+    with torch.inference_mode():  # inputs made inside too: a compiled model then sees one kind of tensor
+        x = tensors(inp)
         return timed(plan, lambda: sampling.predict(fn, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"],
                                                     x.get("vec"), x.get("guidance")), compiled)
 
 
 def sample_row(plan, model, ae, inp: dict, compiled: bool) -> dict:
     """A whole sample: `plan.steps` Euler steps from the noise tokens, then the autoencoder decode."""
-    x = tensors(inp)
+    with torch.inference_mode():  # inputs made inside: `denoise` runs in inference mode, so no recompile
+        x = tensors(inp)
     family, dtype = model.params.family, next(model.parameters()).dtype
     fn, decode = _compile(model, compiled, inference=True), _compile(ae.decode, compiled, inference=True)
     guidance = 3.5 if model.params.guidance_embed else None
