@@ -3,11 +3,12 @@
 #
 #   bash bench/gpu_session.sh OUT_DIR [SECONDS] [PART ...]
 #
-# PARTs (default: the issue-14 set below, in this order, most important first):
+# PARTs (default: the issue-14 set below, in this order, most important first; JAX before PyTorch in each, so
+# a slow torch.compile cannot starve it; a backend cut short keeps the rows it finished):
 #   env        GPU, driver and library versions                                     -> OUT/log.txt
 #   klein      `minflux bench` flux2-klein-4b, 1024 px, bf16: one step, fp8 step, full fine-tuning step
-#              (remat full), torch.compile vs JAX cuDNN attention, fp8 parity per block  -> OUT/bench-klein.json
-#   flux1      `minflux bench` flux1-dev one step + fp8 step, torch.compile vs JAX cuDNN -> OUT/bench-flux1.json
+#              (remat full), JAX cuDNN attention vs torch.compile, fp8 parity per block -> OUT/bench-klein.json
+#   flux1      `minflux bench` flux1-dev one step + fp8 step, JAX cuDNN vs torch.compile -> OUT/bench-flux1.json
 #   flux2dev   `minflux bench` flux2-dev one step, JAX cuDNN vs torch.compile            -> OUT/bench-flux2dev.json
 #   rest       flux2-klein-4b: the other rows and backends (eager PyTorch, JAX XLA attention: sample with
 #              decode, LoRA step)                                                       -> OUT/bench-klein-rest.json
@@ -44,20 +45,20 @@ step() {  # step LIMIT NAME CMD...: run CMD for at most min(LIMIT, time left), o
 
 $py -c "import rich, tqdm" 2>/dev/null || $py -m pip install -q --no-deps --no-index .whl/*.whl >>"$log" 2>&1
 parity=("$py" -m minflux_cli parity --random-weights --device cuda --resolution 1024)
-bench=("$py" -m minflux_cli bench --resolution 1024 --txt-len 512 --repeats 5 --timeout 200)
+bench=("$py" -m minflux_cli bench --resolution 1024 --txt-len 512 --repeats 5)
 for part in $parts; do
   case $part in
     env) step 60 env bash -c "nvidia-smi; $py -c 'import sys, torch, jax, flax, optax; print(sys.version); \
 print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.get_device_name()); \
 print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"optax\", optax.__version__)'" ;;
-    klein) step 240 klein "${bench[@]}" --model flux2-klein-4b --kinds forward,fp8,train --remat full \
-             --backends torch-compile,jax-cudnn --fp8-parity --json "$out/bench-klein.json" --plot "$out/bench-klein.png" ;;
-    flux1) step 150 flux1 "${bench[@]}" --model flux1-dev --kinds forward,fp8 --backends torch-compile,jax-cudnn \
-             --json "$out/bench-flux1.json" ;;
-    flux2dev) step 150 flux2dev "${bench[@]}" --model flux2-dev --kinds forward --backends jax-cudnn,torch-compile \
-                --repeats 3 --json "$out/bench-flux2dev.json" ;;
-    rest) step 200 rest "${bench[@]}" --model flux2-klein-4b --kinds forward,sample,lora --steps 4 --remat full \
-            --backends torch-eager,jax-xla,jax-cudnn --json "$out/bench-klein-rest.json" ;;
+    klein) step 300 klein "${bench[@]}" --model flux2-klein-4b --kinds forward,fp8,train --remat full --timeout 150 \
+             --backends jax-cudnn,torch-compile --fp8-parity --json "$out/bench-klein.json" --plot "$out/bench-klein.png" ;;
+    flux1) step 220 flux1 "${bench[@]}" --model flux1-dev --kinds forward,fp8 --backends jax-cudnn,torch-compile \
+             --timeout 110 --json "$out/bench-flux1.json" ;;
+    flux2dev) step 220 flux2dev "${bench[@]}" --model flux2-dev --kinds forward --backends jax-cudnn,torch-compile \
+                --repeats 3 --timeout 110 --json "$out/bench-flux2dev.json" ;;
+    rest) step 240 rest "${bench[@]}" --model flux2-klein-4b --kinds forward,sample,lora --steps 4 --remat full \
+            --backends jax-xla,jax-cudnn,torch-eager --timeout 80 --json "$out/bench-klein-rest.json" ;;
     remat) step 100 remat "${bench[@]}" --model flux2-klein-4b --kinds train --remat attention_dots \
              --backends jax-cudnn --json "$out/bench-remat.json" ;;
     xlaflags) step 100 xlaflags "${bench[@]}" --model flux2-klein-4b --kinds train --remat full --xla-flags none \
