@@ -78,3 +78,27 @@ def test_random_weights_are_minflux_random_by_name():
     assert got.keys() == shapes.keys()
     for k, v in got.items():
         np.testing.assert_array_equal(v, random.tensor(k, shapes[k], 3))
+
+
+def test_attention_choice_belongs_to_the_model():
+    """The backend is a static attribute of each block: it lives in the graphdef a compiled program is keyed on
+    (no module global read at trace time), and the PyTorch twin carries the same attribute."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import minflux_jax as mj
+    import minflux_torch as mt
+    from minflux_jax import layers as jl
+    from minflux_torch import layers as tl
+
+    jm = mj.build_model("flux2-tiny")
+    auto = nnx.graphdef(jm)
+    jl.set_attention_implementation(jm, "xla")
+    assert nnx.graphdef(jm) != auto and {b.attention_implementation for b in jm.double_blocks} == {"xla"}
+    assert jl.attention_backend("auto", jnp.zeros((1, 2, 4, 32), jnp.bfloat16)) == "xla"  # no GPU here
+    with pytest.raises(ValueError, match="expected 'auto', 'xla' or 'cudnn'"):
+        jl.set_attention_implementation(jm, "flash")
+    tm = tl.set_attention_implementation(mt.build_model("flux2-tiny"), "math")
+    assert {b.attention_implementation for b in [*tm.double_blocks, *tm.single_blocks]} == {"math"}
+    with pytest.raises(ValueError, match="expected 'auto' or one of"):
+        tl.set_attention_implementation(tm, "xla")
