@@ -69,9 +69,9 @@ def worker(args) -> dict:
         from minflux_jax import layers
         from minflux_jax import train as jtrain
 
-        layers.set_attention_implementation(args.jax_attention)
         dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.precision]
-        graphdef, params, paths = jtrain.split_params(mj.build_model(cfg, seed=0, dtype=dtype))
+        model = layers.set_attention_implementation(mj.build_model(cfg, seed=0, dtype=dtype), args.jax_attention)
+        graphdef, params, paths = jtrain.split_params(model)
         tx = jtrain.make_optimizer(lr=1e-5, warmup=0, steps=1000)
         state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
                  "key": jax.random.key_data(jax.random.key(0))}

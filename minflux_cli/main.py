@@ -1,4 +1,4 @@
-"""The `minflux` command: parity | convert | generate | train | cache.
+"""The `minflux` command: parity | convert | generate | train | cache | bench.
 
 One error contract for every command: a user error (a wrong file, preset, number or combination of flags)
 prints one line naming the argument or file and exits 2; a parity row over its bound exits 1; Ctrl-C and
@@ -22,6 +22,7 @@ COMMANDS = {
     "generate": "sample images with either framework",
     "train": "train FLUX through JAX",
     "cache": "encode images + captions into the latent shards `train --data` reads",
+    "bench": "time PyTorch and JAX side by side: inference, sampling, training, LoRA, fp8",
 }
 
 

@@ -120,9 +120,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
     p.add_argument("--clip", type=nonneg_float, default=1.0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16"])
-    p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
-                   help="cudnn: fused flash attention on NVIDIA GPUs, bf16 only (1.6x faster steps at 1024 px)")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch", "attention",
+                                                       "attention_dots"])
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+                   help="auto: cuDNN fused flash attention on NVIDIA GPUs in bf16 (1.6x faster steps at 1024 px), "
+                        "XLA's elsewhere")
     p.add_argument("--timesteps", default="logit_normal", choices=["logit_normal", "uniform"])
     p.add_argument("--logit-mean", type=finite, default=0.3, help="> 0: more high-noise steps (layout)")
     p.add_argument("--logit-std", type=nonneg_float, default=1.0)
@@ -241,6 +243,7 @@ def train_options(args, ckpt: Path):
         return TrainOptions(
             steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr, warmup=args.warmup,
             weight_decay=args.weight_decay, clip=args.clip, precision=args.precision, remat=args.remat,
+            attention=args.attention,
             timesteps={"kind": args.timesteps, "mean": args.logit_mean, "std": args.logit_std, "shift": args.shift},
             weighting=args.weighting, guidance=args.guidance, seed=args.seed, mesh=tuple(args.mesh),
             ema=args.ema, lora_rank=0 if args.lora_rank is None else args.lora_rank, lora_alpha=args.lora_alpha,
@@ -255,7 +258,6 @@ def train_options(args, ckpt: Path):
 def run(args) -> int:
     import time
 
-    from minflux_jax import layers
     from minflux_jax import trainer as tr
 
     tr.maybe_initialize_distributed()
@@ -272,7 +274,6 @@ def run(args) -> int:
     elif args.save_every and (steps := tr.saved_steps(ckpt)):
         raise UsageError(f"{ckpt} holds checkpoints (latest: step {steps[0]}); pass --resume to continue that run, "
                          "or another --out")
-    layers.set_attention_implementation(args.attention)
     out.mkdir(parents=True, exist_ok=True)
     trainer = tr.Trainer(cfg, data, opts)
     if args.resume:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -125,17 +126,16 @@ def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
                          dtype=dtype, rngs=rngs)
 
 
-# The backend of jax.nn.dot_product_attention: None (XLA's, any device and dtype) or "cudnn" (fused flash
-# attention on NVIDIA GPUs, bf16/fp16 only). Read when a function is traced; set with set_attention_implementation.
-ATTENTION_IMPLEMENTATION: str | None = None
-
-
-def set_attention_implementation(implementation: str | None) -> None:
-    """Choose the attention backend for computations traced from now on: None/"xla" or "cudnn"."""
-    global ATTENTION_IMPLEMENTATION
-    if implementation not in (None, "xla", "cudnn"):
-        raise ValueError(f"attention implementation {implementation!r}: expected None, 'xla' or 'cudnn'")
-    ATTENTION_IMPLEMENTATION = None if implementation == "xla" else implementation
+def attention_backend(implementation: str, q: Array) -> str:
+    """The jax.nn.dot_product_attention backend for q (B, H, L, D): "xla", "cudnn", or "auto" = cuDNN's fused
+    flash attention on an NVIDIA GPU for bf16/fp16 with head_dim a multiple of 8 up to 128, else XLA's."""
+    if implementation not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'")
+    if implementation != "auto":
+        return implementation
+    d = q.shape[-1]
+    fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0
+    return "cudnn" if fused else "xla"
 
 
 @dataclass
@@ -150,29 +150,50 @@ class RefKV:
     v: Array | None = None
 
 
-def _sdpa(q: Array, k: Array, v: Array) -> Array:
-    # jax.nn.dot_product_attention takes (B, L, H, D).
-    x = jax.nn.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),
-                                     implementation=ATTENTION_IMPLEMENTATION)
+def _sdpa(q: Array, k: Array, v: Array, implementation: str = "auto") -> Array:
+    backend = attention_backend(implementation, q)
+    qkv = (q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))  # jax.nn.dot_product_attention takes (B, L, H, D)
+    try:
+        x = jax.nn.dot_product_attention(*qkv, implementation=backend)
+    except (NotImplementedError, ValueError, RuntimeError):  # "auto": XLA's where cuDNN refuses the shape
+        if implementation != "auto":
+            raise
+        x = jax.nn.dot_product_attention(*qkv, implementation="xla")
     return x.swapaxes(1, 2)  # (B, H, L, D)
 
 
-def attention(q: Array, k: Array, v: Array, pe: Array, kv: RefKV | None = None) -> Array:
+def attention(q: Array, k: Array, v: Array, pe: Array, kv: RefKV | None = None,
+              implementation: str = "auto") -> Array:
     """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D).
 
     With `kv` (klein KV): empty, the last kv.n_ref queries attend only to the last kv.n_ref keys and those keys
     and values are kept in kv; filled, its keys and values are appended to a sequence without references.
+    implementation: see `attention_backend`; chosen per call when traced (the blocks pass their own
+    `attention_implementation`), so it is part of the compiled program, never a global read later.
     """
     q, k = apply_rope(q, k, pe)
     if kv is None:
-        x = _sdpa(q, k, v)
+        x = _sdpa(q, k, v, implementation)
     elif kv.k is not None:  # later steps: the references' keys and values from the first
-        x = _sdpa(q, jnp.concatenate((k, kv.k), axis=2), jnp.concatenate((v, kv.v), axis=2))
+        x = _sdpa(q, jnp.concatenate((k, kv.k), axis=2), jnp.concatenate((v, kv.v), axis=2), implementation)
     else:  # first step: text and image tokens attend to everything, the references to themselves
         n = kv.n_ref
         kv.k, kv.v = k[:, :, -n:], v[:, :, -n:]
-        x = jnp.concatenate((_sdpa(q[:, :, :-n], k, v), _sdpa(q[:, :, -n:], kv.k, kv.v)), axis=2)
-    return rearrange(x, "B H L D -> B L (H D)")
+        x = jnp.concatenate((_sdpa(q[:, :, :-n], k, v, implementation),
+                             _sdpa(q[:, :, -n:], kv.k, kv.v, implementation)), axis=2)
+    # named, so a remat policy can keep attention outputs (train.REMAT_POLICIES["attention"])
+    return checkpoint_name(rearrange(x, "B H L D -> B L (H D)"), "attention")
+
+
+def set_attention_implementation(model: nnx.Module, implementation: str) -> nnx.Module:
+    """Set every block's attention backend ("auto", "xla", "cudnn"); a static attribute, so it lives in the
+    model's graphdef and each choice compiles its own program. Returns the model."""
+    if implementation not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'")
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, (DoubleStreamBlockBase, SingleStreamBlockBase)):
+            m.attention_implementation = implementation
+    return model
 
 
 class SelfAttention(nnx.Module):
@@ -267,6 +288,8 @@ class LastLayer(nnx.Module):
 class DoubleStreamBlockBase(nnx.Module):
     """Separate weights for image and text tokens, joint attention over both (text first)."""
 
+    attention_implementation = "auto"  # see `attention_backend`; `set_attention_implementation` changes it
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str, qkv_bias: bool,
                  *, dtype, rngs: nnx.Rngs):
         bias = family == "flux1"  # FLUX.2 has no biases anywhere
@@ -292,7 +315,7 @@ class DoubleStreamBlockBase(nnx.Module):
         q = jnp.concatenate((txt_q, img_q), axis=2)  # (B, H, Lt+Li, D)
         k = jnp.concatenate((txt_k, img_k), axis=2)
         v = jnp.concatenate((txt_v, img_v), axis=2)
-        attn = attention(q, k, v, pe, kv)
+        attn = attention(q, k, v, pe, kv, self.attention_implementation)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -304,6 +327,8 @@ class DoubleStreamBlockBase(nnx.Module):
 
 class SingleStreamBlockBase(nnx.Module):
     """Parallel attention + MLP on the joint sequence, fused into linear1 / linear2."""
+
+    attention_implementation = "auto"
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str, *, dtype, rngs: nnx.Rngs):
         bias = family == "flux1"
@@ -324,7 +349,8 @@ class SingleStreamBlockBase(nnx.Module):
                                 axis=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(jnp.concatenate((attention(q, k, v, pe, kv), self.mlp_act(mlp_in)), axis=2))
+        attn = attention(q, k, v, pe, kv, self.attention_implementation)
+        out = self.linear2(jnp.concatenate((attn, self.mlp_act(mlp_in)), axis=2))
         return x + gate * out
 
 

@@ -86,6 +86,12 @@ REMAT_POLICIES = {  # what the backward pass may keep from the forward pass of e
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything: least memory
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+    # keep each attention output (named in layers.attention): the backward pass recomputes the cheap linears,
+    # never the attention kernel, for (B, L, D) per attention call
+    "attention": jax.checkpoint_policies.save_only_these_names("attention"),
+    "attention_dots": jax.checkpoint_policies.save_from_both_policies(  # attention outputs + weight matmuls
+        jax.checkpoint_policies.save_only_these_names("attention"),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 
 
@@ -173,8 +179,11 @@ def lr_schedule(lr: float, warmup: int, steps: int, final: float = 0.1):
 
 def make_optimizer(lr: float = 1e-4, warmup: int = 0, steps: int = 1000, weight_decay: float = 0.0,
                    clip: float = 1.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   accumulate: int = 1) -> optax.GradientTransformation:
+                   accumulate: int = 1, mu_dtype=None) -> optax.GradientTransformation:
     """AdamW on a warm-up + cosine schedule, after global-norm clipping; weight decay on matrices only.
+
+    mu_dtype: the first moment's dtype (e.g. jnp.bfloat16 beside fp32 weights: a quarter less optimiser
+    memory); None keeps each parameter's dtype.
 
     accumulate > 1 wraps it in `optax.MultiSteps`: gradients are averaged over that many calls and the
     update applied on the last (the schedule counts updates, not calls).
@@ -182,7 +191,7 @@ def make_optimizer(lr: float = 1e-4, warmup: int = 0, steps: int = 1000, weight_
     decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(optax.clip_by_global_norm(clip),
                      optax.adamw(lr_schedule(lr, warmup, steps), b1=b1, b2=b2, eps=eps,
-                                 weight_decay=weight_decay, mask=decay))
+                                 weight_decay=weight_decay, mask=decay, mu_dtype=mu_dtype))
     return optax.MultiSteps(tx, accumulate) if accumulate > 1 else tx
 
 

@@ -41,6 +41,7 @@ from minflux import configs
 from minflux import lora as lora_files
 from minflux.checkpoint import CheckpointError
 from minflux_jax import load, sampling
+from minflux_jax.layers import set_attention_implementation
 from minflux_jax.lora import LoRA, linear_names
 from minflux_jax.train import make_optimizer, merge_params, resolution_mu, shift_timesteps, split_params, train_step
 
@@ -63,7 +64,8 @@ class TrainOptions:
     clip: float = 1.0
     accumulate: int = 1  # micro-batches per update (optax.MultiSteps)
     precision: str = "fp32"
-    remat: str = "none"  # none | full | dots | dots_no_batch (see train.REMAT_POLICIES)
+    remat: str = "none"  # none | full | dots | dots_no_batch | attention | attention_dots (train.REMAT_POLICIES)
+    attention: str = "auto"  # the blocks' attention backend: auto (cuDNN on GPU where it applies) | xla | cudnn
     timesteps: dict = field(default_factory=lambda: {"kind": "logit_normal", "mean": 0.0, "std": 1.0, "shift": False})
     weighting: str = "none"
     guidance: float | None = None  # the value fed to guidance-distilled models
@@ -277,10 +279,11 @@ class Trainer:
         # weights: the master copy is built (or loaded) in the master dtype; the step runs a compute-dtype model
         model = load.load_model(self.cfg, opts.init, master) if opts.init else load.init_model(self.cfg, opts.seed,
                                                                                                master)
+        set_attention_implementation(model, opts.attention)
         self.linear_names = linear_names(model)
         _, params, self.paths = split_params(model)
-        self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: load.MODELS[self.cfg.family](
-            self.cfg, dtype=compute, rngs=nnx.Rngs(0))))
+        compute_model = nnx.eval_shape(lambda: load.MODELS[self.cfg.family](self.cfg, dtype=compute, rngs=nnx.Rngs(0)))
+        self.graphdef = nnx.graphdef(set_attention_implementation(compute_model, opts.attention))
         self.master_graphdef = nnx.graphdef(model)
         key = jax.random.key(opts.seed)
         if opts.lora_rank:

@@ -132,23 +132,50 @@ class RefKV:
     v: Tensor | None = None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, kv: RefKV | None = None) -> Tensor:
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, implementation: str = "auto") -> Tensor:
+    if implementation == "auto":  # SDPA's own pick: flash / cuDNN fused kernels on a GPU where they apply
+        return nn.functional.scaled_dot_product_attention(q, k, v)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[implementation])):
+        return nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, kv: RefKV | None = None,
+              implementation: str = "auto") -> Tensor:
     """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D).
 
     With `kv` (klein KV): empty, the last kv.n_ref queries attend only to the last kv.n_ref keys and those keys
     and values are kept in kv; filled, its keys and values are appended to a sequence without references.
+    implementation: "auto" (SDPA picks) or one of SDPA_BACKENDS forced through `torch.nn.attention.sdpa_kernel`;
+    the blocks pass their own `attention_implementation`.
     """
     q, k = apply_rope(q, k, pe)
-    sdpa = nn.functional.scaled_dot_product_attention
     if kv is None:
-        x = sdpa(q, k, v)
+        x = _sdpa(q, k, v, implementation)
     elif kv.k is not None:  # later steps: the references' keys and values from the first
-        x = sdpa(q, torch.cat((k, kv.k), dim=2), torch.cat((v, kv.v), dim=2))
+        x = _sdpa(q, torch.cat((k, kv.k), dim=2), torch.cat((v, kv.v), dim=2), implementation)
     else:  # first step: text and image tokens attend to everything, the references to themselves
         n = kv.n_ref
         kv.k, kv.v = k[:, :, -n:], v[:, :, -n:]
-        x = torch.cat((sdpa(q[:, :, :-n], k, v), sdpa(q[:, :, -n:], kv.k, kv.v)), dim=2)
+        x = torch.cat((_sdpa(q[:, :, :-n], k, v, implementation),
+                       _sdpa(q[:, :, -n:], kv.k, kv.v, implementation)), dim=2)
     return rearrange(x, "B H L D -> B L (H D)")
+
+
+def set_attention_implementation(model: nn.Module, implementation: str) -> nn.Module:
+    """Set every block's attention backend ("auto" or a key of SDPA_BACKENDS). Returns the model."""
+    if implementation != "auto" and implementation not in SDPA_BACKENDS:
+        raise ValueError(f"attention implementation {implementation!r}: expected 'auto' or one of "
+                         f"{', '.join(SDPA_BACKENDS)}")
+    for m in model.modules():
+        if isinstance(m, (DoubleStreamBlockBase, SingleStreamBlockBase)):
+            m.attention_implementation = implementation
+    return model
 
 
 class SelfAttention(nn.Module):
@@ -235,6 +262,8 @@ class LastLayer(nn.Module):
 class DoubleStreamBlockBase(nn.Module):
     """Separate weights for image and text tokens, joint attention over both (text first)."""
 
+    attention_implementation = "auto"  # see `attention`; `set_attention_implementation` changes it
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str, qkv_bias: bool):
         super().__init__()
         bias = family == "flux1"  # FLUX.2 has no biases anywhere
@@ -260,7 +289,7 @@ class DoubleStreamBlockBase(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)  # (B, H, Lt+Li, D)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe, kv)
+        attn = attention(q, k, v, pe, kv, self.attention_implementation)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -272,6 +301,8 @@ class DoubleStreamBlockBase(nn.Module):
 
 class SingleStreamBlockBase(nn.Module):
     """Parallel attention + MLP on the joint sequence, fused into linear1 / linear2."""
+
+    attention_implementation = "auto"
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str):
         super().__init__()
@@ -293,7 +324,8 @@ class SingleStreamBlockBase(nn.Module):
                                   [3 * self.hidden_size, self.mlp_in], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, pe, kv), self.mlp_act(mlp_in)), dim=2))
+        attn = attention(q, k, v, pe, kv, self.attention_implementation)
+        out = self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=2))
         return x + gate * out
 
 

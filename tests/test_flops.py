@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import minflux_torch as mt
-from minflux import configs, data, flops
+from minflux import configs, flops, ids
 from minflux_torch.sampling import predict
 
 
@@ -23,8 +23,8 @@ def test_forward_flops_match_torch_counter(name, side, txt_len, batch):
     img = rng.standard_normal((batch, side * side, cfg.in_channels), np.float32)
     txt = rng.standard_normal((batch, txt_len, cfg.context_in_dim), np.float32)
     t = rng.uniform(size=batch).astype(np.float32)
-    ids = data.image_ids(batch, side, side, n_axes), data.text_ids(batch, txt_len, n_axes)
-    args = [torch.from_numpy(a) for a in (img, ids[0], txt, ids[1], t)]
+    pos = ids.image_ids(batch, side, side, n_axes), ids.text_ids(batch, txt_len, n_axes)
+    args = [torch.from_numpy(a) for a in (img, pos[0], txt, pos[1], t)]
     vec = torch.randn(batch, cfg.vec_in_dim) if cfg.family == "flux1" else None
     guidance = torch.full((batch,), 3.5) if cfg.guidance_embed else None
     # The math backend runs attention as matmuls the counter sees (CPU's fused kernel is not counted).
@@ -49,7 +49,6 @@ def test_full_size_count_and_peaks():
 def test_attention_implementation_is_validated():
     from minflux_jax import layers
 
-    with pytest.raises(ValueError, match="expected None, 'xla' or 'cudnn'"):
-        layers.set_attention_implementation("flash")
-    layers.set_attention_implementation("xla")
-    assert layers.ATTENTION_IMPLEMENTATION is None
+    with pytest.raises(ValueError, match="expected 'auto', 'xla' or 'cudnn'"):
+        layers.attention_backend("flash", None)
+    assert layers.attention_backend("xla", None) == "xla"

@@ -80,7 +80,8 @@ def torch_and_jax(name):
 
 
 @pytest.mark.parametrize("name,weighting,remat", [("flux2-tiny", "none", "none"), ("flux1-tiny", "cosmap", "none"),
-                                                  ("flux2-tiny", "none", "full")])
+                                                  ("flux2-tiny", "none", "full"),
+                                                  ("flux1-tiny", "none", "attention_dots")])
 def test_loss_gradients_and_update_match_torch(name, weighting, remat, rng):
     cfg = configs.get(name)
     tm, jm = torch_and_jax(name)
