@@ -198,12 +198,20 @@ def infer_family(keys) -> str | None:
     return None
 
 
+# (key, axis) pairs whose size is the transformer width, in both layouts: image and text input projections,
+# the time embedder's output, the final projection's input
+WIDTH_KEYS = (("img_in.weight", 0), ("txt_in.weight", 0), ("time_in.out_layer.weight", 0),
+              ("final_layer.linear.weight", 1), ("x_embedder.weight", 0), ("context_embedder.weight", 0),
+              ("time_text_embed.timestep_embedder.linear_2.weight", 0), ("time_guidance_embed.timestep_embedder."
+                                                                         "linear_2.weight", 0), ("proj_out.weight", 1))
+
+
 def infer_hidden_size(shapes: dict[str, tuple]) -> int:
-    """The transformer width: rows of the image input projection (either layout); 0 when there is none."""
-    for key in ("img_in.weight", "x_embedder.weight", BFL_PREFIX + "img_in.weight"):
-        if key in shapes and len(shapes[key]) == 2:
-            return shapes[key][0]
-    return 0
+    """The transformer width, the size most of WIDTH_KEYS agree on (so one damaged tensor does not decide);
+    0 when there is none."""
+    shapes = {k.removeprefix(BFL_PREFIX): s for k, s in shapes.items()}
+    votes = [shapes[k][axis] for k, axis in WIDTH_KEYS if k in shapes and len(shapes[k]) == 2]
+    return max(set(votes), key=votes.count) if votes else 0
 
 
 # ---------------------------------------------------------------------------------------------
