@@ -43,11 +43,22 @@ class FluxConfig:
     inpaint_resize = "nearest"  # FluxInpaintPipeline: the mask's nearest pixel per latent
     inpaint_init_ref = False  # inpainting: the init image is only the start
     ref_kv = False  # no klein KV variant (see Flux2Config.ref_kv)
+    # BFL's forward keyword names for (image tokens, image ids, text, text ids, timesteps, pooled vector, guidance)
+    forward_names = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")
 
     @staticmethod
     def ref_time(i: int) -> int:
         """The t position id of reference image i (Kontext: one reference, at t = 1)."""
         return 1
+
+    @property
+    def shifts_schedule(self) -> bool:
+        """Sampling shifts the schedule by resolution: the guidance-distilled models (dev), not schnell."""
+        return self.guidance_embed
+
+    def forward_kwargs(self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None) -> dict:
+        """The model's keyword arguments for inputs given in one order for both families (any array type)."""
+        return _forward_kwargs(self, (img, img_ids, txt, txt_ids, timesteps, vec, guidance))
 
 
 @dataclass(frozen=True)
@@ -79,11 +90,22 @@ class Flux2Config:
     max_refs = None  # any number of reference images
     inpaint_resize = "bilinear"  # Flux2KleinInpaintPipeline: the mask resized bilinearly to the token grid
     inpaint_init_ref = True  # ... and the init image is also the first reference image
+    vec_in_dim = None  # no pooled text vector
+    forward_names = ("x", "x_ids", "ctx", "ctx_ids", "timesteps", None, "guidance")
+    shifts_schedule = True  # every FLUX.2 model samples on the shifted schedule
 
     @staticmethod
     def ref_time(i: int) -> int:
         """The t position id of reference image i (BFL flux2 `encode_image_refs`: 10 + 10 i)."""
         return 10 + 10 * i
+
+    def forward_kwargs(self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None) -> dict:
+        """The model's keyword arguments for inputs given in one order for both families (vec is ignored)."""
+        return _forward_kwargs(self, (img, img_ids, txt, txt_ids, timesteps, vec, guidance))
+
+
+def _forward_kwargs(cfg, values: tuple) -> dict:
+    return {name: v for name, v in zip(cfg.forward_names, values, strict=True) if name is not None}
 
 
 @dataclass(frozen=True)

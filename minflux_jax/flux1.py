@@ -20,6 +20,7 @@ from minflux_jax.layers import (
     Modulation,
     SingleStreamBlockBase,
     Trunk,
+    call_block,
     linear,
     timestep_embedding,
 )
@@ -29,7 +30,7 @@ class DoubleStreamBlock(DoubleStreamBlockBase):
     """FLUX.1 double block: each stream owns its modulation (`img_mod`, `txt_mod`)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, *, dtype, rngs):
-        super().__init__(hidden_size, num_heads, mlp_ratio, "flux1", qkv_bias, dtype=dtype, rngs=rngs)
+        super().__init__(hidden_size, num_heads, mlp_ratio, FluxConfig, qkv_bias, dtype=dtype, rngs=rngs)
         self.img_mod = Modulation(hidden_size, double=True, dtype=dtype, rngs=rngs)
         self.txt_mod = Modulation(hidden_size, double=True, dtype=dtype, rngs=rngs)
 
@@ -41,7 +42,7 @@ class SingleStreamBlock(SingleStreamBlockBase):
     """FLUX.1 single block: GELU(tanh) MLP, its own `modulation`."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, dtype, rngs):
-        super().__init__(hidden_size, num_heads, mlp_ratio, "flux1", dtype=dtype, rngs=rngs)
+        super().__init__(hidden_size, num_heads, mlp_ratio, FluxConfig, dtype=dtype, rngs=rngs)
         self.modulation = Modulation(hidden_size, double=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array, vec: Array, pe: Array) -> Array:
@@ -87,7 +88,8 @@ class Flux(Trunk):
         return self.img_in(img.astype(dtype)), self.txt_in(txt.astype(dtype)), {"vec": vec, "double": kw, "single": kw}
 
     def __call__(self, img: Array, img_ids: Array, txt: Array, txt_ids: Array, timesteps: Array,
-                 y: Array, guidance: Array | None = None) -> Array:
+                 y: Array, guidance: Array | None = None, *, run_block=call_block) -> Array:
         """img (B, Li, in_channels), img_ids (B, Li, 3), txt (B, Lt, 4096), txt_ids (B, Lt, 3),
-        timesteps (B,) in [0, 1], y (B, 768), guidance (B,) -> (B, Li, out_channels)."""
-        return self.trunk(*self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance))
+        timesteps (B,) in [0, 1], y (B, 768), guidance (B,) -> (B, Li, out_channels).
+        run_block: the hook that runs each block (see `Trunk`)."""
+        return self.trunk(*self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance), run_block)

@@ -21,6 +21,7 @@ from minflux_jax.layers import (
     RefKV,
     SingleStreamBlockBase,
     Trunk,
+    call_block,
     linear,
     timestep_embedding,
 )
@@ -30,7 +31,8 @@ class DoubleStreamBlock(DoubleStreamBlockBase):
     """FLUX.2 double block: modulation comes from the model; separate RoPE for image and text."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, dtype, rngs):
-        super().__init__(hidden_size, num_heads, mlp_ratio, "flux2", qkv_bias=False, dtype=dtype, rngs=rngs)
+        super().__init__(hidden_size, num_heads, mlp_ratio, Flux2Config, qkv_bias=Flux2Config.bias, dtype=dtype,
+                         rngs=rngs)
 
     def __call__(self, img: Array, txt: Array, pe: Array, pe_ctx: Array, mod_img, mod_txt,
                  kv: RefKV | None = None) -> tuple[Array, Array]:
@@ -41,7 +43,7 @@ class SingleStreamBlock(SingleStreamBlockBase):
     """FLUX.2 single block: SwiGLU MLP, modulation from the model."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, dtype, rngs):
-        super().__init__(hidden_size, num_heads, mlp_ratio, "flux2", dtype=dtype, rngs=rngs)
+        super().__init__(hidden_size, num_heads, mlp_ratio, Flux2Config, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array, pe: Array, mod, kv: RefKV | None = None) -> Array:
         return self.stream(x, pe, mod, kv)
@@ -55,11 +57,11 @@ class Flux2(Trunk):
         self.dtype = dtype
         d = params.hidden_size
         self.pe_embedder = EmbedND(d // params.num_heads, params.theta, params.axes_dim)
-        self.img_in = linear(params.in_channels, d, False, dtype, rngs)
-        self.time_in = MLPEmbedder(256, d, bias=False, dtype=dtype, rngs=rngs)
-        self.txt_in = linear(params.context_in_dim, d, False, dtype, rngs)
+        self.img_in = linear(params.in_channels, d, params.bias, dtype, rngs)
+        self.time_in = MLPEmbedder(256, d, bias=params.bias, dtype=dtype, rngs=rngs)
+        self.txt_in = linear(params.context_in_dim, d, params.bias, dtype, rngs)
         if params.guidance_embed:
-            self.guidance_in = MLPEmbedder(256, d, bias=False, dtype=dtype, rngs=rngs)
+            self.guidance_in = MLPEmbedder(256, d, bias=params.bias, dtype=dtype, rngs=rngs)
         self.double_blocks = nnx.List(
             DoubleStreamBlock(d, params.num_heads, params.mlp_ratio, dtype=dtype, rngs=rngs)
             for _ in range(params.depth)
@@ -68,10 +70,10 @@ class Flux2(Trunk):
             SingleStreamBlock(d, params.num_heads, params.mlp_ratio, dtype=dtype, rngs=rngs)
             for _ in range(params.depth_single_blocks)
         )
-        self.double_stream_modulation_img = Modulation(d, double=True, bias=False, dtype=dtype, rngs=rngs)
-        self.double_stream_modulation_txt = Modulation(d, double=True, bias=False, dtype=dtype, rngs=rngs)
-        self.single_stream_modulation = Modulation(d, double=False, bias=False, dtype=dtype, rngs=rngs)
-        self.final_layer = LastLayer(d, params.in_channels, bias=False, dtype=dtype, rngs=rngs)
+        self.double_stream_modulation_img = Modulation(d, double=True, bias=params.bias, dtype=dtype, rngs=rngs)
+        self.double_stream_modulation_txt = Modulation(d, double=True, bias=params.bias, dtype=dtype, rngs=rngs)
+        self.single_stream_modulation = Modulation(d, double=False, bias=params.bias, dtype=dtype, rngs=rngs)
+        self.final_layer = LastLayer(d, params.in_channels, bias=params.bias, dtype=dtype, rngs=rngs)
 
     def time_vec(self, timesteps: Array, guidance: Array | None) -> Array:
         """The time (and guidance) embedding every modulation reads: (B,) -> (B, hidden)."""
@@ -111,19 +113,12 @@ class Flux2(Trunk):
         return [RefKV(n_ref) for _ in range(len(self.double_blocks) + len(self.single_blocks))]
 
     def __call__(self, x: Array, x_ids: Array, timesteps: Array, ctx: Array, ctx_ids: Array,
-                 guidance: Array | None = None, kv: list[RefKV] | None = None) -> Array:
+                 guidance: Array | None = None, kv: list[RefKV] | None = None, *, run_block=call_block) -> Array:
         """x (B, Li, 128), x_ids (B, Li, 4), timesteps (B,) in [0, 1], ctx (B, Lt, context_in_dim),
-        ctx_ids (B, Lt, 4), guidance (B,) -> (B, Li, 128).
+        ctx_ids (B, Lt, 4), guidance (B,) -> (B, Li, 128). run_block: the hook that runs each block (see `Trunk`).
 
         kv (klein KV, from `kv_caches`): empty, the last n_ref tokens of x are reference images that attend only to
         themselves and their keys and values are kept; filled, x holds no references and attends to the kept ones.
         """
-        if kv is None:
-            return self.trunk(*self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance))
-        img, txt, kw = self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance, kv[0].n_ref if kv[0].k is None else 0)
-        for block, c in zip(self.double_blocks, kv[: len(self.double_blocks)], strict=True):
-            img, txt = block(img, txt, **kw["double"], kv=c)
-        x = jnp.concatenate((txt, img), axis=1)
-        for block, c in zip(self.single_blocks, kv[len(self.double_blocks) :], strict=True):
-            x = block(x, **kw["single"], kv=c)
-        return self.final_layer(x[:, txt.shape[1] :], kw["vec"])
+        n_ref = kv[0].n_ref if kv is not None and kv[0].k is None else 0
+        return self.trunk(*self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance, n_ref), run_block, kv)

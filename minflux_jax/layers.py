@@ -243,9 +243,9 @@ def gelu_tanh(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=True)
 
 
-def mlp_activation(family: str):
-    """FLUX.1: GELU(tanh); FLUX.2: SwiGLU (the input is twice as wide)."""
-    return gelu_tanh if family == "flux1" else silu_activation
+def mlp_activation(gated: bool):
+    """GELU(tanh) (FLUX.1), or SwiGLU when `gated` (FLUX.2: the input is twice as wide)."""
+    return silu_activation if gated else gelu_tanh
 
 
 class Sequential(nnx.List):
@@ -257,13 +257,12 @@ class Sequential(nnx.List):
         return x
 
 
-def mlp(dim: int, hidden: int, family: str, dtype, rngs: nnx.Rngs) -> Sequential:
+def mlp(dim: int, hidden: int, gated: bool, bias: bool, dtype, rngs: nnx.Rngs) -> Sequential:
     """The double block's MLP; indices 0 and 2 are the checkpoint's `img_mlp.0` / `img_mlp.2`."""
-    gated = family == "flux2"
     return Sequential([
-        linear(dim, hidden * (2 if gated else 1), not gated, dtype, rngs),
-        mlp_activation(family),
-        linear(hidden, dim, not gated, dtype, rngs),
+        linear(dim, hidden * (2 if gated else 1), bias, dtype, rngs),
+        mlp_activation(gated),
+        linear(hidden, dim, bias, dtype, rngs),
     ])
 
 
@@ -281,7 +280,8 @@ class LastLayer(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The two block types; flux1.py / flux2.py add where their modulation comes from
+# The two block types; flux1.py / flux2.py add where their modulation comes from.
+# `params` is the family's config (class): its `gated_mlp` and `bias` say which MLP and whether linears have biases.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -290,19 +290,19 @@ class DoubleStreamBlockBase(nnx.Module):
 
     attention_implementation = "auto"  # see `attention_backend`; `set_attention_implementation` changes it
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str, qkv_bias: bool,
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, params, qkv_bias: bool,
                  *, dtype, rngs: nnx.Rngs):
-        bias = family == "flux1"  # FLUX.2 has no biases anywhere
+        bias, gated = params.bias, params.gated_mlp
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.img_norm1 = layer_norm(hidden_size, dtype, rngs)
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias, bias, dtype=dtype, rngs=rngs)
         self.img_norm2 = layer_norm(hidden_size, dtype, rngs)
-        self.img_mlp = mlp(hidden_size, mlp_hidden, family, dtype, rngs)
+        self.img_mlp = mlp(hidden_size, mlp_hidden, gated, bias, dtype, rngs)
         self.txt_norm1 = layer_norm(hidden_size, dtype, rngs)
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias, bias, dtype=dtype, rngs=rngs)
         self.txt_norm2 = layer_norm(hidden_size, dtype, rngs)
-        self.txt_mlp = mlp(hidden_size, mlp_hidden, family, dtype, rngs)
+        self.txt_mlp = mlp(hidden_size, mlp_hidden, gated, bias, dtype, rngs)
 
     def stream(self, img: Array, txt: Array, pe: Array, img_mod, txt_mod,
                kv: RefKV | None = None) -> tuple[Array, Array]:
@@ -330,17 +330,17 @@ class SingleStreamBlockBase(nnx.Module):
 
     attention_implementation = "auto"
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str, *, dtype, rngs: nnx.Rngs):
-        bias = family == "flux1"
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, params, *, dtype, rngs: nnx.Rngs):
+        bias, gated = params.bias, params.gated_mlp
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        # linear1 = [q k v | mlp in]; FLUX.2's mlp part is twice as wide (SwiGLU: gate first).
-        self.mlp_in = int(hidden_size * mlp_ratio) * (1 if bias else 2)
+        # linear1 = [q k v | mlp in]; a gated (SwiGLU) mlp part is twice as wide, gate first.
+        self.mlp_in = int(hidden_size * mlp_ratio) * (2 if gated else 1)
         self.linear1 = linear(hidden_size, 3 * hidden_size + self.mlp_in, bias, dtype, rngs)
         self.linear2 = linear(hidden_size + int(hidden_size * mlp_ratio), hidden_size, bias, dtype, rngs)
         self.norm = QKNorm(hidden_size // num_heads, dtype=dtype)
         self.pre_norm = layer_norm(hidden_size, dtype, rngs)
-        self.mlp_act = mlp_activation(family)
+        self.mlp_act = mlp_activation(gated)
 
     def stream(self, x: Array, pe: Array, mod, kv: RefKV | None = None) -> Array:
         """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate); kv: klein KV."""
@@ -354,13 +354,26 @@ class SingleStreamBlockBase(nnx.Module):
         return x + gate * out
 
 
-class Trunk(nnx.Module):
-    """The part both families share after `embed`: double blocks, single blocks, final layer."""
+def call_block(kind: str, index: int, block: nnx.Module, args: tuple, kw: dict):
+    """The default `run_block` hook of `Trunk.trunk`: run the block. Training passes one that remats it and
+    gathers its weights (`train.forward`), the parity suite one that loads its weights, runs it, records the
+    output and frees them."""
+    return block(*args, **kw)
 
-    def trunk(self, img: Array, txt: Array, kw: dict) -> Array:
-        for block in self.double_blocks:
-            img, txt = block(img, txt, **kw["double"])
+
+class Trunk(nnx.Module):
+    """The part both families share after `embed`: double blocks, single blocks, final layer.
+
+    The one loop over the blocks: every block, and the final layer last (kind "final_layer", index 0), is run by
+    `run_block(kind, index, block, args, kw) -> block(*args, **kw)`, so training and parity reuse this forward.
+    """
+
+    def trunk(self, img: Array, txt: Array, kw: dict, run_block=call_block, kv: list[RefKV] | None = None) -> Array:
+        """kv: FLUX.2 klein's per-block reference caches (`Flux2.kv_caches`), double blocks first."""
+        cache = (lambda i: {}) if kv is None else (lambda i: {"kv": kv[i]})
+        for i, block in enumerate(self.double_blocks):
+            img, txt = run_block("double_blocks", i, block, (img, txt), kw["double"] | cache(i))
         x = jnp.concatenate((txt, img), axis=1)  # (B, Lt+Li, D)
-        for block in self.single_blocks:
-            x = block(x, **kw["single"])
-        return self.final_layer(x[:, txt.shape[1] :], kw["vec"])
+        for i, block in enumerate(self.single_blocks):
+            x = run_block("single_blocks", i, block, (x,), kw["single"] | cache(len(self.double_blocks) + i))
+        return run_block("final_layer", 0, self.final_layer, (x[:, txt.shape[1] :], kw["vec"]), {})

@@ -22,7 +22,6 @@ from flax import nnx
 
 from minflux import schedules
 from minflux_jax.load import torch_keys
-from minflux_jax.sampling import predict
 
 Array = jax.Array
 
@@ -95,47 +94,46 @@ REMAT_POLICIES = {  # what the backward pass may keep from the forward pass of e
 }
 
 
-def _call(block, x, kw, gather=None):
+def _call(block, args, kw, gather=None):
     if gather is not None:  # FSDP: this block's weights, all-gathered here and only here
         graphdef, state = nnx.split(block)
         block = nnx.merge(graphdef, jax.tree.map(gather, state))
-    return block(*x, **kw)
+    return block(*args, **kw)
 
 
 def gather_outside_blocks(params: dict, gather) -> dict:
-    """`gather` applied to the weights that are not in a block (embedders, modulations, final layer)."""
-    inside = ("double_blocks.", "single_blocks.")
+    """`gather` applied to the weights that are not in a block (embedders, modulations; the final layer is
+    gathered where it runs, as the blocks are)."""
+    inside = ("double_blocks.", "single_blocks.", "final_layer.")
     return {k: v if k.startswith(inside) else gather(v) for k, v in params.items()}
 
 
+def block_hook(remat: str = "none", gather=None):
+    """The `run_block` hook of training: each block (and the final layer) an `nnx.remat` region with the policy
+    `remat`, its weights gathered by `gather` inside it. None when there is nothing to do."""
+    if remat == "none" and gather is None:
+        return None
+
+    def call(block, args, kw):  # positional only, as nnx.remat wants
+        return _call(block, args, kw, gather)
+
+    if remat != "none":
+        call = nnx.remat(call, policy=REMAT_POLICIES[remat])
+    return lambda kind, index, block, args, kw: call(block, args, kw)
+
+
 def forward(model, x: Array, t: Array, batch: dict, remat: str = "none", gather=None) -> Array:
-    """The model's prediction on noisy tokens x (B, L, C); with remat, each block is an `nnx.remat`.
+    """The model's prediction on noisy tokens x (B, L, C): the model's own forward through `block_hook`.
 
     gather: FSDP training's array -> array constraint (`trainer.fsdp_gather`), applied to each block's weights
     where the block runs, inside its remat region: XLA then all-gathers a block's weights where it runs and
     reduces their gradients, instead of resharding activations to match sharded weights. The weights outside
     blocks are gathered by `loss_fn`.
     """
-    if remat == "none" and gather is None:
-        return predict(model, x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch.get("vec"),
-                       batch.get("guidance"))
-    def call(block, x, kw):  # positional only, as nnx.remat wants
-        return _call(block, x, kw, gather)
-
-    if remat != "none":
-        call = nnx.remat(call, policy=REMAT_POLICIES[remat])
-    if model.params.family == "flux1":
-        img, txt, kw = model.embed(x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch["vec"],
-                                   batch.get("guidance"))
-    else:
-        img, txt, kw = model.embed(x, batch["img_ids"], t, batch["txt"], batch["txt_ids"], batch.get("guidance"))
-    # Trunk.trunk, block by block through `call`
-    for block in model.double_blocks:
-        img, txt = call(block, (img, txt), kw["double"])
-    x = jnp.concatenate((txt, img), axis=1)
-    for block in model.single_blocks:
-        x = call(block, (x,), kw["single"])
-    return model.final_layer(x[:, txt.shape[1] :], kw["vec"])
+    kw = model.params.forward_kwargs(x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch.get("vec"),
+                                     batch.get("guidance"))
+    hook = block_hook(remat, gather)
+    return model(**kw) if hook is None else model(**kw, run_block=hook)
 
 
 # ---------------------------------------------------------------------------------------------

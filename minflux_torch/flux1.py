@@ -19,6 +19,7 @@ from minflux_torch.layers import (
     Modulation,
     SingleStreamBlockBase,
     Trunk,
+    call_block,
     timestep_embedding,
 )
 
@@ -27,7 +28,7 @@ class DoubleStreamBlock(DoubleStreamBlockBase):
     """FLUX.1 double block: each stream owns its modulation (`img_mod`, `txt_mod`)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
-        super().__init__(hidden_size, num_heads, mlp_ratio, "flux1", qkv_bias)
+        super().__init__(hidden_size, num_heads, mlp_ratio, FluxConfig, qkv_bias)
         self.img_mod = Modulation(hidden_size, double=True)
         self.txt_mod = Modulation(hidden_size, double=True)
 
@@ -39,7 +40,7 @@ class SingleStreamBlock(SingleStreamBlockBase):
     """FLUX.1 single block: GELU(tanh) MLP, its own `modulation`."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
-        super().__init__(hidden_size, num_heads, mlp_ratio, "flux1")
+        super().__init__(hidden_size, num_heads, mlp_ratio, FluxConfig)
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
@@ -83,7 +84,8 @@ class Flux(Trunk):
         return self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype)), {"vec": vec, "double": kw, "single": kw}
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                y: Tensor, guidance: Tensor | None = None) -> Tensor:
+                y: Tensor, guidance: Tensor | None = None, *, run_block=call_block) -> Tensor:
         """img (B, Li, in_channels), img_ids (B, Li, 3), txt (B, Lt, 4096), txt_ids (B, Lt, 3),
-        timesteps (B,) in [0, 1], y (B, 768), guidance (B,) -> (B, Li, out_channels)."""
-        return self.trunk(*self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance))
+        timesteps (B,) in [0, 1], y (B, 768), guidance (B,) -> (B, Li, out_channels).
+        run_block: the hook that runs each block (see `Trunk`)."""
+        return self.trunk(*self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance), run_block)

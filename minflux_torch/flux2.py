@@ -20,6 +20,7 @@ from minflux_torch.layers import (
     RefKV,
     SingleStreamBlockBase,
     Trunk,
+    call_block,
     timestep_embedding,
 )
 
@@ -28,7 +29,7 @@ class DoubleStreamBlock(DoubleStreamBlockBase):
     """FLUX.2 double block: modulation comes from the model; separate RoPE for image and text."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
-        super().__init__(hidden_size, num_heads, mlp_ratio, "flux2", qkv_bias=False)
+        super().__init__(hidden_size, num_heads, mlp_ratio, Flux2Config, qkv_bias=Flux2Config.bias)
 
     def forward(self, img: Tensor, txt: Tensor, pe: Tensor, pe_ctx: Tensor, mod_img, mod_txt,
                 kv: RefKV | None = None) -> tuple[Tensor, Tensor]:
@@ -39,7 +40,7 @@ class SingleStreamBlock(SingleStreamBlockBase):
     """FLUX.2 single block: SwiGLU MLP, modulation from the model."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
-        super().__init__(hidden_size, num_heads, mlp_ratio, "flux2")
+        super().__init__(hidden_size, num_heads, mlp_ratio, Flux2Config)
 
     def forward(self, x: Tensor, pe: Tensor, mod, kv: RefKV | None = None) -> Tensor:
         return self.stream(x, pe, mod, kv)
@@ -53,21 +54,21 @@ class Flux2(Trunk):
         self.params = params
         d = params.hidden_size
         self.pe_embedder = EmbedND(d // params.num_heads, params.theta, params.axes_dim)
-        self.img_in = nn.Linear(params.in_channels, d, bias=False)
-        self.time_in = MLPEmbedder(256, d, bias=False)
-        self.txt_in = nn.Linear(params.context_in_dim, d, bias=False)
+        self.img_in = nn.Linear(params.in_channels, d, bias=params.bias)
+        self.time_in = MLPEmbedder(256, d, bias=params.bias)
+        self.txt_in = nn.Linear(params.context_in_dim, d, bias=params.bias)
         if params.guidance_embed:
-            self.guidance_in = MLPEmbedder(256, d, bias=False)
+            self.guidance_in = MLPEmbedder(256, d, bias=params.bias)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(d, params.num_heads, params.mlp_ratio) for _ in range(params.depth)
         )
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(d, params.num_heads, params.mlp_ratio) for _ in range(params.depth_single_blocks)
         )
-        self.double_stream_modulation_img = Modulation(d, double=True, bias=False)
-        self.double_stream_modulation_txt = Modulation(d, double=True, bias=False)
-        self.single_stream_modulation = Modulation(d, double=False, bias=False)
-        self.final_layer = LastLayer(d, params.in_channels, bias=False)
+        self.double_stream_modulation_img = Modulation(d, double=True, bias=params.bias)
+        self.double_stream_modulation_txt = Modulation(d, double=True, bias=params.bias)
+        self.single_stream_modulation = Modulation(d, double=False, bias=params.bias)
+        self.final_layer = LastLayer(d, params.in_channels, bias=params.bias)
 
     def time_vec(self, timesteps: Tensor, guidance: Tensor | None) -> Tensor:
         """The time (and guidance) embedding every modulation reads: (B,) -> (B, hidden)."""
@@ -106,19 +107,12 @@ class Flux2(Trunk):
         return [RefKV(n_ref) for _ in range(len(self.double_blocks) + len(self.single_blocks))]
 
     def forward(self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor,
-                guidance: Tensor | None = None, kv: list[RefKV] | None = None) -> Tensor:
+                guidance: Tensor | None = None, kv: list[RefKV] | None = None, *, run_block=call_block) -> Tensor:
         """x (B, Li, 128), x_ids (B, Li, 4), timesteps (B,) in [0, 1], ctx (B, Lt, context_in_dim),
-        ctx_ids (B, Lt, 4), guidance (B,) -> (B, Li, 128).
+        ctx_ids (B, Lt, 4), guidance (B,) -> (B, Li, 128). run_block: the hook that runs each block (see `Trunk`).
 
         kv (klein KV, from `kv_caches`): empty, the last n_ref tokens of x are reference images that attend only to
         themselves and their keys and values are kept; filled, x holds no references and attends to the kept ones.
         """
-        if kv is None:
-            return self.trunk(*self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance))
-        img, txt, kw = self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance, kv[0].n_ref if kv[0].k is None else 0)
-        for block, c in zip(self.double_blocks, kv[: len(self.double_blocks)], strict=True):
-            img, txt = block(img, txt, **kw["double"], kv=c)
-        x = torch.cat((txt, img), dim=1)
-        for block, c in zip(self.single_blocks, kv[len(self.double_blocks) :], strict=True):
-            x = block(x, **kw["single"], kv=c)
-        return self.final_layer(x[:, txt.shape[1] :], kw["vec"])
+        n_ref = kv[0].n_ref if kv is not None and kv[0].k is None else 0
+        return self.trunk(*self.embed(x, x_ids, timesteps, ctx, ctx_ids, guidance, n_ref), run_block, kv)

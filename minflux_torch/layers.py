@@ -225,18 +225,17 @@ class SiLUActivation(nn.Module):
         return nn.functional.silu(x1) * x2
 
 
-def mlp_activation(family: str) -> nn.Module:
-    """FLUX.1: GELU(tanh); FLUX.2: SwiGLU (the input is twice as wide)."""
-    return nn.GELU(approximate="tanh") if family == "flux1" else SiLUActivation()
+def mlp_activation(gated: bool) -> nn.Module:
+    """GELU(tanh) (FLUX.1), or SwiGLU when `gated` (FLUX.2: the input is twice as wide)."""
+    return SiLUActivation() if gated else nn.GELU(approximate="tanh")
 
 
-def mlp(dim: int, hidden: int, family: str) -> nn.Sequential:
+def mlp(dim: int, hidden: int, gated: bool, bias: bool) -> nn.Sequential:
     """The double block's MLP; indices 0 and 2 are the checkpoint's `img_mlp.0` / `img_mlp.2`."""
-    gated = family == "flux2"
     return nn.Sequential(
-        nn.Linear(dim, hidden * (2 if gated else 1), bias=not gated),
-        mlp_activation(family),
-        nn.Linear(hidden, dim, bias=not gated),
+        nn.Linear(dim, hidden * (2 if gated else 1), bias=bias),
+        mlp_activation(gated),
+        nn.Linear(hidden, dim, bias=bias),
     )
 
 
@@ -255,7 +254,8 @@ class LastLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The two block types; flux1.py / flux2.py add where their modulation comes from
+# The two block types; flux1.py / flux2.py add where their modulation comes from.
+# `params` is the family's config (class): its `gated_mlp` and `bias` say which MLP and whether linears have biases.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -264,19 +264,19 @@ class DoubleStreamBlockBase(nn.Module):
 
     attention_implementation = "auto"  # see `attention`; `set_attention_implementation` changes it
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str, qkv_bias: bool):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, params, qkv_bias: bool):
         super().__init__()
-        bias = family == "flux1"  # FLUX.2 has no biases anywhere
+        bias, gated = params.bias, params.gated_mlp
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.img_norm1 = layer_norm(hidden_size)
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
         self.img_norm2 = layer_norm(hidden_size)
-        self.img_mlp = mlp(hidden_size, mlp_hidden, family)
+        self.img_mlp = mlp(hidden_size, mlp_hidden, gated, bias)
         self.txt_norm1 = layer_norm(hidden_size)
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
         self.txt_norm2 = layer_norm(hidden_size)
-        self.txt_mlp = mlp(hidden_size, mlp_hidden, family)
+        self.txt_mlp = mlp(hidden_size, mlp_hidden, gated, bias)
 
     def stream(self, img: Tensor, txt: Tensor, pe: Tensor, img_mod, txt_mod,
                kv: RefKV | None = None) -> tuple[Tensor, Tensor]:
@@ -304,18 +304,18 @@ class SingleStreamBlockBase(nn.Module):
 
     attention_implementation = "auto"
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, family: str):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, params):
         super().__init__()
-        bias = family == "flux1"
+        bias, gated = params.bias, params.gated_mlp
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        # linear1 = [q k v | mlp in]; FLUX.2's mlp part is twice as wide (SwiGLU: gate first).
-        self.mlp_in = int(hidden_size * mlp_ratio) * (1 if bias else 2)
+        # linear1 = [q k v | mlp in]; a gated (SwiGLU) mlp part is twice as wide, gate first.
+        self.mlp_in = int(hidden_size * mlp_ratio) * (2 if gated else 1)
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + self.mlp_in, bias=bias)
         self.linear2 = nn.Linear(hidden_size + int(hidden_size * mlp_ratio), hidden_size, bias=bias)
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = layer_norm(hidden_size)
-        self.mlp_act = mlp_activation(family)
+        self.mlp_act = mlp_activation(gated)
 
     def stream(self, x: Tensor, pe: Tensor, mod, kv: RefKV | None = None) -> Tensor:
         """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate); kv: klein KV."""
@@ -329,13 +329,25 @@ class SingleStreamBlockBase(nn.Module):
         return x + gate * out
 
 
-class Trunk(nn.Module):
-    """The part both families share after `embed`: double blocks, single blocks, final layer."""
+def call_block(kind: str, index: int, block: nn.Module, args: tuple, kw: dict):
+    """The default `run_block` hook of `Trunk.trunk`: run the block. Training passes one that checkpoints it
+    (`train.forward`), the parity suite one that loads its weights, runs it, records the output and frees them."""
+    return block(*args, **kw)
 
-    def trunk(self, img: Tensor, txt: Tensor, kw: dict) -> Tensor:
-        for block in self.double_blocks:
-            img, txt = block(img, txt, **kw["double"])
+
+class Trunk(nn.Module):
+    """The part both families share after `embed`: double blocks, single blocks, final layer.
+
+    The one loop over the blocks: every block, and the final layer last (kind "final_layer", index 0), is run by
+    `run_block(kind, index, block, args, kw) -> block(*args, **kw)`, so training and parity reuse this forward.
+    """
+
+    def trunk(self, img: Tensor, txt: Tensor, kw: dict, run_block=call_block, kv: list[RefKV] | None = None) -> Tensor:
+        """kv: FLUX.2 klein's per-block reference caches (`Flux2.kv_caches`), double blocks first."""
+        cache = (lambda i: {}) if kv is None else (lambda i: {"kv": kv[i]})
+        for i, block in enumerate(self.double_blocks):
+            img, txt = run_block("double_blocks", i, block, (img, txt), kw["double"] | cache(i))
         x = torch.cat((txt, img), dim=1)  # (B, Lt+Li, D)
-        for block in self.single_blocks:
-            x = block(x, **kw["single"])
-        return self.final_layer(x[:, txt.shape[1] :], kw["vec"])
+        for i, block in enumerate(self.single_blocks):
+            x = run_block("single_blocks", i, block, (x,), kw["single"] | cache(len(self.double_blocks) + i))
+        return run_block("final_layer", 0, self.final_layer, (x[:, txt.shape[1] :], kw["vec"]), {})

@@ -15,7 +15,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from minflux import schedules
-from minflux_torch.sampling import predict
 
 # ---------------------------------------------------------------------------------------------
 # Timesteps and the flow-matching loss
@@ -72,29 +71,25 @@ def flow_loss(model, batch: dict, noise: Tensor, t: Tensor, weighting: str = "no
 # ---------------------------------------------------------------------------------------------
 
 
-def _call(block, x, kw):
-    return block(*x, **kw)
+def _call(block, args, kw):
+    return block(*args, **kw)
+
+
+def block_hook(remat: str = "none"):
+    """The `run_block` hook of training: each block (and the final layer) checkpointed, its activations recomputed
+    in the backward pass (torch keeps no per-op policy: every remat setting recomputes the whole block). None
+    when there is nothing to do."""
+    if remat == "none":
+        return None
+    return lambda kind, index, block, args, kw: checkpoint(_call, block, args, kw, use_reentrant=False)
 
 
 def forward(model, x: Tensor, t: Tensor, batch: dict, remat: str = "none") -> Tensor:
-    """The model's prediction on noisy tokens x (B, L, C); with remat, each block is checkpointed (torch keeps
-    no per-op policy: every remat setting recomputes the whole block)."""
-    if remat == "none":
-        return predict(model, x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch.get("vec"),
-                       batch.get("guidance"))
-    call = lambda block, x, kw: checkpoint(_call, block, x, kw, use_reentrant=False)
-    if model.params.family == "flux1":
-        img, txt, kw = model.embed(x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch["vec"],
-                                   batch.get("guidance"))
-    else:
-        img, txt, kw = model.embed(x, batch["img_ids"], t, batch["txt"], batch["txt_ids"], batch.get("guidance"))
-    # Trunk.trunk, block by block through `call`
-    for block in model.double_blocks:
-        img, txt = call(block, (img, txt), kw["double"])
-    x = torch.cat((txt, img), dim=1)
-    for block in model.single_blocks:
-        x = call(block, (x,), kw["single"])
-    return model.final_layer(x[:, txt.shape[1] :], kw["vec"])
+    """The model's prediction on noisy tokens x (B, L, C): the model's own forward through `block_hook`."""
+    kw = model.params.forward_kwargs(x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch.get("vec"),
+                                     batch.get("guidance"))
+    hook = block_hook(remat)
+    return model(**kw) if hook is None else model(**kw, run_block=hook)
 
 
 # ---------------------------------------------------------------------------------------------

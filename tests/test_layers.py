@@ -15,6 +15,7 @@ import minflux_jax.layers as jl
 import minflux_torch.flux1 as t1
 import minflux_torch.flux2 as t2
 import minflux_torch.layers as tl
+from minflux import configs
 
 BOUND = {"fp32": 1e-5, "bf16": 1e-2}  # DESIGN.md, per block
 D, H, HEAD = 64, 2, 32
@@ -62,7 +63,8 @@ def test_mlp_and_attention(rng, family):
     pe_t, pe_j = pe_pair(rng, 3 if family == "flux1" else 4, 9)
     assert rel_l2(out(jl.attention(*jq, pe_j)), out(tl.attention(*tq, pe_t))) < 1e-5
 
-    tm, jm = twins(tl.mlp, jl.mlp, D, 3 * D, family)
+    params = configs.get(f"{family}-tiny")  # the family's MLP: gated or not, biases or not
+    tm, jm = twins(tl.mlp, jl.mlp, D, 3 * D, params.gated_mlp, params.bias)
     assert rel_l2(out(jm(xj)), out(tm(x))) < 1e-5
 
 
