@@ -6,8 +6,11 @@ loaded into a PyTorch module and a Flax module, used, and dropped, so a run neve
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import torch
 from flax import nnx
@@ -16,6 +19,7 @@ import minflux_jax.load as jload
 import minflux_torch.load as tload
 
 DTYPES = {"fp32": (torch.float32, jnp.float32), "bf16": (torch.bfloat16, jnp.bfloat16)}
+NP_DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16}
 
 
 def nbytes(tensors: dict[str, np.ndarray], dtype: str) -> int:
@@ -41,26 +45,65 @@ class TorchSide:
     def output(t) -> np.ndarray:
         return t.detach().float().cpu().numpy()
 
-    def to_jax(self, tree):
-        """Hand PyTorch tensors to JAX exactly (bf16 bits preserved)."""
-        return jax.tree.map(lambda t: jnp.asarray(tload.to_numpy(t)) if isinstance(t, torch.Tensor) else t, tree)
+    def to_numpy(self, tree, cache: dict | None = None):
+        """PyTorch tensors -> numpy, exactly (bf16 bits preserved); a tensor seen before (by identity, in
+        `cache`) is converted once."""
+        cache = {} if cache is None else cache
+
+        def one(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            if id(t) not in cache:
+                cache[id(t)] = (t, tload.to_numpy(t))  # the tensor is kept so its id stays its own
+            return cache[id(t)][1]
+
+        return jax.tree.map(one, tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_model(cfg, dtype, device):
+    """One abstract model per (config, dtype, device) in a process: tracing a model's constructor is slow,
+    and every user restores what it assigns (`JaxSide.materialise` works on clones)."""
+    with jax.default_device(device):
+        return jload.abstract_model(cfg, dtype)
 
 
 class JaxSide:
     def __init__(self, cfg, dtype: str, device: str):
-        self.cfg, self.dtype = cfg, DTYPES[dtype][1]
+        self.cfg, self.dtype, self.np_dtype = cfg, DTYPES[dtype][1], NP_DTYPES[dtype]
         self.device = jax.devices("gpu" if device.startswith("cuda") else "cpu")[0]
+        self.model = _abstract_model(cfg, self.dtype, self.device)
+
+    def cast(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Weights in the run's dtype, cast in numpy (round to nearest even, as XLA): a cast by JAX would
+        compile one conversion program per shape."""
+        return {k: np.asarray(v, self.np_dtype) for k, v in tensors.items()}
+
+    def assign(self, module: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
         with jax.default_device(self.device):
-            self.model = jload.abstract_model(cfg, self.dtype)
+            jload.assign(module, self.cast(tensors))
 
     def materialise(self, module: nnx.Module, tensors: dict[str, np.ndarray]) -> nnx.Module:
         module = nnx.clone(module)  # the abstract original stays abstract
-        with jax.default_device(self.device):
-            jload.assign(module, tensors)
+        self.assign(module, tensors)
         return module
 
     def input(self, arr: np.ndarray) -> jax.Array:
         return jax.device_put(jnp.asarray(arr), self.device)
+
+    def from_numpy(self, tree, cache: dict | None = None):
+        """numpy arrays -> arrays on this side's device (committed, like every array the run computes, so a
+        compiled block serves PyTorch's inputs and JAX's own alike); one seen before, by identity, once."""
+        cache = {} if cache is None else cache
+
+        def one(a):
+            if not isinstance(a, np.ndarray):
+                return a
+            if id(a) not in cache:
+                cache[id(a)] = (a, jax.device_put(a, self.device))
+            return cache[id(a)][1]
+
+        return jax.tree.map(one, tree)
 
     @staticmethod
     def output(a) -> np.ndarray:

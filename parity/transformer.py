@@ -1,9 +1,13 @@
-"""Block-by-block parity of the FLUX.1 and FLUX.2 transformers.
+"""Block-by-block parity of the FLUX.1 and FLUX.2 transformers, through each model's own forward.
 
-Stages: the head (embedders; its final layer runs last), each double block, each single block.
-Per stage two comparisons, JAX against PyTorch:
-  teacher  both frameworks get PyTorch's inputs to the stage, so a row is that stage's own error;
-  free     each framework runs the whole forward on its own; a row is the error accumulated so far.
+Each framework runs its model's forward (`Flux` / `Flux2`), whose one block loop (`Trunk.trunk`) hands every
+block and the final layer to a `run_block` hook. The hook here loads that stage's weights, runs it, records
+its inputs and output, and frees the weights: PyTorch's forward first, then JAX's, so a run holds one
+framework's block at a time. Stages: the embedders (their outputs are the first block's inputs), each double
+block, each single block, the final layer. Per stage two comparisons, JAX against PyTorch:
+  teacher  JAX's block also runs on PyTorch's inputs to it, so a row is that stage's own error;
+  free     JAX's own forward: a row is the error accumulated so far, composition included (the order of the
+           joint sequence, the slicing before the final layer, what reaches each block).
 """
 
 from __future__ import annotations
@@ -16,137 +20,183 @@ import jax
 import numpy as np
 import torch
 from flax import nnx
-from torch import nn
 
+from minflux import ids
 from parity.frameworks import JaxSide, TorchSide, nbytes, strip
 from parity.metrics import Row, bound, compare
+
+HEAD_EXCLUDES = ("double_blocks", "single_blocks", "final_layer")  # the rest of the model: its embedders
+
+
+def _draw(cfg, resolution: int, txt_len: int, batch: int, seed: int) -> tuple:
+    """(img, img_ids, txt, txt_ids, timesteps, vec, guidance), seeded numpy; vec only for FLUX.1."""
+    rng = np.random.default_rng(seed)
+    side = resolution // 16
+    img_ids, txt_ids = ids.for_config(cfg, batch, side, side, txt_len)
+    img = rng.standard_normal((batch, side * side, cfg.in_channels), dtype=np.float32)
+    txt = rng.standard_normal((batch, txt_len, cfg.context_in_dim), dtype=np.float32)
+    vec = rng.standard_normal((batch, cfg.vec_in_dim), dtype=np.float32) if cfg.vec_in_dim else None
+    t = np.full((batch,), 0.7, np.float32)
+    g = np.full((batch,), 3.5, np.float32) if cfg.guidance_embed else None
+    return img, img_ids, txt, txt_ids, t, vec, g
 
 
 def make_inputs(cfg, resolution: int, txt_len: int, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded forward inputs for an image of `resolution` pixels (16 px per token): BFL keyword names."""
-    rng = np.random.default_rng(seed)
-    side = resolution // 16
-    h, w = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-    n_axes = len(cfg.axes_dim)
-    img_ids = np.zeros((batch, side * side, n_axes), np.float32)
-    img_ids[..., 1], img_ids[..., 2] = h.reshape(-1), w.reshape(-1)
-    txt_ids = np.zeros((batch, txt_len, n_axes), np.float32)
-    if n_axes == 4:  # FLUX.2: text tokens are told apart by the fourth axis
-        txt_ids[..., 3] = np.arange(txt_len)
-    t = np.full((batch,), 0.7, np.float32)
-    g = np.full((batch,), 3.5, np.float32) if cfg.guidance_embed else None
-    img = rng.standard_normal((batch, side * side, cfg.in_channels), dtype=np.float32)
-    txt = rng.standard_normal((batch, txt_len, cfg.context_in_dim), dtype=np.float32)
-    if cfg.family == "flux1":
-        y = rng.standard_normal((batch, cfg.vec_in_dim), dtype=np.float32)
-        return dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y, guidance=g)
-    return dict(x=img, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, guidance=g)
+    return cfg.forward_kwargs(*_draw(cfg, resolution, txt_len, batch, seed))
 
 
 @nnx.jit
 def _jit_call(module, *args, **kwargs):
-    """One compiled program per block type and input shapes (eager JAX compiles every op separately)."""
+    """One compiled program per block type and input shapes, shared by every block of one shape and by the
+    teacher-forced and free-running calls (eager JAX would compile every op separately)."""
     return module(*args, **kwargs)
 
 
-def _head(model, empty_list):
-    """The model without its blocks: embedders and final layer."""
-    model.double_blocks, model.single_blocks = empty_list(), empty_list()
-    return model
+def _joint(out) -> np.ndarray:
+    """A stage's output as one array: a double block's (img, txt) as the joint [txt, img] sequence."""
+    if isinstance(out, tuple):
+        return np.concatenate([np.asarray(out[1], np.float32), np.asarray(out[0], np.float32)], axis=1)
+    return np.asarray(out, np.float32)
+
+
+def _stage_keys(expected, kind: str, index: int) -> tuple[str, list[str]]:
+    prefix = f"{kind}.{index}." if kind != "final_layer" else "final_layer."
+    return prefix, [k for k in expected if k.startswith(prefix)]
+
+
+def _heads(model) -> list[str]:
+    """The model's children that are neither blocks nor the final layer: its embedders (and FLUX.2's shared
+    modulations), which run before the first block."""
+    names = [n for n, _ in model.named_children()] if isinstance(model, torch.nn.Module) else [
+        n for n, v in vars(model).items() if isinstance(v, nnx.Module)]
+    return [n for n in names if n not in ("double_blocks", "single_blocks", "final_layer")]
+
+
+def _under(tensors: dict, name: str) -> dict:
+    return strip({k: v for k, v in tensors.items() if k.startswith(name + ".")}, name + ".")
+
+
+def _torch_pass(T, source, inputs: dict, dtype: str, progress) -> tuple[list, int]:
+    """PyTorch's forward through the streaming hook. Returns ([(kind, index, args, kw, output)] as exact numpy,
+    the most weight bytes held at once)."""
+    heads = _heads(T.model)
+    w = source.read([k for k in T.expected if k.split(".", 1)[0] in heads])
+    peak = nbytes(w, dtype)
+    for name in heads:
+        T.materialise(getattr(T.model, name), _under(w, name))
+    del w
+    records, kw_cache = [], {}
+
+    def run_block(kind, index, block, args, kw):
+        nonlocal peak
+        if not records:  # the embedders have run: free them before the first block's weights arrive
+            for name in heads:
+                getattr(T.model, name).to("meta")
+        prefix, keys = _stage_keys(T.expected, kind, index)
+        w = source.read(keys)
+        peak = max(peak, nbytes(w, dtype))
+        out = T.materialise(block, strip(w, prefix))(*args, **kw)
+        block.to("meta")
+        records.append((kind, index, T.to_numpy(args), T.to_numpy(kw, kw_cache), T.to_numpy(out)))
+        if progress:
+            progress(f"PyTorch {kind}.{index}")
+        return out
+
+    try:
+        with torch.inference_mode():
+            T.model(**{k: None if v is None else T.input(v) for k, v in inputs.items()}, run_block=run_block)
+    finally:
+        T.model.to("meta")
+    return records, peak
+
+
+def _jax_pass(J, source, expected, inputs: dict, records: list, report, dtype: str, progress) -> int:
+    """JAX's forward through the streaming hook. Each stage also runs on PyTorch's recorded inputs (teacher
+    forcing); `report(record, args, teacher, free)` gets both results. Returns the most weight bytes held."""
+    model, heads = J.model, _heads(J.model)
+    w = source.read([k for k in expected if k.split(".", 1)[0] in heads])
+    peak = nbytes(w, dtype)
+    saved = {name: nnx.state(getattr(model, name)) for name in heads}  # abstract: restored afterwards
+    for name in heads:
+        J.assign(getattr(model, name), _under(w, name))
+    del w
+    done, kw_cache = [], {}
+
+    def run_block(kind, index, block, args, kw):
+        nonlocal peak
+        if not done:  # the embedders have run
+            for name in heads:
+                nnx.update(getattr(model, name), saved[name])
+        record = records[len(done)] if len(done) < len(records) else (None, None)
+        if record[:2] != (kind, index):
+            raise RuntimeError(f"the JAX forward ran {kind}.{index} where PyTorch's ran {record[0]}.{record[1]}")
+        prefix, keys = _stage_keys(expected, kind, index)
+        w = source.read(keys)
+        peak = max(peak, nbytes(w, dtype))
+        j_block = J.materialise(block, strip(w, prefix))
+        del w
+        teacher = _jit_call(j_block, *J.from_numpy(record[2]), **J.from_numpy(record[3], kw_cache))
+        free = _jit_call(j_block, *args, **kw)
+        report(record, args, teacher, free)
+        done.append(kind)
+        if progress:
+            progress(f"JAX {kind}.{index}")
+        return free
+
+    try:
+        with jax.default_device(J.device):
+            model(**{k: None if v is None else J.input(v) for k, v in inputs.items()}, run_block=run_block)
+    finally:
+        for name in heads:
+            nnx.update(getattr(model, name), saved[name])
+    if len(done) != len(records):
+        raise RuntimeError(f"the JAX forward ran {len(done)} stages, PyTorch's {len(records)}")
+    return peak
 
 
 def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu", resolution: int = 64,
         txt_len: int = 8, seed: int = 0, tiny: bool = True, progress=None) -> dict:
-    """Compare the two frameworks on one transformer; returns {"rows": [...], "memory": {...}, ...}."""
+    """Compare the two frameworks on one transformer; returns {"rows": [...], "memory": {...}, ...}.
+
+    Rows, in order: embed.img, embed.txt (the first block's inputs), embed.vec (the final layer's), each block,
+    final_layer (teacher) and output (free): each teacher and free but the last two.
+    """
     T, J = TorchSide(cfg, dtype, device), JaxSide(cfg, dtype, device)
     block_bound, model_bound = bound(dtype, "block", device, tiny), bound(dtype, "model", device, tiny)
     inputs = make_inputs(cfg, resolution, txt_len, seed=seed)
-    rows: list[Row] = []
     t0 = time.perf_counter()
+    records, torch_peak = _torch_pass(T, torch_weights, inputs, dtype, progress)
 
-    def row(name, depth, teacher, free, torch_out):
-        ref = T.output(torch_out) if not isinstance(torch_out, np.ndarray) else torch_out
-        rows.append(compare(name, "teacher", J.output(teacher), ref, dtype, block_bound, depth))
-        rows.append(compare(name, "free", J.output(free), ref, dtype, model_bound, depth))
+    embed: list[Row] = []
+    rows: list[Row] = []
 
-    def cat(txt, img, side):
-        return np.concatenate([side.output(txt), side.output(img)], axis=1)
+    def both(name, depth, teacher, free, ref):  # the embedders see identical inputs in both modes
+        return [compare(name, "teacher", J.output(teacher), ref, dtype, block_bound, depth),
+                compare(name, "free", J.output(free), ref, dtype, model_bound, depth)]
 
-    head_keys = [k for k in T.expected if not k.startswith(("double_blocks.", "single_blocks."))]
+    def report(record, args, teacher, free):
+        kind, index, t_args, _, t_out = record
+        depth = len(rows) // 2 + 1
+        if not rows and kind != "final_layer":  # the first block's inputs are the embedders' outputs
+            names = ("embed.img", "embed.txt") if kind == "double_blocks" else ("embed.joint",)
+            for name, a, t in zip(names, args, t_args, strict=True):
+                embed.extend(both(name, 0, a, a, np.asarray(t, np.float32)))
+        ref = _joint(t_out)
+        if kind == "final_layer":
+            embed.extend(both("embed.vec", 0, args[1], args[1], np.asarray(t_args[1], np.float32)))
+            rows.append(compare("final_layer", "teacher", J.output(teacher), ref, dtype, block_bound, depth))
+            rows.append(compare("output", "free", J.output(free), ref, dtype, model_bound, depth))
+            return
+        teacher, free = (J.output(teacher), J.output(free)) if kind != "double_blocks" else (
+            _joint((J.output(teacher[0]), J.output(teacher[1]))), _joint((J.output(free[0]), J.output(free[1]))))
+        rows.append(compare(f"{kind}.{index}", "teacher", teacher, ref, dtype, block_bound, depth))
+        rows.append(compare(f"{kind}.{index}", "free", free, ref, dtype, model_bound, depth))
 
-    def read(keys):  # one read when both sides use the same weights
-        w_t = torch_weights.read(keys)
-        return w_t, (w_t if jax_weights is torch_weights else jax_weights.read(keys))
-
-    w_t, w_j = read(head_keys)
-    t_head = T.materialise(_head(copy.deepcopy(T.model), nn.ModuleList), w_t)
-    j_head = J.materialise(_head(nnx.clone(J.model), nnx.List), w_j)
-    final_bytes = nbytes({k: v for k, v in w_t.items() if k.startswith("final_layer.")}, dtype)
-    held = {"torch_weights_peak_bytes": nbytes(w_t, dtype), "jax_weights_peak_bytes": nbytes(w_t, dtype)}
-    del w_t, w_j
-
-    with torch.inference_mode(), jax.default_device(J.device):
-        t_in = {k: None if v is None else T.input(v) for k, v in inputs.items()}
-        j_in = {k: None if v is None else J.input(v) for k, v in inputs.items()}
-        t_img, t_txt, t_kw = t_head.embed(**t_in)
-        j_img, j_txt, j_kw = j_head.embed(**j_in)
-        # Only the final layer is needed from here on: drop the embedders (FLUX.2's modulations are 2 GB).
-        t_final, j_final = t_head.final_layer, j_head.final_layer
-        del t_head, j_head
-        # The embedders see identical inputs in both modes.
-        row("embed.img", 0, j_img, j_img, t_img)
-        row("embed.txt", 0, j_txt, j_txt, t_txt)
-        row("embed.vec", 0, j_kw["vec"], j_kw["vec"], t_kw["vec"])
-        jt_kw = T.to_jax(t_kw)  # PyTorch's block inputs, for teacher forcing
-
-        stages = [("double_blocks", i) for i in range(cfg.depth)] + [("single_blocks", i)
-                                                                     for i in range(cfg.depth_single_blocks)]
-        n_txt = inputs["txt" if cfg.family == "flux1" else "ctx"].shape[1]
-        t_x = j_x = None
-        for depth, (kind, i) in enumerate(stages, start=1):
-            prefix = f"{kind}.{i}."
-            w_t, w_j = read([k for k in T.expected if k.startswith(prefix)])
-            for side in ("torch_weights_peak_bytes", "jax_weights_peak_bytes"):  # one framework's block at a time
-                held[side] = max(held[side], final_bytes + nbytes(w_t, dtype))
-            # PyTorch first: its block runs, then is dropped before JAX's copy of the weights is made.
-            t_block = T.materialise(getattr(T.model, kind)[i], strip(w_t, prefix))
-            if kind == "double_blocks":
-                t_in_ = T.to_jax((t_img, t_txt))
-                t_img, t_txt = t_block(t_img, t_txt, **t_kw["double"])
-                ref = cat(t_txt, t_img, T)
-            else:
-                if t_x is None:  # the single blocks run on the joint [txt, img] sequence
-                    t_x, j_x = torch.cat((t_txt, t_img), 1), jax.numpy.concatenate((j_txt, j_img), 1)
-                t_in_ = T.to_jax(t_x)
-                t_x = t_block(t_x, **t_kw["single"])
-                ref = T.output(t_x)
-            t_block.to("meta")
-            del t_block, w_t
-            j_block = J.materialise(getattr(J.model, kind)[i], strip(w_j, prefix))
-            del w_j
-            if kind == "double_blocks":
-                teacher = _jit_call(j_block, *t_in_, **jt_kw["double"])
-                j_img, j_txt = _jit_call(j_block, j_img, j_txt, **j_kw["double"])
-                rows.append(compare(f"{kind}.{i}", "teacher", cat(teacher[1], teacher[0], J), ref, dtype,
-                                    block_bound, depth))
-                rows.append(compare(f"{kind}.{i}", "free", cat(j_txt, j_img, J), ref, dtype, model_bound, depth))
-            else:
-                teacher = _jit_call(j_block, t_in_, **jt_kw["single"])
-                j_x = _jit_call(j_block, j_x, **j_kw["single"])
-                row(f"{kind}.{i}", depth, teacher, j_x, ref)
-            del j_block, teacher, t_in_
-            if progress:
-                progress(f"{kind}.{i}")
-        if t_x is None:
-            t_x, j_x = torch.cat((t_txt, t_img), 1), jax.numpy.concatenate((j_txt, j_img), 1)
-        depth = len(stages) + 1
-        teacher = j_final(T.to_jax(t_x[:, n_txt:]), jt_kw["vec"])
-        free = j_final(j_x[:, n_txt:], j_kw["vec"])
-        t_out = t_final(t_x[:, n_txt:], t_kw["vec"])
-        rows.append(compare("final_layer", "teacher", J.output(teacher), T.output(t_out), dtype, block_bound, depth))
-        rows.append(compare("output", "free", J.output(free), T.output(t_out), dtype, model_bound, depth))
-
-    memory = dict(held, process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    jax_peak = _jax_pass(J, jax_weights, T.expected, inputs, records, report, dtype, progress)
+    rows = embed + rows
+    memory = dict(torch_weights_peak_bytes=torch_peak, jax_weights_peak_bytes=jax_peak,
+                  process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   model_weights_bytes=sum(int(np.prod(s)) for s in T.expected.values()) * (4 if dtype == "fp32" else 2))
     if device.startswith("cuda"):
         memory["torch_cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -165,23 +215,16 @@ def trajectory(cfg, torch_weights, jax_weights, steps: int, dtype: str = "fp32",
     import minflux_jax.sampling as jsampling
     import minflux_torch.sampling as tsampling
     from minflux import schedules
-    from minflux_jax.load import assign
 
     T, J = TorchSide(cfg, dtype, device), JaxSide(cfg, dtype, device)
     keys = list(T.expected)
     w_t = torch_weights.read(keys)
     t_model = T.materialise(copy.deepcopy(T.model), w_t)
-    w_j = w_t if jax_weights is torch_weights else jax_weights.read(keys)
-    j_model = nnx.clone(J.model)
-    with jax.default_device(J.device):
-        assign(j_model, w_j)
-    del w_t, w_j
-    x = make_inputs(cfg, resolution, txt_len, seed=seed)
-    flux1 = cfg.family == "flux1"
-    img, img_ids, txt, txt_ids = (x["img"], x["img_ids"], x["txt"], x["txt_ids"]) if flux1 else (
-        x["x"], x["x_ids"], x["ctx"], x["ctx_ids"])
-    ts = schedules.get_schedule(steps, img.shape[1], cfg.family, shift=cfg.guidance_embed or not flux1)
-    extra = {"vec": x["y"]} if flux1 else {}
+    j_model = J.materialise(J.model, w_t if jax_weights is torch_weights else jax_weights.read(keys))
+    del w_t
+    img, img_ids, txt, txt_ids, _, vec, _ = _draw(cfg, resolution, txt_len, 1, seed)
+    ts = schedules.get_schedule(steps, img.shape[1], cfg.family, shift=cfg.shifts_schedule)
+    extra = {"vec": vec} if vec is not None else {}
     if cfg.guidance_embed:
         extra["guidance"] = 3.5
     t_states = tsampling.denoise(t_model, *map(T.input, (img, img_ids, txt, txt_ids)), ts, trajectory=True,
