@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from flax import nnx
 
-import minflux_jax.load as jload
 from parity.frameworks import JaxSide, TorchSide, nbytes
 from parity.metrics import Row, bound, compare
 
@@ -69,6 +68,28 @@ def stages(cfg) -> list[tuple[str, list[str], object]]:
     return out
 
 
+@nnx.jit
+def _jit_call(module, h):
+    """One compiled program per submodule structure and input shape: every resnet block of one shape shares it."""
+    return module(h)
+
+
+def _is_live(path, v) -> bool:
+    return isinstance(v.get_value(), jax.Array)
+
+
+def _jax_stage(name: str, modules: list[str], fn, model):
+    """Stage `name` of the JAX model (only its `modules` hold weights) as a compiled function of h, shared by the
+    teacher-forced and the free-running call: a one-submodule stage is its submodule's call, compiled once per
+    block shape; any other, `fn(model, h, JaxOps)` as one program over the weights the stage assigned."""
+    if modules == [name]:
+        sub = _sub(model, name)
+        return lambda h: _jit_call(sub, h)
+    graphdef, live, rest = nnx.split(model, _is_live, ...)
+    jitted = jax.jit(lambda live, h: fn(nnx.merge(graphdef, live, rest), h, JaxOps))
+    return lambda h: jitted(live, h)
+
+
 class TorchOps:
     silu = staticmethod(torch.nn.functional.silu)
 
@@ -97,7 +118,7 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
     rows: list[Row] = []
     peak, t0 = 0, time.perf_counter()
 
-    t_h, j_h = T.input(image).to(T.dtype), J.input(to_j(image)).astype(J.dtype)
+    t_h, j_h = T.input(image).to(T.dtype), J.input(to_j(image), cast=True)
     all_stages = stages(cfg)
     with torch.inference_mode(), jax.default_device(J.device):
         for depth, (name, modules, fn) in enumerate(all_stages):
@@ -111,16 +132,17 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
                                                          if k.startswith(m + ".")})
                 sub = _sub(J.model, m)
                 saved[m] = nnx.state(sub)  # abstract: restored after the stage
-                jload.assign(sub, {k[len(m) + 1:]: v for k, v in w_j.items() if k.startswith(m + ".")})
+                J.assign(sub, {k[len(m) + 1:]: v for k, v in w_j.items() if k.startswith(m + ".")})
             del w_t, w_j
             t_in = t_h
             if name == "decoder.in":  # decode(z) is a forward of its own: both start from the same latents
-                j_h = J.input(to_j(T.output(t_in))).astype(J.dtype)
+                j_h = J.input(to_j(T.output(t_in)), cast=True)
             t_h = fn(T.model, t_h, TorchOps)
             ref = T.output(t_h)
-            for mode, j_in in (("teacher", J.input(to_j(T.output(t_in))).astype(J.dtype)), ("free", j_h)):
+            j_fn = _jax_stage(name, modules, fn, J.model)
+            for mode, j_in in (("teacher", J.input(to_j(T.output(t_in)), cast=True)), ("free", j_h)):
                 try:
-                    got = fn(J.model, j_in, JaxOps)
+                    got = j_fn(j_in)
                     rows.append(compare(name, mode, from_j(J.output(got)), ref, dtype,
                                         block_bound if mode == "teacher" else model_bound, depth))
                 except Exception as e:  # a layout or shape error fails the row that hit it
@@ -135,7 +157,7 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
             if progress:
                 progress(name)
             if j_h is None:  # JAX could not go on: the remaining stages cannot be compared free-running
-                j_h = J.input(to_j(T.output(t_h))).astype(J.dtype)
+                j_h = J.input(to_j(T.output(t_h)), cast=True)
     memory = {"torch_weights_peak_bytes": peak, "jax_weights_peak_bytes": peak,
               "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "model_weights_bytes": sum(int(np.prod(s)) for s in T.expected.values()) * (4 if dtype == "fp32" else 2)}

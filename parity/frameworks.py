@@ -88,8 +88,9 @@ class JaxSide:
         self.assign(module, tensors)
         return module
 
-    def input(self, arr: np.ndarray) -> jax.Array:
-        return jax.device_put(jnp.asarray(arr), self.device)
+    def input(self, arr: np.ndarray, cast: bool = False) -> jax.Array:
+        """numpy -> an array on this side's device; with cast, in the run's dtype (cast in numpy)."""
+        return jax.device_put(np.asarray(arr, self.np_dtype) if cast else arr, self.device)
 
     def from_numpy(self, tree, cache: dict | None = None):
         """numpy arrays -> arrays on this side's device (committed, like every array the run computes, so a
@@ -107,7 +108,7 @@ class JaxSide:
 
     @staticmethod
     def output(a) -> np.ndarray:
-        return np.asarray(jax.device_get(a.astype(jnp.float32)))
+        return np.asarray(jax.device_get(a), np.float32)  # bf16 widened in numpy: exact, and nothing to compile
 
 
 def strip(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
