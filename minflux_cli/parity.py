@@ -42,8 +42,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
                    help="compare the model with this LoRA merged (any common format; repeatable)")
+    p.add_argument("--jax-cache", metavar="DIR|off", default=os.environ.get("MINFLUX_JAX_CACHE"),
+                   help="JAX's persistent compilation cache, so a repeated run loads its compiled programs instead of "
+                        "compiling them (default: $MINFLUX_JAX_CACHE, else $XDG_CACHE_HOME/minflux/jax or "
+                        "~/.cache/minflux/jax; 'off': none)")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
     p.add_argument("--plot", type=Path, help="write a PNG of error against depth")
+
+
+def jax_cache_dir(setting: str | None) -> Path | None:
+    """The compilation-cache directory for a --jax-cache setting: None when 'off'."""
+    if setting and setting.lower() == "off":
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minflux" / "jax"
+
+
+def enable_jax_cache(path: Path | None) -> None:
+    """JAX's persistent compilation cache in `path`, for every program however small or quick to compile (the
+    default run's are small and many). Only the command turns it on; the library and the tests leave it off."""
+    if path is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _runs(args) -> list[tuple[object, Path | None, str]]:
@@ -111,6 +136,7 @@ def run(args) -> int:
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda, but PyTorch sees no CUDA device")
+    enable_jax_cache(jax_cache_dir(args.jax_cache))
     settings = precision.configure(args.device, args.allow_tf32)
     if not args.allow_tf32:
         precision.assert_full_precision()

@@ -11,6 +11,12 @@ from minflux_cli.main import main
 from parity import transformer, weights
 
 
+@pytest.fixture(autouse=True)
+def no_compilation_cache(monkeypatch):
+    """The command's persistent JAX compilation cache stays off in tests."""
+    monkeypatch.setenv("MINFLUX_JAX_CACHE", "off")
+
+
 def source(name, path):
     cfg = configs.get(name)
     return cfg, weights.CheckpointWeights(path, cfg, transformer.TorchSide(cfg, "fp32", "meta").expected)
