@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from parity.frameworks import JaxSide, TorchSide, nbytes
+from parity.frameworks import JaxSide, TorchSide, jit_call, nbytes
 from parity.metrics import Row, bound, compare
 
 
@@ -68,12 +68,6 @@ def stages(cfg) -> list[tuple[str, list[str], object]]:
     return out
 
 
-@nnx.jit
-def _jit_call(module, h):
-    """One compiled program per submodule structure and input shape: every resnet block of one shape shares it."""
-    return module(h)
-
-
 def _is_live(path, v) -> bool:
     return isinstance(v.get_value(), jax.Array)
 
@@ -84,7 +78,7 @@ def _jax_stage(name: str, modules: list[str], fn, model):
     block shape; any other, `fn(model, h, JaxOps)` as one program over the weights the stage assigned."""
     if modules == [name]:
         sub = _sub(model, name)
-        return lambda h: _jit_call(sub, h)
+        return lambda h: jit_call(sub, h)  # one program per block structure and shape
     graphdef, live, rest = nnx.split(model, _is_live, ...)
     jitted = jax.jit(lambda live, h: fn(nnx.merge(graphdef, live, rest), h, JaxOps))
     return lambda h: jitted(live, h)

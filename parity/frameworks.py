@@ -7,6 +7,7 @@ loaded into a PyTorch module and a Flax module, used, and dropped, so a run neve
 from __future__ import annotations
 
 import functools
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,18 @@ class JaxSide:
     @staticmethod
     def output(a) -> np.ndarray:
         return np.asarray(jax.device_get(a), np.float32)  # bf16 widened in numpy: exact, and nothing to compile
+
+
+@partial(jax.jit, static_argnums=0)
+def _run(graphdef, state, args, kwargs):
+    return nnx.merge(graphdef, state)(*args, **kwargs)
+
+
+def jit_call(module, *args, **kwargs):
+    """`module(*args, **kwargs)` compiled: one program per module structure and input shapes, shared by every
+    block of one shape and by the teacher-forced and free-running calls (eager JAX would compile every op
+    separately). jax.jit over the split module: its dispatch costs less than nnx.jit's state bookkeeping."""
+    return _run(*nnx.split(module), args, kwargs)
 
 
 def strip(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

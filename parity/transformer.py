@@ -22,7 +22,7 @@ import torch
 from flax import nnx
 
 from minflux import ids
-from parity.frameworks import JaxSide, TorchSide, nbytes, strip
+from parity.frameworks import JaxSide, TorchSide, jit_call, nbytes, strip
 from parity.metrics import Row, bound, compare
 
 HEAD_EXCLUDES = ("double_blocks", "single_blocks", "final_layer")  # the rest of the model: its embedders
@@ -44,13 +44,6 @@ def _draw(cfg, resolution: int, txt_len: int, batch: int, seed: int) -> tuple:
 def make_inputs(cfg, resolution: int, txt_len: int, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded forward inputs for an image of `resolution` pixels (16 px per token): BFL keyword names."""
     return cfg.forward_kwargs(*_draw(cfg, resolution, txt_len, batch, seed))
-
-
-@nnx.jit
-def _jit_call(module, *args, **kwargs):
-    """One compiled program per block type and input shapes, shared by every block of one shape and by the
-    teacher-forced and free-running calls (eager JAX would compile every op separately)."""
-    return module(*args, **kwargs)
 
 
 def _joint(out) -> np.ndarray:
@@ -136,8 +129,8 @@ def _jax_pass(J, source, expected, inputs: dict, records: list, report, dtype: s
         peak = max(peak, nbytes(w, dtype))
         j_block = J.materialise(block, strip(w, prefix))
         del w
-        teacher = _jit_call(j_block, *J.from_numpy(record[2]), **J.from_numpy(record[3], kw_cache))
-        free = _jit_call(j_block, *args, **kw)
+        teacher = jit_call(j_block, *J.from_numpy(record[2]), **J.from_numpy(record[3], kw_cache))
+        free = jit_call(j_block, *args, **kw)
         report(record, args, teacher, free)
         done.append(kind)
         if progress:
