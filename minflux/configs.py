@@ -129,6 +129,8 @@ class AutoEncoderConfig(_AutoEncoderShape):
     shift_factor: float = 0.1159
 
     family = "ae1"
+    quant_conv = False  # no 1x1 convs around the latent
+    batch_norm = False  # latents normalised by scale and shift
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class AutoEncoder2Config(_AutoEncoderShape):
     bn_eps: float = 1e-4
 
     family = "ae2"
+    quant_conv = True  # 1x1 quant_conv / post_quant_conv around the latent
+    batch_norm = True  # latents patchified 2x2 and normalised by the frozen BatchNorm `bn`
 
 
 FAMILIES = {"flux1": FluxConfig, "flux2": Flux2Config}  # family name -> config class (its behaviour properties)

@@ -34,7 +34,7 @@ def stages(cfg) -> list[tuple[str, list[str], object]]:
 
     Every resnet block, attention block, down- and upsampler is a stage of its own.
     """
-    n, flux2 = len(cfg.ch_mult), cfg.family == "ae2"
+    n, quant, bn = len(cfg.ch_mult), cfg.quant_conv, cfg.batch_norm
 
     def call(path):  # a stage that is one submodule call
         return path, [path], lambda m, h, ops: _sub(m, path)(h)
@@ -44,21 +44,22 @@ def stages(cfg) -> list[tuple[str, list[str], object]]:
 
     def enc_out(m, h, ops):
         h = m.encoder.conv_out(ops.silu(m.encoder.norm_out(h)))
-        return m.encoder.quant_conv(h) if flux2 else h
+        return m.encoder.quant_conv(h) if quant else h
 
     def dec_in(m, z, ops):
         z = m.inv_normalize(z)
-        return m.decoder.conv_in(m.decoder.post_quant_conv(z) if flux2 else z)
+        return m.decoder.conv_in(m.decoder.post_quant_conv(z) if quant else z)
 
     out = [call("encoder.conv_in")]
     for i in range(n):
         out += [call(f"encoder.down.{i}.block.{j}") for j in range(cfg.num_res_blocks)]
         out += [call(f"encoder.down.{i}.downsample")] if i != n - 1 else []
     out += mid("encoder")
-    out += [("encoder.out", ["encoder.norm_out", "encoder.conv_out"] + (["encoder.quant_conv"] if flux2 else []),
+    out += [("encoder.out", ["encoder.norm_out", "encoder.conv_out"] + (["encoder.quant_conv"] if quant else []),
              enc_out),
-            ("latents", ["bn"] if flux2 else [], lambda m, h, ops: m.normalize(ops.channels(h, cfg.z_channels))),
-            ("decoder.in", ["decoder.conv_in"] + (["decoder.post_quant_conv", "bn"] if flux2 else []), dec_in)]
+            ("latents", ["bn"] if bn else [], lambda m, h, ops: m.normalize(ops.channels(h, cfg.z_channels))),
+            ("decoder.in", ["decoder.conv_in"] + (["decoder.post_quant_conv"] if quant else [])
+             + (["bn"] if bn else []), dec_in)]
     out += mid("decoder")
     for i in reversed(range(n)):
         out += [call(f"decoder.up.{i}.block.{j}") for j in range(cfg.num_res_blocks + 1)]
