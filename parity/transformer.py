@@ -3,8 +3,9 @@
 Each framework runs its model's forward (`Flux` / `Flux2`), whose one block loop (`Trunk.trunk`) hands every
 block and the final layer to a `run_block` hook. The hook here loads that stage's weights, runs it, records
 its inputs and output, and frees the weights: PyTorch's forward first, then JAX's, so a run holds one
-framework's block at a time. Stages: the embedders (their outputs are the first block's inputs), each double
-block, each single block, the final layer. Per stage two comparisons, JAX against PyTorch:
+framework's block at a time (and, on the host, PyTorch's activations at every stage boundary).
+Stages: the embedders (their outputs are the first block's inputs), each double block, each single block,
+the final layer. Per stage two comparisons, JAX against PyTorch:
   teacher  JAX's block also runs on PyTorch's inputs to it, so a row is that stage's own error;
   free     JAX's own forward: a row is the error accumulated so far, composition included (the order of the
            joint sequence, the slicing before the final layer, what reaches each block).
@@ -25,7 +26,7 @@ from minflux import ids
 from parity.frameworks import JaxSide, TorchSide, jit_call, nbytes, strip
 from parity.metrics import Row, bound, compare
 
-HEAD_EXCLUDES = ("double_blocks", "single_blocks", "final_layer")  # the rest of the model: its embedders
+HEAD_EXCLUDES = ("double_blocks", "single_blocks", "final_layer")  # the model's other children: its embedders
 
 
 def _draw(cfg, resolution: int, txt_len: int, batch: int, seed: int) -> tuple:
@@ -63,7 +64,7 @@ def _heads(model) -> list[str]:
     modulations), which run before the first block."""
     names = [n for n, _ in model.named_children()] if isinstance(model, torch.nn.Module) else [
         n for n, v in vars(model).items() if isinstance(v, nnx.Module)]
-    return [n for n in names if n not in ("double_blocks", "single_blocks", "final_layer")]
+    return [n for n in names if n not in HEAD_EXCLUDES]
 
 
 def _under(tensors: dict, name: str) -> dict:
