@@ -63,8 +63,9 @@ def assign(module: nnx.Module, tensors) -> None:
         if keymaps.torch_to_flax(arr, param).shape != flat[path].shape:
             raise checkpoint.CheckpointError(f"{type(module).__name__}: {key}: expected "
                                              f"{_torch_shape(flat[path].shape, param)}, found {arr.shape}")
-        # a copy: on CPU jnp.asarray may alias the numpy buffer (e.g. a live PyTorch tensor's memory)
-        values[path] = jnp.array(keymaps.torch_to_flax(arr, param), dtype=flat[path].dtype, copy=True)
+        # a numpy copy (on CPU a device array may alias its numpy buffer, e.g. a live PyTorch tensor's memory),
+        # cast and put on the device without a compiled program per shape (jnp.array(..., dtype) compiles one)
+        values[path] = jax.device_put(np.array(keymaps.torch_to_flax(arr, param), dtype=flat[path].dtype, copy=True))
     missing = sorted(names[p][0] for p in set(names) - set(values))
     if missing or unexpected:
         raise checkpoint.CheckpointError(f"{type(module).__name__}: missing keys {missing[:10]}, "

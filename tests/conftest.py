@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+os.environ.setdefault("MINFLUX_JAX_CACHE", "off")  # commands under test compile afresh: no user cache written
 
 
 def rel_l2(a, b) -> float:

@@ -491,4 +491,4 @@ def test_generate_from_files_and_errors(tmp_path, capsys):
     assert "unknown preset 'flux3-huge'" in error(["generate", "--model", "flux3-huge", "--random-weights"])
     assert "--neg-embeddings is required" in error(base + ["--cfg", "3"])
     assert "'vec'" in error(base + ["--embeddings", str(f["ae1"])])  # not an embedding file
-    assert "Fill" in error(base + ["--mask", str(f["emb"])])
+    assert "--mask needs --init IMAGE" in error(base + ["--mask", str(f["emb"])])
