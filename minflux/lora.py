@@ -119,7 +119,7 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
            "final_layer.adaLN_modulation.1": (2 * h, h)}
     if cfg.guidance_embed:
         out |= {"guidance_in.in_layer": (h, 256), "guidance_in.out_layer": (h, h)}
-    if hasattr(cfg, "vec_in_dim"):
+    if getattr(cfg, "vec_in_dim", None):
         out |= {"vector_in.in_layer": (h, cfg.vec_in_dim), "vector_in.out_layer": (h, h)}
     if cfg.shared_modulation:
         out |= {"double_stream_modulation_img.lin": (6 * h, h), "double_stream_modulation_txt.lin": (6 * h, h),

@@ -134,10 +134,8 @@ def inpaint_mask(mask: Array, family: str, factor: int = 8) -> Array:
 
 def predict(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, t: Array,
             vec: Array | None, guidance: Array | None) -> Array:
-    """One model call with each family's keyword names; t and guidance are (B,)."""
-    if model.params.family == "flux1":
-        return model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=vec, guidance=guidance)
-    return model(x=img, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, guidance=guidance)
+    """One model call with each family's keyword names (`forward_kwargs`); t and guidance are (B,)."""
+    return model(**model.params.forward_kwargs(img, img_ids, txt, txt_ids, t, vec, guidance))
 
 
 def conditioning(model, img_ids: Array, txt: Array, txt_ids: Array, vec=None, guidance=None,

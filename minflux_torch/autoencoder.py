@@ -253,30 +253,29 @@ class AutoEncoder(nn.Module):
     def __init__(self, params):
         super().__init__()
         self.params = params
-        flux2 = params.family == "ae2"
         self.encoder = Encoder(params.resolution, params.in_channels, params.ch, params.ch_mult,
-                               params.num_res_blocks, params.z_channels, quant_conv=flux2)
-        self.decoder = Decoder(params.ch, params.out_ch, params.ch_mult, params.num_res_blocks,
-                               params.in_channels, params.resolution, params.z_channels, post_quant_conv=flux2)
+                               params.num_res_blocks, params.z_channels, quant_conv=params.quant_conv)
+        self.decoder = Decoder(params.ch, params.out_ch, params.ch_mult, params.num_res_blocks, params.in_channels,
+                               params.resolution, params.z_channels, post_quant_conv=params.quant_conv)
         self.f = 2 ** (len(params.ch_mult) - 1)  # image pixels per latent pixel
-        if flux2:
+        if params.batch_norm:
             self.ps = params.patch_size
             self.bn = BatchNorm(self.ps * self.ps * params.z_channels, eps=params.bn_eps)
 
     def normalize(self, mean: Tensor) -> Tensor:
         """Posterior mean (B, z, h, w) -> model latents: FLUX.1 scale*(z - shift), FLUX.2 patchify + BatchNorm."""
-        if self.params.family == "ae1":
+        if not self.params.batch_norm:
             return self.params.scale_factor * (mean - self.params.shift_factor)
         z = rearrange(mean, "b c (i pi) (j pj) -> b (c pi pj) i j", pi=self.ps, pj=self.ps)  # (B, 4z, h/2, w/2)
         return self.bn(z)
 
     def inv_normalize(self, z: Tensor) -> Tensor:
-        if self.params.family == "ae1":
+        if not self.params.batch_norm:
             return z / self.params.scale_factor + self.params.shift_factor
         return rearrange(self.bn.inverse(z), "b (c pi pj) i j -> b c (i pi) (j pj)", pi=self.ps, pj=self.ps)
 
     def check_size(self, height: int, width: int) -> None:
-        mult = self.f * (self.ps if self.params.family == "ae2" else 1)
+        mult = self.f * (self.ps if self.params.batch_norm else 1)
         if height % mult or width % mult:
             raise ValueError(f"image size {(height, width)} must be a multiple of {mult}")
 

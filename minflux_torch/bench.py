@@ -181,9 +181,8 @@ def fp8_row(plan, model, inp: dict, compiled: bool) -> dict:
 
 
 def _embed(model, x: dict):
-    if model.params.family == "flux1":
-        return model.embed(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["vec"], x.get("guidance"))
-    return model.embed(x["img"], x["img_ids"], x["t"], x["txt"], x["txt_ids"], x.get("guidance"))
+    return model.embed(**model.params.forward_kwargs(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"],
+                                                     x.get("vec"), x.get("guidance")))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -125,10 +125,8 @@ def inpaint_mask(mask: Tensor, family: str, factor: int = 8) -> Tensor:
 
 def predict(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, t: Tensor,
             vec: Tensor | None, guidance: Tensor | None) -> Tensor:
-    """One model call with each family's keyword names; t and guidance are (B,)."""
-    if model.params.family == "flux1":
-        return model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=vec, guidance=guidance)
-    return model(x=img, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, guidance=guidance)
+    """One model call with each family's keyword names (`forward_kwargs`); t and guidance are (B,)."""
+    return model(**model.params.forward_kwargs(img, img_ids, txt, txt_ids, t, vec, guidance))
 
 
 def conditioning(model, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec=None, guidance=None,
