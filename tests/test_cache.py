@@ -32,6 +32,7 @@ def cache_args(files, model, images, out, framework):  # noqa: F811
             "--size", "32", "--framework", framework, "--shard-size", "2", *enc]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,framework", [("flux2-tiny", "torch"), ("flux1-tiny", "jax")])
 def test_cache_matches_the_other_framework_and_trains(files, tmp_path, model, framework):  # noqa: F811
     import jax.numpy as jnp

@@ -69,6 +69,7 @@ def test_fp8_linear_twins_agree_with_the_dequantised_product(scaling, rng):
 FP8_BOUND = {"block": 1e-2, "output": 5e-2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, scaling", [("flux1-tiny", "tensor"), ("flux2-tiny", "row")])
 def test_fp8_parity_per_block_both_frameworks(model, scaling):
     plan = bench.Plan(model=model, resolution=32, txt_len=8, dtype="bf16")

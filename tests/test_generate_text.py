@@ -94,6 +94,7 @@ def test_prompt_to_image(files, tmp_path, framework, model):
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework,model", [("jax", "flux1-tiny"), ("torch", "flux2-tiny")])
 def test_prompt_equals_saved_embeddings(files, tmp_path, framework, model):
     """Two prompts with true CFG and a negative prompt: encoding in the run gives the same images, bit for bit,

@@ -48,6 +48,7 @@ def models(tmp_path_factory):
     return tm.eval(), mj.load_model(KV, d / "bfl.safetensors", dtype=jnp.float32), ref
 
 
+@pytest.mark.slow
 def test_forward_extract_and_cached_match_diffusers(models):
     """One step with the references (their keys and values kept), then one without them, against the
     diffusers transformer in "extract" and "cached" modes, both frameworks."""

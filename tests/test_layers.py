@@ -78,6 +78,7 @@ def block_twins(family, kind, dtype):
     return twins(cls[0], cls[1], *cls[2], dtype=dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["flux1", "flux2"])
 def test_blocks(rng, family, dtype):

@@ -194,6 +194,7 @@ def diffusers_forward(model, cfg, x: dict) -> np.ndarray:
                      img_ids=t["x_ids"], txt_ids=t["ctx_ids"], guidance=t["guidance"]).sample.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
 def test_model_outputs_against_diffusers(name, tmp_path, rng, tiny_checkpoint):
     """The forward of each framework's merged model against diffusers' fused model, same inputs, scale 0.8."""
@@ -723,6 +724,7 @@ def test_bf16_models_merge_alike(tmp_path, rng, tiny_checkpoint):
         assert rel_l2(t[k].astype(np.float64), base[k] + f32[k]) <= 1e-2, k
 
 
+@pytest.mark.slow
 def test_train_init_lora_starts_from_the_file(tmp_path):
     """`train --init-lora FILE`: with lr 0 the run exports exactly the model the file's run ended with (same base
     from the same seed, adapters from the file: its rank and modules), and writes the same adapters back."""

@@ -24,6 +24,7 @@ def forward_both(name, path, dtype, inputs):
     return out(a), out(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["bfl", "bfl-prefixed", "diffusers"])
 @pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
 def test_whole_model_fp32(name, layout, tiny_checkpoint, rng):
@@ -32,6 +33,7 @@ def test_whole_model_fp32(name, layout, tiny_checkpoint, rng):
     assert rel_l2(b, a) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
 def test_whole_model_bf16(name, tiny_checkpoint, rng):
     """bf16 against each framework's own fp32 run, and across frameworks (DESIGN.md: whole model 5e-2)."""

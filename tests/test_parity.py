@@ -117,6 +117,7 @@ def test_cli_exit_status_on_failure_and_bad_arguments(tiny_checkpoint, tmp_path,
     assert "--model NAME is required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_random_weights_full_architecture_rows():
     """--random-weights checks a preset without a checkpoint (here a one-block variant, for time)."""
     import dataclasses

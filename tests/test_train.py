@@ -82,6 +82,7 @@ def torch_and_jax(name):
 @pytest.mark.parametrize("name,weighting,remat", [("flux2-tiny", "none", "none"), ("flux1-tiny", "cosmap", "none"),
                                                   ("flux2-tiny", "none", "full"),
                                                   ("flux1-tiny", "none", "attention_dots")])
+@pytest.mark.slow
 def test_loss_gradients_and_update_match_torch(name, weighting, remat, rng):
     cfg = configs.get(name)
     tm, jm = torch_and_jax(name)
@@ -152,6 +153,7 @@ def options(tmp_path, **kw):
     return tr.TrainOptions(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_training_learns_resumes_bitwise_and_exports(tmp_path):
     ds = tiny_data()
     a = tr.Trainer(TINY, ds, options(tmp_path, ema=0.99))
@@ -180,6 +182,7 @@ def test_training_learns_resumes_bitwise_and_exports(tmp_path):
     b.close()
 
 
+@pytest.mark.slow
 def test_ema_is_the_moving_average_of_the_weights(tmp_path):
     decay = 0.9
     t = tr.Trainer(TINY, tiny_data(), options(tmp_path, steps=5, ema=decay, ckpt_dir=None, save_every=0))
@@ -310,6 +313,7 @@ def test_restore_checks_options_before_orbax(saved_run):
     t.close()
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_truncated_latest_checkpoint(saved_run, tmp_path, capsys):
     root, opts, at_2 = copy_run(saved_run, tmp_path)
     arrays = [f for f in (root / "4" / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
@@ -389,6 +393,7 @@ print(json.dumps({"devices": len(jax.devices()), "single": a, "sharded": b, "spe
 """)
 
 
+@pytest.mark.slow
 def test_sharded_run_matches_single_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300, env=env,
@@ -421,6 +426,7 @@ print(json.dumps({"process": jax.process_index(), "processes": jax.process_count
 """)
 
 
+@pytest.mark.slow
 def test_two_process_run_matches_single_device(tmp_path):
     """Two JAX processes (2 CPU devices each, a 2 x 2 mesh) through jax.distributed: each feeds its half of
     every batch, orbax saves collectively, and the loss curve is the single-device one."""
@@ -454,6 +460,7 @@ def test_two_process_run_matches_single_device(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lora_training_freezes_base_and_exports(tmp_path):
     ds = tiny_data()
     t = tr.Trainer(TINY, ds, options(tmp_path, steps=4, lr=1e-2, lora_rank=4, lora_alpha=4.0, ckpt_dir=None,
@@ -475,6 +482,7 @@ def test_lora_training_freezes_base_and_exports(tmp_path):
         assert rel_l2(to_numpy(v), want[k]) < 1e-6, k
 
 
+@pytest.mark.slow
 def test_demo_command_writes_grid_curve_and_weights_and_resumes(tmp_path, capsys):
     from minflux_cli import main as cli
 
