@@ -263,7 +263,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     height = args.height if args.height is not None else (64 if random else 1024)
     try:
         schedules.token_grid(width, height, ppt)
-        kind = configs.input_kind(cfg, ppt)
+        kind = configs.input_kind(_with_loras(cfg, args.lora), ppt)
     except ValueError as e:
         raise UsageError(f"--model {name}: {e}" if "in_channels" in str(e) else str(e)) from None
     if kind == "control" and args.control is None:
@@ -315,6 +315,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 compile=args.compile, progress=not args.no_progress, out=args.out, loras=tuple(args.lora),
                 redux=tuple(args.redux), redux_model=args.redux_model, redux_embedder=args.redux_embedder,
                 redux_scale=args.redux_scale, redux_pooled_scale=args.redux_pooled_scale)
+
+
+def _with_loras(cfg, loras):
+    """The config the transformer has once --lora files are merged: a BFL Canny / Depth control LoRA widens a
+    FLUX.1 model's `img_in` to take the control image's tokens (as diffusers expands `x_embedder`)."""
+    if not loras:
+        return cfg
+    from minflux import lora
+
+    with warnings.catch_warnings():  # (text-encoder parts are counted again when the model loads)
+        warnings.simplefilter("ignore")
+        width = lora.input_width(lora.load([p for p, _ in loras], cfg))
+    return dataclasses.replace(cfg, in_channels=width) if width > cfg.in_channels else cfg
 
 
 def encoder_kind(name: str, family: str, directory: Path) -> str:

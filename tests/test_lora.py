@@ -414,6 +414,29 @@ def test_control_lora_widens_img_in(tmp_path, rng, tiny_checkpoint):
     assert x["img"].shape[-1] == wide and rel_l2(out(got_j), out(got_t)) <= BOUND
 
 
+@pytest.mark.slow
+def test_generate_with_a_control_lora(tmp_path, rng, tiny_checkpoint):
+    """`minflux generate --lora canny.safetensors --control EDGES` on an ordinary FLUX.1 model: the LoRA widens
+    img_in, the control image is fed; both frameworks draw the same picture, and without --control it is refused."""
+    from PIL import Image
+
+    from minflux_cli.main import main
+
+    cfg = configs.get("flux1-tiny")
+    A, B = pair(rng, 4, 2 * cfg.in_channels, cfg.hidden_size)
+    save_file({"img_in.lora_A.weight": A, "img_in.lora_B.weight": B}, str(tmp_path / "canny.safetensors"))
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "edges.png")
+    common = ["generate", "--random-weights", "--model", "flux1-tiny", "--steps", "2", "--width", "32", "--height",
+              "32", "--lora", str(tmp_path / "canny.safetensors"), "--no-progress"]
+    out = {}
+    for fw in ("torch", "jax"):
+        assert main(common + ["--framework", fw, "--control", str(tmp_path / "edges.png"), "--out",
+                              str(tmp_path / f"{fw}.png")]) == 0
+        out[fw] = np.asarray(Image.open(tmp_path / f"{fw}.png"), np.int16)
+    assert np.abs(out["torch"] - out["jax"]).max() <= 1
+    assert main(common) == 2  # a control model now: it needs --control
+
+
 # ---------------------------------------------------------------------------------------------
 # Files we write, read by diffusers at the intended strength; several files at once; errors
 # ---------------------------------------------------------------------------------------------
