@@ -1,5 +1,3 @@
-import sys
+from minflux_cli.main import cli
 
-from minflux_cli.main import main
-
-sys.exit(main())
+cli()

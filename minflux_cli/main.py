@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
+import threading
 
 from minflux.checkpoint import CheckpointError
 from minflux_cli.args import UsageError
@@ -47,8 +49,22 @@ def parser() -> Parser:
     return p
 
 
-def _terminate(signum, frame):
-    raise Terminated
+STOPPED = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
+
+
+def _stop(signum, frame):
+    """Ctrl-C / SIGTERM: raise where the program is, so `finally` blocks clean up. An exception raised inside a
+    callback of a native library (an XLA GC or host callback) is swallowed there, so a watchdog ends the process
+    anyway a few seconds later, with the same line and status."""
+    code, word = STOPPED[signum]
+    command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else "parity"
+
+    def end():
+        print(f"minflux {command}: {word}", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    threading.Timer(5.0, end).start()  # (a daemon-less timer: it outlives a swallowed exception, not the exit)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv or ["parity"])  # no arguments: the default parity run
     except SystemExit as e:  # --help (0) or a usage error (2, one line already printed): a return value
         return e.code
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, _stop) for sig in STOPPED}
     prefix = f"minflux {args.command}"
     try:
         return importlib.import_module(f"minflux_cli.{args.command}").run(args)
@@ -71,8 +87,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: terminated", file=sys.stderr)
         return 143
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cli() -> None:
+    """The console script: `main`, then the exit. After Ctrl-C or SIGTERM the process ends at once (`os._exit`,
+    temporary files already removed by `finally`): JAX's and XLA's threads, stopped mid-work, can crash the normal
+    interpreter teardown (a segfault, status 139, instead of 130 / 143)."""
+    code = main()
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
