@@ -32,7 +32,8 @@ def _number(kind, low=None, multiple=None, high=None):
     return parse
 
 
-positive_int = _number(int, low=1)  # steps, batch size, accumulation, LoRA rank, ...
+positive_int = _number(int, low=1)
+positive_float = _number(float, low=1e-30)  # peaks, rates: > 0  # steps, batch size, accumulation, LoRA rank, ...
 nonneg_int = _number(int, low=0)  # seeds, save intervals
 pixels = _number(int, low=16, multiple=16)  # image sides: positive multiples of 16 (0 is an error, not a default)
 finite = _number(float)
@@ -64,8 +65,52 @@ def directory(text: str) -> Path:
 
 
 def lora_spec(text: str) -> tuple[Path, float]:
-    """`FILE[:SCALE]` of a LoRA file that exists (`minflux.lora.parse_spec`; scale 1 when absent)."""
+    """`FILE[:SCALE]` of a LoRA file that exists (`minflux.lora.parse_spec`; scale 1 when absent, finite)."""
     from minflux import lora
 
+    head, _, tail = text.rpartition(":")
+    if head and Path(head).exists() and not Path(text).exists():  # FILE:SCALE with a scale that is no number
+        finite(tail)
     path, scale = lora.parse_spec(text)
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text}: the scale must be a finite number")
     return existing(path), scale
+
+
+def out_file(text: str, suffixes: tuple[str, ...] = (), make_parents: bool = False) -> Path:
+    """A file to write: not a directory, in a directory that exists (or, with `make_parents`, can be made: its
+    nearest existing ancestor is a directory), with one of `suffixes` if given."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory; name the file to write")
+    parent = path.parent
+    while make_parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such directory {path.parent}" if not parent.exists() else
+                                         f"{text}: {parent} is not a directory")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise argparse.ArgumentTypeError(f"{text}: expected a {' / '.join(suffixes)} file")
+    return path
+
+
+def out_image(text: str) -> Path:
+    """An image file to write, in a format PIL writes (from the suffix)."""
+    from PIL import Image
+
+    path = out_file(text, make_parents=True)  # (its folders are made when the image is saved)
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"{text}: not an image file name PIL writes (.png, .jpg, .webp, ...)")
+    return path
+
+
+json_file = lambda text: out_file(text, (".json",))  # noqa: E731
+png_file = lambda text: out_file(text, (".png",))  # noqa: E731
+
+
+def out_dir(text: str) -> Path:
+    """A directory to write into: it may not exist yet, but must not be a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+    return path

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from minflux import bench
-from minflux_cli.args import UsageError, nonneg_int, pixels, positive_int, preset
+from minflux_cli.args import UsageError, json_file, nonneg_int, pixels, png_file, positive_float, positive_int, preset
 
 REMAT = ("none", "full", "dots", "dots_no_batch", "attention", "attention_dots")  # minflux_jax.train.REMAT_POLICIES
 
@@ -61,10 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also compare fp8 against the model dtype block by block, in both frameworks")
     p.add_argument("--xla-flags", default="default",
                    help="XLA_FLAGS for the JAX processes: 'default' (minflux.bench.XLA_GPU_FLAGS), 'none', or flags")
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense peak (default: from the GPU name)")
+    p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense peak (default: from the GPU name)")
     p.add_argument("--timeout", type=positive_int, default=900, help="seconds per backend")
-    p.add_argument("--json", type=Path, default=None, help="write the report here")
-    p.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) of the step times here")
+    p.add_argument("--json", type=json_file, default=None, help="write the report here")
+    p.add_argument("--plot", type=png_file, default=None, help="write a bar chart (PNG) of the step times here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--plan", default=None, help=argparse.SUPPRESS)
     p.add_argument("--parity", action="store_true", help=argparse.SUPPRESS)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from minflux import checkpoint, configs, ids, images
-from minflux_cli.args import UsageError, directory, existing, pixels, positive_int, preset
+from minflux_cli.args import UsageError, directory, existing, out_dir, pixels, positive_int, preset
 from minflux_cli.frameworks import Framework
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=directory, help="folder of images, each with a NAME.txt caption")
-    p.add_argument("out", type=Path, help="output folder for the shards")
+    p.add_argument("out", type=out_dir, help="output folder for the shards")
     p.add_argument("--model", type=preset, required=True, help="transformer preset the cache is for (e.g. "
                    "flux2-klein-4b)")
     p.add_argument("--ae", type=existing, required=True, help="autoencoder checkpoint (safetensors)")
@@ -63,6 +63,13 @@ def run(args) -> int:
 
     cfg = configs.resolve(args.model)
     family = cfg.family
+    if family not in gen.AE_FAMILY:
+        raise UsageError(f"--model {args.model} is {configs.describe(family)}, not a transformer")
+    if args.device is not None and args.device.startswith("cuda") and args.framework == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}, but PyTorch sees no CUDA device")
     ae_cfg = configs.resolve(args.ae_config or f"{family}-ae" + ("-tiny" if args.model.endswith("-tiny") else ""))
     if ae_cfg.family != gen.AE_FAMILY.get(family):
         raise UsageError(f"--ae-config {args.ae_config}: {args.model} needs {configs.describe(gen.AE_FAMILY[family])}")

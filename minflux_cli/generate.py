@@ -51,6 +51,7 @@ from minflux_cli.args import (
     lora_spec,
     nonneg_float,
     nonneg_int,
+    out_image,
     pixels,
     positive_int,
     preset,
@@ -190,7 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="PyTorch: torch.compile the transformer")
     parser.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
                         help="merge a LoRA file (any common format) at SCALE (default 1); repeatable")
-    parser.add_argument("--out", type=Path, default=Path("minflux.png"), help="output PNG")
+    parser.add_argument("--out", type=out_image, default=Path("minflux.png"), help="output image (PNG, JPEG, WebP, "
+                        "...; B prompts: OUT-0.png, OUT-1.png, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -223,6 +225,19 @@ def _required(path: Path | None, what: str, flag: str) -> Path:
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate the arguments and resolve every default; raises UsageError naming the flag."""
     random = args.random_weights
+    given = [f for f in ("transformer", "ae", "embeddings", "neg_embeddings") if getattr(args, f) is not None]
+    if random and given:
+        raise UsageError(f"--random-weights and --{given[0].replace('_', '-')} exclude each other: random tiny "
+                         "models and embeddings, or your files")
+    if args.compile and args.framework != "torch":
+        raise UsageError("--compile is torch.compile, for --framework torch (JAX always compiles)")
+    if args.device is not None and args.framework != "torch":
+        raise UsageError("--device is PyTorch's; JAX runs on its default device (JAX_PLATFORMS)")
+    if args.device is not None and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}, but PyTorch sees no CUDA device")
     name = args.model or ("flux1-tiny" if random else None)
     if name is None:
         raise UsageError("--model is required (a transformer preset); presets: " + ", ".join(configs.names()))
@@ -434,6 +449,10 @@ def read_embeddings(path: Path, plan: Plan, flag: str) -> dict[str, np.ndarray]:
                              f"{configs.describe(plan.family)} needs {' and '.join(map(repr, wanted))}")
         a = ckpt.get(key).astype(np.float32)
         a = a[None] if a.ndim == len(shape) else a  # one prompt without a batch axis
+        if not np.isfinite(a).all():
+            raise UsageError(f"{flag} {path}: {key!r} holds NaN or Inf values")
+        if 0 in a.shape:
+            raise UsageError(f"{flag} {path}: {key!r} has shape {ckpt.meta[key][1]}: no tokens")
         if a.ndim != len(shape) + 1 or a.shape[-1] != shape[-1]:
             raise UsageError(f"{flag} {path}: {key!r} has shape {ckpt.meta[key][1]}; {plan.model} "
                              f"needs (B, {', '.join(map(str, shape))})")

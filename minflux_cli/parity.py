@@ -12,7 +12,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from minflux_cli.args import UsageError, existing, lora_spec, nonneg_int, pixels, positive_int, preset
+from minflux_cli.args import (
+    UsageError,
+    existing,
+    json_file,
+    lora_spec,
+    nonneg_int,
+    pixels,
+    png_file,
+    positive_int,
+    preset,
+)
 
 TINY_DEFAULTS = [  # (preset, layout written) for the default run
     ("flux1-tiny", "bfl"),
@@ -46,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="JAX's persistent compilation cache, so a repeated run loads its compiled programs instead of "
                         "compiling them (default: $MINFLUX_JAX_CACHE, else $XDG_CACHE_HOME/minflux/jax or "
                         "~/.cache/minflux/jax; 'off': none)")
-    p.add_argument("--json", type=Path, help="write every figure to this JSON file")
-    p.add_argument("--plot", type=Path, help="write a PNG of error against depth")
+    p.add_argument("--json", type=json_file, help="write every figure to this JSON file")
+    p.add_argument("--plot", type=png_file, help="write a PNG of error against depth")
 
 
 def jax_cache_dir(setting: str | None) -> Path | None:
@@ -136,7 +146,12 @@ def run(args) -> int:
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda, but PyTorch sees no CUDA device")
-    enable_jax_cache(jax_cache_dir(args.jax_cache))
+    if args.allow_tf32 and args.device != "cuda":
+        raise UsageError("--allow-tf32 is a canary for --device cuda (TF32 exists only on NVIDIA GPUs)")
+    cache = jax_cache_dir(args.jax_cache)
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise UsageError(f"--jax-cache {cache}: not a directory (pass a directory, or 'off')")
+    enable_jax_cache(cache)
     settings = precision.configure(args.device, args.allow_tf32)
     if not args.allow_tf32:
         precision.assert_full_precision()

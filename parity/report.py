@@ -46,7 +46,9 @@ def print_run(run: dict, console=None) -> None:
     mem = run.get("memory", {})
     if mem:
         console.print("  memory: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in mem.items() if v))
-    worst = {m: max((r for r in run["rows"] if r["mode"] == m), key=lambda r: r["rel_l2"] / r["bound"], default=None)
+    # a NaN ratio never compares greater: non-finite rows rank first, as the worst
+    worst = {m: max((r for r in run["rows"] if r["mode"] == m), default=None,
+                    key=lambda r: r["rel_l2"] / r["bound"] if r["rel_l2"] == r["rel_l2"] else float("inf"))
              for m in ("teacher", "free", "trajectory")}
     for mode, r in worst.items():
         if r:

@@ -41,7 +41,7 @@ def test_bench_runs_both_frameworks_and_reports_the_ratio(tmp_path, capsys):
     (["--kinds", "forward,backward"], "--kinds"),
     (["--model", "flux2-ae-tiny"], "not a transformer preset"),
     (["--model", "flux2-tiny", "--resolution", "40"], "multiple of 16"),
-    (["--json", "/no/such/dir/out.json"], "does not exist"),
+    (["--json", "/no/such/dir/out.json"], "no such directory /no/such/dir"),
 ])
 def test_bench_usage_errors_exit_2(argv, message, capsys):
     try:

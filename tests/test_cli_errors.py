@@ -112,6 +112,17 @@ GENERATE = [
     (["generate", "--random-weights", "--save-embeddings", "{tmp}/e.safetensors"], 2,
      "--save-embeddings needs --prompt"),
     (["generate", "--random-weights", "--text-encoder", "{tmp}"], 2, "--text-encoder needs --prompt"),
+    (["generate", "--random-weights", "--out", "{tmp}"], 2, "argument --out: {tmp}: is a directory"),
+    (["generate", "--random-weights", "--out", "{tmp}/x.txt"], 2, "not an image file name PIL writes"),
+    (["generate", "--random-weights", "--out", "{flux2_tiny}/x.png"], 2, "{flux2_tiny} is not a directory"),
+    (["generate", "--random-weights", "--transformer", "{flux2_tiny}"], 2,
+     "--random-weights and --transformer exclude each other"),
+    (["generate", "--random-weights", "--framework", "jax", "--compile"], 2, "--compile is torch.compile"),
+    (["generate", "--random-weights", "--device", "cuda:7"], 2, "--device cuda:7, but PyTorch sees no CUDA"),
+    (["generate", "--random-weights", "--lora", "{flux2_tiny}:abc"], 2, "argument --lora: expected a number, got"),
+    (["generate", "--random-weights", "--lora", "{flux2_tiny}:nan"], 2, "argument --lora: expected a finite number"),
+    (["generate", "--model", "flux2-tiny", "--transformer", "{flux2_tiny}", "--ae", "{flux2_ae}", "--embeddings",
+      "{nan_emb}"], 2, "--embeddings {nan_emb}: 'txt' holds NaN or Inf values"),
 ]
 
 PARITY = [
@@ -126,6 +137,10 @@ PARITY = [
     (["parity", "--resolution", "24"], 2, "argument --resolution: must be a multiple of 16"),
     (["parity", "--txt-len", "0"], 2, "argument --txt-len: must be >= 1"),
     (["parity", "--device", "tpu"], 2, "argument --device: invalid choice: 'tpu'"),
+    (["parity", "--json", "{tmp}"], 2, "argument --json: {tmp}: is a directory"),
+    (["parity", "--plot", "{tmp}/nodir/x.png"], 2, "argument --plot: {tmp}/nodir/x.png: no such directory"),
+    (["parity", "--allow-tf32"], 2, "--allow-tf32 is a canary for --device cuda"),
+    (["parity", "--jax-cache", "{flux2_tiny}"], 2, "--jax-cache {flux2_tiny}: not a directory"),
     (["parity", "--model", "flux1-dev", "--checkpoint", "{flux2_tiny}"], 2,
      "{flux2_tiny} holds a FLUX.2 transformer of width 64; the model needs a FLUX.1 transformer of width 3072"),
     (["parity", "--model", "flux1-tiny", "--checkpoint", "{corrupt}/0.safetensors"], 2, "corrupt"),
@@ -152,15 +167,27 @@ CACHE = [
       "--size", "0"], 2, "argument --size: must be >= 16, got 0"),
     (["cache", "{empty}", "{tmp}/c", "--model", "flux2-tiny", "--ae", "{flux1_ae}", "--text-encoder", "{tmp}",
       "--batch-size", "0"], 2, "argument --batch-size: must be >= 1"),
+    (["cache", "{empty}", "{flux2_tiny}", "--model", "flux2-tiny", "--ae", "{flux1_ae}", "--text-encoder", "{tmp}"],
+     2, "argument out: {flux2_tiny}: not a directory"),
+    (["cache", "{empty}", "{tmp}/c", "--model", "flux2-ae-tiny", "--ae", "{flux1_ae}", "--text-encoder", "{tmp}"], 2,
+     "--model flux2-ae-tiny is a FLUX.2 autoencoder, not a transformer"),
     (["cache", "{empty}", "{tmp}/c", "--model", "flux2-tiny", "--ae", "{flux1_ae}"], 2,
      "the following arguments are required: --text-encoder"),
+]
+
+BENCH = [
+    (["bench", "--json", "{tmp}"], 2, "argument --json: {tmp}: is a directory"),
+    (["bench", "--plot", "{tmp}"], 2, "argument --plot: {tmp}: is a directory"),
+    (["bench", "--peak-tflops", "-1"], 2, "argument --peak-tflops: must be >="),
+    (["bench", "--peak-tflops", "nan"], 2, "argument --peak-tflops: expected a finite number"),
+    (["bench", "--model", "nosuch"], 2, "argument --model: unknown preset 'nosuch'"),
 ]
 
 TOP = [
     (["nosuch"], 2, "invalid choice: 'nosuch' (choose from 'parity'"),
 ]
 
-ROWS = TRAIN + GENERATE + PARITY + CONVERT + CACHE + TOP
+ROWS = TRAIN + GENERATE + PARITY + CONVERT + CACHE + BENCH + TOP
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +211,9 @@ def files(tmp_path_factory, tiny_checkpoint):
 
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp / "img.png")
     out["png"] = tmp / "img.png"
+    out["flux2_ae"] = tiny_checkpoint("flux2-ae-tiny")
+    save_file({"txt": np.full((1, 4, 48), np.nan, np.float32)}, tmp / "nan_emb.safetensors")
+    out["nan_emb"] = tmp / "nan_emb.safetensors"
     out["pickle"] = tmp / "model.pt"
     out["pickle"].write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # a zip, as torch.save writes
     assert len(LatentShards(out["shards"], cfg=data.DEMO)) == 4  # the good shards do load
