@@ -139,14 +139,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "samples and exported files use it")
     p.add_argument("--lora-rank", type=positive_int, default=None,
                    help="train LoRA adapters of this rank (>= 1), base frozen; default: full fine-tuning")
-    p.add_argument("--lora-alpha", type=finite, default=16.0)
+    p.add_argument("--lora-alpha", type=finite, default=None, help="LoRA alpha (default 16): updates scale by "
+                   "alpha / rank")
     p.add_argument("--init-lora", type=existing, metavar="FILE", help="start the adapters from this LoRA file (any "
                    "format minflux reads: diffusers/PEFT, kohya, XLabs, ComfyUI, ...); its rank and modules become "
                    "the run's")
     p.add_argument("--lora-targets", nargs="+", default=None, help="regexes over BFL module names (with --lora-rank)")
-    p.add_argument("--lora-format", choices=lora_files.FORMATS, default="diffusers",
-                   help="the LoRA file written: diffusers (load_lora_weights reads it at the intended strength), "
-                        "kohya (sd-scripts / ComfyUI, with .alpha) or bfl (diffusion_model. names)")
+    p.add_argument("--lora-format", choices=lora_files.FORMATS, default=None,
+                   help="the LoRA file written (default diffusers): diffusers (load_lora_weights reads it at the "
+                        "intended strength), kohya (sd-scripts / ComfyUI, with .alpha) or bfl (diffusion_model. names)")
     p.add_argument("--save-every", type=nonneg_int, default=0, help="orbax checkpoint every N micro-steps (0: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest intact checkpoint in OUT/ckpt, with the same config, batch size, "
@@ -187,8 +188,11 @@ def plan(args):
     if args.init_lora is not None and (args.lora_rank is not None or args.lora_targets):
         raise UsageError("--init-lora takes its rank and modules from the file: leave out --lora-rank and "
                          "--lora-targets")
-    if args.lora_targets and args.lora_rank is None:
-        raise UsageError("--lora-targets needs --lora-rank")
+    for flag in ("lora_targets", "lora_alpha", "lora_format"):
+        if getattr(args, flag) is not None and args.lora_rank is None and args.init_lora is None:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --lora-rank (or --init-lora)")
+    if args.init_lora is not None and args.lora_alpha is not None:
+        raise UsageError("--init-lora takes its alpha from the file: leave out --lora-alpha")
     if args.guidance is not None and not cfg.guidance_embed:
         raise UsageError(f"--guidance: {args.config} is not guidance-distilled (it takes no guidance value)")
     if args.attention == "cudnn" and jax.default_backend() != "gpu":
@@ -246,7 +250,8 @@ def train_options(args, ckpt: Path):
             attention=args.attention,
             timesteps={"kind": args.timesteps, "mean": args.logit_mean, "std": args.logit_std, "shift": args.shift},
             weighting=args.weighting, guidance=args.guidance, seed=args.seed, mesh=tuple(args.mesh),
-            ema=args.ema, lora_rank=0 if args.lora_rank is None else args.lora_rank, lora_alpha=args.lora_alpha,
+            ema=args.ema, lora_rank=0 if args.lora_rank is None else args.lora_rank,
+            lora_alpha=16.0 if args.lora_alpha is None else args.lora_alpha,
             **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}),
             init=None if args.init is None else str(args.init),
             init_lora=None if args.init_lora is None else str(args.init_lora),
@@ -294,7 +299,7 @@ def run(args) -> int:
         written.append(out / "loss.png")
     trainer.export(out / "model.safetensors")
     if opts.lora_rank:
-        trainer.save_lora(out / "lora.safetensors", args.lora_format)
+        trainer.save_lora(out / "lora.safetensors", args.lora_format or "diffusers")
         written.append(out / "lora.safetensors")
     if isinstance(data, Shapes):
         cols = 6

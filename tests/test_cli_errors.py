@@ -54,6 +54,8 @@ TRAIN = [
      "--lora-targets: no linear layer matches the LoRA targets ['nomatch']"),
     (["train", "--lora-rank", "2", "--lora-targets", "("], 2, "--lora-targets: missing ), unterminated subpattern"),
     (["train", "--lora-targets", "qkv"], 2, "--lora-targets needs --lora-rank"),
+    (["train", "--lora-alpha", "4"], 2, "--lora-alpha needs --lora-rank"),
+    (["train", "--lora-format", "kohya"], 2, "--lora-format needs --lora-rank"),
     # --init: the file, its family and width, before any key list
     (["train", "--init", "{tmp}/nosuch.safetensors"], 2, "argument --init: {tmp}/nosuch.safetensors: no such file"),
     (["train", "--init", "{flux2_tiny}"], 2,
