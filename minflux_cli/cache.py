@@ -65,11 +65,6 @@ def run(args) -> int:
     family = cfg.family
     if family not in gen.AE_FAMILY:
         raise UsageError(f"--model {args.model} is {configs.describe(family)}, not a transformer")
-    if args.device is not None and args.device.startswith("cuda") and args.framework == "torch":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}, but PyTorch sees no CUDA device")
     ae_cfg = configs.resolve(args.ae_config or f"{family}-ae" + ("-tiny" if args.model.endswith("-tiny") else ""))
     if ae_cfg.family != gen.AE_FAMILY.get(family):
         raise UsageError(f"--ae-config {args.ae_config}: {args.model} needs {configs.describe(gen.AE_FAMILY[family])}")

@@ -7,6 +7,8 @@ import importlib
 
 import numpy as np
 
+from minflux_cli.args import UsageError
+
 
 @dataclasses.dataclass(frozen=True)
 class Framework:
@@ -15,6 +17,13 @@ class Framework:
     name: str  # "torch" | "jax"
     dtype: str  # "fp32" | "bf16"
     device: str | None = None  # torch only; default cuda when available
+
+    def __post_init__(self):
+        if self.name == "torch" and self.device is not None and self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {self.device}, but PyTorch sees no CUDA device")
 
     def _import(self, module: str = ""):
         return importlib.import_module(f"minflux_{self.name}{'.' + module if module else ''}")
