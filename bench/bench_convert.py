@@ -77,7 +77,9 @@ def write_random(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) 
         bits &= 0xBFFF
         return bits.view(bf16)
 
-    checkpoint.write_safetensors(path, {k: ("BF16", s) for k, s in shapes.items()}, produce, progress=True)
+    checkpoint.write_safetensors(
+        path, {k: ("BF16", s) for k, s in shapes.items()}, produce, progress=True
+    )
 
 
 def raw_read(path: Path, chunk: int = 64 << 20) -> float:
@@ -101,7 +103,9 @@ def raw_copy(src: Path, dst: Path) -> float:
 def run_cli(args: list[str], work: Path) -> tuple[int, int]:
     """`minflux ARGS` in a subprocess: its exit code and peak RSS in bytes."""
     peak = work / "peak_kib"
-    rc = subprocess.run([sys.executable, "-c", CHILD, str(peak), *args], stdout=subprocess.DEVNULL).returncode
+    rc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(peak), *args], stdout=subprocess.DEVNULL
+    ).returncode
     kib = int(peak.read_text())
     peak.unlink()
     return rc, kib * 1024
@@ -112,7 +116,9 @@ def main() -> int:
     p.add_argument("--preset", default="flux2-dev")
     p.add_argument("--depth", type=int, default=1, help="double blocks")
     p.add_argument("--single", type=int, default=1, help="single blocks")
-    p.add_argument("--dir", default="/tmp/minflux-bench", help="scratch directory (needs 3x the file size)")
+    p.add_argument(
+        "--dir", default="/tmp/minflux-bench", help="scratch directory (needs 3x the file size)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the files")
     args = p.parse_args()
 
@@ -126,10 +132,17 @@ def main() -> int:
     if free < 3 * size + (1 << 30):
         print(f"{work}: {free / GB:.1f} GB free, need {3 * size / GB + 1:.1f} GB", file=sys.stderr)
         return 1
-    src, dst, copy = work / "bfl.safetensors", work / "diffusers.safetensors", work / "copy.safetensors"
+    src, dst, copy = (
+        work / "bfl.safetensors",
+        work / "diffusers.safetensors",
+        work / "copy.safetensors",
+    )
     load0 = os.getloadavg()[0]
-    print(f"{args.preset} dims, {args.depth} double + {args.single} single blocks: {len(shapes)} tensors, "
-          f"{size / GB:.2f} GB; largest {largest} {shapes[largest]} = {largest_bytes / GB:.2f} GB", flush=True)
+    print(
+        f"{args.preset} dims, {args.depth} double + {args.single} single blocks: {len(shapes)} tensors, "
+        f"{size / GB:.2f} GB; largest {largest} {shapes[largest]} = {largest_bytes / GB:.2f} GB",
+        flush=True,
+    )
     try:
         t0 = time.perf_counter()
         write_random(src, shapes)
@@ -148,39 +161,55 @@ def main() -> int:
         if rc:
             print(f"convert failed with exit code {rc}", file=sys.stderr)
             return rc
-        _, floor = run_cli(["convert", "--help"], work)  # the same process, everything imported, no work
+        _, floor = run_cli(
+            ["convert", "--help"], work
+        )  # the same process, everything imported, no work
 
         # spot check: the swapped final layer and one split qkv part are what the recipes say
         a, b = checkpoint.Checkpoint(src), checkpoint.Checkpoint(dst)
         fin = a.get("final_layer.adaLN_modulation.1.weight")
         h = fin.shape[0] // 2
-        assert (b.get("norm_out.linear.weight").view(np.uint16)
-                == np.concatenate([fin[h:], fin[:h]]).view(np.uint16)).all()
+        assert (
+            b.get("norm_out.linear.weight").view(np.uint16)
+            == np.concatenate([fin[h:], fin[:h]]).view(np.uint16)
+        ).all()
         d = shapes["img_in.weight"][0]
-        assert (b.get("transformer_blocks.0.attn.to_v.weight").view(np.uint16)
-                == a.rows("double_blocks.0.img_attn.qkv.weight", 2 * d, 3 * d).view(np.uint16)).all()
+        assert (
+            b.get("transformer_blocks.0.attn.to_v.weight").view(np.uint16)
+            == a.rows("double_blocks.0.img_attn.qkv.weight", 2 * d, 3 * d).view(np.uint16)
+        ).all()
     finally:
         if not args.keep:
             for f in (src, dst, copy):
                 f.unlink(missing_ok=True)
 
     gbs = lambda t: size / GB / t
-    print(f"\n{os.cpu_count()} CPUs; 1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} "
-          f"at the end (other work on the machine slows the CPU-bound parts)\n")
+    print(
+        f"\n{os.cpu_count()} CPUs; 1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} "
+        f"at the end (other work on the machine slows the CPU-bound parts)\n"
+    )
     print("| measure | time (s) | GB/s | throughput vs raw read | vs raw copy |")
     print("|---|---|---|---|---|")
     print(f"| generate + write the random source | {t_gen:.1f} | {gbs(t_gen):.2f} | | |")
     print(f"| raw sequential read (cold cache) | {t_read:.1f} | {gbs(t_read):.2f} | 1.00 | |")
-    print(f"| raw copy + fsync (cold cache) | {t_copy:.1f} | {gbs(t_copy):.2f} | {t_read / t_copy:.2f} | 1.00 |")
-    print(f"| `minflux convert --to diffusers` (cold cache, whole process) | {t_conv:.1f} | {gbs(t_conv):.2f} | "
-          f"{t_read / t_conv:.2f} | {t_copy / t_conv:.2f} |")
+    print(
+        f"| raw copy + fsync (cold cache) | {t_copy:.1f} | {gbs(t_copy):.2f} | {t_read / t_copy:.2f} | 1.00 |"
+    )
+    print(
+        f"| `minflux convert --to diffusers` (cold cache, whole process) | {t_conv:.1f} | {gbs(t_conv):.2f} | "
+        f"{t_read / t_conv:.2f} | {t_copy / t_conv:.2f} |"
+    )
     print()
     print("| memory | GB | vs largest tensor | vs file |")
     print("|---|---|---|---|")
-    print(f"| convert peak RSS | {peak / GB:.2f} | {peak / largest_bytes:.2f} | {peak / size:.3f} |")
+    print(
+        f"| convert peak RSS | {peak / GB:.2f} | {peak / largest_bytes:.2f} | {peak / size:.3f} |"
+    )
     print(f"| same process, imports only | {floor / GB:.2f} | | |")
-    print(f"| peak RSS above imports | {(peak - floor) / GB:.2f} | {(peak - floor) / largest_bytes:.2f} | "
-          f"{(peak - floor) / size:.3f} |")
+    print(
+        f"| peak RSS above imports | {(peak - floor) / GB:.2f} | {(peak - floor) / largest_bytes:.2f} | "
+        f"{(peak - floor) / size:.3f} |"
+    )
     return 0
 
 

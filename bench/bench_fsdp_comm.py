@@ -42,13 +42,17 @@ def main() -> None:
     p.add_argument("--precision", default="bf16-mixed", choices=["fp32", "bf16-mixed", "bf16"])
     p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16, help="global batch (36 tokens of image + 2 of text each)")
+    p.add_argument(
+        "--batch", type=int, default=16, help="global batch (36 tokens of image + 2 of text each)"
+    )
     p.add_argument("--no-gather", action="store_true", help="leave the weights' placement to XLA")
     args = p.parse_args()
 
     dump = tempfile.mkdtemp(prefix="minflux-hlo-")
-    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} --xla_dump_to={dump} "
-                               "--xla_dump_hlo_pass_re=spmd-partitioning")
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={args.devices} --xla_dump_to={dump} "
+        "--xla_dump_hlo_pass_re=spmd-partitioning"
+    )
     os.environ["JAX_PLATFORMS"] = "cpu"
     import dataclasses
 
@@ -59,19 +63,28 @@ def main() -> None:
 
     if args.no_gather:
         tr.fsdp_gather = lambda mesh: None
-    cfg = dataclasses.replace(data.DEMO, hidden_size=args.hidden, num_heads=args.hidden // 32, axes_dim=(8, 8, 8, 8))
+    cfg = dataclasses.replace(
+        data.DEMO, hidden_size=args.hidden, num_heads=args.hidden // 32, axes_dim=(8, 8, 8, 8)
+    )
     ds = data.Shapes(n=64, context_dim=cfg.context_in_dim)
-    t = tr.Trainer(cfg, ds, tr.TrainOptions(batch_size=args.batch, mesh=tuple(args.mesh),
-                                            precision=args.precision, remat=args.remat))
+    t = tr.Trainer(
+        cfg,
+        ds,
+        tr.TrainOptions(
+            batch_size=args.batch, mesh=tuple(args.mesh), precision=args.precision, remat=args.remat
+        ),
+    )
     t._step.lower(t.state, t.frozen, t.batch(0)).compile()
     files = sorted(Path(dump).glob("*jit_train_step*after_spmd-partitioning*"))
     if not files:
         sys.exit(f"no partitioned train_step module in {dump}")
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(t.state["params"]))
     found = collectives(files[-1].read_text())
-    print(f"mesh {tuple(args.mesh)}, {args.precision}, remat {args.remat}, fsdp_gather "
-          f"{'off' if args.no_gather else 'on'}: {n_params / 1e6:.2f} M parameters "
-          f"({4 * n_params / 2**20:.1f} MiB fp32)")
+    print(
+        f"mesh {tuple(args.mesh)}, {args.precision}, remat {args.remat}, fsdp_gather "
+        f"{'off' if args.no_gather else 'on'}: {n_params / 1e6:.2f} M parameters "
+        f"({4 * n_params / 2**20:.1f} MiB fp32)"
+    )
     print("| collective | ops | MiB (results, per device) |")
     print("|---|---|---|")
     for kind, (n, b) in found.items():

@@ -39,14 +39,48 @@ def run(size: int, steps: int) -> list[dict]:
                 png = {}
                 for fw in ("torch", "jax"):
                     png[fw] = tmp / f"{model}-{dtype}-{fw}.png"
-                    assert main(["generate", "--model", model, "--transformer", str(tmp / f"{model}.safetensors"),
-                                 "--ae", str(tmp / f"{ae}.safetensors"), "--embeddings", str(tmp / "emb.safetensors"),
-                                 "--framework", fw, "--dtype", dtype, "--steps", str(steps), "--width", str(size),
-                                 "--height", str(size), "--seed", "7", "--no-progress", "--out", str(png[fw])]) == 0
+                    assert (
+                        main(
+                            [
+                                "generate",
+                                "--model",
+                                model,
+                                "--transformer",
+                                str(tmp / f"{model}.safetensors"),
+                                "--ae",
+                                str(tmp / f"{ae}.safetensors"),
+                                "--embeddings",
+                                str(tmp / "emb.safetensors"),
+                                "--framework",
+                                fw,
+                                "--dtype",
+                                dtype,
+                                "--steps",
+                                str(steps),
+                                "--width",
+                                str(size),
+                                "--height",
+                                str(size),
+                                "--seed",
+                                "7",
+                                "--no-progress",
+                                "--out",
+                                str(png[fw]),
+                            ]
+                        )
+                        == 0
+                    )
                 a, b = (np.asarray(Image.open(png[fw]), np.int16) for fw in ("torch", "jax"))
                 d = np.abs(a - b)
-                rows.append({"model": model, "dtype": dtype, "mean": float(d.mean()), "max": int(d.max()),
-                             "equal": float((d == 0).mean())})
+                rows.append(
+                    {
+                        "model": model,
+                        "dtype": dtype,
+                        "mean": float(d.mean()),
+                        "max": int(d.max()),
+                        "equal": float((d == 0).mean()),
+                    }
+                )
     return rows
 
 
@@ -56,6 +90,10 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=8)
     args = p.parse_args()
     rows = run(args.size, args.steps)
-    print("\n| model | dtype | mean abs pixel difference (of 255) | max | pixels equal |\n|---|---|---|---|---|")
+    print(
+        "\n| model | dtype | mean abs pixel difference (of 255) | max | pixels equal |\n|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['model']} | {r['dtype']} | {r['mean']:.3f} | {r['max']} | {100 * r['equal']:.1f}% |")
+        print(
+            f"| {r['model']} | {r['dtype']} | {r['mean']:.3f} | {r['max']} | {100 * r['equal']:.1f}% |"
+        )

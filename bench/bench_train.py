@@ -47,8 +47,14 @@ def main() -> None:
     base = configs.get(f"{args.family}-tiny")
     heads = args.hidden // 32
     axes = (8, 12, 12) if args.family == "flux1" else (8, 8, 8, 8)
-    cfg = dataclasses.replace(base, hidden_size=args.hidden, num_heads=heads, axes_dim=axes, depth=args.depth,
-                              depth_single_blocks=args.single)
+    cfg = dataclasses.replace(
+        base,
+        hidden_size=args.hidden,
+        num_heads=heads,
+        axes_dim=axes,
+        depth=args.depth,
+        depth_single_blocks=args.single,
+    )
     side = int(args.tokens**0.5)
     rng = np.random.default_rng(0)
     b = args.batch
@@ -71,7 +77,9 @@ def main() -> None:
     jn, jt = jnp.asarray(noise), jnp.asarray(t)
 
     @partial(jax.jit, donate_argnums=(0, 1))
-    def jax_step(params, opt_state):  # train_step's body on given noise and times (it draws its own)
+    def jax_step(
+        params, opt_state
+    ):  # train_step's body on given noise and times (it draws its own)
         loss, grads = jax.value_and_grad(jtrain.loss_fn)(params, {}, graphdef, paths, jb, jn, jt)
         updates, opt_state = tx.update(grads, opt_state, params)
         return jax.tree.map(lambda p, u: p + u, params, updates), opt_state, loss
@@ -97,8 +105,10 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    print(f"{cfg.family}: hidden {args.hidden}, {args.depth}+{args.single} blocks, {n_params / 1e6:.2f} M params, "
-          f"batch {b} x ({side * side} img + {args.txt} txt) tokens, fp32, {torch.get_num_threads()} torch threads")
+    print(
+        f"{cfg.family}: hidden {args.hidden}, {args.depth}+{args.single} blocks, {n_params / 1e6:.2f} M params, "
+        f"batch {b} x ({side * side} img + {args.txt} txt) tokens, fp32, {torch.get_num_threads()} torch threads"
+    )
     print(f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}; JAX compile {compile_s:.1f} s")
     print("| framework | median step (ms) | min (ms) |")
     print("|---|---|---|")

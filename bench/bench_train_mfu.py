@@ -29,7 +29,9 @@ def worker(args) -> dict:
     from minflux import configs, data
 
     cfg = configs.get(args.model)
-    side = args.resolution // 16  # 8x autoencoder, then 2x2 patches: 16 px per token in both families
+    side = (
+        args.resolution // 16
+    )  # 8x autoencoder, then 2x2 patches: 16 px per token in both families
     b = args.batch
     batch = data.random_batch(cfg, b, side, args.txt_len, np.random.default_rng(0))
     times: list[float] = []
@@ -52,7 +54,9 @@ def worker(args) -> dict:
         setup_s = time.perf_counter() - t_start
         for i in range(args.warmup + args.steps):
             t0 = time.perf_counter()
-            loss = float(ttrain.train_step(model, opt, sched, tb, noise, t, remat=args.remat)["loss"])  # syncs
+            loss = float(
+                ttrain.train_step(model, opt, sched, tb, noise, t, remat=args.remat)["loss"]
+            )  # syncs
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -70,15 +74,31 @@ def worker(args) -> dict:
         from minflux_jax import train as jtrain
 
         dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.precision]
-        model = layers.set_attention_implementation(mj.build_model(cfg, seed=0, dtype=dtype), args.jax_attention)
+        model = layers.set_attention_implementation(
+            mj.build_model(cfg, seed=0, dtype=dtype), args.jax_attention
+        )
         graphdef, params, paths = jtrain.split_params(model)
         tx = jtrain.make_optimizer(lr=1e-5, warmup=0, steps=1000)
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
-                 "key": jax.random.key_data(jax.random.key(0))}
+        state = {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.asarray(0, jnp.int32),
+            "key": jax.random.key_data(jax.random.key(0)),
+        }
         jb = {k: jnp.asarray(v) for k, v in batch.items()}
-        step = jax.jit(partial(jtrain.train_step, graphdef=graphdef, paths=paths, tx=tx, family=cfg.family,
-                               timesteps={"kind": "logit_normal"}, compute_dtype=dtype, remat=args.remat),
-                       donate_argnums=0)
+        step = jax.jit(
+            partial(
+                jtrain.train_step,
+                graphdef=graphdef,
+                paths=paths,
+                tx=tx,
+                family=cfg.family,
+                timesteps={"kind": "logit_normal"},
+                compute_dtype=dtype,
+                remat=args.remat,
+            ),
+            donate_argnums=0,
+        )
         jax.block_until_ready(state)
         setup_s = time.perf_counter() - t_start
         t0 = time.perf_counter()
@@ -91,31 +111,58 @@ def worker(args) -> dict:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         dev = jax.devices()[0]
-        device_name = getattr(dev, "device_kind", str(dev)) if dev.platform == "gpu" else dev.platform
-        peak_mem = (dev.memory_stats() or {}).get("peak_bytes_in_use") if dev.platform == "gpu" else None
+        device_name = (
+            getattr(dev, "device_kind", str(dev)) if dev.platform == "gpu" else dev.platform
+        )
+        peak_mem = (
+            (dev.memory_stats() or {}).get("peak_bytes_in_use") if dev.platform == "gpu" else None
+        )
         version = jax.__version__
 
     if not np.isfinite(loss):
         raise SystemExit(f"{fw}: the loss is {loss}: the measurement is void")
-    return {"version": version, "device": device_name, "median_s": float(np.median(times)),
-            "min_s": float(min(times)), "setup_s": setup_s, "compile_s": first_s, "peak_bytes": peak_mem,
-            "loss": loss}
+    return {
+        "version": version,
+        "device": device_name,
+        "median_s": float(np.median(times)),
+        "min_s": float(min(times)),
+        "setup_s": setup_s,
+        "compile_s": first_s,
+        "peak_bytes": peak_mem,
+        "loss": loss,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="flux2-klein-4b")
-    p.add_argument("--resolution", type=int, default=1024, help="image side in pixels (16 px per latent token)")
+    p.add_argument(
+        "--resolution", type=int, default=1024, help="image side in pixels (16 px per latent token)"
+    )
     p.add_argument("--txt-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="weights, optimiser and compute")
-    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],
-                   help="per-block remat policy (PyTorch recomputes whole blocks for every setting but none)")
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="weights, optimiser and compute",
+    )
+    p.add_argument(
+        "--remat",
+        default="full",
+        choices=["none", "full", "dots", "dots_no_batch"],
+        help="per-block remat policy (PyTorch recomputes whole blocks for every setting but none)",
+    )
     p.add_argument("--steps", type=int, default=8, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--frameworks", default="torch,jax")
     p.add_argument("--jax-attention", default="xla", help="comma list of xla, cudnn")
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: from the GPU name)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak (default: from the GPU name)",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds per framework")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -136,9 +183,28 @@ def main() -> None:
     results = []
     for fw, attn in runs:
         name = f"jax ({attn} attention)" if attn else fw
-        cmd = [sys.executable, __file__, "--worker", fw, "--model", args.model, "--resolution", str(args.resolution),
-               "--txt-len", str(args.txt_len), "--batch", str(args.batch), "--precision", args.precision,
-               "--remat", args.remat, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            fw,
+            "--model",
+            args.model,
+            "--resolution",
+            str(args.resolution),
+            "--txt-len",
+            str(args.txt_len),
+            "--batch",
+            str(args.batch),
+            "--precision",
+            args.precision,
+            "--remat",
+            args.remat,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         cmd += ["--jax-attention", attn] if attn else []
         print(f"running {name} ...", flush=True)
         try:
@@ -148,18 +214,24 @@ def main() -> None:
             continue
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not line:
-            errors = [ln for ln in out.stderr.splitlines() if "Error" in ln or "error" in ln] or [""]
+            errors = [ln for ln in out.stderr.splitlines() if "Error" in ln or "error" in ln] or [
+                ""
+            ]
             results.append({"name": name, "error": errors[-1], "stderr": out.stderr[-4000:]})
             print(out.stderr[-2000:], file=sys.stderr)
             continue
-        results.append({"name": name, **json.loads(line[0][len("RESULT "):])})
+        results.append({"name": name, **json.loads(line[0][len("RESULT ") :])})
 
     gpu = next((r["device"] for r in results if r.get("device") not in (None, "cpu")), None)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (flops.bf16_peak(gpu) if gpu else None)
-    print(f"{args.model}: {args.resolution} px ({img_tokens} image + {args.txt_len} text tokens), batch {args.batch}, "
-          f"{args.precision}, remat {args.remat}; {step_flops / 1e12:.1f} TFLOP per step (model FLOPs); "
-          f"device {gpu or 'cpu'}, bf16 peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
-    print("| framework | median step (s) | min (s) | TFLOP/s | MFU | peak memory (GiB) | compile (s) |")
+    print(
+        f"{args.model}: {args.resolution} px ({img_tokens} image + {args.txt_len} text tokens), batch {args.batch}, "
+        f"{args.precision}, remat {args.remat}; {step_flops / 1e12:.1f} TFLOP per step (model FLOPs); "
+        f"device {gpu or 'cpu'}, bf16 peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s"
+    )
+    print(
+        "| framework | median step (s) | min (s) | TFLOP/s | MFU | peak memory (GiB) | compile (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
@@ -170,17 +242,29 @@ def main() -> None:
         mem = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "-"
         comp = f"{r['compile_s']:.0f}" if r["compile_s"] else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        print(f"| {r['name']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['tflops']:.0f} | {mfu} | {mem} | "
-              f"{comp} |")
+        print(
+            f"| {r['name']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['tflops']:.0f} | {mfu} | {mem} | "
+            f"{comp} |"
+        )
     ok = {r["name"]: r for r in results if "error" not in r}
     for name, r in ok.items():
         if "torch" in ok and name != "torch":
-            print(f"{name} / PyTorch step time: {r['median_s'] / ok['torch']['median_s']:.2f} (below 1: JAX faster)")
+            print(
+                f"{name} / PyTorch step time: {r['median_s'] / ok['torch']['median_s']:.2f} (below 1: JAX faster)"
+            )
     if args.json:
         from parity.report import write_json  # atomic
 
-        write_json({"args": vars(args), "step_flops": step_flops, "peak_flops": peak, "results": results,
-                    "host_cpus": os.cpu_count()}, args.json)
+        write_json(
+            {
+                "args": vars(args),
+                "step_flops": step_flops,
+                "peak_flops": peak,
+                "results": results,
+                "host_cpus": os.cpu_count(),
+            },
+            args.json,
+        )
     if any("error" in r for r in results):
         sys.exit(1)
 

@@ -28,7 +28,9 @@ def peak_rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB  # Linux reports KiB
 
 
-def child(framework: str, size: int, op: str, mode: str, family: str, tile: int, overlap: int) -> dict:
+def child(
+    framework: str, size: int, op: str, mode: str, family: str, tile: int, overlap: int
+) -> dict:
     import numpy as np
 
     from minflux import configs
@@ -45,11 +47,16 @@ def child(framework: str, size: int, op: str, mode: str, family: str, tile: int,
         model = mt.build_model(cfg)
         x = torch.from_numpy(rng.uniform(-1, 1, (1, 3, size, size)).astype(np.float32))
         if op == "decode":
-            x = torch.from_numpy(rng.standard_normal((1, cfg.z_channels, size // f, size // f)).astype(np.float32))
+            x = torch.from_numpy(
+                rng.standard_normal((1, cfg.z_channels, size // f, size // f)).astype(np.float32)
+            )
             x = model.normalize(x)
-        run = {("encode", "untiled"): model.encode, ("decode", "untiled"): model.decode,
-               ("encode", "tiled"): lambda x: model.tiled_encode(x, tile, overlap),
-               ("decode", "tiled"): lambda x: model.tiled_decode(x, tile, overlap)}[op, mode]
+        run = {
+            ("encode", "untiled"): model.encode,
+            ("decode", "untiled"): model.decode,
+            ("encode", "tiled"): lambda x: model.tiled_encode(x, tile, overlap),
+            ("decode", "tiled"): lambda x: model.tiled_decode(x, tile, overlap),
+        }[op, mode]
         done = lambda y: y  # noqa: E731
     else:
         import jax.numpy as jnp
@@ -59,23 +66,43 @@ def child(framework: str, size: int, op: str, mode: str, family: str, tile: int,
         from minflux_jax.load import assign, torch_shapes
 
         model = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0)))
-        assign(model, {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in torch_shapes(model).items()})
+        assign(
+            model,
+            {
+                k: (rng.standard_normal(s) * 0.02).astype(np.float32)
+                for k, s in torch_shapes(model).items()
+            },
+        )
         x = jnp.asarray(rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32))
         if op == "decode":
-            x = model.normalize(jnp.asarray(rng.standard_normal((1, size // f, size // f, cfg.z_channels)),
-                                            jnp.float32))
+            x = model.normalize(
+                jnp.asarray(
+                    rng.standard_normal((1, size // f, size // f, cfg.z_channels)), jnp.float32
+                )
+            )
         encode, decode = nnx.jit(lambda m, x: m.encode(x)), nnx.jit(lambda m, z: m.decode(z))
-        run = {("encode", "untiled"): lambda x: encode(model, x), ("decode", "untiled"): lambda x: decode(model, x),
-               ("encode", "tiled"): lambda x: model.tiled_encode(x, tile, overlap),
-               ("decode", "tiled"): lambda x: model.tiled_decode(x, tile, overlap)}[op, mode]
+        run = {
+            ("encode", "untiled"): lambda x: encode(model, x),
+            ("decode", "untiled"): lambda x: decode(model, x),
+            ("encode", "tiled"): lambda x: model.tiled_encode(x, tile, overlap),
+            ("decode", "tiled"): lambda x: model.tiled_decode(x, tile, overlap),
+        }[op, mode]
         done = lambda y: y.block_until_ready()  # noqa: E731
     base = peak_rss()
     t0 = time.perf_counter()
     out = done(run(x))
     seconds = time.perf_counter() - t0
     peak = peak_rss()
-    return {"framework": framework, "size": size, "op": op, "mode": mode, "peak_rss_mib": round(peak),
-            "growth_mib": round(peak - base), "seconds": round(seconds, 1), "out_shape": list(out.shape)}
+    return {
+        "framework": framework,
+        "size": size,
+        "op": op,
+        "mode": mode,
+        "peak_rss_mib": round(peak),
+        "growth_mib": round(peak - base),
+        "seconds": round(seconds, 1),
+        "out_shape": list(out.shape),
+    }
 
 
 def xla_plan(size: int, op: str, mode: str, family: str, tile: int) -> dict:
@@ -98,22 +125,36 @@ def xla_plan(size: int, op: str, mode: str, family: str, tile: int) -> dict:
         x = jax.ShapeDtypeStruct((1, n // f, n // f, cfg.z_channels), jnp.float32)
         fn = lambda s, z: nnx.merge(graphdef, s).decoder(z)  # noqa: E731
     mem = jax.jit(fn).lower(state, x).compile().memory_analysis()
-    return {"framework": "jax (XLA plan)", "size": size, "op": op, "mode": mode,
-            "temp_mib": round(mem.temp_size_in_bytes / MiB), "args_mib": round(mem.argument_size_in_bytes / MiB),
-            "out_mib": round(mem.output_size_in_bytes / MiB)}
+    return {
+        "framework": "jax (XLA plan)",
+        "size": size,
+        "op": op,
+        "mode": mode,
+        "temp_mib": round(mem.temp_size_in_bytes / MiB),
+        "args_mib": round(mem.argument_size_in_bytes / MiB),
+        "out_mib": round(mem.output_size_in_bytes / MiB),
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--framework", nargs="+", default=["torch", "jax"], choices=["torch", "jax"])
     p.add_argument("--size", nargs="+", type=int, default=[1024, 2048])
     p.add_argument("--op", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
     p.add_argument("--mode", nargs="+", default=["tiled", "untiled"], choices=["tiled", "untiled"])
-    p.add_argument("--family", default="flux1-ae", help="flux1-ae or flux2-ae (same encoder/decoder sizes)")
+    p.add_argument(
+        "--family", default="flux1-ae", help="flux1-ae or flux2-ae (same encoder/decoder sizes)"
+    )
     p.add_argument("--tile", type=int, default=64, help="latent pixels per tile side")
     p.add_argument("--overlap", type=int, default=16)
-    p.add_argument("--analysis-only", action="store_true", help="only XLA's buffer plans (JAX), no runs")
-    p.add_argument("--child", nargs=4, metavar=("FRAMEWORK", "SIZE", "OP", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--analysis-only", action="store_true", help="only XLA's buffer plans (JAX), no runs"
+    )
+    p.add_argument(
+        "--child", nargs=4, metavar=("FRAMEWORK", "SIZE", "OP", "MODE"), help=argparse.SUPPRESS
+    )
     a = p.parse_args()
     if a.child:
         fw, size, op, mode = a.child
@@ -125,12 +166,36 @@ def main() -> None:
     if a.analysis_only:
         return
     for fw, size, op, mode in itertools.product(a.framework, a.size, a.op, a.mode):
-        cmd = [sys.executable, __file__, "--child", fw, str(size), op, mode, "--family", a.family,
-               "--tile", str(a.tile), "--overlap", str(a.overlap)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            fw,
+            str(size),
+            op,
+            mode,
+            "--family",
+            a.family,
+            "--tile",
+            str(a.tile),
+            "--overlap",
+            str(a.overlap),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True)
-        line = r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else json.dumps(
-            {"framework": fw, "size": size, "op": op, "mode": mode, "error": f"exit {r.returncode}",
-             "stderr": r.stderr.strip().splitlines()[-1:] if r.stderr else []})
+        line = (
+            r.stdout.strip().splitlines()[-1]
+            if r.returncode == 0 and r.stdout.strip()
+            else json.dumps(
+                {
+                    "framework": fw,
+                    "size": size,
+                    "op": op,
+                    "mode": mode,
+                    "error": f"exit {r.returncode}",
+                    "stderr": r.stderr.strip().splitlines()[-1:] if r.stderr else [],
+                }
+            )
+        )
         print(line, flush=True)
 
 

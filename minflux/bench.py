@@ -26,12 +26,17 @@ BACKENDS = {  # name -> (framework, options)
     "torch-eager": ("torch", {"compile": False}),
     "torch-compile": ("torch", {"compile": True}),  # inductor; CUDA graphs for inference on a GPU
     "jax-xla": ("jax", {"attention": "xla"}),
-    "jax-cudnn": ("jax", {"attention": "cudnn"}),  # cuDNN fused flash attention: NVIDIA GPUs, bf16 only
+    "jax-cudnn": (
+        "jax",
+        {"attention": "cudnn"},
+    ),  # cuDNN fused flash attention: NVIDIA GPUs, bf16 only
 }
 GPU_ONLY = ("jax-cudnn",)
 # XLA flags the JAX workers get on a GPU (`--xla-flags default`); each was measured on or off by bench/gpu_session.sh
-XLA_GPU_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_while_loop_double_buffering=true "
-                 "--xla_gpu_enable_highest_priority_async_stream=true")
+XLA_GPU_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_while_loop_double_buffering=true "
+    "--xla_gpu_enable_highest_priority_async_stream=true"
+)
 
 
 @dataclass(frozen=True)
@@ -102,15 +107,21 @@ def inputs(plan: Plan) -> dict[str, np.ndarray]:
     """The transformer's inputs (`data.random_batch`: img tokens, txt, ids, vec, guidance) and times t (B,)."""
     rng = np.random.default_rng(plan.seed)
     batch = data.random_batch(plan.cfg, plan.batch, plan.side, plan.txt_len, rng)
-    batch["t"] = 1 / (1 + np.exp(-rng.standard_normal(plan.batch))).astype(np.float32)  # logit-normal
+    batch["t"] = 1 / (1 + np.exp(-rng.standard_normal(plan.batch))).astype(
+        np.float32
+    )  # logit-normal
     batch["noise"] = rng.standard_normal(batch["img"].shape).astype(np.float32)  # training noise
     return batch
 
 
 def schedule(plan: Plan) -> list[float]:
     """The `sample` row's timesteps (the family's shifted schedule, as `minflux generate`)."""
-    return schedules.get_schedule(plan.steps, plan.side**2, plan.cfg.family, shift=plan.cfg.guidance_embed or
-                                  plan.cfg.family == "flux2")
+    return schedules.get_schedule(
+        plan.steps,
+        plan.side**2,
+        plan.cfg.family,
+        shift=plan.cfg.guidance_embed or plan.cfg.family == "flux2",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +133,13 @@ def stats(times: list[float]) -> dict:
     """Median, min, max and the interquartile range of step times (s)."""
     t = np.asarray(times, np.float64)
     q25, q50, q75 = np.percentile(t, [25, 50, 75])
-    return {"median_s": float(q50), "min_s": float(t.min()), "max_s": float(t.max()), "iqr_s": float(q75 - q25),
-            "n": len(times)}
+    return {
+        "median_s": float(q50),
+        "min_s": float(t.min()),
+        "max_s": float(t.max()),
+        "iqr_s": float(q75 - q25),
+        "n": len(times),
+    }
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -136,7 +152,11 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 def fp8_row(name: str, got: np.ndarray, want: np.ndarray, before: np.ndarray) -> dict:
     """One block's fp8 parity row: rel-L2 of its output and of its update (output - input)."""
-    return {"name": name, "rel_l2": rel_l2(got, want), "rel_l2_update": rel_l2(got - before, want - before)}
+    return {
+        "name": name,
+        "rel_l2": rel_l2(got, want),
+        "rel_l2_update": rel_l2(got - before, want - before),
+    }
 
 
 def row_flops(kind: str, plan: Plan) -> int:
@@ -153,7 +173,11 @@ def finish(plan: Plan, rows: list[dict], device: str, peak_tflops: float | None 
             continue
         r["flops"] = row_flops(r["kind"], plan)
         r["tflops"] = r["flops"] / r["median_s"] / 1e12
-        peak = peak_tflops * 1e12 if peak_tflops else flops.peak(device, "fp8" if r["kind"] == "fp8" else "bf16")
+        peak = (
+            peak_tflops * 1e12
+            if peak_tflops
+            else flops.peak(device, "fp8" if r["kind"] == "fp8" else "bf16")
+        )
         r["mfu"] = r["flops"] / r["median_s"] / peak if peak else None
     ok = [r for r in rows if "error" not in r]
     for r in ok:
@@ -162,6 +186,11 @@ def finish(plan: Plan, rows: list[dict], device: str, peak_tflops: float | None 
             best = min(torch_rows, key=lambda o: o["median_s"])
             r["ratio"] = r["median_s"] / best["median_s"]
             r["ratio_to"] = best["backend"]
-    return {"plan": dataclasses.asdict(plan), "device": device, "peak_source": flops.PEAK_SOURCE, "rows": rows,
-            "note": "ratio: JAX median / the fastest PyTorch row of the same kind (below 1: JAX faster); "
-                    "MFU: model FLOPs (minflux.flops; sample: transformer steps only) / time / dense peak"}
+    return {
+        "plan": dataclasses.asdict(plan),
+        "device": device,
+        "peak_source": flops.PEAK_SOURCE,
+        "rows": rows,
+        "note": "ratio: JAX median / the fastest PyTorch row of the same kind (below 1: JAX faster); "
+        "MFU: model FLOPs (minflux.flops; sample: transformer steps only) / time / dense peak",
+    }

@@ -41,10 +41,23 @@ log = logging.getLogger("minflux")
 
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", *FP8_DTYPES}
-_ST_TO_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
-             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
-             "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+_ST_TO_NP = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 MAX_HEADER = 100_000_000  # bytes, as safetensors' MAX_HEADER_SIZE
 DIGEST_PREFIX = "sha256:"  # `__metadata__` entry "sha256:KEY" = hex SHA-256 of KEY's stored bytes
 
@@ -77,7 +90,9 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 def _no_repeats(pairs: list) -> dict:
     keys = [k for k, _ in pairs]
     if len(set(keys)) < len(keys):
-        raise CheckpointError(f"repeated key {next(k for k, n in Counter(keys).items() if n > 1)!r}")
+        raise CheckpointError(
+            f"repeated key {next(k for k, n in Counter(keys).items() if n > 1)!r}"
+        )
     return dict(pairs)
 
 
@@ -115,11 +130,17 @@ def parse_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
-            if head.startswith((b"PK\x03\x04", b"\x80")) and n > size - 8:  # zip (torch.save) or a bare pickle
-                raise CheckpointError(f"{path}: a PyTorch pickle (.pt / .bin / .ckpt), not safetensors (pickles can "
-                                      f"run code: minflux never loads them; save it as safetensors first)")
+            if (
+                head.startswith((b"PK\x03\x04", b"\x80")) and n > size - 8
+            ):  # zip (torch.save) or a bare pickle
+                raise CheckpointError(
+                    f"{path}: a PyTorch pickle (.pt / .bin / .ckpt), not safetensors (pickles can "
+                    f"run code: minflux never loads them; save it as safetensors first)"
+                )
             if n > min(size - 8, MAX_HEADER):
-                raise CheckpointError(f"{path}: corrupt header (header length {n}, file size {size})")
+                raise CheckpointError(
+                    f"{path}: corrupt header (header length {n}, file size {size})"
+                )
             raw = f.read(n)
     except OSError as e:  # a directory, no permission, ...
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
@@ -127,45 +148,68 @@ def parse_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     # so a hostile nesting never reaches the recursive JSON parser.
     skeleton = np.frombuffer(_STRING.sub(b'""', raw), np.uint8)
     depth = np.cumsum((skeleton == ord("{")) | (skeleton == ord("[")), dtype=np.int64) - np.cumsum(
-        (skeleton == ord("}")) | (skeleton == ord("]")), dtype=np.int64)
+        (skeleton == ord("}")) | (skeleton == ord("]")), dtype=np.int64
+    )
     if depth.size and depth.max() > 3:
-        raise CheckpointError(f"{path}: corrupt header (JSON nested {int(depth.max())} deep; a header has 3 levels)")
+        raise CheckpointError(
+            f"{path}: corrupt header (JSON nested {int(depth.max())} deep; a header has 3 levels)"
+        )
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_repeats,
-                            parse_constant=lambda c: _no_constant(c))
+        header = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_no_repeats,
+            parse_constant=lambda c: _no_constant(c),
+        )
     except CheckpointError as e:
         raise CheckpointError(f"{path}: corrupt header ({e})") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: corrupt header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt header (a JSON {type(header).__name__}, not an object)")
+        raise CheckpointError(
+            f"{path}: corrupt header (a JSON {type(header).__name__}, not an object)"
+        )
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{path}: corrupt header (__metadata__ must map strings to strings)")
     entries, spans = {}, []
     for key, info in header.items():
         try:
-            key.encode("utf-8")  # a lone surrogate escape (\ud800) is valid to Python's json, not to serde
+            key.encode(
+                "utf-8"
+            )  # a lone surrogate escape (\ud800) is valid to Python's json, not to serde
             dtype, shape, a, b = _check_entry(key, info)
         except (ValueError, UnicodeEncodeError) as e:
             raise CheckpointError(f"{path}: corrupt header entry for {key!r}: {e}") from None
         nbytes = int(np.prod(shape, dtype=object)) * np_dtype(dtype).itemsize
         if b - a != nbytes:
-            raise CheckpointError(f"{path}: corrupt header: {key!r} is {dtype} {shape} ({nbytes} bytes) "
-                                  f"but spans data offsets [{a}, {b})")
+            raise CheckpointError(
+                f"{path}: corrupt header: {key!r} is {dtype} {shape} ({nbytes} bytes) "
+                f"but spans data offsets [{a}, {b})"
+            )
         entries[key] = {"dtype": dtype, "shape": shape, "start": 8 + n + a, "nbytes": nbytes}
         spans.append((a, b, key))
-    end, prev = 0, None  # the tensors must tile the data area: sorted by offset, each starts where the last ended
+    end, prev = (
+        0,
+        None,
+    )  # the tensors must tile the data area: sorted by offset, each starts where the last ended
     for a, b, key in sorted(spans):
         if a != end:
-            what = f"overlaps {prev[2]!r} at [{prev[0]}, {prev[1]})" if a < end else f"leaves {a - end} bytes unused"
-            raise CheckpointError(f"{path}: corrupt header: {key!r} at data offsets [{a}, {b}) {what}")
+            what = (
+                f"overlaps {prev[2]!r} at [{prev[0]}, {prev[1]})"
+                if a < end
+                else f"leaves {a - end} bytes unused"
+            )
+            raise CheckpointError(
+                f"{path}: corrupt header: {key!r} at data offsets [{a}, {b}) {what}"
+            )
         end, prev = b, (a, b, key)
     if 8 + n + end != size:
         last = max(spans)[2] if spans else None
         what = "truncated" if 8 + n + end > size else "corrupt: bytes after the last tensor"
-        raise CheckpointError(f"{path}: {what}: the header needs {8 + n + end} bytes (up to the end of "
-                              f"{last!r}), the file has {size}")
+        raise CheckpointError(
+            f"{path}: {what}: the header needs {8 + n + end} bytes (up to the end of "
+            f"{last!r}), the file has {size}"
+        )
     return entries, meta
 
 
@@ -182,8 +226,15 @@ def read_header(path) -> dict[str, dict]:
 # Reading: files, shards and indexes, components, fp8 scales
 # ---------------------------------------------------------------------------------------------
 
-SCALES = (".scale_weight", ".weight_scale")  # fp8 weight scales: ComfyUI legacy; ComfyUI / ModelOpt / vLLM
-SKIPPED_AUX = (".scale_input", ".input_scale", ".comfy_quant")  # activation scales, per-layer format tags
+SCALES = (
+    ".scale_weight",
+    ".weight_scale",
+)  # fp8 weight scales: ComfyUI legacy; ComfyUI / ModelOpt / vLLM
+SKIPPED_AUX = (
+    ".scale_input",
+    ".input_scale",
+    ".comfy_quant",
+)  # activation scales, per-layer format tags
 MARKERS = ("scaled_fp8",)  # ComfyUI's legacy marker tensor (its dtype names the fp8 format)
 
 
@@ -193,8 +244,10 @@ def _shards(path: Path) -> tuple[list[Path], dict[str, str] | None, Path | None,
     if path.is_dir():
         indexes = sorted(p for p in path.glob("*.safetensors.index.json") if p.is_file())
         if len(indexes) > 1:
-            raise CheckpointError(f"{path}: several shard indexes ({', '.join(p.name for p in indexes)}); "
-                                  f"pass the one to read")
+            raise CheckpointError(
+                f"{path}: several shard indexes ({', '.join(p.name for p in indexes)}); "
+                f"pass the one to read"
+            )
         index = indexes[0] if indexes else None
     elif index is None:
         return [path], None, None, []
@@ -205,11 +258,17 @@ def _shards(path: Path) -> tuple[list[Path], dict[str, str] | None, Path | None,
             raise CheckpointError(f"{path}: directory holds no *.safetensors files")
         for p in found:
             if not p.is_file():
-                raise CheckpointError(f"{p}: not a file (a shard directory holds *.safetensors files)")
+                raise CheckpointError(
+                    f"{p}: not a file (a shard directory holds *.safetensors files)"
+                )
         return found, None, None, []
     try:
-        weight_map = json.loads(index.read_text("utf-8"), object_pairs_hook=_no_repeats)["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        weight_map = json.loads(index.read_text("utf-8"), object_pairs_hook=_no_repeats)[
+            "weight_map"
+        ]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
             raise ValueError("weight_map must map tensor names to file names")
     except (OSError, ValueError, KeyError, TypeError, RecursionError, CheckpointError) as e:
         raise CheckpointError(f"{index}: not a shard index ({type(e).__name__}: {e})") from None
@@ -220,8 +279,14 @@ def _shards(path: Path) -> tuple[list[Path], dict[str, str] | None, Path | None,
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory / name}: missing (named by {index.name})")
     ignored = [p.name for p in found if p.name not in set(named)]
-    notices = [f"{index}: ignored {len(ignored)} file(s) the index does not name: {', '.join(ignored[:5])}"
-               f"{' ...' if len(ignored) > 5 else ''}"] if ignored else []
+    notices = (
+        [
+            f"{index}: ignored {len(ignored)} file(s) the index does not name: {', '.join(ignored[:5])}"
+            f"{' ...' if len(ignored) > 5 else ''}"
+        ]
+        if ignored
+        else []
+    )
     return [directory / n for n in named], weight_map, index, notices
 
 
@@ -260,10 +325,14 @@ class Checkpoint:
         if weight_map is not None:
             lost = [k for k in weight_map if k not in stored]
             if lost:
-                raise CheckpointError(f"{index.parent / weight_map[lost[0]]}: has no tensor {lost[0]!r}, which "
-                                      f"{index.name} places there ({len(lost)} such keys)")
+                raise CheckpointError(
+                    f"{index.parent / weight_map[lost[0]]}: has no tensor {lost[0]!r}, which "
+                    f"{index.name} places there ({len(lost)} such keys)"
+                )
             if extra:
-                self.notices.append(f"{index}: ignored {extra} tensor(s) in shards that the index places elsewhere")
+                self.notices.append(
+                    f"{index}: ignored {extra} tensor(s) in shards that the index places elsewhere"
+                )
         self.stored = stored
         self._select(component)
         for notice in self.notices:
@@ -275,48 +344,74 @@ class Checkpoint:
             found = [c for c in keymaps.COMPONENTS if keymaps.find_component(keys, c) is not None]
             if len(found) > 1:
                 where = ", ".join(f"{c} under {keymaps.find_component(keys, c)!r}" for c in found)
-                raise CheckpointError(f"{self.path}: holds several components ({where}); pick one to extract")
+                raise CheckpointError(
+                    f"{self.path}: holds several components ({where}); pick one to extract"
+                )
             component = found[0] if found else None
         if component is None:
-            self.prefix = keymaps.BFL_PREFIX if keys and all(k.startswith(keymaps.BFL_PREFIX) for k in keys) else ""
+            self.prefix = (
+                keymaps.BFL_PREFIX
+                if keys and all(k.startswith(keymaps.BFL_PREFIX) for k in keys)
+                else ""
+            )
             chosen = keys
         else:
             prefix = keymaps.find_component(keys, component)
             if prefix is None:
                 what = "autoencoder" if component == "ae" else component
-                raise CheckpointError(f"{self.path}: unknown layout: no {what} "
-                                      f"(no {' / '.join(keymaps.COMPONENTS[component][1])} keys under any of the "
-                                      f"prefixes {keymaps.COMPONENTS[component][0]} or none); "
-                                      f"first keys: {sorted(keys)[:5]}")
+                raise CheckpointError(
+                    f"{self.path}: unknown layout: no {what} "
+                    f"(no {' / '.join(keymaps.COMPONENTS[component][1])} keys under any of the "
+                    f"prefixes {keymaps.COMPONENTS[component][0]} or none); "
+                    f"first keys: {sorted(keys)[:5]}"
+                )
             self.prefix, chosen = prefix, keymaps.component_keys(keys, prefix)
             if len(chosen) < len(keys):
                 others = Counter(k.split(".", 1)[0] + "." for k in keys if k not in set(chosen))
                 what = "autoencoder" if component == "ae" else component
-                self.notices.append(f"{self.path}: read the {what} under {prefix!r}; ignored "
-                                    f"{len(keys) - len(chosen)} other tensor(s) ("
-                                    + ", ".join(f"{p}: {n}" for p, n in others.most_common(5)) + ")")
+                self.notices.append(
+                    f"{self.path}: read the {what} under {prefix!r}; ignored "
+                    f"{len(keys) - len(chosen)} other tensor(s) ("
+                    + ", ".join(f"{p}: {n}" for p, n in others.most_common(5))
+                    + ")"
+                )
         self.component = component
         # logical key -> raw key; fp8 scales folded into their weights, auxiliary tensors dropped
-        names = {k[len(self.prefix):]: k for k in chosen}
+        names = {k[len(self.prefix) :]: k for k in chosen}
         self.sources, self.scales, aux = {}, {}, 0
         for name, raw in names.items():
             if name.endswith(SCALES) or name.endswith(SKIPPED_AUX) or name in MARKERS:
                 if name.endswith(SCALES) and name.rsplit(".", 1)[0] + ".weight" not in names:
-                    raise CheckpointError(f"{self.stored[raw][0]}: scale {raw!r} has no weight beside it")
+                    raise CheckpointError(
+                        f"{self.stored[raw][0]}: scale {raw!r} has no weight beside it"
+                    )
                 aux += not name.endswith(SCALES)
                 continue
             self.sources[name] = raw
-            scale = next((names[name.removesuffix("weight") + s[1:]] for s in SCALES
-                          if name.endswith(".weight") and name.removesuffix("weight") + s[1:] in names), None)
+            scale = next(
+                (
+                    names[name.removesuffix("weight") + s[1:]]
+                    for s in SCALES
+                    if name.endswith(".weight") and name.removesuffix("weight") + s[1:] in names
+                ),
+                None,
+            )
             if scale is not None:
                 self._check_scale(raw, scale)
                 self.scales[name] = scale
         if aux:
-            self.notices.append(f"{self.path}: skipped {aux} fp8 activation scale(s) and format tag(s) "
-                                f"(scale_input, input_scale, comfy_quant, scaled_fp8): not needed to compute")
+            self.notices.append(
+                f"{self.path}: skipped {aux} fp8 activation scale(s) and format tag(s) "
+                f"(scale_input, input_scale, comfy_quant, scaled_fp8): not needed to compute"
+            )
         self.files = {k: self.stored[r][0] for k, r in self.sources.items()}
-        self.meta = {k: ("F32" if k in self.scales else self.stored[r][1]["dtype"], self.stored[r][1]["shape"])
-                     for k, r in self.sources.items()}
+        self.meta = {
+            k: (
+                "F32" if k in self.scales else self.stored[r][1]["dtype"],
+                self.stored[r][1]["shape"],
+            )
+            for k, r in self.sources.items()
+        }
         self.raw_layout = keymaps.detect_layout(self.meta)
         self.layout = self.raw_layout
         if self.prefix == keymaps.BFL_PREFIX and self.layout == "bfl":
@@ -329,12 +424,16 @@ class Checkpoint:
         s = self.stored[scale][1]
         rows = w["shape"][0] if w["shape"] else 1
         if w["dtype"] not in FP8_DTYPES or s["dtype"] not in FLOAT_DTYPES:
-            raise CheckpointError(f"{file}: {raw!r} is {w['dtype']} with scale {scale!r} {s['dtype']}; "
-                                  f"expected an fp8 weight and a float scale")
+            raise CheckpointError(
+                f"{file}: {raw!r} is {w['dtype']} with scale {scale!r} {s['dtype']}; "
+                f"expected an fp8 weight and a float scale"
+            )
         n = int(np.prod(s["shape"], dtype=np.int64))
         if not (n == 1 or (n == rows and s["shape"] in ((rows,), (rows, 1)))):
-            raise CheckpointError(f"{file}: scale {scale!r} has shape {s['shape']} for weight {w['shape']}; "
-                                  f"read are per-tensor (one value) and per-row ({rows} or ({rows}, 1)) scales")
+            raise CheckpointError(
+                f"{file}: scale {scale!r} has shape {s['shape']} for weight {w['shape']}; "
+                f"read are per-tensor (one value) and per-row ({rows} or ({rows}, 1)) scales"
+            )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: s for k, (_, s) in self.meta.items()}
@@ -342,9 +441,13 @@ class Checkpoint:
     def dtypes(self) -> str:
         """What the file stores, for reports: e.g. "F8_E4M3 x60 (scaled by weight_scale), BF16 x23"."""
         counts = Counter(self.stored[r][1]["dtype"] for r in self.sources.values())
-        scaled = Counter(self.stored[r][1]["dtype"] for k, r in self.sources.items() if k in self.scales)
+        scaled = Counter(
+            self.stored[r][1]["dtype"] for k, r in self.sources.items() if k in self.scales
+        )
         names = "/".join(sorted({self.scales[k].rsplit(".", 1)[1] for k in self.scales}))
-        part = lambda d, n, k: f"{d} x{n}" + (f" ({'' if k == n else f'{k} '}scaled by {names})" if k else "")  # noqa: E731
+        part = lambda d, n, k: (
+            f"{d} x{n}" + (f" ({'' if k == n else f'{k} '}scaled by {names})" if k else "")
+        )  # noqa: E731
         return ", ".join(part(d, n, scaled[d]) for d, n in counts.most_common())
 
     def _raw_rows(self, raw: str, start: int, stop: int) -> np.ndarray:
@@ -360,7 +463,9 @@ class Checkpoint:
         while done < len(buf) and (n := f.readinto(buf[done:])):
             done += n
         if done < len(buf):
-            raise CheckpointError(f"{file}: truncated while reading {raw!r} (got {done} of {len(buf)} bytes)")
+            raise CheckpointError(
+                f"{file}: truncated while reading {raw!r} (got {done} of {len(buf)} bytes)"
+            )
         return arr
 
     def rows(self, key: str, start: int, stop: int) -> np.ndarray:
@@ -377,8 +482,10 @@ class Checkpoint:
         if key in self.scales:
             scale = self.stored[self.scales[key]][1]
             per_row = int(np.prod(scale["shape"], dtype=np.int64)) > 1
-            s = self._raw_rows(self.scales[key], *((start, stop) if per_row else (0, scale["shape"][0] if
-                                                                                  scale["shape"] else 1)))
+            s = self._raw_rows(
+                self.scales[key],
+                *((start, stop) if per_row else (0, scale["shape"][0] if scale["shape"] else 1)),
+            )
             s = s.astype(np.float32).reshape((-1,) + (1,) * (arr.ndim - 1) if per_row else ())
             arr = arr.astype(np.float32) * s
         return arr
@@ -395,8 +502,10 @@ class Checkpoint:
                 continue
             file, info = self.stored[raw]
             if raw not in self.digests:
-                raise CheckpointError(f"{file}: no digest recorded for {raw!r} (verify needs a file written by "
-                                      f"minflux convert or save_model)")
+                raise CheckpointError(
+                    f"{file}: no digest recorded for {raw!r} (verify needs a file written by "
+                    f"minflux convert or save_model)"
+                )
             h, f = hashlib.sha256(), open(file, "rb")
             with f:
                 f.seek(info["start"])
@@ -408,15 +517,21 @@ class Checkpoint:
                     h.update(piece)
                     left -= len(piece)
             if h.hexdigest() != self.digests[raw]:
-                raise CheckpointError(f"{file}: tensor {raw!r} does not match its recorded digest "
-                                      f"(the file changed after it was written)")
+                raise CheckpointError(
+                    f"{file}: tensor {raw!r} does not match its recorded digest "
+                    f"(the file changed after it was written)"
+                )
 
     def close(self) -> None:
-        for f in getattr(self, "_handles", {}).values():  # also from __del__ after a failed __init__
+        for f in getattr(
+            self, "_handles", {}
+        ).values():  # also from __del__ after a failed __init__
             f.close()
         self._handles = {}
 
-    __del__ = close  # the open files go with the Checkpoint (readers that stream it never call close)
+    __del__ = (
+        close  # the open files go with the Checkpoint (readers that stream it never call close)
+    )
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -440,8 +555,10 @@ def check_holds(ckpt: Checkpoint, cfg, name: str = "the model") -> None:
     width = keymaps.infer_hidden_size(ckpt.shapes()) if found in configs.FAMILIES else 0
     want = getattr(cfg, "hidden_size", 0)
     if found is not None and (found != cfg.family or (width and want and width != want)):
-        raise CheckpointError(f"{ckpt.path} holds {configs.describe(found, width)}; {name} needs "
-                              f"{configs.describe(cfg.family, want)}")
+        raise CheckpointError(
+            f"{ckpt.path} holds {configs.describe(found, width)}; {name} needs "
+            f"{configs.describe(cfg.family, want)}"
+        )
 
 
 class BflReader:
@@ -458,28 +575,45 @@ class BflReader:
         family = cfg.family
         ckpt = Checkpoint(path, "ae" if family.startswith("ae") else "transformer")
         if ckpt.layout is None:
-            raise CheckpointError(f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
-                                  f"first keys: {sorted(ckpt.meta)[:5]}")
+            raise CheckpointError(
+                f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
+                f"first keys: {sorted(ckpt.meta)[:5]}"
+            )
         check_holds(ckpt, cfg)
         try:
-            recipes = keymaps.convert(ckpt.shapes(), ckpt.layout, "bfl", family, getattr(cfg, "hidden_size", 0))
+            recipes = keymaps.convert(
+                ckpt.shapes(), ckpt.layout, "bfl", family, getattr(cfg, "hidden_size", 0)
+            )
         except KeyError as e:
-            raise CheckpointError(f"{ckpt.path}: unexpected key {ckpt.prefix + e.args[0]!r} for a {family} "
-                                  f"checkpoint in {ckpt.layout} layout") from None
-        missing, unexpected = sorted(set(expected) - set(recipes)), sorted(set(recipes) - set(expected))
+            raise CheckpointError(
+                f"{ckpt.path}: unexpected key {ckpt.prefix + e.args[0]!r} for a {family} "
+                f"checkpoint in {ckpt.layout} layout"
+            ) from None
+        missing, unexpected = (
+            sorted(set(expected) - set(recipes)),
+            sorted(set(recipes) - set(expected)),
+        )
         if missing or unexpected:
-            raise CheckpointError(f"{ckpt.path} ({ckpt.layout} layout): missing keys {missing[:10]}"
-                                  f"{' ...' if len(missing) > 10 else ''}; unexpected keys {unexpected[:10]}"
-                                  f"{' ...' if len(unexpected) > 10 else ''}")
-        bad = [f"{k}: expected {expected[k]}, found {r.shape}" for k, r in recipes.items() if r.shape != expected[k]]
+            raise CheckpointError(
+                f"{ckpt.path} ({ckpt.layout} layout): missing keys {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}; unexpected keys {unexpected[:10]}"
+                f"{' ...' if len(unexpected) > 10 else ''}"
+            )
+        bad = [
+            f"{k}: expected {expected[k]}, found {r.shape}"
+            for k, r in recipes.items()
+            if r.shape != expected[k]
+        ]
         if bad:
             raise CheckpointError(f"{ckpt.path}: shape mismatch: " + "; ".join(bad[:10]))
         for recipe in recipes.values():
             for src, _, _ in recipe.pieces:
                 dtype = ckpt.meta[src][0]
                 if dtype not in FLOAT_DTYPES:
-                    raise CheckpointError(f"{ckpt.files[src]}: tensor {ckpt.sources[src]!r} has dtype {dtype}, "
-                                          f"expected a float dtype")
+                    raise CheckpointError(
+                        f"{ckpt.files[src]}: tensor {ckpt.sources[src]!r} has dtype {dtype}, "
+                        f"expected a float dtype"
+                    )
         self.ckpt, self.recipes, self.verify = ckpt, recipes, verify
 
     def keys(self) -> list[str]:
@@ -504,7 +638,9 @@ class BflReader:
         return ((key, self.read(key)) for key in self.recipes)
 
 
-def read_bfl(path, expected: dict[str, tuple[int, ...]], cfg, verify: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+def read_bfl(
+    path, expected: dict[str, tuple[int, ...]], cfg, verify: bool = False
+) -> Iterator[tuple[str, np.ndarray]]:
     """Stream (key, tensor) pairs of a checkpoint in BFL layout; checks as `BflReader`, before the first read."""
     return iter(BflReader(path, expected, cfg, verify))
 
@@ -559,7 +695,10 @@ def _cleanup_on_sigterm():
     Only when SIGTERM has its default action (death without cleanup) and we run in the main thread; a program
     with its own SIGTERM handler (the CLI's exits 143) keeps it, and the exception it raises cleans up the same.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    ):
         yield
         return
 
@@ -571,7 +710,9 @@ def _cleanup_on_sigterm():
         yield
     except _Terminated:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGTERM)  # the death the default action would have given, after cleanup
+        signal.raise_signal(
+            signal.SIGTERM
+        )  # the death the default action would have given, after cleanup
         raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -590,8 +731,14 @@ def _header_blob(specs, metadata: dict[str, str]) -> tuple[bytes, int]:
     return struct.pack("<Q", len(blob)) + blob, offset
 
 
-def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produce: Callable[[str], np.ndarray],
-                      metadata: dict[str, str] | None = None, progress: bool = False, digests: bool = False) -> None:
+def write_safetensors(
+    path,
+    specs: dict[str, tuple[str, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+    progress: bool = False,
+    digests: bool = False,
+) -> None:
     """Write tensors one at a time, so memory stays near the largest tensor; atomic (temp, fsync, rename).
 
     `specs` maps key -> (safetensors dtype, shape); `produce(key)` returns that tensor. The temp file is
@@ -603,7 +750,9 @@ def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produ
     path = Path(path)
     metadata = dict(metadata or {})
     if digests:
-        metadata.update({DIGEST_PREFIX + key: "0" * 64 for key in specs})  # placeholders, as long as the digests
+        metadata.update(
+            {DIGEST_PREFIX + key: "0" * 64 for key in specs}
+        )  # placeholders, as long as the digests
     head, total = _header_blob(specs, metadata)
     remove_stale_temp_files(path)
     tmp = temp_name(path)
@@ -611,7 +760,9 @@ def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produ
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, unit_divisor=1024)
+        bar = tqdm(
+            total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, unit_divisor=1024
+        )
     try:
         with _cleanup_on_sigterm(), ThreadPoolExecutor(1) as hasher:
             try:
@@ -619,11 +770,15 @@ def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produ
                     f.write(head)
                     for key in specs:
                         arr = np.asarray(produce(key))
-                        arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps 0-d tensors 0-d
+                        arr = (
+                            arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+                        )  # keeps 0-d tensors 0-d
                         dtype, shape = specs[key]
                         if arr.dtype != np_dtype(dtype) or tuple(arr.shape) != tuple(shape):
-                            raise CheckpointError(f"{path}: tensor {key!r} is {arr.dtype} {arr.shape}, "
-                                                  f"declared {dtype} {tuple(shape)}")
+                            raise CheckpointError(
+                                f"{path}: tensor {key!r} is {arr.dtype} {arr.shape}, "
+                                f"declared {dtype} {tuple(shape)}"
+                            )
                         data = memoryview(arr.reshape(-1).view(np.uint8))
                         # hashing and writing both release the GIL: the digest costs no time beside the write
                         digest = hasher.submit(hashlib.sha256, data) if digests else None
@@ -632,10 +787,15 @@ def write_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], produ
                             metadata[DIGEST_PREFIX + key] = digest.result().hexdigest()
                         if bar is not None:
                             bar.update(arr.nbytes)
-                        del arr, data  # before the next produce(): one tensor in memory at a time, not two
+                        del (
+                            arr,
+                            data,
+                        )  # before the next produce(): one tensor in memory at a time, not two
                     if digests:
                         final, _ = _header_blob(specs, metadata)
-                        assert len(final) == len(head)  # same keys, digests as long as their placeholders
+                        assert len(final) == len(
+                            head
+                        )  # same keys, digests as long as their placeholders
                         f.seek(0)
                         f.write(final)
                     f.flush()
@@ -665,12 +825,21 @@ def save_bfl(path, tensors: dict[str, np.ndarray], cfg, layout: str = "bfl") -> 
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    recipes = keymaps.convert(shapes, "bfl", "diffusers" if layout == "diffusers" else "bfl", cfg.family,
-                              getattr(cfg, "hidden_size", 0))
+    recipes = keymaps.convert(
+        shapes,
+        "bfl",
+        "diffusers" if layout == "diffusers" else "bfl",
+        cfg.family,
+        getattr(cfg, "hidden_size", 0),
+    )
     if layout == "bfl-prefixed":
         recipes = {keymaps.BFL_PREFIX + k: r for k, r in recipes.items()}
-    write_recipes(path, recipes, lambda k, a, b: tensors[k][a:b] if tensors[k].ndim else tensors[k],
-                  {k: st_dtype(v.dtype) for k, v in tensors.items()})
+    write_recipes(
+        path,
+        recipes,
+        lambda k, a, b: tensors[k][a:b] if tensors[k].ndim else tensors[k],
+        {k: st_dtype(v.dtype) for k, v in tensors.items()},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,12 +860,22 @@ def quantize_fp8(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _quantized(key: str, shape: tuple[int, ...]) -> bool:
-    return key.endswith(".weight") and len(shape) == 2  # the linear layers: where the parameters are
+    return (
+        key.endswith(".weight") and len(shape) == 2
+    )  # the linear layers: where the parameters are
 
 
-def write_recipes(path, recipes: dict[str, keymaps.Recipe], rows, src_dtypes: dict[str, str],
-                  dtype: str | None = None, progress: bool = False, metadata: dict[str, str] | None = None,
-                  prefix: str = "", digests: bool = True) -> None:
+def write_recipes(
+    path,
+    recipes: dict[str, keymaps.Recipe],
+    rows,
+    src_dtypes: dict[str, str],
+    dtype: str | None = None,
+    progress: bool = False,
+    metadata: dict[str, str] | None = None,
+    prefix: str = "",
+    digests: bool = True,
+) -> None:
     """Write every recipe's tensor, optionally cast to `dtype` (a safetensors name, floats only), with digests.
 
     dtype "F8_E4M3" quantizes the 2-D `*.weight` tensors (the linear layers) with a per-tensor scale stored as
@@ -719,7 +898,10 @@ def write_recipes(path, recipes: dict[str, keymaps.Recipe], rows, src_dtypes: di
             scales[k.removesuffix(".weight") + FP8_SCALE] = None
     metadata = dict(metadata or {})
     if scales:
-        layers = {k.removeprefix(prefix).removesuffix(FP8_SCALE): {"format": "float8_e4m3fn"} for k in scales}
+        layers = {
+            k.removeprefix(prefix).removesuffix(FP8_SCALE): {"format": "float8_e4m3fn"}
+            for k in scales
+        }
         metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
 
     def produce(key):
@@ -734,6 +916,8 @@ def write_recipes(path, recipes: dict[str, keymaps.Recipe], rows, src_dtypes: di
                 arr, scale = quantize_fp8(arr)
             scales[key.removesuffix(".weight") + FP8_SCALE] = scale
             return arr
-        return arr.astype(np_dtype(specs[key][0]), copy=False)  # no second copy when no cast is needed
+        return arr.astype(
+            np_dtype(specs[key][0]), copy=False
+        )  # no second copy when no cast is needed
 
     write_safetensors(path, specs, produce, metadata=metadata, progress=progress, digests=digests)

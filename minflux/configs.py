@@ -56,7 +56,9 @@ class FluxConfig:
         """Sampling shifts the schedule by resolution: the guidance-distilled models (dev), not schnell."""
         return self.guidance_embed
 
-    def forward_kwargs(self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None) -> dict:
+    def forward_kwargs(
+        self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None
+    ) -> dict:
         """The model's keyword arguments for inputs given in one order for both families (any array type)."""
         return _forward_kwargs(self, (img, img_ids, txt, txt_ids, timesteps, vec, guidance))
 
@@ -83,12 +85,16 @@ class Flux2Config:
     gated_mlp = True
     bias = False
     shared_modulation = True
-    latent_channels = 128  # the autoencoder already patchified: (B, 128, H/16, W/16), one token each
+    latent_channels = (
+        128  # the autoencoder already patchified: (B, 128, H/16, W/16), one token each
+    )
     latent_patch = 1
     id_axes = 4  # (t, row, col, l)
     text_id_axis = 3  # text token l has ids (0, 0, 0, l)
     max_refs = None  # any number of reference images
-    inpaint_resize = "bilinear"  # Flux2KleinInpaintPipeline: the mask resized bilinearly to the token grid
+    inpaint_resize = (
+        "bilinear"  # Flux2KleinInpaintPipeline: the mask resized bilinearly to the token grid
+    )
     inpaint_init_ref = True  # ... and the init image is also the first reference image
     vec_in_dim = None  # no pooled text vector
     forward_names = ("x", "x_ids", "ctx", "ctx_ids", "timesteps", None, "guidance")
@@ -99,7 +105,9 @@ class Flux2Config:
         """The t position id of reference image i (BFL flux2 `encode_image_refs`: 10 + 10 i)."""
         return 10 + 10 * i
 
-    def forward_kwargs(self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None) -> dict:
+    def forward_kwargs(
+        self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None
+    ) -> dict:
         """The model's keyword arguments for inputs given in one order for both families (vec is ignored)."""
         return _forward_kwargs(self, (img, img_ids, txt, txt_ids, timesteps, vec, guidance))
 
@@ -146,13 +154,20 @@ class AutoEncoder2Config(_AutoEncoderShape):
     batch_norm = True  # latents patchified 2x2 and normalised by the frozen BatchNorm `bn`
 
 
-FAMILIES = {"flux1": FluxConfig, "flux2": Flux2Config}  # family name -> config class (its behaviour properties)
-KIND = {"flux1": "FLUX.1 transformer", "flux2": "FLUX.2 transformer", "ae1": "FLUX.1 autoencoder",
-        "ae2": "FLUX.2 autoencoder"}  # what a family's checkpoint holds, in words
+FAMILIES = {
+    "flux1": FluxConfig,
+    "flux2": Flux2Config,
+}  # family name -> config class (its behaviour properties)
+KIND = {
+    "flux1": "FLUX.1 transformer",
+    "flux2": "FLUX.2 transformer",
+    "ae1": "FLUX.1 autoencoder",
+    "ae2": "FLUX.2 autoencoder",
+}  # what a family's checkpoint holds, in words
 
 
 def describe(family: str | None, width: int = 0) -> str:
-    """"a FLUX.2 transformer of width 3072", "a FLUX.1 autoencoder", or "no FLUX model" (family None)."""
+    """ "a FLUX.2 transformer of width 3072", "a FLUX.1 autoencoder", or "no FLUX model" (family None)."""
     if family is None:
         return "no FLUX model"
     return f"a {KIND[family]}" + (f" of width {width}" if width and family in FAMILIES else "")
@@ -162,7 +177,9 @@ def _check(cfg) -> None:
     if cfg.family in ("ae1", "ae2"):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         if any(w % 32 for w in widths):
-            raise ValueError(f"{type(cfg).__name__}: channel widths {widths} must be multiples of 32 (GroupNorm)")
+            raise ValueError(
+                f"{type(cfg).__name__}: channel widths {widths} must be multiples of 32 (GroupNorm)"
+            )
         return
     head_dim, rem = divmod(cfg.hidden_size, cfg.num_heads)
     if rem or sum(cfg.axes_dim) != head_dim:
@@ -173,10 +190,22 @@ def _check(cfg) -> None:
 
 
 _flux1 = FluxConfig()
-_klein4b = Flux2Config(context_in_dim=7680, hidden_size=3072, num_heads=24, depth=5,
-                       depth_single_blocks=20, guidance_embed=False)
-_klein9b = Flux2Config(context_in_dim=12288, hidden_size=4096, num_heads=32, depth=8,
-                       depth_single_blocks=24, guidance_embed=False)
+_klein4b = Flux2Config(
+    context_in_dim=7680,
+    hidden_size=3072,
+    num_heads=24,
+    depth=5,
+    depth_single_blocks=20,
+    guidance_embed=False,
+)
+_klein9b = Flux2Config(
+    context_in_dim=12288,
+    hidden_size=4096,
+    num_heads=32,
+    depth=8,
+    depth_single_blocks=24,
+    guidance_embed=False,
+)
 
 PRESETS: dict[str, object] = {
     # FLUX.1: the dev-shaped models differ only in weights (and Fill/Canny/Depth in input width).
@@ -193,16 +222,33 @@ PRESETS: dict[str, object] = {
     "flux2-klein-9b": _klein9b,
     "flux2-klein-base-4b": _klein4b,
     "flux2-klein-base-9b": _klein9b,
-    "flux2-klein-9b-kv": dataclasses.replace(_klein9b, ref_kv=True),  # diffusers Flux2KleinKVPipeline
+    "flux2-klein-9b-kv": dataclasses.replace(
+        _klein9b, ref_kv=True
+    ),  # diffusers Flux2KleinKVPipeline
     # Autoencoders: one per family, shared by every model of the family.
     "flux1-ae": AutoEncoderConfig(),
     "flux2-ae": AutoEncoder2Config(),
     # Tiny configs for tests and the default demo: same code paths, head_dim 32.
-    "flux1-tiny": FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=40,
-                             hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
-                             axes_dim=(8, 12, 12)),
-    "flux2-tiny": Flux2Config(in_channels=128, context_in_dim=48, hidden_size=64, num_heads=2,
-                              depth=2, depth_single_blocks=2, axes_dim=(8, 8, 8, 8)),
+    "flux1-tiny": FluxConfig(
+        in_channels=64,
+        out_channels=64,
+        vec_in_dim=24,
+        context_in_dim=40,
+        hidden_size=64,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(8, 12, 12),
+    ),
+    "flux2-tiny": Flux2Config(
+        in_channels=128,
+        context_in_dim=48,
+        hidden_size=64,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(8, 8, 8, 8),
+    ),
     "flux1-ae-tiny": AutoEncoderConfig(resolution=32, ch=32, ch_mult=(1, 2), num_res_blocks=1),
     "flux2-ae-tiny": AutoEncoder2Config(resolution=32, ch=32, ch_mult=(1, 2), num_res_blocks=1),
 }
@@ -220,10 +266,16 @@ def input_kind(cfg, pixels: int = 16) -> str:
     channels) or "control" (FLUX.1 Canny/Depth: control-image tokens). Raises ValueError for other widths."""
     tokens = cfg.latent_channels * cfg.latent_patch**2  # channels of one image token
     fill = 2 * tokens + 4 * (pixels // 2) ** 2  # + masked image + mask folded (pixels/2)^2 then 2x2
-    kinds = {tokens: "text", 2 * tokens: "control", fill: "fill"} if cfg.family == "flux1" else {tokens: "text"}
+    kinds = (
+        {tokens: "text", 2 * tokens: "control", fill: "fill"}
+        if cfg.family == "flux1"
+        else {tokens: "text"}
+    )
     if cfg.in_channels not in kinds:
-        raise ValueError(f"in_channels {cfg.in_channels} is none of {sorted(kinds)} "
-                         f"({', '.join(f'{v}: {k}' for k, v in sorted(kinds.items()))})")
+        raise ValueError(
+            f"in_channels {cfg.in_channels} is none of {sorted(kinds)} "
+            f"({', '.join(f'{v}: {k}' for k, v in sorted(kinds.items()))})"
+        )
     return kinds[cfg.in_channels]
 
 

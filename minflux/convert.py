@@ -20,7 +20,9 @@ DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8": "F8_E4M3"}
 EXTRACT = ("transformer", "ae")
 
 
-def plan(src, to: str | None = None, extract: str | None = None) -> tuple[Checkpoint, dict[str, keymaps.Recipe], str]:
+def plan(
+    src, to: str | None = None, extract: str | None = None
+) -> tuple[Checkpoint, dict[str, keymaps.Recipe], str]:
     """Open `src` and work out every output tensor: (checkpoint, recipes by output key, target layout).
 
     `to` is one of `checkpoint.LAYOUTS`; None picks the other layout (BFL -> diffusers, diffusers -> BFL).
@@ -31,41 +33,62 @@ def plan(src, to: str | None = None, extract: str | None = None) -> tuple[Checkp
         raise ValueError(f"extract={extract!r}; expected one of {EXTRACT}")
     ckpt = Checkpoint(src, extract or "auto")
     if ckpt.layout is None:
-        raise CheckpointError(f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
-                              f"first keys: {sorted(ckpt.meta)[:5]}")
+        raise CheckpointError(
+            f"{ckpt.path}: unknown layout (neither BFL nor diffusers key names); "
+            f"first keys: {sorted(ckpt.meta)[:5]}"
+        )
     family = keymaps.infer_family(ckpt.meta)
     if family is None:
-        raise CheckpointError(f"{ckpt.path}: cannot tell the model from its keys (no FLUX.1, FLUX.2 or "
-                              f"autoencoder marker); first keys: {sorted(ckpt.meta)[:5]}")
+        raise CheckpointError(
+            f"{ckpt.path}: cannot tell the model from its keys (no FLUX.1, FLUX.2 or "
+            f"autoencoder marker); first keys: {sorted(ckpt.meta)[:5]}"
+        )
     if family not in keymaps.TABLES:  # hook: a family recognised by infer_family but not yet mapped
-        raise CheckpointError(f"{ckpt.path}: a {family} checkpoint; no key map for {family} in keymaps.TABLES")
+        raise CheckpointError(
+            f"{ckpt.path}: a {family} checkpoint; no key map for {family} in keymaps.TABLES"
+        )
     if to is not None and to not in checkpoint.LAYOUTS:
         raise ValueError(f"to={to!r}; expected one of {checkpoint.LAYOUTS}")
     to = to or ("diffusers" if ckpt.layout == "bfl" else "bfl")
     shapes = ckpt.shapes()
     hidden = keymaps.infer_hidden_size(shapes)
     if family.startswith("flux") and not hidden:
-        raise CheckpointError(f"{ckpt.path}: no 2-D img_in.weight / x_embedder.weight to read the width from")
+        raise CheckpointError(
+            f"{ckpt.path}: no 2-D img_in.weight / x_embedder.weight to read the width from"
+        )
     other = "bfl" if ckpt.layout == "diffusers" else "diffusers"
     try:  # map to the other layout even when the target is the source's: that checks every key
         recipes = keymaps.convert(shapes, ckpt.layout, other, family, hidden)
     except KeyError as e:
         key = e.args[0]
-        raise CheckpointError(f"{ckpt.files[key]}: unexpected key {ckpt.prefix + key!r} for a {family} checkpoint "
-                              f"in {ckpt.layout} layout") from None
+        raise CheckpointError(
+            f"{ckpt.files[key]}: unexpected key {ckpt.prefix + key!r} for a {family} checkpoint "
+            f"in {ckpt.layout} layout"
+        ) from None
     for key, r in recipes.items():
         if r.shape and r.shape[0] <= 0:  # a fused tensor too short for its split
-            raise CheckpointError(f"{ckpt.files[r.pieces[0][0]]}: {r.pieces[0][0]!r} {shapes[r.pieces[0][0]]} "
-                                  f"is too small to split with width {hidden} (it would give {key!r} {r.shape})")
-    if (to == "diffusers") == (ckpt.layout == "diffusers"):  # same layout: a copy (or a cast, or a prefix)
+            raise CheckpointError(
+                f"{ckpt.files[r.pieces[0][0]]}: {r.pieces[0][0]!r} {shapes[r.pieces[0][0]]} "
+                f"is too small to split with width {hidden} (it would give {key!r} {r.shape})"
+            )
+    if (to == "diffusers") == (
+        ckpt.layout == "diffusers"
+    ):  # same layout: a copy (or a cast, or a prefix)
         recipes = keymaps.convert(shapes, ckpt.layout, ckpt.layout, family, hidden)
     if to == "bfl-prefixed":
         recipes = {keymaps.BFL_PREFIX + k: r for k, r in recipes.items()}
     return ckpt, recipes, to
 
 
-def convert(src, dst, to: str | None = None, dtype: str | None = None, progress: bool = False,
-            extract: str | None = None, digests: bool = True) -> dict:
+def convert(
+    src,
+    dst,
+    to: str | None = None,
+    dtype: str | None = None,
+    progress: bool = False,
+    extract: str | None = None,
+    digests: bool = True,
+) -> dict:
     """Convert `src` (file, directory of shards or shard index; one component of a bundle) to one safetensors
     file `dst` with a SHA-256 digest per tensor in its metadata (unless `digests=False`); returns a summary.
 
@@ -84,8 +107,23 @@ def convert(src, dst, to: str | None = None, dtype: str | None = None, progress:
     src_dtypes = {k: d for k, (d, _) in ckpt.meta.items()}
     t0 = time.perf_counter()
     with ckpt:
-        checkpoint.write_recipes(dst, recipes, ckpt.rows, src_dtypes, DTYPES.get(dtype), progress=progress,
-                                 metadata={"format": "pt"}, prefix=keymaps.BFL_PREFIX if to == "bfl-prefixed" else "",
-                                 digests=digests)
-    return {"src": str(ckpt.path), "dst": str(dst), "from": ckpt.raw_layout, "to": to, "tensors": len(recipes),
-            "bytes": dst.stat().st_size, "seconds": time.perf_counter() - t0}
+        checkpoint.write_recipes(
+            dst,
+            recipes,
+            ckpt.rows,
+            src_dtypes,
+            DTYPES.get(dtype),
+            progress=progress,
+            metadata={"format": "pt"},
+            prefix=keymaps.BFL_PREFIX if to == "bfl-prefixed" else "",
+            digests=digests,
+        )
+    return {
+        "src": str(ckpt.path),
+        "dst": str(dst),
+        "from": ckpt.raw_layout,
+        "to": to,
+        "tensors": len(recipes),
+        "bytes": dst.stat().st_size,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -15,20 +15,34 @@ from minflux import configs, ids
 from minflux.checkpoint import CheckpointError, read_header
 
 # The default demo model: FLUX.2 blocks at toy width; 48 input channels = 4x4 RGB pixel patches.
-DEMO = configs.Flux2Config(in_channels=48, context_in_dim=32, hidden_size=128, num_heads=4, depth=2,
-                           depth_single_blocks=2, axes_dim=(8, 8, 8, 8), guidance_embed=False)
+DEMO = configs.Flux2Config(
+    in_channels=48,
+    context_in_dim=32,
+    hidden_size=128,
+    num_heads=4,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=(8, 8, 8, 8),
+    guidance_embed=False,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Data: batches are a pure function of the position, so a resumed run sees the same batches
 # ---------------------------------------------------------------------------------------------
 
 
-def random_batch(cfg, batch: int, side: int, txt_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def random_batch(
+    cfg, batch: int, side: int, txt_len: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """A seeded synthetic batch of `cfg`'s shapes (benchmarks and tests): img tokens on a side x side grid,
     txt embeddings of txt_len tokens, their ids, FLUX.1's pooled vec, and guidance 3.5 where the model takes it."""
     img_ids, txt_ids = ids.for_config(cfg, batch, side, side, txt_len)
-    out = {"img": rng.standard_normal((batch, side * side, cfg.in_channels)).astype(np.float32), "img_ids": img_ids,
-           "txt": rng.standard_normal((batch, txt_len, cfg.context_in_dim)).astype(np.float32), "txt_ids": txt_ids}
+    out = {
+        "img": rng.standard_normal((batch, side * side, cfg.in_channels)).astype(np.float32),
+        "img_ids": img_ids,
+        "txt": rng.standard_normal((batch, txt_len, cfg.context_in_dim)).astype(np.float32),
+        "txt_ids": txt_ids,
+    }
     if cfg.family == "flux1":
         out["vec"] = rng.standard_normal((batch, cfg.vec_in_dim)).astype(np.float32)
     if cfg.guidance_embed:
@@ -57,12 +71,16 @@ class Dataset:
         """Sample indices at positions [position, position + size): epoch e is permutation e of the data."""
         pos = np.arange(position, position + size)
         n = len(self)
-        perms = {e: np.random.default_rng((self.seed, e)).permutation(n) for e in np.unique(pos // n)}
+        perms = {
+            e: np.random.default_rng((self.seed, e)).permutation(n) for e in np.unique(pos // n)
+        }
         return np.array([perms[p // n][p % n] for p in pos])
 
     def batch(self, position: int, size: int) -> dict[str, np.ndarray]:
         idx = self.indices(position, size)
-        out = {k: v[idx] for k, v in self.arrays.items()}  # fancy indexing copies: the data set is untouched
+        out = {
+            k: v[idx] for k, v in self.arrays.items()
+        }  # fancy indexing copies: the data set is untouched
         drop = self.dropped(position, size)
         if drop.any():
             for k, v in self.empty.items():
@@ -73,8 +91,12 @@ class Dataset:
         """(size,) bool: which samples at positions [position, position + size) get the empty caption."""
         if self.caption_dropout <= 0:
             return np.zeros(size, bool)
-        return np.array([np.random.default_rng((self.seed, 0xD0, p)).random() < self.caption_dropout
-                         for p in range(position, position + size)])
+        return np.array(
+            [
+                np.random.default_rng((self.seed, 0xD0, p)).random() < self.caption_dropout
+                for p in range(position, position + size)
+            ]
+        )
 
     def null(self, n: int) -> dict[str, np.ndarray]:
         """The empty caption for n samples: the negative prompt of classifier-free guidance."""
@@ -98,22 +120,35 @@ class LatentShards(Dataset):
     def __init__(self, directory, seed: int = 0, caption_dropout: float = 0.0, cfg=None):
         directory = Path(directory)
         if not directory.is_dir():
-            raise CheckpointError(f"{directory}: {'not a directory' if directory.exists() else 'no such directory'}")
+            raise CheckpointError(
+                f"{directory}: {'not a directory' if directory.exists() else 'no such directory'}"
+            )
         shards = sorted(p for p in directory.glob("*.safetensors") if p.name != self.EMPTY)
         if not shards:
-            raise CheckpointError(f"{directory}: no *.safetensors shards (minflux cache writes them)")
+            raise CheckpointError(
+                f"{directory}: no *.safetensors shards (minflux cache writes them)"
+            )
         parts = [_read(p) for p in shards]
         first = {k: v.shape[1:] for k, v in parts[0].items()}
         for p, part in zip(shards, parts, strict=True):
-            if missing := [k for k in self.KEYS + (("vec",) if cfg is not None and cfg.family == "flux1" else ())
-                           if k not in part]:
-                raise CheckpointError(f"{p}: missing {missing}; a shard holds {self.KEYS} (+ vec for FLUX.1)")
+            if missing := [
+                k
+                for k in self.KEYS + (("vec",) if cfg is not None and cfg.family == "flux1" else ())
+                if k not in part
+            ]:
+                raise CheckpointError(
+                    f"{p}: missing {missing}; a shard holds {self.KEYS} (+ vec for FLUX.1)"
+                )
             counts = {k: v.shape[0] if v.ndim else 0 for k, v in part.items()}
             if len(set(counts.values())) != 1:
-                raise CheckpointError(f"{p}: the tensors hold different numbers of samples: {counts}")
+                raise CheckpointError(
+                    f"{p}: the tensors hold different numbers of samples: {counts}"
+                )
             trailing = {k: v.shape[1:] for k, v in part.items()}
             if trailing != first:
-                raise CheckpointError(f"{p}: per-sample shapes {trailing} differ from {shards[0].name}'s {first}")
+                raise CheckpointError(
+                    f"{p}: per-sample shapes {trailing} differ from {shards[0].name}'s {first}"
+                )
             if cfg is not None:
                 check_shapes(p, trailing, cfg)
         self.arrays = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
@@ -121,13 +156,17 @@ class LatentShards(Dataset):
         if caption_dropout > 0:
             file = directory / self.EMPTY
             if not file.is_file():
-                raise CheckpointError(f"{file}: no such file; caption dropout needs the empty prompt's embedding "
-                                      "(minflux cache writes it)")
+                raise CheckpointError(
+                    f"{file}: no such file; caption dropout needs the empty prompt's embedding "
+                    "(minflux cache writes it)"
+                )
             self.empty = {k: v[0] for k, v in _read(file).items()}
             for k, v in self.empty.items():
                 if k not in self.arrays or v.shape != self.arrays[k].shape[1:]:
                     found = self.arrays[k].shape[1:] if k in self.arrays else "nothing"
-                    raise CheckpointError(f"{file}: {k} {v.shape} does not match the shards' {found}")
+                    raise CheckpointError(
+                        f"{file}: {k} {v.shape} does not match the shards' {found}"
+                    )
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
@@ -144,17 +183,25 @@ def check_shapes(path, trailing: dict[str, tuple[int, ...]], cfg) -> None:
     sample axis) do not fit the transformer `cfg`: img (L, in_channels), txt (Lt, context_in_dim), ids
     (L or Lt, len(axes_dim)), FLUX.1's vec (vec_in_dim,)."""
     axes = len(cfg.axes_dim)
-    want = {"img": (None, cfg.in_channels), "txt": (None, cfg.context_in_dim),
-            "img_ids": (trailing["img"][0] if len(trailing["img"]) else None, axes),
-            "txt_ids": (trailing["txt"][0] if len(trailing["txt"]) else None, axes)}
+    want = {
+        "img": (None, cfg.in_channels),
+        "txt": (None, cfg.context_in_dim),
+        "img_ids": (trailing["img"][0] if len(trailing["img"]) else None, axes),
+        "txt_ids": (trailing["txt"][0] if len(trailing["txt"]) else None, axes),
+    }
     if cfg.family == "flux1":
         want["vec"] = (cfg.vec_in_dim,)
 
     def fits(found, shape):  # None: any length
-        return len(found) == len(shape) and all(n is None or n == m for n, m in zip(shape, found, strict=True))
+        return len(found) == len(shape) and all(
+            n is None or n == m for n, m in zip(shape, found, strict=True)
+        )
 
-    bad = [f"{k} {trailing[k]} (expected {tuple('L' if n is None else n for n in shape)})"
-           for k, shape in want.items() if not fits(trailing[k], shape)]
+    bad = [
+        f"{k} {trailing[k]} (expected {tuple('L' if n is None else n for n in shape)})"
+        for k, shape in want.items()
+        if not fits(trailing[k], shape)
+    ]
     if bad:
         raise CheckpointError(f"{path}: per-sample shapes do not fit the model: " + "; ".join(bad))
 
@@ -165,24 +212,48 @@ class Shapes(Dataset):
     caption (for caption dropout) is all-zero embeddings."""
 
     SHAPES = ("circle", "square", "triangle")
-    COLOURS = {"red": (0.9, -0.8, -0.8), "green": (-0.8, 0.8, -0.8), "blue": (-0.7, -0.5, 0.95),
-               "yellow": (0.95, 0.85, -0.8)}
+    COLOURS = {
+        "red": (0.9, -0.8, -0.8),
+        "green": (-0.8, 0.8, -0.8),
+        "blue": (-0.7, -0.5, 0.95),
+        "yellow": (0.95, 0.85, -0.8),
+    }
 
-    def __init__(self, n: int = 4096, size: int = 24, patch: int = 4, context_dim: int = 32, family: str = "flux2",
-                 seed: int = 0, caption_dropout: float = 0.0):
-        self.size, self.patch, self.context_dim, self.family, self.seed = size, patch, context_dim, family, seed
+    def __init__(
+        self,
+        n: int = 4096,
+        size: int = 24,
+        patch: int = 4,
+        context_dim: int = 32,
+        family: str = "flux2",
+        seed: int = 0,
+        caption_dropout: float = 0.0,
+    ):
+        self.size, self.patch, self.context_dim, self.family, self.seed = (
+            size,
+            patch,
+            context_dim,
+            family,
+            seed,
+        )
         self.caption_dropout = caption_dropout
         self.empty = {"txt": np.zeros((2, context_dim), np.float32)}
         if family == "flux1":
             self.empty["vec"] = np.zeros(context_dim, np.float32)
         rng = np.random.default_rng(seed)
-        labels = np.stack([rng.integers(len(self.SHAPES), size=n), rng.integers(len(self.COLOURS), size=n)], 1)
+        labels = np.stack(
+            [rng.integers(len(self.SHAPES), size=n), rng.integers(len(self.COLOURS), size=n)], 1
+        )
         images = np.stack([self.draw(s, c, rng) for s, c in labels])
         txt = self.embed(labels)
         axes, text_axis = (3, None) if family == "flux1" else (4, 3)
         g = size // patch
-        self.arrays = {"img": self.patchify(images), "img_ids": ids.image_ids(n, g, g, axes), "txt": txt,
-                       "txt_ids": ids.text_ids(n, txt.shape[1], axes, text_axis)}
+        self.arrays = {
+            "img": self.patchify(images),
+            "img_ids": ids.image_ids(n, g, g, axes),
+            "txt": txt,
+            "txt_ids": ids.text_ids(n, txt.shape[1], axes, text_axis),
+        }
         if family == "flux1":
             self.arrays["vec"] = txt.mean(axis=1)
         self.labels = labels
@@ -190,7 +261,9 @@ class Shapes(Dataset):
     def draw(self, shape: int, colour: int, rng) -> np.ndarray:
         """(size, size, 3) in [-1, 1]."""
         s = self.size
-        r = rng.uniform(0.30, 0.34) * s  # varied a little in size and place: a demo, learnt in minutes
+        r = (
+            rng.uniform(0.30, 0.34) * s
+        )  # varied a little in size and place: a demo, learnt in minutes
         cy, cx = s / 2 + rng.uniform(-0.05, 0.05, size=2) * s
         y, x = np.mgrid[:s, :s] + 0.5
         dy, dx = y - cy, x - cx
@@ -218,11 +291,17 @@ class Shapes(Dataset):
 
     def word(self, word: str) -> np.ndarray:
         """A fixed unit-variance embedding per word (seeded by the word itself)."""
-        return np.random.default_rng(zlib.crc32(word.encode())).standard_normal(self.context_dim).astype(np.float32)
+        return (
+            np.random.default_rng(zlib.crc32(word.encode()))
+            .standard_normal(self.context_dim)
+            .astype(np.float32)
+        )
 
     def caption(self, label) -> str:
         return f"a {list(self.COLOURS)[label[1]]} {self.SHAPES[label[0]]}"
 
     def embed(self, labels) -> np.ndarray:
         """(N, 2, D): the colour word, then the shape word."""
-        return np.stack([[self.word(list(self.COLOURS)[c]), self.word(self.SHAPES[s])] for s, c in labels])
+        return np.stack(
+            [[self.word(list(self.COLOURS)[c]), self.word(self.SHAPES[s])] for s, c in labels]
+        )

@@ -30,18 +30,32 @@ def forward_flops(cfg, img_tokens: int, txt_tokens: int, batch: int = 1) -> int:
     per_sample += (_linear(256, h, 1) + _linear(h, h, 1)) if cfg.guidance_embed else 0
     if flux1:
         per_sample += _linear(cfg.vec_in_dim, h, 1) + _linear(h, h, 1)  # vector_in
-        per_sample += cfg.depth * 2 * _linear(h, 6 * h, 1) + cfg.depth_single_blocks * _linear(h, 3 * h, 1)
+        per_sample += cfg.depth * 2 * _linear(h, 6 * h, 1) + cfg.depth_single_blocks * _linear(
+            h, 3 * h, 1
+        )
     else:  # three modulations shared by all blocks
         per_sample += 2 * _linear(h, 6 * h, 1) + _linear(h, 3 * h, 1)
     per_sample += _linear(h, 2 * h, 1)  # final adaLN
 
-    tokens = _linear(cfg.in_channels, h, li) + _linear(cfg.context_in_dim, h, lt) + _linear(h, out_channels, li)
+    tokens = (
+        _linear(cfg.in_channels, h, li)
+        + _linear(cfg.context_in_dim, h, lt)
+        + _linear(h, out_channels, li)
+    )
+
     def stream(rows: int) -> int:  # qkv, proj, MLP in and out
-        return _linear(h, 3 * h, rows) + _linear(h, h, rows) + _linear(h, gated * m, rows) + _linear(m, h, rows)
+        return (
+            _linear(h, 3 * h, rows)
+            + _linear(h, h, rows)
+            + _linear(h, gated * m, rows)
+            + _linear(m, h, rows)
+        )
 
     attention = 4 * n * n * h
     tokens += cfg.depth * (stream(li) + stream(lt) + attention)
-    tokens += cfg.depth_single_blocks * (_linear(h, 3 * h + gated * m, n) + _linear(h + m, h, n) + attention)
+    tokens += cfg.depth_single_blocks * (
+        _linear(h, 3 * h + gated * m, n) + _linear(h + m, h, n) + attention
+    )
     return batch * (per_sample + tokens)
 
 
@@ -57,11 +71,20 @@ def lora_step_flops(cfg, img_tokens: int, txt_tokens: int, batch: int = 1) -> in
 
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s, (bf16, fp8 e4m3), matched against the device name.
-PEAK_SOURCE = ("NVIDIA data sheets (H100/H200 SXM and PCIe/NVL, A100, L40S, B200), dense tensor-core figures, "
-               "half the 'with sparsity' numbers")
-PEAKS = {"H200": (989e12, 1979e12), "GH200": (989e12, 1979e12), "H100 PCIe": (756e12, 1513e12),
-         "H100 NVL": (835e12, 1671e12), "H100": (989e12, 1979e12), "A100": (312e12, None),
-         "L40S": (362e12, 733e12), "B200": (2250e12, 4500e12)}
+PEAK_SOURCE = (
+    "NVIDIA data sheets (H100/H200 SXM and PCIe/NVL, A100, L40S, B200), dense tensor-core figures, "
+    "half the 'with sparsity' numbers"
+)
+PEAKS = {
+    "H200": (989e12, 1979e12),
+    "GH200": (989e12, 1979e12),
+    "H100 PCIe": (756e12, 1513e12),
+    "H100 NVL": (835e12, 1671e12),
+    "H100": (989e12, 1979e12),
+    "A100": (312e12, None),
+    "L40S": (362e12, 733e12),
+    "B200": (2250e12, 4500e12),
+}
 BF16_PEAK = {name: bf16 for name, (bf16, _) in PEAKS.items()}
 
 

@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 
 
-def load(path, size: tuple[int, int] | None = None, multiple: int = 16, max_pixels: int | None = None,
-         square: bool = False, gray: bool = False) -> np.ndarray:
+def load(
+    path,
+    size: tuple[int, int] | None = None,
+    multiple: int = 16,
+    max_pixels: int | None = None,
+    square: bool = False,
+    gray: bool = False,
+) -> np.ndarray:
     """An image file as float32 (H, W, 3) in [-1, 1] (gray: (H, W, 1) in [0, 1], for masks).
 
     `square` centre-crops to a square first. size (w, h): then resized to exactly that (Lanczos). Otherwise an
@@ -35,7 +41,9 @@ def load(path, size: tuple[int, int] | None = None, multiple: int = 16, max_pixe
     else:
         if max_pixels and img.width * img.height > max_pixels:
             scale = (max_pixels / (img.width * img.height)) ** 0.5
-            img = img.resize((int(img.width * scale), int(img.height * scale)), Image.Resampling.LANCZOS)
+            img = img.resize(
+                (int(img.width * scale), int(img.height * scale)), Image.Resampling.LANCZOS
+            )
         w, h = img.width // multiple * multiple, img.height // multiple * multiple
         if not w or not h:
             raise ValueError(f"{path}: {img.width}x{img.height} is smaller than {multiple} pixels")

@@ -35,13 +35,31 @@ import numpy as np
 # ---------------------------------------------------------------------------------------------
 
 _ATTN = [  # the double block's attention, identical in both families
-    ("double_blocks.{}.img_attn.qkv", ("transformer_blocks.{}.attn.to_q", "transformer_blocks.{}.attn.to_k",
-                                       "transformer_blocks.{}.attn.to_v"), "split"),
-    ("double_blocks.{}.txt_attn.qkv", ("transformer_blocks.{}.attn.add_q_proj", "transformer_blocks.{}.attn.add_k_proj",
-                                       "transformer_blocks.{}.attn.add_v_proj"), "split"),
+    (
+        "double_blocks.{}.img_attn.qkv",
+        (
+            "transformer_blocks.{}.attn.to_q",
+            "transformer_blocks.{}.attn.to_k",
+            "transformer_blocks.{}.attn.to_v",
+        ),
+        "split",
+    ),
+    (
+        "double_blocks.{}.txt_attn.qkv",
+        (
+            "transformer_blocks.{}.attn.add_q_proj",
+            "transformer_blocks.{}.attn.add_k_proj",
+            "transformer_blocks.{}.attn.add_v_proj",
+        ),
+        "split",
+    ),
     ("double_blocks.{}.img_attn.norm.query_norm", "transformer_blocks.{}.attn.norm_q", "same"),
     ("double_blocks.{}.img_attn.norm.key_norm", "transformer_blocks.{}.attn.norm_k", "same"),
-    ("double_blocks.{}.txt_attn.norm.query_norm", "transformer_blocks.{}.attn.norm_added_q", "same"),
+    (
+        "double_blocks.{}.txt_attn.norm.query_norm",
+        "transformer_blocks.{}.attn.norm_added_q",
+        "same",
+    ),
     ("double_blocks.{}.txt_attn.norm.key_norm", "transformer_blocks.{}.attn.norm_added_k", "same"),
     ("double_blocks.{}.img_attn.proj", "transformer_blocks.{}.attn.to_out.0", "same"),
     ("double_blocks.{}.txt_attn.proj", "transformer_blocks.{}.attn.to_add_out", "same"),
@@ -54,8 +72,13 @@ _ATTN = [  # the double block's attention, identical in both families
 
 def _resnet(bfl: str, diff: str, kind: str = "same") -> list[tuple]:
     """A VAE ResnetBlock: BFL's `nin_shortcut` is diffusers' `conv_shortcut`."""
-    names = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
-             ("nin_shortcut", "conv_shortcut")]
+    names = [
+        ("norm1", "norm1"),
+        ("conv1", "conv1"),
+        ("norm2", "norm2"),
+        ("conv2", "conv2"),
+        ("nin_shortcut", "conv_shortcut"),
+    ]
     return [(f"{bfl}.{a}", f"{diff}.{b}", kind) for a, b in names]
 
 
@@ -87,12 +110,14 @@ _VAE = [  # FLUX.1's autoencoder (diffusers AutoencoderKL); FLUX.2's adds quant 
 
 TABLES: dict[str, list[tuple]] = {
     "ae1": _VAE,
-    "ae2": _VAE + [  # diffusers AutoencoderKLFlux2 keeps the quant convs at the top level
+    "ae2": _VAE
+    + [  # diffusers AutoencoderKLFlux2 keeps the quant convs at the top level
         ("encoder.quant_conv", "quant_conv", "same"),
         ("decoder.post_quant_conv", "post_quant_conv", "same"),
         ("bn", "bn", "same"),
     ],
-    "flux1": _ATTN + [
+    "flux1": _ATTN
+    + [
         ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1", "same"),
         ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2", "same"),
         ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1", "same"),
@@ -106,15 +131,22 @@ TABLES: dict[str, list[tuple]] = {
         ("double_blocks.{}.txt_mlp.0", "transformer_blocks.{}.ff_context.net.0.proj", "same"),
         ("double_blocks.{}.txt_mlp.2", "transformer_blocks.{}.ff_context.net.2", "same"),
         ("single_blocks.{}.modulation.lin", "single_transformer_blocks.{}.norm.linear", "same"),
-        ("single_blocks.{}.linear1", ("single_transformer_blocks.{}.attn.to_q",
-                                      "single_transformer_blocks.{}.attn.to_k",
-                                      "single_transformer_blocks.{}.attn.to_v",
-                                      "single_transformer_blocks.{}.proj_mlp"), "split"),
+        (
+            "single_blocks.{}.linear1",
+            (
+                "single_transformer_blocks.{}.attn.to_q",
+                "single_transformer_blocks.{}.attn.to_k",
+                "single_transformer_blocks.{}.attn.to_v",
+                "single_transformer_blocks.{}.proj_mlp",
+            ),
+            "split",
+        ),
         ("single_blocks.{}.linear2", "single_transformer_blocks.{}.proj_out", "same"),
         ("single_blocks.{}.norm.query_norm", "single_transformer_blocks.{}.attn.norm_q", "same"),
         ("single_blocks.{}.norm.key_norm", "single_transformer_blocks.{}.attn.norm_k", "same"),
     ],
-    "flux2": _ATTN + [
+    "flux2": _ATTN
+    + [
         ("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1", "same"),
         ("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2", "same"),
         ("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1", "same"),
@@ -135,12 +167,17 @@ TABLES: dict[str, list[tuple]] = {
 
 # Keys that tell the layouts apart, and the prefix some BFL exports carry (ComfyUI-style files).
 BFL_PREFIX = "model.diffusion_model."
-_DIFFUSERS_MARKERS = ("x_embedder.", "transformer_blocks.", "encoder.down_blocks.", "decoder.up_blocks.")
+_DIFFUSERS_MARKERS = (
+    "x_embedder.",
+    "transformer_blocks.",
+    "encoder.down_blocks.",
+    "decoder.up_blocks.",
+)
 _BFL_MARKERS = ("img_in.", "double_blocks.", "encoder.down.", "decoder.up.")
 
 
 def detect_layout(keys) -> str | None:
-    """"bfl", "bfl-prefixed" or "diffusers" from the key names; None when none fits."""
+    """ "bfl", "bfl-prefixed" or "diffusers" from the key names; None when none fits."""
     keys = list(keys)
     if keys and all(k.startswith(BFL_PREFIX) for k in keys):
         return "bfl-prefixed"
@@ -154,19 +191,27 @@ def detect_layout(keys) -> str | None:
 # All-in-one files (ComfyUI / Forge / SwarmUI "checkpoints", BFL-style bundles) put each component under a
 # prefix; a component is recognised under a prefix by one of its marker keys (either layout).
 COMPONENTS = {
-    "transformer": (("model.diffusion_model.", "diffusion_model.", "transformer."),
-                    ("img_in.", "x_embedder.", "double_blocks.", "transformer_blocks.")),
+    "transformer": (
+        ("model.diffusion_model.", "diffusion_model.", "transformer."),
+        ("img_in.", "x_embedder.", "double_blocks.", "transformer_blocks."),
+    ),
     "ae": (("vae.", "first_stage_model."), ("encoder.", "decoder.")),
 }
 # Prefixes of the other parts bundles carry (text encoders); never read as a model component.
-OTHER_PREFIXES = ("text_encoders.", "text_encoder.", "text_encoder_2.", "cond_stage_model.", "conditioner.")
+OTHER_PREFIXES = (
+    "text_encoders.",
+    "text_encoder.",
+    "text_encoder_2.",
+    "cond_stage_model.",
+    "conditioner.",
+)
 
 
 def find_component(keys, component: str) -> str | None:
     """The prefix `component` ("transformer" or "ae") sits under in `keys` ("" for none), or None if absent."""
     prefixes, markers = COMPONENTS[component]
     for prefix in (*prefixes, ""):
-        if any(k.startswith(prefix) and k[len(prefix):].startswith(markers) for k in keys):
+        if any(k.startswith(prefix) and k[len(prefix) :].startswith(markers) for k in keys):
             return prefix
     return None
 
@@ -182,7 +227,10 @@ def component_keys(keys, prefix: str) -> list[str]:
 # Which model a file holds, from key names alone (either layout): the first family with a marker key.
 # The autoencoders are recognised here too; converting them needs their entry in TABLES.
 FAMILY_MARKERS = (
-    ("flux2", ("double_stream_modulation_img.",)),  # FLUX.2's shared modulation, same name in both layouts
+    (
+        "flux2",
+        ("double_stream_modulation_img.",),
+    ),  # FLUX.2's shared modulation, same name in both layouts
     ("flux1", ("vector_in.", "time_text_embed.text_embedder.")),  # FLUX.1's pooled CLIP vector
     ("ae2", ("bn.running_mean",)),  # FLUX.2 VAE: BatchNorm statistics of the patchified latents
     ("ae1", ("encoder.", "decoder.")),
@@ -190,7 +238,7 @@ FAMILY_MARKERS = (
 
 
 def infer_family(keys) -> str | None:
-    """"flux1", "flux2", "ae1" or "ae2" from the key names; None when none fits."""
+    """ "flux1", "flux2", "ae1" or "ae2" from the key names; None when none fits."""
     keys = [k.removeprefix(BFL_PREFIX) for k in keys]
     for family, markers in FAMILY_MARKERS:
         if any(k.startswith(markers) for k in keys):
@@ -200,10 +248,17 @@ def infer_family(keys) -> str | None:
 
 # (key, axis) pairs whose size is the transformer width, in both layouts: image and text input projections,
 # the time embedder's output, the final projection's input
-WIDTH_KEYS = (("img_in.weight", 0), ("txt_in.weight", 0), ("time_in.out_layer.weight", 0),
-              ("final_layer.linear.weight", 1), ("x_embedder.weight", 0), ("context_embedder.weight", 0),
-              ("time_text_embed.timestep_embedder.linear_2.weight", 0), ("time_guidance_embed.timestep_embedder."
-                                                                         "linear_2.weight", 0), ("proj_out.weight", 1))
+WIDTH_KEYS = (
+    ("img_in.weight", 0),
+    ("txt_in.weight", 0),
+    ("time_in.out_layer.weight", 0),
+    ("final_layer.linear.weight", 1),
+    ("x_embedder.weight", 0),
+    ("context_embedder.weight", 0),
+    ("time_text_embed.timestep_embedder.linear_2.weight", 0),
+    ("time_guidance_embed.timestep_embedder.linear_2.weight", 0),
+    ("proj_out.weight", 1),
+)
 
 
 def infer_hidden_size(shapes: dict[str, tuple]) -> int:
@@ -251,7 +306,12 @@ def _param(module: str, param: str, to_bfl: bool) -> str:
 
 def _rev_count(keys, rules) -> int:
     """n for the "rev" rules: one more than the largest block index they match in `keys`."""
-    found = [int(m.group(1)) for k in keys for pattern, *_, kind in rules if kind == "rev" and (m := pattern.match(k))]
+    found = [
+        int(m.group(1))
+        for k in keys
+        for pattern, *_, kind in rules
+        if kind == "rev" and (m := pattern.match(k))
+    ]
     return max(found, default=-1) + 1
 
 
@@ -324,7 +384,9 @@ def identity(shapes: dict[str, tuple]) -> dict[str, Recipe]:
     return {k: Recipe(((k, 0, s[0] if s else 1),), s) for k, s in shapes.items()}
 
 
-def convert(shapes: dict[str, tuple], src: str, dst: str, family: str, hidden_size: int) -> dict[str, Recipe]:
+def convert(
+    shapes: dict[str, tuple], src: str, dst: str, family: str, hidden_size: int
+) -> dict[str, Recipe]:
     """Recipes from layout `src` to layout `dst` ("bfl" or "diffusers"); SKIPPED tensors are dropped."""
     shapes = {k: s for k, s in shapes.items() if k.rsplit(".", 1)[-1] not in SKIPPED}
     if src == dst:

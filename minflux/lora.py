@@ -51,16 +51,34 @@ CheckpointError = checkpoint.CheckpointError
 DEFAULT_TARGETS = (r"_attn\.(qkv|proj)$", r"_mlp\.[02]$", r"linear[12]$")
 
 # key suffix -> role of the tensor in a low-rank pair
-ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B",
-         ".down.weight": "A", ".up.weight": "B", ".lora_B.bias": "bias", ".lora_up.bias": "bias", ".alpha": "alpha"}
+ROLES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_down.weight": "A",
+    ".lora_up.weight": "B",
+    ".down.weight": "A",
+    ".up.weight": "B",
+    ".lora_B.bias": "bias",
+    ".lora_up.bias": "bias",
+    ".alpha": "alpha",
+}
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 TEXT_PREFIXES = ("lora_te", "text_encoder.", "text_encoder_2.", "text_encoders.")
 TEXT_ENCODERS = {  # minflux text encoder -> prefixes of its module names in LoRA files (kohya's end in "_")
-    "clip": ("lora_te1_text_model_", "lora_te_text_model_", "text_encoder.text_model.",
-             "text_encoders.clip_l.transformer.text_model."),
+    "clip": (
+        "lora_te1_text_model_",
+        "lora_te_text_model_",
+        "text_encoder.text_model.",
+        "text_encoders.clip_l.transformer.text_model.",
+    ),
     "t5": ("lora_te2_", "text_encoder_2.", "text_encoders.t5xxl.transformer."),
 }
-UNSUPPORTED = {"DoRA": ("magnitude", "dora_scale"), "LoKr": ("lokr_",), "LoHa": ("hada_",), "IA3": ("ia3_l",)}
+UNSUPPORTED = {
+    "DoRA": ("magnitude", "dora_scale"),
+    "LoKr": ("lokr_",),
+    "LoHa": ("hada_",),
+    "IA3": ("ia3_l",),
+}
 XLABS = {  # XLabs processor name -> BFL module, and the number of rows (in hidden sizes) it adds to, if not all
     r"double_blocks\.(\d+)\.processor\.qkv_lora1": ("double_blocks.{}.img_attn.qkv", None),
     r"double_blocks\.(\d+)\.processor\.qkv_lora2": ("double_blocks.{}.txt_attn.qkv", None),
@@ -112,26 +130,42 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(out, in) of every linear layer of a FLUX.1 / FLUX.2 transformer, by BFL name (tested against both models)."""
     h, m = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
     mlp_in = 2 * m if cfg.gated_mlp else m
-    per_block_mod = not cfg.shared_modulation  # FLUX.1: modulation in each block; FLUX.2: three shared ones
-    out = {"img_in": (h, cfg.in_channels), "txt_in": (h, cfg.context_in_dim),
-           "time_in.in_layer": (h, 256), "time_in.out_layer": (h, h),
-           "final_layer.linear": (getattr(cfg, "out_channels", cfg.in_channels), h),
-           "final_layer.adaLN_modulation.1": (2 * h, h)}
+    per_block_mod = (
+        not cfg.shared_modulation
+    )  # FLUX.1: modulation in each block; FLUX.2: three shared ones
+    out = {
+        "img_in": (h, cfg.in_channels),
+        "txt_in": (h, cfg.context_in_dim),
+        "time_in.in_layer": (h, 256),
+        "time_in.out_layer": (h, h),
+        "final_layer.linear": (getattr(cfg, "out_channels", cfg.in_channels), h),
+        "final_layer.adaLN_modulation.1": (2 * h, h),
+    }
     if cfg.guidance_embed:
         out |= {"guidance_in.in_layer": (h, 256), "guidance_in.out_layer": (h, h)}
     if getattr(cfg, "vec_in_dim", None):
         out |= {"vector_in.in_layer": (h, cfg.vec_in_dim), "vector_in.out_layer": (h, h)}
     if cfg.shared_modulation:
-        out |= {"double_stream_modulation_img.lin": (6 * h, h), "double_stream_modulation_txt.lin": (6 * h, h),
-                "single_stream_modulation.lin": (3 * h, h)}
+        out |= {
+            "double_stream_modulation_img.lin": (6 * h, h),
+            "double_stream_modulation_txt.lin": (6 * h, h),
+            "single_stream_modulation.lin": (3 * h, h),
+        }
     for i in range(cfg.depth):
         for s in ("img", "txt"):
-            out |= {f"double_blocks.{i}.{s}_attn.qkv": (3 * h, h), f"double_blocks.{i}.{s}_attn.proj": (h, h),
-                    f"double_blocks.{i}.{s}_mlp.0": (mlp_in, h), f"double_blocks.{i}.{s}_mlp.2": (h, m)}
+            out |= {
+                f"double_blocks.{i}.{s}_attn.qkv": (3 * h, h),
+                f"double_blocks.{i}.{s}_attn.proj": (h, h),
+                f"double_blocks.{i}.{s}_mlp.0": (mlp_in, h),
+                f"double_blocks.{i}.{s}_mlp.2": (h, m),
+            }
             if per_block_mod:
                 out[f"double_blocks.{i}.{s}_mod.lin"] = (6 * h, h)
     for i in range(cfg.depth_single_blocks):
-        out |= {f"single_blocks.{i}.linear1": (3 * h + mlp_in, h), f"single_blocks.{i}.linear2": (h, h + m)}
+        out |= {
+            f"single_blocks.{i}.linear1": (3 * h + mlp_in, h),
+            f"single_blocks.{i}.linear2": (h, h + m),
+        }
         if per_block_mod:
             out[f"single_blocks.{i}.modulation.lin"] = (3 * h, h)
     return out
@@ -150,8 +184,12 @@ def names(shapes: dict[str, tuple[int, int]], family: str, hidden_size: int) -> 
     out = {}
     for module, shape in shapes.items():
         spellings = {module: Target(module, ((0, shape[0]),))}
-        for dname, recipe in keymaps.to_diffusers({module + ".weight": shape}, family, hidden_size).items():
-            spellings[dname.removesuffix(".weight")] = Target(module, tuple((a, b) for _, a, b in recipe.pieces))
+        for dname, recipe in keymaps.to_diffusers(
+            {module + ".weight": shape}, family, hidden_size
+        ).items():
+            spellings[dname.removesuffix(".weight")] = Target(
+                module, tuple((a, b) for _, a, b in recipe.pieces)
+            )
         for name, target in spellings.items():
             out[name] = target
             out["lora_unet_" + name.replace(".", "_")] = target
@@ -201,7 +239,9 @@ def _metadata(path: Path, component: str = "transformer") -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: lora_adapter_metadata is not JSON ({e})") from None
-    prefixed = {k.removeprefix(component + "."): v for k, v in meta.items() if k.startswith(component + ".")}
+    prefixed = {
+        k.removeprefix(component + "."): v for k, v in meta.items() if k.startswith(component + ".")
+    }
     return prefixed or meta
 
 
@@ -236,8 +276,21 @@ def detect(keys) -> str:
         return "kohya"
     if any(k.endswith((".scale", ".lora_B.bias")) for k in keys):
         return "control"
-    if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "proj_out", "norm_out",
-                         "context_embedder", "time_text_embed", "time_guidance_embed")) for k in keys):
+    if any(
+        k.startswith(
+            (
+                "transformer_blocks.",
+                "single_transformer_blocks.",
+                "x_embedder",
+                "proj_out",
+                "norm_out",
+                "context_embedder",
+                "time_text_embed",
+                "time_guidance_embed",
+            )
+        )
+        for k in keys
+    ):
         return "diffusers"
     if any(_split(k)[1] for k in keys):
         return "bfl"
@@ -250,13 +303,20 @@ WIDENED = "img_in"  # the one layer a LoRA may widen: BFL's Canny / Depth LoRAs 
 def _widens(key: str, shape: tuple, shapes: dict) -> bool:
     """Whether a full tensor is a wider `img_in` weight (more input columns, same rows)."""
     want = shapes.get(key, ())
-    return key == WIDENED + ".weight" and len(shape) == 2 == len(want) and shape[0] == want[0] and shape[1] > want[1]
+    return (
+        key == WIDENED + ".weight"
+        and len(shape) == 2 == len(want)
+        and shape[0] == want[0]
+        and shape[1] > want[1]
+    )
 
 
 def input_width(loras) -> int:
     """The widest `img_in` input the LoRA(s) need (0: none); the model's `img_in` is widened to it before merging."""
     widths = [p.A.shape[1] for lora, _ in loras for p in lora.pieces.get(WIDENED, [])]
-    widths += [t.shape[1] for lora, _ in loras for k, t in lora.tensors.items() if k == WIDENED + ".weight"]
+    widths += [
+        t.shape[1] for lora, _ in loras for k, t in lora.tensors.items() if k == WIDENED + ".weight"
+    ]
     return max(widths, default=0)
 
 
@@ -272,7 +332,9 @@ def is_lora(path) -> bool:
     return any(_split(k)[1] in ("A", "B") for k in keys if k != "__metadata__")
 
 
-def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None, component: str = "transformer") -> LoRA:
+def read(
+    path, cfg, shapes: dict[str, tuple[int, ...]] | None = None, component: str = "transformer"
+) -> LoRA:
     """Read a LoRA file in any format above into a `LoRA` keyed by BFL module (pieces keep the file's dtype).
 
     `shapes`: the model's PyTorch-layout parameter shapes by key (`model.state_dict()` shapes); default: the
@@ -283,23 +345,35 @@ def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None, component:
     """
     path = Path(path)
     shapes = shapes or {m + ".weight": s for m, s in linear_shapes(cfg).items()}
-    linear = {k.removesuffix(".weight"): s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
+    linear = {
+        k.removesuffix(".weight"): s
+        for k, s in shapes.items()
+        if k.endswith(".weight") and len(s) == 2
+    }
     with checkpoint.Checkpoint(path) as ck:
         raw = {k: ck.get(k) for k in ck.meta}
     text_prefixes = TEXT_ENCODERS.get(component, ())
     if text_prefixes:  # one text encoder's part of the file
         raw = {k: v for k, v in raw.items() if k.startswith(text_prefixes)}
-        fmt = next((f for f, marks in UNSUPPORTED.items() if any(m in k for k in raw for m in marks)), component)
+        fmt = next(
+            (f for f, marks in UNSUPPORTED.items() if any(m in k for k in raw for m in marks)),
+            component,
+        )
     else:
         fmt = detect(raw)
     if fmt in UNSUPPORTED:
-        raise CheckpointError(f"{path}: a {fmt} file: only plain low-rank LoRA (A, B, alpha) is supported")
+        raise CheckpointError(
+            f"{path}: a {fmt} file: only plain low-rank LoRA (A, B, alpha) is supported"
+        )
     if fmt == "unknown":
         raise CheckpointError(f"{path}: unknown LoRA format; first keys: {sorted(raw)[:6]}")
     if text_prefixes:
         meta = _metadata(path, "text_encoder" if component == "clip" else "text_encoder_2")
-        table = {p + (m.replace(".", "_") if p.endswith("_") else m): Target(m, ((0, s[0]),))
-                 for p in text_prefixes for m, s in linear.items()}
+        table = {
+            p + (m.replace(".", "_") if p.endswith("_") else m): Target(m, ((0, s[0]),))
+            for p in text_prefixes
+            for m, s in linear.items()
+        }
     else:
         meta = _metadata(path) if fmt in ("diffusers", "bfl") else {}
         table = names(linear, cfg.family, cfg.hidden_size)
@@ -314,9 +388,15 @@ def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None, component:
             continue
         name, role = _split(key if text_prefixes else _strip(key))
         if role is None:  # a full tensor (control LoRAs): replaces the model's own
-            if name not in shapes or tuple(shapes[name]) != arr.shape and not _widens(name, arr.shape, shapes):
-                raise CheckpointError(f"{path}: {key!r} {arr.shape} is no tensor of this model "
-                                      f"(expected {tuple(shapes.get(name, ()))})")
+            if (
+                name not in shapes
+                or tuple(shapes[name]) != arr.shape
+                and not _widens(name, arr.shape, shapes)
+            ):
+                raise CheckpointError(
+                    f"{path}: {key!r} {arr.shape} is no tensor of this model "
+                    f"(expected {tuple(shapes.get(name, ()))})"
+                )
             out.tensors[name] = arr
             continue
         groups.setdefault(name, {})[role] = arr
@@ -324,22 +404,39 @@ def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None, component:
 
     for name, g in groups.items():
         if "A" not in g or "B" not in g:
-            raise CheckpointError(f"{path}: module {name!r} has {sorted(g)} but needs both halves of the pair")
+            raise CheckpointError(
+                f"{path}: module {name!r} has {sorted(g)} but needs both halves of the pair"
+            )
         A, B = g["A"], g["B"]
         target = _xlabs(name, cfg.hidden_size, linear) if fmt == "xlabs" else table.get(name)
         if target is None:
             what = component if text_prefixes else cfg.family
-            raise CheckpointError(f"{path}: LoRA module {name!r} is no linear layer of this {what} model")
+            raise CheckpointError(
+                f"{path}: LoRA module {name!r} is no linear layer of this {what} model"
+            )
         d_out, d_in = linear[target.module]
         rows = sum(b - a for a, b in target.segments)
-        wide = target.module == WIDENED and A.ndim == 2 and A.shape[1] > d_in  # a control LoRA's wider img_in
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or (A.shape[1] != d_in and not wide) or (
-                B.shape[0] != rows):
-            raise CheckpointError(f"{path}: {name!r}: A {A.shape}, B {B.shape} do not fit {target.module} "
-                                  f"(out {d_out}, in {d_in}; this part: {rows} rows): a wrong family or width?")
-        scale = _scale(name, A.shape[0], g.get("alpha"), meta, "diffusers" if text_prefixes else fmt)
+        wide = (
+            target.module == WIDENED and A.ndim == 2 and A.shape[1] > d_in
+        )  # a control LoRA's wider img_in
+        if (
+            A.ndim != 2
+            or B.ndim != 2
+            or A.shape[0] != B.shape[1]
+            or (A.shape[1] != d_in and not wide)
+            or (B.shape[0] != rows)
+        ):
+            raise CheckpointError(
+                f"{path}: {name!r}: A {A.shape}, B {B.shape} do not fit {target.module} "
+                f"(out {d_out}, in {d_in}; this part: {rows} rows): a wrong family or width?"
+            )
+        scale = _scale(
+            name, A.shape[0], g.get("alpha"), meta, "diffusers" if text_prefixes else fmt
+        )
         lo, hi = min(a for a, _ in target.segments), max(b for _, b in target.segments)
-        if len(target.segments) > 1:  # diffusers' final layer (scale, shift) -> BFL's (shift, scale): permute rows
+        if (
+            len(target.segments) > 1
+        ):  # diffusers' final layer (scale, shift) -> BFL's (shift, scale): permute rows
             b_rows = np.empty((hi - lo, B.shape[1]), B.dtype)
             bias = None if g.get("bias") is None else np.empty(hi - lo, g["bias"].dtype)
             o = 0
@@ -353,7 +450,9 @@ def read(path, cfg, shapes: dict[str, tuple[int, ...]] | None = None, component:
     return out
 
 
-def load(paths, cfg, shapes=None, scales=1.0, component: str = "transformer") -> list[tuple[LoRA, float]]:
+def load(
+    paths, cfg, shapes=None, scales=1.0, component: str = "transformer"
+) -> list[tuple[LoRA, float]]:
     """`read` each of one path or a list, paired with its strength (one float, or a list as long)."""
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     scales = list(scales) if isinstance(scales, list | tuple) else [scales] * len(paths)
@@ -363,14 +462,17 @@ def load(paths, cfg, shapes=None, scales=1.0, component: str = "transformer") ->
     for p, s in zip(paths, scales, strict=True):
         lora = read(p, cfg, shapes, component)
         if lora.text_encoder:
-            warnings.warn(f"{p}: {lora.text_encoder} text-encoder LoRA modules not applied to the transformer "
-                          "(load_lora(encoder, file, component='clip' or 't5') applies them)", stacklevel=2)
+            warnings.warn(
+                f"{p}: {lora.text_encoder} text-encoder LoRA modules not applied to the transformer "
+                "(load_lora(encoder, file, component='clip' or 't5') applies them)",
+                stacklevel=2,
+            )
         out.append((lora, float(s)))
     return out
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
-    """"file.safetensors:0.5" -> ("file.safetensors", 0.5); no ":SCALE" -> scale 1.0 (`--lora FILE[:SCALE]`)."""
+    """ "file.safetensors:0.5" -> ("file.safetensors", 0.5); no ":SCALE" -> scale 1.0 (`--lora FILE[:SCALE]`)."""
     path, sep, scale = spec.rpartition(":")
     if sep and path:
         try:
@@ -392,7 +494,9 @@ def _pairs(loras, scale: float) -> list[tuple[LoRA, float]]:
     return [(loras if isinstance(loras, LoRA) else from_adapters(loras), scale)]
 
 
-def merged(get, keys, loras, scale: float = 1.0, strict: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+def merged(
+    get, keys, loras, scale: float = 1.0, strict: bool = True
+) -> Iterator[tuple[str, np.ndarray]]:
     """(key, merged tensor) for each model tensor the LoRA(s) change, one at a time (memory: one tensor in fp32).
 
     get(key): the model's PyTorch-layout tensor (numpy); keys: all of the model's keys. Pieces add
@@ -401,7 +505,9 @@ def merged(get, keys, loras, scale: float = 1.0, strict: bool = True) -> Iterato
     `keys` may be a subset of the model (one block at a time) and adapters of the rest are skipped; otherwise a
     tensor the model lacks raises CheckpointError.
     """
-    ops: dict[str, list] = {}  # key -> ("set", tensor) / ("add", module, piece, strength, bias?), in order
+    ops: dict[
+        str, list
+    ] = {}  # key -> ("set", tensor) / ("add", module, piece, strength, bias?), in order
     for lora, s in _pairs(loras, scale):
         for key, t in lora.tensors.items():
             ops.setdefault(key, []).append(("set", t))
@@ -427,14 +533,18 @@ def merged(get, keys, loras, scale: float = 1.0, strict: bool = True) -> Iterato
             if acc is None:
                 acc = w.astype(np.float32)
             if d.ndim == 2 and d.shape[1] != acc.shape[1]:
-                raise CheckpointError(f"LoRA for {module}: {d.shape[1]} inputs, the model has {acc.shape[1]} "
-                                      f"(a control LoRA needs a model built with in_channels={d.shape[1]}, "
-                                      "e.g. flux1-canny-dev)")
+                raise CheckpointError(
+                    f"LoRA for {module}: {d.shape[1]} inputs, the model has {acc.shape[1]} "
+                    f"(a control LoRA needs a model built with in_channels={d.shape[1]}, "
+                    "e.g. flux1-canny-dev)"
+                )
             acc[p.start : p.stop] += np.float32(s) * d
         yield key, (w if acc is None else acc).astype(dtype)
 
 
-def merge(weights: dict[str, np.ndarray], loras, scale: float = 1.0, strict: bool = True) -> dict[str, np.ndarray]:
+def merge(
+    weights: dict[str, np.ndarray], loras, scale: float = 1.0, strict: bool = True
+) -> dict[str, np.ndarray]:
     """PyTorch-layout weights with the LoRA(s) added (see `merged`); the whole dict, unchanged tensors as given."""
     return {**weights, **dict(merged(weights.__getitem__, weights.keys(), loras, scale, strict))}
 
@@ -478,14 +588,18 @@ def fuse(pieces: list[Piece], start: int, stop: int) -> tuple[np.ndarray, np.nda
         B = np.zeros((stop - start, parts[0].A.shape[0]), np.float32)
         for p in parts:
             a, b = max(p.start, start), min(p.stop, stop)
-            B[a - start : b - start] += p.B[a - p.start : b - p.start].astype(np.float32) * np.float32(p.scale)
+            B[a - start : b - start] += p.B[a - p.start : b - p.start].astype(
+                np.float32
+            ) * np.float32(p.scale)
         return parts[0].A, B.astype(parts[0].B.dtype), 1.0
     rank = sum(p.A.shape[0] for p in parts)
     B = np.zeros((stop - start, rank), np.float32)
     col = 0
     for p in parts:
         a, b = max(p.start, start), min(p.stop, stop)
-        B[a - start : b - start, col : col + p.A.shape[0]] = p.B[a - p.start : b - p.start] * np.float32(p.scale)
+        B[a - start : b - start, col : col + p.A.shape[0]] = p.B[
+            a - p.start : b - p.start
+        ] * np.float32(p.scale)
         col += p.A.shape[0]
     A = np.concatenate([p.A.astype(np.float32) for p in parts])
     return A, B.astype(parts[0].B.dtype), 1.0
@@ -502,9 +616,11 @@ def to_adapters(lora: LoRA, shapes: dict[str, tuple[int, int]]) -> dict[str, dic
     out = {}
     for m, (A, B, s) in fused.items():
         r = A.shape[0]
-        out[m] = {"lora_A": np.pad(A.astype(np.float32), ((0, rank - r), (0, 0))),
-                  "lora_B": np.pad(B.astype(np.float32) * np.float32(s), ((0, 0), (0, rank - r))),
-                  "alpha": float(rank)}
+        out[m] = {
+            "lora_A": np.pad(A.astype(np.float32), ((0, rank - r), (0, 0))),
+            "lora_B": np.pad(B.astype(np.float32) * np.float32(s), ((0, 0), (0, rank - r))),
+            "alpha": float(rank),
+        }
     return out
 
 
@@ -520,24 +636,32 @@ def to_tensors(lora: LoRA, cfg, to: str = "diffusers") -> dict[str, np.ndarray]:
     if to not in FORMATS:
         raise ValueError(f"LoRA format {to!r}: expected one of {FORMATS}")
     if lora.tensors or any(p.bias is not None for ps in lora.pieces.values() for p in ps):
-        raise ValueError("a control LoRA (full tensors, lora_B biases) has no other form than BFL's own file")
+        raise ValueError(
+            "a control LoRA (full tensors, lora_B biases) has no other form than BFL's own file"
+        )
     shapes = linear_shapes(cfg)
     out = {}
     for module, pieces in lora.pieces.items():
         if to == "diffusers":
-            recipes = keymaps.to_diffusers({module + ".weight": shapes[module]}, cfg.family, cfg.hidden_size)
+            recipes = keymaps.to_diffusers(
+                {module + ".weight": shapes[module]}, cfg.family, cfg.hidden_size
+            )
             for name, recipe in recipes.items():
-                if len(recipe.pieces) > 1:  # the final layer: BFL (shift, scale) -> diffusers (scale, shift)
+                if (
+                    len(recipe.pieces) > 1
+                ):  # the final layer: BFL (shift, scale) -> diffusers (scale, shift)
                     A, B, s = fuse(pieces, 0, shapes[module][0])
                     B = np.concatenate([B[B.shape[0] // 2 :], B[: B.shape[0] // 2]])
                 else:
-                    (_, a, b), = recipe.pieces
+                    ((_, a, b),) = recipe.pieces
                     if (fused := fuse(pieces, a, b)) is None:
                         continue  # a part the file does not adapt
                     A, B, s = fused
                 base = "transformer." + name.removesuffix(".weight")
                 out[base + ".lora_A.weight"] = A
-                out[base + ".lora_B.weight"] = (B.astype(np.float32) * np.float32(s)).astype(B.dtype)
+                out[base + ".lora_B.weight"] = (B.astype(np.float32) * np.float32(s)).astype(
+                    B.dtype
+                )
             continue
         A, B, s = fuse(pieces, 0, shapes[module][0])
         if to == "kohya":
@@ -566,8 +690,10 @@ def save(path, adapters: dict[str, dict], cfg, fmt: str = "diffusers") -> None:
 def convert_file(src, dst, to: str, cfg) -> LoRA:
     """Read a LoRA file in any format and write it in `to` (`minflux convert` of LoRA files)."""
     if detect(checkpoint.read_header(Path(src))) == "control":
-        raise CheckpointError(f"{src}: a BFL control LoRA (full tensors, lora_B biases): no other form holds it, "
-                              "use the file as it is")
+        raise CheckpointError(
+            f"{src}: a BFL control LoRA (full tensors, lora_B biases): no other form holds it, "
+            "use the file as it is"
+        )
     lora = read(src, cfg)
     write(dst, lora, cfg, to)
     return lora

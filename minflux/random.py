@@ -50,7 +50,9 @@ def noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def noise_nchw(batch: int, height: int, width: int, family: str, seed: int, pixels_per_token: int = 16) -> np.ndarray:
+def noise_nchw(
+    batch: int, height: int, width: int, family: str, seed: int, pixels_per_token: int = 16
+) -> np.ndarray:
     """The sampler's starting latents for a height x width image, (B, C, h, w) float32: FLUX.1 (B, 16, H/8, W/8),
     FLUX.2 (B, 128, H/16, W/16) (`pixels_per_token` 16 for the real autoencoders, less for the tiny ones)."""
     spec = configs.FAMILIES[family]

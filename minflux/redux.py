@@ -22,13 +22,24 @@ from minflux.checkpoint import Checkpoint, CheckpointError
 
 # The SigLIP vision tower as the official repos hold it: `vision_model.` prefix (SiglipModel, or a
 # SiglipVisionModel saved by transformers 4) or none (transformers 5); the pooling head is never used.
-SIGLIP = text.EncoderSpec("siglip", "img", 0, ("siglip_vision_model", "siglip"),
-                          subdirs=("image_encoder", "feature_extractor"), prefixes=("vision_model.", ""),
-                          anchor="embeddings.patch_embedding.weight",
-                          others=("vision_model.head.", "head.", "text_model.", "logit_scale", "logit_bias"),
-                          buffers=("embeddings.position_ids",))
-EMBEDDER = text.EncoderSpec("redux", "txt", 0, (), anchor="redux_up.weight")  # redux_up / redux_down, no prefix
-EMBEDDER_FILES = ("flux1-redux-dev.safetensors", "image_embedder")  # in a Redux repo root, first found wins
+SIGLIP = text.EncoderSpec(
+    "siglip",
+    "img",
+    0,
+    ("siglip_vision_model", "siglip"),
+    subdirs=("image_encoder", "feature_extractor"),
+    prefixes=("vision_model.", ""),
+    anchor="embeddings.patch_embedding.weight",
+    others=("vision_model.head.", "head.", "text_model.", "logit_scale", "logit_bias"),
+    buffers=("embeddings.position_ids",),
+)
+EMBEDDER = text.EncoderSpec(
+    "redux", "txt", 0, (), anchor="redux_up.weight"
+)  # redux_up / redux_down, no prefix
+EMBEDDER_FILES = (
+    "flux1-redux-dev.safetensors",
+    "image_embedder",
+)  # in a Redux repo root, first found wins
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,9 @@ def read_config(directory) -> SiglipVisionConfig:
     file = Path(directory) / "config.json"
     raw = text._load_json(file)
     if raw.get("model_type") not in SIGLIP.model_types:
-        raise ValueError(f"{file}: model_type {raw.get('model_type')!r}, expected one of {SIGLIP.model_types}")
+        raise ValueError(
+            f"{file}: model_type {raw.get('model_type')!r}, expected one of {SIGLIP.model_types}"
+        )
     raw = raw.get("vision_config", raw)
     if raw.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise ValueError(f"{file}: hidden_act {raw['hidden_act']!r}; SigLIP uses gelu_pytorch_tanh")
@@ -99,7 +112,9 @@ class Preprocessor:
         for img in [images] if isinstance(images, (str, Path, np.ndarray, Image.Image)) else images:
             img = Image.open(img) if isinstance(img, (str, Path)) else img
             img = Image.fromarray(img) if isinstance(img, np.ndarray) else img
-            img = img.convert("RGB").resize(self.size[::-1], resample=self.resample)  # PIL takes (w, h)
+            img = img.convert("RGB").resize(
+                self.size[::-1], resample=self.resample
+            )  # PIL takes (w, h)
             x = (np.asarray(img).astype(np.float64) * self.rescale_factor).astype(np.float32)
             x = (x - np.float32(self.mean)) / np.float32(self.std)
             out.append(x.transpose(2, 0, 1))
@@ -125,15 +140,27 @@ def resolve(directory, embedder=None) -> ReduxFiles:
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
     sub_model, sub_proc = SIGLIP.subdirs
-    siglip = directory / sub_model if (directory / sub_model / "config.json").is_file() else directory
+    siglip = (
+        directory / sub_model if (directory / sub_model / "config.json").is_file() else directory
+    )
     if not (siglip / "config.json").is_file():
-        raise FileNotFoundError(f"{siglip / 'config.json'}: no such file (nor {directory / sub_model}/config.json)")
+        raise FileNotFoundError(
+            f"{siglip / 'config.json'}: no such file (nor {directory / sub_model}/config.json)"
+        )
     if embedder is None:
         embedder = next((directory / f for f in EMBEDDER_FILES if (directory / f).exists()), None)
         if embedder is None:
-            raise FileNotFoundError(f"{directory}: no Redux embedder ({' or '.join(EMBEDDER_FILES)}); pass it")
-    proc = next((d / "preprocessor_config.json" for d in (directory / sub_proc, siglip, directory)
-                 if (d / "preprocessor_config.json").is_file()), None)
+            raise FileNotFoundError(
+                f"{directory}: no Redux embedder ({' or '.join(EMBEDDER_FILES)}); pass it"
+            )
+    proc = next(
+        (
+            d / "preprocessor_config.json"
+            for d in (directory / sub_proc, siglip, directory)
+            if (d / "preprocessor_config.json").is_file()
+        ),
+        None,
+    )
     return ReduxFiles(siglip, Path(embedder), proc)
 
 
@@ -141,19 +168,27 @@ def embedder_dims(path) -> tuple[int, int]:
     """(redux_dim, txt_in_features) of an embedder file, from `redux_up.weight` (3 * txt, redux_dim)."""
     ckpt = Checkpoint(path)
     if "redux_up.weight" not in ckpt.meta or len(ckpt.meta["redux_up.weight"][1]) != 2:
-        raise CheckpointError(f"{ckpt.path}: not a Redux embedder: no 2-D 'redux_up.weight'; "
-                              f"first keys: {sorted(ckpt.meta)[:5]}")
+        raise CheckpointError(
+            f"{ckpt.path}: not a Redux embedder: no 2-D 'redux_up.weight'; "
+            f"first keys: {sorted(ckpt.meta)[:5]}"
+        )
     up, redux_dim = ckpt.meta["redux_up.weight"][1]
     if up % 3:
-        raise CheckpointError(f"{ckpt.path}: redux_up.weight has {up} rows, expected 3 * the T5 width")
+        raise CheckpointError(
+            f"{ckpt.path}: redux_up.weight has {up} rows, expected 3 * the T5 width"
+        )
     return redux_dim, up // 3
 
 
 def embedder_expected(redux_dim: int, txt_in_features: int) -> dict[str, tuple[int, ...]]:
     """Every key and shape of the official embedder file."""
     d = 3 * txt_in_features
-    return {"redux_up.weight": (d, redux_dim), "redux_up.bias": (d,),
-            "redux_down.weight": (txt_in_features, d), "redux_down.bias": (txt_in_features,)}
+    return {
+        "redux_up.weight": (d, redux_dim),
+        "redux_up.bias": (d,),
+        "redux_down.weight": (txt_in_features, d),
+        "redux_down.bias": (txt_in_features,),
+    }
 
 
 def scales(n: int, scale, name: str) -> list[float]:

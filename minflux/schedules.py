@@ -27,7 +27,9 @@ def time_shift(mu: float, sigma: float, t: np.ndarray) -> np.ndarray:
         return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
 
 
-def get_lin_function(x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> Callable[[float], float]:
+def get_lin_function(
+    x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15
+) -> Callable[[float], float]:
     """FLUX.1's mu: the line through (256 tokens, 0.5) and (4096 tokens, 1.15)."""
     m = (y2 - y1) / (x2 - x1)
     b = y1 - m * x1
@@ -48,7 +50,9 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(a * num_steps + b)
 
 
-def get_schedule(num_steps: int, image_seq_len: int, family: str, shift: bool = True) -> list[float]:
+def get_schedule(
+    num_steps: int, image_seq_len: int, family: str, shift: bool = True
+) -> list[float]:
     """num_steps + 1 times from 1 (noise) to 0 (image), for FLUX.1 ("flux1") or FLUX.2 ("flux2").
 
     FLUX.1 shifts with mu linear in the token count; schnell runs unshifted (`shift=False`).
@@ -87,12 +91,16 @@ def check_size(width: int, height: int, multiple: int = PIXELS_PER_TOKEN) -> Non
     """Image sides must be positive multiples of 16 pixels (8x VAE downsampling, then 2x2 patches)."""
     for name, v in (("width", width), ("height", height)):
         if v <= 0 or v % multiple:
-            raise ValueError(f"{name} {v} is not a positive multiple of {multiple} pixels "
-                             f"(the autoencoder downsamples {multiple // 2}x and the transformer sees 2x2 latent "
-                             f"patches); try {max(multiple, round(v / multiple) * multiple)}")
+            raise ValueError(
+                f"{name} {v} is not a positive multiple of {multiple} pixels "
+                f"(the autoencoder downsamples {multiple // 2}x and the transformer sees 2x2 latent "
+                f"patches); try {max(multiple, round(v / multiple) * multiple)}"
+            )
 
 
-def token_grid(width: int, height: int, pixels_per_token: int = PIXELS_PER_TOKEN) -> tuple[int, int]:
+def token_grid(
+    width: int, height: int, pixels_per_token: int = PIXELS_PER_TOKEN
+) -> tuple[int, int]:
     """(h, w) of the image-token grid for a width x height picture (checked to be multiples of the token size).
 
     16 pixels per token for the real autoencoders; the tiny test autoencoders downsample less.

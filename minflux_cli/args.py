@@ -17,8 +17,9 @@ def _number(kind, low=None, multiple=None, high=None):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if value != value or value in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if low is not None and value < low:
@@ -33,9 +34,13 @@ def _number(kind, low=None, multiple=None, high=None):
 
 
 positive_int = _number(int, low=1)
-positive_float = _number(float, low=1e-30)  # peaks, rates: > 0  # steps, batch size, accumulation, LoRA rank, ...
+positive_float = _number(
+    float, low=1e-30
+)  # peaks, rates: > 0  # steps, batch size, accumulation, LoRA rank, ...
 nonneg_int = _number(int, low=0)  # seeds, save intervals
-pixels = _number(int, low=16, multiple=16)  # image sides: positive multiples of 16 (0 is an error, not a default)
+pixels = _number(
+    int, low=16, multiple=16
+)  # image sides: positive multiples of 16 (0 is an error, not a default)
 finite = _number(float)
 nonneg_float = _number(float, low=0.0)
 fraction = _number(float, low=0.0, high=1.0)  # strength, dropout, EMA decay
@@ -44,7 +49,9 @@ fraction = _number(float, low=0.0, high=1.0)  # strength, dropout, EMA decay
 def preset(text: str) -> str:
     """A preset name of `minflux.configs`."""
     if text not in configs.PRESETS:
-        raise argparse.ArgumentTypeError(f"unknown preset {text!r}; presets: {', '.join(configs.names())}")
+        raise argparse.ArgumentTypeError(
+            f"unknown preset {text!r}; presets: {', '.join(configs.names())}"
+        )
     return text
 
 
@@ -69,7 +76,9 @@ def lora_spec(text: str) -> tuple[Path, float]:
     from minflux import lora
 
     head, _, tail = text.rpartition(":")
-    if head and Path(head).exists() and not Path(text).exists():  # FILE:SCALE with a scale that is no number
+    if (
+        head and Path(head).exists() and not Path(text).exists()
+    ):  # FILE:SCALE with a scale that is no number
         finite(tail)
     path, scale = lora.parse_spec(text)
     if scale != scale or scale in (float("inf"), float("-inf")):
@@ -87,8 +96,11 @@ def out_file(text: str, suffixes: tuple[str, ...] = (), make_parents: bool = Fal
     while make_parents and not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: no such directory {path.parent}" if not parent.exists() else
-                                         f"{text}: {parent} is not a directory")
+        raise argparse.ArgumentTypeError(
+            f"{text}: no such directory {path.parent}"
+            if not parent.exists()
+            else f"{text}: {parent} is not a directory"
+        )
     if suffixes and path.suffix.lower() not in suffixes:
         raise argparse.ArgumentTypeError(f"{text}: expected a {' / '.join(suffixes)} file")
     return path
@@ -100,7 +112,9 @@ def out_image(text: str) -> Path:
 
     path = out_file(text, make_parents=True)  # (its folders are made when the image is saved)
     if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
-        raise argparse.ArgumentTypeError(f"{text}: not an image file name PIL writes (.png, .jpg, .webp, ...)")
+        raise argparse.ArgumentTypeError(
+            f"{text}: not an image file name PIL writes (.png, .jpg, .webp, ...)"
+        )
     return path
 
 

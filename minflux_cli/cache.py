@@ -25,15 +25,34 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=directory, help="folder of images, each with a NAME.txt caption")
     p.add_argument("out", type=out_dir, help="output folder for the shards")
-    p.add_argument("--model", type=preset, required=True, help="transformer preset the cache is for (e.g. "
-                   "flux2-klein-4b)")
-    p.add_argument("--ae", type=existing, required=True, help="autoencoder checkpoint (safetensors)")
-    p.add_argument("--ae-config", type=preset, help="autoencoder preset (default: flux1-ae / flux2-ae, or the tiny "
-                   "one)")
-    p.add_argument("--text-encoder", type=directory, required=True, help="as for `minflux generate --text-encoder`")
-    p.add_argument("--text-encoder-layers", help="FLUX.2: hidden_states indices stacked (default: the official)")
+    p.add_argument(
+        "--model",
+        type=preset,
+        required=True,
+        help="transformer preset the cache is for (e.g. flux2-klein-4b)",
+    )
+    p.add_argument(
+        "--ae", type=existing, required=True, help="autoencoder checkpoint (safetensors)"
+    )
+    p.add_argument(
+        "--ae-config",
+        type=preset,
+        help="autoencoder preset (default: flux1-ae / flux2-ae, or the tiny one)",
+    )
+    p.add_argument(
+        "--text-encoder",
+        type=directory,
+        required=True,
+        help="as for `minflux generate --text-encoder`",
+    )
+    p.add_argument(
+        "--text-encoder-layers",
+        help="FLUX.2: hidden_states indices stacked (default: the official)",
+    )
     p.add_argument("--max-length", type=positive_int, help="prompt tokens for T5 / FLUX.2")
-    p.add_argument("--size", type=pixels, default=512, help="square image side in pixels, a multiple of 16")
+    p.add_argument(
+        "--size", type=pixels, default=512, help="square image side in pixels, a multiple of 16"
+    )
     p.add_argument("--framework", choices=["torch", "jax"], default="torch")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
     p.add_argument("--device", help="torch device (default: cuda when available)")
@@ -65,14 +84,26 @@ def run(args) -> int:
     family = cfg.family
     if family not in gen.AE_FAMILY:
         raise UsageError(f"--model {args.model} is {configs.describe(family)}, not a transformer")
-    ae_cfg = configs.resolve(args.ae_config or f"{family}-ae" + ("-tiny" if args.model.endswith("-tiny") else ""))
+    ae_cfg = configs.resolve(
+        args.ae_config or f"{family}-ae" + ("-tiny" if args.model.endswith("-tiny") else "")
+    )
     if ae_cfg.family != gen.AE_FAMILY.get(family):
-        raise UsageError(f"--ae-config {args.ae_config}: {args.model} needs {configs.describe(gen.AE_FAMILY[family])}")
+        raise UsageError(
+            f"--ae-config {args.ae_config}: {args.model} needs {configs.describe(gen.AE_FAMILY[family])}"
+        )
     data = pairs(args.images)
     # captions: the same checks and encoder choice as `minflux generate --prompt`, plus the empty caption
     fw = Framework(args.framework, args.dtype, args.device)
-    tp = gen.text_plan(args.model, cfg, [c for _, c in data] + [""], None, args.text_encoder, args.max_length,
-                       args.text_encoder_layers, encode_only=True)
+    tp = gen.text_plan(
+        args.model,
+        cfg,
+        [c for _, c in data] + [""],
+        None,
+        args.text_encoder,
+        args.max_length,
+        args.text_encoder_layers,
+        encode_only=True,
+    )
     try:
         pixels = np.stack([images.load(p, (args.size, args.size), square=True) for p, _ in data])
     except ValueError as e:
@@ -82,7 +113,9 @@ def run(args) -> int:
     img, (gh, gw) = fw.pipeline.encode_tokens(ae, pixels, family, args.batch_size)
     del ae
     n = len(data)
-    empty = {k: np.ascontiguousarray(v[n:], np.float32) for k, v in emb.items() if k in ("txt", "vec")}
+    empty = {
+        k: np.ascontiguousarray(v[n:], np.float32) for k, v in emb.items() if k in ("txt", "vec")
+    }
     emb = {k: v[:n] for k, v in emb.items()}
     txt = emb["txt"].astype(np.float32)
     img_ids, txt_ids = ids.for_config(cfg, n, gh, gw, txt.shape[1])
@@ -91,11 +124,19 @@ def run(args) -> int:
         arrays["vec"] = emb["vec"].astype(np.float32)
     args.out.mkdir(parents=True, exist_ok=True)
     for s, start in enumerate(range(0, n, args.shard_size)):
-        part = {k: np.ascontiguousarray(v[start : start + args.shard_size]) for k, v in arrays.items()}
+        part = {
+            k: np.ascontiguousarray(v[start : start + args.shard_size]) for k, v in arrays.items()
+        }
         path = args.out / f"shard-{s:05d}.safetensors"
-        checkpoint.write_safetensors(path, {k: ("F32", v.shape) for k, v in part.items()}, part.__getitem__)
-        print(f"wrote {path}: {len(part['img'])} samples, img {part['img'].shape[1:]}, txt {part['txt'].shape[1:]}")
+        checkpoint.write_safetensors(
+            path, {k: ("F32", v.shape) for k, v in part.items()}, part.__getitem__
+        )
+        print(
+            f"wrote {path}: {len(part['img'])} samples, img {part['img'].shape[1:]}, txt {part['txt'].shape[1:]}"
+        )
     path = args.out / LatentShards.EMPTY
-    checkpoint.write_safetensors(path, {k: ("F32", v.shape) for k, v in empty.items()}, empty.__getitem__)
+    checkpoint.write_safetensors(
+        path, {k: ("F32", v.shape) for k, v in empty.items()}, empty.__getitem__
+    )
     print(f"wrote {path}: the empty prompt, for caption dropout")
     return 0

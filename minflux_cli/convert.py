@@ -12,22 +12,37 @@ from minflux_cli.args import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="a .safetensors file, a directory of shards or a shard index (BFL or diffusers "
-                                    "names, bare, prefixed or in an all-in-one file; bf16/fp16/fp32/fp8), or a LoRA "
-                                    "file in any common format")
+    parser.add_argument(
+        "src",
+        help="a .safetensors file, a directory of shards or a shard index (BFL or diffusers "
+        "names, bare, prefixed or in an all-in-one file; bf16/fp16/fp32/fp8), or a LoRA "
+        "file in any common format",
+    )
     parser.add_argument("dst", help="the output .safetensors file (written atomically)")
-    parser.add_argument("--to", choices=sorted(set(checkpoint.LAYOUTS) | set(lora.FORMATS)),
-                        help="target layout (default: diffusers for a BFL source, bfl for a diffusers one); "
-                             f"LoRA files: one of {', '.join(lora.FORMATS)} (required)")
+    parser.add_argument(
+        "--to",
+        choices=sorted(set(checkpoint.LAYOUTS) | set(lora.FORMATS)),
+        help="target layout (default: diffusers for a BFL source, bfl for a diffusers one); "
+        f"LoRA files: one of {', '.join(lora.FORMATS)} (required)",
+    )
     parser.add_argument("--model", help="LoRA files: the preset the LoRA is for (family and width)")
-    parser.add_argument("--dtype", choices=list(DTYPES),
-                        help="cast floating-point tensors (default: keep); fp8: float8_e4m3fn linear weights with "
-                             "per-tensor F32 *.weight_scale (ComfyUI's convention)")
-    parser.add_argument("--extract", choices=EXTRACT,
-                        help="the component to write from an all-in-one file (transformer or autoencoder)")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="cast floating-point tensors (default: keep); fp8: float8_e4m3fn linear weights with "
+        "per-tensor F32 *.weight_scale (ComfyUI's convention)",
+    )
+    parser.add_argument(
+        "--extract",
+        choices=EXTRACT,
+        help="the component to write from an all-in-one file (transformer or autoencoder)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-digests", action="store_true",
-                        help="skip the per-tensor SHA-256 digests (what `load_model(verify=True)` checks)")
+    parser.add_argument(
+        "--no-digests",
+        action="store_true",
+        help="skip the per-tensor SHA-256 digests (what `load_model(verify=True)` checks)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"dst {dst} is the source file: write the conversion to another path")
     if lora.is_lora(src):
         if args.model is None or args.to not in lora.FORMATS:
-            raise UsageError(f"{src} is a LoRA file: pass --model PRESET and --to one of {', '.join(lora.FORMATS)}")
+            raise UsageError(
+                f"{src} is a LoRA file: pass --model PRESET and --to one of {', '.join(lora.FORMATS)}"
+            )
         try:
             cfg = configs.resolve(args.model)
         except KeyError as e:
@@ -50,8 +67,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.to == "kohya":
         raise UsageError(f"--to kohya is a LoRA form; {src} is a model checkpoint")
-    s = convert(src, dst, to=args.to, dtype=args.dtype, progress=not args.no_progress, extract=args.extract,
-                digests=not args.no_digests)
-    print(f"wrote {s['dst']}: {s['tensors']} tensors, {s['bytes'] / 1e9:.2f} GB, {s['from']} -> {s['to']}, "
-          f"{s['seconds']:.1f} s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s)")
+    s = convert(
+        src,
+        dst,
+        to=args.to,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+        extract=args.extract,
+        digests=not args.no_digests,
+    )
+    print(
+        f"wrote {s['dst']}: {s['tensors']} tensors, {s['bytes'] / 1e9:.2f} GB, {s['from']} -> {s['to']}, "
+        f"{s['seconds']:.1f} s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s)"
+    )
     return 0

@@ -47,7 +47,10 @@ class Framework:
             import torch
 
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            return {"dtype": {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype], "device": device}
+            return {
+                "dtype": {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype],
+                "device": device,
+            }
         import jax.numpy as jnp
 
         return {"dtype": {"bf16": jnp.bfloat16, "fp32": jnp.float32}[self.dtype]}
@@ -62,7 +65,9 @@ class Framework:
         """FLUX.1 Redux's SigLIP + embedder (`load_redux`), in this framework's dtype."""
         return self._import("redux").load_redux(directory, **self.kw, embedder=embedder)
 
-    def encode_prompts(self, kind: str, directory, prompts: list[str], **kw) -> dict[str, np.ndarray]:
+    def encode_prompts(
+        self, kind: str, directory, prompts: list[str], **kw
+    ) -> dict[str, np.ndarray]:
         """Prompt embeddings as numpy in the encoder's dtype (the encoder is freed before this returns)."""
         out = self.text.encode_prompts(kind, directory, prompts, **self.kw, **kw)
         if self.name == "torch":

@@ -40,12 +40,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> Parser:
-    p = Parser(prog="minflux", description=__doc__.splitlines()[0],
-               epilog="no command: `minflux parity` (tiny checkpoints of every family, both frameworks)")
-    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=Parser)
+    p = Parser(
+        prog="minflux",
+        description=__doc__.splitlines()[0],
+        epilog="no command: `minflux parity` (tiny checkpoints of every family, both frameworks)",
+    )
+    sub = p.add_subparsers(
+        dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=Parser
+    )
     for name, help_ in COMMANDS.items():
-        importlib.import_module(f"minflux_cli.{name}").add_arguments(sub.add_parser(name, help=help_,
-                                                                                    description=help_))
+        importlib.import_module(f"minflux_cli.{name}").add_arguments(
+            sub.add_parser(name, help=help_, description=help_)
+        )
     return p
 
 
@@ -63,7 +69,9 @@ def _stop(signum, frame):
         print(f"minflux {command}: {word}", file=sys.stderr, flush=True)
         os._exit(code)
 
-    threading.Timer(5.0, end).start()  # (a daemon-less timer: it outlives a swallowed exception, not the exit)
+    threading.Timer(
+        5.0, end
+    ).start()  # (a daemon-less timer: it outlives a swallowed exception, not the exit)
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
 
@@ -71,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parser().parse_args(argv or ["parity"])  # no arguments: the default parity run
-    except SystemExit as e:  # --help (0) or a usage error (2, one line already printed): a return value
+    except (
+        SystemExit
+    ) as e:  # --help (0) or a usage error (2, one line already printed): a return value
         return e.code
     previous = {sig: signal.signal(sig, _stop) for sig in STOPPED}
     prefix = f"minflux {args.command}"

@@ -34,28 +34,65 @@ TINY_DEFAULTS = [  # (preset, layout written) for the default run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=preset, help="preset name (see minflux.configs.names()); with --checkpoint or "
-                   "--random-weights")
-    p.add_argument("--checkpoint", type=existing, help="safetensors file or directory of shards, any supported layout")
-    p.add_argument("--random-weights", action="store_true", help="seeded random weights of --model's shapes")
-    p.add_argument("--verify", action="store_true",
-                   help="check every tensor against the SHA-256 its writer recorded (minflux convert, save_model)")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or both as 'fp32,bf16' (default fp32)")
+    p.add_argument(
+        "--model",
+        type=preset,
+        help="preset name (see minflux.configs.names()); with --checkpoint or --random-weights",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=existing,
+        help="safetensors file or directory of shards, any supported layout",
+    )
+    p.add_argument(
+        "--random-weights", action="store_true", help="seeded random weights of --model's shapes"
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every tensor against the SHA-256 its writer recorded (minflux convert, save_model)",
+    )
+    p.add_argument(
+        "--dtype", default="fp32", help="fp32, bf16 or both as 'fp32,bf16' (default fp32)"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--allow-tf32", action="store_true", help="canary: leave TF32 on; the fp32 bar must then fail")
-    p.add_argument("--resolution", type=pixels,
-                   help="image side in pixels (default: 64 / 32 tiny transformer / autoencoder; 1024 / 512 full size)")
-    p.add_argument("--txt-len", type=positive_int, help="text tokens (default 8 tiny, 512 full size)")
-    p.add_argument("--trajectory", type=nonneg_int, metavar="N",
-                   help="also compare an N-step sampling trajectory from identical noise (transformers; holds both "
-                        "whole models; default 4 in the no-argument run, else off)")
+    p.add_argument(
+        "--allow-tf32",
+        action="store_true",
+        help="canary: leave TF32 on; the fp32 bar must then fail",
+    )
+    p.add_argument(
+        "--resolution",
+        type=pixels,
+        help="image side in pixels (default: 64 / 32 tiny transformer / autoencoder; 1024 / 512 full size)",
+    )
+    p.add_argument(
+        "--txt-len", type=positive_int, help="text tokens (default 8 tiny, 512 full size)"
+    )
+    p.add_argument(
+        "--trajectory",
+        type=nonneg_int,
+        metavar="N",
+        help="also compare an N-step sampling trajectory from identical noise (transformers; holds both "
+        "whole models; default 4 in the no-argument run, else off)",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:SCALE]",
-                   help="compare the model with this LoRA merged (any common format; repeatable)")
-    p.add_argument("--jax-cache", metavar="DIR|off", default=os.environ.get("MINFLUX_JAX_CACHE"),
-                   help="JAX's persistent compilation cache, so a repeated run loads its compiled programs instead of "
-                        "compiling them (default: $MINFLUX_JAX_CACHE, else $XDG_CACHE_HOME/minflux/jax or "
-                        "~/.cache/minflux/jax; 'off': none)")
+    p.add_argument(
+        "--lora",
+        type=lora_spec,
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="compare the model with this LoRA merged (any common format; repeatable)",
+    )
+    p.add_argument(
+        "--jax-cache",
+        metavar="DIR|off",
+        default=os.environ.get("MINFLUX_JAX_CACHE"),
+        help="JAX's persistent compilation cache, so a repeated run loads its compiled programs instead of "
+        "compiling them (default: $MINFLUX_JAX_CACHE, else $XDG_CACHE_HOME/minflux/jax or "
+        "~/.cache/minflux/jax; 'off': none)",
+    )
     p.add_argument("--json", type=json_file, help="write every figure to this JSON file")
     p.add_argument("--plot", type=png_file, help="write a PNG of error against depth")
 
@@ -86,15 +123,21 @@ def _runs(args) -> list[tuple[object, Path | None, str]]:
     from minflux import configs
 
     if args.checkpoint and args.random_weights:
-        raise UsageError("--checkpoint and --random-weights exclude each other: weights from a file, or random")
+        raise UsageError(
+            "--checkpoint and --random-weights exclude each other: weights from a file, or random"
+        )
     if args.checkpoint or args.random_weights:
         if not args.model:
-            raise UsageError("--model NAME is required with --checkpoint / --random-weights; presets: "
-                             + ", ".join(configs.names()))
+            raise UsageError(
+                "--model NAME is required with --checkpoint / --random-weights; presets: "
+                + ", ".join(configs.names())
+            )
         return [(configs.resolve(args.model), args.checkpoint, args.model)]
     if args.model:
-        raise UsageError(f"--model {args.model} needs --checkpoint FILE or --random-weights (without --model, "
-                         "parity checks the tiny default suite)")
+        raise UsageError(
+            f"--model {args.model} needs --checkpoint FILE or --random-weights (without --model, "
+            "parity checks the tiny default suite)"
+        )
     return []
 
 
@@ -106,7 +149,9 @@ class WithLoRA:
 
         self.source = source
         self.loras = lora.load([p for p, _ in specs], cfg, expected, [s for _, s in specs])
-        self.description = f"{source.description} + LoRA {', '.join(f'{p}:{s:g}' for p, s in specs)}"
+        self.description = (
+            f"{source.description} + LoRA {', '.join(f'{p}:{s:g}' for p, s in specs)}"
+        )
 
     def read(self, keys) -> dict:
         from minflux import lora
@@ -147,7 +192,9 @@ def run(args) -> int:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda, but PyTorch sees no CUDA device")
     if args.allow_tf32 and args.device != "cuda":
-        raise UsageError("--allow-tf32 is a canary for --device cuda (TF32 exists only on NVIDIA GPUs)")
+        raise UsageError(
+            "--allow-tf32 is a canary for --device cuda (TF32 exists only on NVIDIA GPUs)"
+        )
     cache = jax_cache_dir(args.jax_cache)
     if cache is not None and cache.exists() and not cache.is_dir():
         raise UsageError(f"--jax-cache {cache}: not a directory (pass a directory, or 'off')")
@@ -163,39 +210,85 @@ def run(args) -> int:
         for cfg, path, label in todo:
             is_ae = cfg.family in ("ae1", "ae2")
             tiny = cfg.ch < 64 if is_ae else cfg.hidden_size < 1024
-            res = args.resolution or {(False, True): 64, (False, False): 1024, (True, True): 32, (True, False): 512}[
-                is_ae, tiny]
+            res = (
+                args.resolution
+                or {(False, True): 64, (False, False): 1024, (True, True): 32, (True, False): 512}[
+                    is_ae, tiny
+                ]
+            )
             txt_len = args.txt_len or (8 if tiny else 512)
-            expected = transformer.TorchSide(cfg, "fp32", "meta").expected  # the model's keys and shapes
+            expected = transformer.TorchSide(
+                cfg, "fp32", "meta"
+            ).expected  # the model's keys and shapes
             # validated once per model, read per dtype (a CheckpointError is a one-line error, exit 2)
-            src = (weights.CheckpointWeights(path, cfg, expected, args.verify) if path
-                   else weights.RandomWeights(cfg, expected, args.seed))
+            src = (
+                weights.CheckpointWeights(path, cfg, expected, args.verify)
+                if path
+                else weights.RandomWeights(cfg, expected, args.seed)
+            )
             if args.lora:
                 src = WithLoRA(src, args.lora, cfg, expected)
             for dtype in run_dtypes:
                 with console.status(f"{label} {dtype}: comparing") as status:
                     show = lambda s, lb=label, dt=dtype: status.update(f"{lb} {dt}: {s}")  # noqa: E731
                     if is_ae:
-                        out = autoencoder.run(cfg, src, src, dtype=dtype, device=args.device, resolution=res,
-                                              seed=args.seed, tiny=tiny, progress=show)
+                        out = autoencoder.run(
+                            cfg,
+                            src,
+                            src,
+                            dtype=dtype,
+                            device=args.device,
+                            resolution=res,
+                            seed=args.seed,
+                            tiny=tiny,
+                            progress=show,
+                        )
                     else:
-                        out = transformer.run(cfg, src, src, dtype=dtype, device=args.device, resolution=res,
-                                              txt_len=txt_len, seed=args.seed, tiny=tiny, progress=show)
+                        out = transformer.run(
+                            cfg,
+                            src,
+                            src,
+                            dtype=dtype,
+                            device=args.device,
+                            resolution=res,
+                            txt_len=txt_len,
+                            seed=args.seed,
+                            tiny=tiny,
+                            progress=show,
+                        )
                         if steps:
                             show(f"{steps}-step trajectory")
-                            out["rows"] += transformer.trajectory(cfg, src, src, steps, dtype=dtype,
-                                                                  device=args.device, resolution=res,
-                                                                  txt_len=txt_len, seed=args.seed, tiny=tiny)
+                            out["rows"] += transformer.trajectory(
+                                cfg,
+                                src,
+                                src,
+                                steps,
+                                dtype=dtype,
+                                device=args.device,
+                                resolution=res,
+                                txt_len=txt_len,
+                                seed=args.seed,
+                                tiny=tiny,
+                            )
                             out["passed"] = all(r["passed"] for r in out["rows"])
                 out.update(model=label, dtype=dtype, device=args.device, source=src.description)
                 report.print_run(out, console)
                 runs.append(out)
-    full = {"environment": report.environment(args.device), "precision": settings,
-            "allow_tf32": args.allow_tf32, "runs": runs, "passed": all(r["passed"] for r in runs)}
+    full = {
+        "environment": report.environment(args.device),
+        "precision": settings,
+        "allow_tf32": args.allow_tf32,
+        "runs": runs,
+        "passed": all(r["passed"] for r in runs),
+    }
     if args.json:
         report.write_json(full, args.json)
     if args.plot:
         report.plot(full, args.plot)
-    verdict = "[green]all blocks agree[/green]" if full["passed"] else "[bold red]parity FAILED[/bold red]"
+    verdict = (
+        "[green]all blocks agree[/green]"
+        if full["passed"]
+        else "[bold red]parity FAILED[/bold red]"
+    )
     console.print(f"minflux parity: {verdict} ({len(runs)} runs)")
     return 0 if full["passed"] else 1

@@ -67,7 +67,12 @@ def save_loss_curve(losses: list[float], path, title: str = "training loss") -> 
     ax.plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
     k = max(1, len(losses) // 20)
     if len(losses) >= k:
-        ax.plot(steps[k - 1 :], np.convolve(losses, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+        ax.plot(
+            steps[k - 1 :],
+            np.convolve(losses, np.ones(k) / k, mode="valid"),
+            lw=1.5,
+            label=f"mean of {k}",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching MSE")
     ax.set_yscale("log")
@@ -89,7 +94,9 @@ def config_name(text: str) -> str:
         return text
     name = preset(text)
     if configs.get(name).family not in configs.FAMILIES:
-        raise argparse.ArgumentTypeError(f"{name} is an autoencoder; train takes a transformer preset or 'demo'")
+        raise argparse.ArgumentTypeError(
+            f"{name} is an autoencoder; train takes a transformer preset or 'demo'"
+        )
     return name
 
 
@@ -102,75 +109,161 @@ def decay(text: str) -> float:
     """--ema: a decay in [0, 1); 1.0 would keep the initial weights forever."""
     value = fraction(text)
     if value == 1.0:
-        raise argparse.ArgumentTypeError("must be < 1 (1.0 would keep the initial weights), got 1.0")
+        raise argparse.ArgumentTypeError(
+            "must be < 1 (1.0 would keep the initial weights), got 1.0"
+        )
     return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=config_name, default="demo",
-                   help="a transformer preset name (configs.names()), or 'demo' (default)")
-    p.add_argument("--data", type=directory, help="directory of cached-latent shards; default: the shapes demo")
-    p.add_argument("--init", type=existing, help="base weights (safetensors, BFL or diffusers layout); default: random")
-    p.add_argument("--out", type=Path, default=Path("out/train"), help="output directory (default: out/train)")
+    p.add_argument(
+        "--config",
+        type=config_name,
+        default="demo",
+        help="a transformer preset name (configs.names()), or 'demo' (default)",
+    )
+    p.add_argument(
+        "--data", type=directory, help="directory of cached-latent shards; default: the shapes demo"
+    )
+    p.add_argument(
+        "--init",
+        type=existing,
+        help="base weights (safetensors, BFL or diffusers layout); default: random",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("out/train"), help="output directory (default: out/train)"
+    )
     p.add_argument("--steps", type=positive_int, default=1200, help="optimiser updates")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="global micro-batch, a multiple of the mesh")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="global micro-batch, a multiple of the mesh",
+    )
     p.add_argument("--accumulate", type=positive_int, default=1, help="micro-batches per update")
     p.add_argument("--lr", type=nonneg_float, default=2e-3)
     p.add_argument("--warmup", type=nonneg_int, default=50)
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
     p.add_argument("--clip", type=nonneg_float, default=1.0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16"])
-    p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch", "attention",
-                                                       "attention_dots"])
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
-                   help="auto: cuDNN fused flash attention on NVIDIA GPUs in bf16 (1.6x faster steps at 1024 px), "
-                        "XLA's elsewhere")
+    p.add_argument(
+        "--remat",
+        default="none",
+        choices=["none", "full", "dots", "dots_no_batch", "attention", "attention_dots"],
+    )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "xla", "cudnn"],
+        help="auto: cuDNN fused flash attention on NVIDIA GPUs in bf16 (1.6x faster steps at 1024 px), "
+        "XLA's elsewhere",
+    )
     p.add_argument("--timesteps", default="logit_normal", choices=["logit_normal", "uniform"])
-    p.add_argument("--logit-mean", type=finite, default=0.3, help="> 0: more high-noise steps (layout)")
+    p.add_argument(
+        "--logit-mean", type=finite, default=0.3, help="> 0: more high-noise steps (layout)"
+    )
     p.add_argument("--logit-std", type=nonneg_float, default=1.0)
-    p.add_argument("--shift", action="store_true", help="FLUX's resolution-dependent timestep shift")
+    p.add_argument(
+        "--shift", action="store_true", help="FLUX's resolution-dependent timestep shift"
+    )
     p.add_argument("--weighting", default="none", choices=["none", "cosmap"])
-    p.add_argument("--guidance", type=finite, default=None,
-                   help="guidance value for guidance-distilled models (default 1.0; 0.0 is honoured)")
-    p.add_argument("--mesh", type=mesh_axis, nargs=2, default=(1, 1), metavar=("DATA", "FSDP"),
-                   help="device mesh; -1 in one place takes the remaining devices")
-    p.add_argument("--ema", type=decay, default=0.0,
-                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999); the "
-                        "samples and exported files use it")
-    p.add_argument("--lora-rank", type=positive_int, default=None,
-                   help="train LoRA adapters of this rank (>= 1), base frozen; default: full fine-tuning")
-    p.add_argument("--lora-alpha", type=finite, default=None, help="LoRA alpha (default 16): updates scale by "
-                   "alpha / rank")
-    p.add_argument("--init-lora", type=existing, metavar="FILE", help="start the adapters from this LoRA file (any "
-                   "format minflux reads: diffusers/PEFT, kohya, XLabs, ComfyUI, ...); its rank and modules become "
-                   "the run's")
-    p.add_argument("--lora-targets", nargs="+", default=None, help="regexes over BFL module names (with --lora-rank)")
-    p.add_argument("--lora-format", choices=lora_files.FORMATS, default=None,
-                   help="the LoRA file written (default diffusers): diffusers (load_lora_weights reads it at the "
-                        "intended strength), kohya (sd-scripts / ComfyUI, with .alpha) or bfl (diffusion_model. names)")
-    p.add_argument("--save-every", type=nonneg_int, default=0, help="orbax checkpoint every N micro-steps (0: none)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest intact checkpoint in OUT/ckpt, with the same config, batch size, "
-                        "accumulation, LoRA, precision, EMA and mesh")
+    p.add_argument(
+        "--guidance",
+        type=finite,
+        default=None,
+        help="guidance value for guidance-distilled models (default 1.0; 0.0 is honoured)",
+    )
+    p.add_argument(
+        "--mesh",
+        type=mesh_axis,
+        nargs=2,
+        default=(1, 1),
+        metavar=("DATA", "FSDP"),
+        help="device mesh; -1 in one place takes the remaining devices",
+    )
+    p.add_argument(
+        "--ema",
+        type=decay,
+        default=0.0,
+        help="keep an exponential moving average of the weights with this decay (e.g. 0.999); the "
+        "samples and exported files use it",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=positive_int,
+        default=None,
+        help="train LoRA adapters of this rank (>= 1), base frozen; default: full fine-tuning",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=finite,
+        default=None,
+        help="LoRA alpha (default 16): updates scale by alpha / rank",
+    )
+    p.add_argument(
+        "--init-lora",
+        type=existing,
+        metavar="FILE",
+        help="start the adapters from this LoRA file (any "
+        "format minflux reads: diffusers/PEFT, kohya, XLabs, ComfyUI, ...); its rank and modules become "
+        "the run's",
+    )
+    p.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=None,
+        help="regexes over BFL module names (with --lora-rank)",
+    )
+    p.add_argument(
+        "--lora-format",
+        choices=lora_files.FORMATS,
+        default=None,
+        help="the LoRA file written (default diffusers): diffusers (load_lora_weights reads it at the "
+        "intended strength), kohya (sd-scripts / ComfyUI, with .alpha) or bfl (diffusion_model. names)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=nonneg_int,
+        default=0,
+        help="orbax checkpoint every N micro-steps (0: none)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest intact checkpoint in OUT/ckpt, with the same config, batch size, "
+        "accumulation, LoRA, precision, EMA and mesh",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--sample-steps", type=positive_int, default=24)
-    p.add_argument("--caption-dropout", type=fraction, default=None,
-                   help="fraction of samples trained on the empty caption, for CFG (default: 0.1 demo, 0 --data; "
-                        "--data needs the empty_caption.safetensors minflux cache writes)")
-    p.add_argument("--cfg", type=finite, default=3.0,
-                   help="demo sample grid: classifier-free guidance scale against the empty caption (1: none)")
+    p.add_argument(
+        "--caption-dropout",
+        type=fraction,
+        default=None,
+        help="fraction of samples trained on the empty caption, for CFG (default: 0.1 demo, 0 --data; "
+        "--data needs the empty_caption.safetensors minflux cache writes)",
+    )
+    p.add_argument(
+        "--cfg",
+        type=finite,
+        default=3.0,
+        help="demo sample grid: classifier-free guidance scale against the empty caption (1: none)",
+    )
 
 
 def check_init(path: Path, cfg, name: str) -> None:
     """--init must hold a transformer of `cfg`'s family and width: said before any key list."""
-    with Checkpoint(path) as ckpt:  # headers only: a file that is not safetensors is a CheckpointError
+    with Checkpoint(
+        path
+    ) as ckpt:  # headers only: a file that is not safetensors is a CheckpointError
         try:
             checkpoint.check_holds(ckpt, cfg, name)
         except CheckpointError as e:
             raise UsageError(f"--init {e}") from None
         if keymaps.infer_family(ckpt.meta) is None:
-            raise UsageError(f"--init {path} holds {configs.describe(None)}; {name} needs "
-                             f"{configs.describe(cfg.family, cfg.hidden_size)}")
+            raise UsageError(
+                f"--init {path} holds {configs.describe(None)}; {name} needs "
+                f"{configs.describe(cfg.family, cfg.hidden_size)}"
+            )
 
 
 def plan(args):
@@ -186,25 +279,33 @@ def plan(args):
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: not a directory")
     if args.init_lora is not None and (args.lora_rank is not None or args.lora_targets):
-        raise UsageError("--init-lora takes its rank and modules from the file: leave out --lora-rank and "
-                         "--lora-targets")
+        raise UsageError(
+            "--init-lora takes its rank and modules from the file: leave out --lora-rank and "
+            "--lora-targets"
+        )
     for flag in ("lora_targets", "lora_alpha", "lora_format"):
         if getattr(args, flag) is not None and args.lora_rank is None and args.init_lora is None:
             raise UsageError(f"--{flag.replace('_', '-')} needs --lora-rank (or --init-lora)")
     if args.init_lora is not None and args.lora_alpha is not None:
         raise UsageError("--init-lora takes its alpha from the file: leave out --lora-alpha")
     if args.guidance is not None and not cfg.guidance_embed:
-        raise UsageError(f"--guidance: {args.config} is not guidance-distilled (it takes no guidance value)")
+        raise UsageError(
+            f"--guidance: {args.config} is not guidance-distilled (it takes no guidance value)"
+        )
     if args.attention == "cudnn" and jax.default_backend() != "gpu":
-        raise UsageError(f"--attention cudnn needs an NVIDIA GPU; this JAX runs on {jax.default_backend()}")
+        raise UsageError(
+            f"--attention cudnn needs an NVIDIA GPU; this JAX runs on {jax.default_backend()}"
+        )
     try:
         if args.init:
             check_init(args.init, cfg, args.config)
     except CheckpointError as e:  # not safetensors, corrupt, truncated
         raise UsageError(f"--init {e}") from None
     if not args.data and cfg.in_channels != 4 * 4 * 3:
-        raise UsageError(f"--config {args.config} takes {cfg.in_channels}-channel tokens; the shapes demo makes 48 "
-                         "(4x4 RGB patches): pass --data with latents cached for it")
+        raise UsageError(
+            f"--config {args.config} takes {cfg.in_channels}-channel tokens; the shapes demo makes 48 "
+            "(4x4 RGB patches): pass --data with latents cached for it"
+        )
     if tuple(args.mesh) == (-1, -1):
         raise UsageError("--mesh -1 -1: -1 may stand for one axis only")
     try:
@@ -212,8 +313,10 @@ def plan(args):
     except ValueError as e:
         raise UsageError(f"--mesh {' '.join(map(str, args.mesh))}: {e}") from None
     if args.batch_size % mesh.size:
-        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the mesh's {mesh.size} devices "
-                         f"(--mesh {' '.join(map(str, args.mesh))})")
+        raise UsageError(
+            f"--batch-size {args.batch_size} must be a multiple of the mesh's {mesh.size} devices "
+            f"(--mesh {' '.join(map(str, args.mesh))})"
+        )
     if args.lora_targets:
         try:
             lora_files.targets(linear_names(load.abstract_model(cfg)), args.lora_targets)
@@ -226,7 +329,10 @@ def plan(args):
             lora, _ = LoRA.from_file(args.init_lora, cfg)
         except (CheckpointError, ValueError) as e:
             raise UsageError(f"--init-lora {args.init_lora}: {e}") from None
-        args.lora_rank, args.lora_alpha = lora.rank, lora.alpha  # the file's, for the run record and the options
+        args.lora_rank, args.lora_alpha = (
+            lora.rank,
+            lora.alpha,
+        )  # the file's, for the run record and the options
     if args.data:
         dropout = 0.0 if args.caption_dropout is None else args.caption_dropout
         try:
@@ -235,7 +341,12 @@ def plan(args):
             raise UsageError(f"--data {e}") from None
     else:
         dropout = 0.1 if args.caption_dropout is None else args.caption_dropout
-        data = Shapes(context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed, caption_dropout=dropout)
+        data = Shapes(
+            context_dim=cfg.context_in_dim,
+            family=cfg.family,
+            seed=args.seed,
+            caption_dropout=dropout,
+        )
     return cfg, data, tuple(int(n) for n in mesh.shape.values())
 
 
@@ -245,17 +356,35 @@ def train_options(args, ckpt: Path):
 
     try:
         return TrainOptions(
-            steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr, warmup=args.warmup,
-            weight_decay=args.weight_decay, clip=args.clip, precision=args.precision, remat=args.remat,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            accumulate=args.accumulate,
+            lr=args.lr,
+            warmup=args.warmup,
+            weight_decay=args.weight_decay,
+            clip=args.clip,
+            precision=args.precision,
+            remat=args.remat,
             attention=args.attention,
-            timesteps={"kind": args.timesteps, "mean": args.logit_mean, "std": args.logit_std, "shift": args.shift},
-            weighting=args.weighting, guidance=args.guidance, seed=args.seed, mesh=tuple(args.mesh),
-            ema=args.ema, lora_rank=0 if args.lora_rank is None else args.lora_rank,
+            timesteps={
+                "kind": args.timesteps,
+                "mean": args.logit_mean,
+                "std": args.logit_std,
+                "shift": args.shift,
+            },
+            weighting=args.weighting,
+            guidance=args.guidance,
+            seed=args.seed,
+            mesh=tuple(args.mesh),
+            ema=args.ema,
+            lora_rank=0 if args.lora_rank is None else args.lora_rank,
             lora_alpha=16.0 if args.lora_alpha is None else args.lora_alpha,
             **({"lora_targets": tuple(args.lora_targets)} if args.lora_targets else {}),
             init=None if args.init is None else str(args.init),
             init_lora=None if args.init_lora is None else str(args.init_lora),
-            ckpt_dir=str(ckpt) if args.save_every or args.resume else None, save_every=args.save_every)
+            ckpt_dir=str(ckpt) if args.save_every or args.resume else None,
+            save_every=args.save_every,
+        )
     except ValueError as e:  # should one slip past the argument types
         raise UsageError(str(e)) from None
 
@@ -277,8 +406,10 @@ def run(args) -> int:
         except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from None
     elif args.save_every and (steps := tr.saved_steps(ckpt)):
-        raise UsageError(f"{ckpt} holds checkpoints (latest: step {steps[0]}); pass --resume to continue that run, "
-                         "or another --out")
+        raise UsageError(
+            f"{ckpt} holds checkpoints (latest: step {steps[0]}); pass --resume to continue that run, "
+            "or another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     trainer = tr.Trainer(cfg, data, opts)
     if args.resume:
@@ -289,10 +420,14 @@ def run(args) -> int:
         trainer.save(wait=True)
     trainer.close()
     if losses:
-        print(f"{len(losses)} steps in {time.time() - t0:.0f} s; final loss (mean of last 50) "
-              f"{np.mean(losses[-50:]):.4f}")
+        print(
+            f"{len(losses)} steps in {time.time() - t0:.0f} s; final loss (mean of last 50) "
+            f"{np.mean(losses[-50:]):.4f}"
+        )
     else:
-        print(f"no steps left: the checkpoint is at micro-step {trainer.step} of {opts.steps * opts.accumulate}")
+        print(
+            f"no steps left: the checkpoint is at micro-step {trainer.step} of {opts.steps * opts.accumulate}"
+        )
     written = [out / "model.safetensors"]
     if losses:
         save_loss_curve(losses, out / "loss.png")
@@ -307,11 +442,27 @@ def run(args) -> int:
         txt = np.repeat(data.embed(labels), cols, axis=0)
         g = data.size // data.patch
         vec = txt.mean(axis=1) if cfg.family == "flux1" else None
-        guide = args.cfg != 1.0 and data.caption_dropout > 0  # no unconditional flow was learnt otherwise
+        guide = (
+            args.cfg != 1.0 and data.caption_dropout > 0
+        )  # no unconditional flow was learnt otherwise
         neg = data.null(len(txt)) if guide else {}
-        tokens = trainer.sample(txt, g, g, steps=args.sample_steps, seed=args.seed, vec=vec,
-                                cfg_scale=args.cfg if guide else 1.0, neg_txt=neg.get("txt"), neg_vec=neg.get("vec"))
-        save_grid(data.unpatchify(tokens), [data.caption(lab) for lab in labels], cols, out / "samples.png")
+        tokens = trainer.sample(
+            txt,
+            g,
+            g,
+            steps=args.sample_steps,
+            seed=args.seed,
+            vec=vec,
+            cfg_scale=args.cfg if guide else 1.0,
+            neg_txt=neg.get("txt"),
+            neg_vec=neg.get("vec"),
+        )
+        save_grid(
+            data.unpatchify(tokens),
+            [data.caption(lab) for lab in labels],
+            cols,
+            out / "samples.png",
+        )
         written.append(out / "samples.png")
     print("wrote " + ", ".join(map(str, written)))
     return 0

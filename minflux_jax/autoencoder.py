@@ -37,15 +37,37 @@ Array = jax.Array
 
 def group_norm(channels: int, dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
     # exact (not fast) variance, as torch; flax's default E[x^2]-E[x]^2 loses digits
-    return nnx.GroupNorm(channels, num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=dtype,
-                         param_dtype=dtype, rngs=rngs)
+    return nnx.GroupNorm(
+        channels,
+        num_groups=32,
+        epsilon=1e-6,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
+    )
 
 
-def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, dtype,
-         rngs: nnx.Rngs) -> nnx.Conv:
+def conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
     """nn.Conv2d's twin (NHWC, kernel (kh, kw, I, O)), with torch's symmetric integer padding."""
-    return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), stride, padding=((padding, padding),) * 2,
-                    dtype=dtype, param_dtype=dtype, rngs=rngs)
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        (kernel_size, kernel_size),
+        stride,
+        padding=((padding, padding),) * 2,
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
+    )
 
 
 class AttnBlock(nnx.Module):
@@ -131,8 +153,19 @@ def run_mid(mid: nnx.Module, h: Array) -> Array:
 class Encoder(nnx.Module):
     """(B, H, W, in_channels) -> moments (B, H/f, W/f, 2*z_channels), f = 2**(len(ch_mult)-1)."""
 
-    def __init__(self, resolution: int, in_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
-                 z_channels: int, quant_conv: bool = False, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        z_channels: int,
+        quant_conv: bool = False,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
         if quant_conv:  # FLUX.2
@@ -169,8 +202,20 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """(B, h, w, z_channels) -> (B, h*f, w*f, out_ch). `up[i]` is level i, so it runs in reverse order."""
 
-    def __init__(self, ch: int, out_ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, in_channels: int,
-                 resolution: int, z_channels: int, post_quant_conv: bool = False, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        ch: int,
+        out_ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        post_quant_conv: bool = False,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.num_resolutions = len(ch_mult)
         if post_quant_conv:  # FLUX.2
             self.post_quant_conv = conv(z_channels, z_channels, 1, 1, 0, dtype, rngs)
@@ -209,7 +254,9 @@ class BatchNorm(nnx.Module):
 
     def __init__(self, num_features: int, eps: float, *, dtype):
         self.eps = eps
-        self.mean = nnx.BatchStat(jnp.zeros(num_features, dtype))  # torch `running_mean` (keymaps.FLAX_NAMES)
+        self.mean = nnx.BatchStat(
+            jnp.zeros(num_features, dtype)
+        )  # torch `running_mean` (keymaps.FLAX_NAMES)
         self.var = nnx.BatchStat(jnp.ones(num_features, dtype))
 
     def stats(self) -> tuple[Array, Array]:
@@ -240,12 +287,20 @@ def blend_tiles(fn, x: Array, f_in: int, f_out: int, tile: int, overlap: int) ->
         for x0 in tile_starts(n_w, tile, overlap):
             h, w = min(tile, n_h), min(tile, n_w)
             # dynamic (not static) slices: one compiled op for every tile position, not one per position
-            t = fn(jax.lax.dynamic_slice(x, (0, y * f_in, x0 * f_in, 0), (x.shape[0], h * f_in, w * f_in, x.shape[3])))
-            weight = np.outer(ramp(y, h, n_h, overlap, f_out), ramp(x0, w, n_w, overlap, f_out)).astype(np.float32)
+            t = fn(
+                jax.lax.dynamic_slice(
+                    x, (0, y * f_in, x0 * f_in, 0), (x.shape[0], h * f_in, w * f_in, x.shape[3])
+                )
+            )
+            weight = np.outer(
+                ramp(y, h, n_h, overlap, f_out), ramp(x0, w, n_w, overlap, f_out)
+            ).astype(np.float32)
             if out is None:
                 out = jnp.zeros((t.shape[0], n_h * f_out, n_w * f_out, t.shape[-1]), jnp.float32)
             at = (0, y * f_out, x0 * f_out, 0)
-            acc = jax.lax.dynamic_slice(out, at, t.shape) + t.astype(jnp.float32) * weight[:, :, None]
+            acc = (
+                jax.lax.dynamic_slice(out, at, t.shape) + t.astype(jnp.float32) * weight[:, :, None]
+            )
             out = jax.lax.dynamic_update_slice(out, acc, at)
             total[y * f_out : (y + h) * f_out, x0 * f_out : (x0 + w) * f_out] += weight
     return (out / jnp.asarray(total.astype(np.float32))[:, :, None]).astype(t.dtype)
@@ -262,27 +317,51 @@ class AutoEncoder(nnx.Module):
     def __init__(self, params, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.params = params
         self.dtype = dtype
-        self.encoder = Encoder(params.resolution, params.in_channels, params.ch, params.ch_mult, params.num_res_blocks,
-                               params.z_channels, quant_conv=params.quant_conv, dtype=dtype, rngs=rngs)
-        self.decoder = Decoder(params.ch, params.out_ch, params.ch_mult, params.num_res_blocks, params.in_channels,
-                               params.resolution, params.z_channels, post_quant_conv=params.quant_conv, dtype=dtype,
-                               rngs=rngs)
+        self.encoder = Encoder(
+            params.resolution,
+            params.in_channels,
+            params.ch,
+            params.ch_mult,
+            params.num_res_blocks,
+            params.z_channels,
+            quant_conv=params.quant_conv,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.decoder = Decoder(
+            params.ch,
+            params.out_ch,
+            params.ch_mult,
+            params.num_res_blocks,
+            params.in_channels,
+            params.resolution,
+            params.z_channels,
+            post_quant_conv=params.quant_conv,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.f = 2 ** (len(params.ch_mult) - 1)  # image pixels per latent pixel
         if params.batch_norm:
             self.ps = params.patch_size
-            self.bn = BatchNorm(self.ps * self.ps * params.z_channels, eps=params.bn_eps, dtype=dtype)
+            self.bn = BatchNorm(
+                self.ps * self.ps * params.z_channels, eps=params.bn_eps, dtype=dtype
+            )
 
     def normalize(self, mean: Array) -> Array:
         """Posterior mean (B, h, w, z) -> model latents: FLUX.1 scale*(z - shift), FLUX.2 patchify + BatchNorm."""
         if not self.params.batch_norm:
             return self.params.scale_factor * (mean - self.params.shift_factor)
-        z = rearrange(mean, "b (i pi) (j pj) c -> b i j (c pi pj)", pi=self.ps, pj=self.ps)  # (B, h/2, w/2, 4z)
+        z = rearrange(
+            mean, "b (i pi) (j pj) c -> b i j (c pi pj)", pi=self.ps, pj=self.ps
+        )  # (B, h/2, w/2, 4z)
         return self.bn(z)
 
     def inv_normalize(self, z: Array) -> Array:
         if not self.params.batch_norm:
             return z / self.params.scale_factor + self.params.shift_factor
-        return rearrange(self.bn.inverse(z), "b i j (c pi pj) -> b (i pi) (j pj) c", pi=self.ps, pj=self.ps)
+        return rearrange(
+            self.bn.inverse(z), "b i j (c pi pj) -> b (i pi) (j pj) c", pi=self.ps, pj=self.ps
+        )
 
     def check_size(self, height: int, width: int) -> None:
         mult = self.f * (self.ps if self.params.batch_norm else 1)
@@ -304,11 +383,15 @@ class AutoEncoder(nnx.Module):
     def tiled_encode(self, x: Array, tile: int = 64, overlap: int = 16) -> Array:
         """`encode` with bounded memory: tiles of `tile` latent pixels (8x that in the image) sharing `overlap`."""
         self.check_size(*x.shape[1:3])
-        return self.normalize(blend_tiles(lambda t: _encode_mean(self, t), x, self.f, 1, tile, overlap))
+        return self.normalize(
+            blend_tiles(lambda t: _encode_mean(self, t), x, self.f, 1, tile, overlap)
+        )
 
     def tiled_decode(self, z: Array, tile: int = 64, overlap: int = 16) -> Array:
         """`decode` with bounded memory; `tile` and `overlap` in unpatchified latent pixels."""
-        return blend_tiles(lambda t: _decoder(self, t), self.inv_normalize(z), 1, self.f, tile, overlap)
+        return blend_tiles(
+            lambda t: _decoder(self, t), self.inv_normalize(z), 1, self.f, tile, overlap
+        )
 
     def __call__(self, x: Array) -> Array:
         return self.decode(self.encode(x))

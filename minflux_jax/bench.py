@@ -54,7 +54,12 @@ def _memory(compiled) -> int | None:
     m = compiled.memory_analysis()
     if m is None:
         return None
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
 
 def timed(plan, call, compiled=None, compile_s: float | None = None) -> dict:
@@ -95,8 +100,16 @@ def forward_row(plan, model, inp: dict) -> dict:
     graphdef, state = nnx.split(model)
 
     def fn(state, x):
-        return sampling.predict(nnx.merge(graphdef, state), x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"],
-                                x.get("vec"), x.get("guidance"))
+        return sampling.predict(
+            nnx.merge(graphdef, state),
+            x["img"],
+            x["img_ids"],
+            x["txt"],
+            x["txt_ids"],
+            x["t"],
+            x.get("vec"),
+            x.get("guidance"),
+        )
 
     compiled, compile_s = _aot(fn, state, x)
     out = timed(plan, lambda: compiled(state, x).block_until_ready(), compiled, compile_s)
@@ -114,8 +127,12 @@ def sample_row(plan, model, ae, inp: dict) -> dict:
     ts = bench.schedule(plan)
 
     def call():
-        z = sampling.denoise(model, x["noise"], x["img_ids"], x["txt"], x["txt_ids"], ts, x.get("vec"), guidance)
-        return decode(ae, sampling.unpack(z, plan.side, plan.side, family).astype(dtype)).block_until_ready()
+        z = sampling.denoise(
+            model, x["noise"], x["img_ids"], x["txt"], x["txt_ids"], ts, x.get("vec"), guidance
+        )
+        return decode(
+            ae, sampling.unpack(z, plan.side, plan.side, family).astype(dtype)
+        ).block_until_ready()
 
     return timed(plan, call)
 
@@ -126,8 +143,9 @@ def train_row(plan, inp: dict, lora_rank: int, attention: str = "auto") -> dict:
     cfg, dtype = configs.get(plan.model), DTYPES[plan.dtype]
     model = build(plan.model, plan.seed, dtype, attention)
     graphdef, params, paths = jtrain.split_params(model)
-    tx = jtrain.make_optimizer(lr=1e-5, warmup=0, steps=1000, mu_dtype=jnp.bfloat16 if plan.opt_state == "bf16"
-                               else None)
+    tx = jtrain.make_optimizer(
+        lr=1e-5, warmup=0, steps=1000, mu_dtype=jnp.bfloat16 if plan.opt_state == "bf16" else None
+    )
     key = jax.random.key(plan.seed)
     if lora_rank:
         adapters = LoRA(tuple(lora.targets(linear_names(model))), lora_rank, float(lora_rank))
@@ -135,12 +153,25 @@ def train_row(plan, inp: dict, lora_rank: int, attention: str = "auto") -> dict:
     else:
         adapters, trainable, frozen = None, params, {}
     del model
-    state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32),
-             "key": jax.random.key_data(key)}
+    state = {
+        "params": trainable,
+        "opt_state": tx.init(trainable),
+        "step": jnp.zeros((), jnp.int32),
+        "key": jax.random.key_data(key),
+    }
     x = tensors(inp)
     batch = {k: x[k] for k in ("img", "img_ids", "txt", "txt_ids", "vec", "guidance") if k in x}
-    step = partial(jtrain.train_step, graphdef=graphdef, paths=paths, tx=tx, family=cfg.family,
-                   timesteps={"kind": "logit_normal"}, compute_dtype=dtype, remat=plan.remat, lora=adapters)
+    step = partial(
+        jtrain.train_step,
+        graphdef=graphdef,
+        paths=paths,
+        tx=tx,
+        family=cfg.family,
+        timesteps={"kind": "logit_normal"},
+        compute_dtype=dtype,
+        remat=plan.remat,
+        lora=adapters,
+    )
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -160,7 +191,9 @@ def train_row(plan, inp: dict, lora_rank: int, attention: str = "auto") -> dict:
 def fp8_row(plan, model, inp: dict) -> dict:
     """One denoising step with the block linears in fp8 (`minflux_jax.fp8`)."""
     out = forward_row(plan, fp8.quantize_model(nnx.clone(model), plan.fp8), inp)
-    out["fp8_kernel"] = "cuBLASLt fp8 GEMM (XLA)" if out.pop("fp8_gemm", False) else "fake-quant (fp32)"
+    out["fp8_kernel"] = (
+        "cuBLASLt fp8 GEMM (XLA)" if out.pop("fp8_gemm", False) else "fake-quant (fp32)"
+    )
     return out
 
 
@@ -170,8 +203,11 @@ def fp8_row(plan, model, inp: dict) -> dict:
 
 
 def _embed(model, x: dict):
-    return model.embed(**model.params.forward_kwargs(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"],
-                                                     x.get("vec"), x.get("guidance")))
+    return model.embed(
+        **model.params.forward_kwargs(
+            x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x.get("vec"), x.get("guidance")
+        )
+    )
 
 
 def _np(t: jax.Array) -> np.ndarray:
@@ -194,16 +230,32 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
     rows = []
     for i, (ref, q) in enumerate(zip(model.double_blocks, quant.double_blocks, strict=True)):
         want, got = _block(ref, (img, txt), kw["double"]), _block(q, (img, txt), kw["double"])
-        rows.append(bench.fp8_row(f"double_blocks.{i}", _np(jnp.concatenate(got, 1)), _np(jnp.concatenate(want, 1)),
-                                  _np(jnp.concatenate((img, txt), 1))))
+        rows.append(
+            bench.fp8_row(
+                f"double_blocks.{i}",
+                _np(jnp.concatenate(got, 1)),
+                _np(jnp.concatenate(want, 1)),
+                _np(jnp.concatenate((img, txt), 1)),
+            )
+        )
         img, txt = want
     h = jnp.concatenate((txt, img), axis=1)
     for i, (ref, q) in enumerate(zip(model.single_blocks, quant.single_blocks, strict=True)):
         want, got = _block(ref, (h,), kw["single"]), _block(q, (h,), kw["single"])
         rows.append(bench.fp8_row(f"single_blocks.{i}", _np(got), _np(want), _np(h)))
         h = want
-    call = nnx.jit(lambda m: sampling.predict(m, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"],
-                                              x.get("vec"), x.get("guidance")))
+    call = nnx.jit(
+        lambda m: sampling.predict(
+            m,
+            x["img"],
+            x["img_ids"],
+            x["txt"],
+            x["txt_ids"],
+            x["t"],
+            x.get("vec"),
+            x.get("guidance"),
+        )
+    )
     rows.append({"name": "output", "rel_l2": bench.rel_l2(_np(call(quant)), _np(call(model)))})
     return rows
 
@@ -225,7 +277,12 @@ def run(plan, options: dict, report=None) -> dict:
         try:
             rows.append({"kind": kind, **fn()})
         except Exception as e:  # noqa: BLE001 -- one failed row (an unsupported kernel, OOM) must not end the run
-            rows.append({"kind": kind, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+            rows.append(
+                {
+                    "kind": kind,
+                    "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                }
+            )
         if report is not None:
             report(rows[-1])
 

@@ -28,7 +28,9 @@ def quantize(x: Array, axis: int | None = None) -> tuple[Array, Array]:
     other axes (amax over `axis`, kept as a size-1 axis). Rounds to nearest even; clamps at +-448 first (a cast
     of anything larger would be NaN)."""
     amax = jnp.max(jnp.abs(x)) if axis is None else jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-    scale = jnp.maximum(amax.astype(jnp.float32), 1e-12) * (1 / E4M3_MAX)  # not / 448: XLA makes that this product
+    scale = jnp.maximum(amax.astype(jnp.float32), 1e-12) * (
+        1 / E4M3_MAX
+    )  # not / 448: XLA makes that this product
     q = jnp.clip(x.astype(jnp.float32) / scale, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     return q, scale
 
@@ -49,7 +51,9 @@ class FP8Linear(nnx.Module):
         if scaling not in ("tensor", "row"):
             raise ValueError(f"fp8 scaling {scaling!r}: expected 'tensor' or 'row'")
         self.scaling = scaling
-        self.axis = -1 if scaling == "row" else None  # row: a scale per output column (kernel) / per token (input)
+        self.axis = (
+            -1 if scaling == "row" else None
+        )  # row: a scale per output column (kernel) / per token (input)
         kernel_q, kernel_scale = quantize(linear.kernel[...], 0 if scaling == "row" else None)
         self.kernel_q = FP8Weight(kernel_q)  # (in, out)
         self.kernel_scale = FP8Weight(kernel_scale)  # () or (1, out)
@@ -60,8 +64,11 @@ class FP8Linear(nnx.Module):
         shape = x.shape
         xq, xs = quantize(x.reshape(-1, shape[-1]), self.axis)  # (M, in), () or (M, 1)
         # default precision: XLA's fp8 rewrite of the pattern is for default-precision dots
-        y = jnp.dot(dequantize(xq, xs), dequantize(self.kernel_q[...], self.kernel_scale[...]),
-                    preferred_element_type=jnp.float32).astype(self.out_dtype)
+        y = jnp.dot(
+            dequantize(xq, xs),
+            dequantize(self.kernel_q[...], self.kernel_scale[...]),
+            preferred_element_type=jnp.float32,
+        ).astype(self.out_dtype)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*shape[:-1], -1)

@@ -28,7 +28,9 @@ Array = jax.Array
 def rope(pos: Array, dim: int, theta: int) -> Array:
     """Rotation matrices for one id axis: (..., N) positions -> (..., N, dim/2, 2, 2), fp32."""
     # omega in float64 as BFL does, then fp32 for the product: both frameworks use the same table.
-    omega = jnp.asarray((1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32))
+    omega = jnp.asarray(
+        (1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32)
+    )
     out = pos.astype(jnp.float32)[..., None] * omega  # (..., N, dim/2)
     out = jnp.stack([jnp.cos(out), -jnp.sin(out), jnp.sin(out), jnp.cos(out)], axis=-1)
     return rearrange(out, "... n d (i j) -> ... n d i j", i=2, j=2)
@@ -52,17 +54,23 @@ class EmbedND(nnx.Module):
         self.axes_dim = tuple(axes_dim)
 
     def __call__(self, ids: Array) -> Array:  # (B, L, n_axes) -> (B, 1, L, D/2, 2, 2)
-        emb = jnp.concatenate([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], axis=-3)
+        emb = jnp.concatenate(
+            [rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], axis=-3
+        )
         return emb[:, None]
 
 
 def _freqs(half: int, max_period: int) -> np.ndarray:
     # A float64 table rounded once: both frameworks' exp() differ in the last bit, and at t * 1000 that
     # bit moves sin/cos by ~1e-5 -- so the table is computed once, in numpy.
-    return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+    return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(
+        np.float32
+    )
 
 
-def timestep_embedding(t: Array, dim: int, max_period: int = 10_000, time_factor: float = 1000.0) -> Array:
+def timestep_embedding(
+    t: Array, dim: int, max_period: int = 10_000, time_factor: float = 1000.0
+) -> Array:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000), computed in fp32: (B,) -> (B, dim)."""
     # BFL computes this in the model dtype; t * 1000 in bf16 loses three digits, so we stay in fp32.
     t = time_factor * jnp.asarray(t, jnp.float32)
@@ -99,7 +107,9 @@ class MLPEmbedder(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned `scale`, normalising in fp32 (eps 1e-6)."""
 
-    def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs | None = None):  # rngs unused: ones, like BFL
+    def __init__(
+        self, dim: int, *, dtype, rngs: nnx.Rngs | None = None
+    ):  # rngs unused: ones, like BFL
         self.scale = nnx.Param(jnp.ones(dim, dtype))
 
     def __call__(self, x: Array) -> Array:
@@ -122,19 +132,33 @@ class QKNorm(nnx.Module):
 
 def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """The parameter-free LayerNorm used before every modulation; exact (not fast) variance, as torch."""
-    return nnx.LayerNorm(dim, epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False,
-                         dtype=dtype, rngs=rngs)
+    return nnx.LayerNorm(
+        dim,
+        epsilon=1e-6,
+        use_bias=False,
+        use_scale=False,
+        use_fast_variance=False,
+        dtype=dtype,
+        rngs=rngs,
+    )
 
 
 def attention_backend(implementation: str, q: Array) -> str:
     """The jax.nn.dot_product_attention backend for q (B, H, L, D): "xla", "cudnn", or "auto" = cuDNN's fused
     flash attention on an NVIDIA GPU for bf16/fp16 with head_dim a multiple of 8 up to 128, else XLA's."""
     if implementation not in ("auto", "xla", "cudnn"):
-        raise ValueError(f"attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'")
+        raise ValueError(
+            f"attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'"
+        )
     if implementation != "auto":
         return implementation
     d = q.shape[-1]
-    fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0
+    fused = (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and d <= 128
+        and d % 8 == 0
+    )
     return "cudnn" if fused else "xla"
 
 
@@ -152,18 +176,27 @@ class RefKV:
 
 def _sdpa(q: Array, k: Array, v: Array, implementation: str = "auto") -> Array:
     backend = attention_backend(implementation, q)
-    qkv = (q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))  # jax.nn.dot_product_attention takes (B, L, H, D)
+    qkv = (
+        q.swapaxes(1, 2),
+        k.swapaxes(1, 2),
+        v.swapaxes(1, 2),
+    )  # jax.nn.dot_product_attention takes (B, L, H, D)
     try:
         x = jax.nn.dot_product_attention(*qkv, implementation=backend)
-    except (NotImplementedError, ValueError, RuntimeError):  # "auto": XLA's where cuDNN refuses the shape
+    except (
+        NotImplementedError,
+        ValueError,
+        RuntimeError,
+    ):  # "auto": XLA's where cuDNN refuses the shape
         if implementation != "auto":
             raise
         x = jax.nn.dot_product_attention(*qkv, implementation="xla")
     return x.swapaxes(1, 2)  # (B, H, L, D)
 
 
-def attention(q: Array, k: Array, v: Array, pe: Array, kv: RefKV | None = None,
-              implementation: str = "auto") -> Array:
+def attention(
+    q: Array, k: Array, v: Array, pe: Array, kv: RefKV | None = None, implementation: str = "auto"
+) -> Array:
     """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D).
 
     With `kv` (klein KV): empty, the last kv.n_ref queries attend only to the last kv.n_ref keys and those keys
@@ -175,12 +208,22 @@ def attention(q: Array, k: Array, v: Array, pe: Array, kv: RefKV | None = None,
     if kv is None:
         x = _sdpa(q, k, v, implementation)
     elif kv.k is not None:  # later steps: the references' keys and values from the first
-        x = _sdpa(q, jnp.concatenate((k, kv.k), axis=2), jnp.concatenate((v, kv.v), axis=2), implementation)
+        x = _sdpa(
+            q,
+            jnp.concatenate((k, kv.k), axis=2),
+            jnp.concatenate((v, kv.v), axis=2),
+            implementation,
+        )
     else:  # first step: text and image tokens attend to everything, the references to themselves
         n = kv.n_ref
         kv.k, kv.v = k[:, :, -n:], v[:, :, -n:]
-        x = jnp.concatenate((_sdpa(q[:, :, :-n], k, v, implementation),
-                             _sdpa(q[:, :, -n:], kv.k, kv.v, implementation)), axis=2)
+        x = jnp.concatenate(
+            (
+                _sdpa(q[:, :, :-n], k, v, implementation),
+                _sdpa(q[:, :, -n:], kv.k, kv.v, implementation),
+            ),
+            axis=2,
+        )
     # named, so a remat policy can keep attention outputs (train.REMAT_POLICIES["attention"])
     return checkpoint_name(rearrange(x, "B H L D -> B L (H D)"), "attention")
 
@@ -189,7 +232,9 @@ def set_attention_implementation(model: nnx.Module, implementation: str) -> nnx.
     """Set every block's attention backend ("auto", "xla", "cudnn"); a static attribute, so it lives in the
     model's graphdef and each choice compiles its own program. Returns the model."""
     if implementation not in ("auto", "xla", "cudnn"):
-        raise ValueError(f"attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'")
+        raise ValueError(
+            f"attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'"
+        )
     for _, m in nnx.iter_graph(model):
         if isinstance(m, (DoubleStreamBlockBase, SingleStreamBlockBase)):
             m.attention_implementation = implementation
@@ -199,7 +244,9 @@ def set_attention_implementation(model: nnx.Module, implementation: str) -> nnx.
 class SelfAttention(nnx.Module):
     """Holds the fused qkv projection, QK norm and output projection (used by the double block)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool, *, dtype, rngs: nnx.Rngs
+    ):
         self.num_heads = num_heads
         self.qkv = linear(dim, dim * 3, qkv_bias, dtype, rngs)
         self.norm = QKNorm(dim // num_heads, dtype=dtype)
@@ -259,20 +306,26 @@ class Sequential(nnx.List):
 
 def mlp(dim: int, hidden: int, gated: bool, bias: bool, dtype, rngs: nnx.Rngs) -> Sequential:
     """The double block's MLP; indices 0 and 2 are the checkpoint's `img_mlp.0` / `img_mlp.2`."""
-    return Sequential([
-        linear(dim, hidden * (2 if gated else 1), bias, dtype, rngs),
-        mlp_activation(gated),
-        linear(hidden, dim, bias, dtype, rngs),
-    ])
+    return Sequential(
+        [
+            linear(dim, hidden * (2 if gated else 1), bias, dtype, rngs),
+            mlp_activation(gated),
+            linear(hidden, dim, bias, dtype, rngs),
+        ]
+    )
 
 
 class LastLayer(nnx.Module):
     """adaLN (shift, scale) -- BFL order; diffusers stores (scale, shift) -- then a linear projection."""
 
-    def __init__(self, hidden_size: int, out_channels: int, bias: bool = True, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, hidden_size: int, out_channels: int, bias: bool = True, *, dtype, rngs: nnx.Rngs
+    ):
         self.norm_final = layer_norm(hidden_size, dtype, rngs)
         self.linear = linear(hidden_size, out_channels, bias, dtype, rngs)
-        self.adaLN_modulation = Sequential([jax.nn.silu, linear(hidden_size, 2 * hidden_size, bias, dtype, rngs)])
+        self.adaLN_modulation = Sequential(
+            [jax.nn.silu, linear(hidden_size, 2 * hidden_size, bias, dtype, rngs)]
+        )
 
     def __call__(self, x: Array, vec: Array) -> Array:
         shift, scale = jnp.split(self.adaLN_modulation(vec)[:, None, :], 2, axis=-1)
@@ -288,30 +341,50 @@ class LastLayer(nnx.Module):
 class DoubleStreamBlockBase(nnx.Module):
     """Separate weights for image and text tokens, joint attention over both (text first)."""
 
-    attention_implementation = "auto"  # see `attention_backend`; `set_attention_implementation` changes it
+    attention_implementation = (
+        "auto"  # see `attention_backend`; `set_attention_implementation` changes it
+    )
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, params, qkv_bias: bool,
-                 *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        params,
+        qkv_bias: bool,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         bias, gated = params.bias, params.gated_mlp
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.img_norm1 = layer_norm(hidden_size, dtype, rngs)
-        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias, bias, dtype=dtype, rngs=rngs)
+        self.img_attn = SelfAttention(
+            hidden_size, num_heads, qkv_bias, bias, dtype=dtype, rngs=rngs
+        )
         self.img_norm2 = layer_norm(hidden_size, dtype, rngs)
         self.img_mlp = mlp(hidden_size, mlp_hidden, gated, bias, dtype, rngs)
         self.txt_norm1 = layer_norm(hidden_size, dtype, rngs)
-        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias, bias, dtype=dtype, rngs=rngs)
+        self.txt_attn = SelfAttention(
+            hidden_size, num_heads, qkv_bias, bias, dtype=dtype, rngs=rngs
+        )
         self.txt_norm2 = layer_norm(hidden_size, dtype, rngs)
         self.txt_mlp = mlp(hidden_size, mlp_hidden, gated, bias, dtype, rngs)
 
-    def stream(self, img: Array, txt: Array, pe: Array, img_mod, txt_mod,
-               kv: RefKV | None = None) -> tuple[Array, Array]:
+    def stream(
+        self, img: Array, txt: Array, pe: Array, img_mod, txt_mod, kv: RefKV | None = None
+    ) -> tuple[Array, Array]:
         """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]; mods: ((shift, scale, gate) x 2); kv: klein KV."""
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+        img_q, img_k, img_v = self.img_attn.qkv_heads(
+            modulate(self.img_norm1(img), img_shift1, img_scale1)
+        )
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
+            modulate(self.txt_norm1(txt), txt_shift1, txt_scale1)
+        )
         q = jnp.concatenate((txt_q, img_q), axis=2)  # (B, H, Lt+Li, D)
         k = jnp.concatenate((txt_k, img_k), axis=2)
         v = jnp.concatenate((txt_v, img_v), axis=2)
@@ -330,14 +403,18 @@ class SingleStreamBlockBase(nnx.Module):
 
     attention_implementation = "auto"
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, params, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float, params, *, dtype, rngs: nnx.Rngs
+    ):
         bias, gated = params.bias, params.gated_mlp
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         # linear1 = [q k v | mlp in]; a gated (SwiGLU) mlp part is twice as wide, gate first.
         self.mlp_in = int(hidden_size * mlp_ratio) * (2 if gated else 1)
         self.linear1 = linear(hidden_size, 3 * hidden_size + self.mlp_in, bias, dtype, rngs)
-        self.linear2 = linear(hidden_size + int(hidden_size * mlp_ratio), hidden_size, bias, dtype, rngs)
+        self.linear2 = linear(
+            hidden_size + int(hidden_size * mlp_ratio), hidden_size, bias, dtype, rngs
+        )
         self.norm = QKNorm(hidden_size // num_heads, dtype=dtype)
         self.pre_norm = layer_norm(hidden_size, dtype, rngs)
         self.mlp_act = mlp_activation(gated)
@@ -345,8 +422,9 @@ class SingleStreamBlockBase(nnx.Module):
     def stream(self, x: Array, pe: Array, mod, kv: RefKV | None = None) -> Array:
         """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate); kv: klein KV."""
         shift, scale, gate = mod
-        qkv, mlp_in = jnp.split(self.linear1(modulate(self.pre_norm(x), shift, scale)), [3 * self.hidden_size],
-                                axis=-1)
+        qkv, mlp_in = jnp.split(
+            self.linear1(modulate(self.pre_norm(x), shift, scale)), [3 * self.hidden_size], axis=-1
+        )
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe, kv, self.attention_implementation)
@@ -368,12 +446,16 @@ class Trunk(nnx.Module):
     `run_block(kind, index, block, args, kw) -> block(*args, **kw)`, so training and parity reuse this forward.
     """
 
-    def trunk(self, img: Array, txt: Array, kw: dict, run_block=call_block, kv: list[RefKV] | None = None) -> Array:
+    def trunk(
+        self, img: Array, txt: Array, kw: dict, run_block=call_block, kv: list[RefKV] | None = None
+    ) -> Array:
         """kv: FLUX.2 klein's per-block reference caches (`Flux2.kv_caches`), double blocks first."""
         cache = (lambda i: {}) if kv is None else (lambda i: {"kv": kv[i]})
         for i, block in enumerate(self.double_blocks):
             img, txt = run_block("double_blocks", i, block, (img, txt), kw["double"] | cache(i))
         x = jnp.concatenate((txt, img), axis=1)  # (B, Lt+Li, D)
         for i, block in enumerate(self.single_blocks):
-            x = run_block("single_blocks", i, block, (x,), kw["single"] | cache(len(self.double_blocks) + i))
+            x = run_block(
+                "single_blocks", i, block, (x,), kw["single"] | cache(len(self.double_blocks) + i)
+            )
         return run_block("final_layer", 0, self.final_layer, (x[:, txt.shape[1] :], kw["vec"]), {})

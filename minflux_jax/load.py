@@ -20,24 +20,37 @@ from minflux_jax.autoencoder import AutoEncoder
 from minflux_jax.flux1 import Flux
 from minflux_jax.flux2 import Flux2
 
-MODELS: dict[str, type[nnx.Module]] = {"flux1": Flux, "flux2": Flux2, "ae1": AutoEncoder, "ae2": AutoEncoder}
+MODELS: dict[str, type[nnx.Module]] = {
+    "flux1": Flux,
+    "flux2": Flux2,
+    "ae1": AutoEncoder,
+    "ae2": AutoEncoder,
+}
 STATE = (nnx.Param, nnx.BatchStat)  # what a checkpoint holds
 
 
 def torch_keys(model: nnx.Module) -> dict[tuple, tuple[str, str]]:
     """Flax state path -> (PyTorch/BFL key, Flax parameter name), by the rules in `keymaps.FLAX_NAMES`."""
-    classes = {path: type(m).__name__ for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+    classes = {
+        path: type(m).__name__ for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)
+    }
     out = {}
     for path, _ in nnx.to_flat_state(nnx.state(model, STATE)):
         module, param = path[:-1], path[-1]
-        out[path] = (".".join(map(str, (*module, keymaps.flax_rule(classes[module], param)))), param)
+        out[path] = (
+            ".".join(map(str, (*module, keymaps.flax_rule(classes[module], param)))),
+            param,
+        )
     return out
 
 
 def torch_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
     """The PyTorch/BFL key and shape of every parameter of `module`."""
     flat = dict(nnx.to_flat_state(nnx.state(module, STATE)))
-    return {key: _torch_shape(flat[path].shape, param) for path, (key, param) in torch_keys(module).items()}
+    return {
+        key: _torch_shape(flat[path].shape, param)
+        for path, (key, param) in torch_keys(module).items()
+    }
 
 
 def _torch_shape(flax_shape: tuple[int, ...], param: str) -> tuple[int, ...]:
@@ -61,15 +74,21 @@ def assign(module: nnx.Module, tensors) -> None:
             continue
         path, param = by_key[key]
         if keymaps.torch_to_flax(arr, param).shape != flat[path].shape:
-            raise checkpoint.CheckpointError(f"{type(module).__name__}: {key}: expected "
-                                             f"{_torch_shape(flat[path].shape, param)}, found {arr.shape}")
+            raise checkpoint.CheckpointError(
+                f"{type(module).__name__}: {key}: expected "
+                f"{_torch_shape(flat[path].shape, param)}, found {arr.shape}"
+            )
         # a numpy copy (on CPU a device array may alias its numpy buffer, e.g. a live PyTorch tensor's memory),
         # cast and put on the device without a compiled program per shape (jnp.array(..., dtype) compiles one)
-        values[path] = jax.device_put(np.array(keymaps.torch_to_flax(arr, param), dtype=flat[path].dtype, copy=True))
+        values[path] = jax.device_put(
+            np.array(keymaps.torch_to_flax(arr, param), dtype=flat[path].dtype, copy=True)
+        )
     missing = sorted(names[p][0] for p in set(names) - set(values))
     if missing or unexpected:
-        raise checkpoint.CheckpointError(f"{type(module).__name__}: missing keys {missing[:10]}, "
-                                         f"unexpected keys {sorted(unexpected)[:10]}")
+        raise checkpoint.CheckpointError(
+            f"{type(module).__name__}: missing keys {missing[:10]}, "
+            f"unexpected keys {sorted(unexpected)[:10]}"
+        )
     nnx.update(module, nnx.from_flat_state(list(values.items())))
 
 
@@ -87,7 +106,9 @@ def abstract_model(cfg_or_name, dtype=jnp.float32) -> nnx.Module:
     model = build(dataclasses.replace(cfg, depth=0, depth_single_blocks=0))
     one = build(dataclasses.replace(cfg, depth=1, depth_single_blocks=1))
     model.double_blocks = nnx.List([nnx.clone(one.double_blocks[0]) for _ in range(cfg.depth)])
-    model.single_blocks = nnx.List([nnx.clone(one.single_blocks[0]) for _ in range(cfg.depth_single_blocks)])
+    model.single_blocks = nnx.List(
+        [nnx.clone(one.single_blocks[0]) for _ in range(cfg.depth_single_blocks)]
+    )
     model.params = cfg
     return model
 
@@ -128,5 +149,7 @@ def save_model(model: nnx.Module, path, layout: str = "bfl") -> None:
 def state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
     """PyTorch-layout numpy tensors of every parameter, keyed like the PyTorch twin's state_dict."""
     flat = dict(nnx.to_flat_state(nnx.state(module, STATE)))
-    return {key: np.asarray(keymaps.flax_to_torch(np.asarray(jax.device_get(flat[p][...])), param))
-            for p, (key, param) in torch_keys(module).items()}
+    return {
+        key: np.asarray(keymaps.flax_to_torch(np.asarray(jax.device_get(flat[p][...])), param))
+        for p, (key, param) in torch_keys(module).items()
+    }

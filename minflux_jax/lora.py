@@ -26,16 +26,23 @@ Array = jax.Array
 
 def linear_names(model: nnx.Module) -> list[str]:
     """BFL names of every linear layer (the possible LoRA targets)."""
-    classes = {path: type(m).__name__ for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
-    return [key.removesuffix(".weight") for path, (key, param) in torch_keys(model).items()
-            if param == "kernel" and classes[path[:-1]] == "Linear"]
+    classes = {
+        path: type(m).__name__ for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)
+    }
+    return [
+        key.removesuffix(".weight")
+        for path, (key, param) in torch_keys(model).items()
+        if param == "kernel" and classes[path[:-1]] == "Linear"
+    ]
 
 
 def merge_lora(model: nnx.Module, loras, scale: float = 1.0) -> nnx.Module:
     """Add LoRA(s) to the model's weights in place, one tensor at a time (`minflux.lora.merged`); returns it."""
     paths = {key: (path, param) for path, (key, param) in torch_keys(model).items()}
     flat = dict(nnx.to_flat_state(nnx.state(model, STATE)))  # variables of the model itself
-    get = lambda k: keymaps.flax_to_torch(np.asarray(jax.device_get(flat[paths[k][0]][...])), paths[k][1])  # noqa: E731
+    get = lambda k: keymaps.flax_to_torch(
+        np.asarray(jax.device_get(flat[paths[k][0]][...])), paths[k][1]
+    )  # noqa: E731
     for key, arr in lora.merged(get, paths.keys(), loras, scale):
         path, param = paths[key]
         value = jnp.asarray(keymaps.torch_to_flax(arr, param), flat[path].dtype)
@@ -48,7 +55,9 @@ def widen_input(model: nnx.Module, width: int) -> nnx.Module:
     BFL's Canny / Depth LoRAs need on a FLUX.1-dev model (as diffusers expands `x_embedder` for them)."""
     old = model.img_in
     new = linear(width, old.out_features, old.bias is not None, old.kernel.dtype, nnx.Rngs(0))
-    new.kernel.value = jnp.zeros_like(new.kernel.value).at[: old.in_features].set(old.kernel.value)  # (in, out)
+    new.kernel.value = (
+        jnp.zeros_like(new.kernel.value).at[: old.in_features].set(old.kernel.value)
+    )  # (in, out)
     if old.bias is not None:
         new.bias.value = old.bias.value
     model.img_in = new
@@ -93,16 +102,23 @@ class LoRA:
         rank = next(iter(start.values()))["lora_A"].shape[0]
         return cls(tuple(start), rank, float(rank)), start
 
-    def init(self, key: Array, frozen: dict[str, Array], dtype=jnp.float32, start: dict | None = None
-             ) -> dict[str, dict[str, Array]]:
+    def init(
+        self, key: Array, frozen: dict[str, Array], dtype=jnp.float32, start: dict | None = None
+    ) -> dict[str, dict[str, Array]]:
         """A ~ U(+-1/sqrt(in)) (PEFT's kaiming-uniform bound), B = 0: training starts at the base model.
         start: adapters to begin from instead (`from_file`), cast to dtype."""
         if start is not None:
-            return {m: {k: jnp.asarray(start[m][k], dtype) for k in ("lora_A", "lora_B")} for m in self.modules}
+            return {
+                m: {k: jnp.asarray(start[m][k], dtype) for k in ("lora_A", "lora_B")}
+                for m in self.modules
+            }
         out = {}
         for i, m in enumerate(self.modules):
             d_in, d_out = frozen[m + ".weight"].shape  # Flax kernel (in, out)
-            a = jax.random.uniform(jax.random.fold_in(key, i), (self.rank, d_in), dtype, -1, 1) / d_in**0.5
+            a = (
+                jax.random.uniform(jax.random.fold_in(key, i), (self.rank, d_in), dtype, -1, 1)
+                / d_in**0.5
+            )
             out[m] = {"lora_A": a, "lora_B": jnp.zeros((d_out, self.rank), dtype)}
         return out
 
@@ -111,10 +127,18 @@ class LoRA:
         out = dict(frozen)
         for m, a in adapters.items():
             w = frozen[m + ".weight"]
-            out[m + ".weight"] = w + (self.alpha / self.rank * (a["lora_B"] @ a["lora_A"])).T.astype(w.dtype)
+            out[m + ".weight"] = w + (
+                self.alpha / self.rank * (a["lora_B"] @ a["lora_A"])
+            ).T.astype(w.dtype)
         return out
 
     def export(self, adapters: dict) -> dict[str, dict]:
         """numpy adapters with alpha, for `minflux.lora.save`."""
-        return {m: {"lora_A": np.asarray(a["lora_A"]), "lora_B": np.asarray(a["lora_B"]), "alpha": self.alpha}
-                for m, a in jax.device_get(adapters).items()}
+        return {
+            m: {
+                "lora_A": np.asarray(a["lora_A"]),
+                "lora_B": np.asarray(a["lora_B"]),
+                "alpha": self.alpha,
+            }
+            for m, a in jax.device_get(adapters).items()
+        }

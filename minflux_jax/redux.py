@@ -37,14 +37,27 @@ from minflux_jax.text.clip import layer_norm
 class SiglipVisionEmbeddings(nnx.Module):
     def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs: nnx.Rngs):
         p = cfg.patch_size
-        self.patch_embedding = nnx.Conv(cfg.num_channels, cfg.hidden_size, (p, p), (p, p), padding="VALID",
-                                        dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.position_embedding = nnx.Embed((cfg.image_size // p) ** 2, cfg.hidden_size, dtype=dtype,
-                                            param_dtype=dtype, rngs=rngs)
+        self.patch_embedding = nnx.Conv(
+            cfg.num_channels,
+            cfg.hidden_size,
+            (p, p),
+            (p, p),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=dtype,
+            rngs=rngs,
+        )
+        self.position_embedding = nnx.Embed(
+            (cfg.image_size // p) ** 2, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
 
-    def __call__(self, pixels: Array) -> Array:  # (B, H, W, 3) -> (B, N, D), N = (H / patch) * (W / patch)
+    def __call__(
+        self, pixels: Array
+    ) -> Array:  # (B, H, W, 3) -> (B, N, D), N = (H / patch) * (W / patch)
         x = rearrange(self.patch_embedding(pixels), "B h w D -> B (h w) D")
-        return x + self.position_embedding.embedding[...]  # no interpolation: the image is resized to image_size
+        return (
+            x + self.position_embedding.embedding[...]
+        )  # no interpolation: the image is resized to image_size
 
 
 class SiglipAttention(nnx.Module):
@@ -60,8 +73,10 @@ class SiglipAttention(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         # jax.nn.dot_product_attention takes (B, L, H, D).
-        q, k, v = (rearrange(lin(x), "B L (H D) -> B L H D", H=self.num_heads)
-                   for lin in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            rearrange(lin(x), "B L (H D) -> B L H D", H=self.num_heads)
+            for lin in (self.q_proj, self.k_proj, self.v_proj)
+        )
         x = jax.nn.dot_product_attention(q, k, v)
         return self.out_proj(rearrange(x, "B L H D -> B L (H D)"))
 
@@ -89,7 +104,9 @@ class SiglipEncoderLayer(nnx.Module):
 
 class SiglipEncoder(nnx.Module):
     def __init__(self, cfg: SiglipVisionConfig, *, dtype, rngs: nnx.Rngs):
-        self.layers = nnx.List(SiglipEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers))
+        self.layers = nnx.List(
+            SiglipEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)
+        )
 
     def __call__(self, x: Array) -> Array:
         for layer in self.layers:
@@ -118,7 +135,14 @@ class SiglipVisionTransformer(nnx.Module):
 class ReduxImageEncoder(nnx.Module):
     """SigLIP tokens (B, N, redux_dim) -> T5-space tokens (B, N, txt_in_features): down(silu(up(x)))."""
 
-    def __init__(self, redux_dim: int = 1152, txt_in_features: int = 4096, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        redux_dim: int = 1152,
+        txt_in_features: int = 4096,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.redux_up = linear(redux_dim, txt_in_features * 3, True, dtype, rngs)
         self.redux_down = linear(txt_in_features * 3, txt_in_features, True, dtype, rngs)
 
@@ -154,8 +178,12 @@ def _encode(siglip: SiglipVisionTransformer, embedder: ReduxImageEncoder, pixels
 class ReduxEncoder:
     """SigLIP, its preprocessing and the embedder: `encode(images)` -> (N, 729, 4096) tokens for `redux_prompt`."""
 
-    def __init__(self, siglip: SiglipVisionTransformer, embedder: ReduxImageEncoder,
-                 preprocessor: redux.Preprocessor):
+    def __init__(
+        self,
+        siglip: SiglipVisionTransformer,
+        embedder: ReduxImageEncoder,
+        preprocessor: redux.Preprocessor,
+    ):
         self.siglip, self.embedder, self.preprocessor = siglip, embedder, preprocessor
 
     def encode(self, images) -> Array:
@@ -169,12 +197,19 @@ def load_redux(directory, dtype=jnp.bfloat16, *, embedder=None) -> ReduxEncoder:
     """Redux from a repo root (image_encoder/, feature_extractor/, flux1-redux-dev.safetensors or image_embedder/)
     or a SigLIP directory plus `embedder` (the official file). See `minflux.redux.resolve`."""
     files = redux.resolve(directory, embedder)
-    proc = redux.Preprocessor.from_file(files.preprocessor) if files.preprocessor else redux.Preprocessor()
-    return ReduxEncoder(load_siglip(files.siglip, dtype), load_embedder(files.embedder, dtype), proc)
+    proc = (
+        redux.Preprocessor.from_file(files.preprocessor)
+        if files.preprocessor
+        else redux.Preprocessor()
+    )
+    return ReduxEncoder(
+        load_siglip(files.siglip, dtype), load_embedder(files.embedder, dtype), proc
+    )
 
 
-def redux_prompt(txt: Array, vec: Array | None, image_tokens: Array, scale=1.0,
-                 pooled_scale=1.0) -> tuple[Array, Array | None]:
+def redux_prompt(
+    txt: Array, vec: Array | None, image_tokens: Array, scale=1.0, pooled_scale=1.0
+) -> tuple[Array, Array | None]:
     """The T5 context with Redux image tokens appended, as the official pipelines build it.
 
     txt (1, L, D) and vec (1, 768) of one prompt; image_tokens (N, T, D) from `ReduxEncoder.encode`. Each image i
@@ -186,7 +221,9 @@ def redux_prompt(txt: Array, vec: Array | None, image_tokens: Array, scale=1.0,
         raise ValueError(f"Redux extends one prompt: txt has batch {txt.shape[0]}")
     n = image_tokens.shape[0]
     s = jnp.asarray(redux.scales(n, scale, "scale"), txt.dtype)
-    rows = jnp.concatenate((jnp.broadcast_to(txt, (n, *txt.shape[1:])), image_tokens.astype(txt.dtype)), axis=1)
+    rows = jnp.concatenate(
+        (jnp.broadcast_to(txt, (n, *txt.shape[1:])), image_tokens.astype(txt.dtype)), axis=1
+    )
     rows = rows * s[:, None, None]
     if vec is not None:
         p = jnp.asarray(redux.scales(n, pooled_scale, "pooled_scale"), vec.dtype)

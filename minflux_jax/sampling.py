@@ -39,8 +39,15 @@ _PROGRESS = {"bar": None}  # the tqdm bar the compiled loop's callback ticks (No
 # ---------------------------------------------------------------------------------------------
 
 
-def get_noise(num_samples: int, height: int, width: int, family: str, seed: int, dtype=jnp.float32,
-              pixels_per_token: int = 16) -> Array:
+def get_noise(
+    num_samples: int,
+    height: int,
+    width: int,
+    family: str,
+    seed: int,
+    dtype=jnp.float32,
+    pixels_per_token: int = 16,
+) -> Array:
     """Seeded Gaussian latents, NHWC: FLUX.1 (B, H/8, W/8, 16); FLUX.2 (B, H/16, W/16, 128).
 
     `pixels_per_token` is 16 for the real autoencoders (the tiny test ones downsample less). Drawn in fp32
@@ -88,7 +95,9 @@ def reference_tokens(refs: list[Array], family: str) -> tuple[Array, Array]:
     """
     spec = configs.FAMILIES[family]
     if spec.max_refs is not None and len(refs) > spec.max_refs:
-        raise ValueError(f"{family} takes at most {spec.max_refs} reference image(s), got {len(refs)}")
+        raise ValueError(
+            f"{family} takes at most {spec.max_refs} reference image(s), got {len(refs)}"
+        )
     tokens, pos = [], []
     for i, ref in enumerate(refs):
         h, w = token_grid(ref, family)
@@ -101,8 +110,12 @@ def fill_conditioning(masked: Array, mask: Array, factor: int = 8) -> Array:
     """FLUX.1 Fill's extra input channels: the encoded masked image (B, H/8, W/8, 16) and the pixel
     mask (B, H, W, 1), 1 = repaint, folded 8x8 into channels -> (B, L, 64 + 256) tokens. `factor` is the
     autoencoder's downsampling (8; less for the tiny test autoencoders)."""
-    mask = rearrange(mask[..., 0], "b (h ph) (w pw) -> b h w (ph pw)", ph=factor, pw=factor)  # (B, H/8, W/8, 64)
-    return jnp.concatenate((pack(masked, "flux1"), pack(mask.astype(masked.dtype), "flux1")), axis=-1)
+    mask = rearrange(
+        mask[..., 0], "b (h ph) (w pw) -> b h w (ph pw)", ph=factor, pw=factor
+    )  # (B, H/8, W/8, 64)
+    return jnp.concatenate(
+        (pack(masked, "flux1"), pack(mask.astype(masked.dtype), "flux1")), axis=-1
+    )
 
 
 def add_noise(x: Array, noise: Array, t: float) -> Array:
@@ -122,7 +135,10 @@ def inpaint_mask(mask: Array, family: str, factor: int = 8) -> Array:
         m = mask[:, ::factor, ::factor]
         return pack(jnp.broadcast_to(m, (*m.shape[:3], spec.latent_channels)), family)
     f = 2 * factor  # pixels per token
-    lo, hi = (f - 1) // 2, f // 2  # bilinear at align_corners=False samples pixel f * i + (f - 1) / 2
+    lo, hi = (
+        (f - 1) // 2,
+        f // 2,
+    )  # bilinear at align_corners=False samples pixel f * i + (f - 1) / 2
     rows = (mask[:, lo::f] + mask[:, hi::f]) / 2
     return rearrange((rows[:, :, lo::f] + rows[:, :, hi::f]) / 2, "b h w c -> b (h w) c")
 
@@ -132,15 +148,34 @@ def inpaint_mask(mask: Array, family: str, factor: int = 8) -> Array:
 # ---------------------------------------------------------------------------------------------
 
 
-def predict(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, t: Array,
-            vec: Array | None, guidance: Array | None) -> Array:
+def predict(
+    model,
+    img: Array,
+    img_ids: Array,
+    txt: Array,
+    txt_ids: Array,
+    t: Array,
+    vec: Array | None,
+    guidance: Array | None,
+) -> Array:
     """One model call with each family's keyword names (`forward_kwargs`); t and guidance are (B,)."""
     return model(**model.params.forward_kwargs(img, img_ids, txt, txt_ids, t, vec, guidance))
 
 
-def conditioning(model, img_ids: Array, txt: Array, txt_ids: Array, vec=None, guidance=None,
-                 cfg_scale: float = 1.0, neg_txt=None, neg_vec=None, img_cond=None, img_cond_seq=None,
-                 img_cond_seq_ids=None) -> dict:
+def conditioning(
+    model,
+    img_ids: Array,
+    txt: Array,
+    txt_ids: Array,
+    vec=None,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    img_cond=None,
+    img_cond_seq=None,
+    img_cond_seq_ids=None,
+) -> dict:
     """Everything but the latents and the time, batched once before the loop.
 
     Image ids, references, Fill channels and the negative prompt may have a batch of one for any text batch.
@@ -149,14 +184,19 @@ def conditioning(model, img_ids: Array, txt: Array, txt_ids: Array, vec=None, gu
     `guidance` only reaches guidance-distilled models (FLUX.1 dev, FLUX.2 dev); others ignore it, as BFL does.
     """
     b = txt.shape[0]
-    batch = lambda a: None if a is None else jnp.broadcast_to(a, (b, *a.shape[1:]))  # one serves every prompt
+    batch = lambda a: (
+        None if a is None else jnp.broadcast_to(a, (b, *a.shape[1:]))
+    )  # one serves every prompt
     img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec = map(
-        batch, (img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec))
+        batch, (img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec)
+    )
     cfg = neg_txt is not None
     if cfg:
         if neg_txt.shape[1:] != txt.shape[1:]:
-            raise ValueError(f"negative text {tuple(neg_txt.shape)} and text {tuple(txt.shape)} must have the "
-                             f"same length and width (pad both to the text encoder's max length)")
+            raise ValueError(
+                f"negative text {tuple(neg_txt.shape)} and text {tuple(txt.shape)} must have the "
+                f"same length and width (pad both to the text encoder's max length)"
+            )
         if vec is not None and neg_vec is None:
             raise ValueError("FLUX.1 true CFG needs the negative pooled vector `neg_vec` too")
         txt, txt_ids = jnp.concatenate((neg_txt, txt)), jnp.concatenate((txt_ids, txt_ids))
@@ -165,11 +205,20 @@ def conditioning(model, img_ids: Array, txt: Array, txt_ids: Array, vec=None, gu
         raise ValueError("pass both or neither of img_cond_seq and img_cond_seq_ids")
     use_guidance = model.params.guidance_embed and guidance is not None
     if model.params.guidance_embed and guidance is None:
-        raise ValueError("this model is guidance-distilled: pass guidance (e.g. 3.5 for FLUX.1 dev, 4 for FLUX.2 dev)")
-    return {"img_ids": img_ids, "txt": txt, "txt_ids": txt_ids, "vec": vec,
-            "guidance": jnp.asarray(guidance, jnp.float32) if use_guidance else None,
-            "cfg_scale": jnp.asarray(cfg_scale, jnp.float32) if cfg else None,
-            "img_cond": img_cond, "img_cond_seq": img_cond_seq, "img_cond_seq_ids": img_cond_seq_ids}
+        raise ValueError(
+            "this model is guidance-distilled: pass guidance (e.g. 3.5 for FLUX.1 dev, 4 for FLUX.2 dev)"
+        )
+    return {
+        "img_ids": img_ids,
+        "txt": txt,
+        "txt_ids": txt_ids,
+        "vec": vec,
+        "guidance": jnp.asarray(guidance, jnp.float32) if use_guidance else None,
+        "cfg_scale": jnp.asarray(cfg_scale, jnp.float32) if cfg else None,
+        "img_cond": img_cond,
+        "img_cond_seq": img_cond_seq,
+        "img_cond_seq_ids": img_cond_seq_ids,
+    }
 
 
 def velocity(model, img: Array, t: Array, cond: dict) -> Array:
@@ -186,7 +235,16 @@ def velocity(model, img: Array, t: Array, cond: dict) -> Array:
         x, ids = jnp.concatenate((x, x)), jnp.concatenate((ids, ids))  # batch [negative, positive]
     b = x.shape[0]
     guidance = jnp.broadcast_to(cond["guidance"], (b,)) if cond["guidance"] is not None else None
-    pred = predict(model, x, ids, cond["txt"], cond["txt_ids"], jnp.broadcast_to(t, (b,)), cond["vec"], guidance)
+    pred = predict(
+        model,
+        x,
+        ids,
+        cond["txt"],
+        cond["txt_ids"],
+        jnp.broadcast_to(t, (b,)),
+        cond["vec"],
+        guidance,
+    )
     pred = pred[:, : img.shape[1]].astype(jnp.float32)
     if cfg:
         neg, pos = jnp.split(pred, 2)
@@ -203,36 +261,71 @@ def _tick(_):
 @partial(jax.jit, static_argnames=("graphdef", "trajectory"))
 def _denoise_loop(graphdef, state, img: Array, ts: Array, cond: dict, trajectory: bool):
     """The compiled loop: scan over (t_curr, t_prev) pairs; traced once per shapes and options."""
-    TRACES["denoise"] += 1  # a Python side effect: runs when tracing, never when the compiled loop runs
+    TRACES["denoise"] += (
+        1  # a Python side effect: runs when tracing, never when the compiled loop runs
+    )
     model = nnx.merge(graphdef, state)
 
     def step(x, t_pair):
         t_curr, t_prev = t_pair
         x = x + (t_prev - t_curr) * velocity(model, x, t_curr, cond)
-        jax.debug.callback(_tick, t_curr)  # always there (cheap), so a bar on or off reuses the same program
+        jax.debug.callback(
+            _tick, t_curr
+        )  # always there (cheap), so a bar on or off reuses the same program
         return x, x if trajectory else None
 
     x, states = jax.lax.scan(step, img, (ts[:-1], ts[1:]))
     return jnp.concatenate((img[None], states)) if trajectory else x
 
 
-def denoise(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, timesteps: list[float],
-            vec=None, guidance=None, cfg_scale: float = 1.0, neg_txt=None, neg_vec=None, img_cond=None,
-            img_cond_seq=None, img_cond_seq_ids=None, trajectory: bool = False, progress: bool = False) -> Array:
+def denoise(
+    model,
+    img: Array,
+    img_ids: Array,
+    txt: Array,
+    txt_ids: Array,
+    timesteps: list[float],
+    vec=None,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    img_cond=None,
+    img_cond_seq=None,
+    img_cond_seq_ids=None,
+    trajectory: bool = False,
+    progress: bool = False,
+) -> Array:
     """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from tokens img.
 
     img (B, L, C), img_ids (B, L, axes), txt (B, Lt, context_in_dim), txt_ids (B, Lt, axes), vec (B, 768)
     for FLUX.1; conditioning as in `conditioning`. Returns the final tokens (B, L, C) in fp32, or with
     `trajectory=True` every state (steps + 1, B, L, C), the input first: the parity suite compares these.
     """
-    cond = conditioning(model, img_ids, txt, txt_ids, vec, guidance, cfg_scale, neg_txt, neg_vec, img_cond,
-                        img_cond_seq, img_cond_seq_ids)
-    ts = jnp.asarray(timesteps, jnp.float32)  # traced: a new schedule of the same length does not recompile
+    cond = conditioning(
+        model,
+        img_ids,
+        txt,
+        txt_ids,
+        vec,
+        guidance,
+        cfg_scale,
+        neg_txt,
+        neg_vec,
+        img_cond,
+        img_cond_seq,
+        img_cond_seq_ids,
+    )
+    ts = jnp.asarray(
+        timesteps, jnp.float32
+    )  # traced: a new schedule of the same length does not recompile
     graphdef, state = nnx.split(model)
     with tqdm(total=len(timesteps) - 1, desc="denoising", unit="step", disable=not progress) as bar:
         _PROGRESS["bar"] = bar if progress else None
         try:
-            out = _denoise_loop(graphdef, state, jnp.asarray(img, jnp.float32), ts, cond, trajectory)
+            out = _denoise_loop(
+                graphdef, state, jnp.asarray(img, jnp.float32), ts, cond, trajectory
+            )
             out.block_until_ready()
             jax.effects_barrier()  # every tick delivered before the bar closes
         finally:
@@ -240,9 +333,23 @@ def denoise(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, times
     return out
 
 
-def sample(model, noise: Array, txt: Array, vec=None, steps: int = 28, guidance=None, cfg_scale: float = 1.0,
-           neg_txt=None, neg_vec=None, refs=(), img_cond=None, init=None, strength: float = 1.0,
-           shift: bool | None = None, progress: bool = False) -> Array:
+def sample(
+    model,
+    noise: Array,
+    txt: Array,
+    vec=None,
+    steps: int = 28,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    refs=(),
+    img_cond=None,
+    init=None,
+    strength: float = 1.0,
+    shift: bool | None = None,
+    progress: bool = False,
+) -> Array:
     """Generate latents (NHWC, the shape of `noise`) for text `txt` (and pooled `vec` for FLUX.1).
 
     refs: encoded reference latents (Kontext, FLUX.2 multi-reference); img_cond: FLUX.1 Fill tokens from
@@ -259,12 +366,28 @@ def sample(model, noise: Array, txt: Array, vec=None, steps: int = 28, guidance=
     shift = model.params.guidance_embed if shift is None else shift
     timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
     if init is not None:
-        timesteps = timesteps[schedules.strength_start(steps, strength):]
-        img = add_noise(pack(init, family).astype(jnp.float32), img.astype(jnp.float32), timesteps[0])
+        timesteps = timesteps[schedules.strength_start(steps, strength) :]
+        img = add_noise(
+            pack(init, family).astype(jnp.float32), img.astype(jnp.float32), timesteps[0]
+        )
     ref_tok, ref_ids = reference_tokens(list(refs), family) if len(refs) else (None, None)
-    out = denoise(model, img, img_ids, txt, text_ids(b, txt.shape[1], family), timesteps,
-                  vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt, neg_vec=neg_vec,
-                  img_cond=img_cond, img_cond_seq=ref_tok, img_cond_seq_ids=ref_ids, progress=progress)
+    out = denoise(
+        model,
+        img,
+        img_ids,
+        txt,
+        text_ids(b, txt.shape[1], family),
+        timesteps,
+        vec=vec,
+        guidance=guidance,
+        cfg_scale=cfg_scale,
+        neg_txt=neg_txt,
+        neg_vec=neg_vec,
+        img_cond=img_cond,
+        img_cond_seq=ref_tok,
+        img_cond_seq_ids=ref_ids,
+        progress=progress,
+    )
     return unpack(out, h, w, family)
 
 
@@ -274,7 +397,9 @@ def sample(model, noise: Array, txt: Array, vec=None, steps: int = 28, guidance=
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
-def _inpaint_loop(graphdef, state, img: Array, ts: Array, cond: dict, init: Array, noise: Array, mask: Array):
+def _inpaint_loop(
+    graphdef, state, img: Array, ts: Array, cond: dict, init: Array, noise: Array, mask: Array
+):
     """The compiled inpainting loop: `_denoise_loop`'s step followed by the blend; traced once per shapes."""
     TRACES["inpaint"] += 1
     model = nnx.merge(graphdef, state)
@@ -290,25 +415,56 @@ def _inpaint_loop(graphdef, state, img: Array, ts: Array, cond: dict, init: Arra
     return x
 
 
-def denoise_inpaint(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, timesteps: list[float],
-                    init: Array, noise: Array, mask: Array, vec=None, guidance=None, cfg_scale: float = 1.0,
-                    neg_txt=None, neg_vec=None, img_cond_seq=None, img_cond_seq_ids=None,
-                    progress: bool = False) -> Array:
+def denoise_inpaint(
+    model,
+    img: Array,
+    img_ids: Array,
+    txt: Array,
+    txt_ids: Array,
+    timesteps: list[float],
+    init: Array,
+    noise: Array,
+    mask: Array,
+    vec=None,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    img_cond_seq=None,
+    img_cond_seq_ids=None,
+    progress: bool = False,
+) -> Array:
     """`denoise`, and after every step the known region is reset to the init tokens noised to the new time
     (diffusers' `FluxInpaintPipeline` / `Flux2KleinInpaintPipeline` loops):
     x <- x + (t_prev - t_curr) * v;  x <- (1 - mask) * add_noise(init, noise, t_prev) + mask * x.
     At the last step t_prev = 0, so the known region ends exactly as init. init, noise (B, L, C) tokens; mask from
     `inpaint_mask`, (B, L, C) or (B, L, 1). Returns the final tokens (B, L, C) in fp32.
     """
-    cond = conditioning(model, img_ids, txt, txt_ids, vec, guidance, cfg_scale, neg_txt, neg_vec, None,
-                        img_cond_seq, img_cond_seq_ids)
+    cond = conditioning(
+        model,
+        img_ids,
+        txt,
+        txt_ids,
+        vec,
+        guidance,
+        cfg_scale,
+        neg_txt,
+        neg_vec,
+        None,
+        img_cond_seq,
+        img_cond_seq_ids,
+    )
     ts = jnp.asarray(timesteps, jnp.float32)
     graphdef, state = nnx.split(model)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
-    with tqdm(total=len(timesteps) - 1, desc="inpainting", unit="step", disable=not progress) as bar:
+    with tqdm(
+        total=len(timesteps) - 1, desc="inpainting", unit="step", disable=not progress
+    ) as bar:
         _PROGRESS["bar"] = bar if progress else None
         try:
-            out = _inpaint_loop(graphdef, state, f32(img), ts, cond, f32(init), f32(noise), f32(mask))
+            out = _inpaint_loop(
+                graphdef, state, f32(img), ts, cond, f32(init), f32(noise), f32(mask)
+            )
             out.block_until_ready()
             jax.effects_barrier()
         finally:
@@ -316,9 +472,24 @@ def denoise_inpaint(model, img: Array, img_ids: Array, txt: Array, txt_ids: Arra
     return out
 
 
-def sample_inpaint(model, noise: Array, txt: Array, init: Array, mask: Array, vec=None, steps: int = 28,
-                   strength: float = 1.0, guidance=None, cfg_scale: float = 1.0, neg_txt=None, neg_vec=None,
-                   refs=(), factor: int = 8, shift: bool | None = None, progress: bool = False) -> Array:
+def sample_inpaint(
+    model,
+    noise: Array,
+    txt: Array,
+    init: Array,
+    mask: Array,
+    vec=None,
+    steps: int = 28,
+    strength: float = 1.0,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    refs=(),
+    factor: int = 8,
+    shift: bool | None = None,
+    progress: bool = False,
+) -> Array:
     """Inpaint with an ordinary model: latents (NHWC, the shape of `noise`) that keep `init` where mask is 0.
 
     init: the encoded image (FLUX.1 (B, H/8, W/8, 16); FLUX.2 (B, H/16, W/16, 128), normalised as our
@@ -334,20 +505,43 @@ def sample_inpaint(model, noise: Array, txt: Array, init: Array, mask: Array, ve
     if txt.shape[0] != b:
         raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
     if init.shape[1:] != noise.shape[1:]:
-        raise ValueError(f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in size")
+        raise ValueError(
+            f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in size"
+        )
     m = inpaint_mask(mask, family, factor)
     if m.shape[1] != h * w:
-        raise ValueError(f"mask {tuple(mask.shape)} does not cover the {h} x {w} token grid at factor {factor}")
+        raise ValueError(
+            f"mask {tuple(mask.shape)} does not cover the {h} x {w} token grid at factor {factor}"
+        )
     shift = model.params.guidance_embed if shift is None else shift
     timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
-    timesteps = timesteps[schedules.strength_start(steps, strength):]
-    init_tok, noise_tok = pack(init, family).astype(jnp.float32), pack(noise, family).astype(jnp.float32)
+    timesteps = timesteps[schedules.strength_start(steps, strength) :]
+    init_tok, noise_tok = (
+        pack(init, family).astype(jnp.float32),
+        pack(noise, family).astype(jnp.float32),
+    )
     img, img_ids = add_noise(init_tok, noise_tok, timesteps[0]), image_ids(b, h, w, family)
     refs = [init, *refs] if model.params.inpaint_init_ref else list(refs)
     ref_tok, ref_ids = reference_tokens(refs, family) if refs else (None, None)
-    out = denoise_inpaint(model, img, img_ids, txt, text_ids(b, txt.shape[1], family), timesteps,
-                          init_tok, noise_tok, m, vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt,
-                          neg_vec=neg_vec, img_cond_seq=ref_tok, img_cond_seq_ids=ref_ids, progress=progress)
+    out = denoise_inpaint(
+        model,
+        img,
+        img_ids,
+        txt,
+        text_ids(b, txt.shape[1], family),
+        timesteps,
+        init_tok,
+        noise_tok,
+        m,
+        vec=vec,
+        guidance=guidance,
+        cfg_scale=cfg_scale,
+        neg_txt=neg_txt,
+        neg_vec=neg_vec,
+        img_cond_seq=ref_tok,
+        img_cond_seq_ids=ref_ids,
+        progress=progress,
+    )
     return unpack(out, h, w, family)
 
 
@@ -357,19 +551,36 @@ def sample_inpaint(model, noise: Array, txt: Array, init: Array, mask: Array, ve
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cached"))
-def _kv_loop(graphdef, state, img: Array, ts: Array, txt: Array, txt_ids: Array, img_ids: Array, ref: Array,
-             ref_ids: Array, cached: bool):
+def _kv_loop(
+    graphdef,
+    state,
+    img: Array,
+    ts: Array,
+    txt: Array,
+    txt_ids: Array,
+    img_ids: Array,
+    ref: Array,
+    ref_ids: Array,
+    cached: bool,
+):
     """The compiled klein KV loop: the first step with the references (filling the caches), then a scan over
     the rest that reads the caches (traced values, part of the program) or recomputes them."""
     TRACES["kv"] += 1
     model = nnx.merge(graphdef, state)
     b, n = txt.shape[0], ref.shape[1]
 
-    def with_refs(x, t):  # the references in the sequence; returns the velocity and the filled caches
+    def with_refs(
+        x, t
+    ):  # the references in the sequence; returns the velocity and the filled caches
         kv = model.kv_caches(n)
-        pred = model(x=jnp.concatenate((x, ref.astype(x.dtype)), axis=1),
-                     x_ids=jnp.concatenate((img_ids, ref_ids), axis=1), timesteps=jnp.broadcast_to(t, (b,)),
-                     ctx=txt, ctx_ids=txt_ids, kv=kv)
+        pred = model(
+            x=jnp.concatenate((x, ref.astype(x.dtype)), axis=1),
+            x_ids=jnp.concatenate((img_ids, ref_ids), axis=1),
+            timesteps=jnp.broadcast_to(t, (b,)),
+            ctx=txt,
+            ctx_ids=txt_ids,
+            kv=kv,
+        )
         return pred[:, : x.shape[1]].astype(jnp.float32), [(c.k, c.v) for c in kv]
 
     v, cache = with_refs(img, ts[0])
@@ -380,8 +591,14 @@ def _kv_loop(graphdef, state, img: Array, ts: Array, txt: Array, txt_ids: Array,
         t_curr, t_prev = t_pair
         if cached:
             kv = [RefKV(n, k, v) for k, v in cache]
-            pred = model(x=x, x_ids=img_ids, timesteps=jnp.broadcast_to(t_curr, (b,)), ctx=txt, ctx_ids=txt_ids,
-                         kv=kv).astype(jnp.float32)
+            pred = model(
+                x=x,
+                x_ids=img_ids,
+                timesteps=jnp.broadcast_to(t_curr, (b,)),
+                ctx=txt,
+                ctx_ids=txt_ids,
+                kv=kv,
+            ).astype(jnp.float32)
         else:
             pred = with_refs(x, t_curr)[0]
         x = x + (t_prev - t_curr) * pred
@@ -392,8 +609,18 @@ def _kv_loop(graphdef, state, img: Array, ts: Array, txt: Array, txt_ids: Array,
     return x
 
 
-def denoise_kv(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, timesteps: list[float],
-               ref: Array, ref_ids: Array, cached: bool = True, progress: bool = False) -> Array:
+def denoise_kv(
+    model,
+    img: Array,
+    img_ids: Array,
+    txt: Array,
+    txt_ids: Array,
+    timesteps: list[float],
+    ref: Array,
+    ref_ids: Array,
+    cached: bool = True,
+    progress: bool = False,
+) -> Array:
     """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the reference
     tokens ref (B or 1, Lr, 128) attend only to themselves and are modulated at t = 0, so their keys and values
     are the same at every step. cached=True computes them at the first step and reuses them (the references
@@ -403,14 +630,26 @@ def denoise_kv(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, ti
     if model.params.guidance_embed:
         raise ValueError("klein KV sampling takes no guidance: this model has a guidance embedder")
     b = txt.shape[0]
-    img_ids, txt_ids, ref, ref_ids = (jnp.broadcast_to(a, (b, *a.shape[1:])) for a in (img_ids, txt_ids, ref, ref_ids))
+    img_ids, txt_ids, ref, ref_ids = (
+        jnp.broadcast_to(a, (b, *a.shape[1:])) for a in (img_ids, txt_ids, ref, ref_ids)
+    )
     ts = jnp.asarray(timesteps, jnp.float32)
     graphdef, state = nnx.split(model)
     with tqdm(total=len(timesteps) - 1, desc="denoising", unit="step", disable=not progress) as bar:
         _PROGRESS["bar"] = bar if progress else None
         try:
-            out = _kv_loop(graphdef, state, jnp.asarray(img, jnp.float32), ts, txt, txt_ids, img_ids, ref, ref_ids,
-                           cached)
+            out = _kv_loop(
+                graphdef,
+                state,
+                jnp.asarray(img, jnp.float32),
+                ts,
+                txt,
+                txt_ids,
+                img_ids,
+                ref,
+                ref_ids,
+                cached,
+            )
             out.block_until_ready()
             jax.effects_barrier()
         finally:
@@ -418,19 +657,38 @@ def denoise_kv(model, img: Array, img_ids: Array, txt: Array, txt_ids: Array, ti
     return out
 
 
-def sample_kv(model, noise: Array, txt: Array, refs, steps: int = 4, cached: bool = True,
-              progress: bool = False) -> Array:
+def sample_kv(
+    model,
+    noise: Array,
+    txt: Array,
+    refs,
+    steps: int = 4,
+    cached: bool = True,
+    progress: bool = False,
+) -> Array:
     """Generate latents (NHWC, the shape of `noise`) with a klein KV model from reference latents `refs` (each
     NHWC, any size; reference i at t = 10 + 10 i) and text `txt`; see `denoise_kv`."""
     family = model.params.family
     if not len(refs):
-        raise ValueError("klein KV sampling needs at least one reference image (without, use `sample`)")
+        raise ValueError(
+            "klein KV sampling needs at least one reference image (without, use `sample`)"
+        )
     h, w = token_grid(noise, family)
     b = noise.shape[0]
     if txt.shape[0] != b:
         raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
     timesteps = schedules.get_schedule(steps, h * w, family)
     ref_tok, ref_ids = reference_tokens(list(refs), family)
-    out = denoise_kv(model, pack(noise, family), image_ids(b, h, w, family), txt, text_ids(b, txt.shape[1], family),
-                     timesteps, ref_tok, ref_ids, cached=cached, progress=progress)
+    out = denoise_kv(
+        model,
+        pack(noise, family),
+        image_ids(b, h, w, family),
+        txt,
+        text_ids(b, txt.shape[1], family),
+        timesteps,
+        ref_tok,
+        ref_ids,
+        cached=cached,
+        progress=progress,
+    )
     return unpack(out, h, w, family)

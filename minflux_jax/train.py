@@ -41,8 +41,14 @@ def shift_timesteps(t: Array, mu: float) -> Array:
     return math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t)
 
 
-def sample_timesteps(key: Array, batch: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
-                     mu: float | None = None) -> Array:
+def sample_timesteps(
+    key: Array,
+    batch: int,
+    kind: str = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    mu: float | None = None,
+) -> Array:
     """(B,) times in (0, 1): logit-normal sigmoid(mean + std z) (SD3's default) or uniform, then shifted by mu."""
     if kind == "uniform":
         t = jax.random.uniform(key, (batch,), jnp.float32)
@@ -62,8 +68,15 @@ def loss_weight(t: Array, kind: str = "none") -> Array:
     raise ValueError(f"loss weighting {kind!r}: expected 'none' or 'cosmap'")
 
 
-def flow_loss(model, batch: dict, noise: Array, t: Array, weighting: str = "none", remat: str = "none",
-              gather=None) -> Array:
+def flow_loss(
+    model,
+    batch: dict,
+    noise: Array,
+    t: Array,
+    weighting: str = "none",
+    remat: str = "none",
+    gather=None,
+) -> Array:
     """Rectified-flow MSE for clean tokens batch["img"] (B, L, C), noise (B, L, C) and times t (B,).
 
     batch also holds img_ids, txt, txt_ids, and vec (FLUX.1's pooled vector) and guidance when the model takes them.
@@ -90,7 +103,8 @@ REMAT_POLICIES = {  # what the backward pass may keep from the forward pass of e
     "attention": jax.checkpoint_policies.save_only_these_names("attention"),
     "attention_dots": jax.checkpoint_policies.save_from_both_policies(  # attention outputs + weight matmuls
         jax.checkpoint_policies.save_only_these_names("attention"),
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    ),
 }
 
 
@@ -130,8 +144,15 @@ def forward(model, x: Array, t: Array, batch: dict, remat: str = "none", gather=
     reduces their gradients, instead of resharding activations to match sharded weights. The weights outside
     blocks are gathered by `loss_fn`.
     """
-    kw = model.params.forward_kwargs(x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch.get("vec"),
-                                     batch.get("guidance"))
+    kw = model.params.forward_kwargs(
+        x,
+        batch["img_ids"],
+        batch["txt"],
+        batch["txt_ids"],
+        t,
+        batch.get("vec"),
+        batch.get("guidance"),
+    )
     hook = block_hook(remat, gather)
     return model(**kw) if hook is None else model(**kw, run_block=hook)
 
@@ -147,7 +168,9 @@ def split_params(model) -> tuple[nnx.GraphDef, dict[str, Array], dict[str, tuple
     flat = dict(nnx.to_flat_state(state))
     paths = {key: path for path, (key, _) in torch_keys(model).items()}
     if len(paths) != len(flat):
-        raise ValueError(f"{type(model).__name__}: state {len(flat)} entries, BFL names {len(paths)}")
+        raise ValueError(
+            f"{type(model).__name__}: state {len(flat)} entries, BFL names {len(paths)}"
+        )
     return graphdef, {key: flat[path][...] for key, path in paths.items()}, paths
 
 
@@ -175,9 +198,18 @@ def lr_schedule(lr: float, warmup: int, steps: int, final: float = 0.1):
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), final * lr)
 
 
-def make_optimizer(lr: float = 1e-4, warmup: int = 0, steps: int = 1000, weight_decay: float = 0.0,
-                   clip: float = 1.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   accumulate: int = 1, mu_dtype=None) -> optax.GradientTransformation:
+def make_optimizer(
+    lr: float = 1e-4,
+    warmup: int = 0,
+    steps: int = 1000,
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    accumulate: int = 1,
+    mu_dtype=None,
+) -> optax.GradientTransformation:
     """AdamW on a warm-up + cosine schedule, after global-norm clipping; weight decay on matrices only.
 
     mu_dtype: the first moment's dtype (e.g. jnp.bfloat16 beside fp32 weights: a quarter less optimiser
@@ -187,9 +219,18 @@ def make_optimizer(lr: float = 1e-4, warmup: int = 0, steps: int = 1000, weight_
     update applied on the last (the schedule counts updates, not calls).
     """
     decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.chain(optax.clip_by_global_norm(clip),
-                     optax.adamw(lr_schedule(lr, warmup, steps), b1=b1, b2=b2, eps=eps,
-                                 weight_decay=weight_decay, mask=decay, mu_dtype=mu_dtype))
+    tx = optax.chain(
+        optax.clip_by_global_norm(clip),
+        optax.adamw(
+            lr_schedule(lr, warmup, steps),
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            mask=decay,
+            mu_dtype=mu_dtype,
+        ),
+    )
     return optax.MultiSteps(tx, accumulate) if accumulate > 1 else tx
 
 
@@ -198,13 +239,31 @@ def step_inputs(key: Array, batch: dict, family: str, timesteps: dict) -> tuple[
     k_noise, k_t = jax.random.split(key)
     x0 = batch["img"]
     mu = resolution_mu(x0.shape[1]) if timesteps.get("shift") else None
-    t = sample_timesteps(k_t, x0.shape[0], timesteps.get("kind", "logit_normal"), timesteps.get("mean", 0.0),
-                         timesteps.get("std", 1.0), mu)
+    t = sample_timesteps(
+        k_t,
+        x0.shape[0],
+        timesteps.get("kind", "logit_normal"),
+        timesteps.get("mean", 0.0),
+        timesteps.get("std", 1.0),
+        mu,
+    )
     return jax.random.normal(k_noise, x0.shape, jnp.float32), t
 
 
-def loss_fn(trainable: dict, frozen: dict, graphdef, paths, batch: dict, noise: Array, t: Array,
-            compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None, gather=None) -> Array:
+def loss_fn(
+    trainable: dict,
+    frozen: dict,
+    graphdef,
+    paths,
+    batch: dict,
+    noise: Array,
+    t: Array,
+    compute_dtype=jnp.float32,
+    weighting: str = "none",
+    remat: str = "none",
+    lora=None,
+    gather=None,
+) -> Array:
     """The loss as a function of the trainable parameters (fp32 masters or bf16), cast to the compute dtype.
 
     Full fine-tuning: trainable holds every weight, frozen is empty. LoRA: trainable holds the adapters,
@@ -216,7 +275,9 @@ def loss_fn(trainable: dict, frozen: dict, graphdef, paths, batch: dict, noise: 
     params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     if gather is not None:
         params = gather_outside_blocks(params, gather)
-    return flow_loss(merge_params(graphdef, params, paths), batch, noise, t, weighting, remat, gather)
+    return flow_loss(
+        merge_params(graphdef, params, paths), batch, noise, t, weighting, remat, gather
+    )
 
 
 def ema_decay(step: Array, decay: float) -> Array:
@@ -224,9 +285,23 @@ def ema_decay(step: Array, decay: float) -> Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, paths, tx, family: str, timesteps: dict,
-               compute_dtype=jnp.float32, weighting: str = "none", remat: str = "none", lora=None, ema: float = 0.0,
-               gather=None):
+def train_step(
+    state: dict,
+    frozen: dict,
+    batch: dict,
+    *,
+    graphdef,
+    paths,
+    tx,
+    family: str,
+    timesteps: dict,
+    compute_dtype=jnp.float32,
+    weighting: str = "none",
+    remat: str = "none",
+    lora=None,
+    ema: float = 0.0,
+    gather=None,
+):
     """One optimiser step: state {"params", "opt_state", "step", "key"[, "ema"]} -> (new state, metrics).
 
     Noise and times come from fold_in(key, step), so a resumed run draws exactly what the first run would.
@@ -235,14 +310,27 @@ def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, paths, tx, f
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
     noise, t = step_inputs(key, batch, family, timesteps)
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, graphdef, paths, batch, noise, t,
-                                              compute_dtype, weighting, remat, lora, gather)
+    loss, grads = jax.value_and_grad(loss_fn)(
+        state["params"],
+        frozen,
+        graphdef,
+        paths,
+        batch,
+        noise,
+        t,
+        compute_dtype,
+        weighting,
+        remat,
+        lora,
+        gather,
+    )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}
     if ema > 0:
         updated = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
         d = jnp.where(updated, ema_decay(state["step"].astype(jnp.float32), ema), 1.0)
-        new["ema"] = jax.tree.map(lambda e, p: (d * e + (1 - d) * p.astype(e.dtype)).astype(e.dtype), state["ema"],
-                                  params)
+        new["ema"] = jax.tree.map(
+            lambda e, p: (d * e + (1 - d) * p.astype(e.dtype)).astype(e.dtype), state["ema"], params
+        )
     return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}

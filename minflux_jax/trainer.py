@@ -43,11 +43,21 @@ from minflux.checkpoint import CheckpointError
 from minflux_jax import load, sampling
 from minflux_jax.layers import set_attention_implementation
 from minflux_jax.lora import LoRA, linear_names
-from minflux_jax.train import make_optimizer, merge_params, resolution_mu, shift_timesteps, split_params, train_step
+from minflux_jax.train import (
+    make_optimizer,
+    merge_params,
+    resolution_mu,
+    shift_timesteps,
+    split_params,
+    train_step,
+)
 
 PRECISIONS = {  # (master weights, compute)
     "fp32": (jnp.float32, jnp.float32),
-    "bf16-mixed": (jnp.float32, jnp.bfloat16),  # fp32 masters and optimiser state, bf16 forward/backward
+    "bf16-mixed": (
+        jnp.float32,
+        jnp.bfloat16,
+    ),  # fp32 masters and optimiser state, bf16 forward/backward
     "bf16": (jnp.bfloat16, jnp.bfloat16),  # everything bf16: half the memory, noisier updates
 }
 
@@ -65,18 +75,26 @@ class TrainOptions:
     accumulate: int = 1  # micro-batches per update (optax.MultiSteps)
     precision: str = "fp32"
     remat: str = "none"  # none | full | dots | dots_no_batch | attention | attention_dots (train.REMAT_POLICIES)
-    attention: str = "auto"  # the blocks' attention backend: auto (cuDNN on GPU where it applies) | xla | cudnn
-    timesteps: dict = field(default_factory=lambda: {"kind": "logit_normal", "mean": 0.0, "std": 1.0, "shift": False})
+    attention: str = (
+        "auto"  # the blocks' attention backend: auto (cuDNN on GPU where it applies) | xla | cudnn
+    )
+    timesteps: dict = field(
+        default_factory=lambda: {"kind": "logit_normal", "mean": 0.0, "std": 1.0, "shift": False}
+    )
     weighting: str = "none"
     guidance: float | None = None  # the value fed to guidance-distilled models
     seed: int = 0
     mesh: tuple[int, int] = (1, 1)  # (data, fsdp); -1 in one place: all remaining devices
-    ema: float = 0.0  # > 0: keep an EMA of the trained weights with this decay; sampling and export use it
+    ema: float = (
+        0.0  # > 0: keep an EMA of the trained weights with this decay; sampling and export use it
+    )
     lora_rank: int = 0  # > 0: train LoRA adapters, base frozen
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = lora_files.DEFAULT_TARGETS
     init: str | None = None  # base weights (safetensors, any layout) instead of a random init
-    init_lora: str | None = None  # start the adapters from this LoRA file (any format): its modules and rank
+    init_lora: str | None = (
+        None  # start the adapters from this LoRA file (any format): its modules and rank
+    )
     ckpt_dir: str | None = None
     save_every: int = 0  # 0: no periodic checkpoints
     keep: int = 2
@@ -92,7 +110,9 @@ class TrainOptions:
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"TrainOptions.ema must be in [0, 1), got {self.ema}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainOptions.precision {self.precision!r}: expected one of {list(PRECISIONS)}")
+            raise ValueError(
+                f"TrainOptions.precision {self.precision!r}: expected one of {list(PRECISIONS)}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,11 +126,21 @@ def run_record(cfg, opts: TrainOptions, mesh: tuple[int, int]) -> dict:
     """The options a resumed run must share with the saved one: the model config, the batch (the data
     position of a step is step x batch_size), accumulation, LoRA, precision, EMA (the state's tree and
     dtypes), and the resolved (data, fsdp) mesh. JSON-ready, as `check_resume` compares it."""
-    return json.loads(json.dumps({
-        "config": {"class": type(cfg).__name__, **dataclasses.asdict(cfg)}, "batch_size": opts.batch_size,
-        "accumulate": opts.accumulate, "lora_rank": opts.lora_rank, "lora_alpha": opts.lora_alpha,
-        "lora_targets": list(opts.lora_targets), "precision": opts.precision, "ema": opts.ema > 0,
-        "mesh": list(mesh)}))
+    return json.loads(
+        json.dumps(
+            {
+                "config": {"class": type(cfg).__name__, **dataclasses.asdict(cfg)},
+                "batch_size": opts.batch_size,
+                "accumulate": opts.accumulate,
+                "lora_rank": opts.lora_rank,
+                "lora_alpha": opts.lora_alpha,
+                "lora_targets": list(opts.lora_targets),
+                "precision": opts.precision,
+                "ema": opts.ema > 0,
+                "mesh": list(mesh),
+            }
+        )
+    )
 
 
 def write_run(ckpt_dir, record: dict) -> None:
@@ -134,7 +164,9 @@ def saved_steps(ckpt_dir) -> list[int]:
     root = Path(ckpt_dir)
     if not root.is_dir():
         return []
-    return sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
+    return sorted(
+        (int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True
+    )
 
 
 def resume_differences(saved: dict, now: dict) -> list[str]:
@@ -143,10 +175,25 @@ def resume_differences(saved: dict, now: dict) -> list[str]:
     a, b = saved.get("config", {}), now["config"]
     if a.get("class") != b["class"]:
         out.append(f"config {b['class']} (saved: {a.get('class')})")
-    elif fields := [f"{k} {b.get(k)} (saved: {a.get(k)})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]:
+    elif fields := [
+        f"{k} {b.get(k)} (saved: {a.get(k)})"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]:
         out.append("config " + ", ".join(fields[:6]) + (" ..." if len(fields) > 6 else ""))
-    adapters = saved.get("lora_rank", 0) > 0 or now["lora_rank"] > 0  # alpha and targets matter only then
-    for key in ("batch_size", "accumulate", "lora_rank", "lora_alpha", "lora_targets", "precision", "ema", "mesh"):
+    adapters = (
+        saved.get("lora_rank", 0) > 0 or now["lora_rank"] > 0
+    )  # alpha and targets matter only then
+    for key in (
+        "batch_size",
+        "accumulate",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "precision",
+        "ema",
+        "mesh",
+    ):
         if saved.get(key) != now[key] and (adapters or key not in ("lora_alpha", "lora_targets")):
             out.append(f"{key} {_show(key, now[key])} (saved: {_show(key, saved.get(key))})")
     return out
@@ -165,9 +212,13 @@ def check_resume(ckpt_dir, record: dict) -> None:
     root = Path(ckpt_dir)
     if not saved_steps(root):
         why = "no such directory" if not root.exists() else "no finished save in it"
-        raise CheckpointError(f"{root}: no checkpoint to resume from ({why}; runs save with save_every > 0)")
+        raise CheckpointError(
+            f"{root}: no checkpoint to resume from ({why}; runs save with save_every > 0)"
+        )
     if not any(not _lacking(root, step) for step in saved_steps(root)):
-        raise CheckpointError(f"{root}: no intact checkpoint to resume from: every one lacks state/ or meta/")
+        raise CheckpointError(
+            f"{root}: no intact checkpoint to resume from: every one lacks state/ or meta/"
+        )
     path = root / RUN_FILE
     if not path.is_file():
         return
@@ -178,7 +229,9 @@ def check_resume(ckpt_dir, record: dict) -> None:
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable run record ({_first_line(e)})") from None
     if differences := resume_differences(saved, record):
-        raise CheckpointError(f"{path}: this run differs from the saved one in " + "; ".join(differences))
+        raise CheckpointError(
+            f"{path}: this run differs from the saved one in " + "; ".join(differences)
+        )
 
 
 def _lacking(root: Path, step: int) -> list[str]:
@@ -212,8 +265,11 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
 def maybe_initialize_distributed() -> None:
     """`jax.distributed.initialize` when the environment describes a multi-process job."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
-        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
-                                   int(os.environ["JAX_PROCESS_ID"]))
+        jax.distributed.initialize(
+            os.environ["JAX_COORDINATOR_ADDRESS"],
+            int(os.environ["JAX_NUM_PROCESSES"]),
+            int(os.environ["JAX_PROCESS_ID"]),
+        )
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, devices=None) -> Mesh:
@@ -230,7 +286,9 @@ def make_mesh(data: int = 1, fsdp: int = 1, devices=None) -> Mesh:
 
 def fsdp_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
     """Shard the largest axis divisible by n along "fsdp"; replicate what has none (scalars, odd sizes)."""
-    axes = [i for i in np.argsort(shape, kind="stable")[::-1] if shape[i] % n == 0 and shape[i] >= n]
+    axes = [
+        i for i in np.argsort(shape, kind="stable")[::-1] if shape[i] % n == 0 and shape[i] >= n
+    ]
     if n == 1 or not axes:
         return PartitionSpec()
     spec = [None] * len(shape)
@@ -275,48 +333,85 @@ class Trainer:
         self.compute_dtype = compute
         self.mesh = make_mesh(*opts.mesh, devices=devices)
         if opts.batch_size % self.mesh.size:
-            raise ValueError(f"batch_size {opts.batch_size} must divide over the {self.mesh.size} devices")
+            raise ValueError(
+                f"batch_size {opts.batch_size} must divide over the {self.mesh.size} devices"
+            )
         # weights: the master copy is built (or loaded) in the master dtype; the step runs a compute-dtype model
-        model = load.load_model(self.cfg, opts.init, master) if opts.init else load.init_model(self.cfg, opts.seed,
-                                                                                               master)
+        model = (
+            load.load_model(self.cfg, opts.init, master)
+            if opts.init
+            else load.init_model(self.cfg, opts.seed, master)
+        )
         set_attention_implementation(model, opts.attention)
         self.linear_names = linear_names(model)
         _, params, self.paths = split_params(model)
-        compute_model = nnx.eval_shape(lambda: load.MODELS[self.cfg.family](self.cfg, dtype=compute, rngs=nnx.Rngs(0)))
+        compute_model = nnx.eval_shape(
+            lambda: load.MODELS[self.cfg.family](self.cfg, dtype=compute, rngs=nnx.Rngs(0))
+        )
         self.graphdef = nnx.graphdef(set_attention_implementation(compute_model, opts.attention))
         self.master_graphdef = nnx.graphdef(model)
         key = jax.random.key(opts.seed)
         if opts.lora_rank:
             start = None
-            if opts.init_lora:  # a downloaded or earlier LoRA: its modules, rank and values are the start
+            if (
+                opts.init_lora
+            ):  # a downloaded or earlier LoRA: its modules, rank and values are the start
                 self.lora, start = LoRA.from_file(opts.init_lora, self.cfg)
             else:
-                self.lora = LoRA(tuple(lora_files.targets(self.linear_names, opts.lora_targets)), opts.lora_rank,
-                                 opts.lora_alpha)
+                self.lora = LoRA(
+                    tuple(lora_files.targets(self.linear_names, opts.lora_targets)),
+                    opts.lora_rank,
+                    opts.lora_alpha,
+                )
             trainable = self.lora.init(jax.random.fold_in(key, 1), params, master, start=start)
-            frozen = jax.tree.map(lambda p: p.astype(compute), params)  # the base only ever runs in compute dtype
+            frozen = jax.tree.map(
+                lambda p: p.astype(compute), params
+            )  # the base only ever runs in compute dtype
         else:
             self.lora, trainable, frozen = None, params, {}
-        self.tx = make_optimizer(opts.lr, opts.warmup, opts.steps, opts.weight_decay, opts.clip,
-                                 accumulate=opts.accumulate)
-        state = {"params": trainable, "opt_state": self.tx.init(trainable), "step": jnp.zeros((), jnp.int32),
-                 "key": jax.random.key_data(key)}
+        self.tx = make_optimizer(
+            opts.lr,
+            opts.warmup,
+            opts.steps,
+            opts.weight_decay,
+            opts.clip,
+            accumulate=opts.accumulate,
+        )
+        state = {
+            "params": trainable,
+            "opt_state": self.tx.init(trainable),
+            "step": jnp.zeros((), jnp.int32),
+            "key": jax.random.key_data(key),
+        }
         if opts.ema > 0:
             state["ema"] = jax.tree.map(jnp.copy, trainable)
         self.shardings = fsdp_shardings(state, self.mesh)
         self.state = jax.device_put(state, self.shardings)
         self.frozen = jax.device_put(frozen, fsdp_shardings(frozen, self.mesh))
-        step = partial(train_step, graphdef=self.graphdef, paths=self.paths, tx=self.tx, family=self.cfg.family,
-                       timesteps=dict(opts.timesteps), compute_dtype=compute, weighting=opts.weighting,
-                       remat=opts.remat, lora=self.lora, ema=opts.ema,
-                       gather=fsdp_gather(self.mesh) if self.mesh.shape["fsdp"] > 1 else None)
+        step = partial(
+            train_step,
+            graphdef=self.graphdef,
+            paths=self.paths,
+            tx=self.tx,
+            family=self.cfg.family,
+            timesteps=dict(opts.timesteps),
+            compute_dtype=compute,
+            weighting=opts.weighting,
+            remat=opts.remat,
+            lora=self.lora,
+            ema=opts.ema,
+            gather=fsdp_gather(self.mesh) if self.mesh.shape["fsdp"] > 1 else None,
+        )
         self._step = jax.jit(step, out_shardings=(self.shardings, None), donate_argnums=0)
         self.record = run_record(self.cfg, opts, tuple(int(n) for n in self.mesh.shape.values()))
         self.restored_step, self.manager = None, None
         if opts.ckpt_dir:
             self.manager = ocp.CheckpointManager(
                 Path(opts.ckpt_dir).absolute(),
-                options=ocp.CheckpointManagerOptions(max_to_keep=opts.keep, enable_async_checkpointing=True))
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=opts.keep, enable_async_checkpointing=True
+                ),
+            )
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -344,7 +439,11 @@ class Trainer:
     def train_step(self) -> dict:
         """One micro-step (one optimiser update every `accumulate`); returns float metrics."""
         self.state, metrics = self._step(self.state, self.frozen, self.batch(self.step))
-        if self.manager is not None and self.opts.save_every and self.step % self.opts.save_every == 0:
+        if (
+            self.manager is not None
+            and self.opts.save_every
+            and self.step % self.opts.save_every == 0
+        ):
             self.save()
         return metrics
 
@@ -352,14 +451,22 @@ class Trainer:
         """Train up to `steps` micro-steps in all (default: the options' updates x accumulate); returns the losses."""
         from tqdm.auto import tqdm
 
-        total = (steps if steps is not None else self.opts.steps * self.opts.accumulate)
+        total = steps if steps is not None else self.opts.steps * self.opts.accumulate
         losses = []
         quiet = not sys.stderr.isatty()  # a log file gets a line a second, not one per step
-        with tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not progress,
-                  mininterval=1.0 if quiet else 0.1) as bar:
+        with tqdm(
+            total=total,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            disable=not progress,
+            mininterval=1.0 if quiet else 0.1,
+        ) as bar:
             while self.step < total:
                 losses.append(float(self.train_step()["loss"]))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)  # drawn by update, at its interval
+                bar.set_postfix(
+                    loss=f"{losses[-1]:.4f}", refresh=False
+                )  # drawn by update, at its interval
                 bar.update(1)
         return losses
 
@@ -374,13 +481,23 @@ class Trainer:
                 write_run(self.opts.ckpt_dir, self.record)
             self._record_written = True
         if step in self.manager.all_steps():
-            if step == self.restored_step:  # a resumed run saving the step it started from: the same state
+            if (
+                step == self.restored_step
+            ):  # a resumed run saving the step it started from: the same state
                 return
             self.manager.wait_until_finished()  # a later step left by a run that fell back past it: replaced
             self.manager.delete(step)
-        meta = {"step": step, "position": step * self.opts.batch_size, "config": dataclasses.asdict(self.cfg)}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
-                                                         meta=ocp.args.JsonSave(meta)))
+        meta = {
+            "step": step,
+            "position": step * self.opts.batch_size,
+            "config": dataclasses.asdict(self.cfg),
+        }
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self.state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
         if wait:
             self.manager.wait_until_finished()
 
@@ -399,31 +516,47 @@ class Trainer:
         self.manager.wait_until_finished()
         root = Path(self.opts.ckpt_dir)
         check_resume(root, self.record)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
-                                self.shardings)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            self.state,
+            self.shardings,
+        )
         failed = {}  # step -> why it cannot be read
         for candidate in saved_steps(root) if step is None else [step]:
             try:
                 if missing := _lacking(root, candidate):
                     raise CheckpointError(f"incomplete: no {' or '.join(f'{m}/' for m in missing)}")
-                out = self.manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-            except Exception as e:  # orbax and tensorstore raise plain Exceptions for unreadable files
+                out = self.manager.restore(
+                    candidate,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
+            except (
+                Exception
+            ) as e:  # orbax and tensorstore raise plain Exceptions for unreadable files
                 failed[candidate] = _first_line(e)
                 continue
             if out.meta["position"] != int(out.state["step"]) * self.opts.batch_size:
-                raise CheckpointError(f"{root / str(candidate)}: data position {out.meta['position']} does not "
-                                      f"match step {int(out.state['step'])} x batch size {self.opts.batch_size}")
+                raise CheckpointError(
+                    f"{root / str(candidate)}: data position {out.meta['position']} does not "
+                    f"match step {int(out.state['step'])} x batch size {self.opts.batch_size}"
+                )
             if failed:  # moved aside (kept for inspection): the run goes on from an earlier step, saving anew
-                print(f"warning: unreadable checkpoint {_listing(root, failed)}, moved aside to STEP.unreadable; "
-                      f"resuming from {root / str(candidate)}", file=sys.stderr)
+                print(
+                    f"warning: unreadable checkpoint {_listing(root, failed)}, moved aside to STEP.unreadable; "
+                    f"resuming from {root / str(candidate)}",
+                    file=sys.stderr,
+                )
                 if jax.process_index() == 0:
                     for bad in failed:
                         _move_aside(root / str(bad))
                 self.manager.reload()
             self.state, self.restored_step = out.state, candidate
             return candidate
-        raise CheckpointError(f"{root}: no intact checkpoint to resume from: {_listing(root, failed)}")
+        raise CheckpointError(
+            f"{root}: no intact checkpoint to resume from: {_listing(root, failed)}"
+        )
 
     def close(self) -> None:
         if self.manager is not None:
@@ -440,7 +573,9 @@ class Trainer:
         """The trained model (master dtype; the EMA weights if kept), LoRA adapters merged in."""
         params = self.weights()
         if self.lora is not None:
-            params = self.lora.effective(jax.tree.map(lambda p: p.astype(jnp.float32), self.frozen), params)
+            params = self.lora.effective(
+                jax.tree.map(lambda p: p.astype(jnp.float32), self.frozen), params
+            )
         return merge_params(self.master_graphdef, jax.device_get(params), self.paths)
 
     def export(self, path, layout: str = "bfl") -> None:
@@ -450,20 +585,40 @@ class Trainer:
     def save_lora(self, path, fmt: str = "diffusers") -> None:
         lora_files.save(path, self.lora.export(self.weights()), self.cfg, fmt)
 
-    def sample(self, txt: np.ndarray, h: int, w: int, steps: int = 20, seed: int = 0, vec=None,
-               cfg_scale: float = 1.0, neg_txt=None, neg_vec=None) -> np.ndarray:
+    def sample(
+        self,
+        txt: np.ndarray,
+        h: int,
+        w: int,
+        steps: int = 20,
+        seed: int = 0,
+        vec=None,
+        cfg_scale: float = 1.0,
+        neg_txt=None,
+        neg_vec=None,
+    ) -> np.ndarray:
         """Tokens (B, h*w, C) generated for text embeddings txt (B, Lt, D) (and FLUX.1's pooled vec) by the
         JAX Euler sampler, on the training schedule (shifted if training was); with neg_txt (and neg_vec),
         classifier-free guidance at cfg_scale."""
         b, fam = txt.shape[0], self.cfg.family
-        noise = jax.random.normal(jax.random.key(seed), (b, h * w, self.cfg.in_channels), jnp.float32)
+        noise = jax.random.normal(
+            jax.random.key(seed), (b, h * w, self.cfg.in_channels), jnp.float32
+        )
         ts = np.linspace(1.0, 0.0, steps + 1)
         if self.opts.timesteps.get("shift"):
             ts = shift_timesteps(ts, resolution_mu(h * w))
         guidance = self.guidance if self.cfg.guidance_embed else None
-        out = sampling.denoise(self.model(), noise, sampling.image_ids(b, h, w, fam), jnp.asarray(txt),
-                               sampling.text_ids(b, txt.shape[1], fam), [float(t) for t in ts],
-                               vec=None if vec is None else jnp.asarray(vec), guidance=guidance, cfg_scale=cfg_scale,
-                               neg_txt=None if neg_txt is None else jnp.asarray(neg_txt),
-                               neg_vec=None if neg_vec is None else jnp.asarray(neg_vec))
+        out = sampling.denoise(
+            self.model(),
+            noise,
+            sampling.image_ids(b, h, w, fam),
+            jnp.asarray(txt),
+            sampling.text_ids(b, txt.shape[1], fam),
+            [float(t) for t in ts],
+            vec=None if vec is None else jnp.asarray(vec),
+            guidance=guidance,
+            cfg_scale=cfg_scale,
+            neg_txt=None if neg_txt is None else jnp.asarray(neg_txt),
+            neg_vec=None if neg_vec is None else jnp.asarray(neg_vec),
+        )
         return np.asarray(jax.device_get(out))

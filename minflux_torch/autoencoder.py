@@ -68,7 +68,9 @@ class ResnetBlock(nn.Module):
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            self.nin_shortcut = nn.Conv2d(
+                in_channels, out_channels, kernel_size=1, stride=1, padding=0
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(nn.functional.silu(self.norm1(x)))
@@ -121,8 +123,16 @@ def run_mid(mid: nn.Module, h: Tensor) -> Tensor:
 class Encoder(nn.Module):
     """(B, in_channels, H, W) -> moments (B, 2*z_channels, H/f, W/f), f = 2**(len(ch_mult)-1)."""
 
-    def __init__(self, resolution: int, in_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
-                 z_channels: int, quant_conv: bool = False):
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        z_channels: int,
+        quant_conv: bool = False,
+    ):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -160,8 +170,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """(B, z_channels, h, w) -> (B, out_ch, h*f, w*f). `up[i]` is level i, so it runs in reverse order."""
 
-    def __init__(self, ch: int, out_ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, in_channels: int,
-                 resolution: int, z_channels: int, post_quant_conv: bool = False):
+    def __init__(
+        self,
+        ch: int,
+        out_ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        post_quant_conv: bool = False,
+    ):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         if post_quant_conv:  # FLUX.2
@@ -233,11 +252,16 @@ def blend_tiles(fn, x: Tensor, f_in: int, f_out: int, tile: int, overlap: int) -
         for x0 in tile_starts(n_w, tile, overlap):
             h, w = min(tile, n_h), min(tile, n_w)
             t = fn(x[..., y * f_in : (y + h) * f_in, x0 * f_in : (x0 + w) * f_in])
-            weight = np.outer(ramp(y, h, n_h, overlap, f_out), ramp(x0, w, n_w, overlap, f_out)).astype(np.float32)
+            weight = np.outer(
+                ramp(y, h, n_h, overlap, f_out), ramp(x0, w, n_w, overlap, f_out)
+            ).astype(np.float32)
             if out is None:
-                out = torch.zeros((*t.shape[:-2], n_h * f_out, n_w * f_out), dtype=torch.float32, device=t.device)
-            out[..., y * f_out : (y + h) * f_out, x0 * f_out : (x0 + w) * f_out] += t.float() * torch.from_numpy(
-                weight).to(t.device)
+                out = torch.zeros(
+                    (*t.shape[:-2], n_h * f_out, n_w * f_out), dtype=torch.float32, device=t.device
+                )
+            out[..., y * f_out : (y + h) * f_out, x0 * f_out : (x0 + w) * f_out] += (
+                t.float() * torch.from_numpy(weight).to(t.device)
+            )
             total[y * f_out : (y + h) * f_out, x0 * f_out : (x0 + w) * f_out] += weight
     return (out / torch.from_numpy(total.astype(np.float32)).to(out.device)).to(t.dtype)
 
@@ -253,10 +277,25 @@ class AutoEncoder(nn.Module):
     def __init__(self, params):
         super().__init__()
         self.params = params
-        self.encoder = Encoder(params.resolution, params.in_channels, params.ch, params.ch_mult,
-                               params.num_res_blocks, params.z_channels, quant_conv=params.quant_conv)
-        self.decoder = Decoder(params.ch, params.out_ch, params.ch_mult, params.num_res_blocks, params.in_channels,
-                               params.resolution, params.z_channels, post_quant_conv=params.quant_conv)
+        self.encoder = Encoder(
+            params.resolution,
+            params.in_channels,
+            params.ch,
+            params.ch_mult,
+            params.num_res_blocks,
+            params.z_channels,
+            quant_conv=params.quant_conv,
+        )
+        self.decoder = Decoder(
+            params.ch,
+            params.out_ch,
+            params.ch_mult,
+            params.num_res_blocks,
+            params.in_channels,
+            params.resolution,
+            params.z_channels,
+            post_quant_conv=params.quant_conv,
+        )
         self.f = 2 ** (len(params.ch_mult) - 1)  # image pixels per latent pixel
         if params.batch_norm:
             self.ps = params.patch_size
@@ -266,13 +305,17 @@ class AutoEncoder(nn.Module):
         """Posterior mean (B, z, h, w) -> model latents: FLUX.1 scale*(z - shift), FLUX.2 patchify + BatchNorm."""
         if not self.params.batch_norm:
             return self.params.scale_factor * (mean - self.params.shift_factor)
-        z = rearrange(mean, "b c (i pi) (j pj) -> b (c pi pj) i j", pi=self.ps, pj=self.ps)  # (B, 4z, h/2, w/2)
+        z = rearrange(
+            mean, "b c (i pi) (j pj) -> b (c pi pj) i j", pi=self.ps, pj=self.ps
+        )  # (B, 4z, h/2, w/2)
         return self.bn(z)
 
     def inv_normalize(self, z: Tensor) -> Tensor:
         if not self.params.batch_norm:
             return z / self.params.scale_factor + self.params.shift_factor
-        return rearrange(self.bn.inverse(z), "b (c pi pj) i j -> b c (i pi) (j pj)", pi=self.ps, pj=self.ps)
+        return rearrange(
+            self.bn.inverse(z), "b (c pi pj) i j -> b c (i pi) (j pj)", pi=self.ps, pj=self.ps
+        )
 
     def check_size(self, height: int, width: int) -> None:
         mult = self.f * (self.ps if self.params.batch_norm else 1)

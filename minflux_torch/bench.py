@@ -38,7 +38,10 @@ def build(name: str, seed: int, dtype, attention: str = "auto") -> nn.Module:
     with torch.device("meta"):
         model = MODELS[cfg.family](cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = {k: to_torch(a).to(device=device(), dtype=dtype) for k, a in bench.random_weights(shapes, seed)}
+    state = {
+        k: to_torch(a).to(device=device(), dtype=dtype)
+        for k, a in bench.random_weights(shapes, seed)
+    }
     model.load_state_dict(state, strict=True, assign=True)
     if hasattr(cfg, "depth"):
         layers.set_attention_implementation(model, attention)
@@ -73,7 +76,9 @@ def timed(plan, call, compiled: bool) -> dict:
         times.append(time.perf_counter() - t0)
     out = bench.stats(times)
     out["first_s"] = first
-    out["compile_s"] = max(first - out["median_s"], 0.0) if compiled else None  # first call minus a step
+    out["compile_s"] = (
+        max(first - out["median_s"], 0.0) if compiled else None
+    )  # first call minus a step
     out["peak_bytes"] = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     return out
 
@@ -94,23 +99,44 @@ def _compile(fn, compiled: bool, inference: bool):
 def forward_row(plan, model, inp: dict, compiled: bool) -> dict:
     """One denoising step: one transformer forward."""
     fn = _compile(model, compiled, inference=True)
-    with torch.inference_mode():  # inputs made inside too: a compiled model then sees one kind of tensor
+    with (
+        torch.inference_mode()
+    ):  # inputs made inside too: a compiled model then sees one kind of tensor
         x = tensors(inp)
-        return timed(plan, lambda: sampling.predict(fn, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"],
-                                                    x.get("vec"), x.get("guidance")), compiled)
+        return timed(
+            plan,
+            lambda: sampling.predict(
+                fn,
+                x["img"],
+                x["img_ids"],
+                x["txt"],
+                x["txt_ids"],
+                x["t"],
+                x.get("vec"),
+                x.get("guidance"),
+            ),
+            compiled,
+        )
 
 
 def sample_row(plan, model, ae, inp: dict, compiled: bool) -> dict:
     """A whole sample: `plan.steps` Euler steps from the noise tokens, then the autoencoder decode."""
-    with torch.inference_mode():  # inputs made inside: `denoise` runs in inference mode, so no recompile
+    with (
+        torch.inference_mode()
+    ):  # inputs made inside: `denoise` runs in inference mode, so no recompile
         x = tensors(inp)
     family, dtype = model.params.family, next(model.parameters()).dtype
-    fn, decode = _compile(model, compiled, inference=True), _compile(ae.decode, compiled, inference=True)
+    fn, decode = (
+        _compile(model, compiled, inference=True),
+        _compile(ae.decode, compiled, inference=True),
+    )
     guidance = 3.5 if model.params.guidance_embed else None
     ts = bench.schedule(plan)
 
     def call():
-        z = sampling.denoise(fn, x["noise"], x["img_ids"], x["txt"], x["txt_ids"], ts, x.get("vec"), guidance)
+        z = sampling.denoise(
+            fn, x["noise"], x["img_ids"], x["txt"], x["txt_ids"], ts, x.get("vec"), guidance
+        )
         return decode(sampling.unpack(z, plan.side, plan.side, family).to(dtype))
 
     with torch.inference_mode():
@@ -127,7 +153,9 @@ class LoRAWeight(nn.Module):
         g = torch.Generator().manual_seed(seed)
         a = (torch.rand(rank, d_in, generator=g) * 2 - 1) / d_in**0.5
         self.lora_A = nn.Parameter(a.to(weight))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(
+            torch.zeros(d_out, rank, dtype=weight.dtype, device=weight.device)
+        )
         self.scale = alpha / rank
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -140,7 +168,9 @@ def add_lora(model: nn.Module, rank: int) -> list[str]:
     names = lora.targets([n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
     for i, name in enumerate(names):
         module = model.get_submodule(name)
-        parametrize.register_parametrization(module, "weight", LoRAWeight(module.weight, rank, float(rank), i))
+        parametrize.register_parametrization(
+            module, "weight", LoRAWeight(module.weight, rank, float(rank), i)
+        )
     return names
 
 
@@ -153,11 +183,15 @@ def train_row(plan, inp: dict, lora_rank: int, compiled: bool, attention: str = 
     x = tensors(inp)
     batch = {k: x[k] for k in ("img", "img_ids", "txt", "txt_ids", "vec", "guidance") if k in x}
     step = ttrain.train_step
-    if compiled:  # the whole step; the optimiser and schedule stay eager (their lr changes every step, and a
+    if (
+        compiled
+    ):  # the whole step; the optimiser and schedule stay eager (their lr changes every step, and a
         # compiled one would recompile on each new value): the loss, backward and clipping compile
         opt.step, sched.step = torch.compiler.disable(opt.step), torch.compiler.disable(sched.step)
         step = torch.compile(ttrain.train_step)
-    remat = "none" if plan.remat == "none" else "full"  # torch checkpoints whole blocks for every policy
+    remat = (
+        "none" if plan.remat == "none" else "full"
+    )  # torch checkpoints whole blocks for every policy
     metrics = {}
 
     def call():
@@ -181,8 +215,11 @@ def fp8_row(plan, model, inp: dict, compiled: bool) -> dict:
 
 
 def _embed(model, x: dict):
-    return model.embed(**model.params.forward_kwargs(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"],
-                                                     x.get("vec"), x.get("guidance")))
+    return model.embed(
+        **model.params.forward_kwargs(
+            x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x.get("vec"), x.get("guidance")
+        )
+    )
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -201,16 +238,23 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
     rows = []
     for i, (ref, q) in enumerate(zip(model.double_blocks, quant.double_blocks, strict=True)):
         want, got = ref(img, txt, **kw["double"]), q(img, txt, **kw["double"])
-        rows.append(bench.fp8_row(f"double_blocks.{i}", _np(torch.cat(got, 1)), _np(torch.cat(want, 1)),
-                                  _np(torch.cat((img, txt), 1))))
+        rows.append(
+            bench.fp8_row(
+                f"double_blocks.{i}",
+                _np(torch.cat(got, 1)),
+                _np(torch.cat(want, 1)),
+                _np(torch.cat((img, txt), 1)),
+            )
+        )
         img, txt = want
     h = torch.cat((txt, img), dim=1)
     for i, (ref, q) in enumerate(zip(model.single_blocks, quant.single_blocks, strict=True)):
         want, got = ref(h, **kw["single"]), q(h, **kw["single"])
         rows.append(bench.fp8_row(f"single_blocks.{i}", _np(got), _np(want), _np(h)))
         h = want
-    call = lambda m: sampling.predict(m, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x.get("vec"),
-                                      x.get("guidance"))
+    call = lambda m: sampling.predict(
+        m, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x.get("vec"), x.get("guidance")
+    )
     rows.append({"name": "output", "rel_l2": bench.rel_l2(_np(call(quant)), _np(call(model)))})
     return rows
 
@@ -232,7 +276,12 @@ def run(plan, options: dict, report=None) -> dict:
         try:
             rows.append({"kind": kind, **fn()})
         except Exception as e:  # noqa: BLE001 -- one failed row (an unsupported kernel, OOM) must not end the run
-            rows.append({"kind": kind, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+            rows.append(
+                {
+                    "kind": kind,
+                    "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                }
+            )
         if report is not None:
             report(rows[-1])
         if torch.cuda.is_available():

@@ -63,29 +63,51 @@ class Flux(Trunk):
             self.guidance_in = MLPEmbedder(256, d)
         self.txt_in = nn.Linear(params.context_in_dim, d)
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(d, params.num_heads, params.mlp_ratio, params.qkv_bias) for _ in range(params.depth)
+            DoubleStreamBlock(d, params.num_heads, params.mlp_ratio, params.qkv_bias)
+            for _ in range(params.depth)
         )
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(d, params.num_heads, params.mlp_ratio) for _ in range(params.depth_single_blocks)
+            SingleStreamBlock(d, params.num_heads, params.mlp_ratio)
+            for _ in range(params.depth_single_blocks)
         )
         self.final_layer = LastLayer(d, params.out_channels)
 
-    def embed(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None) -> tuple[Tensor, Tensor, dict]:
+    def embed(
+        self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None
+    ) -> tuple[Tensor, Tensor, dict]:
         """Input projections; returns img, txt and the blocks' keyword arguments."""
         dtype = self.img_in.weight.dtype
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if self.params.guidance_embed:
             if guidance is None:
-                raise ValueError("this FLUX.1 model is guidance-distilled: pass guidance=(B,) values")
+                raise ValueError(
+                    "this FLUX.1 model is guidance-distilled: pass guidance=(B,) values"
+                )
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
         vec = vec + self.vector_in(y.to(dtype))
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # ids of [txt, img]
         kw = {"vec": vec, "pe": pe}
-        return self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype)), {"vec": vec, "double": kw, "single": kw}
+        return (
+            self.img_in(img.to(dtype)),
+            self.txt_in(txt.to(dtype)),
+            {"vec": vec, "double": kw, "single": kw},
+        )
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                y: Tensor, guidance: Tensor | None = None, *, run_block=call_block) -> Tensor:
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        *,
+        run_block=call_block,
+    ) -> Tensor:
         """img (B, Li, in_channels), img_ids (B, Li, 3), txt (B, Lt, 4096), txt_ids (B, Lt, 3),
         timesteps (B,) in [0, 1], y (B, 768), guidance (B,) -> (B, Li, out_channels).
         run_block: the hook that runs each block (see `Trunk`)."""
-        return self.trunk(*self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance), run_block)
+        return self.trunk(
+            *self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance), run_block
+        )

@@ -25,7 +25,9 @@ def quantize(x: Tensor, axis: int | None = None) -> tuple[Tensor, Tensor]:
     other axes (amax over `axis`, kept as a size-1 axis). Rounds to nearest even; clamps at +-448 first (a cast
     of anything larger would be NaN)."""
     amax = x.abs().amax() if axis is None else x.abs().amax(dim=axis, keepdim=True)
-    scale = torch.clamp(amax.float(), min=1e-12) * (1 / E4M3_MAX)  # not / 448: XLA makes that this product
+    scale = torch.clamp(amax.float(), min=1e-12) * (
+        1 / E4M3_MAX
+    )  # not / 448: XLA makes that this product
     q = torch.clamp(x.float() / scale, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
@@ -43,7 +45,9 @@ class FP8Linear(nn.Module):
         if scaling not in ("tensor", "row"):
             raise ValueError(f"fp8 scaling {scaling!r}: expected 'tensor' or 'row'")
         self.scaling = scaling
-        self.axis = -1 if scaling == "row" else None  # row: a scale per output row (weight) / per token (input)
+        self.axis = (
+            -1 if scaling == "row" else None
+        )  # row: a scale per output row (weight) / per token (input)
         weight_q, weight_scale = quantize(linear.weight.detach(), self.axis)
         self.register_buffer("weight_q", weight_q)  # (out, in)
         self.register_buffer("weight_scale", weight_scale)  # () or (out, 1)
@@ -53,11 +57,20 @@ class FP8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         xq, xs = quantize(x.reshape(-1, shape[-1]), self.axis)  # (M, in), () or (M, 1)
-        if xq.is_cuda:  # fp8 x fp8 -> fp32 accumulate -> out dtype; the weight as a column-major (in, out)
-            y = torch._scaled_mm(xq, self.weight_q.t(), scale_a=xs, scale_b=self.weight_scale.t(),
-                                 out_dtype=self.out_dtype)
+        if (
+            xq.is_cuda
+        ):  # fp8 x fp8 -> fp32 accumulate -> out dtype; the weight as a column-major (in, out)
+            y = torch._scaled_mm(
+                xq,
+                self.weight_q.t(),
+                scale_a=xs,
+                scale_b=self.weight_scale.t(),
+                out_dtype=self.out_dtype,
+            )
         else:  # the same numbers, fake-quantised
-            y = (dequantize(xq, xs) @ dequantize(self.weight_q, self.weight_scale).t()).to(self.out_dtype)
+            y = (dequantize(xq, xs) @ dequantize(self.weight_q, self.weight_scale).t()).to(
+                self.out_dtype
+            )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], -1)

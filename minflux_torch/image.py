@@ -15,7 +15,9 @@ from minflux.images import to_uint8  # noqa: F401  (re-exported)
 def load_image(path, multiple: int = 16) -> torch.Tensor:
     """An image file -> (1, 3, H, W) float32 in [-1, 1], centre-cropped to a multiple of `multiple` pixels
     (16: the FLUX latent grid after the 2x2 patchify); `minflux.images.load`."""
-    return torch.from_numpy(np.ascontiguousarray(images.load(path, multiple=multiple).transpose(2, 0, 1)))[None]
+    return torch.from_numpy(
+        np.ascontiguousarray(images.load(path, multiple=multiple).transpose(2, 0, 1))
+    )[None]
 
 
 def save_image(x: torch.Tensor, path) -> None:

@@ -24,7 +24,9 @@ from torch import Tensor, nn
 def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
     """Rotation matrices for one id axis: (..., N) positions -> (..., N, dim/2, 2, 2), fp32."""
     # omega in float64 as BFL does, then fp32 for the product: both frameworks use the same table.
-    omega = torch.from_numpy((1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32))
+    omega = torch.from_numpy(
+        (1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32)
+    )
     out = pos.float()[..., None] * omega.to(pos.device)  # (..., N, dim/2)
     out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
     return rearrange(out, "... n d (i j) -> ... n d i j", i=2, j=2)
@@ -49,17 +51,23 @@ class EmbedND(nn.Module):
         self.axes_dim = tuple(axes_dim)
 
     def forward(self, ids: Tensor) -> Tensor:  # (B, L, n_axes) -> (B, 1, L, D/2, 2, 2)
-        emb = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
+        emb = torch.cat(
+            [rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3
+        )
         return emb.unsqueeze(1)
 
 
 def _freqs(half: int, max_period: int) -> np.ndarray:
     # A float64 table rounded once: both frameworks' exp() differ in the last bit, and at t * 1000 that
     # bit moves sin/cos by ~1e-5 -- so the table is computed once, in numpy.
-    return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+    return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(
+        np.float32
+    )
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: int = 10_000, time_factor: float = 1000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor, dim: int, max_period: int = 10_000, time_factor: float = 1000.0
+) -> Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000), computed in fp32: (B,) -> (B, dim)."""
     # BFL computes this in the model dtype; t * 1000 in bf16 loses three digits, so we stay in fp32.
     t = time_factor * t.float()
@@ -132,12 +140,18 @@ class RefKV:
     v: Tensor | None = None
 
 
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, implementation: str = "auto") -> Tensor:
-    if implementation == "auto":  # SDPA's own pick: flash / cuDNN fused kernels on a GPU where they apply
+    if (
+        implementation == "auto"
+    ):  # SDPA's own pick: flash / cuDNN fused kernels on a GPU where they apply
         return nn.functional.scaled_dot_product_attention(q, k, v)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -145,8 +159,14 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, implementation: str = "auto") -> Tens
         return nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, kv: RefKV | None = None,
-              implementation: str = "auto") -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pe: Tensor,
+    kv: RefKV | None = None,
+    implementation: str = "auto",
+) -> Tensor:
     """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D).
 
     With `kv` (klein KV): empty, the last kv.n_ref queries attend only to the last kv.n_ref keys and those keys
@@ -162,16 +182,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, kv: RefKV | None = No
     else:  # first step: text and image tokens attend to everything, the references to themselves
         n = kv.n_ref
         kv.k, kv.v = k[:, :, -n:], v[:, :, -n:]
-        x = torch.cat((_sdpa(q[:, :, :-n], k, v, implementation),
-                       _sdpa(q[:, :, -n:], kv.k, kv.v, implementation)), dim=2)
+        x = torch.cat(
+            (
+                _sdpa(q[:, :, :-n], k, v, implementation),
+                _sdpa(q[:, :, -n:], kv.k, kv.v, implementation),
+            ),
+            dim=2,
+        )
     return rearrange(x, "B H L D -> B L (H D)")
 
 
 def set_attention_implementation(model: nn.Module, implementation: str) -> nn.Module:
     """Set every block's attention backend ("auto" or a key of SDPA_BACKENDS). Returns the model."""
     if implementation != "auto" and implementation not in SDPA_BACKENDS:
-        raise ValueError(f"attention implementation {implementation!r}: expected 'auto' or one of "
-                         f"{', '.join(SDPA_BACKENDS)}")
+        raise ValueError(
+            f"attention implementation {implementation!r}: expected 'auto' or one of "
+            f"{', '.join(SDPA_BACKENDS)}"
+        )
     for m in model.modules():
         if isinstance(m, (DoubleStreamBlockBase, SingleStreamBlockBase)):
             m.attention_implementation = implementation
@@ -246,7 +273,9 @@ class LastLayer(nn.Module):
         super().__init__()
         self.norm_final = layer_norm(hidden_size)
         self.linear = nn.Linear(hidden_size, out_channels, bias=bias)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=bias))
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=bias)
+        )
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
@@ -278,14 +307,19 @@ class DoubleStreamBlockBase(nn.Module):
         self.txt_norm2 = layer_norm(hidden_size)
         self.txt_mlp = mlp(hidden_size, mlp_hidden, gated, bias)
 
-    def stream(self, img: Tensor, txt: Tensor, pe: Tensor, img_mod, txt_mod,
-               kv: RefKV | None = None) -> tuple[Tensor, Tensor]:
+    def stream(
+        self, img: Tensor, txt: Tensor, pe: Tensor, img_mod, txt_mod, kv: RefKV | None = None
+    ) -> tuple[Tensor, Tensor]:
         """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]; mods: ((shift, scale, gate) x 2); kv: klein KV."""
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+        img_q, img_k, img_v = self.img_attn.qkv_heads(
+            modulate(self.img_norm1(img), img_shift1, img_scale1)
+        )
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
+            modulate(self.txt_norm1(txt), txt_shift1, txt_scale1)
+        )
         q = torch.cat((txt_q, img_q), dim=2)  # (B, H, Lt+Li, D)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
@@ -320,8 +354,11 @@ class SingleStreamBlockBase(nn.Module):
     def stream(self, x: Tensor, pe: Tensor, mod, kv: RefKV | None = None) -> Tensor:
         """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate); kv: klein KV."""
         shift, scale, gate = mod
-        qkv, mlp_in = torch.split(self.linear1(modulate(self.pre_norm(x), shift, scale)),
-                                  [3 * self.hidden_size, self.mlp_in], dim=-1)
+        qkv, mlp_in = torch.split(
+            self.linear1(modulate(self.pre_norm(x), shift, scale)),
+            [3 * self.hidden_size, self.mlp_in],
+            dim=-1,
+        )
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe, kv, self.attention_implementation)
@@ -342,12 +379,21 @@ class Trunk(nn.Module):
     `run_block(kind, index, block, args, kw) -> block(*args, **kw)`, so training and parity reuse this forward.
     """
 
-    def trunk(self, img: Tensor, txt: Tensor, kw: dict, run_block=call_block, kv: list[RefKV] | None = None) -> Tensor:
+    def trunk(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        kw: dict,
+        run_block=call_block,
+        kv: list[RefKV] | None = None,
+    ) -> Tensor:
         """kv: FLUX.2 klein's per-block reference caches (`Flux2.kv_caches`), double blocks first."""
         cache = (lambda i: {}) if kv is None else (lambda i: {"kv": kv[i]})
         for i, block in enumerate(self.double_blocks):
             img, txt = run_block("double_blocks", i, block, (img, txt), kw["double"] | cache(i))
         x = torch.cat((txt, img), dim=1)  # (B, Lt+Li, D)
         for i, block in enumerate(self.single_blocks):
-            x = run_block("single_blocks", i, block, (x,), kw["single"] | cache(len(self.double_blocks) + i))
+            x = run_block(
+                "single_blocks", i, block, (x,), kw["single"] | cache(len(self.double_blocks) + i)
+            )
         return run_block("final_layer", 0, self.final_layer, (x[:, txt.shape[1] :], kw["vec"]), {})

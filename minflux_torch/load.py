@@ -15,7 +15,12 @@ from minflux_torch.autoencoder import AutoEncoder
 from minflux_torch.flux1 import Flux
 from minflux_torch.flux2 import Flux2
 
-MODELS: dict[str, type[nn.Module]] = {"flux1": Flux, "flux2": Flux2, "ae1": AutoEncoder, "ae2": AutoEncoder}
+MODELS: dict[str, type[nn.Module]] = {
+    "flux1": Flux,
+    "flux2": Flux2,
+    "ae1": AutoEncoder,
+    "ae2": AutoEncoder,
+}
 
 
 def to_torch(arr: np.ndarray) -> torch.Tensor:
@@ -33,7 +38,9 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def build_model(cfg_or_name, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+def build_model(
+    cfg_or_name, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"
+) -> nn.Module:
     """A model with seeded random weights (`minflux.random`, numpy): the same values `minflux_jax.build_model`
     gives for the same seed, so a random-weight model computes the same numbers in both frameworks."""
     cfg = configs.resolve(cfg_or_name)
@@ -41,13 +48,24 @@ def build_model(cfg_or_name, seed: int = 0, dtype: torch.dtype = torch.float32, 
         model = MODELS[cfg.family](cfg)
     meta = model.state_dict()
     floats = {k: tuple(v.shape) for k, v in meta.items() if v.dtype.is_floating_point}
-    state = {k: to_torch(v).to(device=device, dtype=dtype) for k, v in random.tensors(floats, seed).items()}
-    state.update({k: torch.zeros(v.shape, dtype=v.dtype, device=device) for k, v in meta.items() if k not in floats})
+    state = {
+        k: to_torch(v).to(device=device, dtype=dtype)
+        for k, v in random.tensors(floats, seed).items()
+    }
+    state.update(
+        {
+            k: torch.zeros(v.shape, dtype=v.dtype, device=device)
+            for k, v in meta.items()
+            if k not in floats
+        }
+    )
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def load_model(cfg_or_name, path, dtype: torch.dtype = torch.bfloat16, device="cpu", verify: bool = False) -> nn.Module:
+def load_model(
+    cfg_or_name, path, dtype: torch.dtype = torch.bfloat16, device="cpu", verify: bool = False
+) -> nn.Module:
     """Load a checkpoint: BFL or diffusers names, bare or behind a component prefix, alone or in a bundle; one
     file, a directory of shards or a shard index; bf16 / fp16 / fp32 / fp8 (plain or scaled), cast to `dtype`.
 
@@ -58,9 +76,13 @@ def load_model(cfg_or_name, path, dtype: torch.dtype = torch.bfloat16, device="c
     with torch.device("meta"):
         model = MODELS[cfg.family](cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = {k: to_torch(a).to(device=device, dtype=dtype if a.dtype.kind == "f" or a.dtype.name == "bfloat16"
-                                 else None)
-             for k, a in checkpoint.read_bfl(path, expected, cfg, verify)}
+    state = {
+        k: to_torch(a).to(
+            device=device,
+            dtype=dtype if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else None,
+        )
+        for k, a in checkpoint.read_bfl(path, expected, cfg, verify)
+    }
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

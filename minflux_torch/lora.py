@@ -33,8 +33,13 @@ def widen_input(model: nn.Module, width: int) -> nn.Module:
     """`img_in` with `width` input channels, the new columns zero, and `model.params.in_channels` to match: what
     BFL's Canny / Depth LoRAs need on a FLUX.1-dev model (as diffusers expands `x_embedder` for them)."""
     old = model.img_in
-    new = nn.Linear(width, old.out_features, bias=old.bias is not None, device=old.weight.device,
-                    dtype=old.weight.dtype)
+    new = nn.Linear(
+        width,
+        old.out_features,
+        bias=old.bias is not None,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
     with torch.no_grad():
         new.weight.zero_()
         new.weight[:, : old.in_features] = old.weight

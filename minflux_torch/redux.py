@@ -33,12 +33,20 @@ from minflux_torch.load import to_torch
 class SiglipVisionEmbeddings(nn.Module):
     def __init__(self, cfg: SiglipVisionConfig):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size
+        )
+        self.position_embedding = nn.Embedding(
+            (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size
+        )
 
-    def forward(self, pixels: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, N, D), N = (H / patch) * (W / patch)
+    def forward(
+        self, pixels: Tensor
+    ) -> Tensor:  # (B, 3, H, W) -> (B, N, D), N = (H / patch) * (W / patch)
         x = rearrange(self.patch_embedding(pixels), "B D h w -> B (h w) D")
-        return x + self.position_embedding.weight  # no interpolation: the image is resized to image_size
+        return (
+            x + self.position_embedding.weight
+        )  # no interpolation: the image is resized to image_size
 
 
 class SiglipAttention(nn.Module):
@@ -54,8 +62,10 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = (rearrange(lin(x), "B L (H D) -> B H L D", H=self.num_heads)
-                   for lin in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            rearrange(lin(x), "B L (H D) -> B H L D", H=self.num_heads)
+            for lin in (self.q_proj, self.k_proj, self.v_proj)
+        )
         x = nn.functional.scaled_dot_product_attention(q, k, v)
         return self.out_proj(rearrange(x, "B H L D -> B L (H D)"))
 
@@ -128,12 +138,17 @@ class ReduxImageEncoder(nn.Module):
 def _load(module: nn.Module, directory, spec: text.EncoderSpec, dtype, device) -> nn.Module:
     """Stream a checked checkpoint into `module` (built on the meta device), strictly."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    state = {k: to_torch(a).to(device=device, dtype=dtype) for k, a in text.read_weights(directory, spec, expected)}
+    state = {
+        k: to_torch(a).to(device=device, dtype=dtype)
+        for k, a in text.read_weights(directory, spec, expected)
+    }
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
 
-def load_siglip(directory, dtype: torch.dtype = torch.bfloat16, device="cpu") -> SiglipVisionTransformer:
+def load_siglip(
+    directory, dtype: torch.dtype = torch.bfloat16, device="cpu"
+) -> SiglipVisionTransformer:
     """The SigLIP vision tower from a Hugging Face directory (config.json + safetensors), cast to `dtype`."""
     with torch.device("meta"):
         model = SiglipVisionTransformer(redux.read_config(directory))
@@ -150,8 +165,12 @@ def load_embedder(path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> Re
 class ReduxEncoder:
     """SigLIP, its preprocessing and the embedder: `encode(images)` -> (N, 729, 4096) tokens for `redux_prompt`."""
 
-    def __init__(self, siglip: SiglipVisionTransformer, embedder: ReduxImageEncoder,
-                 preprocessor: redux.Preprocessor):
+    def __init__(
+        self,
+        siglip: SiglipVisionTransformer,
+        embedder: ReduxImageEncoder,
+        preprocessor: redux.Preprocessor,
+    ):
         self.siglip, self.embedder, self.preprocessor = siglip, embedder, preprocessor
 
     @torch.no_grad()
@@ -162,16 +181,25 @@ class ReduxEncoder:
         return self.embedder(self.siglip(pixels))
 
 
-def load_redux(directory, dtype: torch.dtype = torch.bfloat16, device="cpu", *, embedder=None) -> ReduxEncoder:
+def load_redux(
+    directory, dtype: torch.dtype = torch.bfloat16, device="cpu", *, embedder=None
+) -> ReduxEncoder:
     """Redux from a repo root (image_encoder/, feature_extractor/, flux1-redux-dev.safetensors or image_embedder/)
     or a SigLIP directory plus `embedder` (the official file). See `minflux.redux.resolve`."""
     files = redux.resolve(directory, embedder)
-    proc = redux.Preprocessor.from_file(files.preprocessor) if files.preprocessor else redux.Preprocessor()
-    return ReduxEncoder(load_siglip(files.siglip, dtype, device), load_embedder(files.embedder, dtype, device), proc)
+    proc = (
+        redux.Preprocessor.from_file(files.preprocessor)
+        if files.preprocessor
+        else redux.Preprocessor()
+    )
+    return ReduxEncoder(
+        load_siglip(files.siglip, dtype, device), load_embedder(files.embedder, dtype, device), proc
+    )
 
 
-def redux_prompt(txt: Tensor, vec: Tensor | None, image_tokens: Tensor, scale=1.0,
-                 pooled_scale=1.0) -> tuple[Tensor, Tensor | None]:
+def redux_prompt(
+    txt: Tensor, vec: Tensor | None, image_tokens: Tensor, scale=1.0, pooled_scale=1.0
+) -> tuple[Tensor, Tensor | None]:
     """The T5 context with Redux image tokens appended, as the official pipelines build it.
 
     txt (1, L, D) and vec (1, 768) of one prompt; image_tokens (N, T, D) from `ReduxEncoder.encode`. Each image i
@@ -186,6 +214,8 @@ def redux_prompt(txt: Tensor, vec: Tensor | None, image_tokens: Tensor, scale=1.
     rows = torch.cat((txt.expand(n, *txt.shape[1:]), image_tokens.to(txt.dtype)), dim=1)
     rows = rows * s[:, None, None]
     if vec is not None:
-        p = torch.tensor(redux.scales(n, pooled_scale, "pooled_scale"), device=vec.device, dtype=vec.dtype)
+        p = torch.tensor(
+            redux.scales(n, pooled_scale, "pooled_scale"), device=vec.device, dtype=vec.dtype
+        )
         vec = (vec.expand(n, *vec.shape[1:]) * p[:, None]).sum(dim=0, keepdim=True)
     return rows.sum(dim=0, keepdim=True), vec

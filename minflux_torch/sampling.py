@@ -30,16 +30,25 @@ from minflux import configs, ids, random, schedules
 # ---------------------------------------------------------------------------------------------
 
 
-def get_noise(num_samples: int, height: int, width: int, family: str, seed: int,
-              dtype: torch.dtype = torch.float32, device="cpu", pixels_per_token: int = 16) -> Tensor:
+def get_noise(
+    num_samples: int,
+    height: int,
+    width: int,
+    family: str,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    pixels_per_token: int = 16,
+) -> Tensor:
     """Seeded Gaussian latents, NCHW: FLUX.1 (B, 16, H/8, W/8); FLUX.2 (B, 128, H/16, W/16).
 
     `pixels_per_token` is 16 for the real autoencoders (the tiny test ones downsample less). Drawn in fp32
     numpy (`minflux.random.noise`, NCHW), so a seed gives the same latents in both frameworks and on every
     device (BFL draws on the GPU in bf16, which no CPU run can reproduce).
     """
-    return torch.from_numpy(random.noise_nchw(num_samples, height, width, family, seed, pixels_per_token)).to(
-        device=device, dtype=dtype)
+    return torch.from_numpy(
+        random.noise_nchw(num_samples, height, width, family, seed, pixels_per_token)
+    ).to(device=device, dtype=dtype)
 
 
 def token_grid(x: Tensor, family: str) -> tuple[int, int]:
@@ -80,7 +89,9 @@ def reference_tokens(refs: list[Tensor], family: str) -> tuple[Tensor, Tensor]:
     """
     spec = configs.FAMILIES[family]
     if spec.max_refs is not None and len(refs) > spec.max_refs:
-        raise ValueError(f"{family} takes at most {spec.max_refs} reference image(s), got {len(refs)}")
+        raise ValueError(
+            f"{family} takes at most {spec.max_refs} reference image(s), got {len(refs)}"
+        )
     tokens, pos = [], []
     for i, ref in enumerate(refs):
         h, w = token_grid(ref, family)
@@ -93,7 +104,9 @@ def fill_conditioning(masked: Tensor, mask: Tensor, factor: int = 8) -> Tensor:
     """FLUX.1 Fill's extra input channels: the encoded masked image (B, 16, H/8, W/8) and the pixel
     mask (B, 1, H, W), 1 = repaint, folded 8x8 into channels -> (B, L, 64 + 256) tokens. `factor` is the
     autoencoder's downsampling (8; less for the tiny test autoencoders)."""
-    mask = rearrange(mask[:, 0], "b (h ph) (w pw) -> b (ph pw) h w", ph=factor, pw=factor)  # (B, 64, H/8, W/8)
+    mask = rearrange(
+        mask[:, 0], "b (h ph) (w pw) -> b (ph pw) h w", ph=factor, pw=factor
+    )  # (B, 64, H/8, W/8)
     return torch.cat((pack(masked, "flux1"), pack(mask.to(masked.dtype), "flux1")), dim=-1)
 
 
@@ -113,7 +126,10 @@ def inpaint_mask(mask: Tensor, family: str, factor: int = 8) -> Tensor:
     if spec.inpaint_resize == "nearest":
         return pack(mask[:, :, ::factor, ::factor].expand(-1, spec.latent_channels, -1, -1), family)
     f = 2 * factor  # pixels per token
-    lo, hi = (f - 1) // 2, f // 2  # bilinear at align_corners=False samples pixel f * i + (f - 1) / 2
+    lo, hi = (
+        (f - 1) // 2,
+        f // 2,
+    )  # bilinear at align_corners=False samples pixel f * i + (f - 1) / 2
     rows = (mask[:, :, lo::f] + mask[:, :, hi::f]) / 2
     return rearrange((rows[..., lo::f] + rows[..., hi::f]) / 2, "b c h w -> b (h w) c")
 
@@ -123,15 +139,34 @@ def inpaint_mask(mask: Tensor, family: str, factor: int = 8) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def predict(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, t: Tensor,
-            vec: Tensor | None, guidance: Tensor | None) -> Tensor:
+def predict(
+    model,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    t: Tensor,
+    vec: Tensor | None,
+    guidance: Tensor | None,
+) -> Tensor:
     """One model call with each family's keyword names (`forward_kwargs`); t and guidance are (B,)."""
     return model(**model.params.forward_kwargs(img, img_ids, txt, txt_ids, t, vec, guidance))
 
 
-def conditioning(model, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec=None, guidance=None,
-                 cfg_scale: float = 1.0, neg_txt=None, neg_vec=None, img_cond=None, img_cond_seq=None,
-                 img_cond_seq_ids=None) -> dict:
+def conditioning(
+    model,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    vec=None,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    img_cond=None,
+    img_cond_seq=None,
+    img_cond_seq_ids=None,
+) -> dict:
     """Everything but the latents and the time, batched once before the loop.
 
     Image ids, references, Fill channels and the negative prompt may have a batch of one for any text batch.
@@ -142,12 +177,15 @@ def conditioning(model, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec=None,
     b = txt.shape[0]
     batch = lambda a: None if a is None else a.expand(b, *a.shape[1:])  # one serves every prompt
     img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec = map(
-        batch, (img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec))
+        batch, (img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec)
+    )
     cfg = neg_txt is not None
     if cfg:
         if neg_txt.shape[1:] != txt.shape[1:]:
-            raise ValueError(f"negative text {tuple(neg_txt.shape)} and text {tuple(txt.shape)} must have the "
-                             f"same length and width (pad both to the text encoder's max length)")
+            raise ValueError(
+                f"negative text {tuple(neg_txt.shape)} and text {tuple(txt.shape)} must have the "
+                f"same length and width (pad both to the text encoder's max length)"
+            )
         if vec is not None and neg_vec is None:
             raise ValueError("FLUX.1 true CFG needs the negative pooled vector `neg_vec` too")
         txt, txt_ids = torch.cat((neg_txt, txt)), torch.cat((txt_ids, txt_ids))
@@ -156,11 +194,20 @@ def conditioning(model, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, vec=None,
         raise ValueError("pass both or neither of img_cond_seq and img_cond_seq_ids")
     use_guidance = model.params.guidance_embed and guidance is not None
     if model.params.guidance_embed and guidance is None:
-        raise ValueError("this model is guidance-distilled: pass guidance (e.g. 3.5 for FLUX.1 dev, 4 for FLUX.2 dev)")
-    return {"img_ids": img_ids, "txt": txt, "txt_ids": txt_ids, "vec": vec,
-            "guidance": torch.tensor(float(guidance), device=txt.device) if use_guidance else None,
-            "cfg_scale": torch.tensor(float(cfg_scale), device=txt.device) if cfg else None,
-            "img_cond": img_cond, "img_cond_seq": img_cond_seq, "img_cond_seq_ids": img_cond_seq_ids}
+        raise ValueError(
+            "this model is guidance-distilled: pass guidance (e.g. 3.5 for FLUX.1 dev, 4 for FLUX.2 dev)"
+        )
+    return {
+        "img_ids": img_ids,
+        "txt": txt,
+        "txt_ids": txt_ids,
+        "vec": vec,
+        "guidance": torch.tensor(float(guidance), device=txt.device) if use_guidance else None,
+        "cfg_scale": torch.tensor(float(cfg_scale), device=txt.device) if cfg else None,
+        "img_cond": img_cond,
+        "img_cond_seq": img_cond_seq,
+        "img_cond_seq_ids": img_cond_seq_ids,
+    }
 
 
 def velocity(model, img: Tensor, t: Tensor, cond: dict) -> Tensor:
@@ -186,17 +233,44 @@ def velocity(model, img: Tensor, t: Tensor, cond: dict) -> Tensor:
 
 
 @torch.inference_mode()
-def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: list[float],
-            vec=None, guidance=None, cfg_scale: float = 1.0, neg_txt=None, neg_vec=None, img_cond=None,
-            img_cond_seq=None, img_cond_seq_ids=None, trajectory: bool = False, progress: bool = False) -> Tensor:
+def denoise(
+    model,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: list[float],
+    vec=None,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    img_cond=None,
+    img_cond_seq=None,
+    img_cond_seq_ids=None,
+    trajectory: bool = False,
+    progress: bool = False,
+) -> Tensor:
     """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from tokens img.
 
     img (B, L, C), img_ids (B, L, axes), txt (B, Lt, context_in_dim), txt_ids (B, Lt, axes), vec (B, 768)
     for FLUX.1; conditioning as in `conditioning`. Returns the final tokens (B, L, C) in fp32, or with
     `trajectory=True` every state (steps + 1, B, L, C), the input first: the parity suite compares these.
     """
-    cond = conditioning(model, img_ids, txt, txt_ids, vec, guidance, cfg_scale, neg_txt, neg_vec, img_cond,
-                        img_cond_seq, img_cond_seq_ids)
+    cond = conditioning(
+        model,
+        img_ids,
+        txt,
+        txt_ids,
+        vec,
+        guidance,
+        cfg_scale,
+        neg_txt,
+        neg_vec,
+        img_cond,
+        img_cond_seq,
+        img_cond_seq_ids,
+    )
     ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)  # fp32 as the JAX loop's
     x = img.float()
     states = [x]
@@ -207,9 +281,23 @@ def denoise(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, t
     return torch.stack(states) if trajectory else x
 
 
-def sample(model, noise: Tensor, txt: Tensor, vec=None, steps: int = 28, guidance=None, cfg_scale: float = 1.0,
-           neg_txt=None, neg_vec=None, refs=(), img_cond=None, init=None, strength: float = 1.0,
-           shift: bool | None = None, progress: bool = False) -> Tensor:
+def sample(
+    model,
+    noise: Tensor,
+    txt: Tensor,
+    vec=None,
+    steps: int = 28,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    refs=(),
+    img_cond=None,
+    init=None,
+    strength: float = 1.0,
+    shift: bool | None = None,
+    progress: bool = False,
+) -> Tensor:
     """Generate latents (NCHW, the shape of `noise`) for text `txt` (and pooled `vec` for FLUX.1).
 
     refs: encoded reference latents (Kontext, FLUX.2 multi-reference); img_cond: FLUX.1 Fill tokens from
@@ -226,13 +314,26 @@ def sample(model, noise: Tensor, txt: Tensor, vec=None, steps: int = 28, guidanc
     shift = model.params.guidance_embed if shift is None else shift
     timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
     if init is not None:
-        timesteps = timesteps[schedules.strength_start(steps, strength):]
+        timesteps = timesteps[schedules.strength_start(steps, strength) :]
         img = add_noise(pack(init, family).float(), img.float(), timesteps[0])
     ref_tok, ref_ids = reference_tokens(list(refs), family) if len(refs) else (None, None)
-    out = denoise(model, img, img_ids, txt, text_ids(b, txt.shape[1], family).to(noise.device), timesteps,
-                  vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt, neg_vec=neg_vec,
-                  img_cond=img_cond, img_cond_seq=ref_tok,
-                  img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device), progress=progress)
+    out = denoise(
+        model,
+        img,
+        img_ids,
+        txt,
+        text_ids(b, txt.shape[1], family).to(noise.device),
+        timesteps,
+        vec=vec,
+        guidance=guidance,
+        cfg_scale=cfg_scale,
+        neg_txt=neg_txt,
+        neg_vec=neg_vec,
+        img_cond=img_cond,
+        img_cond_seq=ref_tok,
+        img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device),
+        progress=progress,
+    )
     return unpack(out, h, w, family)
 
 
@@ -242,18 +343,45 @@ def sample(model, noise: Tensor, txt: Tensor, vec=None, steps: int = 28, guidanc
 
 
 @torch.inference_mode()
-def denoise_inpaint(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: list[float],
-                    init: Tensor, noise: Tensor, mask: Tensor, vec=None, guidance=None, cfg_scale: float = 1.0,
-                    neg_txt=None, neg_vec=None, img_cond_seq=None, img_cond_seq_ids=None,
-                    progress: bool = False) -> Tensor:
+def denoise_inpaint(
+    model,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: list[float],
+    init: Tensor,
+    noise: Tensor,
+    mask: Tensor,
+    vec=None,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    img_cond_seq=None,
+    img_cond_seq_ids=None,
+    progress: bool = False,
+) -> Tensor:
     """`denoise`, and after every step the known region is reset to the init tokens noised to the new time
     (diffusers' `FluxInpaintPipeline` / `Flux2KleinInpaintPipeline` loops):
     x <- x + (t_prev - t_curr) * v;  x <- (1 - mask) * add_noise(init, noise, t_prev) + mask * x.
     At the last step t_prev = 0, so the known region ends exactly as init. init, noise (B, L, C) tokens; mask from
     `inpaint_mask`, (B, L, C) or (B, L, 1). Returns the final tokens (B, L, C) in fp32.
     """
-    cond = conditioning(model, img_ids, txt, txt_ids, vec, guidance, cfg_scale, neg_txt, neg_vec, None,
-                        img_cond_seq, img_cond_seq_ids)
+    cond = conditioning(
+        model,
+        img_ids,
+        txt,
+        txt_ids,
+        vec,
+        guidance,
+        cfg_scale,
+        neg_txt,
+        neg_vec,
+        None,
+        img_cond_seq,
+        img_cond_seq_ids,
+    )
     ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)
     x, init, noise, mask = img.float(), init.float(), noise.float(), mask.float()
     for i in tqdm(range(len(timesteps) - 1), desc="inpainting", unit="step", disable=not progress):
@@ -262,9 +390,24 @@ def denoise_inpaint(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: T
     return x
 
 
-def sample_inpaint(model, noise: Tensor, txt: Tensor, init: Tensor, mask: Tensor, vec=None, steps: int = 28,
-                   strength: float = 1.0, guidance=None, cfg_scale: float = 1.0, neg_txt=None, neg_vec=None,
-                   refs=(), factor: int = 8, shift: bool | None = None, progress: bool = False) -> Tensor:
+def sample_inpaint(
+    model,
+    noise: Tensor,
+    txt: Tensor,
+    init: Tensor,
+    mask: Tensor,
+    vec=None,
+    steps: int = 28,
+    strength: float = 1.0,
+    guidance=None,
+    cfg_scale: float = 1.0,
+    neg_txt=None,
+    neg_vec=None,
+    refs=(),
+    factor: int = 8,
+    shift: bool | None = None,
+    progress: bool = False,
+) -> Tensor:
     """Inpaint with an ordinary model: latents (NCHW, the shape of `noise`) that keep `init` where mask is 0.
 
     init: the encoded image (FLUX.1 (B, 16, H/8, W/8); FLUX.2 (B, 128, H/16, W/16), normalised as our
@@ -280,21 +423,43 @@ def sample_inpaint(model, noise: Tensor, txt: Tensor, init: Tensor, mask: Tensor
     if txt.shape[0] != b:
         raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
     if init.shape[1:] != noise.shape[1:]:
-        raise ValueError(f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in size")
+        raise ValueError(
+            f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in size"
+        )
     m = inpaint_mask(mask, family, factor).to(noise.device)
     if m.shape[1] != h * w:
-        raise ValueError(f"mask {tuple(mask.shape)} does not cover the {h} x {w} token grid at factor {factor}")
+        raise ValueError(
+            f"mask {tuple(mask.shape)} does not cover the {h} x {w} token grid at factor {factor}"
+        )
     shift = model.params.guidance_embed if shift is None else shift
     timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
-    timesteps = timesteps[schedules.strength_start(steps, strength):]
+    timesteps = timesteps[schedules.strength_start(steps, strength) :]
     init_tok, noise_tok = pack(init, family).float(), pack(noise, family).float()
-    img, img_ids = add_noise(init_tok, noise_tok, timesteps[0]), image_ids(b, h, w, family).to(noise.device)
+    img, img_ids = (
+        add_noise(init_tok, noise_tok, timesteps[0]),
+        image_ids(b, h, w, family).to(noise.device),
+    )
     refs = [init, *refs] if model.params.inpaint_init_ref else list(refs)
     ref_tok, ref_ids = reference_tokens(refs, family) if refs else (None, None)
-    out = denoise_inpaint(model, img, img_ids, txt, text_ids(b, txt.shape[1], family).to(noise.device), timesteps,
-                          init_tok, noise_tok, m, vec=vec, guidance=guidance, cfg_scale=cfg_scale, neg_txt=neg_txt,
-                          neg_vec=neg_vec, img_cond_seq=ref_tok,
-                          img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device), progress=progress)
+    out = denoise_inpaint(
+        model,
+        img,
+        img_ids,
+        txt,
+        text_ids(b, txt.shape[1], family).to(noise.device),
+        timesteps,
+        init_tok,
+        noise_tok,
+        m,
+        vec=vec,
+        guidance=guidance,
+        cfg_scale=cfg_scale,
+        neg_txt=neg_txt,
+        neg_vec=neg_vec,
+        img_cond_seq=ref_tok,
+        img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device),
+        progress=progress,
+    )
     return unpack(out, h, w, family)
 
 
@@ -304,8 +469,18 @@ def sample_inpaint(model, noise: Tensor, txt: Tensor, init: Tensor, mask: Tensor
 
 
 @torch.inference_mode()
-def denoise_kv(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: list[float],
-               ref: Tensor, ref_ids: Tensor, cached: bool = True, progress: bool = False) -> Tensor:
+def denoise_kv(
+    model,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: list[float],
+    ref: Tensor,
+    ref_ids: Tensor,
+    cached: bool = True,
+    progress: bool = False,
+) -> Tensor:
     """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the reference
     tokens ref (B or 1, Lr, 128) attend only to themselves and are modulated at t = 0, so their keys and values
     are the same at every step. cached=True computes them at the first step and reuses them (the references
@@ -315,35 +490,63 @@ def denoise_kv(model, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor
     if model.params.guidance_embed:
         raise ValueError("klein KV sampling takes no guidance: this model has a guidance embedder")
     b = txt.shape[0]
-    img_ids, txt_ids, ref, ref_ids = (a.expand(b, *a.shape[1:]) for a in (img_ids, txt_ids, ref, ref_ids))
+    img_ids, txt_ids, ref, ref_ids = (
+        a.expand(b, *a.shape[1:]) for a in (img_ids, txt_ids, ref, ref_ids)
+    )
     ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)
     x, kv = img.float(), None
     for i in tqdm(range(len(timesteps) - 1), desc="denoising", unit="step", disable=not progress):
         t = ts[i].expand(b)
-        if kv is None or not cached:  # the references in the sequence; their keys and values kept in kv
+        if (
+            kv is None or not cached
+        ):  # the references in the sequence; their keys and values kept in kv
             kv = model.kv_caches(ref.shape[1])
-            pred = model(x=torch.cat((x, ref.float()), dim=1), x_ids=torch.cat((img_ids, ref_ids), dim=1),
-                         timesteps=t, ctx=txt, ctx_ids=txt_ids, kv=kv)
+            pred = model(
+                x=torch.cat((x, ref.float()), dim=1),
+                x_ids=torch.cat((img_ids, ref_ids), dim=1),
+                timesteps=t,
+                ctx=txt,
+                ctx_ids=txt_ids,
+                kv=kv,
+            )
         else:
             pred = model(x=x, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, kv=kv)
         x = x + (ts[i + 1] - ts[i]) * pred[:, : x.shape[1]].float()
     return x
 
 
-def sample_kv(model, noise: Tensor, txt: Tensor, refs, steps: int = 4, cached: bool = True,
-              progress: bool = False) -> Tensor:
+def sample_kv(
+    model,
+    noise: Tensor,
+    txt: Tensor,
+    refs,
+    steps: int = 4,
+    cached: bool = True,
+    progress: bool = False,
+) -> Tensor:
     """Generate latents (NCHW, the shape of `noise`) with a klein KV model from reference latents `refs` (each
     NCHW, any size; reference i at t = 10 + 10 i) and text `txt`; see `denoise_kv`."""
     family = model.params.family
     if not len(refs):
-        raise ValueError("klein KV sampling needs at least one reference image (without, use `sample`)")
+        raise ValueError(
+            "klein KV sampling needs at least one reference image (without, use `sample`)"
+        )
     h, w = token_grid(noise, family)
     b = noise.shape[0]
     if txt.shape[0] != b:
         raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
     timesteps = schedules.get_schedule(steps, h * w, family)
     ref_tok, ref_ids = reference_tokens(list(refs), family)
-    out = denoise_kv(model, pack(noise, family), image_ids(b, h, w, family).to(noise.device), txt,
-                     text_ids(b, txt.shape[1], family).to(noise.device), timesteps, ref_tok, ref_ids.to(noise.device),
-                     cached=cached, progress=progress)
+    out = denoise_kv(
+        model,
+        pack(noise, family),
+        image_ids(b, h, w, family).to(noise.device),
+        txt,
+        text_ids(b, txt.shape[1], family).to(noise.device),
+        timesteps,
+        ref_tok,
+        ref_ids.to(noise.device),
+        cached=cached,
+        progress=progress,
+    )
     return unpack(out, h, w, family)

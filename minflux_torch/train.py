@@ -32,8 +32,14 @@ def shift_timesteps(t: Tensor, mu: float) -> Tensor:
     return math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t)
 
 
-def sample_timesteps(generator: torch.Generator, batch: int, kind: str = "logit_normal", mean: float = 0.0,
-                     std: float = 1.0, mu: float | None = None) -> Tensor:
+def sample_timesteps(
+    generator: torch.Generator,
+    batch: int,
+    kind: str = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    mu: float | None = None,
+) -> Tensor:
     """(B,) times in (0, 1): logit-normal sigmoid(mean + std z) (SD3's default) or uniform, then shifted by mu."""
     if kind == "uniform":
         t = torch.rand(batch, generator=generator)
@@ -53,7 +59,9 @@ def loss_weight(t: Tensor, kind: str = "none") -> Tensor:
     raise ValueError(f"loss weighting {kind!r}: expected 'none' or 'cosmap'")
 
 
-def flow_loss(model, batch: dict, noise: Tensor, t: Tensor, weighting: str = "none", remat: str = "none") -> Tensor:
+def flow_loss(
+    model, batch: dict, noise: Tensor, t: Tensor, weighting: str = "none", remat: str = "none"
+) -> Tensor:
     """Rectified-flow MSE for clean tokens batch["img"] (B, L, C), noise (B, L, C) and times t (B,).
 
     batch also holds img_ids, txt, txt_ids, and vec (FLUX.1's pooled vector) and guidance when the model takes them.
@@ -81,13 +89,22 @@ def block_hook(remat: str = "none"):
     when there is nothing to do."""
     if remat == "none":
         return None
-    return lambda kind, index, block, args, kw: checkpoint(_call, block, args, kw, use_reentrant=False)
+    return lambda kind, index, block, args, kw: checkpoint(
+        _call, block, args, kw, use_reentrant=False
+    )
 
 
 def forward(model, x: Tensor, t: Tensor, batch: dict, remat: str = "none") -> Tensor:
     """The model's prediction on noisy tokens x (B, L, C): the model's own forward through `block_hook`."""
-    kw = model.params.forward_kwargs(x, batch["img_ids"], batch["txt"], batch["txt_ids"], t, batch.get("vec"),
-                                     batch.get("guidance"))
+    kw = model.params.forward_kwargs(
+        x,
+        batch["img_ids"],
+        batch["txt"],
+        batch["txt_ids"],
+        t,
+        batch.get("vec"),
+        batch.get("guidance"),
+    )
     hook = block_hook(remat)
     return model(**kw) if hook is None else model(**kw, run_block=hook)
 
@@ -111,33 +128,62 @@ def lr_schedule(lr: float, warmup: int, steps: int, final: float = 0.1):
     return at
 
 
-def make_optimizer(model, lr: float = 1e-4, warmup: int = 0, steps: int = 1000, weight_decay: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+def make_optimizer(
+    model,
+    lr: float = 1e-4,
+    warmup: int = 0,
+    steps: int = 1000,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+):
     """(AdamW, LambdaLR) on the warm-up + cosine schedule; weight decay on matrices only. Clipping is in the step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), eps=eps)
     at = lr_schedule(lr, warmup, steps)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: at(step) / lr)
 
 
-def step_inputs(generator: torch.Generator, batch: dict, family: str, timesteps: dict) -> tuple[Tensor, Tensor]:
+def step_inputs(
+    generator: torch.Generator, batch: dict, family: str, timesteps: dict
+) -> tuple[Tensor, Tensor]:
     """Noise (B, L, C) and times (B,) for one step, from one generator: the data decide nothing random."""
     x0 = batch["img"]
     mu = resolution_mu(x0.shape[1]) if timesteps.get("shift") else None
-    t = sample_timesteps(generator, x0.shape[0], timesteps.get("kind", "logit_normal"), timesteps.get("mean", 0.0),
-                         timesteps.get("std", 1.0), mu)
+    t = sample_timesteps(
+        generator,
+        x0.shape[0],
+        timesteps.get("kind", "logit_normal"),
+        timesteps.get("mean", 0.0),
+        timesteps.get("std", 1.0),
+        mu,
+    )
     return torch.randn(x0.shape, generator=generator), t
 
 
-def train_step(model, opt, sched, batch: dict, noise: Tensor, t: Tensor, clip: float = 1.0,
-               weighting: str = "none", remat: str = "none") -> dict:
+def train_step(
+    model,
+    opt,
+    sched,
+    batch: dict,
+    noise: Tensor,
+    t: Tensor,
+    clip: float = 1.0,
+    weighting: str = "none",
+    remat: str = "none",
+) -> dict:
     """One optimiser step on given noise and times; returns the loss and the gradient norm before clipping."""
     opt.zero_grad(set_to_none=True)
     loss = flow_loss(model, batch, noise, t, weighting, remat)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], clip
+    )
     opt.step()
     sched.step()
     return {"loss": loss.detach(), "grad_norm": grad_norm}

@@ -40,7 +40,11 @@ def stages(cfg) -> list[tuple[str, list[str], object]]:
         return path, [path], lambda m, h, ops: _sub(m, path)(h)
 
     def mid(side):
-        return [call(f"{side}.mid.block_1"), call(f"{side}.mid.attn_1"), call(f"{side}.mid.block_2")]
+        return [
+            call(f"{side}.mid.block_1"),
+            call(f"{side}.mid.attn_1"),
+            call(f"{side}.mid.block_2"),
+        ]
 
     def enc_out(m, h, ops):
         h = m.encoder.conv_out(ops.silu(m.encoder.norm_out(h)))
@@ -55,17 +59,36 @@ def stages(cfg) -> list[tuple[str, list[str], object]]:
         out += [call(f"encoder.down.{i}.block.{j}") for j in range(cfg.num_res_blocks)]
         out += [call(f"encoder.down.{i}.downsample")] if i != n - 1 else []
     out += mid("encoder")
-    out += [("encoder.out", ["encoder.norm_out", "encoder.conv_out"] + (["encoder.quant_conv"] if quant else []),
-             enc_out),
-            ("latents", ["bn"] if bn else [], lambda m, h, ops: m.normalize(ops.channels(h, cfg.z_channels))),
-            ("decoder.in", ["decoder.conv_in"] + (["decoder.post_quant_conv"] if quant else [])
-             + (["bn"] if bn else []), dec_in)]
+    out += [
+        (
+            "encoder.out",
+            ["encoder.norm_out", "encoder.conv_out"] + (["encoder.quant_conv"] if quant else []),
+            enc_out,
+        ),
+        (
+            "latents",
+            ["bn"] if bn else [],
+            lambda m, h, ops: m.normalize(ops.channels(h, cfg.z_channels)),
+        ),
+        (
+            "decoder.in",
+            ["decoder.conv_in"]
+            + (["decoder.post_quant_conv"] if quant else [])
+            + (["bn"] if bn else []),
+            dec_in,
+        ),
+    ]
     out += mid("decoder")
     for i in reversed(range(n)):
         out += [call(f"decoder.up.{i}.block.{j}") for j in range(cfg.num_res_blocks + 1)]
         out += [call(f"decoder.up.{i}.upsample")] if i != 0 else []
-    out += [("decoder.out", ["decoder.norm_out", "decoder.conv_out"],
-             lambda m, h, ops: m.decoder.conv_out(ops.silu(m.decoder.norm_out(h))))]
+    out += [
+        (
+            "decoder.out",
+            ["decoder.norm_out", "decoder.conv_out"],
+            lambda m, h, ops: m.decoder.conv_out(ops.silu(m.decoder.norm_out(h))),
+        )
+    ]
     return out
 
 
@@ -101,11 +124,24 @@ class JaxOps:
         return h[..., :k]
 
 
-def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu", resolution: int = 64,
-        seed: int = 0, tiny: bool = True, jax_layout: str = "NHWC", progress=None) -> dict:
+def run(
+    cfg,
+    torch_weights,
+    jax_weights,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    resolution: int = 64,
+    seed: int = 0,
+    tiny: bool = True,
+    jax_layout: str = "NHWC",
+    progress=None,
+) -> dict:
     """Compare the two frameworks on one autoencoder; the same report format as `parity.transformer.run`."""
     T, J = TorchSide(cfg, dtype, device), JaxSide(cfg, dtype, device)
-    block_bound, model_bound = bound(dtype, "block", device, tiny), bound(dtype, "model", device, tiny)
+    block_bound, model_bound = (
+        bound(dtype, "block", device, tiny),
+        bound(dtype, "model", device, tiny),
+    )
     to_j = (lambda a: a.transpose(0, 2, 3, 1)) if jax_layout == "NHWC" else (lambda a: a)
     from_j = (lambda a: a.transpose(0, 3, 1, 2)) if jax_layout == "NHWC" else (lambda a: a)
     rng = np.random.default_rng(seed)
@@ -123,26 +159,54 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
             peak = max(peak, nbytes(w_t, dtype))
             saved = {}
             for m in modules:
-                T.materialise(T.model.get_submodule(m), {k[len(m) + 1:]: v for k, v in w_t.items()
-                                                         if k.startswith(m + ".")})
+                T.materialise(
+                    T.model.get_submodule(m),
+                    {k[len(m) + 1 :]: v for k, v in w_t.items() if k.startswith(m + ".")},
+                )
                 sub = _sub(J.model, m)
                 saved[m] = nnx.state(sub)  # abstract: restored after the stage
-                J.assign(sub, {k[len(m) + 1:]: v for k, v in w_j.items() if k.startswith(m + ".")})
+                J.assign(sub, {k[len(m) + 1 :]: v for k, v in w_j.items() if k.startswith(m + ".")})
             del w_t, w_j
             t_in = t_h
-            if name == "decoder.in":  # decode(z) is a forward of its own: both start from the same latents
+            if (
+                name == "decoder.in"
+            ):  # decode(z) is a forward of its own: both start from the same latents
                 j_h = J.input(to_j(T.output(t_in)), cast=True)
             t_h = fn(T.model, t_h, TorchOps)
             ref = T.output(t_h)
             j_fn = _jax_stage(name, modules, fn, J.model)
-            for mode, j_in in (("teacher", J.input(to_j(T.output(t_in)), cast=True)), ("free", j_h)):
+            for mode, j_in in (
+                ("teacher", J.input(to_j(T.output(t_in)), cast=True)),
+                ("free", j_h),
+            ):
                 try:
                     got = j_fn(j_in)
-                    rows.append(compare(name, mode, from_j(J.output(got)), ref, dtype,
-                                        block_bound if mode == "teacher" else model_bound, depth))
+                    rows.append(
+                        compare(
+                            name,
+                            mode,
+                            from_j(J.output(got)),
+                            ref,
+                            dtype,
+                            block_bound if mode == "teacher" else model_bound,
+                            depth,
+                        )
+                    )
                 except Exception as e:  # a layout or shape error fails the row that hit it
-                    rows.append(Row(name, mode, dtype, block_bound, False, *[float("nan")] * 4, [], False, depth,
-                                    error=f"{type(e).__name__}: {e}"[:300]))
+                    rows.append(
+                        Row(
+                            name,
+                            mode,
+                            dtype,
+                            block_bound,
+                            False,
+                            *[float("nan")] * 4,
+                            [],
+                            False,
+                            depth,
+                            error=f"{type(e).__name__}: {e}"[:300],
+                        )
+                    )
                     got = None
                 if mode == "free":
                     j_h = got
@@ -151,11 +215,21 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
                 nnx.update(_sub(J.model, m), saved[m])
             if progress:
                 progress(name)
-            if j_h is None:  # JAX could not go on: the remaining stages cannot be compared free-running
+            if (
+                j_h is None
+            ):  # JAX could not go on: the remaining stages cannot be compared free-running
                 j_h = J.input(to_j(T.output(t_h)), cast=True)
-    memory = {"torch_weights_peak_bytes": peak, "jax_weights_peak_bytes": peak,
-              "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "model_weights_bytes": sum(int(np.prod(s)) for s in T.expected.values()) * (4 if dtype == "fp32" else 2)}
-    return {"rows": [r.as_dict() for r in rows], "memory": memory, "seconds": time.perf_counter() - t0,
-            "passed": all(r.passed for r in rows), "inputs": {"resolution": resolution, "seed": seed,
-                                                               "jax_layout": jax_layout}}
+    memory = {
+        "torch_weights_peak_bytes": peak,
+        "jax_weights_peak_bytes": peak,
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "model_weights_bytes": sum(int(np.prod(s)) for s in T.expected.values())
+        * (4 if dtype == "fp32" else 2),
+    }
+    return {
+        "rows": [r.as_dict() for r in rows],
+        "memory": memory,
+        "seconds": time.perf_counter() - t0,
+        "passed": all(r.passed for r in rows),
+        "inputs": {"resolution": resolution, "seed": seed, "jax_layout": jax_layout},
+    }

@@ -34,7 +34,9 @@ class TorchSide:
             self.model = tload.MODELS[cfg.family](cfg).to(self.dtype)
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
 
-    def materialise(self, module: torch.nn.Module, tensors: dict[str, np.ndarray]) -> torch.nn.Module:
+    def materialise(
+        self, module: torch.nn.Module, tensors: dict[str, np.ndarray]
+    ) -> torch.nn.Module:
         module.to_empty(device=self.device)
         module.load_state_dict({k: tload.to_torch(v) for k, v in tensors.items()}, strict=True)
         return module.eval()
@@ -109,7 +111,9 @@ class JaxSide:
 
     @staticmethod
     def output(a) -> np.ndarray:
-        return np.asarray(jax.device_get(a), np.float32)  # bf16 widened in numpy: exact, and nothing to compile
+        return np.asarray(
+            jax.device_get(a), np.float32
+        )  # bf16 widened in numpy: exact, and nothing to compile
 
 
 @partial(jax.jit, static_argnums=0)
@@ -125,4 +129,4 @@ def jit_call(module, *args, **kwargs):
 
 
 def strip(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix):]: v for k, v in tensors.items()}
+    return {k[len(prefix) :]: v for k, v in tensors.items()}

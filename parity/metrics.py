@@ -62,5 +62,17 @@ def compare(name: str, mode: str, a, b, dtype: str, bound_: float, depth: int = 
     cos = float(np.sum(a * b) / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = max_abs / float(np.abs(b).max()) if diff.size and np.abs(b).max() > 0 else max_abs
-    return Row(name, mode, dtype, bound_, True, max_abs, rel, max_rel, cos, [int(i) for i in worst],
-               rel <= bound_, depth)
+    return Row(
+        name,
+        mode,
+        dtype,
+        bound_,
+        True,
+        max_abs,
+        rel,
+        max_rel,
+        cos,
+        [int(i) for i in worst],
+        rel <= bound_,
+        depth,
+    )

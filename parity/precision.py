@@ -10,7 +10,9 @@ def configure(device: str, allow_tf32: bool = False) -> dict:
 
     mode = "tf32" if allow_tf32 else "ieee"
     torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode  # cuDNN conv TF32 is on by default (matters for the VAE)
+    torch.backends.cudnn.conv.fp32_precision = (
+        mode  # cuDNN conv TF32 is on by default (matters for the VAE)
+    )
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if allow_tf32 else "highest")
     return settings()
 
@@ -19,16 +21,21 @@ def settings() -> dict:
     import jax
     import torch
 
-    return {"torch_matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
-            "torch_cudnn_conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
-            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision}
+    return {
+        "torch_matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        "torch_cudnn_conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
+        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+    }
 
 
 def assert_full_precision() -> dict:
     """Raise unless fp32 matmuls and convolutions are IEEE fp32 in both frameworks."""
     s = settings()
-    expected = {"torch_matmul_fp32_precision": "ieee", "torch_cudnn_conv_fp32_precision": "ieee",
-                "jax_default_matmul_precision": "highest"}
+    expected = {
+        "torch_matmul_fp32_precision": "ieee",
+        "torch_cudnn_conv_fp32_precision": "ieee",
+        "jax_default_matmul_precision": "highest",
+    }
     wrong = {k: v for k, v in s.items() if v != expected[k]}
     if wrong:
         raise RuntimeError(f"fp32 parity needs TF32 off; these settings are not: {wrong}")

@@ -15,13 +15,22 @@ def environment(device: str) -> dict:
     import numpy
     import torch
 
-    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "jax": jax.__version__, "flax": flax.__version__, "numpy": numpy.__version__, "device": device,
-           "jax_backend": jax.default_backend()}
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "numpy": numpy.__version__,
+        "device": device,
+        "jax_backend": jax.default_backend(),
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
-        env["driver"] = os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip()
+        env["driver"] = (
+            os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip()
+        )
         env["jax_devices"] = [str(d) for d in jax.devices()]
     return env
 
@@ -32,28 +41,60 @@ def print_run(run: dict, console=None) -> None:
 
     console = console or Console()
     status = "[green]PASS[/green]" if run["passed"] else "[bold red]FAIL[/bold red]"
-    table = Table(title=f"{run['model']}  {run['dtype']}  {run['device']}  {status}  ({run['source']})",
-                  title_justify="left")
-    for col in ("block", "mode", "rel L2", "bound", "max abs", "max rel", "cosine", "worst index", ""):
-        table.add_column(col, justify="left" if col in ("block", "mode", "worst index") else "right")
+    table = Table(
+        title=f"{run['model']}  {run['dtype']}  {run['device']}  {status}  ({run['source']})",
+        title_justify="left",
+    )
+    for col in (
+        "block",
+        "mode",
+        "rel L2",
+        "bound",
+        "max abs",
+        "max rel",
+        "cosine",
+        "worst index",
+        "",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("block", "mode", "worst index") else "right"
+        )
     for r in run["rows"]:
         ok = "[green]ok[/green]" if r["passed"] else "[bold red]FAIL[/bold red]"
         if not r["finite"]:
             ok = "[bold red]NaN/Inf[/bold red]"
-        table.add_row(r["name"], r["mode"], f"{r['rel_l2']:.2e}", f"{r['bound']:.0e}", f"{r['max_abs']:.2e}",
-                      f"{r['max_rel']:.2e}", f"{r['cosine']:.8f}", str(tuple(r["worst_index"])), ok)
+        table.add_row(
+            r["name"],
+            r["mode"],
+            f"{r['rel_l2']:.2e}",
+            f"{r['bound']:.0e}",
+            f"{r['max_abs']:.2e}",
+            f"{r['max_rel']:.2e}",
+            f"{r['cosine']:.8f}",
+            str(tuple(r["worst_index"])),
+            ok,
+        )
     console.print(table)
     mem = run.get("memory", {})
     if mem:
-        console.print("  memory: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in mem.items() if v))
+        console.print(
+            "  memory: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in mem.items() if v)
+        )
     # a NaN ratio never compares greater: non-finite rows rank first, as the worst
-    worst = {m: max((r for r in run["rows"] if r["mode"] == m), default=None,
-                    key=lambda r: r["rel_l2"] / r["bound"] if r["rel_l2"] == r["rel_l2"] else float("inf"))
-             for m in ("teacher", "free", "trajectory")}
+    worst = {
+        m: max(
+            (r for r in run["rows"] if r["mode"] == m),
+            default=None,
+            key=lambda r: r["rel_l2"] / r["bound"] if r["rel_l2"] == r["rel_l2"] else float("inf"),
+        )
+        for m in ("teacher", "free", "trajectory")
+    }
     for mode, r in worst.items():
         if r:
-            console.print(f"  worst {mode}: {r['name']} rel L2 {r['rel_l2']:.2e} "
-                          f"({r['rel_l2'] / r['bound']:.1%} of the bound {r['bound']:.0e})")
+            console.print(
+                f"  worst {mode}: {r['name']} rel L2 {r['rel_l2']:.2e} "
+                f"({r['rel_l2'] / r['bound']:.1%} of the bound {r['bound']:.0e})"
+            )
 
 
 def write_json(report: dict, path) -> None:
@@ -79,21 +120,29 @@ def plot(report: dict, path) -> None:
     for ax, model in zip(axes.flat, models, strict=False):
         for run in (r for r in runs if r["model"] == model):
             for mode, style in (("teacher", "o-"), ("free", "s--"), ("trajectory", "^:")):
-                worst: dict[int, float] = {}  # the worst row at each depth (the embedders share depth 0)
+                worst: dict[
+                    int, float
+                ] = {}  # the worst row at each depth (the embedders share depth 0)
                 for r in run["rows"]:
                     if r["mode"] == mode and r["finite"]:
                         worst[r["depth"]] = max(worst.get(r["depth"], 0.0), r["rel_l2"])
                 if worst:
                     d = sorted(worst)
-                    ax.semilogy(d, [max(worst[i], 1e-10) for i in d], style, ms=3, color=colours.get(run["dtype"]),
-                                label=f"{run['dtype']} {mode}")
+                    ax.semilogy(
+                        d,
+                        [max(worst[i], 1e-10) for i in d],
+                        style,
+                        ms=3,
+                        color=colours.get(run["dtype"]),
+                        label=f"{run['dtype']} {mode}",
+                    )
             for b in sorted({r["bound"] for r in run["rows"]}):
                 ax.axhline(b, color=colours.get(run["dtype"]), lw=0.6, ls=":")
         ax.set_title(model, fontsize=10)
         ax.set_xlabel("depth (stage)")
         ax.set_ylabel("rel. L2, JAX vs PyTorch")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(models):]:
+    for ax in list(axes.flat)[len(models) :]:
         ax.axis("off")
     fig.suptitle("minflux parity (dotted: bounds)", fontsize=11)
     fig.tight_layout()

@@ -26,7 +26,11 @@ from minflux import ids
 from parity.frameworks import JaxSide, TorchSide, jit_call, nbytes, strip
 from parity.metrics import Row, bound, compare
 
-HEAD_EXCLUDES = ("double_blocks", "single_blocks", "final_layer")  # the model's other children: its embedders
+HEAD_EXCLUDES = (
+    "double_blocks",
+    "single_blocks",
+    "final_layer",
+)  # the model's other children: its embedders
 
 
 def _draw(cfg, resolution: int, txt_len: int, batch: int, seed: int) -> tuple:
@@ -42,7 +46,9 @@ def _draw(cfg, resolution: int, txt_len: int, batch: int, seed: int) -> tuple:
     return img, img_ids, txt, txt_ids, t, vec, g
 
 
-def make_inputs(cfg, resolution: int, txt_len: int, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+def make_inputs(
+    cfg, resolution: int, txt_len: int, batch: int = 1, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Seeded forward inputs for an image of `resolution` pixels (16 px per token): BFL keyword names."""
     return cfg.forward_kwargs(*_draw(cfg, resolution, txt_len, batch, seed))
 
@@ -50,7 +56,9 @@ def make_inputs(cfg, resolution: int, txt_len: int, batch: int = 1, seed: int = 
 def _joint(out) -> np.ndarray:
     """A stage's output as one array: a double block's (img, txt) as the joint [txt, img] sequence."""
     if isinstance(out, tuple):
-        return np.concatenate([np.asarray(out[1], np.float32), np.asarray(out[0], np.float32)], axis=1)
+        return np.concatenate(
+            [np.asarray(out[1], np.float32), np.asarray(out[0], np.float32)], axis=1
+        )
     return np.asarray(out, np.float32)
 
 
@@ -62,8 +70,11 @@ def _stage_keys(expected, kind: str, index: int) -> tuple[str, list[str]]:
 def _heads(model) -> list[str]:
     """The model's children that are neither blocks nor the final layer: its embedders (and FLUX.2's shared
     modulations), which run before the first block."""
-    names = [n for n, _ in model.named_children()] if isinstance(model, torch.nn.Module) else [
-        n for n, v in vars(model).items() if isinstance(v, nnx.Module)]
+    names = (
+        [n for n, _ in model.named_children()]
+        if isinstance(model, torch.nn.Module)
+        else [n for n, v in vars(model).items() if isinstance(v, nnx.Module)]
+    )
     return [n for n in names if n not in HEAD_EXCLUDES]
 
 
@@ -99,19 +110,26 @@ def _torch_pass(T, source, inputs: dict, dtype: str, progress) -> tuple[list, in
 
     try:
         with torch.inference_mode():
-            T.model(**{k: None if v is None else T.input(v) for k, v in inputs.items()}, run_block=run_block)
+            T.model(
+                **{k: None if v is None else T.input(v) for k, v in inputs.items()},
+                run_block=run_block,
+            )
     finally:
         T.model.to("meta")
     return records, peak
 
 
-def _jax_pass(J, source, expected, inputs: dict, records: list, report, dtype: str, progress) -> int:
+def _jax_pass(
+    J, source, expected, inputs: dict, records: list, report, dtype: str, progress
+) -> int:
     """JAX's forward through the streaming hook. Each stage also runs on PyTorch's recorded inputs (teacher
     forcing); `report(record, args, teacher, free)` gets both results. Returns the most weight bytes held."""
     model, heads = J.model, _heads(J.model)
     w = source.read([k for k in expected if k.split(".", 1)[0] in heads])
     peak = nbytes(w, dtype)
-    saved = {name: nnx.state(getattr(model, name)) for name in heads}  # abstract: restored afterwards
+    saved = {
+        name: nnx.state(getattr(model, name)) for name in heads
+    }  # abstract: restored afterwards
     for name in heads:
         J.assign(getattr(model, name), _under(w, name))
     del w
@@ -124,7 +142,9 @@ def _jax_pass(J, source, expected, inputs: dict, records: list, report, dtype: s
                 nnx.update(getattr(model, name), saved[name])
         record = records[len(done)] if len(done) < len(records) else (None, None)
         if record[:2] != (kind, index):
-            raise RuntimeError(f"the JAX forward ran {kind}.{index} where PyTorch's ran {record[0]}.{record[1]}")
+            raise RuntimeError(
+                f"the JAX forward ran {kind}.{index} where PyTorch's ran {record[0]}.{record[1]}"
+            )
         prefix, keys = _stage_keys(expected, kind, index)
         w = source.read(keys)
         peak = max(peak, nbytes(w, dtype))
@@ -140,7 +160,10 @@ def _jax_pass(J, source, expected, inputs: dict, records: list, report, dtype: s
 
     try:
         with jax.default_device(J.device):
-            model(**{k: None if v is None else J.input(v) for k, v in inputs.items()}, run_block=run_block)
+            model(
+                **{k: None if v is None else J.input(v) for k, v in inputs.items()},
+                run_block=run_block,
+            )
     finally:
         for name in heads:
             nnx.update(getattr(model, name), saved[name])
@@ -149,15 +172,28 @@ def _jax_pass(J, source, expected, inputs: dict, records: list, report, dtype: s
     return peak
 
 
-def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu", resolution: int = 64,
-        txt_len: int = 8, seed: int = 0, tiny: bool = True, progress=None) -> dict:
+def run(
+    cfg,
+    torch_weights,
+    jax_weights,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    resolution: int = 64,
+    txt_len: int = 8,
+    seed: int = 0,
+    tiny: bool = True,
+    progress=None,
+) -> dict:
     """Compare the two frameworks on one transformer; returns {"rows": [...], "memory": {...}, ...}.
 
     Rows, in order: embed.img, embed.txt (the first block's inputs), embed.vec (the final layer's), each block,
     final_layer (teacher) and output (free): each teacher and free but the last two.
     """
     T, J = TorchSide(cfg, dtype, device), JaxSide(cfg, dtype, device)
-    block_bound, model_bound = bound(dtype, "block", device, tiny), bound(dtype, "model", device, tiny)
+    block_bound, model_bound = (
+        bound(dtype, "block", device, tiny),
+        bound(dtype, "model", device, tiny),
+    )
     inputs = make_inputs(cfg, resolution, txt_len, seed=seed)
     t0 = time.perf_counter()
     records, torch_peak = _torch_pass(T, torch_weights, inputs, dtype, progress)
@@ -166,42 +202,77 @@ def run(cfg, torch_weights, jax_weights, dtype: str = "fp32", device: str = "cpu
     rows: list[Row] = []
 
     def both(name, depth, teacher, free, ref):  # the embedders see identical inputs in both modes
-        return [compare(name, "teacher", J.output(teacher), ref, dtype, block_bound, depth),
-                compare(name, "free", J.output(free), ref, dtype, model_bound, depth)]
+        return [
+            compare(name, "teacher", J.output(teacher), ref, dtype, block_bound, depth),
+            compare(name, "free", J.output(free), ref, dtype, model_bound, depth),
+        ]
 
     def report(record, args, teacher, free):
         kind, index, t_args, _, t_out = record
         depth = len(rows) // 2 + 1
-        if not rows and kind != "final_layer":  # the first block's inputs are the embedders' outputs
+        if (
+            not rows and kind != "final_layer"
+        ):  # the first block's inputs are the embedders' outputs
             names = ("embed.img", "embed.txt") if kind == "double_blocks" else ("embed.joint",)
             for name, a, t in zip(names, args, t_args, strict=True):
                 embed.extend(both(name, 0, a, a, np.asarray(t, np.float32)))
         ref = _joint(t_out)
         if kind == "final_layer":
             embed.extend(both("embed.vec", 0, args[1], args[1], np.asarray(t_args[1], np.float32)))
-            rows.append(compare("final_layer", "teacher", J.output(teacher), ref, dtype, block_bound, depth))
+            rows.append(
+                compare("final_layer", "teacher", J.output(teacher), ref, dtype, block_bound, depth)
+            )
             rows.append(compare("output", "free", J.output(free), ref, dtype, model_bound, depth))
             return
-        teacher, free = (J.output(teacher), J.output(free)) if kind != "double_blocks" else (
-            _joint((J.output(teacher[0]), J.output(teacher[1]))), _joint((J.output(free[0]), J.output(free[1]))))
+        teacher, free = (
+            (J.output(teacher), J.output(free))
+            if kind != "double_blocks"
+            else (
+                _joint((J.output(teacher[0]), J.output(teacher[1]))),
+                _joint((J.output(free[0]), J.output(free[1]))),
+            )
+        )
         rows.append(compare(f"{kind}.{index}", "teacher", teacher, ref, dtype, block_bound, depth))
         rows.append(compare(f"{kind}.{index}", "free", free, ref, dtype, model_bound, depth))
 
     jax_peak = _jax_pass(J, jax_weights, T.expected, inputs, records, report, dtype, progress)
     rows = embed + rows
-    memory = dict(torch_weights_peak_bytes=torch_peak, jax_weights_peak_bytes=jax_peak,
-                  process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  model_weights_bytes=sum(int(np.prod(s)) for s in T.expected.values()) * (4 if dtype == "fp32" else 2))
+    memory = dict(
+        torch_weights_peak_bytes=torch_peak,
+        jax_weights_peak_bytes=jax_peak,
+        process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        model_weights_bytes=sum(int(np.prod(s)) for s in T.expected.values())
+        * (4 if dtype == "fp32" else 2),
+    )
     if device.startswith("cuda"):
         memory["torch_cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
         memory["jax_gpu_peak_bytes"] = J.device.memory_stats().get("peak_bytes_in_use")
-    return {"rows": [r.as_dict() for r in rows], "memory": memory, "seconds": time.perf_counter() - t0,
-            "passed": all(r.passed for r in rows), "inputs": {"resolution": resolution, "txt_len": txt_len,
-                                                               "seed": seed, "image_tokens": (resolution // 16) ** 2}}
+    return {
+        "rows": [r.as_dict() for r in rows],
+        "memory": memory,
+        "seconds": time.perf_counter() - t0,
+        "passed": all(r.passed for r in rows),
+        "inputs": {
+            "resolution": resolution,
+            "txt_len": txt_len,
+            "seed": seed,
+            "image_tokens": (resolution // 16) ** 2,
+        },
+    }
 
 
-def trajectory(cfg, torch_weights, jax_weights, steps: int, dtype: str = "fp32", device: str = "cpu",
-               resolution: int = 64, txt_len: int = 8, seed: int = 0, tiny: bool = True) -> list[dict]:
+def trajectory(
+    cfg,
+    torch_weights,
+    jax_weights,
+    steps: int,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    resolution: int = 64,
+    txt_len: int = 8,
+    seed: int = 0,
+    tiny: bool = True,
+) -> list[dict]:
     """Rows "step.N": an N-step Euler trajectory from identical noise in each framework, compared per step.
 
     Unlike the block-by-block comparison this holds both whole models (sampling runs every block each step).
@@ -214,18 +285,34 @@ def trajectory(cfg, torch_weights, jax_weights, steps: int, dtype: str = "fp32",
     keys = list(T.expected)
     w_t = torch_weights.read(keys)
     t_model = T.materialise(copy.deepcopy(T.model), w_t)
-    j_model = J.materialise(J.model, w_t if jax_weights is torch_weights else jax_weights.read(keys))
+    j_model = J.materialise(
+        J.model, w_t if jax_weights is torch_weights else jax_weights.read(keys)
+    )
     del w_t
     img, img_ids, txt, txt_ids, _, vec, _ = _draw(cfg, resolution, txt_len, 1, seed)
     ts = schedules.get_schedule(steps, img.shape[1], cfg.family, shift=cfg.shifts_schedule)
     extra = {"vec": vec} if vec is not None else {}
     if cfg.guidance_embed:
         extra["guidance"] = 3.5
-    t_states = tsampling.denoise(t_model, *map(T.input, (img, img_ids, txt, txt_ids)), ts, trajectory=True,
-                                 **{k: T.input(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()})
+    t_states = tsampling.denoise(
+        t_model,
+        *map(T.input, (img, img_ids, txt, txt_ids)),
+        ts,
+        trajectory=True,
+        **{k: T.input(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()},
+    )
     with jax.default_device(J.device):
-        j_states = jsampling.denoise(j_model, *map(J.input, (img, img_ids, txt, txt_ids)), ts, trajectory=True,
-                                     **{k: J.input(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()})
+        j_states = jsampling.denoise(
+            j_model,
+            *map(J.input, (img, img_ids, txt, txt_ids)),
+            ts,
+            trajectory=True,
+            **{k: J.input(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()},
+        )
     b = bound(dtype, "model", device, tiny)
-    return [compare(f"step.{i}", "trajectory", J.output(j_states[i]), T.output(t_states[i]), dtype, b, i).as_dict()
-            for i in range(1, steps + 1)]
+    return [
+        compare(
+            f"step.{i}", "trajectory", J.output(j_states[i]), T.output(t_states[i]), dtype, b, i
+        ).as_dict()
+        for i in range(1, steps + 1)
+    ]

@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("MINFLUX_JAX_CACHE", "off")  # commands under test compile afresh: no user cache written
+os.environ.setdefault(
+    "MINFLUX_JAX_CACHE", "off"
+)  # commands under test compile afresh: no user cache written
 
 
 def rel_l2(a, b) -> float:
@@ -44,5 +46,7 @@ def transformer_inputs(cfg, rng, batch: int = 2, side: int = 4, txt_len: int = 6
     """Seeded forward inputs (numpy, BFL keyword names) for a tiny transformer."""
     from parity.transformer import make_inputs
 
-    out = make_inputs(cfg, resolution=16 * side, txt_len=txt_len, batch=batch, seed=int(rng.integers(1 << 30)))
+    out = make_inputs(
+        cfg, resolution=16 * side, txt_len=txt_len, batch=batch, seed=int(rng.integers(1 << 30))
+    )
     return out

@@ -39,6 +39,8 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
 H, W = 32, 48  # non-square, so a swapped H/W cannot pass
 
 
@@ -128,8 +130,10 @@ RUN_BLOCK = nnx.jit(run_block, static_argnums=(2, 3))
 
 
 # FLUX.2's blocks are FLUX.1's: each block is checked once, BatchNorm with FLUX.2
-BLOCK_CASES = [(next(f for f in FAMILIES if (FAMILIES[f].startswith("flux2")) == n.startswith("batchnorm")), n)
-               for n in BLOCKS]
+BLOCK_CASES = [
+    (next(f for f in FAMILIES if (FAMILIES[f].startswith("flux2")) == n.startswith("batchnorm")), n)
+    for n in BLOCKS
+]
 
 
 @pytest.mark.parametrize("family,name", BLOCK_CASES)
@@ -152,7 +156,9 @@ def test_batchnorm_matches_torch_batchnorm2d():
     cfg, tm, *_ = make_pair(next(f for f in FAMILIES if FAMILIES[f].startswith("flux2")))
     ref = torch.nn.BatchNorm2d(128, eps=cfg.bn_eps, affine=False).eval()
     ref.load_state_dict({"running_mean": tm.bn.running_mean, "running_var": tm.bn.running_var})
-    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 128, 4, 6)).astype(np.float32))
+    x = torch.from_numpy(
+        np.random.default_rng(3).standard_normal((2, 128, 4, 6)).astype(np.float32)
+    )
     with torch.no_grad():
         assert rel_l2(tnp(tm.bn(x)), tnp(ref(x))) <= 1e-6
         assert rel_l2(tnp(tm.bn.inverse(tm.bn(x))), tnp(x)) <= 1e-6
@@ -182,13 +188,16 @@ def test_encode_decode_torch_vs_jax(pair):
     f = 2 ** (len(cfg.ch_mult) - 1)
     shape = (2, 16, H // f, W // f) if cfg.family == "ae1" else (2, 128, H // f // 2, W // f // 2)
     assert z.shape == shape and out.shape == (2, 3, H, W)
-    errs = {"encode": rel_l2(zj, tnp(z)), "decode": rel_l2(outj, tnp(out)),
-            "encode bf16 torch vs own fp32": rel_l2(tnp(z_bf16), tnp(z)),
-            "encode bf16 jax vs fp32": rel_l2(zj_bf16, tnp(z)),
-            "encode bf16 torch vs jax": rel_l2(zj_bf16, tnp(z_bf16)),
-            "decode bf16 torch vs own fp32": rel_l2(tnp(out_bf16), tnp(out)),
-            "decode bf16 jax vs fp32": rel_l2(outj_bf16, tnp(out)),
-            "decode bf16 torch vs jax": rel_l2(outj_bf16, tnp(out_bf16))}
+    errs = {
+        "encode": rel_l2(zj, tnp(z)),
+        "decode": rel_l2(outj, tnp(out)),
+        "encode bf16 torch vs own fp32": rel_l2(tnp(z_bf16), tnp(z)),
+        "encode bf16 jax vs fp32": rel_l2(zj_bf16, tnp(z)),
+        "encode bf16 torch vs jax": rel_l2(zj_bf16, tnp(z_bf16)),
+        "decode bf16 torch vs own fp32": rel_l2(tnp(out_bf16), tnp(out)),
+        "decode bf16 jax vs fp32": rel_l2(outj_bf16, tnp(out)),
+        "decode bf16 torch vs jax": rel_l2(outj_bf16, tnp(out_bf16)),
+    }
     print("\n" + "\n".join(f"{cfg.family} {k}: rel-L2 {v:.2e}" for k, v in errs.items()))
     assert errs["encode"] <= 1e-5 and errs["decode"] <= 1e-5
     assert all(v <= 5e-2 for k, v in errs.items() if "bf16" in k)  # whole-model bf16 bound
@@ -196,7 +205,9 @@ def test_encode_decode_torch_vs_jax(pair):
 
 def test_encode_rejects_bad_sizes(pair):
     cfg, tm, _, jm, *_ = pair
-    bad = image(h=H + 2 if cfg.family == "ae2" else H + 1)  # FLUX.2: a multiple of f = 2, not of f x patch
+    bad = image(
+        h=H + 2 if cfg.family == "ae2" else H + 1
+    )  # FLUX.2: a multiple of f = 2, not of f x patch
     with pytest.raises(ValueError, match="multiple of"):
         tm.encode(torch.from_numpy(bad))
     with pytest.raises(ValueError, match="multiple of"):
@@ -213,14 +224,28 @@ def diffusers_model(cfg, path):
     from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
     n = len(cfg.ch_mult)
-    kw = dict(in_channels=cfg.in_channels, out_channels=cfg.out_ch, down_block_types=("DownEncoderBlock2D",) * n,
-              up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-              layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=32)
+    kw = dict(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_ch,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
+        layers_per_block=cfg.num_res_blocks,
+        latent_channels=cfg.z_channels,
+        norm_num_groups=32,
+    )
     if cfg.family == "ae1":
-        model = AutoencoderKL(**kw, use_quant_conv=False, use_post_quant_conv=False,
-                              scaling_factor=cfg.scale_factor, shift_factor=cfg.shift_factor)
+        model = AutoencoderKL(
+            **kw,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=cfg.scale_factor,
+            shift_factor=cfg.shift_factor,
+        )
     else:
-        model = AutoencoderKLFlux2(**kw, batch_norm_eps=cfg.bn_eps, patch_size=(cfg.patch_size, cfg.patch_size))
+        model = AutoencoderKLFlux2(
+            **kw, batch_norm_eps=cfg.bn_eps, patch_size=(cfg.patch_size, cfg.patch_size)
+        )
     # strict: every diffusers key must come from our file (only BatchNorm's counter may be absent: torch fills it)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(path).items()}, strict=True)
     return model.eval()
@@ -233,8 +258,9 @@ def diffusers_encode_decode(dm, cfg, x: torch.Tensor, z: torch.Tensor):
     with torch.no_grad():
         mean = dm.encode(x).latent_dist.mode()
         if cfg.family == "ae1":
-            return (mean - dm.config.shift_factor) * dm.config.scaling_factor, \
-                dm.decode(z / dm.config.scaling_factor + dm.config.shift_factor).sample
+            return (mean - dm.config.shift_factor) * dm.config.scaling_factor, dm.decode(
+                z / dm.config.scaling_factor + dm.config.shift_factor
+            ).sample
         bn_mean = dm.bn.running_mean.view(1, -1, 1, 1)
         bn_std = torch.sqrt(dm.bn.running_var.view(1, -1, 1, 1) + dm.config.batch_norm_eps)
         latents = (Flux2Pipeline._patchify_latents(mean) - bn_mean) / bn_std
@@ -255,10 +281,15 @@ def test_against_diffusers(pair, tmp_path):
     own = tmp_path / "diffusers_own.safetensors"
     save_file({k: v.numpy() for k, v in dm.state_dict().items()}, own)
     jm = mj.load_model(cfg, own, dtype=jnp.float32)
-    errs = {"torch encode": rel_l2(tnp(z), tnp(z_ref)), "torch decode": rel_l2(tnp(out), tnp(out_ref)),
-            "jax encode": rel_l2(nchw(ENC(jm, nhwc(x.numpy()))), tnp(z_ref)),
-            "jax decode": rel_l2(nchw(DEC(jm, nhwc(tnp(z)))), tnp(out_ref))}
-    print("\n" + "\n".join(f"{cfg.family} vs diffusers, {k}: rel-L2 {v:.2e}" for k, v in errs.items()))
+    errs = {
+        "torch encode": rel_l2(tnp(z), tnp(z_ref)),
+        "torch decode": rel_l2(tnp(out), tnp(out_ref)),
+        "jax encode": rel_l2(nchw(ENC(jm, nhwc(x.numpy()))), tnp(z_ref)),
+        "jax decode": rel_l2(nchw(DEC(jm, nhwc(tnp(z)))), tnp(out_ref)),
+    }
+    print(
+        "\n" + "\n".join(f"{cfg.family} vs diffusers, {k}: rel-L2 {v:.2e}" for k, v in errs.items())
+    )
     assert all(v <= 1e-5 for v in errs.values())
 
 
@@ -281,11 +312,15 @@ def assert_bitwise(a: dict, b: dict):
 def test_round_trips_bit_exact(pair, tmp_path, dtype):
     """BFL -> diffusers -> BFL, and torch -> JAX -> torch through files in both layouts."""
     cfg, tm, tb, *_ = pair
-    model, tdt, jdt = (tm, torch.float32, jnp.float32) if dtype == "fp32" else (tb, torch.bfloat16, jnp.bfloat16)
+    model, tdt, jdt = (
+        (tm, torch.float32, jnp.float32) if dtype == "fp32" else (tb, torch.bfloat16, jnp.bfloat16)
+    )
     ref = {k: mt.load.to_numpy(v) for k, v in model.state_dict().items()}
     mt.save_model(model, tmp_path / "a.safetensors", layout="diffusers")
     diff = load_file(tmp_path / "a.safetensors")
-    assert any(".up_blocks." in k for k in diff) and not any(k.startswith("decoder.up.") for k in diff)
+    assert any(".up_blocks." in k for k in diff) and not any(
+        k.startswith("decoder.up.") for k in diff
+    )
     jm = mj.load_model(cfg, tmp_path / "a.safetensors", dtype=jdt)  # diffusers -> JAX
     assert_bitwise(state_dict(jm), ref)
     mj.save_model(jm, tmp_path / "b.safetensors", layout="bfl")  # JAX -> BFL file
@@ -297,14 +332,28 @@ def test_round_trips_bit_exact(pair, tmp_path, dtype):
 def test_diffusers_key_names(pair):
     """Spot checks of the diffusers names, including the reversed decoder levels and 1x1 conv -> linear."""
     cfg, _, _, _, _, sd = pair
-    recipes = keymaps.convert({k: v.shape for k, v in sd.items()}, "bfl", "diffusers", cfg.family, 0)
+    recipes = keymaps.convert(
+        {k: v.shape for k, v in sd.items()}, "bfl", "diffusers", cfg.family, 0
+    )
     n = len(cfg.ch_mult)
     src = {k: r.pieces[0][0] for k, r in recipes.items()}
-    assert src["decoder.up_blocks.0.resnets.0.conv1.weight"] == f"decoder.up.{n - 1}.block.0.conv1.weight"
-    assert src["decoder.up_blocks.0.upsamplers.0.conv.weight"] == f"decoder.up.{n - 1}.upsample.conv.weight"
-    assert src["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"] == "encoder.down.1.block.0.nin_shortcut.weight"
+    assert (
+        src["decoder.up_blocks.0.resnets.0.conv1.weight"]
+        == f"decoder.up.{n - 1}.block.0.conv1.weight"
+    )
+    assert (
+        src["decoder.up_blocks.0.upsamplers.0.conv.weight"]
+        == f"decoder.up.{n - 1}.upsample.conv.weight"
+    )
+    assert (
+        src["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"]
+        == "encoder.down.1.block.0.nin_shortcut.weight"
+    )
     assert recipes["encoder.mid_block.attentions.0.to_q.weight"].shape == (64, 64)
-    assert src["decoder.mid_block.attentions.0.to_out.0.weight"] == "decoder.mid.attn_1.proj_out.weight"
+    assert (
+        src["decoder.mid_block.attentions.0.to_out.0.weight"]
+        == "decoder.mid.attn_1.proj_out.weight"
+    )
     if cfg.family == "ae2":
         assert src["quant_conv.weight"] == "encoder.quant_conv.weight"
         assert src["post_quant_conv.bias"] == "decoder.post_quant_conv.bias"
@@ -318,7 +367,9 @@ def test_official_bfl_file_with_batchnorm_counter(pair, tmp_path):
     if cfg.family == "ae2":
         tensors["bn.num_batches_tracked"] = np.array(7, np.int64)
     save_file(tensors, tmp_path / "ae.safetensors")
-    assert_bitwise(state_dict(mj.load_model(cfg, tmp_path / "ae.safetensors", dtype=jnp.float32)), sd)
+    assert_bitwise(
+        state_dict(mj.load_model(cfg, tmp_path / "ae.safetensors", dtype=jnp.float32)), sd
+    )
     back = mt.load_model(cfg, tmp_path / "ae.safetensors", dtype=torch.float32)
     assert_bitwise({k: v.numpy() for k, v in back.state_dict().items()}, sd)
 
@@ -373,13 +424,17 @@ def test_tiles_cover_and_blend_exactly():
 
 def test_tiled_one_tile_is_untiled(pair):
     cfg, tm, _, jm, *_ = pair
-    x = image(b=1, h=32, w=32)  # the tile shape of the next test: the compiled JAX tile programs are shared
+    x = image(
+        b=1, h=32, w=32
+    )  # the tile shape of the next test: the compiled JAX tile programs are shared
     with torch.no_grad():
         z = tm.encode(torch.from_numpy(x))
         assert torch.equal(tm.tiled_encode(torch.from_numpy(x), tile=64), z)
         assert torch.equal(tm.tiled_decode(z, tile=64), tm.decode(z))
     # JAX: the same compiled programs as one pass (jit vs eager would differ in the last bits)
-    assert np.array_equal(jm.tiled_encode(nhwc(x), tile=64), jm.normalize(jae._encode_mean(jm, nhwc(x))))
+    assert np.array_equal(
+        jm.tiled_encode(nhwc(x), tile=64), jm.normalize(jae._encode_mean(jm, nhwc(x)))
+    )
     zj = nhwc(tnp(z))
     assert np.array_equal(jm.tiled_decode(zj, tile=64), jae._decoder(jm, jm.inv_normalize(zj)))
 
@@ -400,8 +455,12 @@ def test_tiled_torch_vs_jax_and_tolerance(pair):
         out, outt = tm.decode(z), tm.tiled_decode(z, tile=16, overlap=8)
     zj = nchw(jm.tiled_encode(nhwc(x), tile=16, overlap=8))
     outj = nchw(jm.tiled_decode(nhwc(tnp(z)), tile=16, overlap=8))
-    errs = {"tiled encode torch vs jax": rel_l2(zj, tnp(zt)), "tiled decode torch vs jax": rel_l2(outj, tnp(outt)),
-            "tiled vs untiled encode": rel_l2(tnp(zt), tnp(z)), "tiled vs untiled decode": rel_l2(tnp(outt), tnp(out))}
+    errs = {
+        "tiled encode torch vs jax": rel_l2(zj, tnp(zt)),
+        "tiled decode torch vs jax": rel_l2(outj, tnp(outt)),
+        "tiled vs untiled encode": rel_l2(tnp(zt), tnp(z)),
+        "tiled vs untiled decode": rel_l2(tnp(outt), tnp(out)),
+    }
     print("\n" + "\n".join(f"{cfg.family} {k}: rel-L2 {v:.2e}" for k, v in errs.items()))
     assert errs["tiled encode torch vs jax"] <= 1e-5 and errs["tiled decode torch vs jax"] <= 1e-5
     assert errs["tiled vs untiled encode"] <= 0.2 and errs["tiled vs untiled decode"] <= 0.4
@@ -414,16 +473,23 @@ def test_tiling_beats_diffusers_tiling(tmp_path):
     tm = mt.build_model(cfg, seed=0)
     mt.save_model(tm, tmp_path / "d.safetensors", layout="diffusers")
     dm = diffusers_model(cfg, tmp_path / "d.safetensors")
-    dm.tile_sample_min_size, dm.tile_latent_min_size = 32, 16  # diffusers tiles: 32 px = 16 latent px (f = 2)
+    dm.tile_sample_min_size, dm.tile_latent_min_size = (
+        32,
+        16,
+    )  # diffusers tiles: 32 px = 16 latent px (f = 2)
     x = torch.from_numpy(image(seed=6, b=1, h=64, w=64))
     with torch.no_grad():
         mean = tm.encode_mean(x)
         out = tm.decoder(mean)
-        ours = {"encode": rel_l2(tnp(tae.blend_tiles(tm.encode_mean, x, 2, 1, 16, 4)), tnp(mean)),
-                "decode": rel_l2(tnp(tae.blend_tiles(tm.decoder, mean, 1, 2, 16, 4)), tnp(out))}
+        ours = {
+            "encode": rel_l2(tnp(tae.blend_tiles(tm.encode_mean, x, 2, 1, 16, 4)), tnp(mean)),
+            "decode": rel_l2(tnp(tae.blend_tiles(tm.decoder, mean, 1, 2, 16, 4)), tnp(out)),
+        }
         dm.enable_tiling()
-        theirs = {"encode": rel_l2(tnp(dm.encode(x).latent_dist.mode()), tnp(mean)),
-                  "decode": rel_l2(tnp(dm.decode(mean).sample), tnp(out))}
+        theirs = {
+            "encode": rel_l2(tnp(dm.encode(x).latent_dist.mode()), tnp(mean)),
+            "decode": rel_l2(tnp(dm.decode(mean).sample), tnp(out)),
+        }
     print(f"\ntiled vs one pass, ours {ours}, diffusers {theirs}")
     assert ours["encode"] < theirs["encode"] and ours["decode"] < theirs["decode"]
 
@@ -445,5 +511,11 @@ def test_image_helpers(tmp_path):
     jimage.save_image(xj, tmp_path / "j.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "t.png")), crop)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "j.png")), crop)
-    assert timage.to_uint8(np.array([-2.0, -1.0, 0.0, 0.999, 3.0])).tolist() == [0, 0, 128, 255, 255]
+    assert timage.to_uint8(np.array([-2.0, -1.0, 0.0, 0.999, 3.0])).tolist() == [
+        0,
+        0,
+        128,
+        255,
+        255,
+    ]
     assert jax.numpy.asarray(xj).dtype == jnp.float32

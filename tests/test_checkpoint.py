@@ -84,14 +84,18 @@ def tiny(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", TINY)
-@pytest.mark.parametrize(("tdtype", "jdtype"), [(torch.bfloat16, jnp.bfloat16), (torch.float32, jnp.float32)])
+@pytest.mark.parametrize(
+    ("tdtype", "jdtype"), [(torch.bfloat16, jnp.bfloat16), (torch.float32, jnp.float32)]
+)
 @pytest.mark.parametrize("layout", ["bfl", "diffusers"])
 def test_torch_jax_torch_is_bitwise(name, tdtype, jdtype, layout, tmp_path):
     model = mt.build_model(name, seed=3, dtype=tdtype)
     mt.save_model(model, tmp_path / "torch.safetensors", layout=layout)
     jmodel = mj.load_model(name, tmp_path / "torch.safetensors", dtype=jdtype)
     mj.save_model(jmodel, tmp_path / "jax.safetensors", layout=layout)
-    assert_same_tensors(read_all(tmp_path / "jax.safetensors"), read_all(tmp_path / "torch.safetensors"))
+    assert_same_tensors(
+        read_all(tmp_path / "jax.safetensors"), read_all(tmp_path / "torch.safetensors")
+    )
     back = mt.load_model(name, tmp_path / "jax.safetensors", dtype=tdtype)
     assert_same_tensors(torch_state(back), torch_state(model))
 
@@ -117,8 +121,11 @@ def _good() -> dict[str, np.ndarray]:
 
 
 def _save(path, tensors) -> None:
-    checkpoint.write_safetensors(path, {k: (checkpoint.st_dtype(v.dtype), v.shape) for k, v in tensors.items()},
-                                 tensors.__getitem__)
+    checkpoint.write_safetensors(
+        path,
+        {k: (checkpoint.st_dtype(v.dtype), v.shape) for k, v in tensors.items()},
+        tensors.__getitem__,
+    )
 
 
 def _with(tensors, key, value):
@@ -153,9 +160,15 @@ def make_bad(case: str, d) -> tuple[object, list[str]]:
         t = read_all(diff)
         del t["transformer_blocks.0.attn.to_k.weight"]
         _save(path, t)
-        return path, ["double_blocks.0.img_attn.qkv.weight", "expected (192, 64)", "found (128, 64)"]
+        return path, [
+            "double_blocks.0.img_attn.qkv.weight",
+            "expected (192, 64)",
+            "found (128, 64)",
+        ]
     if case == "integer dtype":
-        _save(path, _with(t, "txt_in.weight", t["txt_in.weight"].astype(np.float32).astype(np.int32)))
+        _save(
+            path, _with(t, "txt_in.weight", t["txt_in.weight"].astype(np.float32).astype(np.int32))
+        )
         return path, ["txt_in.weight", "I32"]
     if case == "truncated":
         _save(path, t)
@@ -177,8 +190,8 @@ def make_bad(case: str, d) -> tuple[object, list[str]]:
         _save(path, t)
         data = path.read_bytes()
         n = struct.unpack("<Q", data[:8])[0]
-        header = data[8:8 + n].replace(b'"shape":[64,128]', b'"shape":[64,127]', 1)
-        path.write_bytes(data[:8] + header + data[8 + n:])
+        header = data[8 : 8 + n].replace(b'"shape":[64,128]', b'"shape":[64,127]', 1)
+        path.write_bytes(data[:8] + header + data[8 + n :])
         return path, ["corrupt header", "img_in.weight"]
     if case == "NaN":
         _save(path, _poison(t, "single_blocks.1.linear1.weight", np.nan))
@@ -199,8 +212,15 @@ def make_bad(case: str, d) -> tuple[object, list[str]]:
         return d / "empty", ["no *.safetensors"]
     if case == "nonexistent path":
         return d / "nope.safetensors", ["no such file"]
-    if case in ("offsets shifted by 4", "two tensors on the same bytes", "repeated key", "string offset",
-                "float offset", "deep nesting", "trailing bytes"):
+    if case in (
+        "offsets shifted by 4",
+        "two tensors on the same bytes",
+        "repeated key",
+        "string offset",
+        "float offset",
+        "deep nesting",
+        "trailing bytes",
+    ):
         _save(path, t)
         n, header, data = _split(path.read_bytes())
         pairs = [(k, v) for k, v in header.items()]
@@ -208,10 +228,16 @@ def make_bad(case: str, d) -> tuple[object, list[str]]:
         a, b = info["data_offsets"]
         if case == "offsets shifted by 4":
             pairs[3] = (key, {**info, "data_offsets": [a + 4, b + 4]})
-        elif case == "two tensors on the same bytes":  # same size, same offsets: the next one's bytes unread
+        elif (
+            case == "two tensors on the same bytes"
+        ):  # same size, same offsets: the next one's bytes unread
             size = lambda v: v["data_offsets"][1] - v["data_offsets"][0]  # noqa: E731
-            j, k = next((j, k) for j in range(len(pairs)) for k in range(j + 1, len(pairs))
-                        if size(pairs[j][1]) == size(pairs[k][1]))
+            j, k = next(
+                (j, k)
+                for j in range(len(pairs))
+                for k in range(j + 1, len(pairs))
+                if size(pairs[j][1]) == size(pairs[k][1])
+            )
             key = [pairs[k][0], "overlaps", pairs[j][0]]
             pairs[k] = (key[0], {**pairs[k][1], "data_offsets": pairs[j][1]["data_offsets"]})
         elif case == "repeated key":
@@ -223,8 +249,11 @@ def make_bad(case: str, d) -> tuple[object, list[str]]:
         elif case == "deep nesting":
             pairs[3] = (key, {**info, "shape": json.loads("[" * 50 + "1" + "]" * 50)})
         path.write_bytes(_join(pairs, data + (b"\0" * 8 if case == "trailing bytes" else b"")))
-        return path, {"trailing bytes": ["bytes after the last tensor"], "deep nesting": ["nested"],
-                      "repeated key": ["repeated key", key]}.get(case, key if isinstance(key, list) else [key])
+        return path, {
+            "trailing bytes": ["bytes after the last tensor"],
+            "deep nesting": ["nested"],
+            "repeated key": ["repeated key", key],
+        }.get(case, key if isinstance(key, list) else [key])
     if case == "pickle":
         torch.save({k: torch.from_numpy(v.astype(np.float32)) for k, v in t.items()}, path)
         return path, ["a PyTorch pickle", "not safetensors"]
@@ -248,7 +277,7 @@ def make_bad(case: str, d) -> tuple[object, list[str]]:
 
 def _split(blob: bytes) -> tuple[int, dict, bytes]:
     n = struct.unpack("<Q", blob[:8])[0]
-    return n, json.loads(blob[8:8 + n]), blob[8 + n:]
+    return n, json.loads(blob[8 : 8 + n]), blob[8 + n :]
 
 
 def _join(pairs, data: bytes) -> bytes:
@@ -257,7 +286,9 @@ def _join(pairs, data: bytes) -> bytes:
     return struct.pack("<Q", len(blob)) + blob + data
 
 
-def _sharded(tensors: dict[str, np.ndarray], directory, parts: int = 3, prefix: str = "model") -> object:
+def _sharded(
+    tensors: dict[str, np.ndarray], directory, parts: int = 3, prefix: str = "model"
+) -> object:
     """`tensors` in `parts` shards with a transformers-style index; returns the index path."""
     directory.mkdir(exist_ok=True)
     keys, weight_map = list(tensors), {}
@@ -270,12 +301,35 @@ def _sharded(tensors: dict[str, np.ndarray], directory, parts: int = 3, prefix: 
     return index
 
 
-BAD = ["missing key", "unexpected key", "unexpected block", "wrong shape", "wrong shape (diffusers)", "integer dtype",
-       "truncated", "corrupt header", "corrupt header length", "inconsistent header", "NaN", "Inf", "unknown layout",
-       "duplicate key in shards", "empty directory", "nonexistent path", "offsets shifted by 4",
-       "two tensors on the same bytes", "repeated key", "string offset", "float offset", "deep nesting",
-       "trailing bytes", "pickle", "directory in shards", "index names a missing shard",
-       "index places a key in the wrong shard"]
+BAD = [
+    "missing key",
+    "unexpected key",
+    "unexpected block",
+    "wrong shape",
+    "wrong shape (diffusers)",
+    "integer dtype",
+    "truncated",
+    "corrupt header",
+    "corrupt header length",
+    "inconsistent header",
+    "NaN",
+    "Inf",
+    "unknown layout",
+    "duplicate key in shards",
+    "empty directory",
+    "nonexistent path",
+    "offsets shifted by 4",
+    "two tensors on the same bytes",
+    "repeated key",
+    "string offset",
+    "float offset",
+    "deep nesting",
+    "trailing bytes",
+    "pickle",
+    "directory in shards",
+    "index names a missing shard",
+    "index places a key in the wrong shard",
+]
 LOADERS = {"torch": mt.load_model, "jax": mj.load_model}
 
 
@@ -308,7 +362,9 @@ def test_write_holds_one_tensor_at_a_time(tmp_path):
     alive = []
 
     def produce(key):
-        assert all(ref() is None for ref in alive), f"a previous tensor is still alive when producing {key}"
+        assert all(ref() is None for ref in alive), (
+            f"a previous tensor is still alive when producing {key}"
+        )
         arr = np.full((64, 32), float(len(alive)), np.float32)
         alive.append(weakref.ref(arr))
         return arr
@@ -346,7 +402,9 @@ def test_convert_every_direction(tiny, src, dst, tmp_path):
     assert_same_tensors(torch_state(mt.load_model(name, out)), torch_state(model))
 
 
-@pytest.mark.parametrize(("src", "dst"), [("bfl", "diffusers"), ("bfl-prefixed", "diffusers"), ("diffusers", "bfl")])
+@pytest.mark.parametrize(
+    ("src", "dst"), [("bfl", "diffusers"), ("bfl-prefixed", "diffusers"), ("diffusers", "bfl")]
+)
 def test_convert_default_target_is_the_other_layout(tiny, src, dst, tmp_path):
     _, _, files = tiny
     assert convert(files[src], tmp_path / "out.safetensors") == 0
@@ -365,19 +423,37 @@ def test_convert_casts_like_torch(flag, tdtype, tmp_path):
     """fp32 -> bf16 / fp16 rounds exactly as torch's .to() does (round to nearest even)."""
     model = mt.build_model("flux1-tiny", seed=7, dtype=torch.float32)
     mt.save_model(model, tmp_path / "fp32.safetensors")
-    assert convert(tmp_path / "fp32.safetensors", tmp_path / "out.safetensors", "--to", "bfl", "--dtype", flag) == 0
+    assert (
+        convert(
+            tmp_path / "fp32.safetensors",
+            tmp_path / "out.safetensors",
+            "--to",
+            "bfl",
+            "--dtype",
+            flag,
+        )
+        == 0
+    )
     assert_same_tensors(read_all(tmp_path / "out.safetensors"), torch_state(model.to(tdtype)))
 
 
 def test_convert_widening_cast_is_exact(tiny, tmp_path):
     _, _, files = tiny
-    assert convert(files["bfl"], tmp_path / "fp32.safetensors", "--to", "diffusers", "--dtype", "fp32") == 0
+    assert (
+        convert(files["bfl"], tmp_path / "fp32.safetensors", "--to", "diffusers", "--dtype", "fp32")
+        == 0
+    )
     assert {m[0] for m in Checkpoint(tmp_path / "fp32.safetensors").meta.values()} == {"F32"}
-    assert convert(tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors", "--dtype", "bf16") == 0
+    assert (
+        convert(tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors", "--dtype", "bf16")
+        == 0
+    )
     assert_same_tensors(read_all(tmp_path / "bf16.safetensors"), read_all(files["bfl"]))
 
 
-@pytest.mark.parametrize(("src", "dst"), [("bfl", "diffusers"), ("diffusers", "bfl"), ("bfl-prefixed", "bfl")])
+@pytest.mark.parametrize(
+    ("src", "dst"), [("bfl", "diffusers"), ("diffusers", "bfl"), ("bfl-prefixed", "bfl")]
+)
 def test_convert_sharded_directory(tiny, src, dst, tmp_path):
     _, _, files = tiny
     header = checkpoint.read_header(files[src])
@@ -390,15 +466,23 @@ def test_convert_sharded_directory(tiny, src, dst, tmp_path):
         part = keys[i::3]
         specs = {k: (header[k]["dtype"], tuple(header[k]["shape"])) for k in part}
         name = f"model-{i + 1:05d}-of-00003.safetensors"
-        checkpoint.write_safetensors(shards / name, specs, lambda k: ckpt.get(k.removeprefix(ckpt.prefix)))
+        checkpoint.write_safetensors(
+            shards / name, specs, lambda k: ckpt.get(k.removeprefix(ckpt.prefix))
+        )
         weight_map.update(dict.fromkeys(part, name))
-    (shards / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (shards / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     assert convert(shards, tmp_path / "out.safetensors", "--to", dst) == 0
     assert raw_keys(tmp_path / "out.safetensors") == raw_keys(files[dst])
     assert_same_tensors(read_all(tmp_path / "out.safetensors"), read_all(files[dst]))
 
 
-AUTOENCODERS = [n for n, c in configs.PRESETS.items() if getattr(c, "family", "").startswith("ae") and "tiny" in n]
+AUTOENCODERS = [
+    n
+    for n, c in configs.PRESETS.items()
+    if getattr(c, "family", "").startswith("ae") and "tiny" in n
+]
 
 
 @pytest.mark.parametrize("name", AUTOENCODERS)
@@ -408,9 +492,13 @@ def test_convert_autoencoder(name, tmp_path):
     for layout in ("bfl", "diffusers"):
         mt.save_model(model, tmp_path / f"{layout}.safetensors", layout=layout)
     assert convert(tmp_path / "bfl.safetensors", tmp_path / "d.safetensors") == 0
-    assert_same_tensors(read_all(tmp_path / "d.safetensors"), read_all(tmp_path / "diffusers.safetensors"))
+    assert_same_tensors(
+        read_all(tmp_path / "d.safetensors"), read_all(tmp_path / "diffusers.safetensors")
+    )
     assert convert(tmp_path / "d.safetensors", tmp_path / "b.safetensors") == 0
-    assert_same_tensors(read_all(tmp_path / "b.safetensors"), read_all(tmp_path / "bfl.safetensors"))
+    assert_same_tensors(
+        read_all(tmp_path / "b.safetensors"), read_all(tmp_path / "bfl.safetensors")
+    )
 
 
 def test_convert_shows_progress(tiny, tmp_path, capsys):
@@ -431,24 +519,32 @@ def test_convert_unexpected_key_fails_cleanly(tmp_path, capsys):
     assert convert(tmp_path / "in", out) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("minflux convert: error: ")
-    assert str(tmp_path / "in" / "b.safetensors") in err and "double_blocks.0.img_attn.extra.weight" in err
+    assert (
+        str(tmp_path / "in" / "b.safetensors") in err
+        and "double_blocks.0.img_attn.extra.weight" in err
+    )
     assert not out.exists() and no_temp_files(tmp_path)
 
 
-@pytest.mark.parametrize("case", ["truncated", "corrupt header", "unknown layout", "empty directory",
-                                  "nonexistent path"])
+@pytest.mark.parametrize(
+    "case", ["truncated", "corrupt header", "unknown layout", "empty directory", "nonexistent path"]
+)
 def test_convert_bad_input_fails_cleanly(case, tmp_path, capsys):
     path, fragments = make_bad(case, tmp_path)
     out = tmp_path / "out.safetensors"
     assert convert(path, out) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and all(f in err for f in [str(path), *fragments]), err
+    assert len(err.strip().splitlines()) == 1 and all(f in err for f in [str(path), *fragments]), (
+        err
+    )
     assert not out.exists() and no_temp_files(tmp_path)
 
 
 def test_convert_rejects_a_fused_tensor_too_short_to_split(tmp_path, capsys):
     t = _good()
-    t["double_blocks.1.txt_attn.qkv.weight"] = t["double_blocks.1.txt_attn.qkv.weight"][:100]  # needs 3 x 64
+    t["double_blocks.1.txt_attn.qkv.weight"] = t["double_blocks.1.txt_attn.qkv.weight"][
+        :100
+    ]  # needs 3 x 64
     _save(tmp_path / "in.safetensors", t)
     assert convert(tmp_path / "in.safetensors", tmp_path / "out.safetensors") == 2
     err = capsys.readouterr().err
@@ -487,17 +583,34 @@ def test_convert_refuses_to_overwrite_its_input(tiny, tmp_path, capsys):
 def test_convert_cli_exit_code_and_one_line_error(tmp_path):
     """The installed entry point, in a subprocess: exit code 2 and a single line on stderr, no traceback."""
     missing = tmp_path / "missing.safetensors"
-    r = subprocess.run([sys.executable, "-m", "minflux_cli", "convert", str(missing), str(tmp_path / "o.safetensors")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minflux_cli",
+            "convert",
+            str(missing),
+            str(tmp_path / "o.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines() == [f"minflux convert: error: {missing}: no such file or directory"]
+    assert r.stderr.strip().splitlines() == [
+        f"minflux convert: error: {missing}: no such file or directory"
+    ]
 
 
 def test_convert_is_framework_free():
     """`minflux convert` needs neither torch nor jax: the core imports neither."""
-    code = ("import sys, minflux.convert, minflux.checkpoint, minflux.keymaps; "
-            "print(sorted(m for m in ('torch', 'jax', 'flax') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    code = (
+        "import sys, minflux.convert, minflux.checkpoint, minflux.keymaps; "
+        "print(sorted(m for m in ('torch', 'jax', 'flax') if m in sys.modules))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert r.stdout.strip() == "[]"
 
 
@@ -522,11 +635,16 @@ def _loaded(framework: str, name, path, **kw) -> dict[str, np.ndarray]:
 
 
 def _fp32_state(name, seed=11) -> dict[str, torch.Tensor]:
-    return {k: v.contiguous() for k, v in mt.build_model(name, seed=seed, dtype=torch.float32).state_dict().items()}
+    return {
+        k: v.contiguous()
+        for k, v in mt.build_model(name, seed=seed, dtype=torch.float32).state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize(("dtype", "prefix"), [("F8_E4M3", ""), ("F8_E5M2", "model.diffusion_model.")])
+@pytest.mark.parametrize(
+    ("dtype", "prefix"), [("F8_E4M3", ""), ("F8_E5M2", "model.diffusion_model.")]
+)
 def test_plain_fp8_loads_as_torch_casts_it(name, dtype, prefix, tmp_path):
     """Every float tensor stored as fp8 (by torch, written by safetensors): both frameworks read what
     torch's fp8 -> fp32 cast gives, and the reader's raw fp8 bytes are safe_open's."""
@@ -535,14 +653,22 @@ def test_plain_fp8_loads_as_torch_casts_it(name, dtype, prefix, tmp_path):
     fp8 = {k: v.to(FP8[dtype]) for k, v in _fp32_state(name).items()}
     path = tmp_path / "fp8.safetensors"
     save_file({prefix + k: v for k, v in fp8.items()}, str(path))
-    with safe_open(str(path), "pt") as f, Checkpoint(path, "ae" if "ae" in name else "transformer") as ckpt:
+    with (
+        safe_open(str(path), "pt") as f,
+        Checkpoint(path, "ae" if "ae" in name else "transformer") as ckpt,
+    ):
         assert {m[0] for m in ckpt.meta.values()} == {dtype}
         for k in ckpt.meta:
-            assert ckpt.get(k).tobytes() == f.get_tensor(prefix + k).view(torch.uint8).numpy().tobytes(), k
+            assert (
+                ckpt.get(k).tobytes()
+                == f.get_tensor(prefix + k).view(torch.uint8).numpy().tobytes()
+            ), k
     want = {k: to_numpy(v.to(torch.float32)) for k, v in fp8.items()}
     for framework in LOADERS:
         assert_same_tensors(_loaded(framework, name, path), want)
-    bf16 = torch_state(mt.load_model(name, path, dtype=torch.bfloat16))  # every fp8 value is exact in bf16
+    bf16 = torch_state(
+        mt.load_model(name, path, dtype=torch.bfloat16)
+    )  # every fp8 value is exact in bf16
     assert_same_tensors(bf16, {k: to_numpy(v.to(torch.bfloat16)) for k, v in fp8.items()})
 
 
@@ -564,9 +690,14 @@ def _scaled(state: dict[str, torch.Tensor], convention: str) -> tuple[dict, dict
         q = (w / scale).to(torch.float8_e4m3fn)
         out[k], want[k] = q, q.float() * scale
         if convention == "comfy-legacy":
-            out[layer + ".scale_weight"], out[layer + ".scale_input"] = scale.reshape(()), torch.tensor(1.0)
+            out[layer + ".scale_weight"], out[layer + ".scale_input"] = (
+                scale.reshape(()),
+                torch.tensor(1.0),
+            )
         else:
-            out[layer + ".weight_scale"] = scale.reshape(-1, 1) if convention == "per-row" else scale.reshape(1)
+            out[layer + ".weight_scale"] = (
+                scale.reshape(-1, 1) if convention == "per-row" else scale.reshape(1)
+            )
             out[layer + ".input_scale"] = torch.tensor([0.5])
     return out, want
 
@@ -579,28 +710,40 @@ def test_scaled_fp8_dequantizes_on_load(name, convention, tmp_path):
     path = tmp_path / "scaled.safetensors"
     save_file({"model.diffusion_model." + k: v for k, v in tensors.items()}, str(path))
     for framework in LOADERS:
-        assert_same_tensors(_loaded(framework, name, path), {k: to_numpy(v) for k, v in want.items()})
-    assert "F8_E4M3" in checkpoint.BflReader(path, {k: tuple(v.shape) for k, v in want.items()},
-                                             configs.resolve(name)).describe()
+        assert_same_tensors(
+            _loaded(framework, name, path), {k: to_numpy(v) for k, v in want.items()}
+        )
+    assert (
+        "F8_E4M3"
+        in checkpoint.BflReader(
+            path, {k: tuple(v.shape) for k, v in want.items()}, configs.resolve(name)
+        ).describe()
+    )
 
 
 def test_scaled_fp8_with_a_block_scale_is_refused(tmp_path):
     tensors, _ = _scaled(_fp32_state("flux2-tiny"), "per-tensor")
     tensors["img_in.weight_scale"] = torch.ones(2, 2)  # block-wise (DeepSeek-style): not read
     save_file(tensors, str(tmp_path / "x.safetensors"))
-    with pytest.raises(CheckpointError, match=r"x.safetensors: scale 'img_in.weight_scale' has shape \(2, 2\)"):
+    with pytest.raises(
+        CheckpointError, match=r"x.safetensors: scale 'img_in.weight_scale' has shape \(2, 2\)"
+    ):
         mt.load_model("flux2-tiny", tmp_path / "x.safetensors")
 
 
-@pytest.mark.parametrize(("name", "layout"), [("flux1-tiny", "bfl"), ("flux2-tiny", "diffusers"),
-                                              ("flux2-tiny", "bfl-prefixed")])
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [("flux1-tiny", "bfl"), ("flux2-tiny", "diffusers"), ("flux2-tiny", "bfl-prefixed")],
+)
 def test_convert_to_fp8_round_trip(name, layout, tmp_path):
     """`convert --dtype fp8`: e4m3fn linear weights with per-tensor F32 `weight_scale` (scale = amax / 448), the
     fp8 values torch's cast gives, ComfyUI's `_quantization_metadata`; loads back as fp8 * scale in both."""
     state = _fp32_state(name)
     model = mt.build_model(name, seed=11, dtype=torch.float32)
     mt.save_model(model, tmp_path / "fp32.safetensors")
-    mt.save_model(model, tmp_path / "ref.safetensors", layout=layout)  # the fp32 tensors in the output layout
+    mt.save_model(
+        model, tmp_path / "ref.safetensors", layout=layout
+    )  # the fp32 tensors in the output layout
     with safe_open(str(tmp_path / "ref.safetensors"), "pt") as f:
         ref = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     out = tmp_path / "fp8.safetensors"
@@ -611,29 +754,55 @@ def test_convert_to_fp8_round_trip(name, layout, tmp_path):
         stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     layers = json.loads(meta["_quantization_metadata"])["layers"]
     assert all(v == {"format": "float8_e4m3fn"} for v in layers.values())
-    assert sorted(layers) == sorted(k.removeprefix(prefix).removesuffix(".weight") for k, v in ref.items()
-                                    if k.endswith(".weight") and v.ndim == 2)
+    assert sorted(layers) == sorted(
+        k.removeprefix(prefix).removesuffix(".weight")
+        for k, v in ref.items()
+        if k.endswith(".weight") and v.ndim == 2
+    )
     for layer in layers:  # scale = amax / 448 in fp32; the fp8 values are torch's cast of w / scale
-        w, q, s = ref[prefix + layer + ".weight"], stored[prefix + layer + ".weight"], stored[prefix + layer +
-                                                                                           ".weight_scale"]
+        w, q, s = (
+            ref[prefix + layer + ".weight"],
+            stored[prefix + layer + ".weight"],
+            stored[prefix + layer + ".weight_scale"],
+        )
         assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == ()
         assert s.item() == np.float32(w.abs().max().item() / 448)
-        assert torch.equal(q.view(torch.uint8), (w / s).to(torch.float8_e4m3fn).view(torch.uint8)), layer
-    for k in set(stored) - {prefix + layer + suffix for layer in layers for suffix in (".weight", ".weight_scale")}:
+        assert torch.equal(
+            q.view(torch.uint8), (w / s).to(torch.float8_e4m3fn).view(torch.uint8)
+        ), layer
+    for k in set(stored) - {
+        prefix + layer + suffix for layer in layers for suffix in (".weight", ".weight_scale")
+    }:
         assert torch.equal(stored[k], ref[k]), k  # the rest keeps its dtype and value
-    cfg = configs.resolve(name)  # what `minflux parity --checkpoint FP8FILE --verify` reads and reports
-    source = weights.CheckpointWeights(out, cfg, transformer.TorchSide(cfg, "fp32", "meta").expected, verify=True)
+    cfg = configs.resolve(
+        name
+    )  # what `minflux parity --checkpoint FP8FILE --verify` reads and reports
+    source = weights.CheckpointWeights(
+        out, cfg, transformer.TorchSide(cfg, "fp32", "meta").expected, verify=True
+    )
     assert f"F8_E4M3 x{len(layers)} (scaled by weight_scale)" in source.description
     loaded = {framework: _loaded(framework, name, out, verify=True) for framework in LOADERS}
     assert_same_tensors(loaded["torch"], loaded["jax"])
     if layout != "diffusers":  # one BFL tensor per stored one: loads exactly as torch dequantizes
-        want = {k: to_numpy((w / (s := torch.tensor(np.float32(w.abs().max().item() / 448)))).to(
-            torch.float8_e4m3fn).float() * s) if k.endswith(".weight") and w.ndim == 2 else to_numpy(w)
-            for k, w in state.items()}
+        want = {
+            k: to_numpy(
+                (w / (s := torch.tensor(np.float32(w.abs().max().item() / 448))))
+                .to(torch.float8_e4m3fn)
+                .float()
+                * s
+            )
+            if k.endswith(".weight") and w.ndim == 2
+            else to_numpy(w)
+            for k, w in state.items()
+        }
         assert_same_tensors(loaded["torch"], want)
-        assert convert(out, tmp_path / "back.safetensors", "--to", "bfl") == 0  # dequantized on the way: F32
+        assert (
+            convert(out, tmp_path / "back.safetensors", "--to", "bfl") == 0
+        )  # dequantized on the way: F32
         assert_same_tensors(read_all(tmp_path / "back.safetensors"), want)
-    for k, v in loaded["torch"].items():  # fp8's 3 mantissa bits: within 1/16 of each value's magnitude
+    for k, v in loaded[
+        "torch"
+    ].items():  # fp8's 3 mantissa bits: within 1/16 of each value's magnitude
         assert np.all(np.abs(v - to_numpy(state[k])) <= np.abs(to_numpy(state[k])) / 16 + 1e-3), k
 
 
@@ -641,10 +810,12 @@ def test_convert_to_fp8_round_trip(name, layout, tmp_path):
 # All-in-one bundles
 # ---------------------------------------------------------------------------------------------
 
-BUNDLES = [("flux1-tiny", "flux1-ae-tiny", "model.diffusion_model.", "vae.", "bfl"),
-           ("flux1-tiny", "flux1-ae-tiny", "diffusion_model.", "first_stage_model.", "diffusers"),
-           ("flux2-tiny", "flux2-ae-tiny", "transformer.", "vae.", "diffusers"),
-           ("flux2-tiny", "flux2-ae-tiny", "model.diffusion_model.", "first_stage_model.", "bfl")]
+BUNDLES = [
+    ("flux1-tiny", "flux1-ae-tiny", "model.diffusion_model.", "vae.", "bfl"),
+    ("flux1-tiny", "flux1-ae-tiny", "diffusion_model.", "first_stage_model.", "diffusers"),
+    ("flux2-tiny", "flux2-ae-tiny", "transformer.", "vae.", "diffusers"),
+    ("flux2-tiny", "flux2-ae-tiny", "model.diffusion_model.", "first_stage_model.", "bfl"),
+]
 
 
 def _bundle(d, name, ae_name, t_prefix, ae_prefix, layout) -> tuple[object, dict, dict]:
@@ -655,8 +826,12 @@ def _bundle(d, name, ae_name, t_prefix, ae_prefix, layout) -> tuple[object, dict
     tensors = {t_prefix + k: v for k, v in read_all(d / "t.safetensors").items()}
     tensors |= {ae_prefix + k: v for k, v in read_all(d / "ae.safetensors").items()}
     rng = np.random.default_rng(0)
-    tensors |= {f"text_encoders.t5xxl.transformer.encoder.block.{i}.layer.0.SelfAttention.q.weight":
-                rng.standard_normal((8, 8), np.float32) for i in range(3)}
+    tensors |= {
+        f"text_encoders.t5xxl.transformer.encoder.block.{i}.layer.0.SelfAttention.q.weight": rng.standard_normal(
+            (8, 8), np.float32
+        )
+        for i in range(3)
+    }
     _save(d / "bundle.safetensors", tensors)
     return d / "bundle.safetensors", torch_state(model), torch_state(ae)
 
@@ -668,9 +843,16 @@ def test_bundle_loads_each_component(name, ae_name, t_prefix, ae_prefix, layout,
         assert_same_tensors(_loaded(framework, name, path), want_t)
         assert_same_tensors(_loaded(framework, ae_name, path), want_ae)
     notices = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
-    n_t, n_ae = len(raw_keys(tmp_path / "t.safetensors")), len(raw_keys(tmp_path / "ae.safetensors"))
-    assert any(f"read the transformer under {t_prefix!r}; ignored {n_ae + 3} other" in m for m in notices), notices
-    assert any(f"read the autoencoder under {ae_prefix!r}; ignored {n_t + 3} other" in m for m in notices), notices
+    n_t, n_ae = (
+        len(raw_keys(tmp_path / "t.safetensors")),
+        len(raw_keys(tmp_path / "ae.safetensors")),
+    )
+    assert any(
+        f"read the transformer under {t_prefix!r}; ignored {n_ae + 3} other" in m for m in notices
+    ), notices
+    assert any(
+        f"read the autoencoder under {ae_prefix!r}; ignored {n_t + 3} other" in m for m in notices
+    ), notices
 
 
 @pytest.mark.parametrize("bundle", BUNDLES[1:3])
@@ -703,7 +885,9 @@ def _diffusers_sharded(name, d) -> tuple[object, dict]:
         dm = diffusers_vae(cfg, d / "single.safetensors")
     else:
         dm = diffusers_transformer(cfg)
-        dm.load_state_dict({k: torch.from_numpy(v) for k, v in read_all(d / "single.safetensors").items()})
+        dm.load_state_dict(
+            {k: torch.from_numpy(v) for k, v in read_all(d / "single.safetensors").items()}
+        )
     dm.save_pretrained(d / "diffusers", max_shard_size="200KB", safe_serialization=True)
     return d / "diffusers", torch_state(model)
 
@@ -717,9 +901,13 @@ def test_diffusers_sharded_directory_loads(name, tmp_path, caplog):
     for framework in LOADERS:
         assert_same_tensors(_loaded(framework, name, directory), want)
     # a stale shard beside the indexed ones: ignored, with a notice, instead of a duplicate-key error
-    (directory / "diffusion_pytorch_model-00001-of-00099.safetensors").write_bytes(shards[0].read_bytes())
+    (directory / "diffusion_pytorch_model-00001-of-00099.safetensors").write_bytes(
+        shards[0].read_bytes()
+    )
     assert_same_tensors(_loaded("torch", name, directory), want)
-    assert any("ignored 1 file(s) the index does not name" in r.getMessage() for r in caplog.records)
+    assert any(
+        "ignored 1 file(s) the index does not name" in r.getMessage() for r in caplog.records
+    )
     assert_same_tensors(_loaded("jax", name, index), want)  # the index file itself as the path
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"{shards[-1]}: missing .named by {index.name}"):
@@ -743,8 +931,12 @@ checkpoint.write_safetensors(sys.argv[1], {f"t{i}": ("F32", (256, 256)) for i in
 
 
 def _interrupted_write(dst, sig) -> int:
-    p = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(dst)], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    p = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_WRITER, str(dst)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert p.stdout.readline().strip() == "writing"  # the temp file holds the header and t0 by now
     assert (dst.parent / f".{dst.name}.tmp-{p.pid}").exists()
     p.send_signal(sig)
@@ -753,7 +945,9 @@ def _interrupted_write(dst, sig) -> int:
 
 def test_sigterm_during_a_write_removes_the_temp_file(tmp_path):
     dst = tmp_path / "out.safetensors"
-    assert _interrupted_write(dst, signal.SIGTERM) == -signal.SIGTERM  # still dies of SIGTERM, after cleaning up
+    assert (
+        _interrupted_write(dst, signal.SIGTERM) == -signal.SIGTERM
+    )  # still dies of SIGTERM, after cleaning up
     assert not dst.exists() and os.listdir(tmp_path) == []
 
 
@@ -764,9 +958,15 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path, tiny)
     assert _interrupted_write(dst, signal.SIGKILL) == -signal.SIGKILL
     (left,) = os.listdir(tmp_path)
     assert left.startswith(".out.safetensors.tmp-")
-    other = tmp_path / f".other.safetensors.tmp-{os.getpid() + 1}"  # another destination's: not ours to remove
-    old_style = tmp_path / f".out.safetensors.tmp{left.rsplit('-', 1)[1]}"  # the earlier naming, dead process
-    live = tmp_path / f".out.safetensors.tmp-{os.getppid()}"  # a live process may still be writing it
+    other = (
+        tmp_path / f".other.safetensors.tmp-{os.getpid() + 1}"
+    )  # another destination's: not ours to remove
+    old_style = (
+        tmp_path / f".out.safetensors.tmp{left.rsplit('-', 1)[1]}"
+    )  # the earlier naming, dead process
+    live = (
+        tmp_path / f".out.safetensors.tmp-{os.getppid()}"
+    )  # a live process may still be writing it
     for p in (other, old_style, live):
         p.write_bytes(b"partial")
     mt.save_model(model, dst)
@@ -806,10 +1006,16 @@ def test_verify_names_the_tensor_whose_bytes_changed(framework, tiny, tmp_path):
     blob[start + 10] ^= 1  # one low mantissa bit of one bf16 weight: finite, plausible, wrong
     path.write_bytes(bytes(blob))
     _loaded(framework, name, path)  # undetectable without a digest
-    with pytest.raises(CheckpointError, match=f"{path}: tensor '{key}' does not match its recorded digest"):
+    with pytest.raises(
+        CheckpointError, match=f"{path}: tensor '{key}' does not match its recorded digest"
+    ):
         _loaded(framework, name, path, verify=True)
-    save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in read_all(files["bfl"]).items()},
-              str(tmp_path / "plain.safetensors"))
-    assert_same_tensors(_loaded(framework, name, tmp_path / "plain.safetensors"), want)  # no digests: as before
+    save_file(
+        {k: torch.from_numpy(v.astype(np.float32)) for k, v in read_all(files["bfl"]).items()},
+        str(tmp_path / "plain.safetensors"),
+    )
+    assert_same_tensors(
+        _loaded(framework, name, tmp_path / "plain.safetensors"), want
+    )  # no digests: as before
     with pytest.raises(CheckpointError, match="no digest recorded"):
         _loaded(framework, name, tmp_path / "plain.safetensors", verify=True)

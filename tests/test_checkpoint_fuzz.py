@@ -30,8 +30,25 @@ from minflux_jax.load import state_dict as jax_state_dict
 from minflux_torch.load import to_numpy
 
 NAME, SEED, MUTATIONS = "flux2-tiny", 2026, 300
-JAX_EVERY = 4  # a JAX load costs ~50 ms: it runs on every file the reader reads, and every 4th other one
-DTYPES = ["F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I8", "U8", "I16", "I64", "BOOL", "F4", "XYZ", 3, None]
+JAX_EVERY = (
+    4  # a JAX load costs ~50 ms: it runs on every file the reader reads, and every 4th other one
+)
+DTYPES = [
+    "F32",
+    "F16",
+    "BF16",
+    "F8_E4M3",
+    "F8_E5M2",
+    "I8",
+    "U8",
+    "I16",
+    "I64",
+    "BOOL",
+    "F4",
+    "XYZ",
+    3,
+    None,
+]
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -47,7 +64,9 @@ def reference(path) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def same_as_reference(ours: dict[str, np.ndarray], ref: dict[str, torch.Tensor] | None, cast=None) -> bool:
+def same_as_reference(
+    ours: dict[str, np.ndarray], ref: dict[str, torch.Tensor] | None, cast=None
+) -> bool:
     """Our tensors equal safetensors' (cast by torch to `cast` first, as a loader does), bit for bit."""
     if ref is None or sorted(ours) != sorted(ref):
         return False
@@ -64,10 +83,23 @@ def same_as_reference(ours: dict[str, np.ndarray], ref: dict[str, torch.Tensor] 
     return True
 
 
-TORCH_NAMES = {("F32", "torch.float32"), ("F16", "torch.float16"), ("BF16", "torch.bfloat16"), ("F64", "torch.float64"),
-               ("F8_E4M3", "torch.float8_e4m3fn"), ("F8_E5M2", "torch.float8_e5m2"), ("I8", "torch.int8"),
-               ("U8", "torch.uint8"), ("I16", "torch.int16"), ("I32", "torch.int32"), ("I64", "torch.int64"),
-               ("BOOL", "torch.bool"), ("U16", "torch.uint16"), ("U32", "torch.uint32"), ("U64", "torch.uint64")}
+TORCH_NAMES = {
+    ("F32", "torch.float32"),
+    ("F16", "torch.float16"),
+    ("BF16", "torch.bfloat16"),
+    ("F64", "torch.float64"),
+    ("F8_E4M3", "torch.float8_e4m3fn"),
+    ("F8_E5M2", "torch.float8_e5m2"),
+    ("I8", "torch.int8"),
+    ("U8", "torch.uint8"),
+    ("I16", "torch.int16"),
+    ("I32", "torch.int32"),
+    ("I64", "torch.int64"),
+    ("BOOL", "torch.bool"),
+    ("U16", "torch.uint16"),
+    ("U32", "torch.uint32"),
+    ("U64", "torch.uint64"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,15 +119,31 @@ def _file(pairs: list[tuple[str, object]], data: bytes, pad: bool = True) -> byt
 def mutate(base: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
     """One seeded mutation of the file `base`: (kind, bytes)."""
     n = struct.unpack("<Q", base[:8])[0]
-    header, data = json.loads(base[8:8 + n]), base[8 + n:]
+    header, data = json.loads(base[8 : 8 + n]), base[8 + n :]
     pairs = list(header.items())
     tensors = [i for i, (k, _) in enumerate(pairs) if k != "__metadata__"]
     i = int(rng.choice(tensors))
     key, info = pairs[i][0], dict(pairs[i][1])
-    kind = str(rng.choice(["truncate", "append", "header byte", "data byte", "header length", "offsets", "dtype",
-                           "shape", "key", "nesting", "metadata", "swap"]))
+    kind = str(
+        rng.choice(
+            [
+                "truncate",
+                "append",
+                "header byte",
+                "data byte",
+                "header length",
+                "offsets",
+                "dtype",
+                "shape",
+                "key",
+                "nesting",
+                "metadata",
+                "swap",
+            ]
+        )
+    )
     if kind == "truncate":
-        return kind, base[:int(rng.integers(0, len(base)))]
+        return kind, base[: int(rng.integers(0, len(base)))]
     if kind == "append":
         return kind, base + rng.bytes(int(rng.integers(1, 17)))
     if kind in ("header byte", "data byte"):
@@ -110,15 +158,39 @@ def mutate(base: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
     if kind == "offsets":
         a, b = info["data_offsets"]
         other = pairs[int(rng.choice(tensors))][1]["data_offsets"]
-        info["data_offsets"] = [[a + 4, b + 4], [a - 4, b - 4], [a + 2, b + 2], [a, b + 4], [a + 4, b], other,
-                                [str(a), b], [float(a), b], [a, b, b], [-a - 1, b], None, [b, a],
-                                [a]][int(rng.integers(0, 13))]
+        info["data_offsets"] = [
+            [a + 4, b + 4],
+            [a - 4, b - 4],
+            [a + 2, b + 2],
+            [a, b + 4],
+            [a + 4, b],
+            other,
+            [str(a), b],
+            [float(a), b],
+            [a, b, b],
+            [-a - 1, b],
+            None,
+            [b, a],
+            [a],
+        ][int(rng.integers(0, 13))]
     elif kind == "dtype":
         info["dtype"] = DTYPES[int(rng.integers(0, len(DTYPES)))]
     elif kind == "shape":
         s = list(info["shape"])
-        info["shape"] = [s[::-1], s + [1], [1] + s, s[:-1], [d + 1 for d in s], [-d for d in s], [float(d) for d in s],
-                         [], [0], "x", [str(d) for d in s], [*s[:-1], s[-1] * 2]][int(rng.integers(0, 12))]
+        info["shape"] = [
+            s[::-1],
+            s + [1],
+            [1] + s,
+            s[:-1],
+            [d + 1 for d in s],
+            [-d for d in s],
+            [float(d) for d in s],
+            [],
+            [0],
+            "x",
+            [str(d) for d in s],
+            [*s[:-1], s[-1] * 2],
+        ][int(rng.integers(0, 12))]
     elif kind == "key":
         choice = int(rng.integers(0, 4))
         if choice == 0:  # repeated: a second entry under an existing name
@@ -128,24 +200,44 @@ def mutate(base: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
         if choice == 1:  # dropped: its bytes stay behind
             del pairs[i]
             return kind, _file(pairs, data)
-        pairs[i] = (["", key + ".x", key.replace("double", "single"), "\udc80"][int(rng.integers(0, 4))], info)
+        pairs[i] = (
+            ["", key + ".x", key.replace("double", "single"), "\udc80"][int(rng.integers(0, 4))],
+            info,
+        )
         return kind, _file(pairs, data)
     elif kind == "nesting":
         depth = int(rng.choice([1, 2, 10, 100, 5000]))
         field = str(rng.choice(["shape", "data_offsets", "dtype"]))
-        info[field] = json.loads("[" * depth + json.dumps(info[field]) + "]" * depth) if depth < 500 else None
+        info[field] = (
+            json.loads("[" * depth + json.dumps(info[field]) + "]" * depth) if depth < 500 else None
+        )
         if depth >= 500:  # too deep for json.dumps itself: write the text directly
             text = _file(pairs, data).decode("latin-1")
             hdr = f'{{"__metadata__":{"[" * depth}{"]" * depth},'
             return kind, _raw(text.replace("{", hdr, 1), data)
     elif kind == "metadata":
-        pairs.insert(0, ("__metadata__", [{"a": 1}, {"a": "1", "b": ["x"]}, "x", {"a": {"b": "c"}}, [],
-                                          {"format": "pt"}][int(rng.integers(0, 6))]))
+        pairs.insert(
+            0,
+            (
+                "__metadata__",
+                [{"a": 1}, {"a": "1", "b": ["x"]}, "x", {"a": {"b": "c"}}, [], {"format": "pt"}][
+                    int(rng.integers(0, 6))
+                ],
+            ),
+        )
         if rng.random() < 0.3:
             pairs.insert(0, ("__metadata__", {"format": "pt"}))
-    elif kind == "swap":  # two tensors of the same size exchange their bytes: a valid file, reordered
-        sizes = Counter(pairs[t][1]["data_offsets"][1] - pairs[t][1]["data_offsets"][0] for t in tensors)
-        same = [t for t in tensors if sizes[pairs[t][1]["data_offsets"][1] - pairs[t][1]["data_offsets"][0]] > 1]
+    elif (
+        kind == "swap"
+    ):  # two tensors of the same size exchange their bytes: a valid file, reordered
+        sizes = Counter(
+            pairs[t][1]["data_offsets"][1] - pairs[t][1]["data_offsets"][0] for t in tensors
+        )
+        same = [
+            t
+            for t in tensors
+            if sizes[pairs[t][1]["data_offsets"][1] - pairs[t][1]["data_offsets"][0]] > 1
+        ]
         j, k = rng.choice(same, 2, replace=False)
         a, b = dict(pairs[j][1]), dict(pairs[k][1])
         a["data_offsets"], b["data_offsets"] = b["data_offsets"], a["data_offsets"]
@@ -184,7 +276,11 @@ def _outcome(load, ref, cast=None) -> str:
 def base(tmp_path_factory) -> bytes:
     model = mt.build_model(NAME, seed=9, dtype=torch.bfloat16)
     path = tmp_path_factory.mktemp("fuzz") / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={"format": "pt"},
+    )
     return path.read_bytes()
 
 
@@ -202,20 +298,35 @@ def test_fuzzed_files_fail_cleanly_or_match_safetensors(base, tmp_path, monkeypa
         path.write_bytes(blob)
         ref = reference(path)
         results = {"reader": _outcome(lambda: _read(path), ref)}
-        results["torch"] = _outcome(lambda: {k: to_numpy(v) for k, v in
-                                             mt.load_model(NAME, path, torch.bfloat16).state_dict().items()},
-                                    ref, torch.bfloat16)
+        results["torch"] = _outcome(
+            lambda: {
+                k: to_numpy(v)
+                for k, v in mt.load_model(NAME, path, torch.bfloat16).state_dict().items()
+            },
+            ref,
+            torch.bfloat16,
+        )
         if results["reader"] != "CheckpointError" or m % JAX_EVERY == 0:
-            results["jax"] = _outcome(lambda: jax_state_dict(mj.load_model(NAME, path, jnp.bfloat16)), ref,
-                                      torch.bfloat16)
+            results["jax"] = _outcome(
+                lambda: jax_state_dict(mj.load_model(NAME, path, jnp.bfloat16)), ref, torch.bfloat16
+            )
         for side, r in results.items():
             counts[side][r.split(":")[0]] += 1
             if r not in ("CheckpointError", "equal"):
-                failures.append(f"mutation {m} ({kind}), {side}: {r}; safetensors {'reads' if ref else 'refuses'} it")
-    print(f"\nfuzz: {MUTATIONS} mutations of a {len(base)}-byte {NAME} file (seed {SEED}); kinds {dict(kinds)}")
+                failures.append(
+                    f"mutation {m} ({kind}), {side}: {r}; safetensors {'reads' if ref else 'refuses'} it"
+                )
+    print(
+        f"\nfuzz: {MUTATIONS} mutations of a {len(base)}-byte {NAME} file (seed {SEED}); kinds {dict(kinds)}"
+    )
     for side, c in counts.items():
-        print(f"  {side:6s}: {sum(c.values())} loads: {c['CheckpointError']} CheckpointError, {c['equal']} equal to "
-              f"safetensors, {sum(c.values()) - c['CheckpointError'] - c['equal']} anything else")
+        print(
+            f"  {side:6s}: {sum(c.values())} loads: {c['CheckpointError']} CheckpointError, {c['equal']} equal to "
+            f"safetensors, {sum(c.values()) - c['CheckpointError'] - c['equal']} anything else"
+        )
     assert not failures, "\n".join(failures[:20])
     for side in counts:  # the mutations must reach both outcomes, or the test proves little
-        assert counts[side]["equal"] >= 10 and counts[side]["CheckpointError"] >= 40, (side, counts[side])
+        assert counts[side]["equal"] >= 10 and counts[side]["CheckpointError"] >= 40, (
+            side,
+            counts[side],
+        )

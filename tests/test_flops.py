@@ -39,7 +39,9 @@ def test_full_size_count_and_peaks():
     cfg = configs.get("flux2-klein-4b")
     f = flops.forward_flops(cfg, 4096, 512)
     assert 30e12 < f < 40e12
-    assert flops.bf16_peak("NVIDIA H100 PCIe") == 756e12 and flops.bf16_peak("NVIDIA H200") == 989e12
+    assert (
+        flops.bf16_peak("NVIDIA H100 PCIe") == 756e12 and flops.bf16_peak("NVIDIA H200") == 989e12
+    )
     with pytest.raises(ValueError, match="no bf16 peak known"):
         flops.bf16_peak("Some GPU")
     with pytest.raises(ValueError, match="not a transformer"):

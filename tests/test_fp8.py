@@ -26,7 +26,9 @@ def numpy_quantize(x: np.ndarray, axis) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("axis", [None, -1, 0])
 def test_quantize_matches_ml_dtypes_in_both_frameworks(axis, rng):
-    x = (rng.standard_normal((48, 40)) * np.exp(rng.uniform(-6, 6, (48, 1)))).astype(np.float32)  # wide range
+    x = (rng.standard_normal((48, 40)) * np.exp(rng.uniform(-6, 6, (48, 1)))).astype(
+        np.float32
+    )  # wide range
     x[0, 0] = 0.0
     q, s = numpy_quantize(x, axis)
     qt, st = tfp8.quantize(torch.from_numpy(x), axis)
@@ -80,7 +82,10 @@ def test_fp8_parity_per_block_both_frameworks(model, scaling):
     for rt, rj in zip(rows_t, rows_j, strict=True):
         print(model, scaling, rt, rj)
         bound = FP8_BOUND["output" if rt["name"] == "output" else "block"]
-        assert 1e-4 < rt["rel_l2"] < bound and 1e-4 < rj["rel_l2"] < bound, (rt, rj)  # fp8 differs, within bounds
+        assert 1e-4 < rt["rel_l2"] < bound and 1e-4 < rj["rel_l2"] < bound, (
+            rt,
+            rj,
+        )  # fp8 differs, within bounds
         # the two frameworks' fp8 paths agree far closer than fp8 is to bf16
         assert abs(rt["rel_l2"] - rj["rel_l2"]) < 0.25 * max(rt["rel_l2"], rj["rel_l2"]), (rt, rj)
 
@@ -97,15 +102,18 @@ def test_scaled_mm_matches_fake_quant_on_cuda(scaling, rng):
     layer = tfp8.FP8Linear(lin.to(torch.bfloat16), scaling)
     fake = layer(x).float().numpy()
     real = tfp8.FP8Linear(lin.to("cuda", torch.bfloat16), scaling)(x.cuda()).float().cpu().numpy()
-    assert bench.rel_l2(real, fake) < 1e-2  # both round to bf16; the GEMM accumulates in its own order
+    assert (
+        bench.rel_l2(real, fake) < 1e-2
+    )  # both round to bf16; the GEMM accumulates in its own order
 
 
 @pytest.mark.gpu
 def test_xla_rewrites_the_fp8_dot_on_gpu():
     if jax.default_backend() != "gpu":
         pytest.skip("needs an NVIDIA GPU for JAX")
-    layer = jfp8.FP8Linear(nnx.Linear(512, 256, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                      rngs=nnx.Rngs(0)))
+    layer = jfp8.FP8Linear(
+        nnx.Linear(512, 256, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    )
     x = jnp.ones((256, 512), jnp.bfloat16)
     text = nnx.jit(lambda m, x: m(x)).lower(layer, x).compile().as_text()
     assert "f8e4m3fn" in text and "cublas" in text

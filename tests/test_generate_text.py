@@ -20,7 +20,10 @@ from minflux_cli import main as cli
 transformers = pytest.importorskip("transformers")
 
 COMMON = ["--steps", "2", "--width", "32", "--height", "32", "--dtype", "fp32", "--no-progress"]
-QWEN_LAYERS = ["--text-encoder-layers", "1,2,3"]  # the tiny Qwen3 has 4 layers, not the official 9,18,27
+QWEN_LAYERS = [
+    "--text-encoder-layers",
+    "1,2,3",
+]  # the tiny Qwen3 has 4 layers, not the official 9,18,27
 
 
 def make_encoder(directory, kind: str, width: int) -> None:
@@ -30,17 +33,47 @@ def make_encoder(directory, kind: str, width: int) -> None:
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     if kind == "t5":
-        model = transformers.T5EncoderModel(transformers.T5Config(
-            vocab_size=vocab, d_model=width, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-            relative_attention_num_buckets=8, relative_attention_max_distance=16))
+        model = transformers.T5EncoderModel(
+            transformers.T5Config(
+                vocab_size=vocab,
+                d_model=width,
+                d_kv=8,
+                d_ff=48,
+                num_layers=2,
+                num_heads=4,
+                feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=16,
+            )
+        )
     elif kind == "clip":
-        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, eos_token_id=2, bos_token_id=0, pad_token_id=1))
+        model = transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(
+                vocab_size=vocab,
+                hidden_size=width,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                eos_token_id=2,
+                bos_token_id=0,
+                pad_token_id=1,
+            )
+        )
     else:  # qwen3: 3 stacked layers
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-            vocab_size=vocab, hidden_size=width // 3, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=8, max_position_embeddings=128, rope_theta=1000.0))
+        model = transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(
+                vocab_size=vocab,
+                hidden_size=width // 3,
+                intermediate_size=24,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                max_position_embeddings=128,
+                rope_theta=1000.0,
+            )
+        )
     randomize(model)
     model.save_pretrained(directory)
 
@@ -68,8 +101,18 @@ def files(tmp_path_factory):
 
 
 def base(files, model: str, framework: str) -> list[str]:
-    return ["generate", "--model", model, "--transformer", str(files[model]), "--ae",
-            str(files[model.replace("-tiny", "-ae-tiny")]), "--framework", framework, *COMMON]
+    return [
+        "generate",
+        "--model",
+        model,
+        "--transformer",
+        str(files[model]),
+        "--ae",
+        str(files[model.replace("-tiny", "-ae-tiny")]),
+        "--framework",
+        framework,
+        *COMMON,
+    ]
 
 
 def encoder_args(files, model: str) -> list[str]:
@@ -87,8 +130,11 @@ def png(path) -> np.ndarray:
 @pytest.mark.parametrize("framework,model", [("torch", "flux1-tiny"), ("jax", "flux2-tiny")])
 def test_prompt_to_image(files, tmp_path, framework, model):
     out = tmp_path / "cat.png"
-    rc = cli.main(base(files, model, framework) + encoder_args(files, model)
-                  + ["--prompt", "a cat on a bench", "--out", str(out)])
+    rc = cli.main(
+        base(files, model, framework)
+        + encoder_args(files, model)
+        + ["--prompt", "a cat on a bench", "--out", str(out)]
+    )
     assert rc == 0
     img = png(out)
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 0
@@ -99,22 +145,67 @@ def test_prompt_to_image(files, tmp_path, framework, model):
 def test_prompt_equals_saved_embeddings(files, tmp_path, framework, model):
     """Two prompts with true CFG and a negative prompt: encoding in the run gives the same images, bit for bit,
     as encoding to files first (--save-embeddings) and generating from them (--embeddings / --neg-embeddings)."""
-    prompts = ["--prompt", "a cat on a bench", "--prompt", "an astronaut riding a horse", "--negative-prompt", "blurry",
-               "--cfg", "2.5"]
+    prompts = [
+        "--prompt",
+        "a cat on a bench",
+        "--prompt",
+        "an astronaut riding a horse",
+        "--negative-prompt",
+        "blurry",
+        "--cfg",
+        "2.5",
+    ]
     enc = encoder_args(files, model)
-    assert cli.main(base(files, model, framework) + enc + prompts + ["--out", str(tmp_path / "direct.png")]) == 0
+    assert (
+        cli.main(
+            base(files, model, framework) + enc + prompts + ["--out", str(tmp_path / "direct.png")]
+        )
+        == 0
+    )
     emb = tmp_path / "emb.safetensors"
-    assert cli.main(["generate", "--model", model, "--framework", framework, "--dtype", "fp32", *enc, *prompts,
-                     "--save-embeddings", str(emb)]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                model,
+                "--framework",
+                framework,
+                "--dtype",
+                "fp32",
+                *enc,
+                *prompts,
+                "--save-embeddings",
+                str(emb),
+            ]
+        )
+        == 0
+    )
     neg = tmp_path / "emb-neg.safetensors"
     saved, saved_neg = text.load_embeddings(emb), text.load_embeddings(neg)
     cfg = configs.get(model)
     assert saved["txt"].shape[::2] == (2, cfg.context_in_dim) and saved_neg["txt"].shape[0] == 1
     assert ("vec" in saved) == (model == "flux1-tiny")
-    assert cli.main(base(files, model, framework) + ["--embeddings", str(emb), "--neg-embeddings", str(neg),
-                                                     "--cfg", "2.5", "--out", str(tmp_path / "file.png")]) == 0
+    assert (
+        cli.main(
+            base(files, model, framework)
+            + [
+                "--embeddings",
+                str(emb),
+                "--neg-embeddings",
+                str(neg),
+                "--cfg",
+                "2.5",
+                "--out",
+                str(tmp_path / "file.png"),
+            ]
+        )
+        == 0
+    )
     for i in range(2):
-        np.testing.assert_array_equal(png(tmp_path / f"direct-{i}.png"), png(tmp_path / f"file-{i}.png"))
+        np.testing.assert_array_equal(
+            png(tmp_path / f"direct-{i}.png"), png(tmp_path / f"file-{i}.png")
+        )
     assert not np.array_equal(png(tmp_path / "direct-0.png"), png(tmp_path / "direct-1.png"))
 
 
@@ -130,17 +221,38 @@ def test_errors(files, tmp_path, capsys):
     # 2 stacked layers x hidden 16 = 32 against flux2-tiny's 48: both widths named.
     msg = error(f2 + ["--text-encoder", str(files["flux2-enc"]), "--text-encoder-layers", "1,2"])
     assert "width 32 (2 stacked layers x hidden 16)" in msg and "context_in_dim 48" in msg
-    msg = error(base(files, "flux1-tiny", "torch") + ["--prompt", "a cat", "--text-encoder",
-                                                      str(files["flux2-enc"])])
-    assert "FLUX.1 takes CLIP-L and T5 from a diffusers-style root" in msg and "text_encoder_2/config.json" in msg
+    msg = error(
+        base(files, "flux1-tiny", "torch")
+        + ["--prompt", "a cat", "--text-encoder", str(files["flux2-enc"])]
+    )
+    assert (
+        "FLUX.1 takes CLIP-L and T5 from a diffusers-style root" in msg
+        and "text_encoder_2/config.json" in msg
+    )
     assert "needs --text-encoder" in error(f2)
-    assert "missing: no such file or directory" in error(f2 + ["--text-encoder", str(tmp_path / "missing")])
-    assert "exclude each other" in error(f2 + ["--text-encoder", str(files["flux2-enc"]), "--embeddings",
-                                               str(files["flux2-tiny"])])
-    assert "--negative-prompt needs --prompt" in error(base(files, "flux2-tiny", "torch") + ["--negative-prompt", "x"])
+    assert "missing: no such file or directory" in error(
+        f2 + ["--text-encoder", str(tmp_path / "missing")]
+    )
+    assert "exclude each other" in error(
+        f2 + ["--text-encoder", str(files["flux2-enc"]), "--embeddings", str(files["flux2-tiny"])]
+    )
+    assert "--negative-prompt needs --prompt" in error(
+        base(files, "flux2-tiny", "torch") + ["--negative-prompt", "x"]
+    )
     # klein takes Qwen3: a T5 directory is refused by its model_type.
-    msg = error(["generate", "--model", "flux2-klein-4b", "--prompt", "a cat", "--text-encoder",
-                 str(files["flux1-enc"] / "text_encoder_2"), "--save-embeddings", str(tmp_path / "e.safetensors")])
+    msg = error(
+        [
+            "generate",
+            "--model",
+            "flux2-klein-4b",
+            "--prompt",
+            "a cat",
+            "--text-encoder",
+            str(files["flux1-enc"] / "text_encoder_2"),
+            "--save-embeddings",
+            str(tmp_path / "e.safetensors"),
+        ]
+    )
     assert "flux2-klein-4b takes a qwen3 text encoder" in msg and "'t5'" in msg
     # The official layers (9, 18, 27) do not exist in the tiny Qwen3.
     assert "stacked layers (9, 18, 27)" in error(f2 + ["--text-encoder", str(files["flux2-enc"])])
@@ -148,7 +260,9 @@ def test_errors(files, tmp_path, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(files["flux2-enc"], bare)
     (bare / "tokenizer.json").unlink()
-    assert f"{bare / 'tokenizer.json'}: no such file" in error(f2 + ["--text-encoder", str(bare), *QWEN_LAYERS])
+    assert f"{bare / 'tokenizer.json'}: no such file" in error(
+        f2 + ["--text-encoder", str(bare), *QWEN_LAYERS]
+    )
     assert not (tmp_path / "e.safetensors").exists()
 
 
@@ -160,20 +274,40 @@ def test_prompt_with_a_lora_that_trains_clip(files, tmp_path):
     rng = np.random.default_rng(0)
     f1 = configs.get("flux1-tiny")
     qkv = (3 * f1.hidden_size, f1.hidden_size)
-    tensors = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": rng.standard_normal((2, qkv[1])),
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": rng.standard_normal((qkv[0], 2)),
-               "lora_unet_double_blocks_0_img_attn_qkv.alpha": np.array(1.0),
-               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": rng.standard_normal((2, 24)),
-               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": rng.standard_normal((48, 2)),
-               "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": np.array(1.0)}
+    tensors = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": rng.standard_normal((2, qkv[1])),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": rng.standard_normal((qkv[0], 2)),
+        "lora_unet_double_blocks_0_img_attn_qkv.alpha": np.array(1.0),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": rng.standard_normal(
+            (2, 24)
+        ),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": rng.standard_normal((48, 2)),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": np.array(1.0),
+    }
     save_file({k: v.astype(np.float32) for k, v in tensors.items()}, tmp_path / "lora.safetensors")
-    enc = ["generate", "--model", "flux1-tiny", *encoder_args(files, "flux1-tiny"), "--prompt", "a cat",
-           "--dtype", "fp32"]
+    enc = [
+        "generate",
+        "--model",
+        "flux1-tiny",
+        *encoder_args(files, "flux1-tiny"),
+        "--prompt",
+        "a cat",
+        "--dtype",
+        "fp32",
+    ]
     emb = {}
-    for name, extra in (("plain", []), ("torch", ["--lora", str(tmp_path / "lora.safetensors")]),
-                        ("jax", ["--lora", f"{tmp_path / 'lora.safetensors'}:1.0", "--framework", "jax"])):
-        assert cli.main(enc + extra + ["--save-embeddings", str(tmp_path / f"{name}.safetensors")]) == 0
+    for name, extra in (
+        ("plain", []),
+        ("torch", ["--lora", str(tmp_path / "lora.safetensors")]),
+        ("jax", ["--lora", f"{tmp_path / 'lora.safetensors'}:1.0", "--framework", "jax"]),
+    ):
+        assert (
+            cli.main(enc + extra + ["--save-embeddings", str(tmp_path / f"{name}.safetensors")])
+            == 0
+        )
         emb[name] = load_file(tmp_path / f"{name}.safetensors")
-    assert rel_l2(emb["torch"]["vec"], emb["plain"]["vec"]) > 1e-3  # the CLIP part moved the pooled vector
+    assert (
+        rel_l2(emb["torch"]["vec"], emb["plain"]["vec"]) > 1e-3
+    )  # the CLIP part moved the pooled vector
     assert rel_l2(emb["jax"]["vec"], emb["torch"]["vec"]) < 1e-5
     np.testing.assert_array_equal(emb["torch"]["txt"], emb["plain"]["txt"])  # the file trains no T5

@@ -30,7 +30,9 @@ from diffusers.pipelines.flux.pipeline_flux_inpaint import FluxInpaintPipeline  
 from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import Flux2KleinInpaintPipeline  # noqa: E402
 
 FLUX1 = configs.get("flux1-tiny")  # guidance-distilled, like dev
-KLEIN = dataclasses.replace(configs.get("flux2-tiny"), guidance_embed=False)  # klein: no guidance embedder
+KLEIN = dataclasses.replace(
+    configs.get("flux2-tiny"), guidance_embed=False
+)  # klein: no guidance embedder
 
 
 def pixel_mask(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -72,24 +74,65 @@ def test_masks_match_diffusers():
 
     h, w = 64, 96
     m = pixel_mask(h, w)
-    proc = VaeImageProcessor(vae_scale_factor=16, vae_latent_channels=16, do_normalize=False, do_binarize=True,
-                             do_convert_grayscale=True)
+    proc = VaeImageProcessor(
+        vae_scale_factor=16,
+        vae_latent_channels=16,
+        do_normalize=False,
+        do_binarize=True,
+        do_convert_grayscale=True,
+    )
     fake = SimpleNamespace(vae_scale_factor=8, _pack_latents=FluxPipeline._pack_latents)
     want, _ = FluxInpaintPipeline.prepare_mask_latents(
-        fake, proc.preprocess(torch.from_numpy(m), height=h, width=w), torch.zeros(1, 16, h // 8, w // 8), 1, 16, 1,
-        h, w, torch.float32, "cpu", None)
+        fake,
+        proc.preprocess(torch.from_numpy(m), height=h, width=w),
+        torch.zeros(1, 16, h // 8, w // 8),
+        1,
+        16,
+        1,
+        h,
+        w,
+        torch.float32,
+        "cpu",
+        None,
+    )
     assert want.shape == (1, h * w // 256, 64)
-    np.testing.assert_array_equal(ts.inpaint_mask(torch.from_numpy(m), "flux1").numpy(), want.numpy())
+    np.testing.assert_array_equal(
+        ts.inpaint_mask(torch.from_numpy(m), "flux1").numpy(), want.numpy()
+    )
     np.testing.assert_array_equal(np.asarray(js.inpaint_mask(nhwc(m), "flux1")), want.numpy())
 
-    proc = Flux2ImageProcessor(vae_scale_factor=16, vae_latent_channels=32, do_normalize=False, do_binarize=True,
-                               do_convert_rgb=False, do_convert_grayscale=True)
-    fake = SimpleNamespace(vae_scale_factor=8, _pack_latents=Flux2KleinInpaintPipeline._pack_latents)
+    proc = Flux2ImageProcessor(
+        vae_scale_factor=16,
+        vae_latent_channels=32,
+        do_normalize=False,
+        do_binarize=True,
+        do_convert_rgb=False,
+        do_convert_grayscale=True,
+    )
+    fake = SimpleNamespace(
+        vae_scale_factor=8, _pack_latents=Flux2KleinInpaintPipeline._pack_latents
+    )
     want = Flux2KleinInpaintPipeline.prepare_mask_latents(
-        fake, proc.preprocess(torch.from_numpy(m), height=h, width=w), 1, 1, h, w, torch.float32, "cpu")
-    assert want.shape == (1, h * w // 256, 1) and 0 < want.mean() < 1 and ((want > 0) & (want < 1)).any()
-    np.testing.assert_allclose(ts.inpaint_mask(torch.from_numpy(m), "flux2").numpy(), want.numpy(), atol=1e-7)
-    np.testing.assert_allclose(np.asarray(js.inpaint_mask(nhwc(m), "flux2")), want.numpy(), atol=1e-7)
+        fake,
+        proc.preprocess(torch.from_numpy(m), height=h, width=w),
+        1,
+        1,
+        h,
+        w,
+        torch.float32,
+        "cpu",
+    )
+    assert (
+        want.shape == (1, h * w // 256, 1)
+        and 0 < want.mean() < 1
+        and ((want > 0) & (want < 1)).any()
+    )
+    np.testing.assert_allclose(
+        ts.inpaint_mask(torch.from_numpy(m), "flux2").numpy(), want.numpy(), atol=1e-7
+    )
+    np.testing.assert_allclose(
+        np.asarray(js.inpaint_mask(nhwc(m), "flux2")), want.numpy(), atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
@@ -101,26 +144,69 @@ def test_flux1_inpaint_matches_diffusers(models, strength):
     txt = rng.standard_normal((1, lt, FLUX1.context_in_dim), np.float32)
     vec = rng.standard_normal((1, FLUX1.vec_in_dim), np.float32)
     mask = pixel_mask(side, side)
-    pipe = FluxInpaintPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
-                               vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                               transformer=ref)
-    want = pipe(prompt_embeds=torch.from_numpy(txt), pooled_prompt_embeds=torch.from_numpy(vec),
-                image=torch.from_numpy(init), mask_image=torch.from_numpy(mask),
-                masked_image_latents=torch.from_numpy(init), height=side, width=side, strength=strength,
-                num_inference_steps=steps, guidance_scale=3.5, output_type="latent",
-                generator=torch.Generator().manual_seed(0)).images.numpy()  # packed (1, 16, 64)
-    noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(0))  # the pipeline's draw
-    a = ts.sample_inpaint(tm, noise, torch.from_numpy(txt), torch.from_numpy(init), torch.from_numpy(mask),
-                          torch.from_numpy(vec), steps=steps, strength=strength, guidance=3.5)
-    b = js.sample_inpaint(jm, nhwc(noise.numpy()), jnp.asarray(txt), nhwc(init), nhwc(mask), jnp.asarray(vec),
-                          steps=steps, strength=strength, guidance=3.5)
+    pipe = FluxInpaintPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=ref,
+    )
+    want = pipe(
+        prompt_embeds=torch.from_numpy(txt),
+        pooled_prompt_embeds=torch.from_numpy(vec),
+        image=torch.from_numpy(init),
+        mask_image=torch.from_numpy(mask),
+        masked_image_latents=torch.from_numpy(init),
+        height=side,
+        width=side,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images.numpy()  # packed (1, 16, 64)
+    noise = torch.randn(
+        init.shape, generator=torch.Generator().manual_seed(0)
+    )  # the pipeline's draw
+    a = ts.sample_inpaint(
+        tm,
+        noise,
+        torch.from_numpy(txt),
+        torch.from_numpy(init),
+        torch.from_numpy(mask),
+        torch.from_numpy(vec),
+        steps=steps,
+        strength=strength,
+        guidance=3.5,
+    )
+    b = js.sample_inpaint(
+        jm,
+        nhwc(noise.numpy()),
+        jnp.asarray(txt),
+        nhwc(init),
+        nhwc(mask),
+        jnp.asarray(vec),
+        steps=steps,
+        strength=strength,
+        guidance=3.5,
+    )
     a_tok, b_tok = ts.pack(a, "flux1").numpy(), ts.pack(torch.from_numpy(nchw(b)), "flux1").numpy()
     ea, eb = rel_l2(a_tok, want), rel_l2(b_tok, want)
-    print(f"FLUX.1 inpaint strength {strength} vs FluxInpaintPipeline: rel-L2 torch {ea:.1e} jax {eb:.1e}")
+    print(
+        f"FLUX.1 inpaint strength {strength} vs FluxInpaintPipeline: rel-L2 torch {ea:.1e} jax {eb:.1e}"
+    )
     assert ea <= 1e-5 and eb <= 1e-5
-    keep = ts.inpaint_mask(torch.from_numpy(mask), "flux1").numpy() == 0  # the known region ends as init, exactly
-    assert keep.any() and np.array_equal(a_tok[keep], ts.pack(torch.from_numpy(init), "flux1").numpy()[keep])
-    assert rel_l2(a_tok[~keep], ts.pack(torch.from_numpy(init), "flux1").numpy()[~keep]) > 0.1  # the rest moved
+    keep = (
+        ts.inpaint_mask(torch.from_numpy(mask), "flux1").numpy() == 0
+    )  # the known region ends as init, exactly
+    assert keep.any() and np.array_equal(
+        a_tok[keep], ts.pack(torch.from_numpy(init), "flux1").numpy()[keep]
+    )
+    assert (
+        rel_l2(a_tok[~keep], ts.pack(torch.from_numpy(init), "flux1").numpy()[~keep]) > 0.1
+    )  # the rest moved
 
 
 @pytest.mark.parametrize("case", ["distilled", "cfg+reference"])
@@ -129,34 +215,73 @@ def test_klein_inpaint_matches_diffusers(models, case):
     h = w = 4  # tokens; 64 x 64 pixels
     steps, lt, strength = 4, 5, 0.8
     rng = np.random.default_rng(2)
-    init = rng.standard_normal((1, 128, h, w), np.float32)  # normalised, patchified: our autoencoder's latents
+    init = rng.standard_normal(
+        (1, 128, h, w), np.float32
+    )  # normalised, patchified: our autoencoder's latents
     txt = rng.standard_normal((1, lt, KLEIN.context_in_dim), np.float32)
     neg = rng.standard_normal((1, lt, KLEIN.context_in_dim), np.float32)
     extra = rng.standard_normal((1, 128, 2, 3), np.float32)
     mask = pixel_mask(16 * h, 16 * w, seed=3)
-    vae = diffusers.AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
+    vae = diffusers.AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1
+    )
     vae.bn.running_mean.copy_(torch.from_numpy(rng.standard_normal(128).astype(np.float32)))
     vae.bn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, 128).astype(np.float32)))
-    mean, std = vae.bn.running_mean.view(1, -1, 1, 1), torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + 1e-4)
+    mean, std = (
+        vae.bn.running_mean.view(1, -1, 1, 1),
+        torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + 1e-4),
+    )
     raw = lambda x: torch.from_numpy(x) * std + mean  # the pipeline normalises latents itself
     cfg = case != "distilled"
-    pipe = Flux2KleinInpaintPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, shift=3.0), vae=vae, text_encoder=None, tokenizer=None, transformer=ref,
-        is_distilled=not cfg)
-    out = pipe(prompt_embeds=torch.from_numpy(txt), negative_prompt_embeds=torch.from_numpy(neg) if cfg else None,
-               image=raw(init), image_reference=raw(extra) if cfg else None, mask_image=torch.from_numpy(mask),
-               strength=strength, num_inference_steps=steps, guidance_scale=2.5 if cfg else 1.0,
-               output_type="latent", generator=torch.Generator().manual_seed(0)).images  # (1, 32, 2h, 2w)
+    pipe = Flux2KleinInpaintPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=ref,
+        is_distilled=not cfg,
+    )
+    out = pipe(
+        prompt_embeds=torch.from_numpy(txt),
+        negative_prompt_embeds=torch.from_numpy(neg) if cfg else None,
+        image=raw(init),
+        image_reference=raw(extra) if cfg else None,
+        mask_image=torch.from_numpy(mask),
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=2.5 if cfg else 1.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images  # (1, 32, 2h, 2w)
     want = ((Flux2KleinInpaintPipeline._patchify_latents(out) - mean) / std).numpy()
     noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(0))
     opts = {"steps": steps, "strength": strength, "cfg_scale": 2.5 if cfg else 1.0}
-    a = ts.sample_inpaint(tm, noise, torch.from_numpy(txt), torch.from_numpy(init), torch.from_numpy(mask),
-                          neg_txt=torch.from_numpy(neg) if cfg else None,
-                          refs=[torch.from_numpy(extra)] if cfg else (), **opts).numpy()
-    b = nchw(js.sample_inpaint(jm, nhwc(noise.numpy()), jnp.asarray(txt), nhwc(init), nhwc(mask),
-                               neg_txt=jnp.asarray(neg) if cfg else None, refs=[nhwc(extra)] if cfg else (), **opts))
+    a = ts.sample_inpaint(
+        tm,
+        noise,
+        torch.from_numpy(txt),
+        torch.from_numpy(init),
+        torch.from_numpy(mask),
+        neg_txt=torch.from_numpy(neg) if cfg else None,
+        refs=[torch.from_numpy(extra)] if cfg else (),
+        **opts,
+    ).numpy()
+    b = nchw(
+        js.sample_inpaint(
+            jm,
+            nhwc(noise.numpy()),
+            jnp.asarray(txt),
+            nhwc(init),
+            nhwc(mask),
+            neg_txt=jnp.asarray(neg) if cfg else None,
+            refs=[nhwc(extra)] if cfg else (),
+            **opts,
+        )
+    )
     ea, eb = rel_l2(a, want), rel_l2(b, want)
-    print(f"klein inpaint ({case}) vs Flux2KleinInpaintPipeline: rel-L2 torch {ea:.1e} jax {eb:.1e}")
+    print(
+        f"klein inpaint ({case}) vs Flux2KleinInpaintPipeline: rel-L2 torch {ea:.1e} jax {eb:.1e}"
+    )
     assert ea <= 1e-5 and eb <= 1e-5
     m = ts.inpaint_mask(torch.from_numpy(mask), "flux2").numpy()[0, :, 0].reshape(h, w)
     assert np.abs(a[0][:, m == 0] - init[0][:, m == 0]).max() <= 1e-6  # known tokens end as init
@@ -169,7 +294,9 @@ def test_inpaint_errors(models):
     with pytest.raises(ValueError, match="mask .* does not cover the 4 x 4 token grid"):
         ts.sample_inpaint(tm, noise, txt, noise, torch.zeros(1, 1, 32, 32), guidance=3.5)
     with pytest.raises(ValueError, match="init latents .* and noise .* differ"):
-        ts.sample_inpaint(tm, noise, txt, torch.zeros(1, 16, 4, 8), torch.zeros(1, 1, 64, 64), guidance=3.5)
+        ts.sample_inpaint(
+            tm, noise, txt, torch.zeros(1, 16, 4, 8), torch.zeros(1, 1, 64, 64), guidance=3.5
+        )
 
 
 @pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
@@ -181,8 +308,10 @@ def test_pipeline_inpaint_torch_vs_jax(name):
 
     cfg = dataclasses.replace(configs.get(name), guidance_embed=False)
     ae_name = "flux1-ae-tiny" if cfg.family == "flux1" else "flux2-ae-tiny"
-    models = {"torch": (mt.build_model(cfg, seed=0), mt.build_model(ae_name, seed=1)),
-              "jax": (mj.build_model(cfg, seed=0), mj.build_model(ae_name, seed=1))}
+    models = {
+        "torch": (mt.build_model(cfg, seed=0), mt.build_model(ae_name, seed=1)),
+        "jax": (mj.build_model(cfg, seed=0), mj.build_model(ae_name, seed=1)),
+    }
     rng = np.random.default_rng(4)
     side = 32
     init = rng.uniform(-1, 1, (side, side, 3)).astype(np.float32)
@@ -218,8 +347,33 @@ def test_generate_inpaint_command(tmp_path):
         out = {}
         for fw in ("torch", "jax"):
             path = tmp_path / f"{model}-{fw}.png"
-            assert main(["generate", "--random-weights", "--model", model, "--framework", fw, "--steps", "3",
-                         "--width", "32", "--height", "32", "--init", str(tmp_path / "init.png"), "--mask",
-                         str(tmp_path / "mask.png"), "--strength", "0.9", "--no-progress", "--out", str(path)]) == 0
+            assert (
+                main(
+                    [
+                        "generate",
+                        "--random-weights",
+                        "--model",
+                        model,
+                        "--framework",
+                        fw,
+                        "--steps",
+                        "3",
+                        "--width",
+                        "32",
+                        "--height",
+                        "32",
+                        "--init",
+                        str(tmp_path / "init.png"),
+                        "--mask",
+                        str(tmp_path / "mask.png"),
+                        "--strength",
+                        "0.9",
+                        "--no-progress",
+                        "--out",
+                        str(path),
+                    ]
+                )
+                == 0
+            )
             out[fw] = np.asarray(Image.open(path), np.int16)
         assert np.abs(out["torch"] - out["jax"]).max() <= 1, model

@@ -14,7 +14,11 @@ import torch
 from minflux import configs, keymaps
 from minflux_torch.load import MODELS, build_model, to_numpy
 
-FULL = [n for n, c in configs.PRESETS.items() if getattr(c, "family", None) in ("flux1", "flux2") and "tiny" not in n]
+FULL = [
+    n
+    for n, c in configs.PRESETS.items()
+    if getattr(c, "family", None) in ("flux1", "flux2") and "tiny" not in n
+]
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -36,17 +40,26 @@ def diffusers_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """diffusers key -> shape of diffusers' own model class with the preset's dims, on the meta device."""
     import diffusers
 
-    common = dict(in_channels=cfg.in_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
-                  attention_head_dim=cfg.hidden_size // cfg.num_heads, num_attention_heads=cfg.num_heads,
-                  joint_attention_dim=cfg.context_in_dim, guidance_embeds=cfg.guidance_embed,
-                  axes_dims_rope=tuple(cfg.axes_dim))
+    common = dict(
+        in_channels=cfg.in_channels,
+        num_layers=cfg.depth,
+        num_single_layers=cfg.depth_single_blocks,
+        attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.context_in_dim,
+        guidance_embeds=cfg.guidance_embed,
+        axes_dims_rope=tuple(cfg.axes_dim),
+    )
     with torch.device("meta"):
         if cfg.family == "flux1":
             assert cfg.mlp_ratio == 4.0 and cfg.qkv_bias  # what FluxTransformer2DModel hard-codes
-            model = diffusers.FluxTransformer2DModel(out_channels=cfg.out_channels,
-                                                     pooled_projection_dim=cfg.vec_in_dim, **common)
+            model = diffusers.FluxTransformer2DModel(
+                out_channels=cfg.out_channels, pooled_projection_dim=cfg.vec_in_dim, **common
+            )
         else:
-            model = diffusers.Flux2Transformer2DModel(mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.theta, **common)
+            model = diffusers.Flux2Transformer2DModel(
+                mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.theta, **common
+            )
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -79,7 +92,10 @@ def recipe_shapes(recipes: dict[str, keymaps.Recipe]) -> dict[str, tuple[int, ..
 @pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
 def test_round_trip_is_bitwise(name):
     cfg = configs.get(name)
-    bfl = {k: to_numpy(v) for k, v in build_model(cfg, seed=1, dtype=torch.bfloat16).state_dict().items()}
+    bfl = {
+        k: to_numpy(v)
+        for k, v in build_model(cfg, seed=1, dtype=torch.bfloat16).state_dict().items()
+    }
     shapes = {k: v.shape for k, v in bfl.items()}
     diff_recipes = keymaps.to_diffusers(shapes, cfg.family, cfg.hidden_size)
     diff = {k: keymaps.apply(r, lambda key, a, b: bfl[key][a:b]) for k, r in diff_recipes.items()}
@@ -93,7 +109,9 @@ def test_round_trip_is_bitwise(name):
 
 @pytest.mark.parametrize("guidance", [True, False])
 def test_flux2_matches_diffusers_converter(guidance):
-    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_flux2_transformer_checkpoint_to_diffusers,
+    )
 
     cfg = dataclasses.replace(configs.get("flux2-tiny"), guidance_embed=guidance)
     sd = build_model(cfg, seed=2).state_dict()
@@ -107,7 +125,9 @@ def test_flux2_matches_diffusers_converter(guidance):
     # and back: our inverse map reproduces the BFL tensors from diffusers' output
     back = keymaps.to_bfl({k: tuple(v.shape) for k, v in theirs.items()}, "flux2")
     for k, r in back.items():
-        assert np.array_equal(bits(keymaps.apply(r, lambda key, a, b: theirs[key][a:b].numpy())), bits(bfl[k])), k
+        assert np.array_equal(
+            bits(keymaps.apply(r, lambda key, a, b: theirs[key][a:b].numpy())), bits(bfl[k])
+        ), k
 
 
 @pytest.mark.parametrize("guidance", [True, False])
@@ -117,12 +137,20 @@ def test_flux1_matches_diffusers_converter(guidance):
     made with expand() so the inputs cost no memory (only the converter's concatenations allocate)."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    cfg = dataclasses.replace(configs.get("flux1-dev"), depth=1, depth_single_blocks=1, guidance_embed=guidance)
+    cfg = dataclasses.replace(
+        configs.get("flux1-dev"), depth=1, depth_single_blocks=1, guidance_embed=guidance
+    )
     shapes = meta_shapes(cfg)
-    tags = {k: torch.arange(s[0], dtype=torch.int32) + i * 2**16 for i, (k, s) in enumerate(sorted(shapes.items()))}
+    tags = {
+        k: torch.arange(s[0], dtype=torch.int32) + i * 2**16
+        for i, (k, s) in enumerate(sorted(shapes.items()))
+    }
     tagged = {k: tags[k].view(-1, *[1] * (len(s) - 1)).expand(s) for k, s in shapes.items()}
     theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(tagged))
-    as_np = {k: np.broadcast_to(tags[k].numpy().reshape(-1, *[1] * (len(s) - 1)), s) for k, s in shapes.items()}
+    as_np = {
+        k: np.broadcast_to(tags[k].numpy().reshape(-1, *[1] * (len(s) - 1)), s)
+        for k, s in shapes.items()
+    }
     recipes = keymaps.to_diffusers(shapes, "flux1", cfg.hidden_size)
     assert set(recipes) == set(theirs)
     for k, r in recipes.items():
@@ -177,7 +205,9 @@ def test_full_size_layout_and_family_detection(name):
         assert keymaps.infer_hidden_size(keys) == cfg.hidden_size
 
 
-@pytest.mark.parametrize("name", [n for n, c in configs.PRESETS.items() if getattr(c, "family", "").startswith("ae")])
+@pytest.mark.parametrize(
+    "name", [n for n, c in configs.PRESETS.items() if getattr(c, "family", "").startswith("ae")]
+)
 def test_autoencoder_family_detection(name):
     """The hook `minflux convert` relies on: autoencoder files are recognised in both layouts."""
     cfg = configs.get(name)
@@ -192,7 +222,9 @@ def test_autoencoder_family_detection(name):
 def _distinct_full_configs():
     seen = {}
     for name in FULL:
-        seen.setdefault(dataclasses.replace(configs.get(name), depth=1, depth_single_blocks=1), name)
+        seen.setdefault(
+            dataclasses.replace(configs.get(name), depth=1, depth_single_blocks=1), name
+        )
     return [pytest.param(cfg, id=name) for cfg, name in seen.items()]
 
 
@@ -238,6 +270,8 @@ def test_official_shapes(name, key, shape):
 
 
 def test_every_full_preset_is_checked():
-    assert {"flux1-dev", "flux1-schnell", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"} <= set(FULL)
+    assert {"flux1-dev", "flux1-schnell", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"} <= set(
+        FULL
+    )
     assert "guidance_in.in_layer.weight" not in meta_shapes(configs.get("flux1-schnell"))
     assert "guidance_in.in_layer.weight" not in meta_shapes(configs.get("flux2-klein-4b"))

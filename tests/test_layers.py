@@ -25,12 +25,19 @@ def pe_pair(rng, n_axes, length):
     """RoPE tables built by each framework from the same integer ids."""
     axes = (8, 12, 12) if n_axes == 3 else (8, 8, 8, 8)
     ids = rng.integers(0, 40, size=(2, length, n_axes)).astype(np.float32)
-    return tl.EmbedND(HEAD, 10_000, axes)(torch.from_numpy(ids)), jl.EmbedND(HEAD, 10_000, axes)(ids)
+    return tl.EmbedND(HEAD, 10_000, axes)(torch.from_numpy(ids)), jl.EmbedND(HEAD, 10_000, axes)(
+        ids
+    )
 
 
 def test_timestep_embedding_and_rope(rng):
     t = rng.random(5).astype(np.float32)
-    assert rel_l2(out(jl.timestep_embedding(t, 256)), out(tl.timestep_embedding(torch.from_numpy(t), 256))) < 1e-6
+    assert (
+        rel_l2(
+            out(jl.timestep_embedding(t, 256)), out(tl.timestep_embedding(torch.from_numpy(t), 256))
+        )
+        < 1e-6
+    )
     a, b = pe_pair(rng, 4, 33)
     assert rel_l2(out(b), out(a)) < 1e-6
 
@@ -43,7 +50,12 @@ def test_norms_embedders_modulation(rng, dtype):
         (tl.RMSNorm, jl.RMSNorm, (D,), lambda m, x, v: m(x)),
         (tl.MLPEmbedder, jl.MLPEmbedder, (D, D), lambda m, x, v: m(v)),
         (tl.LastLayer, jl.LastLayer, (D, 16), lambda m, x, v: m(x, v)),
-        (tl.Modulation, jl.Modulation, (D, True), lambda m, x, v: m(v)[1][2]),  # the last of six: mod2 gate
+        (
+            tl.Modulation,
+            jl.Modulation,
+            (D, True),
+            lambda m, x, v: m(v)[1][2],
+        ),  # the last of six: mod2 gate
     ]
     for tcls, jcls, args, call in cases:
         t, j = twins(tcls, jcls, *args, dtype=dtype)
@@ -70,11 +82,15 @@ def test_mlp_and_attention(rng, family):
 
 def block_twins(family, kind, dtype):
     if family == "flux1":
-        cls = {"double": (t1.DoubleStreamBlock, j1.DoubleStreamBlock, (D, H, 4.0, True)),
-               "single": (t1.SingleStreamBlock, j1.SingleStreamBlock, (D, H, 4.0))}[kind]
+        cls = {
+            "double": (t1.DoubleStreamBlock, j1.DoubleStreamBlock, (D, H, 4.0, True)),
+            "single": (t1.SingleStreamBlock, j1.SingleStreamBlock, (D, H, 4.0)),
+        }[kind]
     else:
-        cls = {"double": (t2.DoubleStreamBlock, j2.DoubleStreamBlock, (D, H, 3.0)),
-               "single": (t2.SingleStreamBlock, j2.SingleStreamBlock, (D, H, 3.0))}[kind]
+        cls = {
+            "double": (t2.DoubleStreamBlock, j2.DoubleStreamBlock, (D, H, 3.0)),
+            "single": (t2.SingleStreamBlock, j2.SingleStreamBlock, (D, H, 3.0)),
+        }[kind]
     return twins(cls[0], cls[1], *cls[2], dtype=dtype)
 
 
@@ -83,7 +99,9 @@ def block_twins(family, kind, dtype):
 @pytest.mark.parametrize("family", ["flux1", "flux2"])
 def test_blocks(rng, family, dtype):
     li, lt = 12, 5
-    (img, txt, vec), (img_j, txt_j, vec_j) = inputs(rng, (2, li, D), (2, lt, D), (2, D), dtype=dtype)
+    (img, txt, vec), (img_j, txt_j, vec_j) = inputs(
+        rng, (2, li, D), (2, lt, D), (2, D), dtype=dtype
+    )
     n_axes = 3 if family == "flux1" else 4
     pe_t, pe_j = pe_pair(rng, n_axes, lt + li)
     for kind in ("double", "single"):
@@ -94,8 +112,12 @@ def test_blocks(rng, family, dtype):
             mt_, mj_ = twins(tl.Modulation, jl.Modulation, D, kind == "double", False, dtype=dtype)
             mod_t, mod_j = mt_(vec), mj_(vec_j)
             if kind == "double":
-                targs = dict(pe=pe_t[:, :, lt:], pe_ctx=pe_t[:, :, :lt], mod_img=mod_t, mod_txt=mod_t)
-                jargs = dict(pe=pe_j[:, :, lt:], pe_ctx=pe_j[:, :, :lt], mod_img=mod_j, mod_txt=mod_j)
+                targs = dict(
+                    pe=pe_t[:, :, lt:], pe_ctx=pe_t[:, :, :lt], mod_img=mod_t, mod_txt=mod_t
+                )
+                jargs = dict(
+                    pe=pe_j[:, :, lt:], pe_ctx=pe_j[:, :, :lt], mod_img=mod_j, mod_txt=mod_j
+                )
             else:
                 targs, jargs = dict(pe=pe_t, mod=mod_t[0]), dict(pe=pe_j, mod=mod_j[0])
         with torch.no_grad():

@@ -12,9 +12,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # package -> the minflux packages it may import (lower layers only)
-ALLOWED = {"minflux": {"minflux"}, "minflux_torch": {"minflux", "minflux_torch"},
-           "minflux_jax": {"minflux", "minflux_jax"}, "parity": {"minflux", "minflux_torch", "minflux_jax", "parity"},
-           "minflux_cli": {"minflux", "minflux_torch", "minflux_jax", "parity", "minflux_cli"}}
+ALLOWED = {
+    "minflux": {"minflux"},
+    "minflux_torch": {"minflux", "minflux_torch"},
+    "minflux_jax": {"minflux", "minflux_jax"},
+    "parity": {"minflux", "minflux_torch", "minflux_jax", "parity"},
+    "minflux_cli": {"minflux", "minflux_torch", "minflux_jax", "parity", "minflux_cli"},
+}
 FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "optax", "orbax")
 
 
@@ -49,20 +53,28 @@ def test_core_imports_without_frameworks():
     """Every module under minflux/ imports with torch, jax, flax, optax and orbax made unimportable."""
     names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in modules("minflux")]
     names = [n.removesuffix(".__init__") for n in names]
-    code = ("import importlib, sys\n"
-            f"for f in {FRAMEWORKS!r}: sys.modules[f] = None  # any import of them raises ImportError\n"
-            f"for n in {names!r}: importlib.import_module(n)\n"
-            "print(len(sys.modules))")
+    code = (
+        "import importlib, sys\n"
+        f"for f in {FRAMEWORKS!r}: sys.modules[f] = None  # any import of them raises ImportError\n"
+        f"for n in {names!r}: importlib.import_module(n)\n"
+        "print(len(sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(names) >= 12  # configs keymaps checkpoint ... : the test does look at them
 
 
-JAX_ONLY = {Path("trainer.py")}  # minflux trains through JAX; minflux_torch/train.py is the step's reference
+JAX_ONLY = {
+    Path("trainer.py")
+}  # minflux trains through JAX; minflux_torch/train.py is the step's reference
 
 
 def test_every_module_has_its_twin():
-    twins = [{p.relative_to(ROOT / pkg) for p in modules(pkg) if p.name != "__init__.py"}
-             for pkg in ("minflux_torch", "minflux_jax")]
+    twins = [
+        {p.relative_to(ROOT / pkg) for p in modules(pkg) if p.name != "__init__.py"}
+        for pkg in ("minflux_torch", "minflux_jax")
+    ]
     twins[1] -= JAX_ONLY
-    assert twins[0] == twins[1], f"torch only: {sorted(twins[0] - twins[1])}; jax only: {sorted(twins[1] - twins[0])}"
+    assert twins[0] == twins[1], (
+        f"torch only: {sorted(twins[0] - twins[1])}; jax only: {sorted(twins[1] - twins[0])}"
+    )

@@ -17,7 +17,10 @@ DT = {"fp32": (torch.float32, jnp.float32), "bf16": (torch.bfloat16, jnp.bfloat1
 
 
 def forward_both(name, path, dtype, inputs):
-    tm, jm = mt.load_model(name, path, dtype=DT[dtype][0]), mj.load_model(name, path, dtype=DT[dtype][1])
+    tm, jm = (
+        mt.load_model(name, path, dtype=DT[dtype][0]),
+        mj.load_model(name, path, dtype=DT[dtype][1]),
+    )
     with torch.inference_mode():
         a = tm(**{k: None if v is None else torch.from_numpy(v) for k, v in inputs.items()})
     b = jm(**{k: None if v is None else jnp.asarray(v) for k, v in inputs.items()})
@@ -54,8 +57,13 @@ def test_guidance_required(name, tiny_checkpoint, rng):
 
 
 # one preset per distinct architecture (dev, Kontext and Krea share theirs, as do the klein base models)
-DISTINCT = list({configs.get(n): n for n in reversed(configs.names())
-                 if configs.get(n).family in ("flux1", "flux2") and "tiny" not in n}.values())
+DISTINCT = list(
+    {
+        configs.get(n): n
+        for n in reversed(configs.names())
+        if configs.get(n).family in ("flux1", "flux2") and "tiny" not in n
+    }.values()
+)
 
 
 @pytest.mark.parametrize("name", DISTINCT)
@@ -69,8 +77,14 @@ def test_presets_build_abstractly(name):
     with torch.device("meta"):
         t = mt.load.MODELS[cfg.family](cfg)
     j = abstract_model(cfg, jnp.bfloat16)
-    full = nnx.eval_shape(lambda: MODELS[cfg.family](cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))) if cfg.depth < 9 else j
-    assert torch_shapes(full) == torch_shapes(j)  # block-by-block assembly = one trace (checked where cheap)
+    full = (
+        nnx.eval_shape(lambda: MODELS[cfg.family](cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+        if cfg.depth < 9
+        else j
+    )
+    assert torch_shapes(full) == torch_shapes(
+        j
+    )  # block-by-block assembly = one trace (checked where cheap)
     assert {k: tuple(v.shape) for k, v in t.state_dict().items()} == torch_shapes(j)
 
 
@@ -79,7 +93,9 @@ def test_schnell_has_no_guidance_and_fill_is_wider():
         schnell = mt.load.MODELS["flux1"](configs.get("flux1-schnell"))
         fill = mt.load.MODELS["flux1"](configs.get("flux1-fill-dev"))
     assert not any(k.startswith("guidance_in") for k in schnell.state_dict())
-    assert tuple(fill.img_in.weight.shape) == (3072, 384) and tuple(fill.final_layer.linear.weight.shape) == (64, 3072)
+    assert tuple(fill.img_in.weight.shape) == (3072, 384) and tuple(
+        fill.final_layer.linear.weight.shape
+    ) == (64, 3072)
 
 
 def test_unknown_preset_lists_valid_names():

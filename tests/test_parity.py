@@ -19,7 +19,9 @@ def no_compilation_cache(monkeypatch):
 
 def source(name, path):
     cfg = configs.get(name)
-    return cfg, weights.CheckpointWeights(path, cfg, transformer.TorchSide(cfg, "fp32", "meta").expected)
+    return cfg, weights.CheckpointWeights(
+        path, cfg, transformer.TorchSide(cfg, "fp32", "meta").expected
+    )
 
 
 @pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
@@ -35,7 +37,9 @@ def test_passes_on_matching_weights(name, tiny_checkpoint):
 def test_fails_naming_the_perturbed_block(block, tiny_checkpoint):
     """One block's weights changed by 1e-3 in JAX only: that block's teacher-forced row fails, earlier rows pass."""
     cfg, w = source("flux2-tiny", tiny_checkpoint("flux2-tiny", "bfl"))
-    out = transformer.run(cfg, w, weights.Perturbed(w, block + "."), dtype="fp32", resolution=48, txt_len=5)
+    out = transformer.run(
+        cfg, w, weights.Perturbed(w, block + "."), dtype="fp32", resolution=48, txt_len=5
+    )
     assert not out["passed"]
     teacher = {r["name"]: r for r in out["rows"] if r["mode"] == "teacher"}
     failed = [n for n, r in teacher.items() if not r["passed"]]
@@ -57,7 +61,11 @@ def test_fails_on_a_composition_bug_in_one_forward(framework, monkeypatch, tiny_
     import minflux_jax.layers as jl
     import minflux_torch.layers as tl
 
-    layers, cat = (tl, lambda a: torch.cat(a, 1)) if framework == "torch" else (jl, lambda a: jnp.concatenate(a, 1))
+    layers, cat = (
+        (tl, lambda a: torch.cat(a, 1))
+        if framework == "torch"
+        else (jl, lambda a: jnp.concatenate(a, 1))
+    )
 
     def trunk_with_the_bug(self, img, txt, kw, run_block=layers.call_block):
         for i, block in enumerate(self.double_blocks):
@@ -84,35 +92,88 @@ def test_nan_fails_and_is_not_masked(tiny_checkpoint):
             out = self.source.read(keys)
             return {k: v * float("nan") if k.startswith(self.prefix) else v for k, v in out.items()}
 
-    out = transformer.run(cfg, w, NaNs(w, "single_blocks.1."), dtype="fp32", resolution=32, txt_len=4)
+    out = transformer.run(
+        cfg, w, NaNs(w, "single_blocks.1."), dtype="fp32", resolution=32, txt_len=4
+    )
     bad = [r for r in out["rows"] if not r["finite"]]
     assert bad and all(not r["passed"] for r in bad) and bad[0]["name"] == "single_blocks.1"
 
 
 def test_cli_json_schema_and_exit_status(tiny_checkpoint, tmp_path, capsys):
     path = tiny_checkpoint("flux1-tiny", "bfl-prefixed")
-    rc = main(["parity", "--model", "flux1-tiny", "--checkpoint", str(path), "--dtype", "fp32,bf16",
-               "--resolution", "32", "--txt-len", "4", "--trajectory", "3", "--json", str(tmp_path / "r.json"),
-               "--plot", str(tmp_path / "r.png")])
+    rc = main(
+        [
+            "parity",
+            "--model",
+            "flux1-tiny",
+            "--checkpoint",
+            str(path),
+            "--dtype",
+            "fp32,bf16",
+            "--resolution",
+            "32",
+            "--txt-len",
+            "4",
+            "--trajectory",
+            "3",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "r.png"),
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report) >= {"environment", "precision", "runs", "passed", "allow_tf32"}
     assert report["passed"] is True and [r["dtype"] for r in report["runs"]] == ["fp32", "bf16"]
     for run in report["runs"]:
-        assert set(run) >= {"model", "dtype", "device", "source", "rows", "memory", "passed", "inputs"}
+        assert set(run) >= {
+            "model",
+            "dtype",
+            "device",
+            "source",
+            "rows",
+            "memory",
+            "passed",
+            "inputs",
+        }
         for row in run["rows"]:
-            assert set(row) == {"name", "mode", "dtype", "bound", "finite", "max_abs", "rel_l2", "max_rel",
-                                "cosine", "worst_index", "passed", "depth", "error"}
-            assert row["mode"] in ("teacher", "free", "trajectory") and isinstance(row["worst_index"], list)
+            assert set(row) == {
+                "name",
+                "mode",
+                "dtype",
+                "bound",
+                "finite",
+                "max_abs",
+                "rel_l2",
+                "max_rel",
+                "cosine",
+                "worst_index",
+                "passed",
+                "depth",
+                "error",
+            }
+            assert row["mode"] in ("teacher", "free", "trajectory") and isinstance(
+                row["worst_index"], list
+            )
             assert 0 <= row["rel_l2"] <= row["bound"] and row["cosine"] > 0.999
-        assert [r["name"] for r in run["rows"] if r["mode"] == "trajectory"] == ["step.1", "step.2", "step.3"]
+        assert [r["name"] for r in run["rows"] if r["mode"] == "trajectory"] == [
+            "step.1",
+            "step.2",
+            "step.3",
+        ]
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert "all blocks agree" in capsys.readouterr().out
 
 
 def test_cli_exit_status_on_failure_and_bad_arguments(tiny_checkpoint, tmp_path, capsys):
     # a checkpoint of another model: a clear error, exit status 2 (a row over its bound is 1; usage errors 2)
-    assert main(["parity", "--model", "flux2-tiny", "--checkpoint", str(tiny_checkpoint("flux1-tiny"))]) == 2
+    assert (
+        main(
+            ["parity", "--model", "flux2-tiny", "--checkpoint", str(tiny_checkpoint("flux1-tiny"))]
+        )
+        == 2
+    )
     assert main(["parity", "--random-weights"]) == 2
     assert "--model NAME is required" in capsys.readouterr().err
 
@@ -122,7 +183,9 @@ def test_random_weights_full_architecture_rows():
     """--random-weights checks a preset without a checkpoint (here a one-block variant, for time)."""
     import dataclasses
 
-    cfg = dataclasses.replace(configs.get("flux2-klein-4b"), depth=1, depth_single_blocks=1, context_in_dim=64)
+    cfg = dataclasses.replace(
+        configs.get("flux2-klein-4b"), depth=1, depth_single_blocks=1, context_in_dim=64
+    )
     expected = transformer.TorchSide(cfg, "fp32", "meta").expected
     w = weights.RandomWeights(cfg, expected, seed=1)
     out = transformer.run(cfg, w, w, dtype="fp32", resolution=32, txt_len=4, tiny=False)
@@ -134,8 +197,21 @@ def test_tf32_canary_fails_the_fp32_bar():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    rc = main(["parity", "--model", "flux2-klein-4b", "--random-weights", "--device", "cuda", "--allow-tf32",
-               "--resolution", "512", "--txt-len", "64"])
+    rc = main(
+        [
+            "parity",
+            "--model",
+            "flux2-klein-4b",
+            "--random-weights",
+            "--device",
+            "cuda",
+            "--allow-tf32",
+            "--resolution",
+            "512",
+            "--txt-len",
+            "64",
+        ]
+    )
     assert rc == 1
 
 
@@ -151,13 +227,20 @@ def test_autoencoder_passes_and_wrong_layout_fails(name, tiny_checkpoint):
     # NCHW handed to JAX (which is NHWC): the very first block fails, and says why
     bad = autoencoder.run(cfg, w, w, dtype="fp32", resolution=16, jax_layout="NCHW")
     first = bad["rows"][0]
-    assert not bad["passed"] and first["name"] == "encoder.conv_in" and not first["passed"] and first["error"]
+    assert (
+        not bad["passed"]
+        and first["name"] == "encoder.conv_in"
+        and not first["passed"]
+        and first["error"]
+    )
 
 
 def test_autoencoder_perturbed_block_is_named(tiny_checkpoint):
     from parity import autoencoder
 
     cfg, w = source("flux2-ae-tiny", tiny_checkpoint("flux2-ae-tiny", "bfl"))
-    out = autoencoder.run(cfg, w, weights.Perturbed(w, "decoder.mid.attn_1.", 1e-2), dtype="fp32", resolution=16)
+    out = autoencoder.run(
+        cfg, w, weights.Perturbed(w, "decoder.mid.attn_1.", 1e-2), dtype="fp32", resolution=16
+    )
     failed = [r["name"] for r in out["rows"] if r["mode"] == "teacher" and not r["passed"]]
     assert failed == ["decoder.mid.attn_1"]

@@ -17,7 +17,9 @@ def test_readme_python_runs_as_written(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks, "the README has no Python snippet"
     for code in blocks:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600
+        )
         assert r.returncode == 0, f"README snippet failed:\n{code}\n{r.stderr[-3000:]}"
 
 
@@ -26,5 +28,10 @@ def test_help_lists_every_command(capsys):
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in COMMANDS) and {"parity", "convert", "generate", "train", "cache"} <= set(
-        COMMANDS)
+    assert all(name in out for name in COMMANDS) and {
+        "parity",
+        "convert",
+        "generate",
+        "train",
+        "cache",
+    } <= set(COMMANDS)

@@ -45,9 +45,14 @@ def diffusers_sigmas(steps: int, mu: float | None) -> np.ndarray:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     dynamic = mu is not None  # schnell's scheduler: no dynamic shifting, shift 1
-    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=dynamic, shift=3.0 if dynamic else 1.0,
-                                            base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
-                                            max_shift=1.15)
+    sched = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=dynamic,
+        shift=3.0 if dynamic else 1.0,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     return sched.sigmas.numpy()
 
@@ -72,8 +77,11 @@ def test_flux2_schedule_matches_diffusers(steps, seq_len):
     from diffusers.pipelines.flux2 import pipeline_flux2, pipeline_flux2_klein
 
     mu = pipeline_flux2.compute_empirical_mu(seq_len, steps)
-    assert schedules.compute_empirical_mu(seq_len, steps) == mu == pipeline_flux2_klein.compute_empirical_mu(
-        seq_len, steps)
+    assert (
+        schedules.compute_empirical_mu(seq_len, steps)
+        == mu
+        == pipeline_flux2_klein.compute_empirical_mu(seq_len, steps)
+    )
     ours = np.array(schedules.get_schedule(steps, seq_len, "flux2"))
     assert np.abs(ours - diffusers_sigmas(steps, mu)).max() <= 1e-6
 
@@ -85,7 +93,10 @@ def test_schedule_shape_and_shift_direction():
     assert flat[0] == small[0] == 1.0 and flat[-1] == small[-1] == 0.0
     assert (np.diff(small) < 0).all()
     assert (small[1:-1] > flat[1:-1]).all() and (big[1:-1] > small[1:-1]).all()
-    assert schedules.get_lin_function()(256) == pytest.approx(0.5) and schedules.get_lin_function()(4096) == 1.15
+    assert (
+        schedules.get_lin_function()(256) == pytest.approx(0.5)
+        and schedules.get_lin_function()(4096) == 1.15
+    )
 
 
 @pytest.mark.parametrize("steps,strength", [(28, 0.6), (28, 1.0), (4, 0.95), (10, 0.33), (50, 0.8)])
@@ -95,7 +106,9 @@ def test_strength_start_matches_diffusers(steps, strength):
 
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=0.8)
-    timesteps, n = FluxImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+    timesteps, n = FluxImg2ImgPipeline.get_timesteps(
+        SimpleNamespace(scheduler=sched), steps, strength, "cpu"
+    )
     start = schedules.strength_start(steps, strength)
     assert steps - start == n == len(timesteps)
 
@@ -126,11 +139,16 @@ def test_flux1_pack_unpack_ids_match_diffusers():
     tokens = torch.randn(b, h * w, 64)
     ref = FluxPipeline._unpack_latents(tokens, 16 * h, 16 * w, 8)
     assert torch.equal(ts.unpack(tokens, h, w, "flux1"), ref)
-    assert np.array_equal(np.asarray(js.unpack(jnp.asarray(tokens.numpy()), h, w, "flux1")),
-                          ref.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(
+        np.asarray(js.unpack(jnp.asarray(tokens.numpy()), h, w, "flux1")),
+        ref.permute(0, 2, 3, 1).numpy(),
+    )
 
     ref = FluxPipeline._prepare_latent_image_ids(b, h, w, "cpu", torch.float32)  # (h*w, 3)
-    for ours in (ts.image_ids(b, h, w, "flux1").numpy(), np.asarray(js.image_ids(b, h, w, "flux1"))):
+    for ours in (
+        ts.image_ids(b, h, w, "flux1").numpy(),
+        np.asarray(js.image_ids(b, h, w, "flux1")),
+    ):
         assert ours.shape == (b, h * w, 3) and (ours == ref.numpy()).all()
     for ours in (ts.text_ids(b, 7, "flux1").numpy(), np.asarray(js.text_ids(b, 7, "flux1"))):
         assert ours.shape == (b, 7, 3) and not ours.any()
@@ -143,7 +161,9 @@ def test_flux1_pack_unpack_ids_match_diffusers():
     tok_j, ids_j = js.reference_tokens([nchw_to_nhwc(ref_lat)], "flux1")
     assert torch.equal(tok_t, FluxPipeline._pack_latents(ref_lat, 1, 16, 2 * h, 2 * w))
     assert np.array_equal(np.asarray(tok_j), tok_t.numpy())
-    assert (ids_t[0].numpy() == ref_ids.numpy()).all() and (np.asarray(ids_j)[0] == ref_ids.numpy()).all()
+    assert (ids_t[0].numpy() == ref_ids.numpy()).all() and (
+        np.asarray(ids_j)[0] == ref_ids.numpy()
+    ).all()
 
 
 def test_flux2_pack_unpack_ids_match_diffusers():
@@ -156,12 +176,17 @@ def test_flux2_pack_unpack_ids_match_diffusers():
     assert np.array_equal(np.asarray(js.pack(nchw_to_nhwc(lat), "flux2")), ref.numpy())
 
     ids = Flux2Pipeline._prepare_latent_ids(lat)  # (B, h*w, 4), int64
-    for ours in (ts.image_ids(b, h, w, "flux2").numpy(), np.asarray(js.image_ids(b, h, w, "flux2"))):
+    for ours in (
+        ts.image_ids(b, h, w, "flux2").numpy(),
+        np.asarray(js.image_ids(b, h, w, "flux2")),
+    ):
         assert ours.shape == tuple(ids.shape) and (ours == ids.numpy()).all()
     unpacked = Flux2Pipeline._unpack_latents_with_ids(ref, ids)
     assert torch.equal(ts.unpack(ref, h, w, "flux2"), unpacked)
-    assert np.array_equal(np.asarray(js.unpack(jnp.asarray(ref.numpy()), h, w, "flux2")),
-                          unpacked.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(
+        np.asarray(js.unpack(jnp.asarray(ref.numpy()), h, w, "flux2")),
+        unpacked.permute(0, 2, 3, 1).numpy(),
+    )
 
     txt = torch.randn(b, 7, 48)
     ref_txt_ids = Flux2Pipeline._prepare_text_ids(txt)
@@ -186,10 +211,14 @@ def test_fill_conditioning_matches_diffusers():
     b, hp, wp = 1, 32, 48  # pixels
     masked = torch.randn(b, 16, hp // 8, wp // 8)  # the encoded masked image
     mask = (torch.rand(b, 1, hp, wp) > 0.5).float()
-    fake = SimpleNamespace(vae_scale_factor=8, _pack_latents=FluxPipeline._pack_latents,
-                           vae=SimpleNamespace(config=SimpleNamespace(shift_factor=0.0, scaling_factor=1.0)))
-    mask_ref, masked_ref = FluxFillPipeline.prepare_mask_latents(fake, mask, masked, b, 16, 1, hp, wp,
-                                                                 torch.float32, "cpu", None)
+    fake = SimpleNamespace(
+        vae_scale_factor=8,
+        _pack_latents=FluxPipeline._pack_latents,
+        vae=SimpleNamespace(config=SimpleNamespace(shift_factor=0.0, scaling_factor=1.0)),
+    )
+    mask_ref, masked_ref = FluxFillPipeline.prepare_mask_latents(
+        fake, mask, masked, b, 16, 1, hp, wp, torch.float32, "cpu", None
+    )
     ref = torch.cat((masked_ref, mask_ref), dim=-1)  # as FluxFillPipeline concatenates them
     ours_t = ts.fill_conditioning(masked, mask)
     ours_j = js.fill_conditioning(nchw_to_nhwc(masked), nchw_to_nhwc(mask))
@@ -205,7 +234,9 @@ def test_noise_shapes_and_seeds():
         assert a.shape == tshape and torch.equal(a, b)
         assert not torch.equal(a, ts.get_noise(1, 64, 96, family, seed=4))
         j = js.get_noise(1, 64, 96, family, seed=3)
-        assert j.shape == jshape and np.array_equal(np.asarray(j), np.asarray(js.get_noise(1, 64, 96, family, 3)))
+        assert j.shape == jshape and np.array_equal(
+            np.asarray(j), np.asarray(js.get_noise(1, 64, 96, family, 3))
+        )
         # the same numbers in both frameworks (NCHW vs NHWC): one picture per seed, whichever framework draws it
         assert np.array_equal(np.asarray(j), a.permute(0, 2, 3, 1).numpy())
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -219,11 +250,23 @@ def test_noise_shapes_and_seeds():
 _F1, _F2 = configs.get("flux1-tiny"), configs.get("flux2-tiny")
 _SHALLOW = {"depth": 1, "depth_single_blocks": 1}  # one block of each kind: compiles faster
 SCENARIOS = {
-    "flux1-dev-kontext": (_F1, {"guidance": 3.5, "refs": 1}),  # guidance embedding + a reference at t=1
-    "flux1-fill": (dataclasses.replace(_F1, in_channels=384, **_SHALLOW), {"guidance": 30.0, "fill": True}),
-    "flux1-canny": (dataclasses.replace(_F1, in_channels=128, **_SHALLOW), {"guidance": 30.0, "fill": True}),
+    "flux1-dev-kontext": (
+        _F1,
+        {"guidance": 3.5, "refs": 1},
+    ),  # guidance embedding + a reference at t=1
+    "flux1-fill": (
+        dataclasses.replace(_F1, in_channels=384, **_SHALLOW),
+        {"guidance": 30.0, "fill": True},
+    ),
+    "flux1-canny": (
+        dataclasses.replace(_F1, in_channels=128, **_SHALLOW),
+        {"guidance": 30.0, "fill": True},
+    ),
     "flux2-dev-2refs": (_F2, {"guidance": 4.0, "refs": 2}),  # references at t=10, 20
-    "flux2-klein-base-cfg": (dataclasses.replace(_F2, guidance_embed=False, **_SHALLOW), {"cfg": 4.0}),  # true CFG
+    "flux2-klein-base-cfg": (
+        dataclasses.replace(_F2, guidance_embed=False, **_SHALLOW),
+        {"cfg": 4.0},
+    ),  # true CFG
 }
 
 
@@ -240,15 +283,23 @@ def _inputs(cfg, opts, h=3, w=4, lt=5, seed=0) -> dict:
     rng = np.random.default_rng(seed)
     fam = cfg.family
     out_c = cfg.out_channels if fam == "flux1" else cfg.in_channels
-    kw = {"img": rng.standard_normal((1, h * w, out_c), np.float32),
-          "img_ids": ts.image_ids(1, h, w, fam).numpy(),
-          "txt": rng.standard_normal((1, lt, cfg.context_in_dim), np.float32),
-          "txt_ids": ts.text_ids(1, lt, fam).numpy()}
+    kw = {
+        "img": rng.standard_normal((1, h * w, out_c), np.float32),
+        "img_ids": ts.image_ids(1, h, w, fam).numpy(),
+        "txt": rng.standard_normal((1, lt, cfg.context_in_dim), np.float32),
+        "txt_ids": ts.text_ids(1, lt, fam).numpy(),
+    }
     if fam == "flux1":
         kw["vec"] = rng.standard_normal((1, cfg.vec_in_dim), np.float32)
     if opts.get("refs"):
-        refs = [torch.from_numpy(rng.standard_normal((1, configs.FAMILIES[fam].latent_channels, 2 + i, 4), np.float32))
-                for i in range(opts["refs"])]
+        refs = [
+            torch.from_numpy(
+                rng.standard_normal(
+                    (1, configs.FAMILIES[fam].latent_channels, 2 + i, 4), np.float32
+                )
+            )
+            for i in range(opts["refs"])
+        ]
         tok, ids = ts.reference_tokens(refs, fam)
         kw["img_cond_seq"], kw["img_cond_seq_ids"] = tok.numpy(), ids.numpy()
     if opts.get("fill"):
@@ -268,14 +319,19 @@ def test_trajectory_torch_vs_jax(name, tmp_path):
     steps = 6
     timesteps = schedules.get_schedule(steps, 12, cfg.family)
     scalars = {"guidance": opts.get("guidance"), "cfg_scale": opts.get("cfg", 1.0)}
-    kw_t, kw_j = {k: torch.from_numpy(v) for k, v in kw.items()}, {k: jnp.asarray(v) for k, v in kw.items()}
+    kw_t, kw_j = (
+        {k: torch.from_numpy(v) for k, v in kw.items()},
+        {k: jnp.asarray(v) for k, v in kw.items()},
+    )
     a = ts.denoise(tm, timesteps=timesteps, trajectory=True, **scalars, **kw_t)
     b = js.denoise(jm, timesteps=timesteps, trajectory=True, **scalars, **kw_j)
     a, b = a.numpy(), np.asarray(b)
     assert a.shape == b.shape == (steps + 1, *kw["img"].shape)
     errs = [rel_l2(b[i], a[i]) for i in range(steps + 1)]
-    print(f"{name}: rel-L2 per step {' '.join(f'{e:.1e}' for e in errs)}, "
-          f"final max-abs {np.abs(a[-1] - b[-1]).max():.1e}")
+    print(
+        f"{name}: rel-L2 per step {' '.join(f'{e:.1e}' for e in errs)}, "
+        f"final max-abs {np.abs(a[-1] - b[-1]).max():.1e}"
+    )
     assert max(errs) <= TRAJECTORY_RTOL, errs
     assert rel_l2(a[-1], a[0]) > 0.1  # the latents moved: agreement is not the trivial kind
 
@@ -294,9 +350,13 @@ def test_euler_loop_matches_diffusers_scheduler():
     x, g = kw["img"].clone(), torch.full((1,), 3.5)
     with torch.inference_mode():
         for t in sched.timesteps:
-            v = ts.predict(tm, x, kw["img_ids"], kw["txt"], kw["txt_ids"], t.expand(1) / 1000, kw["vec"], g)
+            v = ts.predict(
+                tm, x, kw["img_ids"], kw["txt"], kw["txt_ids"], t.expand(1) / 1000, kw["vec"], g
+            )
             x = sched.step(v, t, x, return_dict=False)[0]
-    ours = ts.denoise(tm, timesteps=schedules.get_schedule(steps, seq_len, "flux1"), guidance=3.5, **kw)
+    ours = ts.denoise(
+        tm, timesteps=schedules.get_schedule(steps, seq_len, "flux1"), guidance=3.5, **kw
+    )
     print(f"Euler loop vs diffusers scheduler: rel-L2 {rel_l2(ours, x):.1e}")
     assert rel_l2(ours, x) <= 1e-5 and rel_l2(x, kw["img"]) > 0.1
 
@@ -322,7 +382,9 @@ def test_cfg_and_guidance_change_the_result(tmp_path):
     kw = {k: torch.from_numpy(v) for k, v in _inputs(cfg, opts).items()}
     timesteps = schedules.get_schedule(3, 12, "flux2")
     one, four = (ts.denoise(tm, timesteps=timesteps, cfg_scale=s, **kw) for s in (1.0, 4.0))
-    pos_only = ts.denoise(tm, timesteps=timesteps, **{k: v for k, v in kw.items() if k != "neg_txt"})
+    pos_only = ts.denoise(
+        tm, timesteps=timesteps, **{k: v for k, v in kw.items() if k != "neg_txt"}
+    )
     assert rel_l2(one, pos_only) < 1e-6 and rel_l2(four, one) > 1e-3
     tm = mt.build_model("flux1-tiny", seed=0)
     kw = {k: torch.from_numpy(v) for k, v in _inputs(configs.get("flux1-tiny"), {}).items()}
@@ -340,14 +402,20 @@ def test_cfg_and_guidance_change_the_result(tmp_path):
 def test_jax_loop_compiles_once(tmp_path):
     cfg = dataclasses.replace(configs.get("flux1-tiny"), **_SHALLOW)
     jm = _models(cfg, tmp_path)[1]
-    kw = {k: jnp.asarray(v) for k, v in _inputs(cfg, {}, h=2, w=7, lt=3).items()}  # shapes no other test uses
+    kw = {
+        k: jnp.asarray(v) for k, v in _inputs(cfg, {}, h=2, w=7, lt=3).items()
+    }  # shapes no other test uses
     before = js.TRACES["denoise"]
     out1 = js.denoise(jm, timesteps=schedules.get_schedule(4, 14, "flux1"), guidance=3.5, **kw)
     assert js.TRACES["denoise"] == before + 1
     # new values of the same shapes: latents, text, guidance, schedule, progress bar on
     kw2 = {**kw, "img": kw["img"] + 1.0, "txt": kw["txt"] * 0.5}
-    out2 = js.denoise(jm, timesteps=schedules.get_schedule(4, 9999, "flux1"), guidance=2.0, progress=True, **kw2)
-    assert js.TRACES["denoise"] == before + 1, "the second call with the same shapes recompiled the loop"
+    out2 = js.denoise(
+        jm, timesteps=schedules.get_schedule(4, 9999, "flux1"), guidance=2.0, progress=True, **kw2
+    )
+    assert js.TRACES["denoise"] == before + 1, (
+        "the second call with the same shapes recompiled the loop"
+    )
     assert rel_l2(out1, out2) > 1e-3
     # the counter does see a retrace: a different step count is a new shape
     js.denoise(jm, timesteps=schedules.get_schedule(3, 14, "flux1"), guidance=3.5, **kw)
@@ -368,8 +436,25 @@ def _png(path):
 @pytest.mark.parametrize("framework,model", [("torch", "flux1-tiny"), ("jax", "flux2-tiny")])
 def test_generate_random_weights_writes_png(framework, model, tmp_path):
     out = tmp_path / "sub" / "img.png"
-    rc = cli.main(["generate", "--random-weights", "--framework", framework, "--model", model, "--steps", "2",
-                   "--width", "48", "--height", "32", "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "generate",
+            "--random-weights",
+            "--framework",
+            framework,
+            "--model",
+            model,
+            "--steps",
+            "2",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and out.exists()
     img = _png(out)
     assert img.shape == (32, 48, 3) and img.dtype == np.uint8 and img.std() > 0
@@ -380,12 +465,37 @@ def test_generate_refs_and_img2img_torch(tmp_path):
 
     rng = np.random.default_rng(0)
     for name, size in (("a.png", (40, 24)), ("b.png", (32, 32)), ("init.png", (50, 30))):
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / name)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            tmp_path / name
+        )
     out = tmp_path / "out.png"
-    rc = cli.main(["generate", "--random-weights", "--model", "flux2-tiny", "--steps", "3", "--width", "32",
-                   "--height", "32", "--ref", str(tmp_path / "a.png"), "--ref", str(tmp_path / "b.png"),
-                   "--init", str(tmp_path / "init.png"), "--strength", "0.7", "--cfg", "2", "--out", str(out),
-                   "--no-progress"])
+    rc = cli.main(
+        [
+            "generate",
+            "--random-weights",
+            "--model",
+            "flux2-tiny",
+            "--steps",
+            "3",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--ref",
+            str(tmp_path / "a.png"),
+            "--ref",
+            str(tmp_path / "b.png"),
+            "--init",
+            str(tmp_path / "init.png"),
+            "--strength",
+            "0.7",
+            "--cfg",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and _png(out).shape == (32, 32, 3)
 
 
@@ -395,17 +505,55 @@ def test_generate_fill_and_kontext_torch(tmp_path, monkeypatch):
 
     # 64 image + 64 masked-image channels + the mask folded f x f (f: the tiny autoencoder's downsampling), then 2x2
     f = 2 ** (len(configs.get("flux1-ae-tiny").ch_mult) - 1)
-    monkeypatch.setitem(configs.PRESETS, "flux1-fill-tiny", dataclasses.replace(_F1, in_channels=128 + 4 * f * f))
+    monkeypatch.setitem(
+        configs.PRESETS, "flux1-fill-tiny", dataclasses.replace(_F1, in_channels=128 + 4 * f * f)
+    )
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "img.png")
     mask = np.zeros((32, 32), np.uint8)
     mask[8:24, 8:24] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    common = ["generate", "--random-weights", "--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
-    assert cli.main(common + ["--model", "flux1-fill-tiny", "--init", str(tmp_path / "img.png"), "--mask",
-                              str(tmp_path / "mask.png"), "--out", str(tmp_path / "fill.png")]) == 0
-    assert cli.main(common + ["--model", "flux1-tiny", "--ref", str(tmp_path / "img.png"),
-                              "--out", str(tmp_path / "kontext.png")]) == 0
+    common = [
+        "generate",
+        "--random-weights",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--no-progress",
+    ]
+    assert (
+        cli.main(
+            common
+            + [
+                "--model",
+                "flux1-fill-tiny",
+                "--init",
+                str(tmp_path / "img.png"),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--out",
+                str(tmp_path / "fill.png"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            common
+            + [
+                "--model",
+                "flux1-tiny",
+                "--ref",
+                str(tmp_path / "img.png"),
+                "--out",
+                str(tmp_path / "kontext.png"),
+            ]
+        )
+        == 0
+    )
     assert _png(tmp_path / "fill.png").shape == _png(tmp_path / "kontext.png").shape == (32, 32, 3)
 
 
@@ -415,20 +563,54 @@ def test_generate_control(tmp_path, monkeypatch, capsys):
     changes the picture."""
     from PIL import Image
 
-    monkeypatch.setitem(configs.PRESETS, "flux1-canny-tiny", dataclasses.replace(_F1, in_channels=128))
+    monkeypatch.setitem(
+        configs.PRESETS, "flux1-canny-tiny", dataclasses.replace(_F1, in_channels=128)
+    )
     f = _tiny_files(tmp_path)
     mt.save_model(mt.build_model("flux1-canny-tiny", seed=3), tmp_path / "canny.safetensors")
     rng = np.random.default_rng(0)
-    for name in ("edges-a.png", "edges-b.png"):  # any size: resized to the output like BFL's prepare_control
+    for name in (
+        "edges-a.png",
+        "edges-b.png",
+    ):  # any size: resized to the output like BFL's prepare_control
         Image.fromarray(rng.integers(0, 255, (40, 24, 3), dtype=np.uint8)).save(tmp_path / name)
-    base = ["generate", "--model", "flux1-canny-tiny", "--transformer", str(tmp_path / "canny.safetensors"),
-            "--ae", str(f["ae1"]), "--embeddings", str(f["emb"]), "--steps", "3", "--width", "32", "--height", "32",
-            "--no-progress", "--dtype", "fp32"]
+    base = [
+        "generate",
+        "--model",
+        "flux1-canny-tiny",
+        "--transformer",
+        str(tmp_path / "canny.safetensors"),
+        "--ae",
+        str(f["ae1"]),
+        "--embeddings",
+        str(f["emb"]),
+        "--steps",
+        "3",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--no-progress",
+        "--dtype",
+        "fp32",
+    ]
     out = {}
     for fw, edges in (("torch", "a"), ("jax", "a"), ("torch", "b")):
         path = tmp_path / f"{fw}-{edges}.png"
-        assert cli.main(base + ["--framework", fw, "--control", str(tmp_path / f"edges-{edges}.png"),
-                                "--out", str(path)]) == 0
+        assert (
+            cli.main(
+                base
+                + [
+                    "--framework",
+                    fw,
+                    "--control",
+                    str(tmp_path / f"edges-{edges}.png"),
+                    "--out",
+                    str(path),
+                ]
+            )
+            == 0
+        )
         out[fw, edges] = _png(path).astype(int)
     # the same noise (numpy) and weights: the same picture in both frameworks, up to fp32 rounding
     assert np.abs(out["jax", "a"] - out["torch", "a"]).max() <= 1
@@ -441,38 +623,98 @@ def test_generate_control(tmp_path, monkeypatch, capsys):
 
     assert "pass --control IMAGE" in error(base)
     assert "--control needs a FLUX.1 Canny/Depth model" in error(
-        ["generate", "--model", "flux1-tiny", "--random-weights", "--control", str(tmp_path / "edges-a.png")])
+        [
+            "generate",
+            "--model",
+            "flux1-tiny",
+            "--random-weights",
+            "--control",
+            str(tmp_path / "edges-a.png"),
+        ]
+    )
 
 
 def _tiny_files(tmp_path) -> dict:
     """A tiny FLUX.1 transformer, FLUX.1 and FLUX.2 autoencoders, and embeddings, in BFL layout."""
     from safetensors.numpy import save_file
 
-    files = {"t1": tmp_path / "flux1.safetensors", "ae1": tmp_path / "ae1.safetensors",
-             "ae2": tmp_path / "ae2.safetensors", "emb": tmp_path / "emb.safetensors"}
+    files = {
+        "t1": tmp_path / "flux1.safetensors",
+        "ae1": tmp_path / "ae1.safetensors",
+        "ae2": tmp_path / "ae2.safetensors",
+        "emb": tmp_path / "emb.safetensors",
+    }
     mt.save_model(mt.build_model("flux1-tiny"), files["t1"])
     mt.save_model(mt.build_model("flux1-ae-tiny"), files["ae1"])
     mt.save_model(mt.build_model("flux2-ae-tiny"), files["ae2"])
     cfg = configs.get("flux1-tiny")
-    save_file({"txt": np.ones((4, cfg.context_in_dim), np.float32), "vec": np.ones((1, cfg.vec_in_dim), np.float32)},
-              files["emb"])
+    save_file(
+        {
+            "txt": np.ones((4, cfg.context_in_dim), np.float32),
+            "vec": np.ones((1, cfg.vec_in_dim), np.float32),
+        },
+        files["emb"],
+    )
     rng = np.random.default_rng(0)  # two prompts, and a negative one
-    save_file({"txt": rng.standard_normal((2, 4, cfg.context_in_dim), np.float32),
-               "vec": rng.standard_normal((2, cfg.vec_in_dim), np.float32)}, tmp_path / "two.safetensors")
-    save_file({"txt": np.zeros((1, 4, cfg.context_in_dim), np.float32),
-               "vec": np.zeros((1, cfg.vec_in_dim), np.float32)}, tmp_path / "neg.safetensors")
+    save_file(
+        {
+            "txt": rng.standard_normal((2, 4, cfg.context_in_dim), np.float32),
+            "vec": rng.standard_normal((2, cfg.vec_in_dim), np.float32),
+        },
+        tmp_path / "two.safetensors",
+    )
+    save_file(
+        {
+            "txt": np.zeros((1, 4, cfg.context_in_dim), np.float32),
+            "vec": np.zeros((1, cfg.vec_in_dim), np.float32),
+        },
+        tmp_path / "neg.safetensors",
+    )
     return files
 
 
 def test_generate_from_files_and_errors(tmp_path, capsys):
     f = _tiny_files(tmp_path)
-    base = ["generate", "--model", "flux1-tiny", "--transformer", str(f["t1"]), "--ae", str(f["ae1"]),
-            "--embeddings", str(f["emb"]), "--steps", "2", "--width", "32", "--height", "32", "--no-progress",
-            "--dtype", "fp32", "--out", str(tmp_path / "ok.png")]
+    base = [
+        "generate",
+        "--model",
+        "flux1-tiny",
+        "--transformer",
+        str(f["t1"]),
+        "--ae",
+        str(f["ae1"]),
+        "--embeddings",
+        str(f["emb"]),
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--no-progress",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(tmp_path / "ok.png"),
+    ]
     assert cli.main(base) == 0 and _png(tmp_path / "ok.png").shape == (32, 32, 3)
     # two prompts -> two images; true CFG with a negative prompt from its own file
-    assert cli.main(base + ["--embeddings", str(tmp_path / "two.safetensors"), "--cfg", "3", "--neg-embeddings",
-                            str(tmp_path / "neg.safetensors"), "--out", str(tmp_path / "two.png")]) == 0
+    assert (
+        cli.main(
+            base
+            + [
+                "--embeddings",
+                str(tmp_path / "two.safetensors"),
+                "--cfg",
+                "3",
+                "--neg-embeddings",
+                str(tmp_path / "neg.safetensors"),
+                "--out",
+                str(tmp_path / "two.png"),
+            ]
+        )
+        == 0
+    )
     two = [_png(tmp_path / f"two-{i}.png") for i in range(2)]
     assert two[0].shape == two[1].shape == (32, 32, 3) and not np.array_equal(two[0], two[1])
 
@@ -485,10 +727,23 @@ def test_generate_from_files_and_errors(tmp_path, capsys):
     assert "no such file" in error(base + ["--embeddings", str(tmp_path / "missing.safetensors")])
     assert "no such file" in error(base + ["--ref", str(tmp_path / "missing.png")])
     assert "different families" in error(base + ["--ae", str(f["ae2"])])
-    assert "FLUX.1" in error(["generate", "--model", "flux2-tiny", "--transformer", str(f["t1"]), "--ae",
-                              str(f["ae2"]), "--embeddings", str(f["emb"])])
+    assert "FLUX.1" in error(
+        [
+            "generate",
+            "--model",
+            "flux2-tiny",
+            "--transformer",
+            str(f["t1"]),
+            "--ae",
+            str(f["ae2"]),
+            "--embeddings",
+            str(f["emb"]),
+        ]
+    )
     assert "--transformer is required" in error(["generate", "--model", "flux1-tiny"])
-    assert "unknown preset 'flux3-huge'" in error(["generate", "--model", "flux3-huge", "--random-weights"])
+    assert "unknown preset 'flux3-huge'" in error(
+        ["generate", "--model", "flux3-huge", "--random-weights"]
+    )
     assert "--neg-embeddings is required" in error(base + ["--cfg", "3"])
     assert "'vec'" in error(base + ["--embeddings", str(f["ae1"])])  # not an embedding file
     assert "--mask needs --init IMAGE" in error(base + ["--mask", str(f["emb"])])

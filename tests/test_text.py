@@ -19,7 +19,15 @@ import torch
 from conftest import rel_l2
 from flax import nnx
 from safetensors.numpy import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 import minflux_jax.text as jt
 import minflux_torch.text as tt
@@ -31,14 +39,22 @@ from minflux_torch.load import to_numpy
 transformers = pytest.importorskip("transformers")
 
 CORPUS = [
-    "a photo of a cat sitting on a park bench", "an astronaut riding a horse on the moon, digital art",
-    "Face of a yellow cat, high resolution", "a red sign that says hello world in bold letters",
-    text.SYSTEM_MESSAGE, "user assistant think", "naive cafe over the river", "0123456789 !?.,;:'\"()",
+    "a photo of a cat sitting on a park bench",
+    "an astronaut riding a horse on the moon, digital art",
+    "Face of a yellow cat, high resolution",
+    "a red sign that says hello world in bold letters",
+    text.SYSTEM_MESSAGE,
+    "user assistant think",
+    "naive cafe over the river",
+    "0123456789 !?.,;:'\"()",
 ]
 PROMPTS = ["a cat on a bench", "", "naïve café ✓ 日本語 🐈", "a very long prompt " * 40]
 # Tiny lengths keep the tests fast; the official defaults (512, 77) are checked separately.
 MAX_LEN = {"t5": 24, "clip": 16, "qwen3": 40, "mistral": 64}
-LAYERS = {"qwen3": (1, 2, 3), "mistral": (1, 3, 2)}  # a non-sorted order too: stacking follows the given order
+LAYERS = {
+    "qwen3": (1, 2, 3),
+    "mistral": (1, 3, 2),
+}  # a non-sorted order too: stacking follows the given order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,29 +73,55 @@ def make_tokenizer(directory, kind: str) -> int:
     else:  # T5: sentencepiece-style word boundaries
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-    special = {"t5": ["<pad>", "</s>", "<unk>"], "clip": [], "qwen3": ["<|endoftext|>"],
-               "mistral": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"]}
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=special[kind], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [])
+    special = {
+        "t5": ["<pad>", "</s>", "<unk>"],
+        "clip": [],
+        "qwen3": ["<|endoftext|>"],
+        "mistral": [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "[INST]",
+            "[/INST]",
+            "[SYSTEM_PROMPT]",
+            "[/SYSTEM_PROMPT]",
+            "<pad>",
+        ],
+    }
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=special[kind],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [],
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    if kind == "clip":  # added last, so EOS has the largest id: CLIP-L's legacy pooling takes argmax(ids)
+    if (
+        kind == "clip"
+    ):  # added last, so EOS has the largest id: CLIP-L's legacy pooling takes argmax(ids)
         tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
     if kind == "qwen3":
         tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
         tok.add_tokens(["<think>", "</think>"])
+
     def template(single: str, *specials: str):
-        return processors.TemplateProcessing(single=single, special_tokens=[(t, tok.token_to_id(t)) for t in specials])
+        return processors.TemplateProcessing(
+            single=single, special_tokens=[(t, tok.token_to_id(t)) for t in specials]
+        )
 
     if kind == "t5":
         tok.post_processor = template("$A </s>", "</s>")
     elif kind == "clip":
-        tok.post_processor = template("<|startoftext|> $A <|endoftext|>", "<|startoftext|>", "<|endoftext|>")
+        tok.post_processor = template(
+            "<|startoftext|> $A <|endoftext|>", "<|startoftext|>", "<|endoftext|>"
+        )
     elif kind == "qwen3":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     else:
         tok.post_processor = template("<s> $A", "<s>")
     tok.save(str(directory / "tokenizer.json"))
-    pad = {"t5": "<pad>", "clip": "<|endoftext|>", "qwen3": "<|endoftext|>", "mistral": "<pad>"}[kind]
+    pad = {"t5": "<pad>", "clip": "<|endoftext|>", "qwen3": "<|endoftext|>", "mistral": "<pad>"}[
+        kind
+    ]
     (directory / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad}))
     return tok.get_vocab_size(with_added_tokens=True)
 
@@ -90,36 +132,74 @@ def randomize(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.2 * noise if "norm" in name else 0.3 * noise / max(p.shape[-1], 1) ** 0.5 * 2)
+            p.copy_(
+                1 + 0.2 * noise if "norm" in name else 0.3 * noise / max(p.shape[-1], 1) ** 0.5 * 2
+            )
 
 
 def make_model(directory, kind: str, vocab: int):
     """A tiny transformers model of `kind`, saved to `directory`; returns it (fp32, eval)."""
     common = {"vocab_size": vocab}
     if kind == "t5":
-        cfg = transformers.T5Config(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                                    relative_attention_max_distance=16, **common)
+        cfg = transformers.T5Config(
+            d_model=32,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            **common,
+        )
         model = transformers.T5EncoderModel(cfg)
     elif kind == "clip":
-        cfg = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                          num_attention_heads=4, max_position_embeddings=77,
-                                          eos_token_id=2, bos_token_id=0, pad_token_id=1, **common)
+        cfg = transformers.CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            eos_token_id=2,
+            bos_token_id=0,
+            pad_token_id=1,
+            **common,
+        )
         model = transformers.CLIPTextModel(cfg)
     elif kind == "qwen3":
-        cfg = transformers.Qwen3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=5, num_attention_heads=4,
-                                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                                       rope_theta=1000.0, **common)
+        cfg = transformers.Qwen3Config(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=128,
+            rope_theta=1000.0,
+            **common,
+        )
         model = transformers.Qwen3ForCausalLM(cfg)
     else:
-        cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                                         sliding_window=None, rms_norm_eps=1e-5, **common)
+        cfg = transformers.MistralConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            sliding_window=None,
+            rms_norm_eps=1e-5,
+            **common,
+        )
         model = transformers.MistralModel(cfg)
     randomize(model)
     model.eval()
-    model.save_pretrained(directory, max_shard_size="40KB" if kind == "qwen3" else "10GB")  # qwen3: shards
-    if kind == "clip":  # the official FLUX.1 file keeps CLIPTextModel's `text_model.` prefix (+ an int64 buffer)
+    model.save_pretrained(
+        directory, max_shard_size="40KB" if kind == "qwen3" else "10GB"
+    )  # qwen3: shards
+    if (
+        kind == "clip"
+    ):  # the official FLUX.1 file keeps CLIPTextModel's `text_model.` prefix (+ an int64 buffer)
         file = directory / "model.safetensors"
         tensors = {f"text_model.{k}": v for k, v in load_file(file).items()}
         save_file({**tensors, "text_model.embeddings.position_ids": np.arange(77)[None]}, file)
@@ -134,7 +214,11 @@ def hf(tmp_path_factory):
         d = tmp_path_factory.mktemp(kind)
         vocab = make_tokenizer(d, kind)
         torch.manual_seed(0)
-        out[kind] = d, make_model(d, kind, vocab), transformers.PreTrainedTokenizerFast.from_pretrained(d)
+        out[kind] = (
+            d,
+            make_model(d, kind, vocab),
+            transformers.PreTrainedTokenizerFast.from_pretrained(d),
+        )
     return out
 
 
@@ -181,11 +265,19 @@ def test_tokenizer_matches_transformers(hf, encoders, kind):
     with pytest.warns(UserWarning, match=r"3\] longer than"):
         ids, mask = enc.tokenize(PROMPTS)
     formatted = [enc.tokenizer.format(p) for p in PROMPTS]
-    want = ref(formatted, padding="max_length", truncation=True, max_length=MAX_LEN[kind], return_tensors="np",
-               add_special_tokens=kind != "mistral")
+    want = ref(
+        formatted,
+        padding="max_length",
+        truncation=True,
+        max_length=MAX_LEN[kind],
+        return_tensors="np",
+        add_special_tokens=kind != "mistral",
+    )
     np.testing.assert_array_equal(ids, want["input_ids"])
     np.testing.assert_array_equal(mask, want["attention_mask"])
-    assert ids.shape == (len(PROMPTS), MAX_LEN[kind]) and mask[1].sum() < mask[0].sum() < MAX_LEN[kind]
+    assert (
+        ids.shape == (len(PROMPTS), MAX_LEN[kind]) and mask[1].sum() < mask[0].sum() < MAX_LEN[kind]
+    )
     assert mask[3].all()  # the over-length prompt fills every position
 
 
@@ -196,20 +288,34 @@ def test_left_padding(hf, encoders, tmp_path):
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     shutil.copy(d / "tokenizer.json", tok_dir)
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>", "padding_side": "left"}))
+    (tok_dir / "tokenizer_config.json").write_text(
+        json.dumps({"pad_token": "<|endoftext|>", "padding_side": "left"})
+    )
     tok = text.Tokenizer(tok_dir, text.spec("qwen3", MAX_LEN["qwen3"], LAYERS["qwen3"]))
     with pytest.warns(UserWarning):
-        ids, mask = tok(PROMPTS)  # (the batch shape of test_encoder_matches_transformers: no recompilation)
+        ids, mask = tok(
+            PROMPTS
+        )  # (the batch shape of test_encoder_matches_transformers: no recompilation)
     want = transformers.PreTrainedTokenizerFast.from_pretrained(tok_dir)(
-        [tok.format(p) for p in PROMPTS], padding="max_length", truncation=True, max_length=MAX_LEN["qwen3"],
-        return_tensors="np")
+        [tok.format(p) for p in PROMPTS],
+        padding="max_length",
+        truncation=True,
+        max_length=MAX_LEN["qwen3"],
+        return_tensors="np",
+    )
     np.testing.assert_array_equal(ids, want["input_ids"])
     np.testing.assert_array_equal(mask, want["attention_mask"])
     assert mask[:2, 0].sum() == 0 and mask[:, -1].all()
     ref = reference("qwen3", model, ids, mask)
     with torch.no_grad():
-        got_t = encoders["qwen3", "torch"].model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    got_j = np.asarray(jenc._forward(encoders["qwen3", "jax"].model, jnp.asarray(ids), "decoder", jnp.asarray(mask)))
+        got_t = (
+            encoders["qwen3", "torch"].model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        )
+    got_j = np.asarray(
+        jenc._forward(
+            encoders["qwen3", "jax"].model, jnp.asarray(ids), "decoder", jnp.asarray(mask)
+        )
+    )
     assert rel_l2(got_t, ref) <= 1e-5 and rel_l2(got_j, ref) <= 1e-5
 
 
@@ -220,20 +326,38 @@ def test_clip_from_vocab_and_merges_matches_transformers(tmp_path):
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, special_tokens=[bos, eos], show_progress=False,
-                                                        end_of_word_suffix="</w>",
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=[bos, eos],
+            show_progress=False,
+            end_of_word_suffix="</w>",
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.model.save(str(tmp_path))  # vocab.json, merges.txt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
-    prompts = PROMPTS + ["A Cat,  ON the   Bench!!", "it's a dog's life; we're 3.14 sure", "tabs\tand\nnewlines"]
+    prompts = PROMPTS + [
+        "A Cat,  ON the   Bench!!",
+        "it's a dog's life; we're 3.14 sure",
+        "tabs\tand\nnewlines",
+    ]
     ours = text.Tokenizer(tmp_path, text.spec("clip", MAX_LEN["clip"]))
     with pytest.warns(UserWarning, match="longer than"):
         ids, mask = ours(prompts)
-    want = transformers.CLIPTokenizer.from_pretrained(tmp_path)(prompts, padding="max_length", truncation=True,
-                                                                max_length=MAX_LEN["clip"], return_tensors="np")
+    want = transformers.CLIPTokenizer.from_pretrained(tmp_path)(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=MAX_LEN["clip"],
+        return_tensors="np",
+    )
     np.testing.assert_array_equal(ids, want["input_ids"])
     np.testing.assert_array_equal(mask, want["attention_mask"])
-    assert ids[0, 0] == ours.backend.token_to_id(bos) and ours.pad_id == ours.backend.token_to_id(eos)
+    assert ids[0, 0] == ours.backend.token_to_id(bos) and ours.pad_id == ours.backend.token_to_id(
+        eos
+    )
 
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(ValueError, match=r"merges.txt: merge 0 is not two tokens"):
@@ -247,11 +371,20 @@ def test_prompt_formats_and_defaults(hf):
     """The official chat formats (BFL flux2 text_encoder.py) and lengths (512, 77)."""
     d = hf["mistral"][0]
     tok = text.Tokenizer(d, text.spec("mistral"))
-    assert tok.format("x[IMG]y") == ("<s>[SYSTEM_PROMPT]" + text.SYSTEM_MESSAGE + "[/SYSTEM_PROMPT][INST]xy[/INST]")
+    assert tok.format("x[IMG]y") == (
+        "<s>[SYSTEM_PROMPT]" + text.SYSTEM_MESSAGE + "[/SYSTEM_PROMPT][INST]xy[/INST]"
+    )
     ids, _ = tok("a cat")
-    assert ids.shape == (1, 512) and ids[0, 0] == tok.backend.token_to_id("<s>") and ids[0, 1] != ids[0, 0]
+    assert (
+        ids.shape == (1, 512)
+        and ids[0, 0] == tok.backend.token_to_id("<s>")
+        and ids[0, 1] != ids[0, 0]
+    )
     qwen = text.Tokenizer(hf["qwen3"][0], text.spec("qwen3"))
-    assert qwen.format("a cat") == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert (
+        qwen.format("a cat")
+        == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     assert (text.spec("t5").max_length, text.spec("clip").max_length) == (512, 77)
     assert text.spec("qwen3").layers == (9, 18, 27) and text.spec("mistral").layers == (10, 20, 30)
 
@@ -280,8 +413,11 @@ def test_encoder_matches_transformers(hf, encoders, kind):
 @pytest.fixture(scope="module")
 def bf16(hf):
     """(kind, framework) -> bf16 TextEncoder."""
-    return {(k, f): load(k, hf[k][0], f, torch.bfloat16 if f == "torch" else jnp.bfloat16)
-            for k in hf for f in ("torch", "jax")}
+    return {
+        (k, f): load(k, hf[k][0], f, torch.bfloat16 if f == "torch" else jnp.bfloat16)
+        for k in hf
+        for f in ("torch", "jax")
+    }
 
 
 def run_block(kind, model, x, mask, framework, dtype):
@@ -294,11 +430,15 @@ def run_block(kind, model, x, mask, framework, dtype):
         x, mask = torch.from_numpy(x).to(dtype), torch.from_numpy(mask)
         with torch.no_grad():
             if kind == "t5":
-                out = model.encoder.block[1](x, model.encoder.block[0].layer[0].SelfAttention.compute_bias(L))
+                out = model.encoder.block[1](
+                    x, model.encoder.block[0].layer[0].SelfAttention.compute_bias(L)
+                )
             elif kind == "clip":
                 out = model.encoder.layers[1](x)
             else:
-                cos, sin = td.rope_cos_sin(L, model.cfg.head_dim, model.cfg.rope_theta, dtype, "cpu")
+                cos, sin = td.rope_cos_sin(
+                    L, model.cfg.head_dim, model.cfg.rope_theta, dtype, "cpu"
+                )
                 out = model.layers[1](x, cos, sin, td.causal_padding_mask(mask))
         return out.float().numpy()
     dtype = jnp.float32 if dtype == "fp32" else jnp.bfloat16
@@ -311,7 +451,9 @@ def _jax_block(model, x, mask, kind):  # one compilation instead of one per eage
 
     L = x.shape[1]
     if kind == "t5":
-        return model.encoder.block[1](x, model.encoder.block[0].layer[0].SelfAttention.compute_bias(L))
+        return model.encoder.block[1](
+            x, model.encoder.block[0].layer[0].SelfAttention.compute_bias(L)
+        )
     if kind == "clip":
         return model.encoder.layers[1](x)
     cos, sin = jd.rope_cos_sin(L, model.cfg.head_dim, model.cfg.rope_theta, x.dtype)
@@ -332,7 +474,10 @@ def test_block_torch_vs_jax(encoders, bf16, kind, dtype, rng):
         bias = tm.encoder.block[0].layer[0].SelfAttention.compute_bias(40).float().numpy()
         jbias = np.asarray(jm.encoder.block[0].layer[0].SelfAttention.compute_bias(40), np.float32)
         np.testing.assert_array_equal(jbias, bias)  # same buckets, same table
-    got, want = run_block(kind, jm, x, mask, "jax", dtype), run_block(kind, tm, x, mask, "torch", dtype)
+    got, want = (
+        run_block(kind, jm, x, mask, "jax", dtype),
+        run_block(kind, tm, x, mask, "torch", dtype),
+    )
     err = rel_l2(got, want)
     print(kind, dtype, f"block rel-L2 {err:.2e}")
     assert err <= (1e-5 if dtype == "fp32" else 1e-2)
@@ -346,8 +491,11 @@ def test_bf16_whole_encoder(encoders, bf16, kind):
         got = {f: np_out(bf16[kind, f].encode(PROMPTS)) for f in ("torch", "jax")}
         fp32 = np_out(encoders[kind, "torch"].encode(PROMPTS))
     assert got["torch"].dtype.name == got["jax"].dtype.name == "bfloat16"
-    errs = {"torch-jax": rel_l2(got["jax"], got["torch"]), "torch-fp32": rel_l2(got["torch"], fp32),
-            "jax-fp32": rel_l2(got["jax"], fp32)}
+    errs = {
+        "torch-jax": rel_l2(got["jax"], got["torch"]),
+        "torch-fp32": rel_l2(got["torch"], fp32),
+        "jax-fp32": rel_l2(got["jax"], fp32),
+    }
     print(kind, {k: f"{v:.2e}" for k, v in errs.items()})
     assert max(errs.values()) <= 5e-2, errs
 
@@ -364,7 +512,9 @@ def test_flux1_repo_and_embedding_file(hf, tmp_path):
         shutil.copytree(hf[kind][0], root / f"text_encoder{sub}")
         shutil.copytree(hf[kind][0], root / f"tokenizer{sub}")
     prompts = ["a cat", "a dog on the moon"]
-    out = tt.load_text_encoder("flux1", root, torch.float32, max_length=MAX_LEN["t5"]).encode(prompts)
+    out = tt.load_text_encoder("flux1", root, torch.float32, max_length=MAX_LEN["t5"]).encode(
+        prompts
+    )
     assert out["txt"].shape == (2, MAX_LEN["t5"], 32) and out["vec"].shape == (2, 32)
     file = tmp_path / "emb.safetensors"
     tt.save_prompt_embeddings(file, out, "flux1", prompts)
@@ -373,7 +523,10 @@ def test_flux1_repo_and_embedding_file(hf, tmp_path):
     np.testing.assert_array_equal(back["txt"], out["txt"].numpy())
     np.testing.assert_array_equal(back["vec"], out["vec"].numpy())
     jout = jenc.encode_prompts("flux1", root, prompts, jnp.float32, max_length=MAX_LEN["t5"])
-    assert rel_l2(np.asarray(jout["txt"]), back["txt"]) <= 1e-5 and rel_l2(np.asarray(jout["vec"]), back["vec"]) <= 1e-5
+    assert (
+        rel_l2(np.asarray(jout["txt"]), back["txt"]) <= 1e-5
+        and rel_l2(np.asarray(jout["vec"]), back["vec"]) <= 1e-5
+    )
 
 
 def test_flux2_embedding_file_is_txt(hf, encoders, tmp_path):
@@ -396,14 +549,25 @@ def test_mistral3_layout(hf, encoders, tmp_path):
     src = hf["mistral"][0]
     d = tmp_path / "mistral3"
     d.mkdir()
-    tensors = {f"model.language_model.{k}": v for k, v in load_file(src / "model.safetensors").items()}
+    tensors = {
+        f"model.language_model.{k}": v for k, v in load_file(src / "model.safetensors").items()
+    }
     tensors["model.vision_tower.patch_conv.weight"] = np.zeros((4, 3, 2, 2), np.float32)
     tensors["lm_head.weight"] = np.zeros((8, 32), np.float32)
     save_file(tensors, d / "model.safetensors")
-    (d / "config.json").write_text(json.dumps({"model_type": "mistral3",
-                                               "text_config": json.loads((src / "config.json").read_text())}))
-    enc = tt.load_text_encoder("mistral", d, torch.float32, max_length=MAX_LEN["mistral"], layers=LAYERS["mistral"],
-                               tokenizer=src)
+    (d / "config.json").write_text(
+        json.dumps(
+            {"model_type": "mistral3", "text_config": json.loads((src / "config.json").read_text())}
+        )
+    )
+    enc = tt.load_text_encoder(
+        "mistral",
+        d,
+        torch.float32,
+        max_length=MAX_LEN["mistral"],
+        layers=LAYERS["mistral"],
+        tokenizer=src,
+    )
     want = np_out(encoders["mistral", "torch"].encode(PROMPTS[:2]))
     np.testing.assert_array_equal(np_out(enc.encode(PROMPTS[:2])), want)
 
@@ -426,7 +590,9 @@ def test_bad_inputs(hf, tmp_path, framework):
     d = copy_model(src, tmp_path / "bad_cfg")
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "d_ff": 64}))
-    with pytest.raises(CheckpointError, match=r"bad_cfg.*shape mismatch.*wi_0\.weight: expected \(64, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"bad_cfg.*shape mismatch.*wi_0\.weight: expected \(64, 32\)"
+    ):
         lib.load_text_encoder("t5", d)
     # Missing and unexpected keys.
     d = copy_model(src, tmp_path / "bad_keys")
@@ -434,8 +600,11 @@ def test_bad_inputs(hf, tmp_path, framework):
     del tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
     tensors["encoder.block.1.extra.weight"] = np.zeros(3, np.float32)
     save_file(tensors, d / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing keys \['encoder\.block\.1\.layer\.1\.DenseReluDense\.wo\."
-                       r"weight'\].*unexpected keys \['encoder\.block\.1\.extra\.weight'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing keys \['encoder\.block\.1\.layer\.1\.DenseReluDense\.wo\."
+        r"weight'\].*unexpected keys \['encoder\.block\.1\.extra\.weight'\]",
+    ):
         lib.load_text_encoder("t5", d)
     # The wrong kind of model for the kind asked for.
     with pytest.raises(ValueError, match=r"config\.json: model_type 't5'"):

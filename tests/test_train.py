@@ -39,8 +39,15 @@ LOSS_BOUND = 1e-5
 UPDATE_BOUND = 1e-3
 
 # A tiny demo-shaped FLUX.2 (pixel tokens of 4x4x3) and its data: fast enough for several compiles.
-TINY = dataclasses.replace(data.DEMO, in_channels=48, hidden_size=64, num_heads=2, axes_dim=(8, 8, 8, 8), depth=1,
-                           depth_single_blocks=1)
+TINY = dataclasses.replace(
+    data.DEMO,
+    in_channels=48,
+    hidden_size=64,
+    num_heads=2,
+    axes_dim=(8, 8, 8, 8),
+    depth=1,
+    depth_single_blocks=1,
+)
 
 
 TINY_DATA = dict(size=16, patch=4, context_dim=TINY.context_in_dim)
@@ -70,7 +77,9 @@ def torch_and_jax(name):
             if k.endswith("scale"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
     jm = mj.build_model(name, seed=1)
-    assign(jm, {k: to_numpy(v).copy() for k, v in tm.state_dict().items()})  # copy: jax may alias numpy on CPU
+    assign(
+        jm, {k: to_numpy(v).copy() for k, v in tm.state_dict().items()}
+    )  # copy: jax may alias numpy on CPU
     return tm, jm
 
 
@@ -79,9 +88,15 @@ def torch_and_jax(name):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,weighting,remat", [("flux2-tiny", "none", "none"), ("flux1-tiny", "cosmap", "none"),
-                                                  ("flux2-tiny", "none", "full"),
-                                                  ("flux1-tiny", "none", "attention_dots")])
+@pytest.mark.parametrize(
+    "name,weighting,remat",
+    [
+        ("flux2-tiny", "none", "none"),
+        ("flux1-tiny", "cosmap", "none"),
+        ("flux2-tiny", "none", "full"),
+        ("flux1-tiny", "none", "attention_dots"),
+    ],
+)
 @pytest.mark.slow
 def test_loss_gradients_and_update_match_torch(name, weighting, remat, rng):
     cfg = configs.get(name)
@@ -94,19 +109,35 @@ def test_loss_gradients_and_update_match_torch(name, weighting, remat, rng):
     opt, sched = ttrain.make_optimizer(tm, lr=1e-3, warmup=0, steps=10, weight_decay=0.1)
     before = {k: to_numpy(v).copy() for k, v in tm.state_dict().items()}
     tb = {k: torch.from_numpy(v) for k, v in batch.items()}
-    t_loss = ttrain.flow_loss(tm, tb, torch.from_numpy(noise), torch.from_numpy(t), weighting, remat)
+    t_loss = ttrain.flow_loss(
+        tm, tb, torch.from_numpy(noise), torch.from_numpy(t), weighting, remat
+    )
     t_loss.backward()
-    t_grads = {k: p.grad.numpy().copy() for k, p in tm.named_parameters()}  # before the step clips them
-    out = ttrain.train_step(tm, opt, sched, tb, torch.from_numpy(noise), torch.from_numpy(t), clip=1.0,
-                            weighting=weighting, remat=remat)
+    t_grads = {
+        k: p.grad.numpy().copy() for k, p in tm.named_parameters()
+    }  # before the step clips them
+    out = ttrain.train_step(
+        tm,
+        opt,
+        sched,
+        tb,
+        torch.from_numpy(noise),
+        torch.from_numpy(t),
+        clip=1.0,
+        weighting=weighting,
+        remat=remat,
+    )
     assert float(out["loss"]) == float(t_loss.detach())
     t_update = {k: to_numpy(v) - before[k] for k, v in tm.state_dict().items()}
 
     # JAX: the same, on the flat BFL-keyed parameters
     graphdef, params, paths = jtrain.split_params(jm)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
-    grad_fn = jax.jit(lambda p, b, n, t: jax.value_and_grad(jtrain.loss_fn)(p, {}, graphdef, paths, b, n, t,
-                                                                             weighting=weighting, remat=remat))
+    grad_fn = jax.jit(
+        lambda p, b, n, t: jax.value_and_grad(jtrain.loss_fn)(
+            p, {}, graphdef, paths, b, n, t, weighting=weighting, remat=remat
+        )
+    )
     loss, grads = grad_fn(params, jb, jnp.asarray(noise), jnp.asarray(t))
     tx = jtrain.make_optimizer(lr=1e-3, warmup=0, steps=10, weight_decay=0.1, clip=1.0)
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -114,13 +145,21 @@ def test_loss_gradients_and_update_match_torch(name, weighting, remat, rng):
 
     assert abs(float(loss) - float(out["loss"])) / float(out["loss"]) < LOSS_BOUND
     assert set(grads) == set(t_grads)
-    errs = {k: rel_l2(keymaps.flax_to_torch(np.asarray(grads[k]), layout[k]), t_grads[k]) for k in t_grads}
+    errs = {
+        k: rel_l2(keymaps.flax_to_torch(np.asarray(grads[k]), layout[k]), t_grads[k])
+        for k in t_grads
+    }
     worst = max(errs, key=errs.get)
-    print(f"{name}: loss rel {abs(float(loss) / float(out['loss']) - 1):.2e}, worst grad rel-L2 {errs[worst]:.2e} "
-          f"({worst})")
+    print(
+        f"{name}: loss rel {abs(float(loss) / float(out['loss']) - 1):.2e}, worst grad rel-L2 {errs[worst]:.2e} "
+        f"({worst})"
+    )
     top = sorted(errs, key=errs.get)[-5:]
     assert errs[worst] < GRAD_BOUND, [(k, errs[k], float(np.linalg.norm(t_grads[k]))) for k in top]
-    upd = {k: rel_l2(keymaps.flax_to_torch(np.asarray(updates[k]), layout[k]), t_update[k]) for k in t_update}
+    upd = {
+        k: rel_l2(keymaps.flax_to_torch(np.asarray(updates[k]), layout[k]), t_update[k])
+        for k in t_update
+    }
     print(f"{name}: worst AdamW-update rel-L2 {max(upd.values()):.2e}")
     assert max(upd.values()) < UPDATE_BOUND, max(upd.items(), key=lambda kv: kv[1])
 
@@ -129,10 +168,17 @@ def test_timestep_sampling():
     """The shift is the samplers' time_shift; logit-normal and uniform have their distributions; both twins agree."""
     t = np.linspace(0.0, 1.0, 11)
     for mu in (0.5, 1.15):
-        np.testing.assert_allclose(jtrain.shift_timesteps(jnp.asarray(t), mu), schedules.time_shift(mu, 1.0, t),
-                                   rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(ttrain.shift_timesteps(torch.from_numpy(t), mu), schedules.time_shift(mu, 1.0, t),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            jtrain.shift_timesteps(jnp.asarray(t), mu),
+            schedules.time_shift(mu, 1.0, t),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+        np.testing.assert_allclose(
+            ttrain.shift_timesteps(torch.from_numpy(t), mu),
+            schedules.time_shift(mu, 1.0, t),
+            rtol=1e-12,
+        )
     z = jtrain.sample_timesteps(jax.random.key(0), 20000, "logit_normal", mean=0.5, std=0.8)
     logit = np.log(np.asarray(z) / (1 - np.asarray(z)))
     assert abs(logit.mean() - 0.5) < 0.03 and abs(logit.std() - 0.8) < 0.03
@@ -149,7 +195,9 @@ def test_timestep_sampling():
 
 
 def options(tmp_path, **kw):
-    base = dict(steps=30, batch_size=16, lr=2e-3, warmup=5, ckpt_dir=str(tmp_path / "ckpt"), save_every=15)
+    base = dict(
+        steps=30, batch_size=16, lr=2e-3, warmup=5, ckpt_dir=str(tmp_path / "ckpt"), save_every=15
+    )
     return tr.TrainOptions(**{**base, **kw})
 
 
@@ -167,11 +215,15 @@ def test_training_learns_resumes_bitwise_and_exports(tmp_path):
     assert resumed == losses[15:]  # bitwise: float equality of every loss
     for part in ("params", "ema"):
         for k in a.state[part]:
-            np.testing.assert_array_equal(np.asarray(b.state[part][k]), np.asarray(a.state[part][k]))
+            np.testing.assert_array_equal(
+                np.asarray(b.state[part][k]), np.asarray(a.state[part][k])
+            )
     # the optimiser state came back too: one more step agrees bitwise
     assert a.fit(31, progress=False) == b.fit(31, progress=False)
 
-    a.export(tmp_path / "trained.safetensors")  # BFL layout, readable by the PyTorch loader; the EMA weights
+    a.export(
+        tmp_path / "trained.safetensors"
+    )  # BFL layout, readable by the PyTorch loader; the EMA weights
     tm = mt.load_model(TINY, tmp_path / "trained.safetensors", dtype=torch.float32)
     exported = mj.load.state_dict(a.model())
     for k, v in tm.state_dict().items():
@@ -185,18 +237,27 @@ def test_training_learns_resumes_bitwise_and_exports(tmp_path):
 @pytest.mark.slow
 def test_ema_is_the_moving_average_of_the_weights(tmp_path):
     decay = 0.9
-    t = tr.Trainer(TINY, tiny_data(), options(tmp_path, steps=5, ema=decay, ckpt_dir=None, save_every=0))
+    t = tr.Trainer(
+        TINY, tiny_data(), options(tmp_path, steps=5, ema=decay, ckpt_dir=None, save_every=0)
+    )
     expected = {k: np.asarray(v) for k, v in t.state["params"].items()}
     for step in range(5):
         t.train_step()
         d = np.float32(min(decay, (1 + step) / (10 + step)))
-        expected = {k: d * e + (1 - d) * np.asarray(t.state["params"][k]) for k, e in expected.items()}
+        expected = {
+            k: d * e + (1 - d) * np.asarray(t.state["params"][k]) for k, e in expected.items()
+        }
     worst = max(rel_l2(t.state["ema"][k], e) for k, e in expected.items())
     assert worst < 1e-6
-    assert max(rel_l2(t.state["ema"][k], t.state["params"][k]) for k in expected) > 1e-3  # it does lag
+    assert (
+        max(rel_l2(t.state["ema"][k], t.state["params"][k]) for k in expected) > 1e-3
+    )  # it does lag
     # with accumulation, only the micro-steps that apply an update move the average
-    t = tr.Trainer(TINY, tiny_data(), options(tmp_path, steps=3, accumulate=2, warmup=0, ema=decay, ckpt_dir=None,
-                                              save_every=0))
+    t = tr.Trainer(
+        TINY,
+        tiny_data(),
+        options(tmp_path, steps=3, accumulate=2, warmup=0, ema=decay, ckpt_dir=None, save_every=0),
+    )
     expected = {k: np.asarray(v) for k, v in t.state["params"].items()}
     for step in range(6):
         before = {k: np.asarray(v) for k, v in t.state["params"].items()}
@@ -205,7 +266,9 @@ def test_ema_is_the_moving_average_of_the_weights(tmp_path):
         assert moved == (step % 2 == 1)
         if moved:
             d = np.float32(min(decay, (1 + step) / (10 + step)))
-            expected = {k: d * e + (1 - d) * np.asarray(t.state["params"][k]) for k, e in expected.items()}
+            expected = {
+                k: d * e + (1 - d) * np.asarray(t.state["params"][k]) for k, e in expected.items()
+            }
     assert max(rel_l2(t.state["ema"][k], e) for k, e in expected.items()) < 1e-6
 
 
@@ -214,7 +277,9 @@ def test_caption_dropout_is_a_pure_function_of_position():
     full = ds.batch(0, 64)
     dropped = ~full["txt"].any(axis=(1, 2))
     assert 5 <= dropped.sum() <= 30  # about a quarter
-    np.testing.assert_array_equal(full["txt"][~dropped], ds.arrays["txt"][ds.indices(0, 64)][~dropped])
+    np.testing.assert_array_equal(
+        full["txt"][~dropped], ds.arrays["txt"][ds.indices(0, 64)][~dropped]
+    )
     assert ds.arrays["txt"].any(axis=(1, 2)).all()  # the data set itself keeps every caption
     part = ds.batch(10, 5)  # another batch size: the same samples dropped at the same positions
     np.testing.assert_array_equal(part["txt"], full["txt"][10:15])
@@ -233,8 +298,13 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path):
         t.save()  # asynchronous: the write is still in flight when the process dies
         os._exit(3)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     left = os.listdir(tmp_path / "ckpt")
     print("left in the checkpoint directory:", left)
@@ -258,7 +328,9 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path):
 def saved_run(tmp_path_factory):
     """A TINY run that saved checkpoints at micro-steps 2 and 4: (ckpt dir, its options, its params at step 2)."""
     root = tmp_path_factory.mktemp("run") / "ckpt"
-    opts = tr.TrainOptions(steps=4, batch_size=8, lr=2e-3, warmup=1, ckpt_dir=str(root), save_every=2)
+    opts = tr.TrainOptions(
+        steps=4, batch_size=8, lr=2e-3, warmup=1, ckpt_dir=str(root), save_every=2
+    )
     t = tr.Trainer(TINY, tiny_data(32), opts)
     t.fit(2, progress=False)
     at_2 = {k: np.asarray(v).copy() for k, v in t.state["params"].items()}
@@ -276,21 +348,42 @@ def copy_run(saved_run, tmp_path):
 
 def test_run_record_is_written_beside_the_checkpoints(saved_run):
     root, opts, _ = saved_run
-    assert sorted(p.name for p in root.iterdir()) == ["2", "4", tr.RUN_FILE]  # no temporary file left
+    assert sorted(p.name for p in root.iterdir()) == [
+        "2",
+        "4",
+        tr.RUN_FILE,
+    ]  # no temporary file left
     assert json.loads((root / tr.RUN_FILE).read_text()) == tr.run_record(TINY, opts, (1, 1))
 
 
-@pytest.mark.parametrize("change,said", [
-    (dict(batch_size=16), ["batch_size 16 (saved: 8)"]),  # was "data position 32 does not match its step"
-    (dict(accumulate=2), ["accumulate 2 (saved: 1)"]),
-    (dict(lora_rank=4), ["lora_rank 4 (saved: 0)"]),  # was orbax's tree dump
-    (dict(precision="bf16", ema=0.9), ["precision bf16 (saved: fp32)", "ema on (saved: off)"]),
-    (dict(cfg=dataclasses.replace(TINY, depth=2, hidden_size=128, num_heads=4)),  # was orbax's tree dump
-     ["config depth 2 (saved: 1), hidden_size 128 (saved: 64), num_heads 4 (saved: 2)"]),
-    (dict(cfg=configs.get("flux1-tiny")), ["config FluxConfig (saved: Flux2Config)"]),
-    (dict(mesh=(2, 1), batch_size=16, lora_rank=2, lora_alpha=2.0),
-     ["mesh 2x1 (saved: 1x1)", "batch_size 16 (saved: 8)", "lora_rank 2 (saved: 0)", "lora_alpha 2.0 (saved: 16.0)"]),
-])
+@pytest.mark.parametrize(
+    "change,said",
+    [
+        (
+            dict(batch_size=16),
+            ["batch_size 16 (saved: 8)"],
+        ),  # was "data position 32 does not match its step"
+        (dict(accumulate=2), ["accumulate 2 (saved: 1)"]),
+        (dict(lora_rank=4), ["lora_rank 4 (saved: 0)"]),  # was orbax's tree dump
+        (dict(precision="bf16", ema=0.9), ["precision bf16 (saved: fp32)", "ema on (saved: off)"]),
+        (
+            dict(
+                cfg=dataclasses.replace(TINY, depth=2, hidden_size=128, num_heads=4)
+            ),  # was orbax's tree dump
+            ["config depth 2 (saved: 1), hidden_size 128 (saved: 64), num_heads 4 (saved: 2)"],
+        ),
+        (dict(cfg=configs.get("flux1-tiny")), ["config FluxConfig (saved: Flux2Config)"]),
+        (
+            dict(mesh=(2, 1), batch_size=16, lora_rank=2, lora_alpha=2.0),
+            [
+                "mesh 2x1 (saved: 1x1)",
+                "batch_size 16 (saved: 8)",
+                "lora_rank 2 (saved: 0)",
+                "lora_alpha 2.0 (saved: 16.0)",
+            ],
+        ),
+    ],
+)
 def test_resume_names_each_difference(saved_run, change, said):
     root, opts, _ = saved_run
     cfg, mesh = change.pop("cfg", TINY), change.pop("mesh", (1, 1))
@@ -298,17 +391,23 @@ def test_resume_names_each_difference(saved_run, change, said):
         tr.check_resume(root, tr.run_record(cfg, dataclasses.replace(opts, **change), mesh))
     message = str(e.value)
     assert "\n" not in message and message.startswith(str(root / tr.RUN_FILE)), message
-    assert message.count("(saved: ") == sum(phrase.count("(saved: ") for phrase in said), message  # nothing else
+    assert message.count("(saved: ") == sum(phrase.count("(saved: ") for phrase in said), (
+        message
+    )  # nothing else
     for phrase in said:
         assert phrase in message, message
-    tr.check_resume(root, tr.run_record(TINY, dataclasses.replace(opts, steps=9, lr=1.0), (1, 1)))  # free to change
+    tr.check_resume(
+        root, tr.run_record(TINY, dataclasses.replace(opts, steps=9, lr=1.0), (1, 1))
+    )  # free to change
 
 
 def test_restore_checks_options_before_orbax(saved_run):
     """Through the trainer: a wider model is refused by the run record, not by orbax's tree comparison."""
     root, opts, _ = saved_run
     t = tr.Trainer(dataclasses.replace(TINY, hidden_size=128, num_heads=4), tiny_data(32), opts)
-    with pytest.raises(CheckpointError, match=r"config hidden_size 128 \(saved: 64\), num_heads 4 \(saved: 2\)$"):
+    with pytest.raises(
+        CheckpointError, match=r"config hidden_size 128 \(saved: 64\), num_heads 4 \(saved: 2\)$"
+    ):
         t.restore()
     t.close()
 
@@ -323,10 +422,16 @@ def test_resume_falls_back_past_a_truncated_latest_checkpoint(saved_run, tmp_pat
     t = tr.Trainer(TINY, tiny_data(32), opts)
     assert t.restore() == 2 and t.step == 2
     warning = capsys.readouterr().err.strip().splitlines()
-    assert len(warning) == 1 and f"{root / '4'} (" in warning[0] and warning[0].endswith(f"resuming from {root / '2'}")
+    assert (
+        len(warning) == 1
+        and f"{root / '4'} (" in warning[0]
+        and warning[0].endswith(f"resuming from {root / '2'}")
+    )
     for k, v in at_2.items():
         np.testing.assert_array_equal(np.asarray(t.state["params"][k]), v)
-    assert tr.saved_steps(root) == [2] and (root / "4.unreadable").is_dir()  # moved aside: a later save takes its place
+    assert (
+        tr.saved_steps(root) == [2] and (root / "4.unreadable").is_dir()
+    )  # moved aside: a later save takes its place
     t.fit(progress=False)
     t.close()
     again = tr.Trainer(TINY, tiny_data(32), opts)
@@ -336,11 +441,16 @@ def test_resume_falls_back_past_a_truncated_latest_checkpoint(saved_run, tmp_pat
 
 def test_resume_with_deleted_state(saved_run, tmp_path, capsys):
     root, opts, _ = copy_run(saved_run, tmp_path)
-    shutil.rmtree(root / "4" / "state")  # was KeyError: 'Item "state" was not found in the checkpoint'
+    shutil.rmtree(
+        root / "4" / "state"
+    )  # was KeyError: 'Item "state" was not found in the checkpoint'
     t = tr.Trainer(TINY, tiny_data(32), opts)
     assert t.restore() == 2
     warning = capsys.readouterr().err
-    assert f"{root / '4'} (incomplete: no state/)" in warning and f"resuming from {root / '2'}" in warning
+    assert (
+        f"{root / '4'} (incomplete: no state/)" in warning
+        and f"resuming from {root / '2'}" in warning
+    )
     shutil.rmtree(root / "2" / "state")
     with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
         tr.check_resume(root, t.record)  # before any model is built
@@ -353,20 +463,36 @@ def test_resume_without_checkpoint_or_with_a_broken_record(saved_run, tmp_path):
     _, opts, _ = saved_run
     record = tr.run_record(TINY, opts, (1, 1))
     for root in (tmp_path / "nothing", tmp_path):  # was a FileNotFoundError traceback
-        with pytest.raises(CheckpointError, match=f"^{re.escape(str(root))}: no checkpoint to resume from"):
+        with pytest.raises(
+            CheckpointError, match=f"^{re.escape(str(root))}: no checkpoint to resume from"
+        ):
             tr.check_resume(root, record)
     root, _, _ = copy_run(saved_run, tmp_path)
     (root / tr.RUN_FILE).write_text("{not json")
-    with pytest.raises(CheckpointError, match=f"^{re.escape(str(root / tr.RUN_FILE))}: unreadable run record"):
+    with pytest.raises(
+        CheckpointError, match=f"^{re.escape(str(root / tr.RUN_FILE))}: unreadable run record"
+    ):
         tr.check_resume(root, record)
 
 
 def test_explicit_zero_guidance_and_counts_are_honoured():
     cfg = dataclasses.replace(TINY, guidance_embed=True)
-    for guidance, fed in ((0.0, 0.0), (None, 1.0), (4.5, 4.5)):  # was `guidance or 1.0`: 0.0 became 1.0
+    for guidance, fed in (
+        (0.0, 0.0),
+        (None, 1.0),
+        (4.5, 4.5),
+    ):  # was `guidance or 1.0`: 0.0 became 1.0
         t = tr.Trainer(cfg, tiny_data(16), tr.TrainOptions(batch_size=4, guidance=guidance))
-        np.testing.assert_array_equal(np.asarray(t.batch(0)["guidance"]), np.full(4, fed, np.float32))
-    for bad in (dict(steps=0), dict(batch_size=0), dict(accumulate=0), dict(lora_rank=-3), dict(ema=1.0)):
+        np.testing.assert_array_equal(
+            np.asarray(t.batch(0)["guidance"]), np.full(4, fed, np.float32)
+        )
+    for bad in (
+        dict(steps=0),
+        dict(batch_size=0),
+        dict(accumulate=0),
+        dict(lora_rank=-3),
+        dict(ema=1.0),
+    ):
         with pytest.raises(ValueError, match=f"TrainOptions.{next(iter(bad))} must be"):
             tr.TrainOptions(**bad)
 
@@ -395,18 +521,33 @@ print(json.dumps({"devices": len(jax.devices()), "single": a, "sharded": b, "spe
 
 @pytest.mark.slow
 def test_sharded_run_matches_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["devices"] == 8 and out["shards"] == 8
-    assert "fsdp" in out["specs"]["img_in.weight"] and "fsdp" in out["mu_spec"]  # params and Adam moments sharded
+    assert (
+        "fsdp" in out["specs"]["img_in.weight"] and "fsdp" in out["mu_spec"]
+    )  # params and Adam moments sharded
     # FSDP's communication is weights and gradients: each sharded weight all-gathered where it is used, no
     # activation resharding (before trainer.fsdp_gather, XLA resharded activations with ~100 all-to-alls)
     n_sharded = sum(spec != "PartitionSpec()" for spec in out["specs"].values())
     assert out["collectives"]["all-gather"] == n_sharded, (out["collectives"], n_sharded)
-    assert out["collectives"].get("all-to-all", 0) == 0 and out["collectives"].get("collective-permute", 0) == 0
+    assert (
+        out["collectives"].get("all-to-all", 0) == 0
+        and out["collectives"].get("collective-permute", 0) == 0
+    )
     a, b = np.array(out["single"]), np.array(out["sharded"])
     print("sharded vs single-device loss rel diff per step:", np.abs(a - b) / a)
     np.testing.assert_allclose(b, a, rtol=1e-5)
@@ -435,12 +576,25 @@ def test_two_process_run_matches_single_device(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": "2",
+    }
     root = os.path.dirname(os.path.dirname(__file__))
-    procs = [subprocess.Popen([sys.executable, "-c", MULTI_PROCESS, str(tmp_path / "ckpt")], cwd=root, text=True,
-                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MULTI_PROCESS, str(tmp_path / "ckpt")],
+            cwd=root,
+            text=True,
+            env={**env, "JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -450,8 +604,12 @@ def test_two_process_run_matches_single_device(tmp_path):
     assert results[0]["losses"] == results[1]["losses"]  # one global computation, seen by both
     assert sorted(int(d.name) for d in (tmp_path / "ckpt").iterdir() if d.name.isdigit()) == [2, 4]
 
-    single = tr.Trainer(TINY, tiny_data(64), tr.TrainOptions(steps=4, batch_size=8, lr=2e-3, warmup=2),
-                        devices=jax.devices()[:1]).fit(progress=False)
+    single = tr.Trainer(
+        TINY,
+        tiny_data(64),
+        tr.TrainOptions(steps=4, batch_size=8, lr=2e-3, warmup=2),
+        devices=jax.devices()[:1],
+    ).fit(progress=False)
     np.testing.assert_allclose(results[0]["losses"], single, rtol=1e-5)
 
 
@@ -463,14 +621,23 @@ def test_two_process_run_matches_single_device(tmp_path):
 @pytest.mark.slow
 def test_lora_training_freezes_base_and_exports(tmp_path):
     ds = tiny_data()
-    t = tr.Trainer(TINY, ds, options(tmp_path, steps=4, lr=1e-2, lora_rank=4, lora_alpha=4.0, ckpt_dir=None,
-                                     ema=0.5))  # the model and the file are then the adapters' EMA
+    t = tr.Trainer(
+        TINY,
+        ds,
+        options(tmp_path, steps=4, lr=1e-2, lora_rank=4, lora_alpha=4.0, ckpt_dir=None, ema=0.5),
+    )  # the model and the file are then the adapters' EMA
     base = {k: np.asarray(v) for k, v in t.frozen.items()}
     t.fit(progress=False)
     for k, v in t.frozen.items():
         np.testing.assert_array_equal(np.asarray(v), base[k])
-    assert set(t.state["params"]) == set(t.lora.modules) and "double_blocks.0.img_attn.qkv" in t.lora.modules
-    assert float(np.abs(np.asarray(t.state["params"]["double_blocks.0.img_attn.qkv"]["lora_B"])).max()) > 0
+    assert (
+        set(t.state["params"]) == set(t.lora.modules)
+        and "double_blocks.0.img_attn.qkv" in t.lora.modules
+    )
+    assert (
+        float(np.abs(np.asarray(t.state["params"]["double_blocks.0.img_attn.qkv"]["lora_B"])).max())
+        > 0
+    )
     # the trained adapter file, merged by PyTorch into the base, gives the trainer's own merged model
     t.save_lora(tmp_path / "lora.safetensors")
     mt_model = mt.build_model(TINY)
@@ -487,7 +654,17 @@ def test_demo_command_writes_grid_curve_and_weights_and_resumes(tmp_path, capsys
     from minflux_cli import main as cli
 
     out = tmp_path / "demo"
-    run = ["train", "--out", str(out), "--batch-size", "8", "--sample-steps", "2", "--save-every", "1"]
+    run = [
+        "train",
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--sample-steps",
+        "2",
+        "--save-every",
+        "1",
+    ]
     assert cli.main(run + ["--steps", "3"]) == 0
     for name in ("samples.png", "loss.png", "model.safetensors"):
         assert (out / name).stat().st_size > 0, name
@@ -497,8 +674,11 @@ def test_demo_command_writes_grid_curve_and_weights_and_resumes(tmp_path, capsys
     # resume with another batch size: one line naming the difference, exit 2, before any model is built
     assert cli.main(run + ["--steps", "4", "--batch-size", "4", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("minflux train: error: --resume: ") and \
-        err[0].endswith("batch_size 4 (saved: 8)"), err
+    assert (
+        len(err) == 1
+        and err[0].startswith("minflux train: error: --resume: ")
+        and err[0].endswith("batch_size 4 (saved: 8)")
+    ), err
     # a truncated latest checkpoint: the command warns, naming both, and goes on from the one before
     for f in (out / "ckpt" / "3" / "state").rglob("*"):
         if f.is_file() and f.parent.name == "d":
@@ -507,10 +687,16 @@ def test_demo_command_writes_grid_curve_and_weights_and_resumes(tmp_path, capsys
     captured = capsys.readouterr()
     assert "resumed from step 2" in captured.out
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and str(out / "ckpt" / "3") in warnings[0] and str(out / "ckpt" / "2") in warnings[0]
+    assert (
+        len(warnings) == 1
+        and str(out / "ckpt" / "3") in warnings[0]
+        and str(out / "ckpt" / "2") in warnings[0]
+    )
     assert tr.saved_steps(out / "ckpt") == [4, 3]  # step 3 written again on the way to 4
 
 
 def merge_base(t):
     """The trainer's frozen base as a model."""
-    return jtrain.merge_params(t.master_graphdef, jax.tree.map(lambda p: p.astype(jnp.float32), t.frozen), t.paths)
+    return jtrain.merge_params(
+        t.master_graphdef, jax.tree.map(lambda p: p.astype(jnp.float32), t.frozen), t.paths
+    )

@@ -22,7 +22,11 @@ def twins(torch_cls, jax_cls, *args, dtype: str = "fp32", seed: int = 0, **kwarg
     with torch.no_grad():
         for name, p in t.named_parameters():
             if name.endswith("scale") or p.ndim == 1:  # ones / zeros by default: make them count
-                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("scale") else 0.1 * torch.randn_like(p))
+                p.copy_(
+                    1 + 0.1 * torch.randn_like(p)
+                    if name.endswith("scale")
+                    else 0.1 * torch.randn_like(p)
+                )
     t = t.to(tdt).eval()
     j = jax_cls(*args, **kwargs, dtype=jdt, rngs=nnx.Rngs(0))
     assign(j, {k: to_numpy(v) for k, v in t.state_dict().items()})

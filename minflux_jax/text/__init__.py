@@ -19,5 +19,12 @@ from minflux_jax.text.encoder import (
     save_prompt_embeddings,
 )
 
-__all__ = ["Flux1TextEncoder", "TextEncoder", "encode_prompts", "load_embeddings", "load_model",
-           "load_text_encoder", "save_prompt_embeddings"]
+__all__ = [
+    "Flux1TextEncoder",
+    "TextEncoder",
+    "encode_prompts",
+    "load_embeddings",
+    "load_model",
+    "load_text_encoder",
+    "save_prompt_embeddings",
+]

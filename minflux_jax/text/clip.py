@@ -19,17 +19,25 @@ from minflux_jax.layers import Array, linear
 
 def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """nn.LayerNorm's twin: exact (not fast) variance."""
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    return nnx.LayerNorm(
+        dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=dtype, rngs=rngs
+    )
 
 
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
-        self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
-                                            param_dtype=dtype, rngs=rngs)
+        self.token_embedding = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+        self.position_embedding = nnx.Embed(
+            cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, input_ids: Array) -> Array:  # (B, L) -> (B, L, D)
-        return self.token_embedding(input_ids) + self.position_embedding.embedding[...][: input_ids.shape[1]]
+        return (
+            self.token_embedding(input_ids)
+            + self.position_embedding.embedding[...][: input_ids.shape[1]]
+        )
 
 
 class CLIPAttention(nnx.Module):
@@ -45,8 +53,10 @@ class CLIPAttention(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         # jax.nn.dot_product_attention takes (B, L, H, D).
-        q, k, v = (rearrange(lin(x), "B L (H D) -> B L H D", H=self.num_heads)
-                   for lin in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            rearrange(lin(x), "B L (H D) -> B L H D", H=self.num_heads)
+            for lin in (self.q_proj, self.k_proj, self.v_proj)
+        )
         x = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(rearrange(x, "B L H D -> B L (H D)"))
 
@@ -75,7 +85,9 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
-        self.layers = nnx.List(CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers))
+        self.layers = nnx.List(
+            CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)
+        )
 
     def __call__(self, x: Array) -> Array:
         for layer in self.layers:
@@ -95,5 +107,9 @@ class CLIPTextTransformer(nnx.Module):
     def __call__(self, input_ids: Array) -> tuple[Array, Array]:
         x = self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
         # Legacy configs (eos_token_id 2, as CLIP-L's) pool at argmax(ids): EOS is the largest id in the vocab.
-        eos = input_ids if self.cfg.eos_token_id == 2 else (input_ids == self.cfg.eos_token_id).astype(jnp.int32)
+        eos = (
+            input_ids
+            if self.cfg.eos_token_id == 2
+            else (input_ids == self.cfg.eos_token_id).astype(jnp.int32)
+        )
         return x, x[jnp.arange(x.shape[0]), jnp.argmax(eos, axis=-1)]

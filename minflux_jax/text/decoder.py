@@ -35,8 +35,9 @@ class RMSNorm(nnx.Module):
 def rope_cos_sin(length: int, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:
     """cos, sin (L, head_dim) for positions 0..L-1: angles in fp32, then cast to the activations' dtype as
     transformers does. The inverse frequencies come from float64 so both frameworks share one table."""
-    inv_freq = jnp.asarray((1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-                           .astype(np.float32))
+    inv_freq = jnp.asarray(
+        (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
+    )
     freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None]  # (L, D/2)
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # (L, D)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
@@ -74,8 +75,12 @@ class Attention(nnx.Module):
         # A query with no allowed key (a pad before the prompt, with left padding) gives zeros, as torch's CPU SDPA
         # does and transformers inherits; done explicitly (attend anywhere, then zero) so no kernel can give NaN.
         some = allowed.any(axis=-1, keepdims=True)  # (B, 1, L, 1)
-        x = jax.nn.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v, mask=allowed | ~some)
-        x = x * rearrange(some, "B 1 L 1 -> B L 1 1")  # jax.nn.dot_product_attention works in (B, L, H, D)
+        x = jax.nn.dot_product_attention(
+            q.swapaxes(1, 2), k.swapaxes(1, 2), v, mask=allowed | ~some
+        )
+        x = x * rearrange(
+            some, "B 1 L 1 -> B L 1 1"
+        )  # jax.nn.dot_product_attention works in (B, L, H, D)
         return self.o_proj(rearrange(x, "B L H D -> B L (H D)"))
 
 
@@ -111,18 +116,28 @@ def causal_padding_mask(mask: Array) -> Array:
 class DecoderModel(nnx.Module):
     """input_ids, attention_mask (B, L) -> hidden_states[k] for k in `layers`, stacked: (B, L, len(layers) * D)."""
 
-    def __init__(self, cfg: DecoderConfig, layers: tuple[int, ...], *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: DecoderConfig, layers: tuple[int, ...], *, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.cfg, self.out_layers = cfg, tuple(layers)
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.layers = nnx.List(DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(max(layers)))
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(max(layers))
+        )
 
     def __call__(self, input_ids: Array, attention_mask: Array) -> Array:
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(x.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         allowed = causal_padding_mask(attention_mask)
-        hidden = {0: x}  # hidden_states[k] = the residual stream after k layers; keep only the stacked ones
+        hidden = {
+            0: x
+        }  # hidden_states[k] = the residual stream after k layers; keep only the stacked ones
         for k, layer in enumerate(self.layers, start=1):
             x = layer(x, cos, sin, allowed)
             if k in self.out_layers:
                 hidden[k] = x
-        return rearrange(jnp.stack([hidden[k] for k in self.out_layers], axis=1), "B C L D -> B L (C D)")
+        return rearrange(
+            jnp.stack([hidden[k] for k in self.out_layers], axis=1), "B C L D -> B L (C D)"
+        )

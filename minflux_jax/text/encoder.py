@@ -28,7 +28,9 @@ from minflux_jax.text.decoder import DecoderModel
 from minflux_jax.text.t5 import T5EncoderModel
 
 
-def build_model(kind: str, cfg, dtype=jnp.float32, seed: int = 0, layers: tuple[int, ...] | None = None) -> nnx.Module:
+def build_model(
+    kind: str, cfg, dtype=jnp.float32, seed: int = 0, layers: tuple[int, ...] | None = None
+) -> nnx.Module:
     """The encoder module of `kind` for `cfg` (random weights, seeded)."""
     s = text.spec(kind, layers=layers)
     rngs = nnx.Rngs(seed)
@@ -39,7 +41,9 @@ def build_model(kind: str, cfg, dtype=jnp.float32, seed: int = 0, layers: tuple[
     return DecoderModel(cfg, s.layers, dtype=dtype, rngs=rngs)
 
 
-def load_model(kind: str, directory, dtype=jnp.bfloat16, layers: tuple[int, ...] | None = None) -> nnx.Module:
+def load_model(
+    kind: str, directory, dtype=jnp.bfloat16, layers: tuple[int, ...] | None = None
+) -> nnx.Module:
     """An encoder from a model directory (config.json + safetensors file or shards), weights cast to `dtype`."""
     s, cfg = text.spec(kind, layers=layers), text.read_config(kind, directory)
     n_layers = text.check_layers(s, cfg, directory) if s.arch == "decoder" else None
@@ -47,8 +51,12 @@ def load_model(kind: str, directory, dtype=jnp.bfloat16, layers: tuple[int, ...]
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(nnx.state(abstract, STATE)))
     by_key = {key: (path, param) for path, (key, param) in torch_keys(abstract).items()}
-    expected = {key: keymaps.flax_to_torch(np.broadcast_to(np.empty((), np.int8), flat[path].shape), param).shape
-                for key, (path, param) in by_key.items()}
+    expected = {
+        key: keymaps.flax_to_torch(
+            np.broadcast_to(np.empty((), np.int8), flat[path].shape), param
+        ).shape
+        for key, (path, param) in by_key.items()
+    }
     values = {}
     for key, arr in text.read_weights(directory, s, expected, n_layers):
         path, param = by_key[key]
@@ -94,8 +102,15 @@ class Flux1TextEncoder:
         return {**self.t5.encode(prompts), **self.clip.encode(prompts)}
 
 
-def load_text_encoder(kind: str, directory, dtype=jnp.bfloat16, *, max_length: int | None = None,
-                      layers: tuple[int, ...] | None = None, tokenizer=None):
+def load_text_encoder(
+    kind: str,
+    directory,
+    dtype=jnp.bfloat16,
+    *,
+    max_length: int | None = None,
+    layers: tuple[int, ...] | None = None,
+    tokenizer=None,
+):
     """A text encoder of `kind` ("t5", "clip", "qwen3", "mistral", or "flux1" for CLIP + T5).
 
     `directory`: a model directory (config.json, *.safetensors, tokenizer.json unless `tokenizer` names another
@@ -104,8 +119,10 @@ def load_text_encoder(kind: str, directory, dtype=jnp.bfloat16, *, max_length: i
     `layers`: hidden_states indices stacked by decoders (default: the official ones).
     """
     if kind == "flux1":
-        return Flux1TextEncoder(load_text_encoder("clip", directory, dtype),
-                                load_text_encoder("t5", directory, dtype, max_length=max_length))
+        return Flux1TextEncoder(
+            load_text_encoder("clip", directory, dtype),
+            load_text_encoder("t5", directory, dtype, max_length=max_length),
+        )
     s = text.spec(kind, max_length, layers)
     model_dir, tok_dir = text.resolve_dirs(kind, directory, tokenizer)
     tok = text.Tokenizer(tok_dir, s)  # tokenizer and lengths first: fail before gigabytes are read
@@ -113,8 +130,9 @@ def load_text_encoder(kind: str, directory, dtype=jnp.bfloat16, *, max_length: i
     return TextEncoder(kind, load_model(kind, model_dir, dtype, layers), tok)
 
 
-def encode_prompts(kind: str, directory, prompts: str | list[str], dtype=jnp.bfloat16, loras=(),
-                   **kw) -> dict[str, jax.Array]:
+def encode_prompts(
+    kind: str, directory, prompts: str | list[str], dtype=jnp.bfloat16, loras=(), **kw
+) -> dict[str, jax.Array]:
     """Load, encode and free the encoder before returning, so the transformer gets the memory.
 
     loras: (file, scale) pairs whose text-encoder parts (CLIP: `lora_te1_` / `text_encoder.`; T5: `lora_te2_` /
@@ -136,6 +154,10 @@ def apply_loras(enc, loras) -> None:
             load_lora(part.model, [p for p, _ in loras], [s for _, s in loras], component=component)
 
 
-def save_prompt_embeddings(path, embeds: dict[str, jax.Array], kind: str, prompts: list[str] | None = None) -> None:
+def save_prompt_embeddings(
+    path, embeds: dict[str, jax.Array], kind: str, prompts: list[str] | None = None
+) -> None:
     """Write `txt` (FLUX.1 txt or FLUX.2 ctx) and, for FLUX.1, `vec` to a safetensors file (atomic)."""
-    text.save_embeddings(path, {k: np.asarray(jax.device_get(v)) for k, v in embeds.items()}, kind, prompts)
+    text.save_embeddings(
+        path, {k: np.asarray(jax.device_get(v)) for k, v in embeds.items()}, kind, prompts
+    )

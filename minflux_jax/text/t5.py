@@ -20,7 +20,9 @@ from minflux.text import T5Config
 from minflux_jax.layers import Array, linear
 
 
-def relative_position_bucket(relative_position: Array, num_buckets: int, max_distance: int) -> Array:
+def relative_position_bucket(
+    relative_position: Array, num_buckets: int, max_distance: int
+) -> Array:
     """Bidirectional buckets: half per direction, exact below num_buckets/4, then log-spaced up to max_distance."""
     num_buckets //= 2
     buckets = (relative_position > 0).astype(jnp.int32) * num_buckets
@@ -28,8 +30,11 @@ def relative_position_bucket(relative_position: Array, num_buckets: int, max_dis
     max_exact = num_buckets // 2
     is_small = relative_position < max_exact
     # fp32 log as transformers computes it: the integer floors at bucket boundaries depend on it.
-    large = max_exact + (jnp.log(relative_position.astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
-                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = max_exact + (
+        jnp.log(relative_position.astype(jnp.float32) / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).astype(jnp.int32)
     large = jnp.minimum(large, num_buckets - 1)
     return buckets + jnp.where(is_small, relative_position, large)
 
@@ -44,7 +49,9 @@ class T5LayerNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         variance = jnp.mean(x.astype(jnp.float32) ** 2, axis=-1, keepdims=True)
         weight = self.weight[...]
-        return weight * (x.astype(jnp.float32) * jax.lax.rsqrt(variance + self.eps)).astype(weight.dtype)
+        return weight * (x.astype(jnp.float32) * jax.lax.rsqrt(variance + self.eps)).astype(
+            weight.dtype
+        )
 
 
 class T5Attention(nnx.Module):
@@ -58,17 +65,28 @@ class T5Attention(nnx.Module):
         self.v = linear(cfg.d_model, inner, False, dtype, rngs)
         self.o = linear(inner, cfg.d_model, False, dtype, rngs)
         if has_relative_attention_bias:
-            self.relative_attention_bias = nnx.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, dtype=dtype,
-                                                     param_dtype=dtype, rngs=rngs)
+            self.relative_attention_bias = nnx.Embed(
+                cfg.relative_attention_num_buckets,
+                cfg.num_heads,
+                dtype=dtype,
+                param_dtype=dtype,
+                rngs=rngs,
+            )
 
     def compute_bias(self, length: int) -> Array:  # -> (1, H, L, L)
         pos = jnp.arange(length)
-        bucket = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.relative_attention_num_buckets,
-                                          self.cfg.relative_attention_max_distance)  # (L query, L key)
+        bucket = relative_position_bucket(
+            pos[None, :] - pos[:, None],
+            self.cfg.relative_attention_num_buckets,
+            self.cfg.relative_attention_max_distance,
+        )  # (L query, L key)
         return rearrange(self.relative_attention_bias(bucket), "Lq Lk H -> 1 H Lq Lk")
 
     def __call__(self, x: Array, position_bias: Array) -> Array:
-        q, k, v = (rearrange(lin(x), "B L (H D) -> B H L D", H=self.cfg.num_heads) for lin in (self.q, self.k, self.v))
+        q, k, v = (
+            rearrange(lin(x), "B L (H D) -> B H L D", H=self.cfg.num_heads)
+            for lin in (self.q, self.k, self.v)
+        )
         scores = q @ k.swapaxes(-1, -2) + position_bias  # (B, H, L, L), no 1/sqrt(D)
         attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
         return self.o(rearrange(attn @ v, "B H L D -> B L (H D)"))
@@ -106,8 +124,12 @@ class T5LayerFF(nnx.Module):
 
 class T5Block(nnx.Module):
     def __init__(self, cfg: T5Config, has_relative_attention_bias: bool, *, dtype, rngs: nnx.Rngs):
-        self.layer = nnx.List([T5LayerSelfAttention(cfg, has_relative_attention_bias, dtype=dtype, rngs=rngs),
-                               T5LayerFF(cfg, dtype=dtype, rngs=rngs)])
+        self.layer = nnx.List(
+            [
+                T5LayerSelfAttention(cfg, has_relative_attention_bias, dtype=dtype, rngs=rngs),
+                T5LayerFF(cfg, dtype=dtype, rngs=rngs),
+            ]
+        )
 
     def __call__(self, x: Array, position_bias: Array) -> Array:
         return self.layer[1](self.layer[0](x, position_bias))
@@ -117,8 +139,10 @@ class T5Stack(nnx.Module):
     """The encoder blocks and final norm; the token embedding is the parent's `shared` (a tied weight)."""
 
     def __init__(self, cfg: T5Config, *, dtype, rngs: nnx.Rngs):
-        self.block = nnx.List(T5Block(cfg, has_relative_attention_bias=i == 0, dtype=dtype, rngs=rngs)
-                              for i in range(cfg.num_layers))
+        self.block = nnx.List(
+            T5Block(cfg, has_relative_attention_bias=i == 0, dtype=dtype, rngs=rngs)
+            for i in range(cfg.num_layers)
+        )
         self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype)
 
     def __call__(self, x: Array) -> Array:
@@ -133,7 +157,9 @@ class T5EncoderModel(nnx.Module):
 
     def __init__(self, cfg: T5Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.shared = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.shared = nnx.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
         self.encoder = T5Stack(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, input_ids: Array) -> Array:

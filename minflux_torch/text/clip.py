@@ -22,7 +22,9 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, L, D)
-        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+        return (
+            self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+        )
 
 
 class CLIPAttention(nn.Module):
@@ -38,8 +40,10 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = (rearrange(lin(x), "B L (H D) -> B H L D", H=self.num_heads)
-                   for lin in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            rearrange(lin(x), "B L (H D) -> B H L D", H=self.num_heads)
+            for lin in (self.q_proj, self.k_proj, self.v_proj)
+        )
         x = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(rearrange(x, "B H L D -> B L (H D)"))
 
@@ -92,5 +96,7 @@ class CLIPTextTransformer(nn.Module):
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         x = self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
         # Legacy configs (eos_token_id 2, as CLIP-L's) pool at argmax(ids): EOS is the largest id in the vocab.
-        eos = input_ids if self.cfg.eos_token_id == 2 else (input_ids == self.cfg.eos_token_id).int()
+        eos = (
+            input_ids if self.cfg.eos_token_id == 2 else (input_ids == self.cfg.eos_token_id).int()
+        )
         return x, x[torch.arange(x.shape[0], device=x.device), eos.argmax(dim=-1)]

@@ -31,12 +31,17 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(length: int, head_dim: int, theta: float, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    length: int, head_dim: int, theta: float, dtype: torch.dtype, device
+) -> tuple[Tensor, Tensor]:
     """cos, sin (L, head_dim) for positions 0..L-1: angles in fp32, then cast to the activations' dtype as
     transformers does. The inverse frequencies come from float64 so both frameworks share one table."""
-    inv_freq = torch.from_numpy((1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-                                .astype(np.float32)).to(device)
-    freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None]  # (L, D/2)
+    inv_freq = torch.from_numpy(
+        (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
+    ).to(device)
+    freqs = (
+        torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    )  # (L, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (L, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -120,11 +125,17 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(x.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.dtype, x.device)
+        cos, sin = rope_cos_sin(
+            x.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.dtype, x.device
+        )
         allowed = causal_padding_mask(attention_mask)
-        hidden = {0: x}  # hidden_states[k] = the residual stream after k layers; keep only the stacked ones
+        hidden = {
+            0: x
+        }  # hidden_states[k] = the residual stream after k layers; keep only the stacked ones
         for k, layer in enumerate(self.layers, start=1):
             x = layer(x, cos, sin, allowed)
             if k in self.out_layers:
                 hidden[k] = x
-        return rearrange(torch.stack([hidden[k] for k in self.out_layers], dim=1), "B C L D -> B L (C D)")
+        return rearrange(
+            torch.stack([hidden[k] for k in self.out_layers], dim=1), "B C L D -> B L (C D)"
+        )

@@ -26,8 +26,14 @@ from minflux_torch.text.decoder import DecoderModel
 from minflux_torch.text.t5 import T5EncoderModel
 
 
-def build_model(kind: str, cfg, dtype: torch.dtype = torch.float32, seed: int = 0, device="cpu",
-                layers: tuple[int, ...] | None = None) -> nn.Module:
+def build_model(
+    kind: str,
+    cfg,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    device="cpu",
+    layers: tuple[int, ...] | None = None,
+) -> nn.Module:
     """The encoder module of `kind` for `cfg` (random weights, seeded; none on the meta device)."""
     s = text.spec(kind, layers=layers)
     torch.manual_seed(seed)
@@ -41,15 +47,22 @@ def build_model(kind: str, cfg, dtype: torch.dtype = torch.float32, seed: int = 
     return model.to(dtype)
 
 
-def load_model(kind: str, directory, dtype: torch.dtype = torch.bfloat16, device="cpu",
-               layers: tuple[int, ...] | None = None) -> nn.Module:
+def load_model(
+    kind: str,
+    directory,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    layers: tuple[int, ...] | None = None,
+) -> nn.Module:
     """An encoder from a model directory (config.json + safetensors file or shards), weights cast to `dtype`."""
     s, cfg = text.spec(kind, layers=layers), text.read_config(kind, directory)
     n_layers = text.check_layers(s, cfg, directory) if s.arch == "decoder" else None
     model = build_model(kind, cfg, dtype, 0, "meta", layers)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = {k: to_torch(a).to(device=device, dtype=dtype)
-             for k, a in text.read_weights(directory, s, expected, n_layers)}
+    state = {
+        k: to_torch(a).to(device=device, dtype=dtype)
+        for k, a in text.read_weights(directory, s, expected, n_layers)
+    }
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -85,8 +98,16 @@ class Flux1TextEncoder:
         return {**self.t5.encode(prompts), **self.clip.encode(prompts)}
 
 
-def load_text_encoder(kind: str, directory, dtype: torch.dtype = torch.bfloat16, device="cpu", *,
-                      max_length: int | None = None, layers: tuple[int, ...] | None = None, tokenizer=None):
+def load_text_encoder(
+    kind: str,
+    directory,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    *,
+    max_length: int | None = None,
+    layers: tuple[int, ...] | None = None,
+    tokenizer=None,
+):
     """A text encoder of `kind` ("t5", "clip", "qwen3", "mistral", or "flux1" for CLIP + T5).
 
     `directory`: a model directory (config.json, *.safetensors, tokenizer.json unless `tokenizer` names another
@@ -95,8 +116,10 @@ def load_text_encoder(kind: str, directory, dtype: torch.dtype = torch.bfloat16,
     `layers`: hidden_states indices stacked by decoders (default: the official ones).
     """
     if kind == "flux1":
-        return Flux1TextEncoder(load_text_encoder("clip", directory, dtype, device),
-                                load_text_encoder("t5", directory, dtype, device, max_length=max_length))
+        return Flux1TextEncoder(
+            load_text_encoder("clip", directory, dtype, device),
+            load_text_encoder("t5", directory, dtype, device, max_length=max_length),
+        )
     s = text.spec(kind, max_length, layers)
     model_dir, tok_dir = text.resolve_dirs(kind, directory, tokenizer)
     tok = text.Tokenizer(tok_dir, s)  # tokenizer and lengths first: fail before gigabytes are read
@@ -104,8 +127,15 @@ def load_text_encoder(kind: str, directory, dtype: torch.dtype = torch.bfloat16,
     return TextEncoder(kind, load_model(kind, model_dir, dtype, device, layers), tok)
 
 
-def encode_prompts(kind: str, directory, prompts: str | list[str], dtype: torch.dtype = torch.bfloat16,
-                   device="cpu", loras=(), **kw) -> dict[str, Tensor]:
+def encode_prompts(
+    kind: str,
+    directory,
+    prompts: str | list[str],
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    loras=(),
+    **kw,
+) -> dict[str, Tensor]:
     """Load, encode and free the encoder before returning, so the transformer gets the memory.
 
     loras: (file, scale) pairs whose text-encoder parts (CLIP: `lora_te1_` / `text_encoder.`; T5: `lora_te2_` /
@@ -129,6 +159,8 @@ def apply_loras(enc, loras) -> None:
             load_lora(part.model, [p for p, _ in loras], [s for _, s in loras], component=component)
 
 
-def save_prompt_embeddings(path, embeds: dict[str, Tensor], kind: str, prompts: list[str] | None = None) -> None:
+def save_prompt_embeddings(
+    path, embeds: dict[str, Tensor], kind: str, prompts: list[str] | None = None
+) -> None:
     """Write `txt` (FLUX.1 txt or FLUX.2 ctx) and, for FLUX.1, `vec` to a safetensors file (atomic)."""
     text.save_embeddings(path, {k: to_numpy(v) for k, v in embeds.items()}, kind, prompts)

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from minflux.text import T5Config
 
 
-def relative_position_bucket(relative_position: Tensor, num_buckets: int, max_distance: int) -> Tensor:
+def relative_position_bucket(
+    relative_position: Tensor, num_buckets: int, max_distance: int
+) -> Tensor:
     """Bidirectional buckets: half per direction, exact below num_buckets/4, then log-spaced up to max_distance."""
     num_buckets //= 2
     buckets = (relative_position > 0).long() * num_buckets
@@ -26,8 +28,14 @@ def relative_position_bucket(relative_position: Tensor, num_buckets: int, max_di
     max_exact = num_buckets // 2
     is_small = relative_position < max_exact
     # fp32 log as transformers computes it: the integer floors at bucket boundaries depend on it.
-    large = max_exact + (torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact)
-                         * (num_buckets - max_exact)).long()
+    large = (
+        max_exact
+        + (
+            torch.log(relative_position.float() / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).long()
+    )
     large = torch.minimum(large, torch.full_like(large, num_buckets - 1))
     return buckets + torch.where(is_small, relative_position, large)
 
@@ -57,16 +65,24 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+            self.relative_attention_bias = nn.Embedding(
+                cfg.relative_attention_num_buckets, cfg.num_heads
+            )
 
     def compute_bias(self, length: int) -> Tensor:  # -> (1, H, L, L)
         pos = torch.arange(length, device=self.q.weight.device)
-        bucket = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.relative_attention_num_buckets,
-                                          self.cfg.relative_attention_max_distance)  # (L query, L key)
+        bucket = relative_position_bucket(
+            pos[None, :] - pos[:, None],
+            self.cfg.relative_attention_num_buckets,
+            self.cfg.relative_attention_max_distance,
+        )  # (L query, L key)
         return rearrange(self.relative_attention_bias(bucket), "Lq Lk H -> 1 H Lq Lk")
 
     def forward(self, x: Tensor, position_bias: Tensor) -> Tensor:
-        q, k, v = (rearrange(lin(x), "B L (H D) -> B H L D", H=self.cfg.num_heads) for lin in (self.q, self.k, self.v))
+        q, k, v = (
+            rearrange(lin(x), "B L (H D) -> B H L D", H=self.cfg.num_heads)
+            for lin in (self.q, self.k, self.v)
+        )
         scores = q @ k.transpose(-1, -2) + position_bias  # (B, H, L, L), no 1/sqrt(D)
         attn = torch.softmax(scores.float(), dim=-1).type_as(scores)
         return self.o(rearrange(attn @ v, "B H L D -> B L (H D)"))
@@ -108,7 +124,9 @@ class T5LayerFF(nn.Module):
 class T5Block(nn.Module):
     def __init__(self, cfg: T5Config, has_relative_attention_bias: bool):
         super().__init__()
-        self.layer = nn.ModuleList([T5LayerSelfAttention(cfg, has_relative_attention_bias), T5LayerFF(cfg)])
+        self.layer = nn.ModuleList(
+            [T5LayerSelfAttention(cfg, has_relative_attention_bias), T5LayerFF(cfg)]
+        )
 
     def forward(self, x: Tensor, position_bias: Tensor) -> Tensor:
         return self.layer[1](self.layer[0](x, position_bias))
@@ -119,7 +137,9 @@ class T5Stack(nn.Module):
 
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.block = nn.ModuleList([T5Block(cfg, has_relative_attention_bias=i == 0) for i in range(cfg.num_layers)])
+        self.block = nn.ModuleList(
+            [T5Block(cfg, has_relative_attention_bias=i == 0) for i in range(cfg.num_layers)]
+        )
         self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
     def forward(self, x: Tensor) -> Tensor:
