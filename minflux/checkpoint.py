@@ -18,15 +18,12 @@ safetensors/src/tensor.rs), and go further where it is lenient (repeated keys, n
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import signal
 import struct
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +33,8 @@ import ml_dtypes
 import numpy as np
 
 from minflux import configs, keymaps
+from minflux.errors import CheckpointError
+from minflux.files import atomic_write, remove_stale_temp_files, temp_name  # noqa: F401 (re-exported)
 
 log = logging.getLogger("minflux")
 
@@ -60,10 +59,6 @@ _ST_TO_NP = {
 }
 MAX_HEADER = 100_000_000  # bytes, as safetensors' MAX_HEADER_SIZE
 DIGEST_PREFIX = "sha256:"  # `__metadata__` entry "sha256:KEY" = hex SHA-256 of KEY's stored bytes
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be read, written or matched to a model; the message says where and why."""
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -650,74 +645,6 @@ def read_bfl(
 # ---------------------------------------------------------------------------------------------
 
 
-def temp_name(path: Path, pid: int | None = None) -> Path:
-    """The temp file a write to `path` goes through: `.NAME.tmp-PID`, beside it, named by its process."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
-
-
-def remove_stale_temp_files(path: Path) -> list[Path]:
-    """Remove temp files of earlier writes to `path` whose process is gone (killed by SIGKILL, power loss).
-
-    Both `.NAME.tmp-PID` and the older `.NAME.tmpPID` are recognised; a live process's file is left alone.
-    """
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-?(\d+)")
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
-            m = pattern.fullmatch(entry.name)
-            if m and not _alive(int(m.group(1))) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftover: this process is not writing it now
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid < 1 << 22  # another user's live process (or an impossible id)
-    return True
-
-
-class _Terminated(BaseException):
-    """SIGTERM arrived during a write (raised by the handler `_cleanup_on_sigterm` installs)."""
-
-
-@contextlib.contextmanager
-def _cleanup_on_sigterm():
-    """Turn SIGTERM into an exception while writing, so `finally` removes the temp file; then die of it.
-
-    Only when SIGTERM has its default action (death without cleanup) and we run in the main thread; a program
-    with its own SIGTERM handler (the CLI's exits 143) keeps it, and the exception it raises cleans up the same.
-    """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
-    ):
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Terminated
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    except _Terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(
-            signal.SIGTERM
-        )  # the death the default action would have given, after cleanup
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _header_blob(specs, metadata: dict[str, str]) -> tuple[bytes, int]:
     header, offset = {}, 0
     if metadata:
@@ -754,8 +681,6 @@ def write_safetensors(
             {DIGEST_PREFIX + key: "0" * 64 for key in specs}
         )  # placeholders, as long as the digests
     head, total = _header_blob(specs, metadata)
-    remove_stale_temp_files(path)
-    tmp = temp_name(path)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -764,54 +689,34 @@ def write_safetensors(
             total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, unit_divisor=1024
         )
     try:
-        with _cleanup_on_sigterm(), ThreadPoolExecutor(1) as hasher:
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(head)
-                    for key in specs:
-                        arr = np.asarray(produce(key))
-                        arr = (
-                            arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
-                        )  # keeps 0-d tensors 0-d
-                        dtype, shape = specs[key]
-                        if arr.dtype != np_dtype(dtype) or tuple(arr.shape) != tuple(shape):
-                            raise CheckpointError(
-                                f"{path}: tensor {key!r} is {arr.dtype} {arr.shape}, "
-                                f"declared {dtype} {tuple(shape)}"
-                            )
-                        data = memoryview(arr.reshape(-1).view(np.uint8))
-                        # hashing and writing both release the GIL: the digest costs no time beside the write
-                        digest = hasher.submit(hashlib.sha256, data) if digests else None
-                        f.write(data)
-                        if digest is not None:
-                            metadata[DIGEST_PREFIX + key] = digest.result().hexdigest()
-                        if bar is not None:
-                            bar.update(arr.nbytes)
-                        del (
-                            arr,
-                            data,
-                        )  # before the next produce(): one tensor in memory at a time, not two
-                    if digests:
-                        final, _ = _header_blob(specs, metadata)
-                        assert len(final) == len(
-                            head
-                        )  # same keys, digests as long as their placeholders
-                        f.seek(0)
-                        f.write(final)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-                with contextlib.suppress(OSError):  # make the rename itself durable
-                    fd = os.open(path.parent, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-    except OSError as e:  # no space, no such directory, permissions: one clear line
-        raise CheckpointError(f"{path}: writing failed: {e}") from None
+        with ThreadPoolExecutor(1) as hasher, atomic_write(path) as f:
+            f.write(head)
+            for key in specs:
+                arr = np.asarray(produce(key))
+                # keeps 0-d tensors 0-d
+                arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+                dtype, shape = specs[key]
+                if arr.dtype != np_dtype(dtype) or tuple(arr.shape) != tuple(shape):
+                    raise CheckpointError(
+                        f"{path}: tensor {key!r} is {arr.dtype} {arr.shape}, "
+                        f"declared {dtype} {tuple(shape)}"
+                    )
+                data = memoryview(arr.reshape(-1).view(np.uint8))
+                # hashing and writing both release the GIL: the digest costs no time beside the write
+                digest = hasher.submit(hashlib.sha256, data) if digests else None
+                f.write(data)
+                if digest is not None:
+                    metadata[DIGEST_PREFIX + key] = digest.result().hexdigest()
+                if bar is not None:
+                    bar.update(arr.nbytes)
+                # before the next produce(): one tensor in memory at a time, not two
+                del arr, data
+            if digests:
+                final, _ = _header_blob(specs, metadata)
+                # same keys, digests as long as their placeholders
+                assert len(final) == len(head)
+                f.seek(0)
+                f.write(final)
     finally:
         if bar is not None:
             bar.close()
