@@ -81,17 +81,24 @@ def test_mlp_and_attention(rng, family):
 
 
 def block_twins(family, kind, dtype):
+    params = configs.get(f"{family}-tiny")  # the family's MLP and biases
+    flags = dict(bias=params.bias, gated_mlp=params.gated_mlp)
     if family == "flux1":
         cls = {
-            "double": (t1.DoubleStreamBlock, j1.DoubleStreamBlock, (D, H, 4.0, True)),
-            "single": (t1.SingleStreamBlock, j1.SingleStreamBlock, (D, H, 4.0)),
+            "double": (t1.DoubleStreamBlock, j1.DoubleStreamBlock, (D, H, 4.0), {"qkv_bias": True}),
+            "single": (t1.SingleStreamBlock, j1.SingleStreamBlock, (D, H, 4.0), {}),
         }[kind]
     else:
         cls = {
-            "double": (t2.DoubleStreamBlock, j2.DoubleStreamBlock, (D, H, 3.0)),
-            "single": (t2.SingleStreamBlock, j2.SingleStreamBlock, (D, H, 3.0)),
+            "double": (
+                t2.DoubleStreamBlock,
+                j2.DoubleStreamBlock,
+                (D, H, 3.0),
+                {"qkv_bias": False},
+            ),
+            "single": (t2.SingleStreamBlock, j2.SingleStreamBlock, (D, H, 3.0), {}),
         }[kind]
-    return twins(cls[0], cls[1], *cls[2], dtype=dtype)
+    return twins(cls[0], cls[1], *cls[2], dtype=dtype, **cls[3], **flags)
 
 
 @pytest.mark.slow
