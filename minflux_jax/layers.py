@@ -108,9 +108,8 @@ class MLPEmbedder(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned `scale`, normalising in fp32 (eps 1e-6)."""
 
-    def __init__(
-        self, dim: int, *, dtype, rngs: nnx.Rngs | None = None
-    ):  # rngs unused: ones, like BFL
+    # rngs unused: ones, like BFL
+    def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs | None = None):
         self.scale = nnx.Param(jnp.ones(dim, dtype))
 
     def __call__(self, x: Array) -> Array:

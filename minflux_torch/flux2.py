@@ -148,8 +148,9 @@ class Flux2(nn.Module):
         the last n_ref tokens of x are reference images, modulated as clean ones (t = 0) at every step."""
         dtype = self.img_in.weight.dtype
         vec = self.time_vec(timesteps, guidance)
-        mod_img, mod = self.double_stream_modulation_img(vec), self.single_stream_modulation(vec)[0]
-        if n_ref:
+        mod_img = self.double_stream_modulation_img(vec)
+        mod, _ = self.single_stream_modulation(vec)
+        if n_ref:  # klein KV: the image tokens' modulations per token, the references' at t = 0
             ref_vec = self.time_vec(torch.zeros_like(timesteps), guidance)
             ref_img = self.double_stream_modulation_img(ref_vec)
             ref, _ = self.single_stream_modulation(ref_vec)

@@ -26,11 +26,8 @@ from minflux import ids
 from parity.frameworks import JaxSide, TorchSide, jit_call, nbytes, strip
 from parity.metrics import Row, bound, compare
 
-HEAD_EXCLUDES = (
-    "double_blocks",
-    "single_blocks",
-    "final_layer",
-)  # the model's other children: its embedders
+# not heads; the model's other children are: its embedders
+HEAD_EXCLUDES = ("double_blocks", "single_blocks", "final_layer")
 
 
 def _draw(cfg, resolution: int, txt_len: int, batch: int, seed: int) -> tuple:
