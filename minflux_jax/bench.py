@@ -202,16 +202,13 @@ def fp8_row(plan, model, inp: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _embed(model, x: dict):
-    return model.embed(
-        **model.params.forward_kwargs(
-            x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x.get("vec"), x.get("guidance")
-        )
-    )
-
-
 def _np(t: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(t.astype(jnp.float32)))
+
+
+def _joint(out) -> jax.Array:
+    """A block's output as one array: a double block's (img, txt) side by side."""
+    return jnp.concatenate(out, 1) if isinstance(out, tuple) else out
 
 
 @nnx.jit
@@ -226,24 +223,24 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
     residual otherwise dilutes."""
     quant = fp8.quantize_model(nnx.clone(model), scaling)
     x = tensors(inp)
-    img, txt, kw = _embed(model, x)
+    names = {id(m): ".".join(map(str, path)) for path, m in nnx.iter_graph(model)}
+    twins = {".".join(map(str, path)): m for path, m in nnx.iter_graph(quant)}
     rows = []
-    for i, (ref, q) in enumerate(zip(model.double_blocks, quant.double_blocks, strict=True)):
-        want, got = _block(ref, (img, txt), kw["double"]), _block(q, (img, txt), kw["double"])
-        rows.append(
-            bench.fp8_row(
-                f"double_blocks.{i}",
-                _np(jnp.concatenate(got, 1)),
-                _np(jnp.concatenate(want, 1)),
-                _np(jnp.concatenate((img, txt), 1)),
+
+    def run(block, *args, **kwargs):  # the model's forward runs each block here, in both dtypes
+        want, name = _block(block, args, kwargs), names[id(block)]
+        if name != "final_layer":
+            got = _block(twins[name], args, kwargs)
+            before = (kwargs["img"], kwargs["txt"]) if isinstance(want, tuple) else args[0]
+            rows.append(
+                bench.fp8_row(name, _np(_joint(got)), _np(_joint(want)), _np(_joint(before)))
             )
-        )
-        img, txt = want
-    h = jnp.concatenate((txt, img), axis=1)
-    for i, (ref, q) in enumerate(zip(model.single_blocks, quant.single_blocks, strict=True)):
-        want, got = _block(ref, (h,), kw["single"]), _block(q, (h,), kw["single"])
-        rows.append(bench.fp8_row(f"single_blocks.{i}", _np(got), _np(want), _np(h)))
-        h = want
+        return want
+
+    kw = model.params.forward_kwargs(
+        x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x.get("vec"), x.get("guidance")
+    )
+    model(**kw, run=run)
     call = nnx.jit(
         lambda m: sampling.predict(
             m,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -107,9 +108,8 @@ class MLPEmbedder(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned `scale`, normalising in fp32 (eps 1e-6)."""
 
-    def __init__(
-        self, dim: int, *, dtype, rngs: nnx.Rngs | None = None
-    ):  # rngs unused: ones, like BFL
+    # rngs unused: ones, like BFL
+    def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs | None = None):
         self.scale = nnx.Param(jnp.ones(dim, dtype))
 
     def __call__(self, x: Array) -> Array:
@@ -162,70 +162,66 @@ def attention_backend(implementation: str, q: Array) -> str:
     return "cudnn" if fused else "xla"
 
 
-@dataclass
-class RefKV:
-    """FLUX.2 klein KV, one block: the reference tokens (the last `n_ref` of the sequence) attend only to
-    themselves, so their keys and values (B, H, n_ref, D), after RoPE, are the same at every step: the first step
-    records them here, later steps run without the reference tokens and attend to these instead (diffusers
-    `Flux2KVLayerCache`). Inside a compiled loop the arrays are traced values, carried like any other."""
-
-    n_ref: int
-    k: Array | None = None
-    v: Array | None = None
-
-
 def _sdpa(q: Array, k: Array, v: Array, implementation: str = "auto") -> Array:
     backend = attention_backend(implementation, q)
-    qkv = (
-        q.swapaxes(1, 2),
-        k.swapaxes(1, 2),
-        v.swapaxes(1, 2),
-    )  # jax.nn.dot_product_attention takes (B, L, H, D)
+    # jax.nn.dot_product_attention takes (B, L, H, D)
+    qkv = (q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))
     try:
         x = jax.nn.dot_product_attention(*qkv, implementation=backend)
-    except (
-        NotImplementedError,
-        ValueError,
-        RuntimeError,
-    ):  # "auto": XLA's where cuDNN refuses the shape
+    except (NotImplementedError, ValueError, RuntimeError):
+        # "auto": XLA's where cuDNN refuses the shape
         if implementation != "auto":
             raise
         x = jax.nn.dot_product_attention(*qkv, implementation="xla")
     return x.swapaxes(1, 2)  # (B, H, L, D)
 
 
-def attention(
-    q: Array, k: Array, v: Array, pe: Array, kv: RefKV | None = None, implementation: str = "auto"
-) -> Array:
+def attention(q: Array, k: Array, v: Array, pe: Array, implementation: str = "auto") -> Array:
     """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D).
 
-    With `kv` (klein KV): empty, the last kv.n_ref queries attend only to the last kv.n_ref keys and those keys
-    and values are kept in kv; filled, its keys and values are appended to a sequence without references.
     implementation: see `attention_backend`; chosen per call when traced (the blocks pass their own
     `attention_implementation`), so it is part of the compiled program, never a global read later.
     """
     q, k = apply_rope(q, k, pe)
-    if kv is None:
-        x = _sdpa(q, k, v, implementation)
-    elif kv.k is not None:  # later steps: the references' keys and values from the first
-        x = _sdpa(
-            q,
-            jnp.concatenate((k, kv.k), axis=2),
-            jnp.concatenate((v, kv.v), axis=2),
-            implementation,
-        )
-    else:  # first step: text and image tokens attend to everything, the references to themselves
-        n = kv.n_ref
-        kv.k, kv.v = k[:, :, -n:], v[:, :, -n:]
-        x = jnp.concatenate(
-            (
-                _sdpa(q[:, :, :-n], k, v, implementation),
-                _sdpa(q[:, :, -n:], kv.k, kv.v, implementation),
-            ),
-            axis=2,
-        )
     # named, so a remat policy can keep attention outputs (train.REMAT_POLICIES["attention"])
-    return checkpoint_name(rearrange(x, "B H L D -> B L (H D)"), "attention")
+    return checkpoint_name(
+        rearrange(_sdpa(q, k, v, implementation), "B H L D -> B L (H D)"), "attention"
+    )
+
+
+@dataclass(frozen=True)
+class RefKV:
+    """FLUX.2 klein KV, one block: the keys and values (B, H, n_ref, D), after RoPE, of the reference tokens.
+    The references attend only to themselves and are modulated at t = 0, so these are the same at every step
+    (diffusers `Flux2KVLayerCache`). Inside a compiled loop the arrays are traced values, carried like any other."""
+
+    k: Array
+    v: Array
+
+
+def attention_kv(
+    q: Array, k: Array, v: Array, pe: Array, kv: RefKV | int, implementation: str = "auto"
+) -> tuple[Array, RefKV]:
+    """`attention` for klein KV; returns (out (B, L, H*D), the references' RefKV).
+
+    kv = n_ref (the first step): the last n_ref tokens are the references; the others attend to every token, the
+    references only to themselves, and their keys and values are returned. kv = a RefKV (later steps): the
+    sequence holds no references and also attends to kv's keys and values, which are returned unchanged.
+    """
+    q, k = apply_rope(q, k, pe)
+    if isinstance(kv, RefKV):
+        k_all, v_all = jnp.concatenate((k, kv.k), axis=2), jnp.concatenate((v, kv.v), axis=2)
+        return rearrange(_sdpa(q, k_all, v_all, implementation), "B H L D -> B L (H D)"), kv
+    n = kv
+    kv = RefKV(k[:, :, -n:], v[:, :, -n:])
+    x = jnp.concatenate(
+        (
+            _sdpa(q[:, :, :-n], k, v, implementation),
+            _sdpa(q[:, :, -n:], kv.k, kv.v, implementation),
+        ),
+        axis=2,
+    )
+    return rearrange(x, "B H L D -> B L (H D)"), kv
 
 
 def set_attention_implementation(model: nnx.Module, implementation: str) -> nnx.Module:
@@ -264,6 +260,9 @@ class SelfAttention(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+Mod = tuple[Array, Array, Array]  # (shift, scale, gate), each (B, 1, D), or (B, L, D) per token
+
+
 class Modulation(nnx.Module):
     """vec -> (shift, scale, gate) once or twice, each (B, 1, D)."""
 
@@ -271,7 +270,7 @@ class Modulation(nnx.Module):
         self.multiplier = 6 if double else 3
         self.lin = linear(dim, self.multiplier * dim, bias, dtype, rngs)
 
-    def __call__(self, vec: Array) -> tuple[tuple[Array, ...], tuple[Array, ...] | None]:
+    def __call__(self, vec: Array) -> tuple[Mod, Mod | None]:
         out = jnp.split(self.lin(jax.nn.silu(vec))[:, None, :], self.multiplier, axis=-1)
         return tuple(out[:3]), (tuple(out[3:]) if self.multiplier == 6 else None)
 
@@ -334,29 +333,28 @@ class LastLayer(nnx.Module):
 
 # ---------------------------------------------------------------------------------------------
 # The two block types; flux1.py / flux2.py add where their modulation comes from.
-# `params` is the family's config (class): its `gated_mlp` and `bias` say which MLP and whether linears have biases.
+# qkv_bias, bias: whether the qkv / every other linear has a bias; gated_mlp: SwiGLU (FLUX.2) or GELU(tanh).
 # ---------------------------------------------------------------------------------------------
 
 
 class DoubleStreamBlockBase(nnx.Module):
     """Separate weights for image and text tokens, joint attention over both (text first)."""
 
-    attention_implementation = (
-        "auto"  # see `attention_backend`; `set_attention_implementation` changes it
-    )
+    # see `attention_backend`; `set_attention_implementation` changes it
+    attention_implementation = "auto"
 
     def __init__(
         self,
         hidden_size: int,
         num_heads: int,
         mlp_ratio: float,
-        params,
-        qkv_bias: bool,
         *,
+        qkv_bias: bool,
+        bias: bool,
+        gated_mlp: bool,
         dtype,
         rngs: nnx.Rngs,
     ):
-        bias, gated = params.bias, params.gated_mlp
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.img_norm1 = layer_norm(hidden_size, dtype, rngs)
@@ -364,18 +362,25 @@ class DoubleStreamBlockBase(nnx.Module):
             hidden_size, num_heads, qkv_bias, bias, dtype=dtype, rngs=rngs
         )
         self.img_norm2 = layer_norm(hidden_size, dtype, rngs)
-        self.img_mlp = mlp(hidden_size, mlp_hidden, gated, bias, dtype, rngs)
+        self.img_mlp = mlp(hidden_size, mlp_hidden, gated_mlp, bias, dtype, rngs)
         self.txt_norm1 = layer_norm(hidden_size, dtype, rngs)
         self.txt_attn = SelfAttention(
             hidden_size, num_heads, qkv_bias, bias, dtype=dtype, rngs=rngs
         )
         self.txt_norm2 = layer_norm(hidden_size, dtype, rngs)
-        self.txt_mlp = mlp(hidden_size, mlp_hidden, gated, bias, dtype, rngs)
+        self.txt_mlp = mlp(hidden_size, mlp_hidden, gated_mlp, bias, dtype, rngs)
 
     def stream(
-        self, img: Array, txt: Array, pe: Array, img_mod, txt_mod, kv: RefKV | None = None
-    ) -> tuple[Array, Array]:
-        """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]; mods: ((shift, scale, gate) x 2); kv: klein KV."""
+        self,
+        img: Array,
+        txt: Array,
+        pe: Array,
+        img_mod: tuple[Mod, Mod],
+        txt_mod: tuple[Mod, Mod],
+        kv: RefKV | int | None = None,
+    ) -> tuple[Array, Array, RefKV | None]:
+        """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]. Returns img, txt and, with klein KV's `kv` (see
+        `attention_kv`), the block's reference keys and values (else None)."""
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
 
@@ -388,14 +393,17 @@ class DoubleStreamBlockBase(nnx.Module):
         q = jnp.concatenate((txt_q, img_q), axis=2)  # (B, H, Lt+Li, D)
         k = jnp.concatenate((txt_k, img_k), axis=2)
         v = jnp.concatenate((txt_v, img_v), axis=2)
-        attn = attention(q, k, v, pe, kv, self.attention_implementation)
+        if kv is None:
+            attn = attention(q, k, v, pe, self.attention_implementation)
+        else:
+            attn, kv = attention_kv(q, k, v, pe, kv, self.attention_implementation)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
         img = img + img_gate2 * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
         txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + txt_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
-        return img, txt
+        return img, txt, kv
 
 
 class SingleStreamBlockBase(nnx.Module):
@@ -404,58 +412,62 @@ class SingleStreamBlockBase(nnx.Module):
     attention_implementation = "auto"
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float, params, *, dtype, rngs: nnx.Rngs
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        *,
+        bias: bool,
+        gated_mlp: bool,
+        dtype,
+        rngs: nnx.Rngs,
     ):
-        bias, gated = params.bias, params.gated_mlp
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         # linear1 = [q k v | mlp in]; a gated (SwiGLU) mlp part is twice as wide, gate first.
-        self.mlp_in = int(hidden_size * mlp_ratio) * (2 if gated else 1)
+        self.mlp_in = int(hidden_size * mlp_ratio) * (2 if gated_mlp else 1)
         self.linear1 = linear(hidden_size, 3 * hidden_size + self.mlp_in, bias, dtype, rngs)
         self.linear2 = linear(
             hidden_size + int(hidden_size * mlp_ratio), hidden_size, bias, dtype, rngs
         )
         self.norm = QKNorm(hidden_size // num_heads, dtype=dtype)
         self.pre_norm = layer_norm(hidden_size, dtype, rngs)
-        self.mlp_act = mlp_activation(gated)
+        self.mlp_act = mlp_activation(gated_mlp)
 
-    def stream(self, x: Array, pe: Array, mod, kv: RefKV | None = None) -> Array:
-        """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate); kv: klein KV."""
+    def stream(
+        self, x: Array, pe: Array, mod: Mod, kv: RefKV | int | None = None
+    ) -> tuple[Array, RefKV | None]:
+        """x (B, L, D) joint [txt, img] tokens. Returns x and, with klein KV's `kv` (see `attention_kv`), the
+        block's reference keys and values (else None)."""
         shift, scale, gate = mod
         qkv, mlp_in = jnp.split(
             self.linear1(modulate(self.pre_norm(x), shift, scale)), [3 * self.hidden_size], axis=-1
         )
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe, kv, self.attention_implementation)
+        if kv is None:
+            attn = attention(q, k, v, pe, self.attention_implementation)
+        else:
+            attn, kv = attention_kv(q, k, v, pe, kv, self.attention_implementation)
         out = self.linear2(jnp.concatenate((attn, self.mlp_act(mlp_in)), axis=2))
-        return x + gate * out
+        return x + gate * out, kv
 
 
-def call_block(kind: str, index: int, block: nnx.Module, args: tuple, kw: dict):
-    """The default `run_block` hook of `Trunk.trunk`: run the block. Training passes one that remats it and
-    gathers its weights (`train.forward`), the parity suite one that loads its weights, runs it, records the
-    output and frees them."""
-    return block(*args, **kw)
+# ---------------------------------------------------------------------------------------------
+# How a forward runs its blocks
+# ---------------------------------------------------------------------------------------------
 
 
-class Trunk(nnx.Module):
-    """The part both families share after `embed`: double blocks, single blocks, final layer.
+class BlockRunner(Protocol):
+    """What a model's forward calls each block and the final layer through: `run(block, *args, **kwargs)`
+    returns what `block(*args, **kwargs)` returns. Training passes one that remats each block and gathers its
+    FSDP-sharded weights (`train.block_runner`); parity one that loads a block's weights, runs it, records its
+    inputs and output and frees the weights (`parity.transformer`); one that moves a block's weights onto the
+    device before the call and back after it has the same signature."""
 
-    The one loop over the blocks: every block, and the final layer last (kind "final_layer", index 0), is run by
-    `run_block(kind, index, block, args, kw) -> block(*args, **kw)`, so training and parity reuse this forward.
-    """
+    def __call__(self, block: nnx.Module, /, *args: Any, **kwargs: Any) -> Any: ...
 
-    def trunk(
-        self, img: Array, txt: Array, kw: dict, run_block=call_block, kv: list[RefKV] | None = None
-    ) -> Array:
-        """kv: FLUX.2 klein's per-block reference caches (`Flux2.kv_caches`), double blocks first."""
-        cache = (lambda i: {}) if kv is None else (lambda i: {"kv": kv[i]})
-        for i, block in enumerate(self.double_blocks):
-            img, txt = run_block("double_blocks", i, block, (img, txt), kw["double"] | cache(i))
-        x = jnp.concatenate((txt, img), axis=1)  # (B, Lt+Li, D)
-        for i, block in enumerate(self.single_blocks):
-            x = run_block(
-                "single_blocks", i, block, (x,), kw["single"] | cache(len(self.double_blocks) + i)
-            )
-        return run_block("final_layer", 0, self.final_layer, (x[:, txt.shape[1] :], kw["vec"]), {})
+
+def call_block(block: nnx.Module, /, *args: Any, **kwargs: Any) -> Any:
+    """The default `BlockRunner`: run the block."""
+    return block(*args, **kwargs)

@@ -28,7 +28,6 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from minflux import configs, ids, random, schedules
-from minflux_jax.layers import RefKV
 
 Array = jax.Array
 TRACES: collections.Counter = collections.Counter()  # how often each compiled function was traced
@@ -569,19 +568,17 @@ def _kv_loop(
     model = nnx.merge(graphdef, state)
     b, n = txt.shape[0], ref.shape[1]
 
-    def with_refs(
-        x, t
-    ):  # the references in the sequence; returns the velocity and the filled caches
-        kv = model.kv_caches(n)
-        pred = model(
+    # the references in the sequence; returns the velocity and their keys and values
+    def with_refs(x, t):
+        pred, cache = model.forward_kv(
             x=jnp.concatenate((x, ref.astype(x.dtype)), axis=1),
             x_ids=jnp.concatenate((img_ids, ref_ids), axis=1),
             timesteps=jnp.broadcast_to(t, (b,)),
             ctx=txt,
             ctx_ids=txt_ids,
-            kv=kv,
+            n_ref=n,
         )
-        return pred[:, : x.shape[1]].astype(jnp.float32), [(c.k, c.v) for c in kv]
+        return pred[:, : x.shape[1]].astype(jnp.float32), cache
 
     v, cache = with_refs(img, ts[0])
     x = img + (ts[1] - ts[0]) * v
@@ -590,14 +587,13 @@ def _kv_loop(
     def step(x, t_pair):
         t_curr, t_prev = t_pair
         if cached:
-            kv = [RefKV(n, k, v) for k, v in cache]
-            pred = model(
+            pred = model.forward_cached(
                 x=x,
                 x_ids=img_ids,
                 timesteps=jnp.broadcast_to(t_curr, (b,)),
                 ctx=txt,
                 ctx_ids=txt_ids,
-                kv=kv,
+                cache=cache,
             ).astype(jnp.float32)
         else:
             pred = with_refs(x, t_curr)[0]

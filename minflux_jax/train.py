@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from minflux import schedules
+from minflux_jax.layers import BlockRunner, call_block
 from minflux_jax.load import torch_keys
 
 Array = jax.Array
@@ -108,13 +109,6 @@ REMAT_POLICIES = {  # what the backward pass may keep from the forward pass of e
 }
 
 
-def _call(block, args, kw, gather=None):
-    if gather is not None:  # FSDP: this block's weights, all-gathered here and only here
-        graphdef, state = nnx.split(block)
-        block = nnx.merge(graphdef, jax.tree.map(gather, state))
-    return block(*args, **kw)
-
-
 def gather_outside_blocks(params: dict, gather) -> dict:
     """`gather` applied to the weights that are not in a block (embedders, modulations; the final layer is
     gathered where it runs, as the blocks are)."""
@@ -122,22 +116,25 @@ def gather_outside_blocks(params: dict, gather) -> dict:
     return {k: v if k.startswith(inside) else gather(v) for k, v in params.items()}
 
 
-def block_hook(remat: str = "none", gather=None):
-    """The `run_block` hook of training: each block (and the final layer) an `nnx.remat` region with the policy
-    `remat`, its weights gathered by `gather` inside it. None when there is nothing to do."""
+def block_runner(remat: str = "none", gather=None) -> BlockRunner:
+    """The forward's `BlockRunner` in training: each block (and the final layer) an `nnx.remat` region with the
+    policy `remat`, its weights gathered by `gather` inside it."""
     if remat == "none" and gather is None:
-        return None
+        return call_block
 
-    def call(block, args, kw):  # positional only, as nnx.remat wants
-        return _call(block, args, kw, gather)
+    def call(block, args, kwargs):  # positional only, as nnx.remat wants
+        if gather is not None:  # FSDP: this block's weights, all-gathered here and only here
+            graphdef, state = nnx.split(block)
+            block = nnx.merge(graphdef, jax.tree.map(gather, state))
+        return block(*args, **kwargs)
 
     if remat != "none":
         call = nnx.remat(call, policy=REMAT_POLICIES[remat])
-    return lambda kind, index, block, args, kw: call(block, args, kw)
+    return lambda block, *args, **kwargs: call(block, args, kwargs)
 
 
 def forward(model, x: Array, t: Array, batch: dict, remat: str = "none", gather=None) -> Array:
-    """The model's prediction on noisy tokens x (B, L, C): the model's own forward through `block_hook`.
+    """The model's prediction on noisy tokens x (B, L, C): the model's own forward through `block_runner`.
 
     gather: FSDP training's array -> array constraint (`trainer.fsdp_gather`), applied to each block's weights
     where the block runs, inside its remat region: XLA then all-gathers a block's weights where it runs and
@@ -153,8 +150,7 @@ def forward(model, x: Array, t: Array, batch: dict, remat: str = "none", gather=
         batch.get("vec"),
         batch.get("guidance"),
     )
-    hook = block_hook(remat, gather)
-    return model(**kw) if hook is None else model(**kw, run_block=hook)
+    return model(**kw, run=block_runner(remat, gather))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -214,16 +214,13 @@ def fp8_row(plan, model, inp: dict, compiled: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _embed(model, x: dict):
-    return model.embed(
-        **model.params.forward_kwargs(
-            x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x.get("vec"), x.get("guidance")
-        )
-    )
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
+
+
+def _joint(out) -> torch.Tensor:
+    """A block's output as one tensor: a double block's (img, txt) side by side."""
+    return torch.cat(out, 1) if isinstance(out, tuple) else out
 
 
 @torch.inference_mode()
@@ -234,24 +231,23 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
     residual otherwise dilutes."""
     quant = fp8.quantize_model(copy.deepcopy(model), scaling)
     x = tensors(inp)
-    img, txt, kw = _embed(model, x)
+    names = {id(m): name for name, m in model.named_modules()}
     rows = []
-    for i, (ref, q) in enumerate(zip(model.double_blocks, quant.double_blocks, strict=True)):
-        want, got = ref(img, txt, **kw["double"]), q(img, txt, **kw["double"])
-        rows.append(
-            bench.fp8_row(
-                f"double_blocks.{i}",
-                _np(torch.cat(got, 1)),
-                _np(torch.cat(want, 1)),
-                _np(torch.cat((img, txt), 1)),
+
+    def run(block, *args, **kwargs):  # the model's forward runs each block here, in both dtypes
+        want, name = block(*args, **kwargs), names[id(block)]
+        if name != "final_layer":
+            got = quant.get_submodule(name)(*args, **kwargs)
+            before = (kwargs["img"], kwargs["txt"]) if isinstance(want, tuple) else args[0]
+            rows.append(
+                bench.fp8_row(name, _np(_joint(got)), _np(_joint(want)), _np(_joint(before)))
             )
-        )
-        img, txt = want
-    h = torch.cat((txt, img), dim=1)
-    for i, (ref, q) in enumerate(zip(model.single_blocks, quant.single_blocks, strict=True)):
-        want, got = ref(h, **kw["single"]), q(h, **kw["single"])
-        rows.append(bench.fp8_row(f"single_blocks.{i}", _np(got), _np(want), _np(h)))
-        h = want
+        return want
+
+    kw = model.params.forward_kwargs(
+        x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x.get("vec"), x.get("guidance")
+    )
+    model(**kw, run=run)
     call = lambda m: sampling.predict(
         m, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x.get("vec"), x.get("guidance")
     )

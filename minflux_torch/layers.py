@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -128,18 +129,6 @@ def layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
-@dataclass
-class RefKV:
-    """FLUX.2 klein KV, one block: the reference tokens (the last `n_ref` of the sequence) attend only to
-    themselves, so their keys and values (B, H, n_ref, D), after RoPE, are the same at every step: the first step
-    records them here, later steps run without the reference tokens and attend to these instead (diffusers
-    `Flux2KVLayerCache`)."""
-
-    n_ref: int
-    k: Tensor | None = None
-    v: Tensor | None = None
-
-
 SDPA_BACKENDS = {
     "flash": "FLASH_ATTENTION",
     "cudnn": "CUDNN_ATTENTION",
@@ -149,9 +138,8 @@ SDPA_BACKENDS = {
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, implementation: str = "auto") -> Tensor:
-    if (
-        implementation == "auto"
-    ):  # SDPA's own pick: flash / cuDNN fused kernels on a GPU where they apply
+    if implementation == "auto":
+        # SDPA's own pick: flash / cuDNN fused kernels on a GPU where they apply
         return nn.functional.scaled_dot_product_attention(q, k, v)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -159,37 +147,49 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, implementation: str = "auto") -> Tens
         return nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    pe: Tensor,
-    kv: RefKV | None = None,
-    implementation: str = "auto",
-) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, implementation: str = "auto") -> Tensor:
     """RoPE, then softmax attention with SDPA's 1/sqrt(D) scale: (B, H, L, D) -> (B, L, H*D).
 
-    With `kv` (klein KV): empty, the last kv.n_ref queries attend only to the last kv.n_ref keys and those keys
-    and values are kept in kv; filled, its keys and values are appended to a sequence without references.
     implementation: "auto" (SDPA picks) or one of SDPA_BACKENDS forced through `torch.nn.attention.sdpa_kernel`;
     the blocks pass their own `attention_implementation`.
     """
     q, k = apply_rope(q, k, pe)
-    if kv is None:
-        x = _sdpa(q, k, v, implementation)
-    elif kv.k is not None:  # later steps: the references' keys and values from the first
-        x = _sdpa(q, torch.cat((k, kv.k), dim=2), torch.cat((v, kv.v), dim=2), implementation)
-    else:  # first step: text and image tokens attend to everything, the references to themselves
-        n = kv.n_ref
-        kv.k, kv.v = k[:, :, -n:], v[:, :, -n:]
-        x = torch.cat(
-            (
-                _sdpa(q[:, :, :-n], k, v, implementation),
-                _sdpa(q[:, :, -n:], kv.k, kv.v, implementation),
-            ),
-            dim=2,
-        )
-    return rearrange(x, "B H L D -> B L (H D)")
+    return rearrange(_sdpa(q, k, v, implementation), "B H L D -> B L (H D)")
+
+
+@dataclass(frozen=True)
+class RefKV:
+    """FLUX.2 klein KV, one block: the keys and values (B, H, n_ref, D), after RoPE, of the reference tokens.
+    The references attend only to themselves and are modulated at t = 0, so these are the same at every step
+    (diffusers `Flux2KVLayerCache`)."""
+
+    k: Tensor
+    v: Tensor
+
+
+def attention_kv(
+    q: Tensor, k: Tensor, v: Tensor, pe: Tensor, kv: RefKV | int, implementation: str = "auto"
+) -> tuple[Tensor, RefKV]:
+    """`attention` for klein KV; returns (out (B, L, H*D), the references' RefKV).
+
+    kv = n_ref (the first step): the last n_ref tokens are the references; the others attend to every token, the
+    references only to themselves, and their keys and values are returned. kv = a RefKV (later steps): the
+    sequence holds no references and also attends to kv's keys and values, which are returned unchanged.
+    """
+    q, k = apply_rope(q, k, pe)
+    if isinstance(kv, RefKV):
+        k_all, v_all = torch.cat((k, kv.k), dim=2), torch.cat((v, kv.v), dim=2)
+        return rearrange(_sdpa(q, k_all, v_all, implementation), "B H L D -> B L (H D)"), kv
+    n = kv
+    kv = RefKV(k[:, :, -n:], v[:, :, -n:])
+    x = torch.cat(
+        (
+            _sdpa(q[:, :, :-n], k, v, implementation),
+            _sdpa(q[:, :, -n:], kv.k, kv.v, implementation),
+        ),
+        dim=2,
+    )
+    return rearrange(x, "B H L D -> B L (H D)"), kv
 
 
 def set_attention_implementation(model: nn.Module, implementation: str) -> nn.Module:
@@ -227,6 +227,9 @@ class SelfAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+Mod = tuple[Tensor, Tensor, Tensor]  # (shift, scale, gate), each (B, 1, D), or (B, L, D) per token
+
+
 class Modulation(nn.Module):
     """vec -> (shift, scale, gate) once or twice, each (B, 1, D)."""
 
@@ -235,7 +238,7 @@ class Modulation(nn.Module):
         self.multiplier = 6 if double else 3
         self.lin = nn.Linear(dim, self.multiplier * dim, bias=bias)
 
-    def forward(self, vec: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+    def forward(self, vec: Tensor) -> tuple[Mod, Mod | None]:
         out = self.lin(nn.functional.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
         return out[:3], (out[3:] if self.multiplier == 6 else None)
 
@@ -284,7 +287,7 @@ class LastLayer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # The two block types; flux1.py / flux2.py add where their modulation comes from.
-# `params` is the family's config (class): its `gated_mlp` and `bias` say which MLP and whether linears have biases.
+# qkv_bias, bias: whether the qkv / every other linear has a bias; gated_mlp: SwiGLU (FLUX.2) or GELU(tanh).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -293,24 +296,39 @@ class DoubleStreamBlockBase(nn.Module):
 
     attention_implementation = "auto"  # see `attention`; `set_attention_implementation` changes it
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, params, qkv_bias: bool):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        *,
+        qkv_bias: bool,
+        bias: bool,
+        gated_mlp: bool,
+    ):
         super().__init__()
-        bias, gated = params.bias, params.gated_mlp
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.img_norm1 = layer_norm(hidden_size)
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
         self.img_norm2 = layer_norm(hidden_size)
-        self.img_mlp = mlp(hidden_size, mlp_hidden, gated, bias)
+        self.img_mlp = mlp(hidden_size, mlp_hidden, gated_mlp, bias)
         self.txt_norm1 = layer_norm(hidden_size)
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
         self.txt_norm2 = layer_norm(hidden_size)
-        self.txt_mlp = mlp(hidden_size, mlp_hidden, gated, bias)
+        self.txt_mlp = mlp(hidden_size, mlp_hidden, gated_mlp, bias)
 
     def stream(
-        self, img: Tensor, txt: Tensor, pe: Tensor, img_mod, txt_mod, kv: RefKV | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]; mods: ((shift, scale, gate) x 2); kv: klein KV."""
+        self,
+        img: Tensor,
+        txt: Tensor,
+        pe: Tensor,
+        img_mod: tuple[Mod, Mod],
+        txt_mod: tuple[Mod, Mod],
+        kv: RefKV | int | None = None,
+    ) -> tuple[Tensor, Tensor, RefKV | None]:
+        """img (B, Li, D), txt (B, Lt, D), pe for [txt, img]. Returns img, txt and, with klein KV's `kv` (see
+        `attention_kv`), the block's reference keys and values (else None)."""
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
 
@@ -323,14 +341,17 @@ class DoubleStreamBlockBase(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)  # (B, H, Lt+Li, D)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe, kv, self.attention_implementation)
+        if kv is None:
+            attn = attention(q, k, v, pe, self.attention_implementation)
+        else:
+            attn, kv = attention_kv(q, k, v, pe, kv, self.attention_implementation)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
         img = img + img_gate2 * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
         txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + txt_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
-        return img, txt
+        return img, txt, kv
 
 
 class SingleStreamBlockBase(nn.Module):
@@ -338,21 +359,25 @@ class SingleStreamBlockBase(nn.Module):
 
     attention_implementation = "auto"
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, params):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float, *, bias: bool, gated_mlp: bool
+    ):
         super().__init__()
-        bias, gated = params.bias, params.gated_mlp
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         # linear1 = [q k v | mlp in]; a gated (SwiGLU) mlp part is twice as wide, gate first.
-        self.mlp_in = int(hidden_size * mlp_ratio) * (2 if gated else 1)
+        self.mlp_in = int(hidden_size * mlp_ratio) * (2 if gated_mlp else 1)
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + self.mlp_in, bias=bias)
         self.linear2 = nn.Linear(hidden_size + int(hidden_size * mlp_ratio), hidden_size, bias=bias)
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = layer_norm(hidden_size)
-        self.mlp_act = mlp_activation(gated)
+        self.mlp_act = mlp_activation(gated_mlp)
 
-    def stream(self, x: Tensor, pe: Tensor, mod, kv: RefKV | None = None) -> Tensor:
-        """x (B, L, D) joint [txt, img] tokens; mod: (shift, scale, gate); kv: klein KV."""
+    def stream(
+        self, x: Tensor, pe: Tensor, mod: Mod, kv: RefKV | int | None = None
+    ) -> tuple[Tensor, RefKV | None]:
+        """x (B, L, D) joint [txt, img] tokens. Returns x and, with klein KV's `kv` (see `attention_kv`), the
+        block's reference keys and values (else None)."""
         shift, scale, gate = mod
         qkv, mlp_in = torch.split(
             self.linear1(modulate(self.pre_norm(x), shift, scale)),
@@ -361,39 +386,29 @@ class SingleStreamBlockBase(nn.Module):
         )
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe, kv, self.attention_implementation)
+        if kv is None:
+            attn = attention(q, k, v, pe, self.attention_implementation)
+        else:
+            attn, kv = attention_kv(q, k, v, pe, kv, self.attention_implementation)
         out = self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=2))
-        return x + gate * out
+        return x + gate * out, kv
 
 
-def call_block(kind: str, index: int, block: nn.Module, args: tuple, kw: dict):
-    """The default `run_block` hook of `Trunk.trunk`: run the block. Training passes one that checkpoints it
-    (`train.forward`), the parity suite one that loads its weights, runs it, records the output and frees them."""
-    return block(*args, **kw)
+# ---------------------------------------------------------------------------------------------
+# How a forward runs its blocks
+# ---------------------------------------------------------------------------------------------
 
 
-class Trunk(nn.Module):
-    """The part both families share after `embed`: double blocks, single blocks, final layer.
+class BlockRunner(Protocol):
+    """What a model's forward calls each block and the final layer through: `run(block, *args, **kwargs)`
+    returns what `block(*args, **kwargs)` returns. Training passes one that checkpoints each block
+    (`train.block_runner`); parity one that loads a block's weights, runs it, records its inputs and output
+    and frees the weights (`parity.transformer`); one that moves a block's weights onto the device before the
+    call and back after it has the same signature."""
 
-    The one loop over the blocks: every block, and the final layer last (kind "final_layer", index 0), is run by
-    `run_block(kind, index, block, args, kw) -> block(*args, **kw)`, so training and parity reuse this forward.
-    """
+    def __call__(self, block: nn.Module, /, *args: Any, **kwargs: Any) -> Any: ...
 
-    def trunk(
-        self,
-        img: Tensor,
-        txt: Tensor,
-        kw: dict,
-        run_block=call_block,
-        kv: list[RefKV] | None = None,
-    ) -> Tensor:
-        """kv: FLUX.2 klein's per-block reference caches (`Flux2.kv_caches`), double blocks first."""
-        cache = (lambda i: {}) if kv is None else (lambda i: {"kv": kv[i]})
-        for i, block in enumerate(self.double_blocks):
-            img, txt = run_block("double_blocks", i, block, (img, txt), kw["double"] | cache(i))
-        x = torch.cat((txt, img), dim=1)  # (B, Lt+Li, D)
-        for i, block in enumerate(self.single_blocks):
-            x = run_block(
-                "single_blocks", i, block, (x,), kw["single"] | cache(len(self.double_blocks) + i)
-            )
-        return run_block("final_layer", 0, self.final_layer, (x[:, txt.shape[1] :], kw["vec"]), {})
+
+def call_block(block: nn.Module, /, *args: Any, **kwargs: Any) -> Any:
+    """The default `BlockRunner`: run the block."""
+    return block(*args, **kwargs)

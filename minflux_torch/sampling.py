@@ -494,23 +494,23 @@ def denoise_kv(
         a.expand(b, *a.shape[1:]) for a in (img_ids, txt_ids, ref, ref_ids)
     )
     ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)
-    x, kv = img.float(), None
+    x, cache = img.float(), None
     for i in tqdm(range(len(timesteps) - 1), desc="denoising", unit="step", disable=not progress):
         t = ts[i].expand(b)
-        if (
-            kv is None or not cached
-        ):  # the references in the sequence; their keys and values kept in kv
-            kv = model.kv_caches(ref.shape[1])
-            pred = model(
+        if cache is None or not cached:
+            # the references in the sequence; their keys and values returned
+            pred, cache = model.forward_kv(
                 x=torch.cat((x, ref.float()), dim=1),
                 x_ids=torch.cat((img_ids, ref_ids), dim=1),
                 timesteps=t,
                 ctx=txt,
                 ctx_ids=txt_ids,
-                kv=kv,
+                n_ref=ref.shape[1],
             )
         else:
-            pred = model(x=x, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, kv=kv)
+            pred = model.forward_cached(
+                x=x, x_ids=img_ids, timesteps=t, ctx=txt, ctx_ids=txt_ids, cache=cache
+            )
         x = x + (ts[i + 1] - ts[i]) * pred[:, : x.shape[1]].float()
     return x
 

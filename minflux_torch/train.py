@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from minflux import schedules
+from minflux_torch.layers import BlockRunner, call_block
 
 # ---------------------------------------------------------------------------------------------
 # Timesteps and the flow-matching loss
@@ -79,23 +80,17 @@ def flow_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def _call(block, args, kw):
-    return block(*args, **kw)
-
-
-def block_hook(remat: str = "none"):
-    """The `run_block` hook of training: each block (and the final layer) checkpointed, its activations recomputed
-    in the backward pass (torch keeps no per-op policy: every remat setting recomputes the whole block). None
-    when there is nothing to do."""
+def block_runner(remat: str = "none") -> BlockRunner:
+    """The forward's `BlockRunner` in training: with remat, each block (and the final layer) checkpointed, its
+    activations recomputed in the backward pass (torch keeps no per-op policy: every remat setting recomputes
+    the whole block)."""
     if remat == "none":
-        return None
-    return lambda kind, index, block, args, kw: checkpoint(
-        _call, block, args, kw, use_reentrant=False
-    )
+        return call_block
+    return lambda block, *args, **kwargs: checkpoint(block, *args, use_reentrant=False, **kwargs)
 
 
 def forward(model, x: Tensor, t: Tensor, batch: dict, remat: str = "none") -> Tensor:
-    """The model's prediction on noisy tokens x (B, L, C): the model's own forward through `block_hook`."""
+    """The model's prediction on noisy tokens x (B, L, C): the model's own forward through `block_runner`."""
     kw = model.params.forward_kwargs(
         x,
         batch["img_ids"],
@@ -105,8 +100,7 @@ def forward(model, x: Tensor, t: Tensor, batch: dict, remat: str = "none") -> Te
         batch.get("vec"),
         batch.get("guidance"),
     )
-    hook = block_hook(remat)
-    return model(**kw) if hook is None else model(**kw, run_block=hook)
+    return model(**kw, run=block_runner(remat))
 
 
 # ---------------------------------------------------------------------------------------------

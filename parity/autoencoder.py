@@ -168,9 +168,8 @@ def run(
                 J.assign(sub, {k[len(m) + 1 :]: v for k, v in w_j.items() if k.startswith(m + ".")})
             del w_t, w_j
             t_in = t_h
-            if (
-                name == "decoder.in"
-            ):  # decode(z) is a forward of its own: both start from the same latents
+            if name == "decoder.in":
+                # decode(z) is a forward of its own: both start from the same latents
                 j_h = J.input(to_j(T.output(t_in)), cast=True)
             t_h = fn(T.model, t_h, TorchOps)
             ref = T.output(t_h)
@@ -215,9 +214,8 @@ def run(
                 nnx.update(_sub(J.model, m), saved[m])
             if progress:
                 progress(name)
-            if (
-                j_h is None
-            ):  # JAX could not go on: the remaining stages cannot be compared free-running
+            if j_h is None:
+                # JAX could not go on: the remaining stages cannot be compared free-running
                 j_h = J.input(to_j(T.output(t_h)), cast=True)
     memory = {
         "torch_weights_peak_bytes": peak,

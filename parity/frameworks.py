@@ -111,9 +111,8 @@ class JaxSide:
 
     @staticmethod
     def output(a) -> np.ndarray:
-        return np.asarray(
-            jax.device_get(a), np.float32
-        )  # bf16 widened in numpy: exact, and nothing to compile
+        # bf16 widened in numpy: exact, and nothing to compile
+        return np.asarray(jax.device_get(a), np.float32)
 
 
 @partial(jax.jit, static_argnums=0)

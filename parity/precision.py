@@ -10,9 +10,8 @@ def configure(device: str, allow_tf32: bool = False) -> dict:
 
     mode = "tf32" if allow_tf32 else "ieee"
     torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = (
-        mode  # cuDNN conv TF32 is on by default (matters for the VAE)
-    )
+    # cuDNN conv TF32 is on by default (matters for the VAE)
+    torch.backends.cudnn.conv.fp32_precision = mode
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if allow_tf32 else "highest")
     return settings()
 

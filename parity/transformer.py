@@ -1,8 +1,8 @@
 """Block-by-block parity of the FLUX.1 and FLUX.2 transformers, through each model's own forward.
 
-Each framework runs its model's forward (`Flux` / `Flux2`), whose one block loop (`Trunk.trunk`) hands every
-block and the final layer to a `run_block` hook. The hook here loads that stage's weights, runs it, records
-its inputs and output, and frees the weights: PyTorch's forward first, then JAX's, so a run holds one
+Each framework runs its model's own forward (`Flux` / `Flux2`), which calls every block and the final layer
+through a `BlockRunner` (`run(block, *args, **kwargs)`). The runner here loads that stage's weights, runs it,
+records its inputs and output, and frees the weights: PyTorch's forward first, then JAX's, so a run holds one
 framework's block at a time (and, on the host, PyTorch's activations at every stage boundary).
 Stages: the embedders (their outputs are the first block's inputs), each double block, each single block,
 the final layer. Per stage two comparisons, JAX against PyTorch:
@@ -26,11 +26,8 @@ from minflux import ids
 from parity.frameworks import JaxSide, TorchSide, jit_call, nbytes, strip
 from parity.metrics import Row, bound, compare
 
-HEAD_EXCLUDES = (
-    "double_blocks",
-    "single_blocks",
-    "final_layer",
-)  # the model's other children: its embedders
+# not heads; the model's other children are: its embedders
+HEAD_EXCLUDES = ("double_blocks", "single_blocks", "final_layer")
 
 
 def _draw(cfg, resolution: int, txt_len: int, batch: int, seed: int) -> tuple:
@@ -62,8 +59,15 @@ def _joint(out) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def _stage_keys(expected, kind: str, index: int) -> tuple[str, list[str]]:
-    prefix = f"{kind}.{index}." if kind != "final_layer" else "final_layer."
+def _stage_names(model) -> dict[int, str]:
+    """id(module) -> its checkpoint name ("double_blocks.3", "final_layer"): which stage a runner is handed."""
+    if isinstance(model, torch.nn.Module):
+        return {id(m): name for name, m in model.named_modules()}
+    return {id(m): ".".join(map(str, path)) for path, m in nnx.iter_graph(model)}
+
+
+def _stage_keys(expected, name: str) -> tuple[str, list[str]]:
+    prefix = name + "."
     return prefix, [k for k in expected if k.startswith(prefix)]
 
 
@@ -83,37 +87,35 @@ def _under(tensors: dict, name: str) -> dict:
 
 
 def _torch_pass(T, source, inputs: dict, dtype: str, progress) -> tuple[list, int]:
-    """PyTorch's forward through the streaming hook. Returns ([(kind, index, args, kw, output)] as exact numpy,
+    """PyTorch's forward through the streaming runner. Returns ([(name, args, kwargs, output)] as exact numpy,
     the most weight bytes held at once)."""
-    heads = _heads(T.model)
+    heads, names = _heads(T.model), _stage_names(T.model)
     w = source.read([k for k in T.expected if k.split(".", 1)[0] in heads])
     peak = nbytes(w, dtype)
     for name in heads:
         T.materialise(getattr(T.model, name), _under(w, name))
     del w
-    records, kw_cache = [], {}
+    records, cache = [], {}
 
-    def run_block(kind, index, block, args, kw):
+    def run(block, *args, **kwargs):
         nonlocal peak
         if not records:  # the embedders have run: free them before the first block's weights arrive
             for name in heads:
                 getattr(T.model, name).to("meta")
-        prefix, keys = _stage_keys(T.expected, kind, index)
+        name = names[id(block)]
+        prefix, keys = _stage_keys(T.expected, name)
         w = source.read(keys)
         peak = max(peak, nbytes(w, dtype))
-        out = T.materialise(block, strip(w, prefix))(*args, **kw)
+        out = T.materialise(block, strip(w, prefix))(*args, **kwargs)
         block.to("meta")
-        records.append((kind, index, T.to_numpy(args), T.to_numpy(kw, kw_cache), T.to_numpy(out)))
+        records.append((name, T.to_numpy(args), T.to_numpy(kwargs, cache), T.to_numpy(out)))
         if progress:
-            progress(f"PyTorch {kind}.{index}")
+            progress(f"PyTorch {name}")
         return out
 
     try:
         with torch.inference_mode():
-            T.model(
-                **{k: None if v is None else T.input(v) for k, v in inputs.items()},
-                run_block=run_block,
-            )
+            T.model(**{k: None if v is None else T.input(v) for k, v in inputs.items()}, run=run)
     finally:
         T.model.to("meta")
     return records, peak
@@ -122,48 +124,44 @@ def _torch_pass(T, source, inputs: dict, dtype: str, progress) -> tuple[list, in
 def _jax_pass(
     J, source, expected, inputs: dict, records: list, report, dtype: str, progress
 ) -> int:
-    """JAX's forward through the streaming hook. Each stage also runs on PyTorch's recorded inputs (teacher
-    forcing); `report(record, args, teacher, free)` gets both results. Returns the most weight bytes held."""
-    model, heads = J.model, _heads(J.model)
+    """JAX's forward through the streaming runner. Each stage also runs on PyTorch's recorded inputs (teacher
+    forcing); `report(record, args, kwargs, teacher, free)` gets both results. Returns the most weight bytes
+    held."""
+    model, heads, names = J.model, _heads(J.model), _stage_names(J.model)
     w = source.read([k for k in expected if k.split(".", 1)[0] in heads])
     peak = nbytes(w, dtype)
-    saved = {
-        name: nnx.state(getattr(model, name)) for name in heads
-    }  # abstract: restored afterwards
+    # abstract: restored afterwards
+    saved = {name: nnx.state(getattr(model, name)) for name in heads}
     for name in heads:
         J.assign(getattr(model, name), _under(w, name))
     del w
-    done, kw_cache = [], {}
+    done, cache = [], {}
 
-    def run_block(kind, index, block, args, kw):
+    def run(block, *args, **kwargs):
         nonlocal peak
         if not done:  # the embedders have run
             for name in heads:
                 nnx.update(getattr(model, name), saved[name])
-        record = records[len(done)] if len(done) < len(records) else (None, None)
-        if record[:2] != (kind, index):
-            raise RuntimeError(
-                f"the JAX forward ran {kind}.{index} where PyTorch's ran {record[0]}.{record[1]}"
-            )
-        prefix, keys = _stage_keys(expected, kind, index)
+        name = names[id(block)]
+        record = records[len(done)] if len(done) < len(records) else (None,)
+        if record[0] != name:
+            raise RuntimeError(f"the JAX forward ran {name} where PyTorch's ran {record[0]}")
+        prefix, keys = _stage_keys(expected, name)
         w = source.read(keys)
         peak = max(peak, nbytes(w, dtype))
         j_block = J.materialise(block, strip(w, prefix))
         del w
-        teacher = jit_call(j_block, *J.from_numpy(record[2]), **J.from_numpy(record[3], kw_cache))
-        free = jit_call(j_block, *args, **kw)
-        report(record, args, teacher, free)
-        done.append(kind)
+        teacher = jit_call(j_block, *J.from_numpy(record[1]), **J.from_numpy(record[2], cache))
+        free = jit_call(j_block, *args, **kwargs)
+        report(record, args, kwargs, teacher, free)
+        done.append(name)
         if progress:
-            progress(f"JAX {kind}.{index}")
+            progress(f"JAX {name}")
         return free
 
     try:
         with jax.default_device(J.device):
-            model(
-                **{k: None if v is None else J.input(v) for k, v in inputs.items()},
-                run_block=run_block,
-            )
+            model(**{k: None if v is None else J.input(v) for k, v in inputs.items()}, run=run)
     finally:
         for name in heads:
             nnx.update(getattr(model, name), saved[name])
@@ -207,33 +205,33 @@ def run(
             compare(name, "free", J.output(free), ref, dtype, model_bound, depth),
         ]
 
-    def report(record, args, teacher, free):
-        kind, index, t_args, _, t_out = record
+    def report(record, args, kwargs, teacher, free):
+        name, t_args, t_kwargs, t_out = record
         depth = len(rows) // 2 + 1
-        if (
-            not rows and kind != "final_layer"
-        ):  # the first block's inputs are the embedders' outputs
-            names = ("embed.img", "embed.txt") if kind == "double_blocks" else ("embed.joint",)
-            for name, a, t in zip(names, args, t_args, strict=True):
-                embed.extend(both(name, 0, a, a, np.asarray(t, np.float32)))
+        if not rows and name != "final_layer":
+            # the first block's inputs are the embedders' outputs
+            if name.startswith("double_blocks."):
+                inputs = [("embed.img", kwargs["img"], t_kwargs["img"])]
+                inputs.append(("embed.txt", kwargs["txt"], t_kwargs["txt"]))
+            else:
+                inputs = [("embed.joint", args[0], t_args[0])]
+            for input_name, a, t in inputs:
+                embed.extend(both(input_name, 0, a, a, np.asarray(t, np.float32)))
         ref = _joint(t_out)
-        if kind == "final_layer":
+        if name == "final_layer":
             embed.extend(both("embed.vec", 0, args[1], args[1], np.asarray(t_args[1], np.float32)))
             rows.append(
                 compare("final_layer", "teacher", J.output(teacher), ref, dtype, block_bound, depth)
             )
             rows.append(compare("output", "free", J.output(free), ref, dtype, model_bound, depth))
             return
-        teacher, free = (
-            (J.output(teacher), J.output(free))
-            if kind != "double_blocks"
-            else (
-                _joint((J.output(teacher[0]), J.output(teacher[1]))),
-                _joint((J.output(free[0]), J.output(free[1]))),
-            )
-        )
-        rows.append(compare(f"{kind}.{index}", "teacher", teacher, ref, dtype, block_bound, depth))
-        rows.append(compare(f"{kind}.{index}", "free", free, ref, dtype, model_bound, depth))
+        if name.startswith("double_blocks."):
+            teacher = _joint((J.output(teacher[0]), J.output(teacher[1])))
+            free = _joint((J.output(free[0]), J.output(free[1])))
+        else:
+            teacher, free = J.output(teacher), J.output(free)
+        rows.append(compare(name, "teacher", teacher, ref, dtype, block_bound, depth))
+        rows.append(compare(name, "free", free, ref, dtype, model_bound, depth))
 
     jax_peak = _jax_pass(J, jax_weights, T.expected, inputs, records, report, dtype, progress)
     rows = embed + rows

@@ -15,9 +15,8 @@ class CheckpointWeights:
 
     def __init__(self, path, cfg, expected: dict[str, tuple[int, ...]], verify: bool = False):
         self.reader = checkpoint.BflReader(path, expected, cfg, verify)
-        self.description = (
-            self.reader.describe()
-        )  # path, layout and the dtypes read (e.g. F8_E4M3, scaled)
+        # path, layout and the dtypes read (e.g. F8_E4M3, scaled)
+        self.description = self.reader.describe()
 
     def read(self, keys) -> dict[str, np.ndarray]:
         return {k: self.reader.read(k) for k in keys}

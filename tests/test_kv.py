@@ -97,27 +97,32 @@ def test_forward_extract_and_cached_match_diffusers(models):
             kv_cache_mode="cached",
         )[0]
         want1 = want1.numpy()  # diffusers returns the image tokens only
-        kv = tm.kv_caches(ref_tok.shape[1])  # ours: references last, [img, ref]
-        a1 = tm(
+        # ours: references last, [img, ref]
+        a1, kv = tm.forward_kv(
             x=T(np.concatenate((img, ref_tok), 1)),
             x_ids=T(np.concatenate((img_ids, ref_ids), 1)),
             timesteps=T(t1),
             ctx=T(txt),
             ctx_ids=T(txt_ids),
-            kv=kv,
-        )[:, : h * w]
-        a2 = tm(x=T(img2), x_ids=T(img_ids), timesteps=T(t2), ctx=T(txt), ctx_ids=T(txt_ids), kv=kv)
+            n_ref=ref_tok.shape[1],
+        )
+        a1 = a1[:, : h * w]
+        a2 = tm.forward_cached(
+            x=T(img2), x_ids=T(img_ids), timesteps=T(t2), ctx=T(txt), ctx_ids=T(txt_ids), cache=kv
+        )
     J = jnp.asarray
-    kv = jm.kv_caches(ref_tok.shape[1])
-    b1 = jm(
+    b1, kv = jm.forward_kv(
         x=J(np.concatenate((img, ref_tok), 1)),
         x_ids=J(np.concatenate((img_ids, ref_ids), 1)),
         timesteps=J(t1),
         ctx=J(txt),
         ctx_ids=J(txt_ids),
-        kv=kv,
-    )[:, : h * w]
-    b2 = jm(x=J(img2), x_ids=J(img_ids), timesteps=J(t2), ctx=J(txt), ctx_ids=J(txt_ids), kv=kv)
+        n_ref=ref_tok.shape[1],
+    )
+    b1 = b1[:, : h * w]
+    b2 = jm.forward_cached(
+        x=J(img2), x_ids=J(img_ids), timesteps=J(t2), ctx=J(txt), ctx_ids=J(txt_ids), cache=kv
+    )
     errs = [
         rel_l2(a1.numpy(), want1),
         rel_l2(a2.numpy(), want2.numpy()),

@@ -80,18 +80,53 @@ def test_mlp_and_attention(rng, family):
     assert rel_l2(out(jm(xj)), out(tm(x))) < 1e-5
 
 
+def test_attention_kv(rng):
+    """klein KV attention: the first step (the last n tokens references, which see only themselves) against
+    torch's masked SDPA, and returning the references' keys and values; the cached step, without the references,
+    against the first step's other tokens; PyTorch against JAX. The cache is returned, never written into."""
+    L, n = 9, 4
+    (q, k, v), (qj, kj, vj) = inputs(rng, *[(2, H, L, HEAD)] * 3)
+    pe_t, pe_j = pe_pair(rng, 4, L)
+    first, kv = tl.attention_kv(q, k, v, pe_t, n)
+    first_j, kv_j = jl.attention_kv(qj, kj, vj, pe_j, n)
+    allowed = torch.ones(L, L, dtype=torch.bool)
+    allowed[-n:, :-n] = False  # the references' queries see only the references' keys
+    q_rot, k_rot = tl.apply_rope(q, k, pe_t)
+    masked = torch.nn.functional.scaled_dot_product_attention(q_rot, k_rot, v, attn_mask=allowed)
+    assert rel_l2(out(first), out(masked.transpose(1, 2).reshape(2, L, H * HEAD))) < 1e-6
+    assert (
+        rel_l2(out(kv.k), out(k_rot[:, :, -n:])) == 0 and rel_l2(out(kv.v), out(v[:, :, -n:])) == 0
+    )
+
+    later, same = tl.attention_kv(q[:, :, :-n], k[:, :, :-n], v[:, :, :-n], pe_t[:, :, :-n], kv)
+    later_j, same_j = jl.attention_kv(
+        qj[:, :, :-n], kj[:, :, :-n], vj[:, :, :-n], pe_j[:, :, :-n], kv_j
+    )
+    assert same is kv and same_j is kv_j
+    assert rel_l2(out(later), out(first[:, :-n])) < 1e-6
+    for a, b in ((first_j, first), (later_j, later), (kv_j.k, kv.k), (kv_j.v, kv.v)):
+        assert rel_l2(out(a), out(b)) < 1e-5
+
+
 def block_twins(family, kind, dtype):
+    params = configs.get(f"{family}-tiny")  # the family's MLP and biases
+    flags = dict(bias=params.bias, gated_mlp=params.gated_mlp)
     if family == "flux1":
         cls = {
-            "double": (t1.DoubleStreamBlock, j1.DoubleStreamBlock, (D, H, 4.0, True)),
-            "single": (t1.SingleStreamBlock, j1.SingleStreamBlock, (D, H, 4.0)),
+            "double": (t1.DoubleStreamBlock, j1.DoubleStreamBlock, (D, H, 4.0), {"qkv_bias": True}),
+            "single": (t1.SingleStreamBlock, j1.SingleStreamBlock, (D, H, 4.0), {}),
         }[kind]
     else:
         cls = {
-            "double": (t2.DoubleStreamBlock, j2.DoubleStreamBlock, (D, H, 3.0)),
-            "single": (t2.SingleStreamBlock, j2.SingleStreamBlock, (D, H, 3.0)),
+            "double": (
+                t2.DoubleStreamBlock,
+                j2.DoubleStreamBlock,
+                (D, H, 3.0),
+                {"qkv_bias": False},
+            ),
+            "single": (t2.SingleStreamBlock, j2.SingleStreamBlock, (D, H, 3.0), {}),
         }[kind]
-    return twins(cls[0], cls[1], *cls[2], dtype=dtype)
+    return twins(cls[0], cls[1], *cls[2], dtype=dtype, **cls[3], **flags)
 
 
 @pytest.mark.slow

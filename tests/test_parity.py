@@ -53,29 +53,33 @@ def test_fails_naming_the_perturbed_block(block, tiny_checkpoint):
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_fails_on_a_composition_bug_in_one_forward(framework, monkeypatch, tiny_checkpoint):
     """The free-running rows are the model's own forward: img and txt joined in the wrong order before the
-    single blocks, in one framework's `Trunk.trunk` only, passes every teacher-forced row (each block is right
+    single blocks, in one framework's `Flux` forward only, passes every teacher-forced row (each block is right
     on its inputs) and fails every free-running row from the first single block on."""
     import jax.numpy as jnp
     import torch
 
-    import minflux_jax.layers as jl
-    import minflux_torch.layers as tl
+    import minflux_jax.flux1 as jf
+    import minflux_torch.flux1 as tf
 
-    layers, cat = (
-        (tl, lambda a: torch.cat(a, 1))
+    flux1, method, cat = (
+        (tf, "forward", lambda a: torch.cat(a, 1))
         if framework == "torch"
-        else (jl, lambda a: jnp.concatenate(a, 1))
+        else (jf, "__call__", lambda a: jnp.concatenate(a, 1))
     )
 
-    def trunk_with_the_bug(self, img, txt, kw, run_block=layers.call_block):
-        for i, block in enumerate(self.double_blocks):
-            img, txt = run_block("double_blocks", i, block, (img, txt), kw["double"])
-        x = cat((img, txt))  # the bug: the model's RoPE ids and slicing expect [txt, img]
-        for i, block in enumerate(self.single_blocks):
-            x = run_block("single_blocks", i, block, (x,), kw["single"])
-        return run_block("final_layer", 0, self.final_layer, (x[:, txt.shape[1] :], kw["vec"]), {})
+    def forward_with_the_bug(
+        self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, *, run=flux1.call_block
+    ):
+        e = self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        img, txt = e.img, e.txt
+        for block in self.double_blocks:
+            img, txt = run(block, img=img, txt=txt, vec=e.vec, pe=e.pe)
+        img = cat((img, txt))  # the bug: the model's RoPE ids and slicing expect [txt, img]
+        for block in self.single_blocks:
+            img = run(block, img, vec=e.vec, pe=e.pe)
+        return run(self.final_layer, img[:, txt.shape[1] :], e.vec)
 
-    monkeypatch.setattr(layers.Trunk, "trunk", trunk_with_the_bug)
+    monkeypatch.setattr(flux1.Flux, method, forward_with_the_bug)
     cfg, w = source("flux1-tiny", tiny_checkpoint("flux1-tiny", "bfl"))
     out = transformer.run(cfg, w, w, dtype="fp32", resolution=48, txt_len=5)
     assert not out["passed"]
