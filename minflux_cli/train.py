@@ -27,6 +27,7 @@ from minflux_cli.args import (
     fraction,
     nonneg_float,
     nonneg_int,
+    out_dir,
     positive_int,
     preset,
 )
@@ -131,7 +132,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="base weights (safetensors, BFL or diffusers layout); default: random",
     )
     p.add_argument(
-        "--out", type=Path, default=Path("out/train"), help="output directory (default: out/train)"
+        "--out",
+        type=out_dir,
+        default=Path("out/train"),
+        help="output directory (default: out/train)",
     )
     p.add_argument("--steps", type=positive_int, default=1200, help="optimiser updates")
     p.add_argument(

@@ -116,7 +116,7 @@ TRAIN = [
         "--data {shards}/empty_caption.safetensors: no such file; caption dropout needs",
     ),
     # --out and --resume
-    (["train", "--out", "{flux2_tiny}"], 2, "--out {flux2_tiny}: not a directory"),
+    (["train", "--out", "{flux2_tiny}"], 2, "argument --out: {flux2_tiny}: not a directory"),
     (
         ["train", "--resume", "--out", "{tmp}/fresh"],
         2,
