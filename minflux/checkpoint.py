@@ -557,7 +557,8 @@ def refuse_lora(path) -> None:
 
     if lora.is_lora(path):
         raise CheckpointError(
-            f"{path}: a LoRA file (low-rank A/B pairs), not a model checkpoint; LoRA files go to --lora"
+            f"{path}: a LoRA file (low-rank A/B pairs), not a model checkpoint; pass it with --lora "
+            "(train: --init-lora)"
         )
 
 
@@ -707,8 +708,14 @@ def write_safetensors(
     if progress:
         from tqdm import tqdm
 
+        # disable=None: drawn on a terminal only (a log file gets no carriage-return lines)
         bar = tqdm(
-            total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, unit_divisor=1024
+            total=total,
+            desc=f"writing {path.name}",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=None,
         )
     try:
         with ThreadPoolExecutor(1) as hasher, atomic_write(path) as f:
@@ -739,6 +746,10 @@ def write_safetensors(
                 assert len(final) == len(head)
                 f.seek(0)
                 f.write(final)
+    except BaseException:
+        if bar is not None:  # erased, so the error line that follows stands alone
+            bar.leave = False
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minflux import checkpoint, configs, keymaps
+from minflux import checkpoint, configs, files, keymaps, memory
 from minflux import lora as lora_files
 from minflux.checkpoint import Checkpoint, CheckpointError
 from minflux.data import DEMO, LatentShards, Shapes
@@ -53,7 +53,7 @@ def save_grid(images: np.ndarray, captions: list[str], cols: int, path) -> None:
         if i % cols == 0:
             ax.set_ylabel(captions[i // cols].removeprefix("a "), fontsize=7)
     fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=100)
+    files.write_figure(fig, path, dpi=100)  # atomic (a full disk leaves no 0-byte picture)
     plt.close(fig)
 
 
@@ -80,7 +80,7 @@ def save_loss_curve(losses: list[float], path, title: str = "training loss") -> 
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    files.write_figure(fig, path, dpi=100)  # atomic (a full disk leaves no 0-byte picture)
     plt.close(fig)
 
 
@@ -414,7 +414,12 @@ def run(args) -> int:
             f"{ckpt} holds checkpoints (latest: step {steps[0]}); pass --resume to continue that run, "
             "or another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    # room for the exported model (fp32) and, with --save-every, orbax's state (weights + Adam's moments)
+    params = memory.transformer_params(cfg) * 4
+    files.check_folder(
+        out, size=params * (1 + (3 if args.save_every and not opts.lora_rank else 0))
+    )
+    files.make_folders(out)
     trainer = tr.Trainer(cfg, data, opts)
     if args.resume:
         print(f"resumed from step {trainer.restore()}")
