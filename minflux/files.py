@@ -155,23 +155,23 @@ def _check_names(path: Path, folder: Path, names, extra: int = 0) -> None:
     for name in names:
         if len(name.encode()) + extra > name_max:
             raise OutputError(
-                f"{path}: cannot write: the name {name[:20]}... is too long ({len(name.encode())} bytes; "
+                f"{path}: cannot write: the name is too long ({len(name.encode())} bytes; "
                 f"this file system allows {name_max - extra})"
             )
 
 
 def _check_writable_folder(path: Path, folder: Path, size: int | None) -> None:
     """`folder` exists: it must be a folder we may write in, on a writable file system with `size` bytes free."""
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: cannot write: the folder {folder} is not writable")
     try:
         st = os.statvfs(folder)
     except OSError:
-        return
-    if st.f_flag & os.ST_RDONLY:
+        st = None
+    if st is not None and st.f_flag & os.ST_RDONLY:
         raise OutputError(f"{path}: cannot write: the file system is read-only")
-    free = st.f_bavail * st.f_frsize
-    if size is not None and free < size:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write: the folder {folder} is not writable")
+    free = None if st is None else st.f_bavail * st.f_frsize
+    if size is not None and free is not None and free < size:
         raise OutputError(
             f"{path}: cannot write: about {_size(size)} needed, {_size(free)} free on its file system"
         )
