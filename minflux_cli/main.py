@@ -55,7 +55,8 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(0, f"minflux {version()}\n")
+        print(f"minflux {version()}")
+        parser.exit(0)
 
 
 def version() -> str:
@@ -128,9 +129,24 @@ def _stop(signum, frame):
         print(f"{prefix}: {word}", file=sys.stderr, flush=True)
         os._exit(code)
 
+    if _importing(frame):
+        # Raised inside an import, the exception can surface in a native extension's initialisation (jaxlib
+        # imports numpy), which prints its own traceback; nothing is being written while modules load, so
+        # end here, at once.
+        end()
+
     # (a daemon-less timer: it outlives a swallowed exception, not the exit)
     threading.Timer(5.0, end).start()
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
+def _importing(frame) -> bool:
+    """Whether `frame` runs inside an import (importlib's frames are on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _unraisable(verbose: bool, default):

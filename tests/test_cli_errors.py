@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_header
 from safetensors.numpy import save_file
 
 from minflux import data, memory
@@ -763,26 +764,6 @@ def edge_files(tmp, tiny_checkpoint) -> dict:
     return out
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that says it is width x height RGB, with almost no pixel data: what a decompression bomb
-    looks like to a reader that trusts the header."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.fixture
 def no_models(monkeypatch):
     """Fail any row that gets as far as building a trainer: every mistake is found before that."""
@@ -1115,3 +1096,143 @@ def test_hostile_file_systems(argv, expected, old, files, hostile, monkeypatch, 
         )  # no temp file left
         if old is not None:
             assert (Path(folder) / old).read_bytes() == OLD[old]  # the old destination intact
+
+
+# ---------------------------------------------------------------------------------------------
+# The first moments: light start-up, --version, interrupts during imports, library messages
+# ---------------------------------------------------------------------------------------------
+
+HEAVY = ("torch", "jax", "ml_dtypes", "matplotlib", "PIL", "transformers", "orbax")
+
+
+@pytest.mark.parametrize(
+    "argv,light",
+    [
+        (["--help"], HEAVY + ("numpy",)),
+        (["--version"], HEAVY + ("numpy",)),
+        (["generate", "--steps", "0"], HEAVY),
+        (["train", "--steps", "0"], HEAVY),
+        (["convert", "--help"], HEAVY),
+        (["parity", "--resolution", "0"], HEAVY + ("numpy",)),
+    ],
+)
+def test_help_and_argument_errors_import_nothing_heavy(argv, light):
+    """`--help` and argument errors answer before torch, jax or ml_dtypes (a second here) are imported: only the
+    named command's module is imported to build the parser."""
+    code = (
+        "import sys\nfrom minflux_cli.main import main\nrc = main(sys.argv[1:])\n"
+        f"print(sorted(m for m in {light!r} if m in sys.modules), rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.strip().splitlines()[-1] in ("[] 0", "[] 2"), proc.stdout + proc.stderr
+
+
+def test_version(capsys):
+    import tomllib
+
+    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    want = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"minflux {want}"
+
+
+def console_script(tmp_path) -> Path:
+    """A `minflux` script like the one pip writes for the console entry point."""
+    script = tmp_path / "minflux"
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom minflux_cli.main import cli\nsys.exit(cli())\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize(
+    "sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_signal_during_imports(tmp_path, sig, code, word):
+    """Half a second in, `minflux parity` is still importing torch and jax: one line and 130 / 143, not a
+    KeyboardInterrupt traceback (status 1) or a silent death by the signal (status -15)."""
+    proc = subprocess.Popen(
+        [console_script(tmp_path), "parity"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and err.strip().splitlines() == [f"minflux parity: {word}"], err
+
+
+def test_interrupt_swallowed_by_a_native_callback_is_delivered_again():
+    """Ctrl-C landing in a GC callback (JAX's `_xla_gc_callback`) cannot be raised there: Python reports it as
+    "Exception ignored in ...". The hook `main` installs prints nothing and sends the signal again, so it is
+    raised where the program is."""
+    code = """
+import os, signal, sys, time
+from minflux_cli import main as m
+signal.signal(signal.SIGINT, m._stop)
+sys.unraisablehook = m._unraisable(False, sys.unraisablehook)
+class Callback:
+    def __del__(self):
+        raise KeyboardInterrupt  # what the handler raised inside the callback
+try:
+    Callback()
+    time.sleep(10)
+    print("lost")
+except KeyboardInterrupt:
+    print("delivered", flush=True)
+    os._exit(0)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "delivered" and proc.stderr == "", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_messages_off_stderr_unless_verbose(verbose, capsys):
+    import logging
+    import warnings
+
+    from minflux_cli.main import _quiet_libraries
+
+    # (pytest records warnings instead of printing them: `seen` is what would reach stderr)
+    with warnings.catch_warnings(record=True) as seen, _quiet_libraries(verbose):
+        logging.getLogger("absl").warning("Waiting for previous save to complete took 1.2 seconds")
+        warnings.warn_explicit(
+            "a library's deprecation", UserWarning, "lib.py", 1, module="orbax.checkpoint"
+        )
+        logging.getLogger("minflux").warning("our notice")
+        warnings.warn_explicit("our warning", UserWarning, "lora.py", 1, module="minflux.lora")
+    err = capsys.readouterr().err + "".join(str(w.message) for w in seen)
+    assert "our notice" in err and "our warning" in err
+    assert ("Waiting for previous save" in err) == verbose and (
+        "a library's deprecation" in err
+    ) == verbose
+
+
+@pytest.mark.slow
+def test_temp_folder_of_a_killed_parity_run_is_removed_by_the_next(tmp_path, monkeypatch):
+    """SIGKILL leaves `minflux-parity-PID-XXXX/` behind (no process can clean up after SIGKILL); the next
+    parity run, even one that stops at an argument error, removes it."""
+    import tempfile
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minflux_cli", "parity"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("minflux-parity-*/*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    left = list(tmp_path.glob("minflux-parity-*"))
+    assert len(left) == 1 and left[0].name.startswith(f"minflux-parity-{proc.pid}-")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["parity", "--model", "flux1-tiny", "--random-weights", "--verify"]) == 2
+    assert not left[0].exists()
