@@ -1,5 +1,5 @@
 """minflux core: configs, key maps and safetensors IO, free of any deep-learning framework."""
 
-from minflux.checkpoint import CheckpointError
+from minflux.errors import CheckpointError  # (light: the commands' --help must not import numpy)
 
 __all__ = ["CheckpointError"]

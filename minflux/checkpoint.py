@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from minflux import configs, keymaps
@@ -44,9 +43,9 @@ _ST_TO_NP = {
     "F64": np.float64,
     "F32": np.float32,
     "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "BF16": "bfloat16",  # ml_dtypes' names: imported on first use (a second of start-up, see `_ml`)
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,
@@ -61,16 +60,25 @@ MAX_HEADER = 100_000_000  # bytes, as safetensors' MAX_HEADER_SIZE
 DIGEST_PREFIX = "sha256:"  # `__metadata__` entry "sha256:KEY" = hex SHA-256 of KEY's stored bytes
 
 
+def _ml(name: str):
+    """An ml_dtypes type by name. ml_dtypes is imported here, not with the module: importing it takes about a
+    second, which `minflux --help` and every argument error would otherwise wait for."""
+    import ml_dtypes
+
+    return getattr(ml_dtypes, name)
+
+
 def np_dtype(name: str) -> np.dtype:
     """numpy dtype for a safetensors dtype name ("BF16" -> ml_dtypes.bfloat16, "F8_E4M3" -> float8_e4m3fn)."""
-    return np.dtype(_ST_TO_NP[name])
+    t = _ST_TO_NP[name]
+    return np.dtype(_ml(t) if isinstance(t, str) else t)
 
 
 def st_dtype(dtype) -> str:
     """safetensors dtype name for a numpy dtype."""
     dtype = np.dtype(dtype)
-    for k, v in _ST_TO_NP.items():
-        if np.dtype(v) == dtype:
+    for k in _ST_TO_NP:
+        if np_dtype(k) == dtype:
             return k
     raise ValueError(f"dtype {dtype.name} cannot be written to safetensors")
 
@@ -536,16 +544,30 @@ class Checkpoint:
 
 
 def check_finite(arr: np.ndarray, key: str, where) -> None:
-    ml = arr.dtype in (np.dtype(ml_dtypes.bfloat16), *(np_dtype(d) for d in FP8_DTYPES))
+    ml = arr.dtype in (np_dtype("BF16"), *(np_dtype(d) for d in FP8_DTYPES))
     if arr.dtype.kind == "f" or ml:
         if not np.isfinite(arr.astype(np.float32) if ml else arr).all():
             raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
 
 
+def refuse_lora(path) -> None:
+    """Raise CheckpointError when `path` is a LoRA file (low-rank A/B pairs) where a model checkpoint is wanted:
+    said in those words, before any key list."""
+    from minflux import lora  # (lora imports this module)
+
+    if lora.is_lora(path):
+        raise CheckpointError(
+            f"{path}: a LoRA file (low-rank A/B pairs), not a model checkpoint; pass it with --lora "
+            "(train: --init-lora)"
+        )
+
+
 def check_holds(ckpt: Checkpoint, cfg, name: str = "the model") -> None:
     """Raise CheckpointError "PATH holds a FLUX.2 transformer of width 64; NAME needs a FLUX.1 transformer of width
     3072" when the file's component is of another family or width than `cfg`: said before any key list. Files whose
-    family cannot be told from the keys pass (the key check that follows names what is wrong)."""
+    family cannot be told from the keys pass (the key check that follows names what is wrong). A LoRA file is
+    refused as one (`refuse_lora`)."""
+    refuse_lora(ckpt.path)
     found = keymaps.infer_family(ckpt.meta)
     width = keymaps.infer_hidden_size(ckpt.shapes()) if found in configs.FAMILIES else 0
     want = getattr(cfg, "hidden_size", 0)
@@ -568,6 +590,7 @@ class BflReader:
 
     def __init__(self, path, expected: dict[str, tuple[int, ...]], cfg, verify: bool = False):
         family = cfg.family
+        refuse_lora(path)
         ckpt = Checkpoint(path, "ae" if family.startswith("ae") else "transformer")
         if ckpt.layout is None:
             raise CheckpointError(
@@ -685,8 +708,14 @@ def write_safetensors(
     if progress:
         from tqdm import tqdm
 
+        # disable=None: drawn on a terminal only (a log file gets no carriage-return lines)
         bar = tqdm(
-            total=total, desc=f"writing {path.name}", unit="B", unit_scale=True, unit_divisor=1024
+            total=total,
+            desc=f"writing {path.name}",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=None,
         )
     try:
         with ThreadPoolExecutor(1) as hasher, atomic_write(path) as f:
@@ -717,6 +746,10 @@ def write_safetensors(
                 assert len(final) == len(head)
                 f.seek(0)
                 f.write(final)
+    except BaseException:
+        if bar is not None:  # erased, so the error line that follows stands alone
+            bar.leave = False
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -751,7 +784,7 @@ def save_bfl(path, tensors: dict[str, np.ndarray], cfg, layout: str = "bfl") -> 
 # fp8 with per-tensor scales, as written by `minflux convert --dtype fp8`
 # ---------------------------------------------------------------------------------------------
 
-FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+FP8_MAX = 448.0  # ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max
 FP8_SCALE = ".weight_scale"  # written beside each fp8 weight: ComfyUI's quantized format (also ModelOpt, vLLM)
 
 
@@ -761,7 +794,7 @@ def quantize_fp8(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     amax = max(float(a.max()), -float(a.min())) if a.size else 0.0  # |a|.max() without another copy
     scale = np.float32(amax / FP8_MAX if amax > 0 else 1.0)
     np.divide(a, scale, out=a)
-    return a.astype(ml_dtypes.float8_e4m3fn), np.array(scale, np.float32)
+    return a.astype(np_dtype("F8_E4M3")), np.array(scale, np.float32)
 
 
 def _quantized(key: str, shape: tuple[int, ...]) -> bool:

@@ -9,15 +9,24 @@ files (a directory, a device such as /dev/full, anything under /proc) are refuse
 OS failures (ENOSPC, EROFS, EACCES, ENAMETOOLONG, ...) become one `OutputError` naming the path; the
 old destination stays intact. `OutputError` is a `CheckpointError`, the project's one error, so every
 command answers it with one line and exit status 2.
+
+Before long work, `check_output` (a file) and `check_folder` (a folder of outputs, which may not exist yet)
+find an unwritable destination, and too little free space for a size estimate, in the first second rather
+than after an hour. Temporary folders (`temp_folder`) carry their process id, so the next run removes the
+ones a killed run left behind (SIGKILL cannot be cleaned up after by the process itself).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
+import shutil
 import signal
+import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +37,16 @@ from minflux.errors import CheckpointError
 __all__ = [
     "OutputError",
     "atomic_write",
+    "check_folder",
     "check_output",
+    "free_bytes",
+    "make_folders",
     "remove_stale_temp_files",
+    "remove_stale_temp_folders",
+    "temp_folder",
     "temp_name",
     "write_bytes",
+    "write_figure",
     "write_text",
 ]
 
@@ -99,43 +114,132 @@ def remove_stale_temp_files(path: Path) -> list[Path]:
     return removed
 
 
-def check_output(path, size: int | None = None) -> Path:
-    """Check, before any long work, that `path` can be written: not a folder, device or /proc entry; its
-    folder exists and is writable; the name fits the file system; `size` bytes (an estimate) fit.
+def _kind(path: Path) -> str:
+    """ "file", "folder", "other" (a device, a socket, ...) or "missing"; never raises (a name too long for
+    the file system, or a folder we may not enter, reads as missing: the callers check names and access)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return "missing"
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def _nearest_folder(path: Path) -> Path:
+    """The nearest existing ancestor of `path` (itself when it exists): where its folders would be made."""
+    path = Path(os.path.abspath(path))
+    while _kind(path) == "missing" and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _special(path: Path) -> bool:
+    resolved = str(Path(path).resolve())
+    return resolved.startswith(("/proc/", "/sys/")) or resolved in ("/proc", "/sys")
+
+
+def free_bytes(path) -> int | None:
+    """Bytes free to an unprivileged writer on the file system that holds `path` (or would: its nearest
+    existing folder); None when the system does not say."""
+    try:
+        return shutil.disk_usage(_nearest_folder(Path(path))).free
+    except OSError:
+        return None
+
+
+def _check_names(path: Path, folder: Path, names, extra: int = 0) -> None:
+    """Each of `names` (to be made in or under `folder`), `extra` bytes longer, fits the file system."""
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for name in names:
+        if len(name.encode()) + extra > name_max:
+            raise OutputError(
+                f"{path}: cannot write: the name is too long ({len(name.encode())} bytes; "
+                f"this file system allows {name_max - extra})"
+            )
+
+
+def _check_writable_folder(path: Path, folder: Path, size: int | None) -> None:
+    """`folder` exists: it must be a folder we may write in, on a writable file system with `size` bytes free."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        st = None
+    if st is not None and st.f_flag & os.ST_RDONLY:
+        raise OutputError(f"{path}: cannot write: the file system is read-only")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write: the folder {folder} is not writable")
+    free = None if st is None else st.f_bavail * st.f_frsize
+    if size is not None and free is not None and free < size:
+        raise OutputError(
+            f"{path}: cannot write: about {_size(size)} needed, {_size(free)} free on its file system"
+        )
+
+
+def check_output(path, size: int | None = None, make_parents: bool = False) -> Path:
+    """Check, before any long work, that file `path` can be written: not a folder, device or /proc entry; its
+    folder exists (with `make_parents`: can be made, from its nearest existing ancestor) and is writable, on a
+    writable file system; the name fits the file system; `size` bytes (an estimate) fit in the free space.
 
     Returns the path. Raises `OutputError` naming the path and the cause.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if path.exists() and not path.is_file():
-        kind = "a folder" if path.is_dir() else "not a regular file (a device or a special file)"
-        raise OutputError(f"{path}: cannot write here: it is {kind}")
-    if str(path.resolve()).startswith("/proc/") or str(path.resolve()).startswith("/sys/"):
+    if _special(path):
         raise OutputError(f"{path}: cannot write here: /proc and /sys are not for files")
-    if not parent.is_dir():
-        raise OutputError(f"{path}: cannot write: the folder {parent} does not exist")
-    try:
-        name_max = os.pathconf(parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
-    if len(temp_name(path).name.encode()) > name_max:
+    folder = _nearest_folder(parent)
+    # first the names (a name too long makes every other question fail): the folders still to make, then
+    # the temp file, the longest name written (`.NAME.tmp-PID`)
+    _check_names(path, folder, Path(os.path.abspath(parent)).relative_to(folder).parts)
+    _check_names(path, folder, [path.name], len(temp_name(path).name) - len(path.name))
+    kind = _kind(path)
+    if kind == "folder":
+        raise OutputError(f"{path}: is a directory; name the file to write")
+    if kind == "other":
         raise OutputError(
-            f"{path}: cannot write: the file name is too long ({len(path.name.encode())} bytes; "
-            f"this file system allows {name_max - len(temp_name(path).name) + len(path.name)})"
+            f"{path}: cannot write here: it is not a regular file (a device or a special file)"
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: cannot write: the folder {parent} is not writable")
-    try:
-        st = os.statvfs(parent)
-    except OSError:
-        return path
-    if st.f_flag & os.ST_RDONLY:
-        raise OutputError(f"{path}: cannot write: the file system is read-only")
-    if size is not None and st.f_bavail * st.f_frsize < size:
-        free = st.f_bavail * st.f_frsize
+    if _kind(parent) != "folder" and not make_parents:
         raise OutputError(
-            f"{path}: cannot write: about {_size(size)} needed, {_size(free)} free on its file system"
+            f"{path}: no such directory {parent}"
+            if _kind(parent) == "missing"
+            else f"{path}: {parent} is not a directory"
         )
+    if _kind(folder) != "folder":
+        raise OutputError(f"{path}: {folder} is not a directory")
+    _check_writable_folder(path, folder, size)
+    return path
+
+
+def check_folder(path, size: int | None = None) -> Path:
+    """`check_output` for a folder of outputs (`train --out`, `cache OUT`): not a file or /proc; it, or the
+    nearest ancestor it would be made in, is a writable folder on a writable file system with `size` bytes
+    (an estimate) free; every name to be made fits the file system. Returns the path; raises `OutputError`."""
+    path = Path(path)
+    if _special(path):
+        raise OutputError(f"{path}: cannot write here: /proc and /sys are not for files")
+    folder = _nearest_folder(path)
+    _check_names(path, folder, Path(os.path.abspath(path)).relative_to(folder).parts)
+    if _kind(folder) != "folder":
+        raise OutputError(
+            f"{path}: not a directory"
+            if folder == Path(os.path.abspath(path))
+            else f"{path}: {folder} is not a directory"
+        )
+    _check_writable_folder(path, folder, size)
+    return path
+
+
+def make_folders(path) -> Path:
+    """`path` and its missing parents made (an existing folder is fine); OS errors -> `OutputError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{path}: cannot make the folder: a file is in the way") from None
+    except OSError as e:
+        raise output_error(path, e, "cannot make the folder") from None
     return path
 
 
@@ -201,7 +305,7 @@ def atomic_write(path, mode: str = "wb", encoding: str | None = None) -> Iterato
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode={mode!r}: expected 'wb' or 'w'")
     path = Path(path)
-    if path.exists() and not path.is_file():
+    if _kind(path) in ("folder", "other"):
         check_output(path)  # raises: a folder, a device, a special file
     remove_stale_temp_files(path)
     tmp = temp_name(path)
@@ -232,3 +336,55 @@ def write_text(path, text: str) -> None:
     """Write UTF-8 `text` to `path` atomically (see `atomic_write`)."""
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def write_figure(fig, path, **savefig) -> None:
+    """A matplotlib figure to `path`, atomically: rendered to memory first (format from the suffix), then
+    `write_bytes`, so a full disk or a read-only folder never leaves a 0-byte picture. `savefig`: dpi=..."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png", **savefig)
+    write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporary folders, removed by the next run when a killed one leaves them
+# ---------------------------------------------------------------------------------------------
+
+
+def _folder_pattern(prefix: str) -> re.Pattern:
+    return re.compile(rf"{re.escape(prefix)}(\d+)-\w+")
+
+
+def remove_stale_temp_folders(prefix: str, where=None) -> list[Path]:
+    """Remove `PREFIXPID-XXXX` folders in `where` (default: the system's temp folder) whose process is gone.
+
+    A run killed with SIGKILL (or the OOM killer) cannot remove its own `temp_folder`; the next one does.
+    Folders of live processes, and names without a process id, are left alone.
+    """
+    where = Path(where or tempfile.gettempdir())
+    pattern, removed = _folder_pattern(prefix), []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(where):
+            m = pattern.fullmatch(entry.name)
+            if m and not _alive(int(m.group(1))) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(Path(entry.path))
+    return removed
+
+
+@contextlib.contextmanager
+def temp_folder(prefix: str, where=None) -> Iterator[Path]:
+    """A fresh folder `PREFIXPID-XXXX` in `where` (default: the system's temp folder), removed on exit,
+    on Ctrl-C and on SIGTERM; one a killed process left is removed by the next call with the same prefix.
+    Raises `OutputError` when it cannot be made (a full or read-only temp file system)."""
+    remove_stale_temp_folders(prefix, where)
+    where = Path(where or tempfile.gettempdir())
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=where))
+    except OSError as e:
+        raise output_error(where, e, "cannot make a temporary folder") from None
+    try:
+        with _cleanup_on_sigterm():
+            yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minflux import checkpoint, keymaps
+from minflux import checkpoint, configs, keymaps
 
 CheckpointError = checkpoint.CheckpointError
 
@@ -340,10 +340,19 @@ def read(
     `shapes`: the model's PyTorch-layout parameter shapes by key (`model.state_dict()` shapes); default: the
     linear layers of `cfg`. component: "transformer", or "clip" / "t5" for the file's text-encoder parts, keyed
     by minflux's encoder module names (Hugging Face names; cfg unused). Raises CheckpointError naming the file
-    and key for: an unknown format (with its first keys), DoRA / LoKr / LoHa, a module the model lacks, shapes
-    that do not fit, a half pair, NaN / Inf.
+    and key for: a model checkpoint (no pairs), an unknown format (with its first keys), DoRA / LoKr / LoHa, a
+    module the model lacks, shapes that do not fit, a half pair, NaN / Inf.
     """
     path = Path(path)
+    header = checkpoint.read_header(path) if path.is_file() else {}
+    found = keymaps.infer_family(header)
+    if found and not any(_split(k)[1] in ("A", "B") for k in header):
+        # full tensors only: a model checkpoint (merged as "control" tensors it would replace the model's own)
+        width = keymaps.infer_hidden_size({k: v["shape"] for k, v in header.items()})
+        raise CheckpointError(
+            f"{path}: holds {configs.describe(found, width)} and no LoRA pairs (lora_A / lora_B, "
+            "lora_down / lora_up): a model checkpoint, not a LoRA"
+        )
     shapes = shapes or {m + ".weight": s for m, s in linear_shapes(cfg).items()}
     linear = {
         k.removesuffix(".weight"): s

@@ -87,20 +87,16 @@ def lora_spec(text: str) -> tuple[Path, float]:
 
 
 def out_file(text: str, suffixes: tuple[str, ...] = (), make_parents: bool = False) -> Path:
-    """A file to write: not a directory, in a directory that exists (or, with `make_parents`, can be made: its
-    nearest existing ancestor is a directory), with one of `suffixes` if given."""
+    """A file to write (`minflux.files.check_output`): not a directory, device or /proc entry; in a directory
+    that exists (or, with `make_parents`, can be made: its nearest existing ancestor is a directory) and can be
+    written, on a writable file system; a name the file system takes; with one of `suffixes` if given."""
+    from minflux import files
+
     path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: is a directory; name the file to write")
-    parent = path.parent
-    while make_parents and not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(
-            f"{text}: no such directory {path.parent}"
-            if not parent.exists()
-            else f"{text}: {parent} is not a directory"
-        )
+    try:
+        files.check_output(path, make_parents=make_parents)
+    except files.OutputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if suffixes and path.suffix.lower() not in suffixes:
         raise argparse.ArgumentTypeError(f"{text}: expected a {' / '.join(suffixes)} file")
     return path
@@ -123,8 +119,12 @@ png_file = lambda text: out_file(text, (".png",))  # noqa: E731
 
 
 def out_dir(text: str) -> Path:
-    """A directory to write into: it may not exist yet, but must not be a file."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: not a directory")
-    return path
+    """A directory to write into (`minflux.files.check_folder`): it may not exist yet (its nearest existing
+    ancestor is then a directory), but must not be a file or under /proc, and must be writable, on a writable
+    file system, with names the file system takes."""
+    from minflux import files
+
+    try:
+        return files.check_folder(Path(text))
+    except files.OutputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -162,6 +162,20 @@ def check(args) -> None:
     for path in (args.json, args.plot):
         if path is not None and not path.parent.is_dir():
             raise UsageError(f"{path}: the directory {path.parent} does not exist")
+    named = [b for b in args.backends if b in bench.GPU_ONLY]
+    if named and tuple(args.backends) != tuple(bench.BACKENDS) and not _jax_gpu():
+        raise UsageError(
+            f"--backends {','.join(named)} runs on an NVIDIA GPU only, and JAX has none here "
+            "(jax-xla runs anywhere)"
+        )
+
+
+def _jax_gpu() -> bool:
+    """Whether JAX may find an NVIDIA GPU (from the driver's files: jax is not imported for this)."""
+    from minflux import memory
+
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    return memory.nvidia_gpus() > 0 and (not platforms or "cuda" in platforms or "gpu" in platforms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,5 +377,9 @@ def plot(report: dict, path: Path) -> None:
     )
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from minflux import files
+
+    try:
+        files.write_figure(fig, path, dpi=120)  # atomic: rendered in memory first
+    finally:
+        plt.close(fig)

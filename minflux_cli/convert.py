@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from minflux import checkpoint, configs, lora
+from minflux import checkpoint, configs, files, lora
 from minflux.convert import DTYPES, EXTRACT, convert
 from minflux_cli.args import UsageError
 
@@ -47,13 +47,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
-    if dst.is_dir():
-        raise UsageError(f"dst {dst}: is a directory; name the output .safetensors file")
-    if not dst.parent.is_dir():
-        raise UsageError(f"dst {dst}: no such directory {dst.parent}")
+    try:  # a folder, a device, /proc, a read-only folder, a name too long: before any work
+        files.check_output(dst)
+    except files.OutputError as e:
+        raise UsageError(f"dst {e}") from None
     if src.exists() and dst.exists() and dst.resolve() == src.resolve():
         raise UsageError(f"dst {dst} is the source file: write the conversion to another path")
     if lora.is_lora(src):
+        for flag, given in (
+            ("--dtype", args.dtype),
+            ("--extract", args.extract),
+            ("--no-digests", args.no_digests),
+        ):
+            if given:
+                raise UsageError(
+                    f"{flag} applies to model checkpoints; {src} is a LoRA file (converted as it is: "
+                    "--model PRESET --to FORMAT)"
+                )
         if args.model is None or args.to not in lora.FORMATS:
             raise UsageError(
                 f"{src} is a LoRA file: pass --model PRESET and --to one of {', '.join(lora.FORMATS)}"
@@ -62,9 +72,17 @@ def run(args: argparse.Namespace) -> int:
             cfg = configs.resolve(args.model)
         except KeyError as e:
             raise UsageError(f"--model {args.model}: {e.args[0]}") from None
+        if cfg.family not in configs.FAMILIES:
+            raise UsageError(
+                f"--model {args.model} is {configs.describe(cfg.family)}; a LoRA is for a transformer preset"
+            )
         read = lora.convert_file(src, dst, args.to, cfg)
         print(f"wrote {dst}: {len(read.pieces)} adapted modules, {read.format} -> {args.to}")
         return 0
+    if args.model is not None:
+        raise UsageError(
+            f"--model is for LoRA files; {src} is a model checkpoint (its model is read from its keys)"
+        )
     if args.to == "kohya":
         raise UsageError(f"--to kohya is a LoRA form; {src} is a model checkpoint")
     s = convert(

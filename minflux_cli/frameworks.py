@@ -19,11 +19,25 @@ class Framework:
     device: str | None = None  # torch only; default cuda when available
 
     def __post_init__(self):
-        if self.name == "torch" and self.device is not None and self.device.startswith("cuda"):
+        if self.name == "torch" and self.device is not None:
             import torch
 
-            if not torch.cuda.is_available():
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, ValueError):
+                device = None
+            if device is None or device.type not in ("cpu", "cuda", "mps"):
+                raise UsageError(
+                    f"--device {self.device}: not a device minflux runs on (cpu, cuda, cuda:N, mps)"
+                )
+            if device.type == "cuda" and not torch.cuda.is_available():
                 raise UsageError(f"--device {self.device}, but PyTorch sees no CUDA device")
+            if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+                raise UsageError(
+                    f"--device {self.device}, but PyTorch sees {torch.cuda.device_count()} CUDA device(s)"
+                )
+            if device.type == "mps" and not torch.backends.mps.is_available():
+                raise UsageError(f"--device {self.device}, but PyTorch sees no Apple GPU (MPS)")
 
     def _import(self, module: str = ""):
         return importlib.import_module(f"minflux_{self.name}{'.' + module if module else ''}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from minflux_cli.args import (
@@ -24,6 +23,7 @@ from minflux_cli.args import (
     preset,
 )
 
+TEMP_PREFIX = "minflux-parity-"  # the default run's checkpoints: $TMPDIR/minflux-parity-PID-XXXX/
 TINY_DEFAULTS = [  # (preset, layout written) for the default run
     ("flux1-tiny", "bfl"),
     ("flux2-tiny", "bfl"),
@@ -126,6 +126,10 @@ def _runs(args) -> list[tuple[object, Path | None, str]]:
         raise UsageError(
             "--checkpoint and --random-weights exclude each other: weights from a file, or random"
         )
+    if args.verify and args.random_weights:
+        raise UsageError(
+            "--verify checks the digests a --checkpoint file records; --random-weights has none"
+        )
     if args.checkpoint or args.random_weights:
         if not args.model:
             raise UsageError(
@@ -175,7 +179,12 @@ def _default_checkpoints(tmp: Path) -> list[tuple[object, Path, str]]:
 def run(args) -> int:
     from rich.console import Console
 
+    from minflux import files
     from parity import autoencoder, precision, report, transformer, weights
+
+    files.remove_stale_temp_folders(
+        TEMP_PREFIX
+    )  # a run killed with SIGKILL could not remove its own
 
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI get the full table
     explicit = _runs(args)  # a model named on the command line; else the default tiny run
@@ -202,7 +211,8 @@ def run(args) -> int:
     settings = precision.configure(args.device, args.allow_tf32)
     if not args.allow_tf32:
         precision.assert_full_precision()
-    with tempfile.TemporaryDirectory(prefix="minflux-parity-") as tmp:
+    # the default run's checkpoints: a folder removed on exit, or by the next run after a SIGKILL
+    with files.temp_folder(TEMP_PREFIX) as tmp:
         todo = explicit or _default_checkpoints(Path(tmp))
         run_dtypes = dtypes if explicit else ["fp32", "bf16"]
         steps = args.trajectory if args.trajectory is not None else (0 if explicit else 4)

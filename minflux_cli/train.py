@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minflux import checkpoint, configs, keymaps
+from minflux import checkpoint, configs, files, keymaps, memory
 from minflux import lora as lora_files
 from minflux.checkpoint import Checkpoint, CheckpointError
 from minflux.data import DEMO, LatentShards, Shapes
@@ -27,6 +27,7 @@ from minflux_cli.args import (
     fraction,
     nonneg_float,
     nonneg_int,
+    out_dir,
     positive_int,
     preset,
 )
@@ -52,7 +53,7 @@ def save_grid(images: np.ndarray, captions: list[str], cols: int, path) -> None:
         if i % cols == 0:
             ax.set_ylabel(captions[i // cols].removeprefix("a "), fontsize=7)
     fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=100)
+    files.write_figure(fig, path, dpi=100)  # atomic (a full disk leaves no 0-byte picture)
     plt.close(fig)
 
 
@@ -79,7 +80,7 @@ def save_loss_curve(losses: list[float], path, title: str = "training loss") -> 
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    files.write_figure(fig, path, dpi=100)  # atomic (a full disk leaves no 0-byte picture)
     plt.close(fig)
 
 
@@ -131,7 +132,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="base weights (safetensors, BFL or diffusers layout); default: random",
     )
     p.add_argument(
-        "--out", type=Path, default=Path("out/train"), help="output directory (default: out/train)"
+        "--out",
+        type=out_dir,
+        default=Path("out/train"),
+        help="output directory (default: out/train)",
     )
     p.add_argument("--steps", type=positive_int, default=1200, help="optimiser updates")
     p.add_argument(
@@ -410,7 +414,12 @@ def run(args) -> int:
             f"{ckpt} holds checkpoints (latest: step {steps[0]}); pass --resume to continue that run, "
             "or another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    # room for the exported model (fp32) and, with --save-every, orbax's state (weights + Adam's moments)
+    params = memory.transformer_params(cfg) * 4
+    files.check_folder(
+        out, size=params * (1 + (3 if args.save_every and not opts.lora_rank else 0))
+    )
+    files.make_folders(out)
     trainer = tr.Trainer(cfg, data, opts)
     if args.resume:
         print(f"resumed from step {trainer.restore()}")

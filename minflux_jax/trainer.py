@@ -144,18 +144,11 @@ def run_record(cfg, opts: TrainOptions, mesh: tuple[int, int]) -> dict:
 
 
 def write_run(ckpt_dir, record: dict) -> None:
-    """RUN_FILE in ckpt_dir, atomically: written to a temporary file, then renamed over the old one."""
-    path = Path(ckpt_dir) / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """RUN_FILE in ckpt_dir, atomically (`minflux.files`: temp file, fsync, rename; OutputError on failure)."""
+    from minflux import files
+
+    path = Path(files.make_folders(ckpt_dir)) / RUN_FILE
+    files.write_text(path, json.dumps(record, indent=1))
 
 
 def saved_steps(ckpt_dir) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-from pathlib import Path
 
 
 def environment(device: str) -> dict:
@@ -98,10 +97,10 @@ def print_run(run: dict, console=None) -> None:
 
 
 def write_json(report: dict, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    """The report as JSON, atomically (`minflux.files.write_text`): OutputError naming the path on failure."""
+    from minflux import files
+
+    files.write_text(path, json.dumps(report, indent=1))
 
 
 def plot(report: dict, path) -> None:
@@ -146,5 +145,9 @@ def plot(report: dict, path) -> None:
         ax.axis("off")
     fig.suptitle("minflux parity (dotted: bounds)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from minflux import files
+
+    try:
+        files.write_figure(fig, path, dpi=110)  # atomic: rendered in memory first
+    finally:
+        plt.close(fig)

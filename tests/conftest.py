@@ -50,3 +50,23 @@ def transformer_inputs(cfg, rng, batch: int = 2, side: int = 4, txt_len: int = 6
         cfg, resolution=16 * side, txt_len=txt_len, batch=batch, seed=int(rng.integers(1 << 30))
     )
     return out
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is width x height RGB, with almost no pixel data: what a decompression bomb
+    looks like to a reader that trusts the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )

@@ -501,12 +501,17 @@ def test_convert_autoencoder(name, tmp_path):
     )
 
 
-def test_convert_shows_progress(tiny, tmp_path, capsys):
+def test_convert_shows_progress(tiny, tmp_path, capsys, monkeypatch):
     _, _, files = tiny
+    # on a terminal (a log file gets no bar: its carriage-return lines would precede an error line)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert cli.main(["convert", str(files["bfl"]), str(tmp_path / "out.safetensors")]) == 0
     out, err = capsys.readouterr()
     assert "writing out.safetensors" in err and "100%" in err
     assert "bfl -> diffusers" in out
+    monkeypatch.undo()
+    assert cli.main(["convert", str(files["bfl"]), str(tmp_path / "log.safetensors")]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_convert_unexpected_key_fails_cleanly(tmp_path, capsys):

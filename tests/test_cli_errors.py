@@ -8,18 +8,21 @@ the train rows must fail before any model is built (a Trainer built during a row
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_header
 from safetensors.numpy import save_file
 
-from minflux import data
+from minflux import data, memory
 from minflux.data import LatentShards
 from minflux_cli.main import COMMANDS, main
 
@@ -116,7 +119,7 @@ TRAIN = [
         "--data {shards}/empty_caption.safetensors: no such file; caption dropout needs",
     ),
     # --out and --resume
-    (["train", "--out", "{flux2_tiny}"], 2, "--out {flux2_tiny}: not a directory"),
+    (["train", "--out", "{flux2_tiny}"], 2, "argument --out: {flux2_tiny}: not a directory"),
     (
         ["train", "--resume", "--out", "{tmp}/fresh"],
         2,
@@ -492,9 +495,178 @@ BENCH = [
 
 TOP = [
     (["nosuch"], 2, "invalid choice: 'nosuch' (choose from 'parity'"),
+    (["--verbose", "nosuch"], 2, "invalid choice: 'nosuch' (choose from 'parity'"),
 ]
 
-ROWS = TRAIN + GENERATE + PARITY + CONVERT + CACHE + BENCH + TOP
+# Issue 23: what a new user tried that was not clean. `{long}` is a 300-character file name.
+OUTPUTS = [  # destinations that cannot be written, refused before any work
+    (
+        ["convert", "{flux2_tiny}", "/dev/full"],
+        2,
+        "dst /dev/full: cannot write here: it is not a regular file",
+    ),
+    (["convert", "{flux2_tiny}", "/proc/x/o.safetensors"], 2, "/proc and /sys are not for files"),
+    (["convert", "{flux2_tiny}", "{tmp}/{long}.safetensors"], 2, "the name is too long"),
+    (
+        ["generate", "--random-weights", "--out", "/proc/x/o.png"],
+        2,
+        "argument --out: /proc/x/o.png: cannot",
+    ),
+    (["generate", "--random-weights", "--out", "{tmp}/{long}.png"], 2, "the name is too long"),
+    (["generate", "--random-weights", "--out", "{tmp}/{long}/o.png"], 2, "the name is too long"),
+    (
+        ["parity", "--json", "{tmp}/{long}.json"],
+        2,
+        "argument --json: {tmp}/{long}.json: cannot write",
+    ),
+    (
+        ["parity", "--plot", "/proc/self/p.png"],
+        2,
+        "argument --plot: /proc/self/p.png: cannot write here",
+    ),
+    (["train", "--out", "/proc/x"], 2, "argument --out: /proc/x: cannot write here"),
+    (["train", "--out", "{tmp}/{long}"], 2, "argument --out: {tmp}/{long}: cannot write"),
+    (
+        [
+            "cache",
+            "{empty}",
+            "/proc/x",
+            "--model",
+            "flux2-tiny",
+            "--ae",
+            "{flux1_ae}",
+            "--text-encoder",
+            "{tmp}",
+        ],
+        2,
+        "argument out: /proc/x: cannot write here",
+    ),
+    (
+        ["bench", "--json", "{tmp}/{long}.json"],
+        2,
+        "argument --json: {tmp}/{long}.json: cannot write",
+    ),
+]
+INPUTS = [  # files checked where they enter
+    (
+        ["parity", "--model", "flux1-tiny", "--random-weights", "--lora", "{flux1_tiny}"],
+        2,
+        "{flux1_tiny}: holds a FLUX.1 transformer of width 64 and no LoRA pairs",
+    ),
+    (
+        ["generate", "--random-weights", "--lora", "{flux1_tiny}"],
+        2,
+        "{flux1_tiny}: holds a FLUX.1 transformer of width 64 and no LoRA pairs",
+    ),
+    (
+        ["parity", "--model", "flux1-tiny", "--checkpoint", "{lora}"],
+        2,
+        "{lora}: a LoRA file (low-rank A/B pairs), not a model checkpoint",
+    ),
+    (
+        [
+            "generate",
+            "--model",
+            "flux1-tiny",
+            "--transformer",
+            "{lora}",
+            "--ae",
+            "{flux1_ae}",
+            "--embeddings",
+            "{nan_emb}",
+        ],
+        2,
+        "--transformer {lora}: a LoRA file (low-rank A/B pairs), not a model checkpoint",
+    ),
+    (["train", "--config", "flux1-tiny", "--init", "{lora}"], 2, "--init {lora}: a LoRA file"),
+    (
+        [
+            "convert",
+            "{lora}",
+            "{tmp}/o.safetensors",
+            "--model",
+            "flux1-tiny",
+            "--to",
+            "diffusers",
+            "--dtype",
+            "fp8",
+        ],
+        2,
+        "--dtype applies to model checkpoints; {lora} is a LoRA file",
+    ),
+    (
+        [
+            "convert",
+            "{lora}",
+            "{tmp}/o.safetensors",
+            "--model",
+            "flux1-tiny",
+            "--to",
+            "kohya",
+            "--extract",
+            "ae",
+        ],
+        2,
+        "--extract applies to model checkpoints; {lora} is a LoRA file",
+    ),
+    (
+        ["convert", "{lora}", "{tmp}/o.safetensors", "--model", "flux1-ae-tiny", "--to", "kohya"],
+        2,
+        "--model flux1-ae-tiny is a FLUX.1 autoencoder; a LoRA is for a transformer preset",
+    ),
+    (
+        ["convert", "{flux2_tiny}", "{tmp}/o.safetensors", "--model", "flux2-tiny"],
+        2,
+        "--model is for LoRA files; {flux2_tiny} is a model checkpoint",
+    ),
+    (
+        ["convert", "{missing_key}", "{tmp}/o.safetensors"],
+        2,
+        "{missing_key}: an incomplete FLUX.1 transformer of width 64: missing 'img_in.weight'",
+    ),
+    (
+        ["convert", "{missing_piece}", "{tmp}/o.safetensors"],
+        2,
+        "an incomplete FLUX.1 transformer of width 64: missing 'transformer_blocks.0.attn.to_q.weight'",
+    ),
+    # (no --no-progress: the bar of the write that fails is not drawn into a log, or is erased on a terminal)
+    (
+        ["convert", "{nan_model}", "{tmp}/o.safetensors"],
+        2,
+        "{nan_model}: tensor 'img_in.weight' holds NaN or Inf",
+    ),
+    (
+        ["convert", "{i32_model}", "{tmp}/o.safetensors", "--dtype", "bf16"],
+        2,
+        "{i32_model}: tensor 'img_in.weight' is I32; FLUX weights are floating point",
+    ),
+    (
+        ["generate", "--random-weights", "--init", "{bomb}", "--strength", "0.5"],
+        2,
+        "{bomb}: 20000 x 20000 pixels (400 MP) is over the 134 MP limit for an input image",
+    ),
+    (
+        ["generate", "--random-weights", "--ref", "{bomb}", "--model", "flux2-tiny"],
+        2,
+        "{bomb}: 20000 x 20000 pixels",
+    ),
+    (
+        ["generate", "--random-weights", "--device", "banana"],
+        2,
+        "--device banana: not a device minflux runs on (cpu, cuda, cuda:N, mps)",
+    ),
+    (
+        ["parity", "--model", "flux1-tiny", "--random-weights", "--verify"],
+        2,
+        "--verify checks the digests a --checkpoint file records; --random-weights has none",
+    ),
+]
+if not memory.nvidia_gpus():  # (on a GPU machine the backend runs)
+    INPUTS.append(
+        (["bench", "--backends", "jax-cudnn"], 2, "--backends jax-cudnn runs on an NVIDIA GPU only")
+    )
+
+ROWS = TRAIN + GENERATE + PARITY + CONVERT + CACHE + BENCH + TOP + OUTPUTS + INPUTS
 
 
 @pytest.fixture(scope="module")
@@ -545,7 +717,51 @@ def files(tmp_path_factory, tiny_checkpoint):
             (ckpt / str(step) / item).mkdir(parents=True)
     tr.write_run(ckpt, tr.run_record(data.DEMO, tr.TrainOptions(batch_size=8), (1, 1)))
     out["saved"] = tmp / "saved"
+    out.update(edge_files(tmp, tiny_checkpoint))
     return {k: str(v) for k, v in out.items()}
+
+
+def edge_files(tmp, tiny_checkpoint) -> dict:
+    """Issue 23's inputs: a LoRA, a model missing a key (and a diffusers one missing a piece), NaN and I32
+    weights, a PNG whose header says 20000 x 20000, a 300-character name."""
+    from safetensors.numpy import load_file
+
+    from minflux import configs, lora
+    from minflux.convert import convert
+
+    out = {"flux1_tiny": tiny_checkpoint("flux1-tiny"), "long": "a" * 300}
+    cfg, rng = configs.get("flux1-tiny"), np.random.default_rng(0)
+    shapes = lora.linear_shapes(cfg)
+    adapters = {
+        m: {
+            "lora_A": rng.standard_normal((2, shapes[m][1]), np.float32),
+            "lora_B": rng.standard_normal((shapes[m][0], 2), np.float32),
+            "alpha": 2.0,
+        }
+        for m in ("img_in", "double_blocks.0.img_attn.qkv")
+    }
+    out["lora"] = tmp / "lora.safetensors"
+    lora.save(out["lora"], adapters, cfg)
+    model = load_file(out["flux1_tiny"])
+    for name, change in {
+        "missing_key": lambda d: d.pop("img_in.weight"),
+        "nan_model": lambda d: d.update(
+            {"img_in.weight": np.full_like(d["img_in.weight"], np.nan)}
+        ),
+        "i32_model": lambda d: d.update({"img_in.weight": d["img_in.weight"].astype(np.int32)}),
+    }.items():
+        d = dict(model)
+        change(d)
+        out[name] = tmp / f"{name}.safetensors"
+        save_file(d, out[name])
+    convert(out["flux1_tiny"], tmp / "diffusers.safetensors", digests=False)
+    d = load_file(tmp / "diffusers.safetensors")
+    del d["transformer_blocks.0.attn.to_q.weight"]
+    out["missing_piece"] = tmp / "missing_piece.safetensors"
+    save_file(d, out["missing_piece"])
+    out["bomb"] = tmp / "bomb.png"
+    out["bomb"].write_bytes(png_header(20000, 20000))
+    return out
 
 
 @pytest.fixture
@@ -658,3 +874,365 @@ def test_signals_give_one_line_and_their_exit_code(tmp_path, sig, code, word, fr
         f"minflux generate: {word}"
     ]
     assert not (tmp_path / "never.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile file systems: full, read-only. Exit 2, one line, no traceback, the old file intact, no temp file left
+# ---------------------------------------------------------------------------------------------
+
+TINY_PARITY = [
+    "parity",
+    "--model",
+    "flux1-tiny",
+    "--random-weights",
+    "--resolution",
+    "16",
+    "--txt-len",
+    "2",
+]
+HOSTILE = [  # (argv, the line's text, the destination that already holds a good file)
+    (
+        ["generate", "--random-weights", "--no-progress", "--out", "{full}/o.png"],
+        "{full}/o.png: cannot write: no space left on the device",
+        "o.png",
+    ),
+    pytest.param(
+        [
+            "generate",
+            "--random-weights",
+            "--framework",
+            "jax",
+            "--no-progress",
+            "--out",
+            "{full}/o.png",
+        ],
+        "{full}/o.png: cannot write: no space left on the device",
+        "o.png",
+        marks=pytest.mark.slow,
+    ),
+    (
+        ["convert", "{flux2_tiny}", "{full}/o.safetensors", "--no-progress"],
+        "{full}/o.safetensors: cannot write: about",
+        "o.safetensors",
+    ),
+    pytest.param(
+        [*TINY_PARITY, "--json", "{full}/r.json", "--plot", "{full}/p.png"],
+        "{full}/r.json: cannot write: no space left on the device",
+        "r.json",
+        marks=pytest.mark.slow,
+    ),
+    (
+        ["train", "--steps", "1", "--save-every", "1", "--out", "{full}/run"],
+        "{full}/run: cannot write: about",
+        None,
+    ),
+    (
+        ["generate", "--random-weights", "--out", "{ro}/o.png"],
+        "{ro}/o.png: cannot write: the file system is read-only",
+        "o.png",
+    ),
+    (
+        ["convert", "{flux2_tiny}", "{ro}/o.safetensors"],
+        "the file system is read-only",
+        "o.safetensors",
+    ),
+    (
+        ["parity", "--plot", "{ro}/p.png"],
+        "argument --plot: {ro}/p.png: cannot write: the file system is read-only",
+        "p.png",
+    ),
+    (
+        ["bench", "--json", "{ro}/r.json"],
+        "argument --json: {ro}/r.json: cannot write: the file system is read-only",
+        "r.json",
+    ),
+    (
+        ["train", "--out", "{ro}/run"],
+        "argument --out: {ro}/run: cannot write: the file system is read-only",
+        None,
+    ),
+    (
+        [
+            "cache",
+            "{empty}",
+            "{ro}/c",
+            "--model",
+            "flux2-tiny",
+            "--ae",
+            "{flux1_ae}",
+            "--text-encoder",
+            "{tmp}",
+        ],
+        "argument out: {ro}/c: cannot write: the file system is read-only",
+        None,
+    ),
+]
+OLD = {
+    "o.png": b"\x89PNG old picture",
+    "o.safetensors": b"old weights",
+    "r.json": b"{}",
+    "p.png": b"old plot",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """{full}: a 1 MB tmpfs holding the old files, then filled to the last byte; {ro}: a read-only bind mount
+    holding them. Where mounting is not allowed (not root, a container without CAP_SYS_ADMIN), the same
+    folders are made plain and `fake` is set: the test then makes the OS refuse their writes (monkeypatch)."""
+    root = tmp_path_factory.mktemp("hostile")
+    full, ro = root / "full", root / "ro"
+    full.mkdir()
+    ro.mkdir()
+    mounted = []
+    try:
+        if os.environ.get("MINFLUX_TEST_NO_MOUNT"):  # (to try the fallback where mounting works)
+            raise OSError("mounting not wanted")
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)],
+            check=True,
+            capture_output=True,
+        )
+        mounted.append(full)
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        for folder in (full, ro):
+            for name, body in OLD.items():
+                (folder / name).write_bytes(body)
+        if mounted:
+            for n, chunk in enumerate(
+                (1 << 16, 512, 1)
+            ):  # to the last byte: every later write fails
+                with (
+                    contextlib.suppress(OSError),
+                    open(full / f"filler{n}", "wb", buffering=0) as f,
+                ):
+                    while True:
+                        f.write(b"\0" * chunk)
+            try:
+                subprocess.run(
+                    ["mount", "--bind", str(ro), str(ro)], check=True, capture_output=True
+                )
+                mounted.append(ro)
+                subprocess.run(
+                    ["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True
+                )
+            except (OSError, subprocess.CalledProcessError):
+                pass
+        yield {"full": str(full), "ro": str(ro), "fake": len(mounted) < 2}
+    finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", str(m)], capture_output=True)
+
+
+def refuse_writes(monkeypatch, hostile):
+    """Without mounts: writes under {full} fail with ENOSPC once opened, {ro} reports a read-only file system and
+    refuses to open files (EROFS), as the kernel would."""
+    import builtins
+    import errno
+
+    from minflux import files
+
+    real_open, real_statvfs = builtins.open, os.statvfs
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).startswith(hostile["ro"]):
+            raise OSError(errno.EROFS, "Read-only file system")
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if "w" in mode and str(path).startswith(hostile["full"]) else f
+
+    def fake_statvfs(path):
+        st = real_statvfs(path)
+        if str(path).startswith(hostile["ro"]):
+            return os.statvfs_result((*st[:8], st.f_flag | os.ST_RDONLY, st.f_namemax))
+        if str(path).startswith(hostile["full"]):
+            return os.statvfs_result((*st[:4], 0, st[5], st[6], 0, st.f_flag, st.f_namemax))
+        return st
+
+    monkeypatch.setattr(files, "open", fake_open, raising=False)
+    monkeypatch.setattr(files.os, "statvfs", fake_statvfs)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: (0, 0, 0))
+
+
+@pytest.mark.parametrize(
+    "argv,expected,old",
+    HOSTILE,
+    ids=[" ".join(getattr(r, "values", r)[0]) for r in HOSTILE],
+)
+def test_hostile_file_systems(argv, expected, old, files, hostile, monkeypatch, capsys, request):
+    if argv[0] == "train":  # refused before any model is built
+        request.getfixturevalue("no_models")
+    if hostile["fake"]:
+        refuse_writes(monkeypatch, hostile)
+    names = {**files, **hostile}
+    argv = [a.format(**names) for a in argv]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err + captured.out
+    assert rc == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith(f"minflux {argv[0]}: error: "), lines[0]
+    assert expected.format(**names) in lines[0], lines[0]
+    for folder in (hostile["full"], hostile["ro"]):
+        assert not [p for p in os.listdir(folder) if ".tmp" in p], os.listdir(
+            folder
+        )  # no temp file left
+        if old is not None:
+            assert (Path(folder) / old).read_bytes() == OLD[old]  # the old destination intact
+
+
+# ---------------------------------------------------------------------------------------------
+# The first moments: light start-up, --version, interrupts during imports, library messages
+# ---------------------------------------------------------------------------------------------
+
+HEAVY = ("torch", "jax", "ml_dtypes", "matplotlib", "PIL", "transformers", "orbax")
+
+
+@pytest.mark.parametrize(
+    "argv,light",
+    [
+        (["--help"], HEAVY + ("numpy",)),
+        (["--version"], HEAVY + ("numpy",)),
+        (["generate", "--steps", "0"], HEAVY),
+        (["train", "--steps", "0"], HEAVY),
+        (["convert", "--help"], HEAVY),
+        (["parity", "--resolution", "0"], HEAVY + ("numpy",)),
+    ],
+)
+def test_help_and_argument_errors_import_nothing_heavy(argv, light):
+    """`--help` and argument errors answer before torch, jax or ml_dtypes (a second here) are imported: only the
+    named command's module is imported to build the parser."""
+    code = (
+        "import sys\nfrom minflux_cli.main import main\nrc = main(sys.argv[1:])\n"
+        f"print(sorted(m for m in {light!r} if m in sys.modules), rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.strip().splitlines()[-1] in ("[] 0", "[] 2"), proc.stdout + proc.stderr
+
+
+def test_version(capsys):
+    import tomllib
+
+    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    want = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"minflux {want}"
+
+
+def console_script(tmp_path) -> Path:
+    """A `minflux` script like the one pip writes for the console entry point."""
+    script = tmp_path / "minflux"
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom minflux_cli.main import cli\nsys.exit(cli())\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize(
+    "sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_signal_during_imports(tmp_path, sig, code, word):
+    """Half a second in, `minflux parity` is still importing torch and jax: one line and 130 / 143, not a
+    KeyboardInterrupt traceback (status 1) or a silent death by the signal (status -15)."""
+    proc = subprocess.Popen(
+        [console_script(tmp_path), "parity"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and err.strip().splitlines() == [f"minflux parity: {word}"], err
+
+
+def test_interrupt_swallowed_by_a_native_callback_is_delivered_again():
+    """Ctrl-C landing in a GC callback (JAX's `_xla_gc_callback`) cannot be raised there: Python reports it as
+    "Exception ignored in ...". The hook `main` installs prints nothing and sends the signal again, so it is
+    raised where the program is."""
+    code = """
+import os, signal, sys, time
+from minflux_cli import main as m
+signal.signal(signal.SIGINT, m._stop)
+sys.unraisablehook = m._unraisable(False, sys.unraisablehook)
+class Callback:
+    def __del__(self):
+        raise KeyboardInterrupt  # what the handler raised inside the callback
+try:
+    Callback()
+    time.sleep(10)
+    print("lost")
+except KeyboardInterrupt:
+    print("delivered", flush=True)
+    os._exit(0)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "delivered" and proc.stderr == "", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_messages_off_stderr_unless_verbose(verbose, capsys):
+    import logging
+    import warnings
+
+    from minflux_cli.main import _quiet_libraries
+
+    # (pytest records warnings instead of printing them: `seen` is what would reach stderr)
+    with warnings.catch_warnings(record=True) as seen, _quiet_libraries(verbose):
+        logging.getLogger("absl").warning("Waiting for previous save to complete took 1.2 seconds")
+        warnings.warn_explicit(
+            "a library's deprecation", UserWarning, "lib.py", 1, module="orbax.checkpoint"
+        )
+        logging.getLogger("minflux").warning("our notice")
+        warnings.warn_explicit("our warning", UserWarning, "lora.py", 1, module="minflux.lora")
+    err = capsys.readouterr().err + "".join(str(w.message) for w in seen)
+    assert "our notice" in err and "our warning" in err
+    assert ("Waiting for previous save" in err) == verbose and (
+        "a library's deprecation" in err
+    ) == verbose
+
+
+@pytest.mark.slow
+def test_temp_folder_of_a_killed_parity_run_is_removed_by_the_next(tmp_path, monkeypatch):
+    """SIGKILL leaves `minflux-parity-PID-XXXX/` behind (no process can clean up after SIGKILL); the next
+    parity run, even one that stops at an argument error, removes it."""
+    import tempfile
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minflux_cli", "parity"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("minflux-parity-*/*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    left = list(tmp_path.glob("minflux-parity-*"))
+    assert len(left) == 1 and left[0].name.startswith(f"minflux-parity-{proc.pid}-")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["parity", "--model", "flux1-tiny", "--random-weights", "--verify"]) == 2
+    assert not left[0].exists()
