@@ -297,9 +297,16 @@ def _run(loop, desc: str, steps: int, progress: bool, *args) -> Array:
     Whether to show it and the start time are traced arguments, so a bar on or off reuses the same program."""
     start = _clock()
     _draw(desc, steps, 0, progress, start)
-    out = loop(*args, (jnp.asarray(progress), jnp.asarray(start, jnp.uint32)))
-    out.block_until_ready()
-    jax.effects_barrier()  # every in-loop draw delivered before the last one
+    try:
+        out = loop(*args, (jnp.asarray(progress), jnp.asarray(start, jnp.uint32)))
+        out.block_until_ready()
+        jax.effects_barrier()  # every in-loop draw delivered before the last one
+    except (
+        BaseException
+    ):  # (Ctrl-C): end the bar's line before the exception is reported, as tqdm does
+        if progress:
+            sys.stderr.write("\n")
+        raise
     _draw(desc, steps, steps, progress, start)
     return out
 
