@@ -1,11 +1,10 @@
 """Model configs: one frozen dataclass per family, BFL field names, a table of presets.
 
-Field names follow the official code (black-forest-labs/flux `FluxParams`,
-black-forest-labs/flux2 `Flux2Params`, `AutoEncoderParams`). rngs, dtype and
-device are arguments of the builders, never config fields. Variants are made
-with `dataclasses.replace`, never by mutation. The configs hold model fields only; what a family does
-beyond them (ids, encoders, sampling defaults, references) is in the family table, `minflux.family`.
-"""
+Field names follow the official code (black-forest-labs/flux `FluxParams`, black-forest-labs/flux2
+`Flux2Params`, `AutoEncoderParams`). rngs, dtype and device are arguments of the builders, never
+config fields. Variants are made with `dataclasses.replace`, never by mutation. The configs hold
+model fields only; what a family does beyond them (ids, encoders, sampling defaults, references) is
+in the family table, `minflux.family`."""
 
 from __future__ import annotations
 
@@ -16,8 +15,9 @@ from minflux import family
 
 
 class _FromTable:
-    """A deprecated alias of the family table: `FluxConfig.bias` (class or instance) reads `minflux.family`'s
-    `FLUX1.bias`. Kept for code written before the table; new code reads `family.of(cfg)`."""
+    """A deprecated alias of the family table: `FluxConfig.bias` (class or instance) reads
+    `minflux.family`'s `FLUX1.bias`. Kept for code written before the table; new code reads
+    `family.of(cfg)`."""
 
     def __set_name__(self, owner, name: str):
         self.name = name
@@ -28,8 +28,8 @@ class _FromTable:
 
 
 class _FamilyAliases:
-    """Deprecated aliases of the family table on the transformer configs (class and instance), kept for code
-    written before it: `cfg.bias` is `family.of(cfg).bias`, and so on."""
+    """Deprecated aliases of the family table on the transformer configs (class and instance), kept
+    for code written before it: `cfg.bias` is `family.of(cfg).bias`, and so on."""
 
     gated_mlp = _FromTable()
     bias = _FromTable()
@@ -151,7 +151,8 @@ KIND = {
 
 
 def describe(name: str | None, width: int = 0) -> str:
-    """ "a FLUX.2 transformer of width 3072", "a FLUX.1 autoencoder", or "no FLUX model" (`family.describe`)."""
+    """ "a FLUX.2 transformer of width 3072", "a FLUX.1 autoencoder", or "no FLUX model"
+    (`family.describe`)."""
     return family.describe(name, width)
 
 

@@ -1,17 +1,19 @@
-"""The family table: everything the shared code knows about a FLUX family beyond its config's model fields.
+"""The family table: everything the shared code knows about a FLUX family beyond its config's model
+fields.
 
-One frozen `Family` per transformer family (FLUX.1, FLUX.2) and one `Autoencoder` per autoencoder family hold
-what used to be spread over class attributes of the configs, `family == ...` branches and per-command tables:
-model structure (bias, gated MLP, shared modulation), tokens and position ids, the encoders a family takes,
-the sampling defaults of the official CLIs and pipelines, and how reference and inpainting images enter.
-`Preset` holds the few behaviours in which presets of one family differ (BFL's per-model CLIs: Fill, Kontext
-and Canny/Depth guidance, schnell's T5 length, the text encoder a FLUX.2 preset was trained with).
+One frozen `Family` per transformer family (FLUX.1, FLUX.2) and one `Autoencoder` per autoencoder
+family hold what used to be spread over class attributes of the configs, `family == ...` branches
+and per-command tables: model structure (bias, gated MLP, shared modulation), tokens and position
+ids, the encoders a family takes, the sampling defaults of the official CLIs and pipelines, and how
+reference and inpainting images enter. `Preset` holds the few behaviours in which presets of one
+family differ (BFL's per-model CLIs: Fill, Kontext and Canny/Depth guidance, schnell's T5 length,
+the text encoder a FLUX.2 preset was trained with).
 
-Sources: black-forest-labs/flux `src/flux/sampling.py`, `cli*.py` (FLUX.1 ids, schedule, guidance defaults,
-Kontext's reference at t = 1) and black-forest-labs/flux2 `src/flux2/sampling.py` (FLUX.2 ids (t, h, w, l),
-references at t = 10 + 10 i, reference pixel limits); diffusers' inpainting pipelines for the mask resizing.
-This module is the only place that tells the families apart; everything else reads it (`of(cfg)`, `get(name)`).
-"""
+Sources: black-forest-labs/flux `src/flux/sampling.py`, `cli*.py` (FLUX.1 ids, schedule, guidance
+defaults, Kontext's reference at t = 1) and black-forest-labs/flux2 `src/flux2/sampling.py` (FLUX.2
+ids (t, h, w, l), references at t = 10 + 10 i, reference pixel limits); diffusers' inpainting
+pipelines for the mask resizing. This module is the only place that tells the families apart;
+everything else reads it (`of(cfg)`, `get(name)`)."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ class Family:
     shared_modulation: (
         bool  # three modulations shared by all blocks (FLUX.2) or one per block (FLUX.1)
     )
-    # BFL's forward keyword names for (image tokens, image ids, text, text ids, timesteps, pooled vector,
-    # guidance); None: the family has no such input.
+    # BFL's forward keyword names for (image tokens, image ids, text, text ids, timesteps, pooled
+    # vector, guidance); None: the family has no such input.
     forward_names: tuple[str | None, ...]
     # Tokens and position ids.
     latent_channels: int  # channels of the latents the sampler draws
@@ -50,7 +52,8 @@ class Family:
     # Sampling defaults, as the official CLIs / diffusers' pipelines.
     guidance: float  # distilled guidance of the guidance-embedded models
     steps: int  # steps of the undistilled models (distilled ones: `DISTILLED_STEPS`)
-    mu: str  # schedule shift: "resolution" (linear in the token count) or "empirical" (BFL's FLUX.2 fit)
+    # The schedule's shift: "resolution" (linear in the tokens) or "empirical" (BFL's FLUX.2 fit).
+    mu: str
     shift_always: bool  # FLUX.2 always shifts; FLUX.1 only with a guidance embedder (not schnell)
     strength: float  # img2img
     inpaint_strength: float  # inpainting with an ordinary model
@@ -71,7 +74,8 @@ class Family:
         return f"{self.title} transformer"
 
     def ref_time(self, i: int) -> int:
-        """The t position id of reference image i (Kontext: 1; FLUX.2 `encode_image_refs`: 10 + 10 i)."""
+        """The t position id of reference image i (Kontext: 1; FLUX.2 `encode_image_refs`: 10 + 10
+        i)."""
         return self.ref_t0 + self.ref_dt * i
 
     def shifts_schedule(self, cfg) -> bool:
@@ -80,7 +84,8 @@ class Family:
         return self.shift_always or cfg.guidance_embed
 
     def forward_kwargs(self, values: tuple) -> dict:
-        """The model's keyword arguments for (img, img_ids, txt, txt_ids, timesteps, vec, guidance) in that order."""
+        """The model's keyword arguments for (img, img_ids, txt, txt_ids, timesteps, vec, guidance)
+        in that order."""
         return {k: v for k, v in zip(self.forward_names, values, strict=True) if k is not None}
 
     def takes(self, ae_cfg) -> bool:
@@ -88,7 +93,8 @@ class Family:
         return AUTOENCODERS.get(ae_cfg.family) is AUTOENCODERS[self.autoencoder]
 
     def ref_max_pixels(self, n_refs: int) -> int | None:
-        """The pixel budget of each of n_refs references (BFL flux2: 2024^2 for one, 1024^2 for several)."""
+        """The pixel budget of each of n_refs references (BFL flux2: 2024^2 for one, 1024^2 for
+        several)."""
         return None if self.ref_pixels is None else self.ref_pixels[0 if n_refs == 1 else 1]
 
 
@@ -99,7 +105,8 @@ class Autoencoder:
     name: str  # "ae1"
     title: str  # "FLUX.1"
     quant_conv: bool  # 1x1 quant_conv / post_quant_conv around the latent (FLUX.2)
-    batch_norm: bool  # latents patchified 2x2 and normalised by a frozen BatchNorm (FLUX.2); else scale/shift
+    # Latents patchified 2x2 and normalised by a frozen BatchNorm (FLUX.2); else scale and shift.
+    batch_norm: bool
 
     @property
     def kind(self) -> str:
@@ -173,7 +180,8 @@ FLUX2 = Family(
     ref_dt=10,
     ref_pixels=(2024**2, 1024**2),
     refs_model="FLUX.2",
-    inpaint_resize="bilinear",  # Flux2KleinInpaintPipeline: the mask resized bilinearly to the token grid
+    # Flux2KleinInpaintPipeline: the mask resized bilinearly to the token grid
+    inpaint_resize="bilinear",
     inpaint_init_ref=True,
     redux=False,
 )
@@ -199,7 +207,7 @@ PRESETS: dict[str, Preset] = {
     "flux2-klein-9b-kv": _KLEIN,
 }
 
-# Text-encoder kinds that load several encoders: "flux1" is CLIP-L (the pooled vec) + T5-XXL (the tokens).
+# Text-encoder kinds that load several encoders: "flux1" is CLIP-L (the pooled vec) + T5-XXL.
 TEXT_PARTS = {"flux1": ("clip", "t5")}
 
 
@@ -229,7 +237,7 @@ def of(cfg) -> Family:
 
 
 def describe(name: str | None, width: int = 0) -> str:
-    """ "a FLUX.2 transformer of width 3072", "a FLUX.1 autoencoder", or "no FLUX model" (name None)."""
+    """ "a FLUX.2 transformer of width 3072", "a FLUX.1 autoencoder", or "no FLUX model" (None)."""
     if name is None:
         return "no FLUX model"
     if name in AUTOENCODERS:
@@ -249,7 +257,8 @@ def default_guidance(name: str, cfg) -> float:
 
 
 def default_steps(cfg, true_cfg: bool = False) -> int:
-    """--steps' default: 4 for distilled models (no guidance embedder, no true CFG), else the family's."""
+    """--steps' default: 4 for distilled models (no guidance embedder, no true CFG), else the
+    family's."""
     return DISTILLED_STEPS if not cfg.guidance_embed and not true_cfg else of(cfg).steps
 
 

@@ -1,18 +1,21 @@
-"""A generation as typed values, validated once: the `Request` a command builds and `pipeline.generate` serves,
-and the `Conditioning` and `Inputs` that the samplers of both frameworks take.
+"""A generation as typed values, validated once: the `Request` a command builds and
+`pipeline.generate` serves, and the `Conditioning` and `Inputs` the samplers of both frameworks
+take.
 
-    Request       numpy: prompt embeddings, size, steps, guidance / true CFG, seed(s), and the pictures it is
-                  conditioned on (references, init + strength, mask, control)  ->  `pipeline.generate`
+    Request       numpy: prompt embeddings, size, steps, guidance / true CFG, seed(s), and the
+                  pictures it is conditioned on (references, init + strength, mask, control)
+                  ->  `pipeline.generate`
     Conditioning  framework arrays: the same prompt and guidance, the pictures encoded to latents
                   ->  `sampling.sample`, `sample_inpaint`, `sample_kv`
     Inputs        framework arrays: tokens and position ids, the references packed
-                  ->  `sampling.denoise`, `denoise_inpaint`, `denoise_kv` (BFL's `prepare` dict, typed)
-    Batched       `Inputs` expanded to the text batch, the negative prompt folded in: what every step reads
+                  ->  `sampling.denoise`, `denoise_inpaint`, `denoise_kv` (BFL's `prepare`, typed)
+    Batched       `Inputs` expanded to the batch, the negative prompt folded in: what a step reads
 
-Each is frozen and checks itself when made (`ValueError` naming the field); `check` adds what depends on the
-model (its input kind, reference count, sizes) and is the one place those rules live: `minflux generate` runs
-it on its plan (images still paths, errors naming the flags) before anything is loaded. The samplers and the
-pipeline still accept their earlier keyword lists (`keywords`), which build these values and warn.
+Each is frozen and checks itself when made (`ValueError` naming the field); `check_model` adds what
+depends on the model (its input kind, reference count, sizes) and is the one place those rules live:
+`minflux generate` runs it on its plan (images still paths, errors naming the flags) before anything
+is loaded. The samplers and the pipelines still take their earlier keyword lists (`keywords`), which
+build these values and warn.
 
 Lives in the framework-free core: the arrays inside are only read for `.shape`.
 """
@@ -30,8 +33,8 @@ from typing import Any
 
 from minflux import configs, family, schedules
 
-# How a pixel mask becomes per-token blend weights in inpainting: "center" samples the mask as diffusers'
-# inpainting pipelines do (FLUX.1: the nearest pixel of each latent; FLUX.2: the token centre's 2 x 2 pixels).
+# How a pixel mask becomes per-token blend weights in inpainting: "center" samples the mask as
+# diffusers' inpainting pipelines do (FLUX.1: each latent's nearest pixel; FLUX.2: token centres).
 MASK_MODES = ("center",)
 
 # The names errors use for the request's fields; `minflux generate` passes its flags instead.
@@ -83,9 +86,10 @@ def _image(name: str, a, size: tuple[int, int] | None, channels: int) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Request:
-    """One generation: B prompts' embeddings, the picture's size and schedule, guidance, seed(s), and the images
-    it is conditioned on. numpy throughout; images as `minflux.images.load` returns them. Raises ValueError
-    naming the field when made with inconsistent values; `check` adds the rules that depend on the model."""
+    """One generation: B prompts' embeddings, the picture's size and schedule, guidance, seed(s),
+    and the images it is conditioned on. numpy throughout; images as `minflux.images.load` returns
+    them. Raises ValueError naming the field when made with inconsistent values; `check` adds the
+    rules that depend on the model."""
 
     txt: Any  # (B, L, context_in_dim) prompt embeddings, any float dtype
     vec: Any = None  # (B, 768) FLUX.1's pooled CLIP vector
@@ -139,11 +143,13 @@ class Request:
         return self.neg_txt is not None
 
     def check(self, cfg, ae_cfg) -> str:
-        """The model-dependent rules (`check_model`) and the embeddings' widths; returns the model's input kind."""
+        """The model-dependent rules (`check_model`) and the embeddings' widths; returns the model's
+        input kind."""
         spec = family.of(cfg)
         if self.txt.shape[-1] != cfg.context_in_dim:
             raise ValueError(
-                f"txt: width {self.txt.shape[-1]}, but the model has context_in_dim {cfg.context_in_dim}"
+                f"txt: width {self.txt.shape[-1]}, but the model has context_in_dim "
+                f"{cfg.context_in_dim}"
             )
         if spec.pooled_vec and (self.vec is None or self.vec.shape[-1] != cfg.vec_in_dim):
             got = "none" if self.vec is None else f"width {self.vec.shape[-1]}"
@@ -154,9 +160,9 @@ class Request:
 
 
 def check_inputs(req, names: Mapping[str, str] = FIELDS) -> None:
-    """The rules between a request's fields that hold for any model. `req` is a `Request`, or anything with its
-    fields (`minflux generate` checks its plan, whose images are still paths); `names` names the fields in the
-    messages (the command passes its flags)."""
+    """The rules between a request's fields that hold for any model. `req` is a `Request`, or
+    anything with its fields (`minflux generate` checks its plan, whose images are still paths);
+    `names` names the fields in the messages (the command passes its flags)."""
     if req.mask is not None and req.init is None:
         raise ValueError(f"{names['mask']} needs {names['init']} IMAGE, the image to inpaint")
     if not 0.0 <= req.strength <= 1.0:
@@ -164,10 +170,11 @@ def check_inputs(req, names: Mapping[str, str] = FIELDS) -> None:
 
 
 def check_model(req, cfg, ae_cfg, names: Mapping[str, str] = FIELDS) -> str:
-    """The rules a request must meet for a transformer `cfg` (after any LoRA widened it) and its autoencoder:
-    sides a multiple of the token size, the conditioning the model takes (Fill: init and mask; Canny/Depth:
-    control), the reference count, a strength that leaves a step to run, klein KV's limits. `req` and `names`
-    as in `check_inputs`. Returns the input kind ("text", "fill", "control"); raises ValueError."""
+    """The rules a request must meet for a transformer `cfg` (after any LoRA widened it) and its
+    autoencoder: sides a multiple of the token size, the conditioning the model takes (Fill: init
+    and mask; Canny/Depth: control), the reference count, a strength that leaves a step to run,
+    klein KV's limits. `req` and `names` as in `check_inputs`. Returns the input kind ("text",
+    "fill", "control"); raises ValueError."""
     check_inputs(req, names)
     spec, ppt = family.of(cfg), configs.pixels_per_token(ae_cfg)
     schedules.token_grid(req.width, req.height, ppt)
@@ -175,12 +182,13 @@ def check_model(req, cfg, ae_cfg, names: Mapping[str, str] = FIELDS) -> str:
     model, control, mask, init = names["model"], names["control"], names["mask"], names["init"]
     if kind == "control" and req.control is None:
         raise ValueError(
-            f"{model} is a structural-control (Canny/Depth) model: pass {control} IMAGE, an edge map or "
-            "a depth map"
+            f"{model} is a structural-control (Canny/Depth) model: pass {control} IMAGE, an edge "
+            "map or a depth map"
         )
     if req.control is not None and kind != "control":
         raise ValueError(
-            f"{control} needs a FLUX.1 Canny/Depth model (in_channels 128); {model} has {cfg.in_channels}"
+            f"{control} needs a FLUX.1 Canny/Depth model (in_channels 128); {model} has "
+            f"{cfg.in_channels}"
         )
     if req.mask is not None and kind == "control":
         raise ValueError(
@@ -207,9 +215,9 @@ def check_model(req, cfg, ae_cfg, names: Mapping[str, str] = FIELDS) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class Conditioning:
-    """What a sampler conditions the flow on, in one framework's arrays: the prompt, the guidance, and the
-    images encoded by the autoencoder (NCHW in PyTorch, NHWC in JAX). References, init and mask of batch one
-    serve every prompt."""
+    """What a sampler conditions the flow on, in one framework's arrays: the prompt, the guidance,
+    and the images encoded by the autoencoder (NCHW in PyTorch, NHWC in JAX). References, init and
+    mask of batch one serve every prompt."""
 
     txt: Any  # (B, L, context_in_dim)
     vec: Any = None  # (B, 768) FLUX.1
@@ -240,8 +248,9 @@ class Conditioning:
 
 @dataclass(frozen=True, kw_only=True)
 class Inputs:
-    """The model inputs every step shares (BFL's `prepare` dict, typed), one framework's arrays. Ids, Fill
-    channels, references and the negative prompt may have a batch of one for any text batch."""
+    """The model inputs every step shares (BFL's `prepare` dict, typed), one framework's arrays.
+    Ids, Fill channels, references and the negative prompt may have a batch of one for any text
+    batch."""
 
     img_ids: Any  # (B, L, axes)
     txt: Any  # (B, Lt, context_in_dim)
@@ -263,9 +272,9 @@ class Inputs:
 
 @dataclass(frozen=True, kw_only=True)
 class Batched:
-    """`Inputs` made ready for the loop (`sampling.conditioning`): every array expanded to the batch of one
-    model call; with true CFG txt, txt_ids and vec hold [negative, positive]. guidance and cfg_scale are 0-d
-    arrays, None when unused (no guidance embedder; no negative prompt)."""
+    """`Inputs` made ready for the loop (`sampling.conditioning`): every array expanded to the batch
+    of one model call; with true CFG txt, txt_ids and vec hold [negative, positive]. guidance and
+    cfg_scale are 0-d arrays, None when unused (no guidance embedder; no negative prompt)."""
 
     img_ids: Any
     txt: Any
@@ -286,10 +295,10 @@ class Batched:
 def keywords(
     order: tuple[str, ...], typed: type, into: str, rename: Mapping[str, str] | None = None
 ):
-    """Decorator: the function also takes its earlier, deprecated keyword form. `order` names that form's
-    positional parameters; its loose keywords that are fields of `typed` (after `rename`) build the typed value
-    passed as `into`, the others pass through by name. A call that already passes a `typed` value is unchanged.
-    """
+    """Decorator: the function also takes its earlier, deprecated keyword form. `order` names that
+    form's positional parameters; its loose keywords that are fields of `typed` (after `rename`)
+    build the typed value passed as `into`, the others pass through by name. A call that already
+    passes a `typed` value is unchanged."""
     fields = {f.name for f in dataclasses.fields(typed)}
     rename = dict(rename or {})
 
@@ -308,7 +317,8 @@ def keywords(
             given = {rename.get(k, k): v for k, v in {**given, **kw}.items()}
             value = typed(**{k: given.pop(k) for k in list(given) if k in fields})
             warnings.warn(
-                f"{fn.__name__}: loose keyword arguments are deprecated; pass a {typed.__name__} as {into}",
+                f"{fn.__name__}: loose keyword arguments are deprecated; pass a "
+                f"{typed.__name__} as {into}",
                 DeprecationWarning,
                 stacklevel=2,
             )
@@ -319,7 +329,7 @@ def keywords(
     return wrap
 
 
-# The positional order of the samplers' earlier keyword lists (`minflux_{torch,jax}/sampling.py`), for `keywords`.
+# The positional order of the samplers' earlier keyword lists (`minflux_{torch,jax}/sampling.py`).
 _IDS = ("img_ids", "txt", "txt_ids", "timesteps")
 _CFG = ("guidance", "cfg_scale", "neg_txt", "neg_vec")
 DENOISE = (

@@ -60,13 +60,13 @@ MU: dict[str, Callable[[int, int], float]] = {
 
 
 def get_schedule(num_steps: int, image_seq_len: int, name: str, shift: bool = True) -> list[float]:
-    """num_steps + 1 times from 1 (noise) to 0 (image), for the family called `name` ("flux1", "flux2").
+    """num_steps + 1 times from 1 (noise) to 0 (image), for the family called `name` ("flux1",
+    "flux2").
 
-    FLUX.1 shifts with mu linear in the token count; schnell runs unshifted (`shift=False`).
-    FLUX.2 always shifts, with BFL's empirical mu that also depends on the step count.
-    `image_seq_len` counts the generated image's tokens only, never reference tokens.
-    Raises ValueError for fewer than one step or an unknown family.
-    """
+    FLUX.1 shifts with mu linear in the token count; schnell runs unshifted (`shift=False`). FLUX.2
+    always shifts, with BFL's empirical mu that also depends on the step count. `image_seq_len`
+    counts the generated image's tokens only, never reference tokens. Raises ValueError for fewer
+    than one step or an unknown family."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     spec = family.get(name)

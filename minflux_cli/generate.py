@@ -1,34 +1,35 @@
 """`minflux generate`: sample a PNG with either framework from local checkpoints.
 
-Inputs are local files only: a transformer checkpoint (`--transformer`, any layout `load_model` reads,
-with its preset `--model`), an autoencoder (`--ae`), and a prompt-embedding file (`--embeddings`, the
-format `minflux.text.save_embeddings` writes): safetensors holding `txt` (B, L, context_in_dim) and, for
-FLUX.1, `vec` (B, 768); B prompts give B images (`out-0.png`, ...). True CFG (`--cfg`, e.g. klein base)
-takes the negative prompt from a second file, `--neg-embeddings`.
+Inputs are local files only: a transformer checkpoint (`--transformer`, any layout `load_model`
+reads, with its preset `--model`), an autoencoder (`--ae`), and a prompt-embedding file
+(`--embeddings`, the format `minflux.text.save_embeddings` writes): safetensors holding `txt` (B, L,
+context_in_dim) and, for FLUX.1, `vec` (B, 768); B prompts give B images (`out-0.png`, ...). True
+CFG (`--cfg`, e.g. klein base) takes the negative prompt from a second file, `--neg-embeddings`.
 `--random-weights` needs no files at all: random tiny models (`flux1-tiny` / `flux2-tiny` and their
 tiny autoencoders) and random embeddings, a smoke test of the whole path.
 
-Prompts instead of embeddings: `--prompt` (repeatable; `--negative-prompt` for `--cfg`, default "") with
-`--text-encoder DIR`, run in the chosen `--framework` and freed before the transformer is loaded; which
-encoder a model takes and where it lies in DIR: `minflux_cli/text_encoders.py`.
-`--save-embeddings FILE` writes the prompts' embeddings (and the negatives' to FILE-neg) and stops: encode
-once, then generate from the file with `--embeddings` without loading the encoder again.
+Prompts instead of embeddings: `--prompt` (repeatable; `--negative-prompt` for `--cfg`, default "")
+with `--text-encoder DIR`, run in the chosen `--framework` and freed before the transformer is
+loaded; which encoder a model takes and where it lies in DIR: `minflux_cli/text_encoders.py`.
+`--save-embeddings FILE` writes the prompts' embeddings (and the negatives' to FILE-neg) and stops:
+encode once, then generate from the file with `--embeddings` without loading the encoder again.
 
-Modes: text-to-image; `--ref` reference images (FLUX.1 Kontext: one; FLUX.2: several; klein KV models cache
-their keys and values); `--init` with `--strength` (img2img); `--init` with `--mask` (inpainting, white = repaint:
-FLUX.1 Fill, or any other model as diffusers' inpaint pipelines); `--control` (FLUX.1 Canny/Depth: the
-preprocessed control image, encoded and packed as extra input channels, as BFL's `prepare_control` after its
-edge or depth detector); `--redux IMAGE` (FLUX.1 Redux: SigLIP image tokens appended to the prompt);
-`--lora FILE[:SCALE]` (any common LoRA format, merged into the transformer).
+Modes: text-to-image; `--ref` reference images (FLUX.1 Kontext: one; FLUX.2: several; klein KV
+models cache their keys and values); `--init` with `--strength` (img2img); `--init` with `--mask`
+(inpainting, white = repaint: FLUX.1 Fill, or any other model as diffusers' inpaint pipelines);
+`--control` (FLUX.1 Canny/Depth: the preprocessed control image, encoded and packed as extra input
+channels, as BFL's `prepare_control` after its edge or depth detector); `--redux IMAGE` (FLUX.1
+Redux: SigLIP image tokens appended to the prompt); `--lora FILE[:SCALE]` (any common LoRA format,
+merged into the transformer).
 
-The arguments become a `Plan` (files, defaults from the family table `minflux.family`), checked by the same
-rules `pipeline.generate` applies (`minflux.request.check_model`, naming the flags here) before anything loads;
-the loaded embeddings and images become a `minflux.request.Request` for `pipeline.generate`.
+The arguments become a `Plan` (files, defaults from the family table `minflux.family`), checked by
+the same rules `pipeline.generate` applies (`minflux.request.check_model`, naming the flags here)
+before anything loads; the loaded embeddings and images become a `minflux.request.Request` for
+`pipeline.generate`.
 
-Progress: PyTorch ticks a tqdm bar per step. JAX compiles the whole loop once (`lax.scan`) and ticks the
-bar from inside the compiled loop through `jax.debug.callback`; the first call's bar waits for compilation
-before its first tick.
-"""
+Progress: PyTorch ticks a tqdm bar per step. JAX compiles the whole loop once (`lax.scan`) and ticks
+the bar from inside the compiled loop through `jax.debug.callback`; the first call's bar waits for
+compilation before its first tick."""
 
 from __future__ import annotations
 
@@ -396,7 +397,8 @@ def _exclusive(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> tuple[str, object, str, object]:
-    """(name, config) of the transformer and of its autoencoder (the family's, tiny for tiny models)."""
+    """(name, config) of the transformer and of its autoencoder (the family's, tiny for tiny
+    models)."""
     name = args.model or ("flux1-tiny" if args.random_weights else None)
     if name is None:
         raise UsageError(
@@ -426,8 +428,8 @@ def _required(path: Path | None, what: str, flag: str) -> Path:
 
 
 def _check_files(args: argparse.Namespace, prompts: bool, model: tuple, ae: tuple) -> None:
-    """The files a run without --random-weights needs, and (headers only) that the checkpoints hold the
-    (name, config) `model` and `ae`."""
+    """The files a run without --random-weights needs, and (headers only) that the checkpoints hold
+    the (name, config) `model` and `ae`."""
     _required(args.transformer, "the transformer checkpoint", "--transformer")
     _required(args.ae, "the autoencoder checkpoint", "--ae")
     if not prompts:
@@ -449,8 +451,9 @@ def _check_files(args: argparse.Namespace, prompts: bool, model: tuple, ae: tupl
 
 
 def _check_request(plan: Plan, args: argparse.Namespace) -> None:
-    """The generation rules of `pipeline.generate` (`request.check_model`) on the plan, the flags named, then
-    the flags that only the command has (--strength given, --redux, --guidance without an embedder)."""
+    """The generation rules of `pipeline.generate` (`request.check_model`) on the plan, the flags
+    named, then the flags that only the command has (--strength given, --redux, --guidance without
+    an embedder)."""
     try:
         kind = request.check_model(plan, _with_loras(plan.cfg, plan.loras), plan.ae_cfg, plan.flags)
     except ValueError as e:

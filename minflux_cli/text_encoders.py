@@ -1,12 +1,13 @@
-"""Text-encoder discovery for the commands: which encoder a preset takes, found and checked in a directory from
-its config files alone, before any weight is read. `minflux generate --prompt` and `minflux cache` share it.
+"""Text-encoder discovery for the commands: which encoder a preset takes, found and checked in a
+directory from its config files alone, before any weight is read. `minflux generate --prompt` and
+`minflux cache` share it.
 
-The kind follows the family table (`minflux.family`): FLUX.1 -> CLIP-L + T5 from a diffusers-style root
-(`text_encoder/` + `tokenizer/` = CLIP, `text_encoder_2/` + `tokenizer_2/` = T5; T5 at 256 tokens for schnell);
-FLUX.2 dev -> Mistral Small 3.x; klein -> Qwen3; other FLUX.2 presets (the tiny ones) -> whatever config.json
-says. FLUX.2's DIR is a model directory (config.json, safetensors, tokenizer.json) or a root with
-`text_encoder/` + `tokenizer/`. Errors are `UsageError`s naming the flag (`minflux generate`'s).
-"""
+The kind follows the family table (`minflux.family`): FLUX.1 -> CLIP-L + T5 from a diffusers-style
+root (`text_encoder/` + `tokenizer/` = CLIP, `text_encoder_2/` + `tokenizer_2/` = T5; T5 at 256
+tokens for schnell); FLUX.2 dev -> Mistral Small 3.x; klein -> Qwen3; other FLUX.2 presets (the tiny
+ones) -> whatever config.json says. FLUX.2's DIR is a model directory (config.json, safetensors,
+tokenizer.json) or a root with `text_encoder/` + `tokenizer/`. Errors are `UsageError`s naming the
+flag (`minflux generate`'s)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ AE_FAMILY = {name: spec.autoencoder for name, spec in family.FAMILIES.items()}
 
 @dataclasses.dataclass(frozen=True)
 class TextPlan:
-    """How prompts are encoded: the encoder kind (clip+t5 "flux1", "qwen3", "mistral"), its directory, the
-    prompts and negative prompts, and the encoder options (None: the official defaults)."""
+    """How prompts are encoded: the encoder kind (clip+t5 "flux1", "qwen3", "mistral"), its
+    directory, the prompts and negative prompts, and the encoder options (None: the official
+    defaults)."""
 
     kind: str
     directory: Path
@@ -38,9 +40,9 @@ class TextPlan:
     layers: tuple[int, ...] | None
 
     def encode(self, fw: Framework, loras=()) -> dict[str, np.ndarray]:
-        """txt (B, L, D), vec (B, 768) for FLUX.1, and neg_txt / neg_vec for the negatives; numpy in the
-        encoder's dtype. loras: (file, scale) pairs whose text-encoder parts are merged into FLUX.1's CLIP-L and
-        T5 first. The encoder is freed before this returns."""
+        """txt (B, L, D), vec (B, 768) for FLUX.1, and neg_txt / neg_vec for the negatives; numpy in
+        the encoder's dtype. loras: (file, scale) pairs whose text-encoder parts are merged into
+        FLUX.1's CLIP-L and T5 first. The encoder is freed before this returns."""
         prompts, n = list(self.prompts + self.negatives), len(self.prompts)
         try:
             out = fw.encode_prompts(
@@ -62,9 +64,9 @@ class TextPlan:
 
 
 def encoder_kind(name: str, family_name: str, directory: Path) -> str:
-    """The text encoder a preset takes (`minflux.family`): the family's only kind (FLUX.1: CLIP-L + T5), or the
-    one config.json names among the family's, which must be the preset's own (FLUX.2 dev: Mistral, klein:
-    Qwen3) when it has one."""
+    """The text encoder a preset takes (`minflux.family`): the family's only kind (FLUX.1: CLIP-L +
+    T5), or the one config.json names among the family's, which must be the preset's own (FLUX.2
+    dev: Mistral, klein: Qwen3) when it has one."""
     kinds = family.get(family_name).text_encoders
     if len(kinds) == 1:
         return kinds[0]
@@ -84,7 +86,8 @@ def encoder_kind(name: str, family_name: str, directory: Path) -> str:
     if found is None:
         raise UsageError(
             f"--text-encoder {directory}: {model_dir / 'config.json'} holds model_type "
-            f"{model_type!r}; {family.get(family_name).title} takes a {' or '.join(kinds)} text encoder"
+            f"{model_type!r}; {family.get(family_name).title} takes a {' or '.join(kinds)} text "
+            "encoder"
         )
     return found
 
@@ -118,8 +121,9 @@ def _stacked(kind: str, layers: str | None) -> tuple[int, ...] | None:
 
 
 def _check_part(part: str, directory: Path, name: str, cfg, max_length, stacked) -> None:
-    """One encoder of the kind: its files, tokenizer, layers and length, and its output width against the model's
-    input width (context_in_dim, or vec_in_dim for CLIP's pooled vector), from the config files alone."""
+    """One encoder of the kind: its files, tokenizer, layers and length, and its output width
+    against the model's input width (context_in_dim, or vec_in_dim for CLIP's pooled vector), from
+    the config files alone."""
     try:
         s = text.spec(part, None if part == "clip" else max_length, stacked)
         model_dir, tok_dir = text.resolve_dirs(part, directory)
@@ -146,7 +150,8 @@ def _check_part(part: str, directory: Path, name: str, cfg, max_length, stacked)
 
 
 def _negatives(prompts, negatives, cfg_scale: float, encode_only: bool) -> tuple[str, ...]:
-    """The negative prompts: "" by default with --cfg (the official pipelines'); ignored without --cfg."""
+    """The negative prompts: "" by default with --cfg (the official pipelines'); ignored without
+    --cfg."""
     negatives = list(negatives or [])
     if cfg_scale != 1.0 and not negatives:
         negatives = [""]
@@ -172,9 +177,10 @@ def text_plan(
     cfg_scale: float = 1.0,
     encode_only: bool = False,
 ) -> TextPlan | None:
-    """With prompts: the text encoder's kind, directories, lengths and stacked layers, checked against the model
-    (output widths against context_in_dim / vec_in_dim) from the config files alone, before any weight is read.
-    None without prompts. Raises UsageError naming the flag (`minflux generate`'s, which `minflux cache` shares)."""
+    """With prompts: the text encoder's kind, directories, lengths and stacked layers, checked
+    against the model (output widths against context_in_dim / vec_in_dim) from the config files
+    alone, before any weight is read. None without prompts. Raises UsageError naming the flag
+    (`minflux generate`'s, which `minflux cache` shares)."""
     if not prompts:
         _unused(directory, negatives, max_length, layers)
         return None
@@ -196,8 +202,9 @@ def text_plan(
         ]
         if missing:
             raise UsageError(
-                f"--text-encoder {directory}: FLUX.1 takes CLIP-L and T5 from a diffusers-style root "
-                f"(text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/); no {', '.join(missing)}"
+                f"--text-encoder {directory}: FLUX.1 takes CLIP-L and T5 from a diffusers-style "
+                "root (text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/); no "
+                f"{', '.join(missing)}"
             )
     for part in parts:
         _check_part(part, directory, name, cfg, max_length, stacked)

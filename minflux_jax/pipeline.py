@@ -83,8 +83,8 @@ def encode_tokens(
 
 
 def noise(model: nnx.Module, req: Request, pixels_per_token: int) -> jax.Array:
-    """The starting latents of `req` (NHWC, fp32): the batch's drawn at once from `req.seed`, or image i's
-    from `req.seeds[i]` alone (numpy, so the same in both frameworks)."""
+    """The starting latents of `req` (NHWC, fp32): the batch's drawn at once from `req.seed`, or
+    image i's from `req.seeds[i]` alone (numpy, so the same in both frameworks)."""
     family = model.params.family
     draw = lambda n, seed: sampling.get_noise(
         n, req.height, req.width, family, seed, pixels_per_token=pixels_per_token
@@ -95,9 +95,10 @@ def noise(model: nnx.Module, req: Request, pixels_per_token: int) -> jax.Array:
 
 
 def conditioning(model: nnx.Module, ae: nnx.Module, req: Request, kind: str) -> Conditioning:
-    """What the sampler conditions on: `req`'s embeddings on the model's device, its images encoded by `ae`
-    (FLUX.1 Fill: the image with the repaint region blanked, and the mask, as BFL's `prepare_fill`; Canny /
-    Depth: the control image's tokens, as BFL's `prepare_control` after its edge or depth detector)."""
+    """What the sampler conditions on: `req`'s embeddings on the model's device, its images encoded
+    by `ae` (FLUX.1 Fill: the image with the repaint region blanked, and the mask, as BFL's
+    `prepare_fill`; Canny / Depth: the control image's tokens, as BFL's `prepare_control` after its
+    edge or depth detector)."""
     family = model.params.family
     ppt = configs.pixels_per_token(ae.params)
     emb = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float32))
@@ -128,15 +129,15 @@ def conditioning(model: nnx.Module, ae: nnx.Module, req: Request, kind: str) -> 
 def generate(model: nnx.Module, ae: nnx.Module, req: Request, progress: bool = False) -> np.ndarray:
     """Images for the B prompts of `req` (`minflux.request.Request`): (B, height, width, 3) uint8.
 
-    The request is checked against the model (`Request.check`: the conditioning it takes, sizes, references;
-    ValueError naming the field), its images encoded (`conditioning`), its noise drawn (`noise`), then sampled:
-    klein KV models with references by `sampling.sample_kv` (the references' keys and values computed once),
-    inpainting with an ordinary model (`req.mask`, not Fill) by `sampling.sample_inpaint` (diffusers'
-    `FluxInpaintPipeline` / `Flux2KleinInpaintPipeline`), everything else by `sampling.sample`; decoded one image
-    at a time. Redux: extend txt and vec first (`redux`). The earlier keyword form
-    `generate(model, ae, txt, vec, width=..., height=..., steps=..., guidance=..., seed=..., refs=..., ...)`
-    still works (the keywords are `Request`'s fields).
-    """
+    The request is checked against the model (`Request.check`: the conditioning it takes, sizes,
+    references; ValueError naming the field), its images encoded (`conditioning`), its noise drawn
+    (`noise`), then sampled: klein KV models with references by `sampling.sample_kv` (the
+    references' keys and values computed once), inpainting with an ordinary model (`req.mask`, not
+    Fill) by `sampling.sample_inpaint` (diffusers' `FluxInpaintPipeline` /
+    `Flux2KleinInpaintPipeline`), everything else by `sampling.sample`; decoded one image at a time.
+    Redux: extend txt and vec first (`redux`). The earlier keyword form `generate(model, ae, txt,
+    vec, width=..., height=..., steps=..., guidance=..., seed=..., refs=..., ...)` still works (the
+    keywords are `Request`'s fields)."""
     kind = req.check(model.params, ae.params)
     ppt = configs.pixels_per_token(ae.params)
     cond, x = conditioning(model, ae, req, kind), noise(model, req, ppt)

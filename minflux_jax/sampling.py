@@ -2,26 +2,25 @@
 
 Follows black-forest-labs/flux `src/flux/sampling.py` (FLUX.1: `get_noise`, `prepare`, Kontext's
 `prepare_kontext`, Fill's `prepare_fill`, `denoise`, `unpack`) and black-forest-labs/flux2
-`src/flux2/sampling.py` (FLUX.2: `prc_img`, `prc_txt`, `encode_image_refs`, `denoise`, `denoise_cfg`).
-Two loops follow diffusers, which BFL's repositories do not have: inpainting with the ordinary models
-(`sample_inpaint`: `FluxInpaintPipeline`, `Flux2KleinInpaintPipeline`) and klein KV (`sample_kv`:
-`Flux2KleinKVPipeline`, the references' keys and values computed once).
-Schedules are framework-free (`minflux.schedules`). Twin: `minflux_torch/sampling.py`, whose images are
-NCHW where these are NHWC; token tensors (B, L, C) and ids (B, L, axes) are identical in both.
+`src/flux2/sampling.py` (FLUX.2: `prc_img`, `prc_txt`, `encode_image_refs`, `denoise`,
+`denoise_cfg`). Two loops follow diffusers, which BFL's repositories do not have: inpainting with
+the ordinary models (`sample_inpaint`: `FluxInpaintPipeline`, `Flux2KleinInpaintPipeline`) and klein
+KV (`sample_kv`: `Flux2KleinKVPipeline`, the references' keys and values computed once). Schedules
+are framework-free (`minflux.schedules`). Twin: `minflux_torch/sampling.py`, whose images are NCHW
+where these are NHWC; token tensors (B, L, C) and ids (B, L, axes) are identical in both.
 
-The whole loop is one compiled program: the model is split into (graphdef, state), and a `jax.jit`-ed
-function merges it and runs `lax.scan` over the steps. Times, guidance and the CFG scale are traced
-arrays, so a second call with the same shapes reuses the compiled loop (`TRACES` reads how many programs
-each loop has; the tests check it). The progress bar is drawn from inside the compiled loop through
-`jax.debug.callback`, from its arguments alone (whether to show it, the start time): no state outside.
-Latents are integrated in fp32 whatever the model dtype, as in the PyTorch twin.
-"""
+The whole loop is one compiled program: the model is split into (graphdef, state), and a
+`jax.jit`-ed function merges it and runs `lax.scan` over the steps. Times, guidance and the CFG
+scale are traced arrays, so a second call with the same shapes reuses the compiled loop (`TRACES`
+reads how many programs each loop has; the tests check it). The progress bar is drawn from inside
+the compiled loop through `jax.debug.callback`, from its arguments alone (whether to show it, the
+start time): no state outside. Latents are integrated in fp32 whatever the model dtype, as in the
+PyTorch twin."""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
 from functools import partial
 
 import jax
@@ -170,8 +169,9 @@ def predict(
 
 
 def prepare(cond: Conditioning, img_ids: Array, family: str, refs=None) -> Inputs:
-    """The token-level inputs of `cond` for image tokens with ids img_ids (B, L, axes): text ids, and the
-    references (`cond.refs` unless `refs` is given) packed into tokens and ids after the image's."""
+    """The token-level inputs of `cond` for image tokens with ids img_ids (B, L, axes): text ids,
+    and the references (`cond.refs` unless `refs` is given) packed into tokens and ids after the
+    image's."""
     refs = cond.refs if refs is None else tuple(refs)
     ref_tok, ref_ids = reference_tokens(list(refs), family) if refs else (None, None)
     b, length = cond.txt.shape[:2]
@@ -193,12 +193,12 @@ def prepare(cond: Conditioning, img_ids: Array, family: str, refs=None) -> Input
 def conditioning(model, inputs: Inputs) -> Batched:
     """Everything but the latents and the time, batched once before the loop.
 
-    Image ids, references, Fill channels and the negative prompt may have a batch of one for any text batch.
-    With a negative prompt (`neg_txt`, and `neg_vec` for FLUX.1) the text batch becomes
-    [negative, positive] and each step runs both halves in one call (true CFG, as BFL's `denoise_cfg`).
-    `guidance` only reaches guidance-distilled models (FLUX.1 dev, FLUX.2 dev); others ignore it, as BFL does.
-    Raises ValueError when a guidance-distilled model gets no guidance.
-    """
+    Image ids, references, Fill channels and the negative prompt may have a batch of one for any
+    text batch. With a negative prompt (`neg_txt`, and `neg_vec` for FLUX.1) the text batch becomes
+    [negative, positive] and each step runs both halves in one call (true CFG, as BFL's
+    `denoise_cfg`). `guidance` only reaches guidance-distilled models (FLUX.1 dev, FLUX.2 dev);
+    others ignore it, as BFL does. Raises ValueError when a guidance-distilled model gets no
+    guidance."""
     b = inputs.txt.shape[0]
     batch = lambda a: (
         None if a is None else jnp.broadcast_to(a, (b, *a.shape[1:]))
@@ -263,20 +263,22 @@ def velocity(model, img: Array, t: Array, cond: Batched) -> Array:
 
 
 def schedule(model, steps: int, image_seq_len: int, shift: bool | None = None) -> list[float]:
-    """The model's timesteps (`schedules.get_schedule`); shift: FLUX.1's resolution shift, by default on except
-    for models without a guidance embedder (schnell); FLUX.2 always shifts."""
+    """The model's timesteps (`schedules.get_schedule`); shift: FLUX.1's resolution shift, by
+    default on except for models without a guidance embedder (schnell); FLUX.2 always shifts."""
     cfg = model.params
     shift = FAMILIES[cfg.family].shifts_schedule(cfg) if shift is None else shift
     return schedules.get_schedule(steps, image_seq_len, cfg.family, shift=shift)
 
 
 def _clock() -> int:
-    """Milliseconds modulo 2^32: exact as a uint32 argument of a compiled loop (differences wrap correctly)."""
+    """Milliseconds modulo 2^32: exact as a uint32 argument of a compiled loop (differences wrap
+    correctly)."""
     return time.monotonic_ns() // 1_000_000 % 2**32
 
 
 def _draw(desc: str, total: int, done: int, show, start) -> None:
-    """Draw a loop's progress bar on stderr in tqdm's format: `done` of `total` steps since `start` (`_clock`)."""
+    """Draw a loop's progress bar on stderr in tqdm's format: `done` of `total` steps since `start`
+    (`_clock`)."""
     if show:
         elapsed = (_clock() - int(start)) % 2**32 / 1000
         bar = tqdm.format_meter(done, total, elapsed, prefix=desc, unit="step")
@@ -285,16 +287,18 @@ def _draw(desc: str, total: int, done: int, show, start) -> None:
 
 
 def _tick(desc: str, show, start, ts, t) -> None:
-    """Host callback from inside a compiled loop (`jax.debug.callback`, with arrays): the step from time t of the
-    schedule ts is done. Stateless: the step is t's place in ts; at most ~100 redraws; `_run` draws the last."""
+    """Host callback from inside a compiled loop (`jax.debug.callback`, with arrays): the step from
+    time t of the schedule ts is done. Stateless: the step is t's place in ts; at most ~100 redraws;
+    `_run` draws the last."""
     total, done = len(ts) - 1, int(np.argmin(np.abs(np.asarray(ts) - t))) + 1
     if done < total and done % max(1, total // 100) == 0:
         _draw(desc, total, done, show, start)
 
 
 def _run(loop, desc: str, steps: int, progress: bool, *args) -> Array:
-    """Run a compiled loop with its progress bar: drawn at 0 before, from inside while it runs, at the end after.
-    Whether to show it and the start time are traced arguments, so a bar on or off reuses the same program."""
+    """Run a compiled loop with its progress bar: drawn at 0 before, from inside while it runs, at
+    the end after. Whether to show it and the start time are traced arguments, so a bar on or off
+    reuses the same program."""
     start = _clock()
     _draw(desc, steps, 0, progress, start)
     try:
@@ -335,13 +339,14 @@ def denoise(
     trajectory: bool = False,
     progress: bool = False,
 ) -> Array:
-    """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from tokens img.
+    """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from
+    tokens img.
 
-    img (B, L, C); inputs: ids (B, L, axes), txt (B, Lt, context_in_dim) and its ids, vec (B, 768) for FLUX.1,
-    guidance, true CFG, references (see `Inputs`, `conditioning`). Returns the final tokens (B, L, C) in fp32,
-    or with `trajectory=True` every state (steps + 1, B, L, C), the input first: the parity suite compares these.
-    The earlier form `denoise(model, img, img_ids, txt, txt_ids, timesteps, vec=..., guidance=..., ...)` still works.
-    """
+    img (B, L, C); inputs: ids (B, L, axes), txt (B, Lt, context_in_dim) and its ids, vec (B, 768)
+    for FLUX.1, guidance, true CFG, references (see `Inputs`, `conditioning`). Returns the final
+    tokens (B, L, C) in fp32, or with `trajectory=True` every state (steps + 1, B, L, C), the input
+    first: the parity suite compares these. The earlier form `denoise(model, img, img_ids, txt,
+    txt_ids, timesteps, vec=..., guidance=..., ...)` still works."""
     cond = conditioning(model, inputs)
     ts = jnp.asarray(
         timesteps, jnp.float32
@@ -363,11 +368,11 @@ def sample(
     shift: bool | None = None,
     progress: bool = False,
 ) -> Array:
-    """Generate latents (NHWC, the shape of `noise`) for the conditioning `cond` (its prompt, guidance, encoded
-    references (Kontext, FLUX.2 multi-reference), FLUX.1 Fill / control channels, init latents for img2img,
-    noised to the schedule's time at `cond.strength`). shift: see `schedule`. The earlier form
-    `sample(model, noise, txt, vec, steps=..., guidance=..., refs=..., init=...)` still works.
-    """
+    """Generate latents (NHWC, the shape of `noise`) for the conditioning `cond` (its prompt,
+    guidance, encoded references (Kontext, FLUX.2 multi-reference), FLUX.1 Fill / control channels,
+    init latents for img2img, noised to the schedule's time at `cond.strength`). shift: see
+    `schedule`. The earlier form `sample(model, noise, txt, vec, steps=..., guidance=..., refs=...,
+    init=...)` still works."""
     family = model.params.family
     if cond.mask is not None:
         raise ValueError("mask: inpainting runs through `sample_inpaint`")
@@ -457,17 +462,17 @@ def sample_inpaint(
     shift: bool | None = None,
     progress: bool = False,
 ) -> Array:
-    """Inpaint with an ordinary model: latents (NHWC, the shape of `noise`) that keep `cond.init` where
-    `cond.mask` is 0.
+    """Inpaint with an ordinary model: latents (NHWC, the shape of `noise`) that keep `cond.init`
+    where `cond.mask` is 0.
 
-    cond.init: the encoded image (FLUX.1 (B, H/8, W/8, 16); FLUX.2 (B, H/16, W/16, 128), normalised as our
-    autoencoder's `encode` returns it); cond.mask: pixels (B, H, W, 1), 1 = repaint (see `inpaint_mask`;
-    `factor` is the autoencoder's downsampling). The start is init noised to the schedule's time at
-    `cond.strength`, as img2img. FLUX.1 follows `FluxInpaintPipeline` (dev, schnell, Krea; Fill has its own
-    conditioning, `fill_conditioning`). FLUX.2 follows `Flux2KleinInpaintPipeline`: init is also the first
-    reference image (t = 10), then `cond.refs`. Other arguments as in `sample`; the earlier form
-    `sample_inpaint(model, noise, txt, init, mask, vec, steps=..., ...)` still works.
-    """
+    cond.init: the encoded image (FLUX.1 (B, H/8, W/8, 16); FLUX.2 (B, H/16, W/16, 128), normalised
+    as our autoencoder's `encode` returns it); cond.mask: pixels (B, H, W, 1), 1 = repaint (see
+    `inpaint_mask`; `factor` is the autoencoder's downsampling). The start is init noised to the
+    schedule's time at `cond.strength`, as img2img. FLUX.1 follows `FluxInpaintPipeline` (dev,
+    schnell, Krea; Fill has its own conditioning, `fill_conditioning`). FLUX.2 follows
+    `Flux2KleinInpaintPipeline`: init is also the first reference image (t = 10), then `cond.refs`.
+    Other arguments as in `sample`; the earlier form `sample_inpaint(model, noise, txt, init, mask,
+    vec, steps=..., ...)` still works."""
     family = model.params.family
     init = cond.init
     if init is None or cond.mask is None:
@@ -561,12 +566,12 @@ def denoise_kv(
     cached: bool = True,
     progress: bool = False,
 ) -> Array:
-    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the reference
-    tokens (`inputs.img_cond_seq`, B or 1, Lr, 128) attend only to themselves and are modulated at t = 0, so their
-    keys and values are the same at every step. cached=True computes them at the first step and reuses them (the
-    references leave the sequence); cached=False recomputes them at every step (the same numbers, for checking).
-    No guidance embedder, no CFG (klein KV is distilled). Returns the final tokens (B, L, C) in fp32.
-    """
+    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the
+    reference tokens (`inputs.img_cond_seq`, B or 1, Lr, 128) attend only to themselves and are
+    modulated at t = 0, so their keys and values are the same at every step. cached=True computes
+    them at the first step and reuses them (the references leave the sequence); cached=False
+    recomputes them at every step (the same numbers, for checking). No guidance embedder, no CFG
+    (klein KV is distilled). Returns the final tokens (B, L, C) in fp32."""
     if model.params.guidance_embed:
         raise ValueError("klein KV sampling takes no guidance: this model has a guidance embedder")
     if inputs.img_cond_seq is None or inputs.neg_txt is not None or inputs.img_cond is not None:
@@ -588,9 +593,10 @@ def sample_kv(
     cached: bool = True,
     progress: bool = False,
 ) -> Array:
-    """Generate latents (NHWC, the shape of `noise`) with a klein KV model from the encoded reference latents
-    `cond.refs` (each NHWC, any size; reference i at t = 10 + 10 i) and the text `cond.txt`; see `denoise_kv`.
-    The earlier form `sample_kv(model, noise, txt, refs, steps=...)` still works."""
+    """Generate latents (NHWC, the shape of `noise`) with a klein KV model from the encoded
+    reference latents `cond.refs` (each NHWC, any size; reference i at t = 10 + 10 i) and the text
+    `cond.txt`; see `denoise_kv`. The earlier form `sample_kv(model, noise, txt, refs, steps=...)`
+    still works."""
     family = model.params.family
     if not cond.refs:
         raise ValueError(
@@ -615,20 +621,13 @@ def sample_kv(
 # ---------------------------------------------------------------------------------------------
 
 
-class _Traces(Mapping):
-    """Read-only: how many programs jax holds for each compiled loop ("denoise", "inpaint", "kv"), i.e. how
-    often it was traced. The tests check that a second call with the same shapes traces nothing new."""
-
-    _loops = {"denoise": _denoise_loop, "inpaint": _inpaint_loop, "kv": _kv_loop}
+class _Traces:
+    """Read-only: how many programs jax holds for each compiled loop ("denoise", "inpaint", "kv"), i.e.
+    how often it was traced. The tests check that a second call with the same shapes traces nothing."""
 
     def __getitem__(self, name: str) -> int:
-        return self._loops[name]._cache_size()
-
-    def __iter__(self):
-        return iter(self._loops)
-
-    def __len__(self) -> int:
-        return len(self._loops)
+        loops = {"denoise": _denoise_loop, "inpaint": _inpaint_loop, "kv": _kv_loop}
+        return loops[name]._cache_size()
 
 
 TRACES = _Traces()

@@ -156,8 +156,9 @@ def predict(
 
 
 def prepare(cond: Conditioning, img_ids: Tensor, family: str, refs=None) -> Inputs:
-    """The token-level inputs of `cond` for image tokens with ids img_ids (B, L, axes): text ids, and the
-    references (`cond.refs` unless `refs` is given) packed into tokens and ids after the image's."""
+    """The token-level inputs of `cond` for image tokens with ids img_ids (B, L, axes): text ids,
+    and the references (`cond.refs` unless `refs` is given) packed into tokens and ids after the
+    image's."""
     refs = cond.refs if refs is None else tuple(refs)
     ref_tok, ref_ids = reference_tokens(list(refs), family) if refs else (None, None)
     b, length = cond.txt.shape[:2]
@@ -179,12 +180,12 @@ def prepare(cond: Conditioning, img_ids: Tensor, family: str, refs=None) -> Inpu
 def conditioning(model, inputs: Inputs) -> Batched:
     """Everything but the latents and the time, batched once before the loop.
 
-    Image ids, references, Fill channels and the negative prompt may have a batch of one for any text batch.
-    With a negative prompt (`neg_txt`, and `neg_vec` for FLUX.1) the text batch becomes
-    [negative, positive] and each step runs both halves in one call (true CFG, as BFL's `denoise_cfg`).
-    `guidance` only reaches guidance-distilled models (FLUX.1 dev, FLUX.2 dev); others ignore it, as BFL does.
-    Raises ValueError when a guidance-distilled model gets no guidance.
-    """
+    Image ids, references, Fill channels and the negative prompt may have a batch of one for any
+    text batch. With a negative prompt (`neg_txt`, and `neg_vec` for FLUX.1) the text batch becomes
+    [negative, positive] and each step runs both halves in one call (true CFG, as BFL's
+    `denoise_cfg`). `guidance` only reaches guidance-distilled models (FLUX.1 dev, FLUX.2 dev);
+    others ignore it, as BFL does. Raises ValueError when a guidance-distilled model gets no
+    guidance."""
     b = inputs.txt.shape[0]
     batch = lambda a: None if a is None else a.expand(b, *a.shape[1:])  # one serves every prompt
     img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec = map(
@@ -245,8 +246,8 @@ def velocity(model, img: Tensor, t: Tensor, cond: Batched) -> Tensor:
 
 
 def schedule(model, steps: int, image_seq_len: int, shift: bool | None = None) -> list[float]:
-    """The model's timesteps (`schedules.get_schedule`); shift: FLUX.1's resolution shift, by default on except
-    for models without a guidance embedder (schnell); FLUX.2 always shifts."""
+    """The model's timesteps (`schedules.get_schedule`); shift: FLUX.1's resolution shift, by
+    default on except for models without a guidance embedder (schnell); FLUX.2 always shifts."""
     cfg = model.params
     shift = FAMILIES[cfg.family].shifts_schedule(cfg) if shift is None else shift
     return schedules.get_schedule(steps, image_seq_len, cfg.family, shift=shift)
@@ -262,13 +263,14 @@ def denoise(
     trajectory: bool = False,
     progress: bool = False,
 ) -> Tensor:
-    """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from tokens img.
+    """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from
+    tokens img.
 
-    img (B, L, C); inputs: ids (B, L, axes), txt (B, Lt, context_in_dim) and its ids, vec (B, 768) for FLUX.1,
-    guidance, true CFG, references (see `Inputs`, `conditioning`). Returns the final tokens (B, L, C) in fp32,
-    or with `trajectory=True` every state (steps + 1, B, L, C), the input first: the parity suite compares these.
-    The earlier form `denoise(model, img, img_ids, txt, txt_ids, timesteps, vec=..., guidance=..., ...)` still works.
-    """
+    img (B, L, C); inputs: ids (B, L, axes), txt (B, Lt, context_in_dim) and its ids, vec (B, 768)
+    for FLUX.1, guidance, true CFG, references (see `Inputs`, `conditioning`). Returns the final
+    tokens (B, L, C) in fp32, or with `trajectory=True` every state (steps + 1, B, L, C), the input
+    first: the parity suite compares these. The earlier form `denoise(model, img, img_ids, txt,
+    txt_ids, timesteps, vec=..., guidance=..., ...)` still works."""
     cond = conditioning(model, inputs)
     ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)  # fp32 as the JAX loop's
     x = img.float()
@@ -289,11 +291,11 @@ def sample(
     shift: bool | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Generate latents (NCHW, the shape of `noise`) for the conditioning `cond` (its prompt, guidance, encoded
-    references (Kontext, FLUX.2 multi-reference), FLUX.1 Fill / control channels, init latents for img2img,
-    noised to the schedule's time at `cond.strength`). shift: see `schedule`. The earlier form
-    `sample(model, noise, txt, vec, steps=..., guidance=..., refs=..., init=...)` still works.
-    """
+    """Generate latents (NCHW, the shape of `noise`) for the conditioning `cond` (its prompt,
+    guidance, encoded references (Kontext, FLUX.2 multi-reference), FLUX.1 Fill / control channels,
+    init latents for img2img, noised to the schedule's time at `cond.strength`). shift: see
+    `schedule`. The earlier form `sample(model, noise, txt, vec, steps=..., guidance=..., refs=...,
+    init=...)` still works."""
     family = model.params.family
     if cond.mask is not None:
         raise ValueError("mask: inpainting runs through `sample_inpaint`")
@@ -352,17 +354,17 @@ def sample_inpaint(
     shift: bool | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Inpaint with an ordinary model: latents (NCHW, the shape of `noise`) that keep `cond.init` where
-    `cond.mask` is 0.
+    """Inpaint with an ordinary model: latents (NCHW, the shape of `noise`) that keep `cond.init`
+    where `cond.mask` is 0.
 
-    cond.init: the encoded image (FLUX.1 (B, 16, H/8, W/8); FLUX.2 (B, 128, H/16, W/16), normalised as our
-    autoencoder's `encode` returns it); cond.mask: pixels (B, 1, H, W), 1 = repaint (see `inpaint_mask`;
-    `factor` is the autoencoder's downsampling). The start is init noised to the schedule's time at
-    `cond.strength`, as img2img. FLUX.1 follows `FluxInpaintPipeline` (dev, schnell, Krea; Fill has its own
-    conditioning, `fill_conditioning`). FLUX.2 follows `Flux2KleinInpaintPipeline`: init is also the first
-    reference image (t = 10), then `cond.refs`. Other arguments as in `sample`; the earlier form
-    `sample_inpaint(model, noise, txt, init, mask, vec, steps=..., ...)` still works.
-    """
+    cond.init: the encoded image (FLUX.1 (B, 16, H/8, W/8); FLUX.2 (B, 128, H/16, W/16), normalised
+    as our autoencoder's `encode` returns it); cond.mask: pixels (B, 1, H, W), 1 = repaint (see
+    `inpaint_mask`; `factor` is the autoencoder's downsampling). The start is init noised to the
+    schedule's time at `cond.strength`, as img2img. FLUX.1 follows `FluxInpaintPipeline` (dev,
+    schnell, Krea; Fill has its own conditioning, `fill_conditioning`). FLUX.2 follows
+    `Flux2KleinInpaintPipeline`: init is also the first reference image (t = 10), then `cond.refs`.
+    Other arguments as in `sample`; the earlier form `sample_inpaint(model, noise, txt, init, mask,
+    vec, steps=..., ...)` still works."""
     family = model.params.family
     init = cond.init
     if init is None or cond.mask is None:
@@ -408,12 +410,12 @@ def denoise_kv(
     cached: bool = True,
     progress: bool = False,
 ) -> Tensor:
-    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the reference
-    tokens (`inputs.img_cond_seq`, B or 1, Lr, 128) attend only to themselves and are modulated at t = 0, so their
-    keys and values are the same at every step. cached=True computes them at the first step and reuses them (the
-    references leave the sequence); cached=False recomputes them at every step (the same numbers, for checking).
-    No guidance embedder, no CFG (klein KV is distilled). Returns the final tokens (B, L, C) in fp32.
-    """
+    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the
+    reference tokens (`inputs.img_cond_seq`, B or 1, Lr, 128) attend only to themselves and are
+    modulated at t = 0, so their keys and values are the same at every step. cached=True computes
+    them at the first step and reuses them (the references leave the sequence); cached=False
+    recomputes them at every step (the same numbers, for checking). No guidance embedder, no CFG
+    (klein KV is distilled). Returns the final tokens (B, L, C) in fp32."""
     if model.params.guidance_embed:
         raise ValueError("klein KV sampling takes no guidance: this model has a guidance embedder")
     if inputs.img_cond_seq is None or inputs.neg_txt is not None or inputs.img_cond is not None:
@@ -452,9 +454,10 @@ def sample_kv(
     cached: bool = True,
     progress: bool = False,
 ) -> Tensor:
-    """Generate latents (NCHW, the shape of `noise`) with a klein KV model from the encoded reference latents
-    `cond.refs` (each NCHW, any size; reference i at t = 10 + 10 i) and the text `cond.txt`; see `denoise_kv`.
-    The earlier form `sample_kv(model, noise, txt, refs, steps=...)` still works."""
+    """Generate latents (NCHW, the shape of `noise`) with a klein KV model from the encoded
+    reference latents `cond.refs` (each NCHW, any size; reference i at t = 10 + 10 i) and the text
+    `cond.txt`; see `denoise_kv`. The earlier form `sample_kv(model, noise, txt, refs, steps=...)`
+    still works."""
     family = model.params.family
     if not cond.refs:
         raise ValueError(
