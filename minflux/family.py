@@ -17,7 +17,9 @@ everything else reads it (`of(cfg)`, `get(name)`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -185,30 +187,34 @@ FLUX2 = Family(
     inpaint_init_ref=True,
     redux=False,
 )
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, FLUX2)}
-AUTOENCODERS: dict[str, Autoencoder] = {
-    "ae1": Autoencoder("ae1", "FLUX.1", quant_conv=False, batch_norm=False),
-    "ae2": Autoencoder("ae2", "FLUX.2", quant_conv=True, batch_norm=True),
-}
+FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (FLUX1, FLUX2)})
+AUTOENCODERS: Mapping[str, Autoencoder] = MappingProxyType(
+    {
+        "ae1": Autoencoder("ae1", "FLUX.1", quant_conv=False, batch_norm=False),
+        "ae2": Autoencoder("ae2", "FLUX.2", quant_conv=True, batch_norm=True),
+    }
+)
 DISTILLED_STEPS = 4  # schnell and klein (no guidance embedder, no true CFG)
 
 _KLEIN = Preset(text_encoder="qwen3")
-PRESETS: dict[str, Preset] = {
-    "flux1-schnell": Preset(max_length=256),  # BFL: T5 at 256 tokens for schnell
-    "flux1-kontext-dev": Preset(guidance=2.5),
-    "flux1-fill-dev": Preset(guidance=30.0),
-    "flux1-canny-dev": Preset(guidance=30.0),
-    "flux1-depth-dev": Preset(guidance=10.0),
-    "flux2-dev": Preset(text_encoder="mistral"),
-    "flux2-klein-4b": _KLEIN,
-    "flux2-klein-9b": _KLEIN,
-    "flux2-klein-base-4b": _KLEIN,
-    "flux2-klein-base-9b": _KLEIN,
-    "flux2-klein-9b-kv": _KLEIN,
-}
+PRESETS: Mapping[str, Preset] = MappingProxyType(
+    {
+        "flux1-schnell": Preset(max_length=256),  # BFL: T5 at 256 tokens for schnell
+        "flux1-kontext-dev": Preset(guidance=2.5),
+        "flux1-fill-dev": Preset(guidance=30.0),
+        "flux1-canny-dev": Preset(guidance=30.0),
+        "flux1-depth-dev": Preset(guidance=10.0),
+        "flux2-dev": Preset(text_encoder="mistral"),
+        "flux2-klein-4b": _KLEIN,
+        "flux2-klein-9b": _KLEIN,
+        "flux2-klein-base-4b": _KLEIN,
+        "flux2-klein-base-9b": _KLEIN,
+        "flux2-klein-9b-kv": _KLEIN,
+    }
+)
 
 # Text-encoder kinds that load several encoders: "flux1" is CLIP-L (the pooled vec) + T5-XXL.
-TEXT_PARTS = {"flux1": ("clip", "t5")}
+TEXT_PARTS: Mapping[str, tuple[str, ...]] = MappingProxyType({"flux1": ("clip", "t5")})
 
 
 def get(name: str) -> Family:

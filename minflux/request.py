@@ -29,6 +29,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from minflux import configs, family, schedules
@@ -38,9 +39,10 @@ from minflux import configs, family, schedules
 MASK_MODES = ("center",)
 
 # The names errors use for the request's fields; `minflux generate` passes its flags instead.
-FIELDS: Mapping[str, str] = {
-    k: k for k in ("refs", "init", "mask", "control", "strength", "width", "height", "steps")
-} | {"model": "this model"}
+FIELDS: Mapping[str, str] = MappingProxyType(
+    {k: k for k in ("refs", "init", "mask", "control", "strength", "width", "height", "steps")}
+    | {"model": "this model"}
+)
 
 
 def _batch(a) -> int:
@@ -358,7 +360,9 @@ DENOISE_INPAINT = (
     "progress",
 )
 DENOISE_KV = ("model", "img", *_IDS, "ref", "ref_ids", "cached", "progress")
-KV_NAMES = {"ref": "img_cond_seq", "ref_ids": "img_cond_seq_ids"}  # denoise_kv's earlier names
+KV_NAMES = MappingProxyType(
+    {"ref": "img_cond_seq", "ref_ids": "img_cond_seq_ids"}
+)  # denoise_kv's earlier names
 SAMPLE = (
     "model",
     "noise",

@@ -457,9 +457,8 @@ def _check_request(plan: Plan, args: argparse.Namespace) -> None:
     try:
         kind = request.check_model(plan, _with_loras(plan.cfg, plan.loras), plan.ae_cfg, plan.flags)
     except ValueError as e:
-        raise UsageError(
-            f"--model {plan.model}: {e}" if "in_channels" in str(e) else str(e)
-        ) from None
+        model_width = str(e).startswith("in_channels")  # a width no input kind has
+        raise UsageError(f"--model {plan.model}: {e}" if model_width else str(e)) from None
     if args.strength is not None and (plan.init is None or kind == "fill"):
         raise UsageError(
             "--strength does not apply to Fill inpainting (the model repaints the masked region)"
