@@ -83,8 +83,9 @@ def encode_tokens(
 
 
 def noise(model: nnx.Module, req: Request, pixels_per_token: int) -> jax.Array:
-    """The starting latents of `req` (NHWC, fp32): the batch's drawn at once from `req.seed`, or
-    image i's from `req.seeds[i]` alone (numpy, so the same in both frameworks)."""
+    """The starting latents of `req` (NHWC, fp32, on the default device): the batch's drawn at once
+    from `req.seed`, or image i's from `req.seeds[i]` alone (numpy, so the same in both frameworks).
+    """
     family = model.params.family
     draw = lambda n, seed: sampling.get_noise(
         n, req.height, req.width, family, seed, pixels_per_token=pixels_per_token

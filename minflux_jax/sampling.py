@@ -200,9 +200,8 @@ def conditioning(model, inputs: Inputs) -> Batched:
     others ignore it, as BFL does. Raises ValueError when a guidance-distilled model gets no
     guidance."""
     b = inputs.txt.shape[0]
-    batch = lambda a: (
-        None if a is None else jnp.broadcast_to(a, (b, *a.shape[1:]))
-    )  # one serves every prompt
+    # one serves every prompt
+    batch = lambda a: None if a is None else jnp.broadcast_to(a, (b, *a.shape[1:]))
     img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec = map(
         batch,
         (
@@ -305,9 +304,8 @@ def _run(loop, desc: str, steps: int, progress: bool, *args) -> Array:
         out = loop(*args, (jnp.asarray(progress), jnp.asarray(start, jnp.uint32)))
         out.block_until_ready()
         jax.effects_barrier()  # every in-loop draw delivered before the last one
-    except (
-        BaseException
-    ):  # (Ctrl-C): end the bar's line before the exception is reported, as tqdm does
+    # (Ctrl-C): end the bar's line before the exception is reported, as tqdm does
+    except BaseException:
         if progress:
             sys.stderr.write("\n")
         raise
@@ -348,9 +346,8 @@ def denoise(
     first: the parity suite compares these. The earlier form `denoise(model, img, img_ids, txt,
     txt_ids, timesteps, vec=..., guidance=..., ...)` still works."""
     cond = conditioning(model, inputs)
-    ts = jnp.asarray(
-        timesteps, jnp.float32
-    )  # traced: a new schedule of the same length does not recompile
+    # traced: a new schedule of the same length does not recompile
+    ts = jnp.asarray(timesteps, jnp.float32)
     graphdef, state = nnx.split(model)
     x = jnp.asarray(img, jnp.float32)
     steps = len(timesteps) - 1
