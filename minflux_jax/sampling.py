@@ -25,7 +25,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from einops import rearrange
 from flax import nnx
 from tqdm.auto import tqdm
@@ -285,23 +284,29 @@ def _draw(desc: str, total: int, done: int, show, start) -> None:
         sys.stderr.flush()
 
 
-def _tick(desc: str, show, start, ts, t) -> None:
-    """Host callback from inside a compiled loop (`jax.debug.callback`, with arrays): the step from
-    time t of the schedule ts is done. Stateless: the step is t's place in ts; at most ~100 redraws;
-    `_run` draws the last."""
-    total, done = len(ts) - 1, int(np.argmin(np.abs(np.asarray(ts) - t))) + 1
-    if done < total and done % max(1, total // 100) == 0:
-        _draw(desc, total, done, show, start)
+def _tick(desc: str, total: int, bar) -> None:
+    """Host callback from inside a compiled loop (`jax.debug.callback`): bar = (show, start, step i)
+    from `_at`, one uint32 array (each operand costs a transfer per step). Stateless: everything
+    arrives as arguments; at most ~100 redraws, and `_run` draws the last."""
+    show, start, i = (int(v) for v in bar)
+    if i + 1 < total and (i + 1) % max(1, total // 100) == 0:
+        _draw(desc, total, i + 1, show, start)
+
+
+def _at(bar: Array, ts: Array, t: Array) -> Array:
+    """The progress a loop reports at time t: (show, start) and t's index in the schedule ts (whose
+    times are distinct)."""
+    return jnp.append(bar, jnp.argmin(jnp.abs(ts - t)).astype(jnp.uint32))
 
 
 def _run(loop, desc: str, steps: int, progress: bool, *args) -> Array:
     """Run a compiled loop with its progress bar: drawn at 0 before, from inside while it runs, at
-    the end after. Whether to show it and the start time are traced arguments, so a bar on or off
-    reuses the same program."""
+    the end after. Whether to show it and the start time are a traced argument (bar), so a bar on or
+    off reuses the same program."""
     start = _clock()
     _draw(desc, steps, 0, progress, start)
     try:
-        out = loop(*args, (jnp.asarray(progress), jnp.asarray(start, jnp.uint32)))
+        out = loop(*args, jnp.asarray([progress, start], jnp.uint32))
         out.block_until_ready()
         jax.effects_barrier()  # every in-loop draw delivered before the last one
     # (Ctrl-C): end the bar's line before the exception is reported, as tqdm does
@@ -317,11 +322,12 @@ def _run(loop, desc: str, steps: int, progress: bool, *args) -> Array:
 def _denoise_loop(graphdef, state, img: Array, ts: Array, cond: Batched, trajectory: bool, bar):
     """The compiled loop: scan over (t_curr, t_prev) pairs; traced once per shapes and options."""
     model = nnx.merge(graphdef, state)
+    n = ts.shape[0] - 1
 
     def step(x, t_pair):
         t_curr, t_prev = t_pair
         x = x + (t_prev - t_curr) * velocity(model, x, t_curr, cond)
-        jax.debug.callback(partial(_tick, "denoising"), *bar, ts, t_curr)
+        jax.debug.callback(partial(_tick, "denoising", n), _at(bar, ts, t_curr))
         return x, x if trajectory else None
 
     x, states = jax.lax.scan(step, img, (ts[:-1], ts[1:]))
@@ -399,12 +405,13 @@ def _inpaint_loop(
 ):
     """The compiled inpainting loop: `_denoise_loop`'s step followed by the blend; traced once per shapes."""
     model = nnx.merge(graphdef, state)
+    n = ts.shape[0] - 1
 
     def step(x, t_pair):
         t_curr, t_prev = t_pair
         x = x + (t_prev - t_curr) * velocity(model, x, t_curr, cond)
         x = (1 - mask) * add_noise(init, noise, t_prev) + mask * x
-        jax.debug.callback(partial(_tick, "inpainting"), *bar, ts, t_curr)
+        jax.debug.callback(partial(_tick, "inpainting", n), _at(bar, ts, t_curr))
         return x, None
 
     x, _ = jax.lax.scan(step, img, (ts[:-1], ts[1:]))
@@ -511,7 +518,7 @@ def _kv_loop(graphdef, state, img: Array, ts: Array, cond: Batched, cached: bool
     the rest that reads the caches (traced values, part of the program) or recomputes them."""
     model = nnx.merge(graphdef, state)
     txt, txt_ids, img_ids = cond.txt, cond.txt_ids, cond.img_ids
-    ref, ref_ids = cond.img_cond_seq, cond.img_cond_seq_ids
+    ref, ref_ids, steps = cond.img_cond_seq, cond.img_cond_seq_ids, ts.shape[0] - 1
     b, n = txt.shape[0], ref.shape[1]
 
     def with_refs(
@@ -530,7 +537,7 @@ def _kv_loop(graphdef, state, img: Array, ts: Array, cond: Batched, cached: bool
 
     v, cache = with_refs(img, ts[0])
     x = img + (ts[1] - ts[0]) * v
-    jax.debug.callback(partial(_tick, "denoising"), *bar, ts, ts[0])
+    jax.debug.callback(partial(_tick, "denoising", steps), _at(bar, ts, ts[0]))
 
     def step(x, t_pair):
         t_curr, t_prev = t_pair
@@ -547,7 +554,7 @@ def _kv_loop(graphdef, state, img: Array, ts: Array, cond: Batched, cached: bool
         else:
             pred = with_refs(x, t_curr)[0]
         x = x + (t_prev - t_curr) * pred
-        jax.debug.callback(partial(_tick, "denoising"), *bar, ts, t_curr)
+        jax.debug.callback(partial(_tick, "denoising", steps), _at(bar, ts, t_curr))
         return x, None
 
     x, _ = jax.lax.scan(step, x, (ts[1:-1], ts[2:]))
