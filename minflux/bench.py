@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minflux import configs, data, flops, random, schedules
+from minflux import configs, data, family, flops, random, schedules
 
 KINDS = ("forward", "sample", "train", "lora", "fp8")
 BACKENDS = {  # name -> (framework, options)
@@ -120,7 +120,7 @@ def schedule(plan: Plan) -> list[float]:
         plan.steps,
         plan.side**2,
         plan.cfg.family,
-        shift=plan.cfg.guidance_embed or plan.cfg.family == "flux2",
+        shift=family.of(plan.cfg).shifts_schedule(plan.cfg),
     )
 
 

@@ -1,19 +1,69 @@
 """Model configs: one frozen dataclass per family, BFL field names, a table of presets.
 
-Field names follow the official code (black-forest-labs/flux `FluxParams`,
-black-forest-labs/flux2 `Flux2Params`, `AutoEncoderParams`). rngs, dtype and
-device are arguments of the builders, never config fields. Variants are made
-with `dataclasses.replace`, never by mutation.
-"""
+Field names follow the official code (black-forest-labs/flux `FluxParams`, black-forest-labs/flux2
+`Flux2Params`, `AutoEncoderParams`). rngs, dtype and device are arguments of the builders, never
+config fields. Variants are made with `dataclasses.replace`, never by mutation. The configs hold
+model fields only; what a family does beyond them (ids, encoders, sampling defaults, references) is
+in the family table, `minflux.family`."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+from minflux import family
+
+
+class _FromTable:
+    """A deprecated alias of the family table: `FluxConfig.bias` (class or instance) reads
+    `minflux.family`'s `FLUX1.bias`. Kept for code written before the table; new code reads
+    `family.of(cfg)`."""
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
+    def __get__(self, obj, owner):
+        spec = family.AUTOENCODERS.get(owner.family) or family.get(owner.family)
+        return getattr(spec, self.name)
+
+
+class _FamilyAliases:
+    """Deprecated aliases of the family table on the transformer configs (class and instance), kept
+    for code written before it: `cfg.bias` is `family.of(cfg).bias`, and so on."""
+
+    gated_mlp = _FromTable()
+    bias = _FromTable()
+    shared_modulation = _FromTable()
+    latent_channels = _FromTable()
+    latent_patch = _FromTable()
+    id_axes = _FromTable()
+    text_id_axis = _FromTable()
+    max_refs = _FromTable()
+    inpaint_resize = _FromTable()
+    inpaint_init_ref = _FromTable()
+    forward_names = _FromTable()
+
+    @classmethod
+    def ref_time(cls, i: int) -> int:
+        """The t position id of reference image i: `family.of(cfg).ref_time(i)`."""
+        return family.get(cls.family).ref_time(i)
+
+    @property
+    def shifts_schedule(self) -> bool:
+        """Whether sampling shifts the schedule: `family.of(cfg).shifts_schedule(cfg)`."""
+        return family.of(self).shifts_schedule(self)
+
+    def forward_kwargs(
+        self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None
+    ) -> dict:
+        """The model's keyword arguments for inputs given in one order for both families (any array type)."""
+        return family.of(self).forward_kwargs(
+            (img, img_ids, txt, txt_ids, timesteps, vec, guidance)
+        )
+
 
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(_FamilyAliases):
     """FLUX.1 transformer (dev, schnell, Kontext, Krea, Fill, Canny, Depth)."""
 
     in_channels: int = 64
@@ -30,41 +80,12 @@ class FluxConfig:
     qkv_bias: bool = True
     guidance_embed: bool = True
 
-    # Family behaviour, read by the shared code instead of `family == ...` branches.
-    family = "flux1"
-    gated_mlp = False  # MLP: GELU(tanh); FLUX.2: SwiGLU
-    bias = True  # every linear layer has a bias (qkv: `qkv_bias`)
-    shared_modulation = False  # modulation per block; FLUX.2: three shared modulations
-    latent_channels = 16  # autoencoder latents the sampler draws (B, 16, H/8, W/8) ...
-    latent_patch = 2  # ... packed 2x2 into 64-channel tokens
-    id_axes = 3  # position ids (t, row, col)
-    text_id_axis = None  # text ids are all zero
-    max_refs = 1  # Kontext: one reference image
-    inpaint_resize = "nearest"  # FluxInpaintPipeline: the mask's nearest pixel per latent
-    inpaint_init_ref = False  # inpainting: the init image is only the start
+    family = "flux1"  # its entry in the family table (`minflux.family`), which holds its behaviour
     ref_kv = False  # no klein KV variant (see Flux2Config.ref_kv)
-    # BFL's forward keyword names for (image tokens, image ids, text, text ids, timesteps, pooled vector, guidance)
-    forward_names = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")
-
-    @staticmethod
-    def ref_time(i: int) -> int:
-        """The t position id of reference image i (Kontext: one reference, at t = 1)."""
-        return 1
-
-    @property
-    def shifts_schedule(self) -> bool:
-        """Sampling shifts the schedule by resolution: the guidance-distilled models (dev), not schnell."""
-        return self.guidance_embed
-
-    def forward_kwargs(
-        self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None
-    ) -> dict:
-        """The model's keyword arguments for inputs given in one order for both families (any array type)."""
-        return _forward_kwargs(self, (img, img_ids, txt, txt_ids, timesteps, vec, guidance))
 
 
 @dataclass(frozen=True)
-class Flux2Config:
+class Flux2Config(_FamilyAliases):
     """FLUX.2 transformer (dev, klein 4B/9B, distilled and base)."""
 
     in_channels: int = 128
@@ -82,38 +103,7 @@ class Flux2Config:
     ref_kv: bool = False
 
     family = "flux2"
-    gated_mlp = True
-    bias = False
-    shared_modulation = True
-    latent_channels = (
-        128  # the autoencoder already patchified: (B, 128, H/16, W/16), one token each
-    )
-    latent_patch = 1
-    id_axes = 4  # (t, row, col, l)
-    text_id_axis = 3  # text token l has ids (0, 0, 0, l)
-    max_refs = None  # any number of reference images
-    inpaint_resize = (
-        "bilinear"  # Flux2KleinInpaintPipeline: the mask resized bilinearly to the token grid
-    )
-    inpaint_init_ref = True  # ... and the init image is also the first reference image
     vec_in_dim = None  # no pooled text vector
-    forward_names = ("x", "x_ids", "ctx", "ctx_ids", "timesteps", None, "guidance")
-    shifts_schedule = True  # every FLUX.2 model samples on the shifted schedule
-
-    @staticmethod
-    def ref_time(i: int) -> int:
-        """The t position id of reference image i (BFL flux2 `encode_image_refs`: 10 + 10 i)."""
-        return 10 + 10 * i
-
-    def forward_kwargs(
-        self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None
-    ) -> dict:
-        """The model's keyword arguments for inputs given in one order for both families (vec is ignored)."""
-        return _forward_kwargs(self, (img, img_ids, txt, txt_ids, timesteps, vec, guidance))
-
-
-def _forward_kwargs(cfg, values: tuple) -> dict:
-    return {name: v for name, v in zip(cfg.forward_names, values, strict=True) if name is not None}
 
 
 @dataclass(frozen=True)
@@ -128,6 +118,9 @@ class _AutoEncoderShape:
     num_res_blocks: int = 2
     z_channels: int = 16
 
+    quant_conv = _FromTable()
+    batch_norm = _FromTable()
+
 
 @dataclass(frozen=True)
 class AutoEncoderConfig(_AutoEncoderShape):
@@ -137,8 +130,6 @@ class AutoEncoderConfig(_AutoEncoderShape):
     shift_factor: float = 0.1159
 
     family = "ae1"
-    quant_conv = False  # no 1x1 convs around the latent
-    batch_norm = False  # latents normalised by scale and shift
 
 
 @dataclass(frozen=True)
@@ -150,31 +141,23 @@ class AutoEncoder2Config(_AutoEncoderShape):
     bn_eps: float = 1e-4
 
     family = "ae2"
-    quant_conv = True  # 1x1 quant_conv / post_quant_conv around the latent
-    batch_norm = True  # latents patchified 2x2 and normalised by the frozen BatchNorm `bn`
 
 
-FAMILIES = {
-    "flux1": FluxConfig,
-    "flux2": Flux2Config,
-}  # family name -> config class (its behaviour properties)
+# Deprecated: the family table (`minflux.family.FAMILIES`: name -> Family, the same attributes as before).
+FAMILIES = family.FAMILIES
 KIND = {
-    "flux1": "FLUX.1 transformer",
-    "flux2": "FLUX.2 transformer",
-    "ae1": "FLUX.1 autoencoder",
-    "ae2": "FLUX.2 autoencoder",
+    name: spec.kind for name, spec in {**family.FAMILIES, **family.AUTOENCODERS}.items()
 }  # what a family's checkpoint holds, in words
 
 
-def describe(family: str | None, width: int = 0) -> str:
-    """ "a FLUX.2 transformer of width 3072", "a FLUX.1 autoencoder", or "no FLUX model" (family None)."""
-    if family is None:
-        return "no FLUX model"
-    return f"a {KIND[family]}" + (f" of width {width}" if width and family in FAMILIES else "")
+def describe(name: str | None, width: int = 0) -> str:
+    """ "a FLUX.2 transformer of width 3072", "a FLUX.1 autoencoder", or "no FLUX model"
+    (`family.describe`)."""
+    return family.describe(name, width)
 
 
 def _check(cfg) -> None:
-    if cfg.family in ("ae1", "ae2"):
+    if isinstance(cfg, _AutoEncoderShape):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         if any(w % 32 for w in widths):
             raise ValueError(
@@ -186,6 +169,11 @@ def _check(cfg) -> None:
         raise ValueError(
             f"{type(cfg).__name__}: hidden_size {cfg.hidden_size} / num_heads {cfg.num_heads} "
             f"must be an integer head_dim equal to sum(axes_dim) = {sum(cfg.axes_dim)}"
+        )
+    axes = family.of(cfg).id_axes
+    if len(cfg.axes_dim) != axes:
+        raise ValueError(
+            f"{type(cfg).__name__}: axes_dim {cfg.axes_dim} must have one entry per position-id axis ({axes})"
         )
 
 
@@ -264,13 +252,15 @@ def input_kind(cfg, pixels: int = 16) -> str:
     """What a FLUX transformer takes besides its noisy latent tokens, read off `in_channels`: "text" (text to
     image, Kontext references; FLUX.2), "fill" (FLUX.1 Fill: masked-image tokens + the mask folded into 256
     channels) or "control" (FLUX.1 Canny/Depth: control-image tokens). Raises ValueError for other widths."""
-    tokens = cfg.latent_channels * cfg.latent_patch**2  # channels of one image token
-    fill = 2 * tokens + 4 * (pixels // 2) ** 2  # + masked image + mask folded (pixels/2)^2 then 2x2
-    kinds = (
-        {tokens: "text", 2 * tokens: "control", fill: "fill"}
-        if cfg.family == "flux1"
-        else {tokens: "text"}
-    )
+    spec = family.of(cfg)
+    tokens = spec.latent_channels * spec.latent_patch**2  # channels of one image token
+    widths = {
+        "text": tokens,
+        "control": 2 * tokens,  # + the control image's tokens
+        "fill": 2 * tokens
+        + 4 * (pixels // 2) ** 2,  # + masked image + mask folded (pixels/2)^2 then 2x2
+    }
+    kinds = {widths[k]: k for k in ("text", *spec.channel_inputs)}
     if cfg.in_channels not in kinds:
         raise ValueError(
             f"in_channels {cfg.in_channels} is none of {sorted(kinds)} "

@@ -10,6 +10,8 @@ and is not counted. tests/test_train.py checks the count against PyTorch's FLOP 
 
 from __future__ import annotations
 
+from minflux import family
+
 
 def _linear(n_in: int, n_out: int, rows: int) -> int:
     return 2 * n_in * n_out * rows
@@ -17,24 +19,27 @@ def _linear(n_in: int, n_out: int, rows: int) -> int:
 
 def forward_flops(cfg, img_tokens: int, txt_tokens: int, batch: int = 1) -> int:
     """FLOPs of one forward pass of `cfg`'s transformer on `batch` samples of img_tokens + txt_tokens tokens."""
-    if cfg.family not in ("flux1", "flux2"):
+    if not family.is_transformer(cfg):
         raise ValueError(f"forward_flops: {cfg.family!r} is not a transformer config")
+    spec = family.of(cfg)
     h, li, lt = cfg.hidden_size, img_tokens, txt_tokens
     n = li + lt
     m = int(h * cfg.mlp_ratio)
-    flux1 = cfg.family == "flux1"
-    gated = 1 if flux1 else 2  # FLUX.2's SwiGLU projects to 2 m
-    out_channels = cfg.out_channels if flux1 else cfg.in_channels
+    gated = 2 if spec.gated_mlp else 1  # FLUX.2's SwiGLU projects to 2 m
+    out_channels = getattr(
+        cfg, "out_channels", cfg.in_channels
+    )  # FLUX.2 predicts its input's width
 
     per_sample = _linear(256, h, 1) + _linear(h, h, 1)  # time_in
     per_sample += (_linear(256, h, 1) + _linear(h, h, 1)) if cfg.guidance_embed else 0
-    if flux1:
+    if spec.pooled_vec:
         per_sample += _linear(cfg.vec_in_dim, h, 1) + _linear(h, h, 1)  # vector_in
+    if spec.shared_modulation:  # three modulations shared by all blocks
+        per_sample += 2 * _linear(h, 6 * h, 1) + _linear(h, 3 * h, 1)
+    else:
         per_sample += cfg.depth * 2 * _linear(h, 6 * h, 1) + cfg.depth_single_blocks * _linear(
             h, 3 * h, 1
         )
-    else:  # three modulations shared by all blocks
-        per_sample += 2 * _linear(h, 6 * h, 1) + _linear(h, 3 * h, 1)
     per_sample += _linear(h, 2 * h, 1)  # final adaLN
 
     tokens = (

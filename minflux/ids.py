@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from minflux import family
+
 
 def image_ids(batch: int, h: int, w: int, axes: int, t: float = 0) -> np.ndarray:
     """(batch, h*w, axes) float32: rows (t, row, col[, 0]) of an h x w token grid, row-major."""
@@ -26,6 +28,9 @@ def text_ids(batch: int, length: int, axes: int, axis: int | None = None) -> np.
 
 
 def for_config(cfg, batch: int, h: int, w: int, txt_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(img_ids, txt_ids) of a transformer config for an h x w token grid and txt_len text tokens."""
-    axes = len(cfg.axes_dim)
-    return image_ids(batch, h, w, axes), text_ids(batch, txt_len, axes, cfg.text_id_axis)
+    """(img_ids, txt_ids) of a transformer config for an h x w token grid and txt_len text tokens
+    (the family table's id axes: 3 for FLUX.1, 4 for FLUX.2)."""
+    spec = family.of(cfg)
+    return image_ids(batch, h, w, spec.id_axes), text_ids(
+        batch, txt_len, spec.id_axes, spec.text_id_axis
+    )

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from minflux import family
+
 # Pixels per latent token: the VAE downsamples 8x and the transformer sees 2x2 patches.
 PIXELS_PER_TOKEN = 16
 
@@ -50,25 +52,27 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(a * num_steps + b)
 
 
-def get_schedule(
-    num_steps: int, image_seq_len: int, family: str, shift: bool = True
-) -> list[float]:
-    """num_steps + 1 times from 1 (noise) to 0 (image), for FLUX.1 ("flux1") or FLUX.2 ("flux2").
+# The schedule shift mu of each family (`minflux.family.Family.mu`), from (image tokens, steps).
+MU: dict[str, Callable[[int, int], float]] = {
+    "resolution": lambda seq_len, steps: get_lin_function()(seq_len),  # FLUX.1
+    "empirical": compute_empirical_mu,  # FLUX.2
+}
 
-    FLUX.1 shifts with mu linear in the token count; schnell runs unshifted (`shift=False`).
-    FLUX.2 always shifts, with BFL's empirical mu that also depends on the step count.
-    `image_seq_len` counts the generated image's tokens only, never reference tokens.
-    """
+
+def get_schedule(num_steps: int, image_seq_len: int, name: str, shift: bool = True) -> list[float]:
+    """num_steps + 1 times from 1 (noise) to 0 (image), for the family called `name` ("flux1",
+    "flux2").
+
+    FLUX.1 shifts with mu linear in the token count; schnell runs unshifted (`shift=False`). FLUX.2
+    always shifts, with BFL's empirical mu that also depends on the step count. `image_seq_len`
+    counts the generated image's tokens only, never reference tokens. Raises ValueError for fewer
+    than one step or an unknown family."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    spec = family.get(name)
     timesteps = np.linspace(1.0, 0.0, num_steps + 1)  # float64: both frameworks get the same list
-    if family == "flux1":
-        if shift:
-            timesteps = time_shift(get_lin_function()(image_seq_len), 1.0, timesteps)
-    elif family == "flux2":
-        timesteps = time_shift(compute_empirical_mu(image_seq_len, num_steps), 1.0, timesteps)
-    else:
-        raise ValueError(f"unknown family {family!r}; expected 'flux1' or 'flux2'")
+    if shift or spec.shift_always:
+        timesteps = time_shift(MU[spec.mu](image_seq_len, num_steps), 1.0, timesteps)
     return [float(t) for t in timesteps]
 
 

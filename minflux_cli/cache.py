@@ -78,7 +78,7 @@ def pairs(folder: Path) -> list[tuple[Path, str]]:
 
 def run(args) -> int:
     from minflux.data import LatentShards
-    from minflux_cli import generate as gen
+    from minflux_cli import text_encoders as gen
 
     cfg = configs.resolve(args.model)
     family = cfg.family

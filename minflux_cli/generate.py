@@ -1,39 +1,40 @@
 """`minflux generate`: sample a PNG with either framework from local checkpoints.
 
-Inputs are local files only: a transformer checkpoint (`--transformer`, any layout `load_model` reads,
-with its preset `--model`), an autoencoder (`--ae`), and a prompt-embedding file (`--embeddings`, the
-format `minflux.text.save_embeddings` writes): safetensors holding `txt` (B, L, context_in_dim) and, for
-FLUX.1, `vec` (B, 768); B prompts give B images (`out-0.png`, ...). True CFG (`--cfg`, e.g. klein base)
-takes the negative prompt from a second file, `--neg-embeddings`.
+Inputs are local files only: a transformer checkpoint (`--transformer`, any layout `load_model`
+reads, with its preset `--model`), an autoencoder (`--ae`), and a prompt-embedding file
+(`--embeddings`, the format `minflux.text.save_embeddings` writes): safetensors holding `txt` (B, L,
+context_in_dim) and, for FLUX.1, `vec` (B, 768); B prompts give B images (`out-0.png`, ...). True
+CFG (`--cfg`, e.g. klein base) takes the negative prompt from a second file, `--neg-embeddings`.
 `--random-weights` needs no files at all: random tiny models (`flux1-tiny` / `flux2-tiny` and their
 tiny autoencoders) and random embeddings, a smoke test of the whole path.
 
-Prompts instead of embeddings: `--prompt` (repeatable; `--negative-prompt` for `--cfg`, default "") with
-`--text-encoder DIR`, run in the chosen `--framework` and freed before the transformer is loaded. The kind
-follows the model: FLUX.1 -> CLIP-L + T5 from a diffusers-style root (`text_encoder/` + `tokenizer/` = CLIP,
-`text_encoder_2/` + `tokenizer_2/` = T5; T5 at 256 tokens for schnell); FLUX.2 dev -> Mistral Small 3.x;
-klein -> Qwen3; other FLUX.2 presets (the tiny ones) -> whatever config.json says. FLUX.2's DIR is a model
-directory (config.json, safetensors, tokenizer.json) or a root with `text_encoder/` + `tokenizer/`.
-`--save-embeddings FILE` writes the prompts' embeddings (and the negatives' to FILE-neg) and stops: encode
-once, then generate from the file with `--embeddings` without loading the encoder again.
+Prompts instead of embeddings: `--prompt` (repeatable; `--negative-prompt` for `--cfg`, default "")
+with `--text-encoder DIR`, run in the chosen `--framework` and freed before the transformer is
+loaded; which encoder a model takes and where it lies in DIR: `minflux_cli/text_encoders.py`.
+`--save-embeddings FILE` writes the prompts' embeddings (and the negatives' to FILE-neg) and stops:
+encode once, then generate from the file with `--embeddings` without loading the encoder again.
 
-Modes: text-to-image; `--ref` reference images (FLUX.1 Kontext: one; FLUX.2: several; klein KV models cache
-their keys and values); `--init` with `--strength` (img2img); `--init` with `--mask` (inpainting, white = repaint:
-FLUX.1 Fill, or any other model as diffusers' inpaint pipelines); `--control` (FLUX.1 Canny/Depth: the
-preprocessed control image, encoded and packed as extra input channels, as BFL's `prepare_control` after its
-edge or depth detector); `--redux IMAGE` (FLUX.1 Redux: SigLIP image tokens appended to the prompt);
-`--lora FILE[:SCALE]` (any common LoRA format, merged into the transformer).
+Modes: text-to-image; `--ref` reference images (FLUX.1 Kontext: one; FLUX.2: several; klein KV
+models cache their keys and values); `--init` with `--strength` (img2img); `--init` with `--mask`
+(inpainting, white = repaint: FLUX.1 Fill, or any other model as diffusers' inpaint pipelines);
+`--control` (FLUX.1 Canny/Depth: the preprocessed control image, encoded and packed as extra input
+channels, as BFL's `prepare_control` after its edge or depth detector); `--redux IMAGE` (FLUX.1
+Redux: SigLIP image tokens appended to the prompt); `--lora FILE[:SCALE]` (any common LoRA format,
+merged into the transformer).
 
-Progress: PyTorch ticks a tqdm bar per step. JAX compiles the whole loop once (`lax.scan`) and ticks the
-bar from inside the compiled loop through `jax.debug.callback`; the first call's bar waits for compilation
-before its first tick.
-"""
+The arguments become a `Plan` (files, defaults from the family table `minflux.family`), checked by
+the same rules `pipeline.generate` applies (`minflux.request.check_model`, naming the flags here)
+before anything loads; the loaded embeddings and images become a `minflux.request.Request` for
+`pipeline.generate`.
+
+Progress: PyTorch ticks a tqdm bar per step. JAX compiles the whole loop once (`lax.scan`) and ticks
+the bar from inside the compiled loop through `jax.debug.callback`; the first call's bar waits for
+compilation before its first tick."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 import warnings
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minflux import checkpoint, configs, images, schedules, text
+from minflux import checkpoint, configs, family, images, request, text
 from minflux_cli.args import (
     UsageError,
     directory,
@@ -57,52 +58,7 @@ from minflux_cli.args import (
     preset,
 )
 from minflux_cli.frameworks import Framework
-
-AE_FAMILY = {"flux1": "ae1", "flux2": "ae2"}
-DEFAULT_GUIDANCE = {
-    "flux1-fill-dev": 30.0,
-    "flux1-kontext-dev": 2.5,  # BFL's cli_fill / cli_kontext defaults
-    "flux1-canny-dev": 30.0,
-    "flux1-depth-dev": 10.0,
-}  # and cli_control's
-
-
-@dataclasses.dataclass(frozen=True)
-class TextPlan:
-    """How prompts are encoded: the encoder kind (clip+t5 "flux1", "qwen3", "mistral"), its directory, the
-    prompts and negative prompts, and the encoder options (None: the official defaults)."""
-
-    kind: str
-    directory: Path
-    prompts: tuple[str, ...]
-    negatives: tuple[str, ...]
-    max_length: int | None
-    layers: tuple[int, ...] | None
-
-    def encode(self, fw: Framework, loras=()) -> dict[str, np.ndarray]:
-        """txt (B, L, D), vec (B, 768) for FLUX.1, and neg_txt / neg_vec for the negatives; numpy in the
-        encoder's dtype. loras: (file, scale) pairs whose text-encoder parts are merged into FLUX.1's CLIP-L and
-        T5 first. The encoder is freed before this returns."""
-        prompts, n = list(self.prompts + self.negatives), len(self.prompts)
-        try:
-            out = fw.encode_prompts(
-                self.kind,
-                self.directory,
-                prompts,
-                max_length=self.max_length,
-                layers=self.layers,
-                loras=loras,
-            )
-        except (
-            FileNotFoundError,
-            ValueError,
-        ) as e:  # (CheckpointError, naming the file, passes through)
-            raise UsageError(f"--text-encoder {self.directory}: {e}") from None
-        emb = {}
-        for k, v in out.items():
-            k = "txt" if k == "ctx" else k  # FLUX.2's ctx is the transformer's txt input
-            emb[k], emb["neg_" + k] = v[:n], v[n:]
-        return {k: v for k, v in emb.items() if len(v)}
+from minflux_cli.text_encoders import TextPlan, text_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +99,19 @@ class Plan:
     @property
     def family(self) -> str:
         return self.cfg.family
+
+    @property
+    def true_cfg(self) -> bool:
+        """Whether the sampler runs a negative prompt (`request.check_model` reads it)."""
+        return self.cfg_scale != 1.0
+
+    @property
+    def flags(self) -> dict[str, str]:
+        """The flag behind each request field, for `request.check_model`'s messages."""
+        flags = {
+            k: f"--{k}" for k in ("init", "mask", "control", "strength", "width", "height", "steps")
+        }
+        return flags | {"refs": "--ref", "model": self.model}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -342,57 +311,10 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _required(path: Path | None, what: str, flag: str) -> Path:
-    if path is None:
-        raise UsageError(
-            f"{flag} is required ({what}); or pass --random-weights for a demo without files"
-        )
-    return path
-
-
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate the arguments and resolve every default; raises UsageError naming the flag."""
-    random = args.random_weights
-    given = [
-        f
-        for f in ("transformer", "ae", "embeddings", "neg_embeddings")
-        if getattr(args, f) is not None
-    ]
-    if random and given:
-        raise UsageError(
-            f"--random-weights and --{given[0].replace('_', '-')} exclude each other: random tiny "
-            "models and embeddings, or your files"
-        )
-    if args.compile and args.framework != "torch":
-        raise UsageError("--compile is torch.compile, for --framework torch (JAX always compiles)")
-    if args.device is not None and args.framework != "torch":
-        raise UsageError("--device is PyTorch's; JAX runs on its default device (JAX_PLATFORMS)")
-    name = args.model or ("flux1-tiny" if random else None)
-    if name is None:
-        raise UsageError(
-            "--model is required (a transformer preset); presets: " + ", ".join(configs.names())
-        )
-    cfg = configs.resolve(name)
-    family = cfg.family
-    if family not in AE_FAMILY:
-        raise UsageError(f"--model {name} is {configs.describe(family)}, not a transformer")
-    ae_name = args.ae_config or f"{family}-ae" + (
-        "-tiny" if random or name.endswith("-tiny") else ""
-    )
-    ae_cfg = configs.resolve(ae_name)
-    if ae_cfg.family != AE_FAMILY[family]:
-        raise UsageError(
-            f"--ae-config {ae_name} is {configs.describe(ae_cfg.family)}; {name} needs "
-            f"{configs.describe(AE_FAMILY[family])}"
-        )
-    for flag in ("embeddings", "neg_embeddings"):
-        if args.prompt and getattr(args, flag) is not None:
-            raise UsageError(
-                f"--prompt and --{flag.replace('_', '-')} exclude each other: the prompt is encoded "
-                "here, or read from a file"
-            )
-    if args.save_embeddings is not None and not args.prompt:
-        raise UsageError("--save-embeddings needs --prompt")
+    _exclusive(args)
+    name, cfg, ae_name, ae_cfg = _models(args)
     prompts = text_plan(
         name,
         cfg,
@@ -404,117 +326,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         args.cfg,
         encode_only=args.save_embeddings is not None,
     )
+    random = args.random_weights
     fw = Framework(args.framework, args.dtype or ("fp32" if random else "bf16"), args.device)
     if not random and args.save_embeddings is None:
-        _required(args.transformer, "the transformer checkpoint", "--transformer")
-        _required(args.ae, "the autoencoder checkpoint", "--ae")
-        if prompts is None:
-            _required(
-                args.embeddings,
-                "the prompt embeddings (or pass --prompt with --text-encoder)",
-                "--embeddings",
-            )
-            if args.cfg != 1.0:
-                _required(
-                    args.neg_embeddings,
-                    "the negative prompt's embeddings, for --cfg",
-                    "--neg-embeddings",
-                )
-        for flag, path, want in (
-            ("--transformer", args.transformer, cfg),
-            ("--ae", args.ae, ae_cfg),
-        ):
-            with checkpoint.Checkpoint(path) as ckpt:  # headers only
-                try:
-                    checkpoint.check_holds(ckpt, want, name if want is cfg else ae_name)
-                except checkpoint.CheckpointError as e:
-                    hint = (
-                        ""
-                        if want is cfg
-                        else " (the transformer and autoencoder come from different families)"
-                    )
-                    raise UsageError(f"{flag} {e}{hint}") from None
-    ppt = configs.pixels_per_token(ae_cfg)
-    width = args.width if args.width is not None else (64 if random else 1024)
-    height = args.height if args.height is not None else (64 if random else 1024)
-    try:
-        schedules.token_grid(width, height, ppt)
-        kind = configs.input_kind(_with_loras(cfg, args.lora), ppt)
-    except ValueError as e:
-        raise UsageError(f"--model {name}: {e}" if "in_channels" in str(e) else str(e)) from None
-    if kind == "control" and args.control is None:
-        raise UsageError(
-            f"{name} is a structural-control (Canny/Depth) model: pass --control IMAGE, an edge map or "
-            "a depth map"
-        )
-    if args.control is not None and kind != "control":
-        raise UsageError(
-            f"--control needs a FLUX.1 Canny/Depth model (in_channels 128); {name} has "
-            f"{cfg.in_channels}"
-        )
-    if args.mask is not None and kind == "control":
-        raise UsageError(
-            f"--mask: {name} is a Canny/Depth model; inpaint with a Fill model or an ordinary one"
-        )
-    if args.mask is not None and args.init is None:
-        raise UsageError("--mask needs --init IMAGE, the image to inpaint")
-    if kind == "fill" and (args.mask is None or args.init is None):
-        raise UsageError(f"{name} is an inpainting (Fill) model: pass --init IMAGE and --mask MASK")
-    if args.strength is not None and (args.init is None or kind == "fill"):
-        raise UsageError(
-            "--strength does not apply to Fill inpainting (the model repaints the masked region)"
-            if kind == "fill"
-            else "--strength needs --init IMAGE (img2img or inpainting)"
-        )
-    if args.redux:
-        if cfg.family != "flux1" or args.redux_model is None:
-            raise UsageError(
-                "--redux needs a FLUX.1 model and --redux-model DIR (the FLUX.1-Redux-dev root, or a "
-                "SigLIP directory with --redux-embedder FILE)"
-                if cfg.family == "flux1"
-                else f"--redux is for FLUX.1 models; {name} is FLUX.2"
-            )
-        if args.cfg != 1.0:
-            raise UsageError(
-                "--redux with --cfg: the image tokens lengthen the prompt but not the negative one"
-            )
-    elif args.redux_model is not None or args.redux_embedder is not None:
-        raise UsageError("--redux-model / --redux-embedder need --redux IMAGE")
-    if cfg.max_refs is not None and len(args.ref) > cfg.max_refs:
-        raise UsageError(f"FLUX.1 Kontext takes one --ref image, got {len(args.ref)}")
-    cfg_on = args.cfg != 1.0
-    steps = (
-        args.steps
-        if args.steps is not None
-        else (
-            4
-            if random or (not cfg.guidance_embed and not cfg_on)
-            else (28 if family == "flux1" else 50)
-        )
-    )
-    guidance = (
-        args.guidance
-        if args.guidance is not None
-        else DEFAULT_GUIDANCE.get(name, 3.5 if family == "flux1" else 4.0)
-    )
-    if args.guidance is not None and not cfg.guidance_embed:
-        print(
-            f"minflux generate: note: {name} has no guidance embedder; --guidance is ignored "
-            "(use --cfg with a negative prompt for true CFG)",
-            file=sys.stderr,
-        )
-    # defaults as diffusers': img2img 0.8, FLUX.1 inpainting 0.6 (FluxInpaintPipeline), klein 0.8
-    strength = (
-        args.strength
-        if args.strength is not None
-        else (0.6 if args.mask is not None and family == "flux1" else 0.8)
-    )
-    if args.init is not None and kind != "fill":
-        try:
-            schedules.strength_start(steps, strength)
-        except ValueError as e:
-            raise UsageError(f"--strength {strength}: {e}") from None
-    return Plan(
+        _check_files(args, prompts is not None, (name, cfg), (ae_name, ae_cfg))
+    plan = Plan(
         model=name,
         cfg=cfg,
         ae_cfg=ae_cfg,
@@ -525,12 +341,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
         embeddings=args.embeddings,
         neg_embeddings=args.neg_embeddings,
         text=prompts,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance=guidance,
+        width=args.width if args.width is not None else (64 if random else 1024),
+        height=args.height if args.height is not None else (64 if random else 1024),
+        steps=args.steps
+        if args.steps is not None
+        else (4 if random else family.default_steps(cfg, args.cfg != 1.0)),
+        guidance=args.guidance if args.guidance is not None else family.default_guidance(name, cfg),
         cfg_scale=args.cfg,
-        strength=strength,
+        strength=(
+            args.strength
+            if args.strength is not None
+            else family.default_strength(cfg, inpainting=args.mask is not None)
+        ),
         refs=tuple(args.ref),
         init=args.init,
         mask=args.mask,
@@ -546,6 +368,122 @@ def make_plan(args: argparse.Namespace) -> Plan:
         redux_scale=args.redux_scale,
         redux_pooled_scale=args.redux_pooled_scale,
     )
+    _check_request(plan, args)
+    return plan
+
+
+def _exclusive(args: argparse.Namespace) -> None:
+    """Flags that exclude or need each other, whatever the model."""
+    given = [f for f in ("transformer", "ae", "embeddings", "neg_embeddings") if getattr(args, f)]
+    if args.random_weights and given:
+        raise UsageError(
+            f"--random-weights and --{given[0].replace('_', '-')} exclude each other: random tiny "
+            "models and embeddings, or your files"
+        )
+    if args.compile and args.framework != "torch":
+        raise UsageError("--compile is torch.compile, for --framework torch (JAX always compiles)")
+    if args.device is not None and args.framework != "torch":
+        raise UsageError("--device is PyTorch's; JAX runs on its default device (JAX_PLATFORMS)")
+    for flag in ("embeddings", "neg_embeddings"):
+        if args.prompt and getattr(args, flag) is not None:
+            raise UsageError(
+                f"--prompt and --{flag.replace('_', '-')} exclude each other: the prompt is encoded "
+                "here, or read from a file"
+            )
+    if args.save_embeddings is not None and not args.prompt:
+        raise UsageError("--save-embeddings needs --prompt")
+    if not args.redux and (args.redux_model is not None or args.redux_embedder is not None):
+        raise UsageError("--redux-model / --redux-embedder need --redux IMAGE")
+
+
+def _models(args: argparse.Namespace) -> tuple[str, object, str, object]:
+    """(name, config) of the transformer and of its autoencoder (the family's, tiny for tiny
+    models)."""
+    name = args.model or ("flux1-tiny" if args.random_weights else None)
+    if name is None:
+        raise UsageError(
+            "--model is required (a transformer preset); presets: " + ", ".join(configs.names())
+        )
+    cfg = configs.resolve(name)
+    if not family.is_transformer(cfg):
+        raise UsageError(f"--model {name} is {configs.describe(cfg.family)}, not a transformer")
+    spec = family.of(cfg)
+    tiny = args.random_weights or name.endswith("-tiny")
+    ae_name = args.ae_config or f"{spec.name}-ae" + ("-tiny" if tiny else "")
+    ae_cfg = configs.resolve(ae_name)
+    if not spec.takes(ae_cfg):
+        raise UsageError(
+            f"--ae-config {ae_name} is {configs.describe(ae_cfg.family)}; {name} needs "
+            f"{configs.describe(spec.autoencoder)}"
+        )
+    return name, cfg, ae_name, ae_cfg
+
+
+def _required(path: Path | None, what: str, flag: str) -> Path:
+    if path is None:
+        raise UsageError(
+            f"{flag} is required ({what}); or pass --random-weights for a demo without files"
+        )
+    return path
+
+
+def _check_files(args: argparse.Namespace, prompts: bool, model: tuple, ae: tuple) -> None:
+    """The files a run without --random-weights needs, and (headers only) that the checkpoints hold
+    the (name, config) `model` and `ae`."""
+    _required(args.transformer, "the transformer checkpoint", "--transformer")
+    _required(args.ae, "the autoencoder checkpoint", "--ae")
+    if not prompts:
+        what = "the prompt embeddings (or pass --prompt with --text-encoder)"
+        _required(args.embeddings, what, "--embeddings")
+        if args.cfg != 1.0:
+            what = "the negative prompt's embeddings, for --cfg"
+            _required(args.neg_embeddings, what, "--neg-embeddings")
+    for flag, path, (name, want) in (
+        ("--transformer", args.transformer, model),
+        ("--ae", args.ae, ae),
+    ):
+        with checkpoint.Checkpoint(path) as ckpt:
+            try:
+                checkpoint.check_holds(ckpt, want, name)
+            except checkpoint.CheckpointError as e:
+                hint = " (the transformer and autoencoder come from different families)"
+                raise UsageError(f"{flag} {e}{hint if path is args.ae else ''}") from None
+
+
+def _check_request(plan: Plan, args: argparse.Namespace) -> None:
+    """The generation rules of `pipeline.generate` (`request.check_model`) on the plan, the flags
+    named, then the flags that only the command has (--strength given, --redux, --guidance without
+    an embedder)."""
+    try:
+        kind = request.check_model(plan, _with_loras(plan.cfg, plan.loras), plan.ae_cfg, plan.flags)
+    except ValueError as e:
+        model_width = str(e).startswith("in_channels")  # a width no input kind has
+        raise UsageError(f"--model {plan.model}: {e}" if model_width else str(e)) from None
+    if args.strength is not None and (plan.init is None or kind == "fill"):
+        raise UsageError(
+            "--strength does not apply to Fill inpainting (the model repaints the masked region)"
+            if kind == "fill"
+            else "--strength needs --init IMAGE (img2img or inpainting)"
+        )
+    spec = family.of(plan.cfg)
+    if plan.redux:
+        if not spec.redux or plan.redux_model is None:
+            raise UsageError(
+                "--redux needs a FLUX.1 model and --redux-model DIR (the FLUX.1-Redux-dev root, or a "
+                "SigLIP directory with --redux-embedder FILE)"
+                if spec.redux
+                else f"--redux is for FLUX.1 models; {plan.model} is {spec.title}"
+            )
+        if plan.true_cfg:
+            raise UsageError(
+                "--redux with --cfg: the image tokens lengthen the prompt but not the negative one"
+            )
+    if args.guidance is not None and not plan.cfg.guidance_embed:
+        print(
+            f"minflux generate: note: {plan.model} has no guidance embedder; --guidance is ignored "
+            "(use --cfg with a negative prompt for true CFG)",
+            file=sys.stderr,
+        )
 
 
 def _with_loras(cfg, loras):
@@ -561,130 +499,6 @@ def _with_loras(cfg, loras):
     return dataclasses.replace(cfg, in_channels=width) if width > cfg.in_channels else cfg
 
 
-def encoder_kind(name: str, family: str, directory: Path) -> str:
-    """The text encoder a preset was trained with: FLUX.1 -> CLIP-L + T5, FLUX.2 dev -> Mistral, klein -> Qwen3;
-    other FLUX.2 presets (the tiny ones) take the kind config.json names."""
-    if family == "flux1":
-        return "flux1"
-    want = "qwen3" if "klein" in name else "mistral" if name == "flux2-dev" else None
-    try:
-        model_dir = text.resolve_dirs("qwen3", directory)[
-            0
-        ]  # (Qwen3 and Mistral share the repo subfolders)
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(f"--text-encoder {directory}: {e}") from None
-    found = next((k for k in ("qwen3", "mistral") if model_type in text.SPECS[k].model_types), None)
-    if want is not None and found != want:
-        raise UsageError(
-            f"--text-encoder {directory}: {name} takes a {want} text encoder, but "
-            f"{model_dir / 'config.json'} holds model_type {model_type!r}"
-        )
-    if found is None:
-        raise UsageError(
-            f"--text-encoder {directory}: {model_dir / 'config.json'} holds model_type "
-            f"{model_type!r}; FLUX.2 takes a qwen3 or mistral text encoder"
-        )
-    return found
-
-
-def text_plan(
-    name: str,
-    cfg,
-    prompts: list[str] | None,
-    negatives: list[str] | None,
-    directory: Path | None,
-    max_length: int | None = None,
-    layers: str | None = None,
-    cfg_scale: float = 1.0,
-    encode_only: bool = False,
-) -> TextPlan | None:
-    """With prompts: the text encoder's kind, directories, lengths and stacked layers, checked against the model
-    (output widths against context_in_dim / vec_in_dim) from the config files alone, before any weight is read.
-    None without prompts. Raises UsageError naming the flag (`minflux generate`'s, which `minflux cache` shares)."""
-    if not prompts:
-        for flag, value in (
-            ("--text-encoder", directory),
-            ("--negative-prompt", negatives),
-            ("--max-length", max_length),
-            ("--text-encoder-layers", layers),
-        ):
-            if value is not None:
-                raise UsageError(f"{flag} needs --prompt")
-        return None
-    if directory is None:
-        raise UsageError(
-            "--prompt needs --text-encoder DIR (or encode elsewhere and pass --embeddings)"
-        )
-    if not directory.is_dir():
-        raise UsageError(f"--text-encoder {directory}: no such directory")
-    kind = encoder_kind(name, cfg.family, directory)
-    max_length = max_length or (
-        256 if "schnell" in name else None
-    )  # BFL: T5 at 256 tokens for schnell
-    stacked = None
-    if layers is not None:
-        if kind == "flux1":
-            raise UsageError(
-                "--text-encoder-layers is for FLUX.2's decoder text encoders, not CLIP + T5"
-            )
-        try:
-            stacked = tuple(int(k) for k in layers.split(","))
-        except ValueError:
-            raise UsageError(
-                f"--text-encoder-layers {layers!r}: expected integers like 9,18,27"
-            ) from None
-    if kind == "flux1":
-        missing = [
-            str(directory / d / "config.json")
-            for d in ("text_encoder", "text_encoder_2")
-            if not (directory / d / "config.json").is_file()
-        ]
-        if missing:
-            raise UsageError(
-                f"--text-encoder {directory}: FLUX.1 takes CLIP-L and T5 from a diffusers-style root "
-                f"(text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/); no {', '.join(missing)}"
-            )
-    for part in ("clip", "t5") if kind == "flux1" else (kind,):
-        try:
-            s = text.spec(part, None if part == "clip" else max_length, stacked)
-            model_dir, tok_dir = text.resolve_dirs(part, directory)
-            text.tokenizer_files(tok_dir, s.arch)
-            tcfg = text.read_config(part, model_dir)
-            if s.arch == "decoder":
-                text.check_layers(s, tcfg, model_dir / "config.json")
-            text.check_length(s, tcfg, model_dir / "config.json")
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(f"--text-encoder {directory}: {e}") from None
-        if s.arch == "decoder":
-            width, how = (
-                len(s.layers) * tcfg.hidden_size,
-                f"{len(s.layers)} stacked layers x hidden {tcfg.hidden_size}",
-            )
-        else:
-            width, how = (
-                (tcfg.d_model, "d_model") if s.arch == "t5" else (tcfg.hidden_size, "hidden_size")
-            )
-        field = "vec_in_dim" if s.output == "vec" else "context_in_dim"
-        if width != getattr(cfg, field):
-            raise UsageError(
-                f"--text-encoder {directory}: the {part} text encoder ({model_dir}) outputs width "
-                f"{width} ({how}), but {name} has {field} {getattr(cfg, field)}"
-            )
-    negatives = list(negatives or [])
-    if cfg_scale != 1.0 and not negatives:
-        negatives = [""]  # the official pipelines' default negative prompt
-    if negatives and cfg_scale == 1.0 and not encode_only:
-        print("minflux generate: note: --negative-prompt is ignored without --cfg", file=sys.stderr)
-        negatives = []
-    if len(negatives) not in (0, 1, len(prompts)):
-        raise UsageError(
-            f"{len(negatives)} --negative-prompt for {len(prompts)} --prompt: pass one, or one per "
-            "prompt"
-        )
-    return TextPlan(kind, directory, tuple(prompts), tuple(negatives), max_length, stacked)
-
-
 # ---------------------------------------------------------------------------------------------
 # Embeddings
 # ---------------------------------------------------------------------------------------------
@@ -696,7 +510,7 @@ def read_embeddings(path: Path, plan: Plan, flag: str) -> dict[str, np.ndarray]:
     cfg = plan.cfg
     ckpt = checkpoint.Checkpoint(path)  # reads bf16 too; errors name the file
     wanted = {"txt": ("L", cfg.context_in_dim)}
-    if plan.family == "flux1":
+    if family.of(cfg).pooled_vec:
         wanted["vec"] = (cfg.vec_in_dim,)
     emb = {}
     for key, shape in wanted.items():
@@ -751,7 +565,7 @@ def load_embeddings(plan: Plan) -> dict[str, np.ndarray]:
     if plan.random:
         rng = np.random.default_rng(plan.seed)
         emb = {"txt": rng.standard_normal((1, 16, cfg.context_in_dim), np.float32)}
-        if plan.family == "flux1":
+        if family.of(cfg).pooled_vec:
             emb["vec"] = rng.standard_normal((1, cfg.vec_in_dim), np.float32)
         if plan.cfg_scale != 1.0:  # an all-zero negative prompt
             emb.update({"neg_" + k: np.zeros_like(v) for k, v in emb.items()})
@@ -780,7 +594,7 @@ def conditioning_images(plan: Plan) -> dict:
     """The images the pipeline takes (`minflux.images.load`, numpy HWC), checked before any model loads."""
     size = (plan.width, plan.height)
     # FLUX.2 scales references down to 2024^2 pixels (one) or 1024^2 (several), as BFL's `encode_image_refs`.
-    ref_pixels = None if plan.family == "flux1" else 2024**2 if len(plan.refs) == 1 else 1024**2
+    ref_pixels = family.of(plan.cfg).ref_max_pixels(len(plan.refs))
     ppt = configs.pixels_per_token(plan.ae_cfg)
     load = {
         "refs": lambda: [images.load(p, multiple=ppt, max_pixels=ref_pixels) for p in plan.refs],
@@ -815,6 +629,20 @@ def generate(plan: Plan) -> np.ndarray:
             plan.redux_pooled_scale,
         )
         del encoder  # freed before the transformer loads
+    try:  # (checked against the model already, on the plan)
+        req = request.Request(
+            **emb,
+            width=plan.width,
+            height=plan.height,
+            steps=plan.steps,
+            guidance=plan.guidance,
+            cfg_scale=plan.cfg_scale,
+            seed=plan.seed,
+            strength=plan.strength,
+            **cond,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     model = fw.model(plan.cfg, None if plan.random else plan.transformer, seed=plan.seed)
     ae = fw.model(plan.ae_cfg, None if plan.random else plan.ae, seed=plan.seed + 1)
     if plan.loras:
@@ -826,20 +654,4 @@ def generate(plan: Plan) -> np.ndarray:
         import torch
 
         model = torch.compile(model)  # attribute access (model.params) passes through to the module
-    return fw.pipeline.generate(
-        model,
-        ae,
-        emb["txt"],
-        emb.get("vec"),
-        width=plan.width,
-        height=plan.height,
-        seed=plan.seed,
-        steps=plan.steps,
-        guidance=plan.guidance,
-        cfg_scale=plan.cfg_scale,
-        neg_txt=emb.get("neg_txt"),
-        neg_vec=emb.get("neg_vec"),
-        **cond,
-        strength=plan.strength,
-        progress=plan.progress,
-    )
+    return fw.pipeline.generate(model, ae, req, progress=plan.progress)

@@ -1,6 +1,6 @@
 """`minflux parity`: load one checkpoint into PyTorch and JAX and report their agreement block by block.
 
-With no arguments it writes seeded tiny checkpoints of every family in the official layouts to a
+With no arguments it writes seeded tiny checkpoints of every family, in the official layouts, to a
 temporary directory, loads them through the real loading path and checks them all.
 """
 
@@ -179,16 +179,15 @@ def _default_checkpoints(tmp: Path) -> list[tuple[object, Path, str]]:
 def run(args) -> int:
     from rich.console import Console
 
-    from minflux import files
+    from minflux import family, files
     from parity import autoencoder, precision, report, transformer, weights
 
-    files.remove_stale_temp_folders(
-        TEMP_PREFIX
-    )  # a run killed with SIGKILL could not remove its own
+    # a run killed with SIGKILL could not remove its own temp folder
+    files.remove_stale_temp_folders(TEMP_PREFIX)
 
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI get the full table
     explicit = _runs(args)  # a model named on the command line; else the default tiny run
-    if args.lora and (not explicit or explicit[0][0].family not in ("flux1", "flux2")):
+    if args.lora and (not explicit or not family.is_transformer(explicit[0][0])):
         raise UsageError("--lora needs a transformer --model with --checkpoint or --random-weights")
     dtypes = [d.strip() for d in args.dtype.split(",")]
     if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):
@@ -218,7 +217,7 @@ def run(args) -> int:
         steps = args.trajectory if args.trajectory is not None else (0 if explicit else 4)
         runs = []
         for cfg, path, label in todo:
-            is_ae = cfg.family in ("ae1", "ae2")
+            is_ae = family.is_autoencoder(cfg)
             tiny = cfg.ch < 64 if is_ae else cfg.hidden_size < 1024
             res = (
                 args.resolution

@@ -6,14 +6,15 @@ conditioning images, draw the noise (numpy, `minflux.random`: the same latents i
 integrate the flow (`sampling.sample`), decode one image at a time. Inputs and outputs are numpy, so a caller
 never touches framework tensors:
 
-    import numpy as np, torch
-    from minflux import configs, images
+    import numpy as np
+    from minflux.request import Request
     import minflux_torch as mt
     from minflux_torch import pipeline
     model = mt.build_model("flux2-tiny", seed=0)                      # or mt.load_model(cfg, path)
     ae = mt.build_model("flux2-ae-tiny", seed=1)
     txt = np.random.default_rng(0).standard_normal((1, 16, 48), np.float32)   # (B, L, context_in_dim)
-    out = pipeline.generate(model, ae, txt, width=64, height=64, steps=4)     # (1, 64, 64, 3) uint8
+    req = Request(txt=txt, width=64, height=64, steps=4)                      # minflux.request.Request
+    out = pipeline.generate(model, ae, req)                                   # (1, 64, 64, 3) uint8
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from minflux import configs, images
+from minflux import configs, images, request
+from minflux.request import Conditioning, Request
 from minflux_torch import sampling
 from minflux_torch.redux import redux_prompt
 
@@ -69,123 +71,76 @@ def encode_tokens(
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def generate(
-    model: nn.Module,
-    ae: nn.Module,
-    txt: np.ndarray,
-    vec: np.ndarray | None = None,
-    *,
-    width: int,
-    height: int,
-    seed: int = 0,
-    steps: int = 28,
-    guidance: float | None = None,
-    cfg_scale: float = 1.0,
-    neg_txt: np.ndarray | None = None,
-    neg_vec: np.ndarray | None = None,
-    refs=(),
-    init: np.ndarray | None = None,
-    strength: float = 1.0,
-    mask: np.ndarray | None = None,
-    control: np.ndarray | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Images for B prompts: (B, height, width, 3) uint8.
-
-    txt (B, L, context_in_dim) and, for FLUX.1, vec (B, 768): prompt embeddings (numpy, any float dtype);
-    neg_txt / neg_vec: the negative prompt for true CFG (`cfg_scale` != 1). Images are numpy (H, W, C) from
-    `minflux.images.load`: refs (Kontext: one; FLUX.2: several), init (img2img from `strength`, or the image
-    to inpaint with `mask` (H, W, 1), 1 = repaint: FLUX.1 Fill through its conditioning, any other FLUX.1 or
-    FLUX.2 model by `sampling.sample_inpaint`, diffusers' `FluxInpaintPipeline` / `Flux2KleinInpaintPipeline`),
-    control (FLUX.1 Canny/Depth: the edge or depth map), init, mask and control at width x height. Redux: extend
-    txt and vec first (`redux`). klein KV models (`ref_kv`) take refs through `sampling.sample_kv`. Raises
-    ValueError for a conditioning the model does not take (names it).
+def noise(model: nn.Module, req: Request, pixels_per_token: int) -> torch.Tensor:
+    """The starting latents of `req` (NCHW, fp32, on the model's device): the batch's drawn at once
+    from `req.seed`, or image i's from `req.seeds[i]` alone (numpy, so the same in both frameworks).
     """
-    cfg, family = model.params, model.params.family
-    device = next(model.parameters()).device
+    device, family = next(model.parameters()).device, model.params.family
+    draw = lambda n, seed: sampling.get_noise(
+        n, req.height, req.width, family, seed, device=device, pixels_per_token=pixels_per_token
+    )
+    if req.seeds is None:
+        return draw(len(req.txt), req.seed)
+    return torch.cat([draw(1, seed) for seed in req.seeds])
+
+
+@torch.inference_mode()
+def conditioning(model: nn.Module, ae: nn.Module, req: Request, kind: str) -> Conditioning:
+    """What the sampler conditions on: `req`'s embeddings on the model's device, its images encoded
+    by `ae` (FLUX.1 Fill: the image with the repaint region blanked, and the mask, as BFL's
+    `prepare_fill`; Canny / Depth: the control image's tokens, as BFL's `prepare_control` after its
+    edge or depth detector)."""
+    device, family = next(model.parameters()).device, model.params.family
     ppt = configs.pixels_per_token(ae.params)
-    kind = configs.input_kind(cfg, ppt)
-    if (
-        (kind == "fill" and mask is None)
-        or (mask is not None and kind == "control")
-        or (control is not None) != (kind == "control")
-    ):
-        raise ValueError(
-            f"a {kind} model: "
-            + {"fill": "pass init and mask", "control": "pass control"}.get(
-                kind, "control needs a FLUX.1 Canny / Depth model"
-            )
-        )
-    if mask is not None and init is None:
-        raise ValueError("mask: inpainting needs the init image too")
-    emb = {
-        k: None if v is None else torch.from_numpy(np.asarray(v, np.float32)).to(device)
-        for k, v in dict(txt=txt, vec=vec, neg_txt=neg_txt, neg_vec=neg_vec).items()
-    }
-    img_cond = None
-    if kind == "fill":  # BFL prepare_fill: the image with the repaint region blanked, then the mask
+    emb = lambda a: None if a is None else torch.from_numpy(np.asarray(a, np.float32)).to(device)
+    init, mask, img_cond = req.init, req.mask, None
+    if kind == "fill":
         masked = encode(ae, (init * (1 - mask))[None])
         img_cond = sampling.fill_conditioning(masked, _layout(mask[None], ae), factor=ppt // 2)
-        init = None
-    elif kind == "control":  # BFL prepare_control, after its edge / depth detector
-        img_cond = sampling.pack(encode(ae, control[None]), family)
-    noise = sampling.get_noise(
-        len(txt), height, width, family, seed, device=device, pixels_per_token=ppt
-    )
-    if (
-        cfg.ref_kv and refs
-    ):  # klein KV: the references' keys and values computed once (Flux2KleinKVPipeline)
-        if init is not None or emb["neg_txt"] is not None:
-            raise ValueError(
-                "a klein KV model: pass reference images only (no init image, no negative prompt)"
-            )
-        latents = sampling.sample_kv(
-            model,
-            noise,
-            emb["txt"],
-            [encode(ae, r[None]) for r in refs],
-            steps=steps,
-            progress=progress,
-        )
-        return decode(ae, latents)
-    if (
-        mask is not None and kind == "text"
-    ):  # inpainting with an ordinary model: the known region is kept
-        latents = sampling.sample_inpaint(
-            model,
-            noise,
-            emb["txt"],
-            encode(ae, init[None]),
-            _layout(mask[None], ae),
-            emb["vec"],
-            steps=steps,
-            strength=strength,
-            guidance=guidance,
-            cfg_scale=cfg_scale,
-            neg_txt=emb["neg_txt"],
-            neg_vec=emb["neg_vec"],
-            refs=[encode(ae, r[None]) for r in refs],
-            factor=ppt // 2,
-            progress=progress,
-        )
-        return decode(ae, latents)
-    latents = sampling.sample(
-        model,
-        noise,
-        emb["txt"],
-        emb["vec"],
-        steps=steps,
-        guidance=guidance,
-        cfg_scale=cfg_scale,
-        neg_txt=emb["neg_txt"],
-        neg_vec=emb["neg_vec"],
-        refs=[encode(ae, r[None]) for r in refs],
+        init, mask = None, None
+    elif kind == "control":
+        img_cond = sampling.pack(encode(ae, req.control[None]), family)
+    return Conditioning(
+        txt=emb(req.txt),
+        vec=emb(req.vec),
+        neg_txt=emb(req.neg_txt),
+        neg_vec=emb(req.neg_vec),
+        guidance=req.guidance,
+        cfg_scale=req.cfg_scale,
+        refs=tuple(encode(ae, r[None]) for r in req.refs),
         img_cond=img_cond,
         init=None if init is None else encode(ae, init[None]),
-        strength=strength,
-        progress=progress,
+        strength=req.strength,
+        mask=None if mask is None else _layout(mask[None], ae),
+        mask_mode=req.mask_mode,
     )
+
+
+@request.keywords(("model", "ae", "txt", "vec"), Request, "req")
+@torch.inference_mode()
+def generate(model: nn.Module, ae: nn.Module, req: Request, progress: bool = False) -> np.ndarray:
+    """Images for the B prompts of `req` (`minflux.request.Request`): (B, height, width, 3) uint8.
+
+    The request is checked against the model (`Request.check`: the conditioning it takes, sizes,
+    references; ValueError naming the field), its images encoded (`conditioning`), its noise drawn
+    (`noise`), then sampled: klein KV models with references by `sampling.sample_kv` (the
+    references' keys and values computed once), inpainting with an ordinary model (`req.mask`, not
+    Fill) by `sampling.sample_inpaint` (diffusers' `FluxInpaintPipeline` /
+    `Flux2KleinInpaintPipeline`), everything else by `sampling.sample`; decoded one image at a time.
+    Redux: extend txt and vec first (`redux`). The earlier keyword form `generate(model, ae, txt,
+    vec, width=..., height=..., steps=..., guidance=..., seed=..., refs=..., ...)` still works (the
+    keywords are `Request`'s fields)."""
+    kind = req.check(model.params, ae.params)
+    ppt = configs.pixels_per_token(ae.params)
+    cond, x = conditioning(model, ae, req, kind), noise(model, req, ppt)
+    if model.params.ref_kv and cond.refs:
+        latents = sampling.sample_kv(model, x, cond, steps=req.steps, progress=progress)
+    elif cond.mask is not None:  # inpainting with an ordinary model: the known region is kept
+        latents = sampling.sample_inpaint(
+            model, x, cond, steps=req.steps, factor=ppt // 2, progress=progress
+        )
+    else:
+        latents = sampling.sample(model, x, cond, steps=req.steps, progress=progress)
     return decode(ae, latents)
 
 

@@ -23,7 +23,9 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from minflux import configs, ids, random, schedules
+from minflux import ids, random, request, schedules
+from minflux.family import FAMILIES
+from minflux.request import Batched, Conditioning, Inputs
 
 # ---------------------------------------------------------------------------------------------
 # Noise, packing and position ids
@@ -53,32 +55,32 @@ def get_noise(
 
 def token_grid(x: Tensor, family: str) -> tuple[int, int]:
     """(h, w) of the token grid of latents x (NCHW); FLUX.1 tokens are 2x2 latent patches."""
-    p = configs.FAMILIES[family].latent_patch
+    p = FAMILIES[family].latent_patch
     return x.shape[-2] // p, x.shape[-1] // p
 
 
 def pack(x: Tensor, family: str) -> Tensor:
     """Latents -> tokens. FLUX.1: 2x2 patches of 16 channels, (B, 16, 2h, 2w) -> (B, h*w, 64);
     FLUX.2: the autoencoder already patchified, (B, 128, h, w) -> (B, h*w, 128)."""
-    p = configs.FAMILIES[family].latent_patch
+    p = FAMILIES[family].latent_patch
     return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=p, pw=p)
 
 
 def unpack(x: Tensor, h: int, w: int, family: str) -> Tensor:
     """Tokens (B, h*w, C) on an h x w grid -> latents; inverse of `pack`."""
-    p = configs.FAMILIES[family].latent_patch
+    p = FAMILIES[family].latent_patch
     return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=p, pw=p)
 
 
 def image_ids(batch: int, h: int, w: int, family: str, t: float = 0) -> Tensor:
     """Position ids of an h x w token grid (`minflux.ids.image_ids`): (B, h*w, 3) rows (t, row, col) for
     FLUX.1, (B, h*w, 4) rows (t, row, col, 0) for FLUX.2; fp32 (small integers, exact)."""
-    return torch.from_numpy(ids.image_ids(batch, h, w, configs.FAMILIES[family].id_axes, t))
+    return torch.from_numpy(ids.image_ids(batch, h, w, FAMILIES[family].id_axes, t))
 
 
 def text_ids(batch: int, length: int, family: str) -> Tensor:
     """Text position ids (`minflux.ids.text_ids`): zeros for FLUX.1 (B, L, 3); (0, 0, 0, l) for FLUX.2 (B, L, 4)."""
-    spec = configs.FAMILIES[family]
+    spec = FAMILIES[family]
     return torch.from_numpy(ids.text_ids(batch, length, spec.id_axes, spec.text_id_axis))
 
 
@@ -87,7 +89,7 @@ def reference_tokens(refs: list[Tensor], family: str) -> tuple[Tensor, Tensor]:
 
     FLUX.1 Kontext takes one reference at t = 1; FLUX.2 takes several, reference i at t = 10 + 10 i.
     """
-    spec = configs.FAMILIES[family]
+    spec = FAMILIES[family]
     if spec.max_refs is not None and len(refs) > spec.max_refs:
         raise ValueError(
             f"{family} takes at most {spec.max_refs} reference image(s), got {len(refs)}"
@@ -121,7 +123,7 @@ def inpaint_mask(mask: Tensor, family: str, factor: int = 8) -> Tensor:
     nearest pixel per latent, (B, 1, H/8, W/8), packed like the latents -> (B, L, 64); FLUX.2
     (`Flux2KleinInpaintPipeline`) resizes bilinearly (no antialias) to the token grid -> (B, L, 1), which at an
     even factor is the mean of the 2 x 2 pixels at each token's centre. `factor`: the autoencoder's downsampling."""
-    spec = configs.FAMILIES[family]
+    spec = FAMILIES[family]
     mask = (mask >= 0.5).float()
     if spec.inpaint_resize == "nearest":
         return pack(mask[:, :, ::factor, ::factor].expand(-1, spec.latent_channels, -1, -1), family)
@@ -153,124 +155,123 @@ def predict(
     return model(**model.params.forward_kwargs(img, img_ids, txt, txt_ids, t, vec, guidance))
 
 
-def conditioning(
-    model,
-    img_ids: Tensor,
-    txt: Tensor,
-    txt_ids: Tensor,
-    vec=None,
-    guidance=None,
-    cfg_scale: float = 1.0,
-    neg_txt=None,
-    neg_vec=None,
-    img_cond=None,
-    img_cond_seq=None,
-    img_cond_seq_ids=None,
-) -> dict:
+def prepare(cond: Conditioning, img_ids: Tensor, family: str, refs=None) -> Inputs:
+    """The token-level inputs of `cond` for image tokens with ids img_ids (B, L, axes): text ids,
+    and the references (`cond.refs` unless `refs` is given) packed into tokens and ids after the
+    image's."""
+    refs = cond.refs if refs is None else tuple(refs)
+    ref_tok, ref_ids = reference_tokens(list(refs), family) if refs else (None, None)
+    b, length = cond.txt.shape[:2]
+    return Inputs(
+        img_ids=img_ids,
+        txt=cond.txt,
+        txt_ids=text_ids(b, length, family).to(img_ids.device),
+        vec=cond.vec,
+        guidance=cond.guidance,
+        cfg_scale=cond.cfg_scale,
+        neg_txt=cond.neg_txt,
+        neg_vec=cond.neg_vec,
+        img_cond=cond.img_cond,
+        img_cond_seq=ref_tok,
+        img_cond_seq_ids=None if ref_ids is None else ref_ids.to(img_ids.device),
+    )
+
+
+def conditioning(model, inputs: Inputs) -> Batched:
     """Everything but the latents and the time, batched once before the loop.
 
-    Image ids, references, Fill channels and the negative prompt may have a batch of one for any text batch.
-    With a negative prompt (`neg_txt`, and `neg_vec` for FLUX.1) the text batch becomes
-    [negative, positive] and each step runs both halves in one call (true CFG, as BFL's `denoise_cfg`).
-    `guidance` only reaches guidance-distilled models (FLUX.1 dev, FLUX.2 dev); others ignore it, as BFL does.
-    """
-    b = txt.shape[0]
+    Image ids, references, Fill channels and the negative prompt may have a batch of one for any
+    text batch. With a negative prompt (`neg_txt`, and `neg_vec` for FLUX.1) the text batch becomes
+    [negative, positive] and each step runs both halves in one call (true CFG, as BFL's
+    `denoise_cfg`). `guidance` only reaches guidance-distilled models (FLUX.1 dev, FLUX.2 dev);
+    others ignore it, as BFL does. Raises ValueError when a guidance-distilled model gets no
+    guidance."""
+    b = inputs.txt.shape[0]
     batch = lambda a: None if a is None else a.expand(b, *a.shape[1:])  # one serves every prompt
     img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec = map(
-        batch, (img_ids, txt_ids, img_cond, img_cond_seq, img_cond_seq_ids, neg_txt, neg_vec)
+        batch,
+        (
+            inputs.img_ids,
+            inputs.txt_ids,
+            inputs.img_cond,
+            inputs.img_cond_seq,
+            inputs.img_cond_seq_ids,
+            inputs.neg_txt,
+            inputs.neg_vec,
+        ),
     )
+    txt, vec, guidance = inputs.txt, inputs.vec, inputs.guidance
     cfg = neg_txt is not None
     if cfg:
-        if neg_txt.shape[1:] != txt.shape[1:]:
-            raise ValueError(
-                f"negative text {tuple(neg_txt.shape)} and text {tuple(txt.shape)} must have the "
-                f"same length and width (pad both to the text encoder's max length)"
-            )
-        if vec is not None and neg_vec is None:
-            raise ValueError("FLUX.1 true CFG needs the negative pooled vector `neg_vec` too")
         txt, txt_ids = torch.cat((neg_txt, txt)), torch.cat((txt_ids, txt_ids))
         vec = torch.cat((neg_vec, vec)) if vec is not None else None
-    if img_cond_seq is not None and img_cond_seq_ids is None:
-        raise ValueError("pass both or neither of img_cond_seq and img_cond_seq_ids")
     use_guidance = model.params.guidance_embed and guidance is not None
     if model.params.guidance_embed and guidance is None:
         raise ValueError(
             "this model is guidance-distilled: pass guidance (e.g. 3.5 for FLUX.1 dev, 4 for FLUX.2 dev)"
         )
-    return {
-        "img_ids": img_ids,
-        "txt": txt,
-        "txt_ids": txt_ids,
-        "vec": vec,
-        "guidance": torch.tensor(float(guidance), device=txt.device) if use_guidance else None,
-        "cfg_scale": torch.tensor(float(cfg_scale), device=txt.device) if cfg else None,
-        "img_cond": img_cond,
-        "img_cond_seq": img_cond_seq,
-        "img_cond_seq_ids": img_cond_seq_ids,
-    }
+    return Batched(
+        img_ids=img_ids,
+        txt=txt,
+        txt_ids=txt_ids,
+        vec=vec,
+        guidance=torch.tensor(float(guidance), device=txt.device) if use_guidance else None,
+        cfg_scale=torch.tensor(float(inputs.cfg_scale), device=txt.device) if cfg else None,
+        img_cond=img_cond,
+        img_cond_seq=img_cond_seq,
+        img_cond_seq_ids=img_cond_seq_ids,
+    )
 
 
-def velocity(model, img: Tensor, t: Tensor, cond: dict) -> Tensor:
+def velocity(model, img: Tensor, t: Tensor, cond: Batched) -> Tensor:
     """The flow at time t (0-d) for image tokens img (B, L, C): Fill channels and reference tokens
     attached, the prediction trimmed back to the image tokens, true CFG applied; fp32."""
-    x, ids = img, cond["img_ids"]
-    if cond["img_cond"] is not None:  # FLUX.1 Fill: channel-wise
-        x = torch.cat((x, cond["img_cond"].to(x.dtype)), dim=-1)
-    if cond["img_cond_seq"] is not None:  # Kontext / FLUX.2 references: sequence-wise
-        x = torch.cat((x, cond["img_cond_seq"].to(x.dtype)), dim=1)
-        ids = torch.cat((ids, cond["img_cond_seq_ids"]), dim=1)
-    cfg = cond["cfg_scale"] is not None
+    x, ids = img, cond.img_ids
+    if cond.img_cond is not None:  # FLUX.1 Fill: channel-wise
+        x = torch.cat((x, cond.img_cond.to(x.dtype)), dim=-1)
+    if cond.img_cond_seq is not None:  # Kontext / FLUX.2 references: sequence-wise
+        x = torch.cat((x, cond.img_cond_seq.to(x.dtype)), dim=1)
+        ids = torch.cat((ids, cond.img_cond_seq_ids), dim=1)
+    cfg = cond.cfg_scale is not None
     if cfg:
         x, ids = torch.cat((x, x)), torch.cat((ids, ids))  # batch [negative, positive]
     b = x.shape[0]
-    guidance = cond["guidance"].expand(b) if cond["guidance"] is not None else None
-    pred = predict(model, x, ids, cond["txt"], cond["txt_ids"], t.expand(b), cond["vec"], guidance)
+    guidance = cond.guidance.expand(b) if cond.guidance is not None else None
+    pred = predict(model, x, ids, cond.txt, cond.txt_ids, t.expand(b), cond.vec, guidance)
     pred = pred[:, : img.shape[1]].float()
     if cfg:
         neg, pos = pred.chunk(2)
-        pred = neg + cond["cfg_scale"] * (pos - neg)
+        pred = neg + cond.cfg_scale * (pos - neg)
     return pred
 
 
+def schedule(model, steps: int, image_seq_len: int, shift: bool | None = None) -> list[float]:
+    """The model's timesteps (`schedules.get_schedule`); shift: FLUX.1's resolution shift, by
+    default on except for models without a guidance embedder (schnell); FLUX.2 always shifts."""
+    cfg = model.params
+    shift = FAMILIES[cfg.family].shifts_schedule(cfg) if shift is None else shift
+    return schedules.get_schedule(steps, image_seq_len, cfg.family, shift=shift)
+
+
+@request.keywords(request.DENOISE, Inputs, "inputs")
 @torch.inference_mode()
 def denoise(
     model,
     img: Tensor,
-    img_ids: Tensor,
-    txt: Tensor,
-    txt_ids: Tensor,
     timesteps: list[float],
-    vec=None,
-    guidance=None,
-    cfg_scale: float = 1.0,
-    neg_txt=None,
-    neg_vec=None,
-    img_cond=None,
-    img_cond_seq=None,
-    img_cond_seq_ids=None,
+    inputs: Inputs,
     trajectory: bool = False,
     progress: bool = False,
 ) -> Tensor:
-    """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from tokens img.
+    """Euler-integrate the flow over `timesteps` (from `schedules.get_schedule`), starting from
+    tokens img.
 
-    img (B, L, C), img_ids (B, L, axes), txt (B, Lt, context_in_dim), txt_ids (B, Lt, axes), vec (B, 768)
-    for FLUX.1; conditioning as in `conditioning`. Returns the final tokens (B, L, C) in fp32, or with
-    `trajectory=True` every state (steps + 1, B, L, C), the input first: the parity suite compares these.
-    """
-    cond = conditioning(
-        model,
-        img_ids,
-        txt,
-        txt_ids,
-        vec,
-        guidance,
-        cfg_scale,
-        neg_txt,
-        neg_vec,
-        img_cond,
-        img_cond_seq,
-        img_cond_seq_ids,
-    )
+    img (B, L, C); inputs: ids (B, L, axes), txt (B, Lt, context_in_dim) and its ids, vec (B, 768)
+    for FLUX.1, guidance, true CFG, references (see `Inputs`, `conditioning`). Returns the final
+    tokens (B, L, C) in fp32, or with `trajectory=True` every state (steps + 1, B, L, C), the input
+    first: the parity suite compares these. The earlier form `denoise(model, img, img_ids, txt,
+    txt_ids, timesteps, vec=..., guidance=..., ...)` still works."""
+    cond = conditioning(model, inputs)
     ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)  # fp32 as the JAX loop's
     x = img.float()
     states = [x]
@@ -281,59 +282,33 @@ def denoise(
     return torch.stack(states) if trajectory else x
 
 
+@request.keywords(request.SAMPLE, Conditioning, "cond")
 def sample(
     model,
     noise: Tensor,
-    txt: Tensor,
-    vec=None,
+    cond: Conditioning,
     steps: int = 28,
-    guidance=None,
-    cfg_scale: float = 1.0,
-    neg_txt=None,
-    neg_vec=None,
-    refs=(),
-    img_cond=None,
-    init=None,
-    strength: float = 1.0,
     shift: bool | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Generate latents (NCHW, the shape of `noise`) for text `txt` (and pooled `vec` for FLUX.1).
-
-    refs: encoded reference latents (Kontext, FLUX.2 multi-reference); img_cond: FLUX.1 Fill tokens from
-    `fill_conditioning`; init: encoded latents for img2img, noised to the schedule's time at `strength`.
-    shift: FLUX.1's resolution shift, on by default except for models without a guidance embedder
-    (schnell is the only such FLUX.1); FLUX.2 always shifts.
-    """
+    """Generate latents (NCHW, the shape of `noise`) for the conditioning `cond` (its prompt,
+    guidance, encoded references (Kontext, FLUX.2 multi-reference), FLUX.1 Fill / control channels,
+    init latents for img2img, noised to the schedule's time at `cond.strength`). shift: see
+    `schedule`. The earlier form `sample(model, noise, txt, vec, steps=..., guidance=..., refs=...,
+    init=...)` still works."""
     family = model.params.family
+    if cond.mask is not None:
+        raise ValueError("mask: inpainting runs through `sample_inpaint`")
     h, w = token_grid(noise, family)
     b = noise.shape[0]
-    if txt.shape[0] != b:
-        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    if cond.txt.shape[0] != b:
+        raise ValueError(f"text batch {cond.txt.shape[0]} != noise batch {b}")
     img, img_ids = pack(noise, family), image_ids(b, h, w, family).to(noise.device)
-    shift = model.params.guidance_embed if shift is None else shift
-    timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
-    if init is not None:
-        timesteps = timesteps[schedules.strength_start(steps, strength) :]
-        img = add_noise(pack(init, family).float(), img.float(), timesteps[0])
-    ref_tok, ref_ids = reference_tokens(list(refs), family) if len(refs) else (None, None)
-    out = denoise(
-        model,
-        img,
-        img_ids,
-        txt,
-        text_ids(b, txt.shape[1], family).to(noise.device),
-        timesteps,
-        vec=vec,
-        guidance=guidance,
-        cfg_scale=cfg_scale,
-        neg_txt=neg_txt,
-        neg_vec=neg_vec,
-        img_cond=img_cond,
-        img_cond_seq=ref_tok,
-        img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device),
-        progress=progress,
-    )
+    timesteps = schedule(model, steps, h * w, shift)
+    if cond.init is not None:
+        timesteps = timesteps[schedules.strength_start(steps, cond.strength) :]
+        img = add_noise(pack(cond.init, family).float(), img.float(), timesteps[0])
+    out = denoise(model, img, timesteps, prepare(cond, img_ids, family), progress=progress)
     return unpack(out, h, w, family)
 
 
@@ -342,24 +317,16 @@ def sample(
 # ---------------------------------------------------------------------------------------------
 
 
+@request.keywords(request.DENOISE_INPAINT, Inputs, "inputs")
 @torch.inference_mode()
 def denoise_inpaint(
     model,
     img: Tensor,
-    img_ids: Tensor,
-    txt: Tensor,
-    txt_ids: Tensor,
     timesteps: list[float],
+    inputs: Inputs,
     init: Tensor,
     noise: Tensor,
     mask: Tensor,
-    vec=None,
-    guidance=None,
-    cfg_scale: float = 1.0,
-    neg_txt=None,
-    neg_vec=None,
-    img_cond_seq=None,
-    img_cond_seq_ids=None,
     progress: bool = False,
 ) -> Tensor:
     """`denoise`, and after every step the known region is reset to the init tokens noised to the new time
@@ -368,20 +335,7 @@ def denoise_inpaint(
     At the last step t_prev = 0, so the known region ends exactly as init. init, noise (B, L, C) tokens; mask from
     `inpaint_mask`, (B, L, C) or (B, L, 1). Returns the final tokens (B, L, C) in fp32.
     """
-    cond = conditioning(
-        model,
-        img_ids,
-        txt,
-        txt_ids,
-        vec,
-        guidance,
-        cfg_scale,
-        neg_txt,
-        neg_vec,
-        None,
-        img_cond_seq,
-        img_cond_seq_ids,
-    )
+    cond = conditioning(model, inputs)
     ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)
     x, init, noise, mask = img.float(), init.float(), noise.float(), mask.float()
     for i in tqdm(range(len(timesteps) - 1), desc="inpainting", unit="step", disable=not progress):
@@ -390,76 +344,54 @@ def denoise_inpaint(
     return x
 
 
+@request.keywords(request.SAMPLE_INPAINT, Conditioning, "cond")
 def sample_inpaint(
     model,
     noise: Tensor,
-    txt: Tensor,
-    init: Tensor,
-    mask: Tensor,
-    vec=None,
+    cond: Conditioning,
     steps: int = 28,
-    strength: float = 1.0,
-    guidance=None,
-    cfg_scale: float = 1.0,
-    neg_txt=None,
-    neg_vec=None,
-    refs=(),
     factor: int = 8,
     shift: bool | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Inpaint with an ordinary model: latents (NCHW, the shape of `noise`) that keep `init` where mask is 0.
+    """Inpaint with an ordinary model: latents (NCHW, the shape of `noise`) that keep `cond.init`
+    where `cond.mask` is 0.
 
-    init: the encoded image (FLUX.1 (B, 16, H/8, W/8); FLUX.2 (B, 128, H/16, W/16), normalised as our
-    autoencoder's `encode` returns it); mask: pixels (B, 1, H, W), 1 = repaint (see `inpaint_mask`; `factor` is
-    the autoencoder's downsampling). The start is init noised to the schedule's time at `strength`, as img2img.
-    FLUX.1 follows `FluxInpaintPipeline` (dev, schnell, Krea; Fill has its own conditioning, `fill_conditioning`).
-    FLUX.2 follows `Flux2KleinInpaintPipeline`: init is also the first reference image (t = 10), then `refs`.
-    Other arguments as in `sample`.
-    """
+    cond.init: the encoded image (FLUX.1 (B, 16, H/8, W/8); FLUX.2 (B, 128, H/16, W/16), normalised
+    as our autoencoder's `encode` returns it); cond.mask: pixels (B, 1, H, W), 1 = repaint (see
+    `inpaint_mask`; `factor` is the autoencoder's downsampling). The start is init noised to the
+    schedule's time at `cond.strength`, as img2img. FLUX.1 follows `FluxInpaintPipeline` (dev,
+    schnell, Krea; Fill has its own conditioning, `fill_conditioning`). FLUX.2 follows
+    `Flux2KleinInpaintPipeline`: init is also the first reference image (t = 10), then `cond.refs`.
+    Other arguments as in `sample`; the earlier form `sample_inpaint(model, noise, txt, init, mask,
+    vec, steps=..., ...)` still works."""
     family = model.params.family
+    init = cond.init
+    if init is None or cond.mask is None:
+        raise ValueError("inpainting needs cond.init and cond.mask")
     h, w = token_grid(noise, family)
     b = noise.shape[0]
-    if txt.shape[0] != b:
-        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
+    if cond.txt.shape[0] != b:
+        raise ValueError(f"text batch {cond.txt.shape[0]} != noise batch {b}")
     if init.shape[1:] != noise.shape[1:]:
         raise ValueError(
             f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in size"
         )
-    m = inpaint_mask(mask, family, factor).to(noise.device)
+    m = inpaint_mask(cond.mask, family, factor).to(noise.device)
     if m.shape[1] != h * w:
         raise ValueError(
-            f"mask {tuple(mask.shape)} does not cover the {h} x {w} token grid at factor {factor}"
+            f"mask {tuple(cond.mask.shape)} does not cover the {h} x {w} token grid at factor {factor}"
         )
-    shift = model.params.guidance_embed if shift is None else shift
-    timesteps = schedules.get_schedule(steps, h * w, family, shift=shift)
-    timesteps = timesteps[schedules.strength_start(steps, strength) :]
+    timesteps = schedule(model, steps, h * w, shift)
+    timesteps = timesteps[schedules.strength_start(steps, cond.strength) :]
     init_tok, noise_tok = pack(init, family).float(), pack(noise, family).float()
     img, img_ids = (
         add_noise(init_tok, noise_tok, timesteps[0]),
         image_ids(b, h, w, family).to(noise.device),
     )
-    refs = [init, *refs] if model.params.inpaint_init_ref else list(refs)
-    ref_tok, ref_ids = reference_tokens(refs, family) if refs else (None, None)
-    out = denoise_inpaint(
-        model,
-        img,
-        img_ids,
-        txt,
-        text_ids(b, txt.shape[1], family).to(noise.device),
-        timesteps,
-        init_tok,
-        noise_tok,
-        m,
-        vec=vec,
-        guidance=guidance,
-        cfg_scale=cfg_scale,
-        neg_txt=neg_txt,
-        neg_vec=neg_vec,
-        img_cond_seq=ref_tok,
-        img_cond_seq_ids=None if ref_ids is None else ref_ids.to(noise.device),
-        progress=progress,
-    )
+    refs = (init, *cond.refs) if FAMILIES[family].inpaint_init_ref else cond.refs
+    inputs = prepare(cond, img_ids, family, refs)
+    out = denoise_inpaint(model, img, timesteps, inputs, init_tok, noise_tok, m, progress=progress)
     return unpack(out, h, w, family)
 
 
@@ -468,31 +400,29 @@ def sample_inpaint(
 # ---------------------------------------------------------------------------------------------
 
 
+@request.keywords(request.DENOISE_KV, Inputs, "inputs", rename=request.KV_NAMES)
 @torch.inference_mode()
 def denoise_kv(
     model,
     img: Tensor,
-    img_ids: Tensor,
-    txt: Tensor,
-    txt_ids: Tensor,
     timesteps: list[float],
-    ref: Tensor,
-    ref_ids: Tensor,
+    inputs: Inputs,
     cached: bool = True,
     progress: bool = False,
 ) -> Tensor:
-    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the reference
-    tokens ref (B or 1, Lr, 128) attend only to themselves and are modulated at t = 0, so their keys and values
-    are the same at every step. cached=True computes them at the first step and reuses them (the references
-    leave the sequence); cached=False recomputes them at every step (the same numbers, for checking). No guidance
-    embedder, no CFG (klein KV is distilled). Returns the final tokens (B, L, C) in fp32.
-    """
+    """`denoise` for klein KV models (`Flux2Config.ref_kv`; diffusers `Flux2KleinKVPipeline`): the
+    reference tokens (`inputs.img_cond_seq`, B or 1, Lr, 128) attend only to themselves and are
+    modulated at t = 0, so their keys and values are the same at every step. cached=True computes
+    them at the first step and reuses them (the references leave the sequence); cached=False
+    recomputes them at every step (the same numbers, for checking). No guidance embedder, no CFG
+    (klein KV is distilled). Returns the final tokens (B, L, C) in fp32."""
     if model.params.guidance_embed:
         raise ValueError("klein KV sampling takes no guidance: this model has a guidance embedder")
-    b = txt.shape[0]
-    img_ids, txt_ids, ref, ref_ids = (
-        a.expand(b, *a.shape[1:]) for a in (img_ids, txt_ids, ref, ref_ids)
-    )
+    if inputs.img_cond_seq is None or inputs.neg_txt is not None or inputs.img_cond is not None:
+        raise ValueError("klein KV sampling takes text and reference tokens only (no CFG, no Fill)")
+    cond = conditioning(model, inputs)
+    txt, txt_ids, img_ids = cond.txt, cond.txt_ids, cond.img_ids
+    ref, ref_ids, b = cond.img_cond_seq, cond.img_cond_seq_ids, txt.shape[0]
     ts = torch.tensor(timesteps, dtype=torch.float32, device=img.device)
     x, cache = img.float(), None
     for i in tqdm(range(len(timesteps) - 1), desc="denoising", unit="step", disable=not progress):
@@ -515,38 +445,33 @@ def denoise_kv(
     return x
 
 
+@request.keywords(request.SAMPLE_KV, Conditioning, "cond")
 def sample_kv(
     model,
     noise: Tensor,
-    txt: Tensor,
-    refs,
+    cond: Conditioning,
     steps: int = 4,
     cached: bool = True,
     progress: bool = False,
 ) -> Tensor:
-    """Generate latents (NCHW, the shape of `noise`) with a klein KV model from reference latents `refs` (each
-    NCHW, any size; reference i at t = 10 + 10 i) and text `txt`; see `denoise_kv`."""
+    """Generate latents (NCHW, the shape of `noise`) with a klein KV model from the encoded
+    reference latents `cond.refs` (each NCHW, any size; reference i at t = 10 + 10 i) and the text
+    `cond.txt`; see `denoise_kv`. The earlier form `sample_kv(model, noise, txt, refs, steps=...)`
+    still works."""
     family = model.params.family
-    if not len(refs):
+    if not cond.refs:
         raise ValueError(
             "klein KV sampling needs at least one reference image (without, use `sample`)"
         )
+    if cond.init is not None or cond.img_cond is not None:
+        raise ValueError("klein KV sampling takes text and reference images only (no init image)")
     h, w = token_grid(noise, family)
     b = noise.shape[0]
-    if txt.shape[0] != b:
-        raise ValueError(f"text batch {txt.shape[0]} != noise batch {b}")
-    timesteps = schedules.get_schedule(steps, h * w, family)
-    ref_tok, ref_ids = reference_tokens(list(refs), family)
+    if cond.txt.shape[0] != b:
+        raise ValueError(f"text batch {cond.txt.shape[0]} != noise batch {b}")
+    timesteps = schedule(model, steps, h * w)
+    img_ids = image_ids(b, h, w, family).to(noise.device)
     out = denoise_kv(
-        model,
-        pack(noise, family),
-        image_ids(b, h, w, family).to(noise.device),
-        txt,
-        text_ids(b, txt.shape[1], family).to(noise.device),
-        timesteps,
-        ref_tok,
-        ref_ids.to(noise.device),
-        cached=cached,
-        progress=progress,
+        model, pack(noise, family), timesteps, prepare(cond, img_ids, family), cached, progress
     )
     return unpack(out, h, w, family)

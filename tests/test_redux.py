@@ -323,9 +323,9 @@ def test_generate_redux_command(repo, tmp_path, monkeypatch):
         monkeypatch.setattr(
             module,
             "generate",
-            lambda m, ae, txt, *a, _f=original, **k: (
-                seen.append(txt.shape),
-                _f(m, ae, txt, *a, **k),
+            lambda m, ae, req, *a, _f=original, **k: (
+                seen.append(req.txt.shape),
+                _f(m, ae, req, *a, **k),
             )[1],
         )
     images(1, seed=5)[0].save(tmp_path / "style.png")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minflux import keymaps, text
+from minflux import family, keymaps, text
 from minflux_jax.load import STATE, torch_keys
 from minflux_jax.text.clip import CLIPTextTransformer
 from minflux_jax.text.decoder import DecoderModel
@@ -118,10 +118,12 @@ def load_text_encoder(
     `max_length`: tokens (default: the official 512, 77 for CLIP; pass 256 for FLUX.1 schnell's T5).
     `layers`: hidden_states indices stacked by decoders (default: the official ones).
     """
-    if kind == "flux1":
+    parts = family.text_parts(kind)
+    if len(parts) > 1:  # FLUX.1: CLIP-L (the pooled vec) and T5 (the tokens) from one repo root
+        clip, t5 = parts
         return Flux1TextEncoder(
-            load_text_encoder("clip", directory, dtype),
-            load_text_encoder("t5", directory, dtype, max_length=max_length),
+            load_text_encoder(clip, directory, dtype),
+            load_text_encoder(t5, directory, dtype, max_length=max_length),
         )
     s = text.spec(kind, max_length, layers)
     model_dir, tok_dir = text.resolve_dirs(kind, directory, tokenizer)
@@ -149,7 +151,7 @@ def apply_loras(enc, loras) -> None:
     """Merge the text-encoder parts of LoRA files into FLUX.1's CLIP-L and T5 (FLUX.2's decoders take none)."""
     from minflux_jax.lora import load_lora
 
-    if loras and enc.kind == "flux1":
+    if loras and isinstance(enc, Flux1TextEncoder):
         for part, component in ((enc.clip, "clip"), (enc.t5, "t5")):
             load_lora(part.model, [p for p, _ in loras], [s for _, s in loras], component=component)
 
