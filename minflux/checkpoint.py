@@ -396,7 +396,7 @@ class Checkpoint:
                 self.quant[name] = found
         if aux:
             self.notices.append(
-                f"{self.path}: skipped {aux} fp8 activation scale(s) and format tag(s) "
+                f"{self.path}: skipped {aux} activation scale(s) and format tag(s) "
                 f"(scale_input, input_scale, comfy_quant, scaled_fp8): not needed to compute"
             )
         self.files = {k: self.stored[r][0] for k, r in self.sources.items()}
@@ -710,6 +710,26 @@ class BflReader:
             return None
         quant.check_finite(p, key, self.ckpt.path)
         return p
+
+    def packed_weights(self) -> dict[str, quant.Packed]:
+        """Every weight the frameworks can keep quantized (`packed`, in a format of `quant.KEPT`), by key; one
+        notice names what is dequantized instead (other GGUF types, pieces that do not stack)."""
+        out, other = {}, Counter()
+        for key in self.recipes:
+            p = self.packed(key)
+            if p is not None and p.format in quant.KEPT:
+                out[key] = p
+            elif any(s in self.ckpt.quant for s, _, _ in self.recipes[key].pieces):
+                other[p.kind if p is not None else "mixed pieces"] += 1
+        if other:
+            log.warning(
+                "notice: %s: kept %d weight(s) quantized; dequantized on load: %s (no decoder in the "
+                "forward for these)",
+                self.ckpt.path,
+                len(out),
+                ", ".join(f"{k} x{n}" for k, n in other.most_common()),
+            )
+        return out
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         return ((key, self.read(key)) for key in self.recipes)

@@ -54,6 +54,8 @@ GGUF_FP16_FIELDS = {
     "Q5_K": (0, 2),
     "Q6_K": (208,),
 }
+# what the frameworks' QuantLinear layers decode inside the forward (minflux_torch/quant.py, minflux_jax/quant.py)
+KEPT = (FP8, NVFP4, *GGUF_FP16_FIELDS)
 
 
 def gguf_sizes(qtype: str) -> tuple[int, int]:
