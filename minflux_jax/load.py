@@ -144,7 +144,7 @@ def load_model(
     from minflux_jax import quant  # here, not on top: quant -> fp8 -> lora -> load
 
     packed = reader.packed_weights() if keep_quantized else {}
-    quant.swap_linears(model, packed)
+    quant.swap_linears(model, packed, dtype)
     assign(model, ((k, reader.read(k)) for k in reader.keys() if k not in packed))
     return model
 

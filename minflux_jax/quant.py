@@ -3,8 +3,9 @@ dequantizes them inside the (jitted) forward.
 
 `load_model(..., keep_quantized=True)` puts a `QuantLinear` wherever the checkpoint stores a linear weight
 quantized (`minflux.quant.Packed`): BFL's FP8R and other scaled fp8 (`fp8.dequantize`), ModelOpt NVFP4, and the
-GGUF types below. Its arrays are the file's under the file's names (`weight`, `weight_scale`, `weight_scale_2`;
-`QuantWeight` variables, not trained), so the model holds the quantized size; each call dequantizes the weight to
+GGUF types below. Its arrays are the file's (`weight_q` the packed weight, as in `fp8.FP8Linear`;
+`weight_scale`, `weight_scale_2` under the file's names; `QuantWeight` variables, not trained), so the model holds
+the quantized size; each call dequantizes the weight to
 float32 and then to the model dtype, and multiplies, as diffusers' `BFLFP8RLinear` / `BFLNVFP4Linear` do without
 fused kernels (diffusers, src/diffusers/quantizers/bfl/utils.py). The GGUF block decoders follow the gguf
 package's numpy ones (ggml-org/llama.cpp, gguf-py/gguf/quants.py) operation for operation: every product in
@@ -192,32 +193,41 @@ class QuantWeight(nnx.Variable):
     """A packed weight or one of its scales: state that is not trained."""
 
 
+def _buffer(name: str) -> str:
+    """The attribute holding a Packed array: `weight_q` for the packed weight (`weight` is the dequantized
+    one, which model code may read), the file's name for the scales."""
+    return "weight_q" if name == "weight" else name
+
+
 class QuantLinear(nnx.Module):
     """An nnx.Linear whose weight stays as the file packs it; each call dequantizes it to the model dtype.
 
-    Variables: the `Packed` arrays under their file names (weight and scales, (out, ...) like the file, not
-    transposed); `bias` is the linear's.
+    Variables: `weight_q` and the scales (the `Packed` arrays, (out, ...) like the file, not transposed);
+    `bias` is the linear's; `weight` is the dequantized (out, in) weight in `dtype`, computed when read.
     """
 
-    def __init__(self, linear: nnx.Linear, packed: quant.Packed):
-        self.format, self.shape = packed.format, tuple(packed.shape)
+    def __init__(self, linear: nnx.Linear, packed: quant.Packed, dtype):
+        self.format, self.shape, self.dtype = packed.format, tuple(packed.shape), dtype
         self.out_features, self.in_features = self.shape
         self.names = list(packed.arrays)
         for name, arr in packed.arrays.items():
-            setattr(self, name, QuantWeight(_tensor(arr)))
+            setattr(self, _buffer(name), QuantWeight(_tensor(arr)))
         self.bias = linear.bias
-        self.dtype = linear.dtype
+
+    @property
+    def weight(self) -> Array:
+        arrays = {name: getattr(self, _buffer(name))[...] for name in self.names}
+        return dequantize(self.format, arrays, self.shape).astype(self.dtype)
 
     def __call__(self, x: Array) -> Array:
-        arrays = {name: getattr(self, name)[...] for name in self.names}
-        w = dequantize(self.format, arrays, self.shape).astype(self.dtype)
+        w = self.weight
         y = jax.lax.dot_general(x.astype(self.dtype), w, (((x.ndim - 1,), (1,)), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...]
         return y
 
 
-def swap_linears(model: nnx.Module, packed: dict[str, quant.Packed]) -> dict[str, Array]:
+def swap_linears(model: nnx.Module, packed: dict[str, quant.Packed], dtype) -> dict[str, Array]:
     """Replace the nnx.Linear `X` by a QuantLinear for every `X.weight` in `packed`, in place; returns the new
     modules' arrays by PyTorch state-dict key. Raises ValueError for a key that is not a linear weight."""
     out = {}
@@ -230,12 +240,12 @@ def swap_linears(model: nnx.Module, packed: dict[str, quant.Packed]) -> dict[str
         linear = module[int(child)] if child.isdigit() else getattr(module, child)
         if not key.endswith(".weight") or not isinstance(linear, nnx.Linear):
             raise ValueError(f"{key}: not the weight of a linear layer")
-        layer = QuantLinear(linear, p)
+        layer = QuantLinear(linear, p, dtype)
         if child.isdigit():
             module[int(child)] = layer
         else:
             setattr(module, child, layer)
-        out.update({f"{name}.{n}": getattr(layer, n)[...] for n in layer.names})
+        out.update({f"{name}.{_buffer(n)}": getattr(layer, _buffer(n))[...] for n in layer.names})
     return out
 
 

@@ -87,7 +87,7 @@ def load_model(
     from minflux_torch import quant  # here, not on top: quant -> fp8 -> lora -> load
 
     packed = reader.packed_weights() if keep_quantized else {}
-    state = quant.swap_linears(model, packed, device)
+    state = quant.swap_linears(model, packed, dtype, device)
     state.update(
         {
             k: to_torch(a).to(

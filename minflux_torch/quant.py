@@ -3,9 +3,9 @@ dequantizes them at each call.
 
 `load_model(..., keep_quantized=True)` puts a `QuantLinear` wherever the checkpoint stores a linear weight
 quantized (`minflux.quant.Packed`): BFL's FP8R and other scaled fp8 (`fp8.dequantize`), ModelOpt NVFP4, and the
-GGUF types below. Its buffers are the file's arrays under the file's names (`weight`, `weight_scale`,
-`weight_scale_2`), so the model holds the quantized size; each call dequantizes the weight to float32 and then
-to the input's dtype, and multiplies, as diffusers' `BFLFP8RLinear` / `BFLNVFP4Linear` do without fused kernels
+GGUF types below. Its buffers are the file's arrays (`weight_q` the packed weight, as in `fp8.FP8Linear`;
+`weight_scale`, `weight_scale_2` under the file's names), so the model holds the quantized size; each call
+dequantizes the weight to float32 and then to the model dtype, and multiplies, as diffusers' `BFLFP8RLinear` / `BFLNVFP4Linear` do without fused kernels
 (diffusers, src/diffusers/quantizers/bfl/utils.py). The GGUF block decoders follow the gguf package's numpy ones
 (ggml-org/llama.cpp, gguf-py/gguf/quants.py) operation for operation, so the values are bitwise gguf's.
 Twin: `minflux_jax/quant.py`.
@@ -192,32 +192,42 @@ def dequantize(fmt: str, arrays: dict[str, Tensor], shape: tuple[int, int]) -> T
     return GGUF[fmt](w.reshape(-1, size)).reshape(shape)
 
 
-class QuantLinear(nn.Module):
-    """An nn.Linear whose weight stays as the file packs it; each call dequantizes it to the input's dtype.
+def _buffer(name: str) -> str:
+    """The attribute holding a Packed array: `weight_q` for the packed weight (`weight` is the dequantized
+    one, which model code may read), the file's name for the scales."""
+    return "weight_q" if name == "weight" else name
 
-    Buffers: the `Packed` arrays under their file names (weight and scales); `bias` is the linear's.
+
+class QuantLinear(nn.Module):
+    """An nn.Linear whose weight stays as the file packs it; each call dequantizes it to the model dtype.
+
+    Buffers: `weight_q` and the scales (the `Packed` arrays); `bias` is the linear's; `weight` is the
+    dequantized (out, in) weight in `dtype`, computed when read.
     """
 
-    def __init__(self, linear: nn.Linear, packed: quant.Packed, device=None):
+    def __init__(self, linear: nn.Linear, packed: quant.Packed, dtype: torch.dtype, device=None):
         super().__init__()
-        self.format, self.shape = packed.format, tuple(packed.shape)
+        self.format, self.shape, self.dtype = packed.format, tuple(packed.shape), dtype
         self.out_features, self.in_features = self.shape
         self.names = list(packed.arrays)
         for name, arr in packed.arrays.items():
-            self.register_buffer(name, _tensor(arr).to(device))
+            self.register_buffer(_buffer(name), _tensor(arr).to(device))
         self.bias = linear.bias
 
+    @property
+    def weight(self) -> Tensor:
+        arrays = {name: getattr(self, _buffer(name)) for name in self.names}
+        return dequantize(self.format, arrays, self.shape).to(self.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        arrays = {name: getattr(self, name) for name in self.names}
-        w = dequantize(self.format, arrays, self.shape).to(x.dtype)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 
 
 def swap_linears(
-    model: nn.Module, packed: dict[str, quant.Packed], device=None
+    model: nn.Module, packed: dict[str, quant.Packed], dtype: torch.dtype, device=None
 ) -> dict[str, Tensor]:
     """Replace the nn.Linear `X` by a QuantLinear for every `X.weight` in `packed`, in place; returns the new
     modules' buffers by state-dict key (for a strict load of the rest). Raises ValueError for a key that is not
@@ -230,9 +240,9 @@ def swap_linears(
         linear = getattr(module, child)
         if not key.endswith(".weight") or not isinstance(linear, nn.Linear):
             raise ValueError(f"{key}: not the weight of a linear layer")
-        layer = QuantLinear(linear, p, device)
+        layer = QuantLinear(linear, p, dtype, device)
         setattr(module, child, layer)
-        out.update({f"{name}.{n}": getattr(layer, n) for n in layer.names})
+        out.update({f"{name}.{_buffer(n)}": getattr(layer, _buffer(n)) for n in layer.names})
     return out
 
 
