@@ -209,7 +209,7 @@ class QuantLinear(nnx.Module):
     def __init__(self, linear: nnx.Linear, packed: quant.Packed, dtype):
         self.format, self.shape, self.dtype = packed.format, tuple(packed.shape), dtype
         self.out_features, self.in_features = self.shape
-        self.names = list(packed.arrays)
+        self.names = tuple(packed.arrays)  # static (hashable: part of the graph definition in JAX)
         for name, arr in packed.arrays.items():
             setattr(self, _buffer(name), QuantWeight(_tensor(arr)))
         self.bias = linear.bias

@@ -209,7 +209,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.format, self.shape, self.dtype = packed.format, tuple(packed.shape), dtype
         self.out_features, self.in_features = self.shape
-        self.names = list(packed.arrays)
+        self.names = tuple(packed.arrays)  # static (hashable: part of the graph definition in JAX)
         for name, arr in packed.arrays.items():
             self.register_buffer(_buffer(name), _tensor(arr).to(device))
         self.bias = linear.bias

@@ -315,3 +315,56 @@ def test_parity_on_a_gguf_file(gguf_files, capsys):
     printed = capsys.readouterr().out
     assert code == 0, printed[-2000:]
     assert "GGUF Q" in printed
+
+
+@pytest.mark.slow
+def test_generate_keeps_a_gguf_quantized(gguf_files, tmp_path, capsys):
+    """`generate --keep-quantized` on a GGUF transformer: the picture of the dequantized load, in both
+    frameworks; refused with --random-weights (one line, exit 2)."""
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    path, _, _, _ = gguf_files("flux1-tiny")
+    cfg = configs.get("flux1-tiny")
+    mt.save_model(mt.build_model("flux1-ae-tiny"), tmp_path / "ae.safetensors")
+    rng = np.random.default_rng(0)
+    emb = {"txt": rng.standard_normal((4, cfg.context_in_dim), np.float32)}
+    save_file(
+        {**emb, "vec": rng.standard_normal((1, cfg.vec_in_dim), np.float32)},
+        tmp_path / "e.safetensors",
+    )
+    base = [
+        "generate",
+        "--model",
+        "flux1-tiny",
+        "--transformer",
+        str(path),
+        "--ae",
+        str(tmp_path / "ae.safetensors"),
+    ]
+    base += [
+        "--embeddings",
+        str(tmp_path / "e.safetensors"),
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ]
+    base += ["--dtype", "fp32", "--no-progress"]
+    pictures = {}
+    for framework in ("torch", "jax"):
+        for keep in ([], ["--keep-quantized"]):
+            png = tmp_path / f"{framework}{len(keep)}.png"
+            assert cli.main([*base, "--framework", framework, *keep, "--out", str(png)]) == 0
+            pictures[framework, bool(keep)] = np.asarray(Image.open(png)).astype(int)
+    for framework in ("torch", "jax"):
+        assert np.abs(pictures[framework, True] - pictures[framework, False]).max() <= 1
+    capsys.readouterr()
+    assert cli.main(["generate", "--random-weights", "--keep-quantized"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--keep-quantized keeps a quantized --transformer file packed; not with --random-weights"
+        in err
+    )
