@@ -228,9 +228,8 @@ SCALES = (
     ".scale_weight",
     ".weight_scale",
 )  # fp8 weight scales: ComfyUI legacy; ComfyUI / ModelOpt / vLLM
-NVFP4_SCALE = (
-    ".weight_scale_2"  # ModelOpt NVFP4's global scale, beside `.weight_scale` (its block scales)
-)
+# ModelOpt NVFP4's global scale, beside `.weight_scale` (its block scales)
+NVFP4_SCALE = ".weight_scale_2"
 SKIPPED_AUX = (
     ".scale_input",
     ".input_scale",
@@ -492,19 +491,17 @@ class Checkpoint:
         """What the file stores, for reports: e.g. "F8_E4M3 x60 (scaled by weight_scale), BF16 x23", "NVFP4 x40",
         "GGUF Q4_K x60"."""
 
-        def what(key: str, raw: str) -> str:
+        def what(key: str, raw: str) -> tuple[str, str]:  # (what is stored, a note)
             fmt, arrays = self.quant.get(key, (None, {}))
             if fmt == quant.FP8:
-                return f"{self.stored[raw][1]['dtype']} (scaled by {arrays['weight_scale'].rsplit('.', 1)[1]})"
+                scale = arrays["weight_scale"].rsplit(".", 1)[1]
+                return self.stored[raw][1]["dtype"], f" (scaled by {scale})"
             if fmt == quant.NVFP4:
-                return "NVFP4"
-            return f"GGUF {fmt}" if fmt else self.stored[raw][1]["dtype"]
+                return "NVFP4", ""
+            return (f"GGUF {fmt}" if fmt else self.stored[raw][1]["dtype"]), ""
 
         counts = Counter(what(k, r) for k, r in self.sources.items())
-        return ", ".join(
-            f"{d.split(' (')[0]} x{n}" + (f" ({d.split(' (')[1]}" if " (" in d else "")
-            for d, n in counts.most_common()
-        )
+        return ", ".join(f"{d} x{n}{note}" for (d, note), n in counts.most_common())
 
     def _raw_rows(self, raw: str, start: int, stop: int) -> np.ndarray:
         file, info = self.stored[raw]
@@ -712,22 +709,27 @@ class BflReader:
         return p
 
     def packed_weights(self) -> dict[str, quant.Packed]:
-        """Every weight the frameworks can keep quantized (`packed`, in a format of `quant.KEPT`), by key; one
-        notice names what is dequantized instead (other GGUF types, pieces that do not stack)."""
-        out, other = {}, Counter()
-        for key in self.recipes:
+        """Every weight the frameworks can keep quantized (`packed`, in a format of `quant.KEPT`), by key. One
+        notice line names what is not kept: weights dequantized instead (other GGUF types, pieces that do not
+        stack) and the linear weights the file stores unquantized."""
+        out, other, plain = {}, Counter(), []
+        for key, recipe in self.recipes.items():
             p = self.packed(key)
             if p is not None and p.format in quant.KEPT:
                 out[key] = p
-            elif any(s in self.ckpt.quant for s, _, _ in self.recipes[key].pieces):
+            elif any(s in self.ckpt.quant for s, _, _ in recipe.pieces):
                 other[p.kind if p is not None else "mixed pieces"] += 1
-        if other:
+            elif key.endswith(".weight") and len(recipe.shape) == 2:
+                plain.append(key.removesuffix(".weight"))
+        if other or plain:
             log.warning(
-                "notice: %s: kept %d weight(s) quantized; dequantized on load: %s (no decoder in the "
-                "forward for these)",
+                "notice: %s: kept %d weight(s) quantized; dequantized on load: %s; stored unquantized: %d "
+                "linear weight(s)%s",
                 self.ckpt.path,
                 len(out),
-                ", ".join(f"{k} x{n}" for k, n in other.most_common()),
+                ", ".join(f"{k} x{n}" for k, n in other.most_common()) or "none",
+                len(plain),
+                f" ({', '.join(plain[:6])}{' ...' if len(plain) > 6 else ''})" if plain else "",
             )
         return out
 

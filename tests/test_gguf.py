@@ -186,7 +186,7 @@ def test_types_without_a_forward_decoder_are_dequantized_on_load(tmp_path, caplo
         model = mt.load_model(
             "flux2-tiny", tmp_path / "m.gguf", dtype=torch.float32, keep_quantized=True
         )
-    assert not tq.quantized_layers(model) and "dequantized on load: MXFP4 x1" in caplog.text
+    assert not tq.quantized_layers(model) and "dequantized on load: MXFP4 x1;" in caplog.text
     assert np.array_equal(model.single_blocks[0].linear2.weight.detach().numpy(), want)
 
 
