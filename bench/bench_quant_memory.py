@@ -16,8 +16,8 @@ subprocess, from a cold page cache, in each mode:
   dequant    `load_model(..., dtype=bf16)`: every tensor dequantized and cast to bf16 on load,
   keep       `load_model(..., dtype=bf16, keep_quantized=True)`: quantized linear weights stay packed,
 
-reporting the resident bytes of the model's arrays (exact), the process's RSS growth over the load, and the
-load time. Files are deleted at the end.
+reporting the resident bytes of the model's arrays (exact), the process's RSS growth over the load (after
+`malloc_trim`, so freed heap does not count), and the load time. Files are deleted at the end.
 
     python bench/bench_quant_memory.py                          # flux1-dev, all formats (~8 GB of files)
     python bench/bench_quant_memory.py --formats bf16 Q4_0 --frameworks torch --dir /mnt/scratch
@@ -26,6 +26,7 @@ load time. Files are deleted at the end.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import os
@@ -182,7 +183,10 @@ def child(framework: str, mode: str, path: str, cfg_json: str) -> dict:
 
             jax.block_until_ready(nnx.state(model))
         nbytes = q.resident_bytes(model)
-    return {"seconds": time.perf_counter() - t0, "rss": _rss() - before, "bytes": nbytes}
+    seconds = time.perf_counter() - t0
+    # hand freed heap back to the OS first (glibc keeps freed blocks under 32 MB): RSS is then what is live
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return {"seconds": seconds, "rss": _rss() - before, "bytes": nbytes}
 
 
 def measure(framework: str, mode: str, path: Path, preset: str, name: str) -> dict:

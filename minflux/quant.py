@@ -183,6 +183,16 @@ def dequantize(p: Packed) -> np.ndarray:
     return gguf.quants.dequantize(w, GGML[p.format]).reshape(p.shape)
 
 
+def _has_codes(codes: np.ndarray, which: np.ndarray) -> bool:
+    """Whether any byte of `codes` is one of `which`, 1 MB at a time (the temporaries stay in cache)."""
+    flat = codes.reshape(-1)
+    for i in range(0, flat.size, 1 << 20):
+        piece = flat[i : i + (1 << 20)]
+        if any((piece == c).any() for c in which):
+            return True
+    return False
+
+
 def check_finite(p: Packed, key: str, where) -> None:
     """CheckpointError naming `where` and `key` when a packed tensor would dequantize to NaN or Inf, checked on
     the stored arrays (no dequantized copy) for the formats the frameworks keep packed."""
@@ -190,9 +200,8 @@ def check_finite(p: Packed, key: str, where) -> None:
     for arr in p.arrays.values():
         # floats, bf16 and fp8 (ml_dtypes); not E2M1 codes or ggml blocks (uint8)
         if arr.dtype.itemsize == 1 and arr.dtype.kind == "V":  # fp8: NaN / Inf by code
-            codes = arr.view(np.uint8)
-            bad |= any(
-                (codes == c).any() for c in np.flatnonzero(~np.isfinite(_byte_table(arr.dtype)))
+            bad |= _has_codes(
+                arr.view(np.uint8), np.flatnonzero(~np.isfinite(_byte_table(arr.dtype)))
             )
         elif arr.dtype.kind not in "iub":
             bad |= not np.isfinite(to_float32(arr)).all()
