@@ -5,9 +5,10 @@ dequantizes them at each call.
 quantized (`minflux.quant.Packed`): BFL's FP8R and other scaled fp8 (`fp8.dequantize`), ModelOpt NVFP4, and the
 GGUF types below. Its buffers are the file's arrays (`weight_q` the packed weight, as in `fp8.FP8Linear`;
 `weight_scale`, `weight_scale_2` under the file's names), so the model holds the quantized size; each call
-dequantizes the weight to float32 and then to the model dtype, and multiplies, as diffusers' `BFLFP8RLinear` / `BFLNVFP4Linear` do without fused kernels
-(diffusers, src/diffusers/quantizers/bfl/utils.py). The GGUF block decoders follow the gguf package's numpy ones
-(ggml-org/llama.cpp, gguf-py/gguf/quants.py) operation for operation, so the values are bitwise gguf's.
+dequantizes the weight to float32 and then to the model dtype, and multiplies, as diffusers' `BFLFP8RLinear` /
+`BFLNVFP4Linear` do without fused kernels (diffusers, src/diffusers/quantizers/bfl/utils.py). The GGUF block
+decoders follow the gguf package's numpy ones (ggml-org/llama.cpp, gguf-py/gguf/quants.py) operation for
+operation, so the values are bitwise gguf's.
 Twin: `minflux_jax/quant.py`.
 """
 
