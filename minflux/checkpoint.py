@@ -9,8 +9,11 @@ larger than memory can be converted or streamed block by block. What is read (se
 - one component of a bundle: the transformer under `model.diffusion_model.`, `diffusion_model.` or
   `transformer.`, the autoencoder under `vae.` or `first_stage_model.` (or either with no prefix);
 - fp8 weights, plain or scaled: a `X.scale_weight` (ComfyUI's legacy scaled fp8) or `X.weight_scale` (ComfyUI's
-  quantized format, NVIDIA ModelOpt, compressed-tensors) beside `X.weight` is folded in, weight = fp8 * scale,
-  per tensor or per row.
+  quantized format, NVIDIA ModelOpt, compressed-tensors, BFL's FP8R) beside `X.weight` is folded in,
+  weight = fp8 * scale, per tensor or per row;
+- NVFP4 (ModelOpt's layout, BFL's NVFP4 releases): uint8 `X.weight` with `X.weight_scale` (E4M3 per 16) and
+  `X.weight_scale_2`; and GGUF files (`minflux.gguf_file`), their quantized tensors dequantized by the gguf
+  package. Quantized tensors read as F32 (`rows`), or packed as stored (`packed`, `minflux.quant.Packed`).
 
 The header checks follow the reference reader, safetensors' `Metadata::validate` (huggingface/safetensors,
 safetensors/src/tensor.rs), and go further where it is lenient (repeated keys, nesting).
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minflux import configs, keymaps
+from minflux import configs, gguf_file, keymaps, quant
 from minflux.errors import CheckpointError
 from minflux.files import atomic_write, remove_stale_temp_files, temp_name  # noqa: F401 (re-exported)
 
@@ -233,6 +236,8 @@ SCALES = (
     ".scale_weight",
     ".weight_scale",
 )  # fp8 weight scales: ComfyUI legacy; ComfyUI / ModelOpt / vLLM
+# ModelOpt NVFP4's global scale, beside `.weight_scale` (its block scales)
+NVFP4_SCALE = ".weight_scale_2"
 SKIPPED_AUX = (
     ".scale_input",
     ".input_scale",
@@ -315,7 +320,8 @@ class Checkpoint:
         self.digests: dict[str, str] = {}  # raw key -> hex digest recorded by the writer
         extra = 0
         for file in files:
-            entries, meta = parse_header(file)
+            gguf = gguf_file.is_gguf(file) or file.suffix == ".gguf"
+            entries, meta = gguf_file.parse(file) if gguf else parse_header(file)
             for key, info in entries.items():
                 if weight_map is not None and weight_map.get(key) != file.name:
                     extra += 1  # the index places it elsewhere (or nowhere): it decides
@@ -379,40 +385,30 @@ class Checkpoint:
                     + ")"
                 )
         self.component = component
-        # logical key -> raw key; fp8 scales folded into their weights, auxiliary tensors dropped
+        # logical key -> raw key; quantized weights with their scales (`self.quant`), auxiliary tensors dropped
         names = {k[len(self.prefix) :]: k for k in chosen}
-        self.sources, self.scales, aux = {}, {}, 0
+        scales = (*SCALES, NVFP4_SCALE)
+        self.sources, self.quant, aux = {}, {}, 0
         for name, raw in names.items():
-            if name.endswith(SCALES) or name.endswith(SKIPPED_AUX) or name in MARKERS:
-                if name.endswith(SCALES) and name.rsplit(".", 1)[0] + ".weight" not in names:
+            if name.endswith(scales) or name.endswith(SKIPPED_AUX) or name in MARKERS:
+                if name.endswith(scales) and name.rsplit(".", 1)[0] + ".weight" not in names:
                     raise CheckpointError(
                         f"{self.stored[raw][0]}: scale {raw!r} has no weight beside it"
                     )
-                aux += not name.endswith(SCALES)
+                aux += not name.endswith(scales)
                 continue
             self.sources[name] = raw
-            scale = next(
-                (
-                    names[name.removesuffix("weight") + s[1:]]
-                    for s in SCALES
-                    if name.endswith(".weight") and name.removesuffix("weight") + s[1:] in names
-                ),
-                None,
-            )
-            if scale is not None:
-                self._check_scale(raw, scale)
-                self.scales[name] = scale
+            found = self._quantized(name, names)
+            if found is not None:
+                self.quant[name] = found
         if aux:
             self.notices.append(
-                f"{self.path}: skipped {aux} fp8 activation scale(s) and format tag(s) "
+                f"{self.path}: skipped {aux} activation scale(s) and format tag(s) "
                 f"(scale_input, input_scale, comfy_quant, scaled_fp8): not needed to compute"
             )
         self.files = {k: self.stored[r][0] for k, r in self.sources.items()}
         self.meta = {
-            k: (
-                "F32" if k in self.scales else self.stored[r][1]["dtype"],
-                self.stored[r][1]["shape"],
-            )
+            k: ("F32", self._logical_shape(k)) if k in self.quant else self._stored_meta(r)
             for k, r in self.sources.items()
         }
         self.raw_layout = keymaps.detect_layout(self.meta)
@@ -421,6 +417,64 @@ class Checkpoint:
             self.raw_layout = "bfl-prefixed"
         elif self.prefix and self.layout:
             self.raw_layout = f"{self.layout} under {self.prefix!r}"
+
+    def _stored_meta(self, raw: str) -> tuple[str, tuple[int, ...]]:
+        return self.stored[raw][1]["dtype"], self.stored[raw][1]["shape"]
+
+    def _logical_shape(self, key: str) -> tuple[int, ...]:
+        fmt, arrays = self.quant[key]
+        info = self.stored[arrays["weight"]][1]
+        if fmt == quant.NVFP4:  # two E2M1 values per byte
+            return (info["shape"][0], 2 * info["shape"][1])
+        return info.get("logical", info["shape"])
+
+    def _quantized(self, name: str, names: dict[str, str]) -> tuple[str, dict[str, str]] | None:
+        """(format, {array name: raw key}) for a quantized tensor, None for a plain one; checks the layout."""
+        raw = names[name]
+        info = self.stored[raw][1]
+        if "ggml" in info:
+            return info["ggml"], {"weight": raw}
+        base = name.removesuffix("weight")
+        if not name.endswith(".weight"):
+            return None
+        if base + NVFP4_SCALE[1:] in names:
+            arrays = {"weight": raw, "weight_scale": names.get(base + "weight_scale")}
+            arrays["weight_scale_2"] = names[base + NVFP4_SCALE[1:]]
+            self._check_nvfp4(arrays)
+            return quant.NVFP4, arrays
+        scale = next((names[base + s[1:]] for s in SCALES if base + s[1:] in names), None)
+        if scale is None:
+            return None
+        self._check_scale(raw, scale)
+        return quant.FP8, {"weight": raw, "weight_scale": scale}
+
+    def _check_nvfp4(self, arrays: dict[str, str | None]) -> None:
+        raw = arrays["weight"]
+        file, w = self.stored[raw]
+        if arrays["weight_scale"] is None:
+            raise CheckpointError(
+                f"{file}: {raw!r} has {arrays['weight_scale_2']!r} but no weight_scale beside it "
+                f"(NVFP4 needs both)"
+            )
+        s, s2 = (self.stored[arrays[n]][1] for n in ("weight_scale", "weight_scale_2"))
+        rows, cols = w["shape"] if len(w["shape"]) == 2 else (0, 0)
+        want = (rows, 2 * cols // quant.NVFP4_BLOCK)
+        if w["dtype"] != "U8" or len(w["shape"]) != 2 or (2 * cols) % quant.NVFP4_BLOCK:
+            raise CheckpointError(
+                f"{file}: {raw!r} is {w['dtype']} {w['shape']}; an NVFP4 weight is U8 (rows, in / 2) "
+                f"with in a multiple of {quant.NVFP4_BLOCK}"
+            )
+        if s["dtype"] != "F8_E4M3" or tuple(s["shape"]) != want:
+            raise CheckpointError(
+                f"{file}: scale {arrays['weight_scale']!r} is {s['dtype']} {s['shape']} for NVFP4 weight "
+                f"{raw!r} {w['shape']}; expected F8_E4M3 {want} (one per {quant.NVFP4_BLOCK} values)"
+            )
+        n = int(np.prod(s2["shape"], dtype=np.int64))
+        if s2["dtype"] not in FLOAT_DTYPES or n != 1:
+            raise CheckpointError(
+                f"{file}: scale {arrays['weight_scale_2']!r} is {s2['dtype']} {s2['shape']}; "
+                f"expected one float (NVFP4's global scale)"
+            )
 
     def _check_scale(self, raw: str, scale: str) -> None:
         file, w = self.stored[raw]
@@ -442,16 +496,20 @@ class Checkpoint:
         return {k: s for k, (_, s) in self.meta.items()}
 
     def dtypes(self) -> str:
-        """What the file stores, for reports: e.g. "F8_E4M3 x60 (scaled by weight_scale), BF16 x23"."""
-        counts = Counter(self.stored[r][1]["dtype"] for r in self.sources.values())
-        scaled = Counter(
-            self.stored[r][1]["dtype"] for k, r in self.sources.items() if k in self.scales
-        )
-        names = "/".join(sorted({self.scales[k].rsplit(".", 1)[1] for k in self.scales}))
-        part = lambda d, n, k: (
-            f"{d} x{n}" + (f" ({'' if k == n else f'{k} '}scaled by {names})" if k else "")
-        )  # noqa: E731
-        return ", ".join(part(d, n, scaled[d]) for d, n in counts.most_common())
+        """What the file stores, for reports: e.g. "F8_E4M3 x60 (scaled by weight_scale), BF16 x23", "NVFP4 x40",
+        "GGUF Q4_K x60"."""
+
+        def what(key: str, raw: str) -> tuple[str, str]:  # (what is stored, a note)
+            fmt, arrays = self.quant.get(key, (None, {}))
+            if fmt == quant.FP8:
+                scale = arrays["weight_scale"].rsplit(".", 1)[1]
+                return self.stored[raw][1]["dtype"], f" (scaled by {scale})"
+            if fmt == quant.NVFP4:
+                return "NVFP4", ""
+            return (f"GGUF {fmt}" if fmt else self.stored[raw][1]["dtype"]), ""
+
+        counts = Counter(what(k, r) for k, r in self.sources.items())
+        return ", ".join(f"{d} x{n}{note}" for (d, note), n in counts.most_common())
 
     def _raw_rows(self, raw: str, start: int, stop: int) -> np.ndarray:
         file, info = self.stored[raw]
@@ -476,22 +534,29 @@ class Checkpoint:
 
         Plain reads straight into a fresh array, not a memory map: mapped pages stay resident (and count
         in RSS) until the map closes, so converting a 64 GB file through mmap looks like a 64 GB process.
-        A scaled fp8 weight comes back as float32: fp8 * scale, the scale's rows for per-row scales.
+        A quantized tensor (scaled fp8, NVFP4, GGUF) comes back dequantized to float32 (`minflux.quant.dequantize`).
         """
         shape = self.meta[key][1]
         if not 0 <= start <= stop <= (shape[0] if shape else 1):
             raise ValueError(f"rows [{start}, {stop}) of {key!r} {shape}")
-        arr = self._raw_rows(self.sources[key], start, stop)
-        if key in self.scales:
-            scale = self.stored[self.scales[key]][1]
-            per_row = int(np.prod(scale["shape"], dtype=np.int64)) > 1
-            s = self._raw_rows(
-                self.scales[key],
-                *((start, stop) if per_row else (0, scale["shape"][0] if scale["shape"] else 1)),
+        if key in self.quant:
+            return quant.dequantize(self.packed(key, start, stop))
+        return self._raw_rows(self.sources[key], start, stop)
+
+    def packed(self, key: str, start: int, stop: int) -> quant.Packed:
+        """Rows [start, stop) of a quantized tensor (a key of `self.quant`) as stored, not dequantized."""
+        fmt, arrays = self.quant[key]
+        logical = self.meta[key][1]
+        out = {}
+        for name, raw in arrays.items():
+            stored = self.stored[raw][1]["shape"]
+            rows = (
+                (start, stop)
+                if quant.per_row(name, stored, logical[0])
+                else (0, stored[0] if stored else 1)
             )
-            s = s.astype(np.float32).reshape((-1,) + (1,) * (arr.ndim - 1) if per_row else ())
-            arr = arr.astype(np.float32) * s
-        return arr
+            out[name] = self._raw_rows(raw, *rows)
+        return quant.Packed(fmt, (stop - start, *logical[1:]), out)
 
     def get(self, key: str) -> np.ndarray:
         shape = self.meta[key][1]
@@ -500,9 +565,7 @@ class Checkpoint:
     def verify(self, key: str) -> None:
         """Check the digests the writer recorded for a tensor (and its scale); CheckpointError naming the tensor
         that fails or has none. Reads the stored bytes in 64 MB pieces."""
-        for raw in (self.sources[key], self.scales.get(key)):
-            if raw is None:
-                continue
+        for raw in dict.fromkeys((self.sources[key], *self.quant.get(key, (None, {}))[1].values())):
             file, info = self.stored[raw]
             if raw not in self.digests:
                 raise CheckpointError(
@@ -651,6 +714,47 @@ class BflReader:
             arr = arr.astype(np.float32)
         check_finite(arr, key, self.ckpt.path)
         return arr
+
+    def packed(self, key: str) -> quant.Packed | None:
+        """A quantized 2-D weight as the file stores it (the rows of its tensors stacked as the recipe says), for
+        a model that keeps it quantized; None for a plain tensor, or for one whose pieces cannot be stacked packed
+        (mixed formats): `read` gives those dequantized. Raises CheckpointError for NaN / Inf values."""
+        recipe = self.recipes[key]
+        if len(recipe.shape) != 2 or not all(s in self.ckpt.quant for s, _, _ in recipe.pieces):
+            return None
+        if self.verify:
+            for src in dict.fromkeys(k for k, _, _ in recipe.pieces):
+                self.ckpt.verify(src)
+        p = quant.concat([self.ckpt.packed(src, a, b) for src, a, b in recipe.pieces])
+        if p is None or p.shape != recipe.shape:
+            return None
+        quant.check_finite(p, key, self.ckpt.path)
+        return p
+
+    def packed_weights(self) -> dict[str, quant.Packed]:
+        """Every weight the frameworks can keep quantized (`packed`, in a format of `quant.KEPT`), by key. One
+        notice line names what is not kept: weights dequantized instead (other GGUF types, pieces that do not
+        stack) and the linear weights the file stores unquantized."""
+        out, other, plain = {}, Counter(), []
+        for key, recipe in self.recipes.items():
+            p = self.packed(key)
+            if p is not None and p.format in quant.KEPT:
+                out[key] = p
+            elif any(s in self.ckpt.quant for s, _, _ in recipe.pieces):
+                other[p.kind if p is not None else "mixed pieces"] += 1
+            elif key.endswith(".weight") and len(recipe.shape) == 2:
+                plain.append(key.removesuffix(".weight"))
+        if other or plain:
+            log.warning(
+                "notice: %s: kept %d weight(s) quantized; dequantized on load: %s; stored unquantized: %d "
+                "linear weight(s)%s",
+                self.ckpt.path,
+                len(out),
+                ", ".join(f"{k} x{n}" for k, n in other.most_common()) or "none",
+                len(plain),
+                f" ({', '.join(plain[:6])}{' ...' if len(plain) > 6 else ''})" if plain else "",
+            )
+        return out
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         return ((key, self.read(key)) for key in self.recipes)

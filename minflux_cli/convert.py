@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "src",
         help="a .safetensors file, a directory of shards or a shard index (BFL or diffusers "
-        "names, bare, prefixed or in an all-in-one file; bf16/fp16/fp32/fp8), or a LoRA "
-        "file in any common format",
+        "names, bare, prefixed or in an all-in-one file; bf16/fp16/fp32/fp8, NVFP4), a .gguf file "
+        "(dequantized), or a LoRA file in any common format",
     )
     parser.add_argument("dst", help="the output .safetensors file (written atomically)")
     parser.add_argument(

@@ -95,6 +95,8 @@ class Plan:
     redux_embedder: Path | None = None
     redux_scale: float = 1.0
     redux_pooled_scale: float = 1.0
+    # --keep-quantized: the transformer's quantized weights stay packed
+    keep_quantized: bool = False
 
     @property
     def family(self) -> str:
@@ -270,6 +272,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile", action="store_true", help="PyTorch: torch.compile the transformer"
     )
     parser.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help="keep the weights a quantized --transformer file stores (FP8R / scaled fp8, NVFP4, GGUF) packed "
+        "in memory, dequantized layer by layer in the forward (default: dequantized on load)",
+    )
+    parser.add_argument(
         "--lora",
         type=lora_spec,
         action="append",
@@ -367,6 +375,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         redux_embedder=args.redux_embedder,
         redux_scale=args.redux_scale,
         redux_pooled_scale=args.redux_pooled_scale,
+        keep_quantized=args.keep_quantized,
     )
     _check_request(plan, args)
     return plan
@@ -379,6 +388,11 @@ def _exclusive(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--random-weights and --{given[0].replace('_', '-')} exclude each other: random tiny "
             "models and embeddings, or your files"
+        )
+    if args.keep_quantized and (args.random_weights or args.lora):
+        what = "--random-weights" if args.random_weights else "--lora (merged into full weights)"
+        raise UsageError(
+            f"--keep-quantized keeps a quantized --transformer file packed; not with {what}"
         )
     if args.compile and args.framework != "torch":
         raise UsageError("--compile is torch.compile, for --framework torch (JAX always compiles)")
@@ -643,7 +657,10 @@ def generate(plan: Plan) -> np.ndarray:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    model = fw.model(plan.cfg, None if plan.random else plan.transformer, seed=plan.seed)
+    if plan.keep_quantized:
+        model = fw.package.load_model(plan.cfg, plan.transformer, **fw.kw, keep_quantized=True)
+    else:
+        model = fw.model(plan.cfg, None if plan.random else plan.transformer, seed=plan.seed)
     ae = fw.model(plan.ae_cfg, None if plan.random else plan.ae, seed=plan.seed + 1)
     if plan.loras:
         with warnings.catch_warnings():

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         type=existing,
-        help="safetensors file or directory of shards, any supported layout",
+        help="safetensors file or directory of shards, any supported layout, or a .gguf file "
+        "(quantized weights are compared dequantized)",
     )
     p.add_argument(
         "--random-weights", action="store_true", help="seeded random weights of --model's shapes"

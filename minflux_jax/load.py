@@ -127,22 +127,37 @@ def init_model(cfg_or_name, seed: int = 0, dtype=jnp.float32) -> nnx.Module:
     return MODELS[cfg.family](cfg, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
-def load_model(cfg_or_name, path, dtype=jnp.bfloat16, verify: bool = False) -> nnx.Module:
+def load_model(
+    cfg_or_name, path, dtype=jnp.bfloat16, verify: bool = False, keep_quantized: bool = False
+) -> nnx.Module:
     """Load a checkpoint: BFL or diffusers names, bare or behind a component prefix, alone or in a bundle; one
-    file, a directory of shards or a shard index; bf16 / fp16 / fp32 / fp8 (plain or scaled), cast to `dtype`.
+    file, a directory of shards or a shard index; bf16 / fp16 / fp32 / fp8 (plain or scaled), NVFP4, GGUF.
 
-    `verify` checks each tensor against the SHA-256 its writer recorded (minflux convert / save_model).
-    Raises CheckpointError naming the file and the key (see `minflux.checkpoint.BflReader`).
+    Every tensor is dequantized and cast to `dtype`, or with `keep_quantized` the linear weights a file stores
+    quantized stay packed in `minflux_jax.quant.QuantLinear` layers that dequantize inside the forward (the
+    model holds the file's size). `verify` checks each tensor against the SHA-256 its writer recorded (minflux
+    convert / save_model). Raises CheckpointError naming the file and the key (see `checkpoint.BflReader`).
     """
     cfg = configs.resolve(cfg_or_name)
     model = abstract_model(cfg, dtype)
-    assign(model, checkpoint.read_bfl(path, torch_shapes(model), cfg, verify))
+    reader = checkpoint.BflReader(path, torch_shapes(model), cfg, verify)
+    from minflux_jax import quant  # here, not on top: quant -> fp8 -> lora -> load
+
+    packed = reader.packed_weights() if keep_quantized else {}
+    quant.swap_linears(model, packed, dtype)
+    assign(model, ((k, reader.read(k)) for k in reader.keys() if k not in packed))
     return model
 
 
 def save_model(model: nnx.Module, path, layout: str = "bfl") -> None:
     """Write a model's weights as safetensors in `layout` ("bfl", "bfl-prefixed" or "diffusers"), atomically,
     with a SHA-256 digest per tensor in the metadata (checked by `load_model(..., verify=True)`)."""
+    from minflux_jax import quant
+
+    if quant.quantized_layers(model):
+        raise ValueError(
+            "the model keeps quantized layers (keep_quantized=True): load it dequantized to save it"
+        )
     checkpoint.save_bfl(path, state_dict(model), model.params, layout)
 
 

@@ -64,25 +64,39 @@ def build_model(
 
 
 def load_model(
-    cfg_or_name, path, dtype: torch.dtype = torch.bfloat16, device="cpu", verify: bool = False
+    cfg_or_name,
+    path,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    verify: bool = False,
+    keep_quantized: bool = False,
 ) -> nn.Module:
     """Load a checkpoint: BFL or diffusers names, bare or behind a component prefix, alone or in a bundle; one
-    file, a directory of shards or a shard index; bf16 / fp16 / fp32 / fp8 (plain or scaled), cast to `dtype`.
+    file, a directory of shards or a shard index; bf16 / fp16 / fp32 / fp8 (plain or scaled), NVFP4, GGUF.
 
-    `verify` checks each tensor against the SHA-256 its writer recorded (minflux convert / save_model).
-    Raises CheckpointError naming the file and the key (see `minflux.checkpoint.BflReader`).
+    Every tensor is dequantized and cast to `dtype`, or with `keep_quantized` the linear weights a file stores
+    quantized stay packed in `minflux_torch.quant.QuantLinear` layers that dequantize at each call (the model
+    holds the file's size). `verify` checks each tensor against the SHA-256 its writer recorded (minflux
+    convert / save_model). Raises CheckpointError naming the file and the key (see `checkpoint.BflReader`).
     """
     cfg = configs.resolve(cfg_or_name)
     with torch.device("meta"):
         model = MODELS[cfg.family](cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = {
-        k: to_torch(a).to(
-            device=device,
-            dtype=dtype if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else None,
-        )
-        for k, a in checkpoint.read_bfl(path, expected, cfg, verify)
-    }
+    reader = checkpoint.BflReader(path, expected, cfg, verify)
+    from minflux_torch import quant  # here, not on top: quant -> fp8 -> lora -> load
+
+    packed = reader.packed_weights() if keep_quantized else {}
+    state = quant.swap_linears(model, packed, dtype, device)
+    state.update(
+        {
+            k: to_torch(a).to(
+                device=device,
+                dtype=dtype if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else None,
+            )
+            for k, a in ((k, reader.read(k)) for k in reader.keys() if k not in packed)
+        }
+    )
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -90,5 +104,11 @@ def load_model(
 def save_model(model: nn.Module, path, layout: str = "bfl") -> None:
     """Write a model's weights as safetensors in `layout` ("bfl", "bfl-prefixed" or "diffusers"), atomically,
     with a SHA-256 digest per tensor in the metadata (checked by `load_model(..., verify=True)`)."""
+    from minflux_torch import quant
+
+    if quant.quantized_layers(model):
+        raise ValueError(
+            "the model keeps quantized layers (keep_quantized=True): load it dequantized to save it"
+        )
     tensors = {k: to_numpy(v) for k, v in model.state_dict().items()}
     checkpoint.save_bfl(path, tensors, model.params, layout)
