@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from minflux import configs, ids
-from minflux.checkpoint import CheckpointError, np_dtype, read_header
+from minflux.checkpoint import CheckpointError, np_dtype, parse_header, read_header
 from minflux.files import write_text
 
 # The default demo model: FLUX.2 blocks at toy width; 48 input channels = 4x4 RGB pixel patches.
@@ -290,7 +290,7 @@ class LatentShards(CaptionDropout):
                     f"{file}: no such file; caption dropout needs the empty prompt's embedding "
                     "(minflux cache writes it)"
                 )
-            self.empty = {k: v[0] for k, v in _read(file).items()}
+            self.empty = {k: v[0] for k, v in read_tensors(file).items()}
             shapes = first.trailing()
             for k, v in self.empty.items():
                 if k not in shapes or v.shape != shapes[k]:
@@ -357,7 +357,7 @@ class LatentShards(CaptionDropout):
             shard.close()
 
 
-def _read(path: Path) -> dict[str, np.ndarray]:
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
     """A safetensors file's tensors (bf16 too); a file that is not one raises CheckpointError naming it (header
     checks of `checkpoint.read_header`: not safetensors, corrupt, truncated)."""
     shard = Shard(path)
@@ -506,3 +506,25 @@ class Shapes(Dataset):
         return np.stack(
             [[self.word(list(self.COLOURS)[c]), self.word(self.SHAPES[s])] for s, c in labels]
         )
+
+
+def read_samples(directory) -> list[dict]:
+    """The validation prompts `minflux cache --sample-prompts` stored (SAMPLES): one dict per prompt with "prompt",
+    "grid" (h, w) tokens and its tensors (txt, vec, ref + ref_ids or img_cond), each with a batch of one.
+    Raises CheckpointError naming the file when it is missing or unreadable."""
+    path = Path(directory) / SAMPLES
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no such file (minflux cache --sample-prompts FILE stores the prompts)"
+        )
+    _, meta = parse_header(path)
+    try:
+        prompts, grids = json.loads(meta["prompts"]), json.loads(meta["grids"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: no prompt list in its metadata ({e})") from None
+    tensors = read_tensors(path)
+    out = [{"prompt": p, "grid": tuple(g)} for p, g in zip(prompts, grids, strict=True)]
+    for key, v in tensors.items():
+        name, _, i = key.rpartition(".")
+        out[int(i)][name] = v
+    return out
