@@ -481,7 +481,11 @@ def sampler(args, cfg, data, trainer, samples, log):
             pictures = []
             for i, s in enumerate(samples["prompts"]):
                 h, w = s["grid"]
-                f32 = lambda k: None if k not in s else np.asarray(s[k], np.float32)  # noqa: E731
+                f32 = {
+                    k: np.asarray(v, np.float32)
+                    for k, v in s.items()
+                    if k not in ("prompt", "grid")
+                }.get
                 tokens = trainer.sample(
                     f32("txt"),
                     h,
