@@ -85,7 +85,7 @@ def make_buckets(size: int, step: int, max_aspect: float = 4.0) -> list[tuple[in
     area, out = size * size, set()
     for w in range(step, area // step + 1, step):
         h = area // w // step * step
-        if h >= step and max(w / h, h / w) <= max_aspect:
+        if step <= h <= w and w / h <= max_aspect:  # landscape, and its portrait mirror
             out |= {(w, h), (h, w)}
     return sorted(out, key=lambda b: (b[0] / b[1], b[0]))
 

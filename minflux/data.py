@@ -239,8 +239,13 @@ class LatentShards(CaptionDropout):
             raise CheckpointError(
                 f"{directory}: no *.safetensors shards (minflux cache writes them)"
             )
-        self.shards = [Shard(p) for p in paths]
         self.refs = int(self.meta.get("refs", 0))
+        if cfg is not None and self.refs and cfg.max_refs is not None and self.refs > cfg.max_refs:
+            raise CheckpointError(
+                f"{directory / META}: pairs of {self.refs} references; the model takes at most "
+                f"{cfg.max_refs}"
+            )
+        self.shards = [Shard(p) for p in paths]
         need = KEYS + (("vec",) if cfg is not None and cfg.vec_in_dim else ())
         first = self.shards[0]
         groups: dict[tuple, list[int]] = {}
@@ -267,11 +272,6 @@ class LatentShards(CaptionDropout):
             if cfg is not None:
                 check_shapes(shard.path, trailing, cfg)
             groups.setdefault(tuple(sorted(trailing.items())), []).append(i)
-        if cfg is not None and self.refs and cfg.max_refs is not None and self.refs > cfg.max_refs:
-            raise CheckpointError(
-                f"{directory / META}: pairs of {self.refs} references; the model takes at most "
-                f"{cfg.max_refs}"
-            )
         # per group: (shard, row) of every sample, in shard order
         self.groups = [
             (
