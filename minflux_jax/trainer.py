@@ -745,7 +745,7 @@ class RunLog:
     needs no network) and `metrics.jsonl`, one JSON object per step ({"step": ..., "loss": ..., ...}).
 
     A resumed run (`start` > 0) first drops the lines of steps after `start` (the file is rewritten atomically
-    through `minflux.files`) and tells TensorBoard to purge its events from `start` on, so both show one
+    through `minflux.files`) and tells TensorBoard to purge its events after `start`, so both show one
     trajectory; then lines are appended and flushed as steps finish. Only process 0 writes.
     """
 
@@ -760,6 +760,7 @@ class RunLog:
             return
         from tensorboardX import SummaryWriter
 
+        self.directory.mkdir(parents=True, exist_ok=True)
         path = check_output(self.directory / self.JSONL)
         if path.is_file():
             kept = [
@@ -769,7 +770,10 @@ class RunLog:
             ]
             write_text(path, "".join(line + "\n" for line in kept))
         self.lines = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        self.tb = SummaryWriter(str(self.directory / self.EVENTS), purge_step=start or None)
+        # the resumed run's first step is start + 1: TensorBoard drops the older events from there on
+        self.tb = SummaryWriter(
+            str(self.directory / self.EVENTS), purge_step=start + 1 if start else None
+        )
 
     def write(self, step: int, measures: dict[str, float]) -> None:
         if not self.active:
