@@ -528,7 +528,10 @@ def settings(args, cfg, ae_cfg) -> dict:
         )
     except ValueError as e:
         raise UsageError(f"--size {args.size}: {e}") from None
-    kind = configs.input_kind(cfg, ppt)
+    try:
+        kind = configs.input_kind(cfg, ppt)
+    except ValueError as e:  # a Fill / control preset with an autoencoder of another downsampling
+        raise UsageError(f"--model {args.model} with {ae_cfg_name(args, cfg)}: {e}") from None
     return {
         "model": args.model,
         "kind": kind,
