@@ -33,6 +33,7 @@ the run's, a caption that is not UTF-8; `--skip-bad` skips those pairs instead a
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import re
@@ -242,8 +243,8 @@ def check(pairs: list[Pair], kind: str, spec: dict, refs: int | None) -> tuple[l
     """Caption, images, sizes and conditioning of every pair, and each pair's bucket and fits. Returns (good
     pairs, {name: why} of the bad ones); without `spec["skip_bad"]` the first bad pair raises UsageError.
 
-    kind: "text" (references optional, `refs` of them each: None takes the first pair's count), "control",
-    "fill". spec: size, square, buckets, multiple, ref_rule, ref_size, ref_area, skip_bad."""
+    kind: "text" (references optional, `refs` of them each), "control", "fill". spec: size, square, buckets,
+    multiple, ref_rule, ref_size, ref_area, skip_bad."""
     good, bad = [], {}
     smallest = min(min(b) for b in spec["buckets"])
     for pair in pairs:
@@ -280,8 +281,6 @@ def check(pairs: list[Pair], kind: str, spec: dict, refs: int | None) -> tuple[l
                 raise UsageError(str(e)) from None
             bad[pair.name] = str(e)
             continue
-        if kind == "text" and refs is None:
-            refs = len(pair.refs)  # the first good pair sets the run's count
         good.append(pair)
     return good, bad
 
@@ -613,9 +612,14 @@ def plan(args):
     done = {n for s in (old or {}).get("shards", []) for n in s["names"]}
     pairs = [p for p in pairs if p.name not in done]
     refs = (old or {}).get("refs")
+    if (
+        refs is None and pairs
+    ):  # the run's count: the most common (then the largest), so the odd pairs are named
+        counts = collections.Counter(len(p.refs) for p in pairs)
+        refs = max(counts, key=lambda k: (counts[k], k))
     pairs, bad = check(pairs, spec["kind"], check_spec, refs)
-    if pairs and refs is None:
-        refs = len(pairs[0].refs)
+    if not pairs and old is None:
+        raise UsageError(f"{args.images}: no pair left to cache ({len(bad)} skipped as bad)")
     refs = refs or 0
     if spec["kind"] == "text" and cfg.max_refs is not None and refs > cfg.max_refs:
         raise UsageError(
