@@ -440,27 +440,42 @@ def plan_samples(args, cfg) -> dict | None:
     }
 
 
+def demo_grid(args, cfg, data, trainer) -> tuple[list, list[str]]:
+    """The demo's samples: six per caption, guided (--cfg, default 3) against the empty caption when caption dropout
+    taught the unconditional flow; (pictures in [-1, 1], one caption per row)."""
+    scale = 3.0 if args.cfg is None else args.cfg
+    cols = 6
+    labels = [(s, c) for c in range(len(data.COLOURS)) for s in range(len(data.SHAPES))]
+    txt = np.repeat(data.embed(labels), cols, axis=0)
+    g = data.size // data.patch
+    vec = txt.mean(axis=1) if cfg.vec_in_dim else None
+    # no unconditional flow was learnt otherwise
+    guide = scale != 1.0 and data.caption_dropout > 0
+    neg = data.null(len(txt)) if guide else {}
+    tokens = trainer.sample(
+        txt,
+        g,
+        g,
+        steps=args.sample_steps,
+        seed=args.seed,
+        vec=vec,
+        cfg_scale=scale if guide else 1.0,
+        neg_txt=neg.get("txt"),
+        neg_vec=neg.get("vec"),
+    )
+    return list(data.unpatchify(tokens)), [data.caption(lab) for lab in labels]
+
+
 def sampler(args, cfg, data, trainer, samples, log):
     """The validation grid at a step: OUT/samples/step-NNNNNN.png and a TensorBoard image. The demo draws one
     sample per caption; --data runs draw each stored prompt (with its references or control channels) at its grid,
     decoded by the cache's autoencoder. Seeds are fixed, so grids of different steps compare."""
     folder = args.out / "samples"
     folder.mkdir(parents=True, exist_ok=True)
-    if samples is None:  # the demo
-        labels = [(s, c) for c in range(len(data.COLOURS)) for s in range(len(data.SHAPES))]
-        g = data.size // data.patch
+    if samples is None:  # the demo: the final grid's program, compiled once for both
 
         def draw() -> tuple[list, list[str]]:
-            txt = data.embed(labels)
-            tokens = trainer.sample(
-                txt,
-                g,
-                g,
-                steps=args.sample_steps,
-                seed=args.seed,
-                vec=txt.mean(axis=1) if cfg.vec_in_dim else None,
-            )
-            return list(data.unpatchify(tokens)), [data.caption(lab) for lab in labels]
+            return demo_grid(args, cfg, data, trainer)
 
     else:
         import jax.numpy as jnp
@@ -506,7 +521,7 @@ def sampler(args, cfg, data, trainer, samples, log):
 
     def at(step: int) -> None:
         pictures, captions = draw()
-        cols = 6 if samples is None else len(pictures)
+        cols = 6 if samples is None else len(pictures)  # the demo: six per caption
         picture = save_grid(pictures, captions, cols, folder / f"step-{step:06d}.png")
         log.image("samples", picture, step)
 
@@ -607,32 +622,8 @@ def run(args) -> int:
         trainer.save_lora(out / "lora.safetensors", args.lora_format or "diffusers")
         written.append(out / "lora.safetensors")
     if isinstance(data, Shapes):
-        scale = 3.0 if args.cfg is None else args.cfg
-        cols = 6
-        labels = [(s, c) for c in range(len(data.COLOURS)) for s in range(len(data.SHAPES))]
-        txt = np.repeat(data.embed(labels), cols, axis=0)
-        g = data.size // data.patch
-        vec = txt.mean(axis=1) if cfg.family == "flux1" else None
-        # no unconditional flow was learnt otherwise
-        guide = scale != 1.0 and data.caption_dropout > 0
-        neg = data.null(len(txt)) if guide else {}
-        tokens = trainer.sample(
-            txt,
-            g,
-            g,
-            steps=args.sample_steps,
-            seed=args.seed,
-            vec=vec,
-            cfg_scale=scale if guide else 1.0,
-            neg_txt=neg.get("txt"),
-            neg_vec=neg.get("vec"),
-        )
-        save_grid(
-            data.unpatchify(tokens),
-            [data.caption(lab) for lab in labels],
-            cols,
-            out / "samples.png",
-        )
+        pictures, captions = demo_grid(args, cfg, data, trainer)
+        save_grid(pictures, captions, 6, out / "samples.png")
         written.append(out / "samples.png")
     written += [out / tr.RunLog.JSONL, out / tr.RunLog.EVENTS]
     print("wrote " + ", ".join(map(str, written)))

@@ -261,13 +261,14 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.mark.slow
-def test_streamed_buckets_train_resume_bitwise_and_log(tmp_path):
-    """Cached shards of two buckets, streamed through grain (prefetched or not: the same losses); a run resumed
-    from its checkpoint (the loader's state restored with it) repeats the losses bitwise, and its metrics file and
-    TensorBoard events hold each step once."""
+def test_streamed_shards_train_resume_bitwise_and_log(tmp_path):
+    """Cached shards streamed through grain (the prefetching iterator yields what a step reads itself); a run
+    resumed from its checkpoint (the loader's state restored with it) repeats the losses bitwise, and its metrics
+    file and TensorBoard events hold each step once."""
     from test_data import bucketed_cache
 
-    bucketed_cache(tmp_path / "c")  # 4 x 4 and 2 x 2 token grids of the demo's widths
+    # two shards of one bucket (the README's run trains on two buckets: one compile per bucket)
+    bucketed_cache(tmp_path / "c", sizes=((5, 3), (4, 3)))
     shards = lambda: data.LatentShards(tmp_path / "c", seed=1, cfg=TINY)  # noqa: E731
     opts = options(tmp_path, steps=6, batch_size=4, save_every=3, warmup=1)
     a = tr.Trainer(TINY, shards(), opts)
@@ -275,7 +276,6 @@ def test_streamed_buckets_train_resume_bitwise_and_log(tmp_path):
     losses = a.fit(progress=False, log=log)
     log.close()
     a.close()
-    assert len({a.data.plan(s, 4)[0] for s in range(6)}) == 2  # both buckets were trained on
     ahead = a.loader(2)  # the prefetching grain iterator yields what the step would read itself
     for step in range(2, 6):
         got, want = next(ahead), a.local_batch(step)
