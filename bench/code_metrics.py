@@ -56,7 +56,7 @@ def parameter_lists(root: Path, top: int) -> list[tuple[int, str]]:
 
 
 def family_comparisons(root: Path) -> list[str]:
-    pattern = re.compile(r"family\s*(==|!=|in\s)|==\s*[\"']flux[12][\"']")
+    pattern = re.compile(r"family\s*(==|!=|(not\s+)?in\s*[(\[{])|[=!]=\s*[\"'](flux|ae)[12][\"']")
     hits = []
     for path in sources(root):
         rel = str(path.relative_to(root))

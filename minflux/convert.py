@@ -18,6 +18,7 @@ import numpy as np
 
 from minflux import checkpoint, configs, files, keymaps
 from minflux.checkpoint import Checkpoint, CheckpointError
+from minflux.family import FAMILIES
 
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8": "F8_E4M3"}
 EXTRACT = ("transformer", "ae")
@@ -38,7 +39,9 @@ def _params(module: str, family: str) -> set[str]:
         return {"scale"}
     if module == "bn":
         return {"running_mean", "running_var"}
-    return {"weight"} if family == "flux2" else {"weight", "bias"}  # FLUX.2's layers have no bias
+    # FLUX.2's linear layers have no bias; the autoencoders' convolutions all have one
+    bias = FAMILIES[family].bias if family in FAMILIES else True
+    return {"weight", "bias"} if bias else {"weight"}
 
 
 def missing_keys(shapes: dict[str, tuple[int, ...]], family: str) -> list[str]:
@@ -122,7 +125,7 @@ def check_complete(
             f"{ckpt.path}: an incomplete {what.removeprefix('a ')}: missing "
             f"{', '.join(map(repr, missing[:4]))}{more}"
         )
-    if family in configs.FAMILIES:  # transformer blocks of one stream are alike
+    if family in FAMILIES:  # transformer blocks of one stream are alike
         first: dict[str, tuple[str, tuple]] = {}
         for key, shape in shapes.items():
             generic = re.sub(r"^(double_blocks|single_blocks)\.\d+\.", r"\1.N.", key)

@@ -3,8 +3,15 @@
 With no arguments it trains a tiny FLUX.2 on procedurally drawn coloured shapes, 24x24 pixels, in pixel space
 (each 4x4 pixel patch is one 48-channel token), conditioned on the caption's words as fixed random embeddings: a few
 minutes on two CPU cores, then a grid of samples per caption and the loss curve under `out/train`.
-With `--data DIR` it fine-tunes on cached latents and text embeddings (safetensors shards, see
-`LatentShards`), from base weights given by `--init`, optionally as LoRA (`--lora-rank`).
+With `--data DIR` it fine-tunes on cached latents and text embeddings (`minflux cache`: shards streamed from disk
+in aspect-ratio buckets, edit / control pairs, see `minflux.data.LatentShards`), from base weights given by `--init`,
+optionally as LoRA (`--lora-rank`).
+
+What a run shows: the progress bar (loss, samples/s), TensorBoard event files and one JSON line per step in
+`OUT/tensorboard` and `OUT/metrics.jsonl` (`trainer.RunLog`), and with `--sample-every N` a grid of validation
+samples at step 0 and every N steps (`OUT/samples/step-NNNNNN.png`, also in TensorBoard), drawn with the EMA weights
+when EMA is on: the demo's captions, or for `--data` the `--sample-prompts` the cache stored (with their reference
+or control images), decoded by the cache's autoencoder (`--ae`).
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from minflux import checkpoint, configs, files, keymaps, memory
+from minflux import data as datasets
 from minflux import lora as lora_files
 from minflux.checkpoint import Checkpoint, CheckpointError
 from minflux.data import DEMO, LatentShards, Shapes
+from minflux.files import atomic_write
 from minflux_cli.args import (
     UsageError,
     directory,
@@ -37,24 +46,39 @@ from minflux_cli.args import (
 # ---------------------------------------------------------------------------------------------
 
 
-def save_grid(images: np.ndarray, captions: list[str], cols: int, path) -> None:
-    """Images (N, H, W, 3) in [-1, 1], `cols` per row, each row titled by its caption, as a PNG."""
+def save_grid(images, captions: list[str], cols: int, path) -> np.ndarray:
+    """Images (each (H, W, 3) in [-1, 1] or uint8; sizes may differ), `cols` per row, each row titled by its caption
+    (or, with one row, each image by its own), as a PNG written atomically; returns the picture (h, w, 3) uint8."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = len(images) // cols
+    rows = -(-len(images) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.25 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
-        ax.imshow(np.clip((images[i] + 1) / 2, 0, 1), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        if i % cols == 0:
+        if i >= len(images):
+            ax.axis("off")
+            continue
+        img = images[i]
+        shown = img if img.dtype == np.uint8 else np.clip((img + 1) / 2, 0, 1)
+        ax.imshow(shown, interpolation="nearest")
+        if rows == 1:
+            ax.set_title(captions[i][:40], fontsize=6)
+        elif i % cols == 0:
             ax.set_ylabel(captions[i // cols].removeprefix("a "), fontsize=7)
     fig.tight_layout(pad=0.2)
-    files.write_figure(fig, path, dpi=100)  # atomic (a full disk leaves no 0-byte picture)
+    fig.set_dpi(100)
+    fig.canvas.draw()
+    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
+    from PIL import Image
+
+    with atomic_write(path) as f:
+        Image.fromarray(picture).save(f, format="PNG")
+    return picture
 
 
 def save_loss_curve(losses: list[float], path, title: str = "training loss") -> None:
@@ -240,6 +264,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--sample-steps", type=positive_int, default=24)
     p.add_argument(
+        "--sample-every",
+        type=nonneg_int,
+        default=0,
+        help="a grid of validation samples at step 0 and every N micro-steps (0: none; the demo draws its "
+        "captions, --data the --sample-prompts)",
+    )
+    p.add_argument(
+        "--sample-prompts",
+        type=existing,
+        metavar="FILE",
+        help="validation prompts (the file given to `minflux cache --sample-prompts`, whose embeddings and "
+        "images the cache stored)",
+    )
+    p.add_argument(
+        "--ae",
+        type=existing,
+        help="autoencoder that decodes --data samples (default: the one the cache was made with)",
+    )
+    p.add_argument(
         "--caption-dropout",
         type=fraction,
         default=None,
@@ -249,8 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cfg",
         type=finite,
-        default=3.0,
-        help="demo sample grid: classifier-free guidance scale against the empty caption (1: none)",
+        default=None,
+        help="samples: classifier-free guidance scale against the empty caption (default 3 for the demo, "
+        "1 (none) for --data)",
     )
 
 
@@ -292,6 +336,13 @@ def plan(args):
             raise UsageError(f"--{flag.replace('_', '-')} needs --lora-rank (or --init-lora)")
     if args.init_lora is not None and args.lora_alpha is not None:
         raise UsageError("--init-lora takes its alpha from the file: leave out --lora-alpha")
+    if args.sample_prompts is not None and not args.data:
+        raise UsageError("--sample-prompts needs --data (the demo samples its own captions)")
+    for flag in ("sample_prompts", "ae"):
+        if getattr(args, flag) is not None and not args.sample_every:
+            raise UsageError(
+                f"--{flag.replace('_', '-')} is for validation samples: pass --sample-every N"
+            )
     if args.guidance is not None and not cfg.guidance_embed:
         raise UsageError(
             f"--guidance: {args.config} is not guidance-distilled (it takes no guidance value)"
@@ -351,7 +402,133 @@ def plan(args):
             seed=args.seed,
             caption_dropout=dropout,
         )
-    return cfg, data, tuple(int(n) for n in mesh.shape.values())
+    samples = plan_samples(args, cfg) if args.sample_every else None
+    return cfg, data, tuple(int(n) for n in mesh.shape.values()), samples
+
+
+def plan_samples(args, cfg) -> dict | None:
+    """--sample-every with --data: the stored validation prompts that --sample-prompts names, and the autoencoder
+    that decodes them ({"prompts", "ae_config", "ae_file", "ae_seed"}); None for the demo. Raises UsageError
+    naming the flag and the file."""
+    if not args.data:
+        return None
+    if args.sample_prompts is None:
+        raise UsageError(
+            "--sample-every with --data needs --sample-prompts FILE (cached by minflux cache)"
+        )
+    try:
+        stored = {s["prompt"]: s for s in datasets.read_samples(args.data)}
+        wanted = [
+            line.split("|")[0].strip()
+            for line in args.sample_prompts.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    except (CheckpointError, OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--sample-prompts {args.sample_prompts}: {e}") from None
+    if missing := [p for p in wanted if p not in stored]:
+        raise UsageError(
+            f"--sample-prompts {args.sample_prompts}: {missing[0]!r} is not in "
+            f"{args.data / datasets.SAMPLES}; store it with minflux cache --sample-prompts FILE --append"
+        )
+    ae = (datasets.read_meta(args.data) or {}).get("ae") or {}
+    if args.ae is None and not ae:
+        raise UsageError(
+            f"--sample-every: {args.data} does not record its autoencoder: pass --ae FILE"
+        )
+    return {
+        "prompts": [stored[p] for p in wanted],
+        "ae_config": ae.get("config") or f"{cfg.family}-ae",
+        "ae_file": str(args.ae) if args.ae else ae.get("file"),
+        "ae_seed": ae.get("seed", 1),
+    }
+
+
+def demo_grid(args, cfg, data, trainer) -> tuple[list, list[str]]:
+    """The demo's samples: six per caption, guided (--cfg, default 3) against the empty caption when caption dropout
+    taught the unconditional flow; (pictures in [-1, 1], one caption per row)."""
+    scale = 3.0 if args.cfg is None else args.cfg
+    cols = 6
+    labels = [(s, c) for c in range(len(data.COLOURS)) for s in range(len(data.SHAPES))]
+    txt = np.repeat(data.embed(labels), cols, axis=0)
+    g = data.size // data.patch
+    vec = txt.mean(axis=1) if cfg.vec_in_dim else None
+    # no unconditional flow was learnt otherwise
+    guide = scale != 1.0 and data.caption_dropout > 0
+    neg = data.null(len(txt)) if guide else {}
+    tokens = trainer.sample(
+        txt,
+        g,
+        g,
+        steps=args.sample_steps,
+        seed=args.seed,
+        vec=vec,
+        cfg_scale=scale if guide else 1.0,
+        neg_txt=neg.get("txt"),
+        neg_vec=neg.get("vec"),
+    )
+    return list(data.unpatchify(tokens)), [data.caption(lab) for lab in labels]
+
+
+def sampler(args, cfg, data, trainer, samples, log):
+    """The validation grid at a step: OUT/samples/step-NNNNNN.png and a TensorBoard image. The demo draws one
+    sample per caption; --data runs draw each stored prompt (with its references or control channels) at its grid,
+    decoded by the cache's autoencoder. Seeds are fixed, so grids of different steps compare."""
+    folder = args.out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    if samples is None:  # the demo: the final grid's program, compiled once for both
+
+        def draw() -> tuple[list, list[str]]:
+            return demo_grid(args, cfg, data, trainer)
+
+    else:
+        import jax.numpy as jnp
+
+        import minflux_jax as mj
+        from minflux_jax import pipeline, sampling
+
+        ae_cfg = configs.get(samples["ae_config"])
+        ae = (
+            mj.load_model(ae_cfg, samples["ae_file"], dtype=jnp.float32)
+            if samples["ae_file"]
+            else mj.build_model(ae_cfg, seed=samples["ae_seed"])
+        )
+        scale = 1.0 if args.cfg is None else args.cfg
+        empty = datasets.read_tensors(args.data / datasets.EMPTY) if scale != 1.0 else {}
+
+        def draw() -> tuple[list, list[str]]:
+            pictures = []
+            for i, s in enumerate(samples["prompts"]):
+                h, w = s["grid"]
+                f32 = {
+                    k: np.asarray(v, np.float32)
+                    for k, v in s.items()
+                    if k not in ("prompt", "grid")
+                }.get
+                tokens = trainer.sample(
+                    f32("txt"),
+                    h,
+                    w,
+                    steps=args.sample_steps,
+                    seed=args.seed + i,
+                    vec=f32("vec"),
+                    cfg_scale=scale,
+                    neg_txt=None if not empty else np.asarray(empty["txt"], np.float32),
+                    neg_vec=None if "vec" not in empty else np.asarray(empty["vec"], np.float32),
+                    ref=f32("ref"),
+                    ref_ids=f32("ref_ids"),
+                    img_cond=f32("img_cond"),
+                )
+                latents = sampling.unpack(jnp.asarray(tokens), h, w, cfg.family)
+                pictures.append(pipeline.decode(ae, latents)[0])
+            return pictures, [s["prompt"] for s in samples["prompts"]]
+
+    def at(step: int) -> None:
+        pictures, captions = draw()
+        cols = 6 if samples is None else len(pictures)  # the demo: six per caption
+        picture = save_grid(pictures, captions, cols, folder / f"step-{step:06d}.png")
+        log.image("samples", picture, step)
+
+    return at
 
 
 def train_options(args, ckpt: Path):
@@ -401,7 +578,7 @@ def run(args) -> int:
     tr.maybe_initialize_distributed()
     out = args.out
     ckpt = out / "ckpt"
-    cfg, data, mesh = plan(args)  # (an --init-lora file sets the run's LoRA rank)
+    cfg, data, mesh, samples = plan(args)  # (an --init-lora file sets the run's LoRA rank)
     opts = train_options(args, ckpt)
     # resume: the saved run's options against these, before any model is built or checkpoint read
     if args.resume:
@@ -423,8 +600,15 @@ def run(args) -> int:
     trainer = tr.Trainer(cfg, data, opts)
     if args.resume:
         print(f"resumed from step {trainer.restore()}")
+    log = tr.RunLog(out, start=trainer.step)
+    draw = sampler(args, cfg, data, trainer, samples, log) if args.sample_every else None
+    if draw is not None and trainer.step == 0:
+        draw(0)  # the starting point, so progress can be seen
     t0 = time.time()
-    losses = trainer.fit()
+    try:
+        losses = trainer.fit(log=log, every=args.sample_every, callback=draw)
+    finally:
+        log.close()
     if trainer.manager is not None:
         trainer.save(wait=True)
     trainer.close()
@@ -446,32 +630,9 @@ def run(args) -> int:
         trainer.save_lora(out / "lora.safetensors", args.lora_format or "diffusers")
         written.append(out / "lora.safetensors")
     if isinstance(data, Shapes):
-        cols = 6
-        labels = [(s, c) for c in range(len(data.COLOURS)) for s in range(len(data.SHAPES))]
-        txt = np.repeat(data.embed(labels), cols, axis=0)
-        g = data.size // data.patch
-        vec = txt.mean(axis=1) if cfg.family == "flux1" else None
-        guide = (
-            args.cfg != 1.0 and data.caption_dropout > 0
-        )  # no unconditional flow was learnt otherwise
-        neg = data.null(len(txt)) if guide else {}
-        tokens = trainer.sample(
-            txt,
-            g,
-            g,
-            steps=args.sample_steps,
-            seed=args.seed,
-            vec=vec,
-            cfg_scale=args.cfg if guide else 1.0,
-            neg_txt=neg.get("txt"),
-            neg_vec=neg.get("vec"),
-        )
-        save_grid(
-            data.unpatchify(tokens),
-            [data.caption(lab) for lab in labels],
-            cols,
-            out / "samples.png",
-        )
+        pictures, captions = demo_grid(args, cfg, data, trainer)
+        save_grid(pictures, captions, 6, out / "samples.png")
         written.append(out / "samples.png")
+    written += [out / tr.RunLog.JSONL, out / tr.RunLog.EVENTS]
     print("wrote " + ", ".join(map(str, written)))
     return 0

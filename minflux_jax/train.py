@@ -80,15 +80,35 @@ def flow_loss(
 ) -> Array:
     """Rectified-flow MSE for clean tokens batch["img"] (B, L, C), noise (B, L, C) and times t (B,).
 
-    batch also holds img_ids, txt, txt_ids, and vec (FLUX.1's pooled vector) and guidance when the model takes them.
-    gather (JAX only): see `forward`.
+    batch also holds img_ids, txt, txt_ids, and vec (FLUX.1's pooled vector) and guidance when the model takes them;
+    for edit and control pairs, the conditioning `model_inputs` attaches (references, Fill / control channels).
+    The loss covers the target tokens only, averaged over this batch's own token count. gather (JAX only): see
+    `forward`.
     """
     x0 = batch["img"].astype(jnp.float32)
     tt = t[:, None, None]
     xt = (1 - tt) * x0 + tt * noise  # t = 1 is pure noise, as in the samplers
-    pred = forward(model, xt, t, batch, remat, gather)
+    x, inputs = model_inputs(xt, batch)
+    pred = forward(model, x, t, inputs, remat, gather)[:, : x0.shape[1]]  # the target tokens
     err = jnp.mean((pred.astype(jnp.float32) - (noise - x0)) ** 2, axis=(1, 2))  # (B,)
     return jnp.mean(loss_weight(t, weighting) * err)
+
+
+def model_inputs(xt: Array, batch: dict) -> tuple[Array, dict]:
+    """The tokens the model sees for noisy target tokens xt (B, L, C), and the batch with their ids.
+
+    img_cond (B, L, Cc): FLUX.1 Fill (masked image + mask) or Canny / Depth (control image) channels appended to
+    each token, as BFL's `prepare_fill` / `prepare_control`. ref (B, Lr, C) with ref_ids (B, Lr, axes): reference
+    tokens appended to the sequence (Kontext at t = 1, FLUX.2 reference i at t = 10 + 10 i), as diffusers'
+    `train_dreambooth_lora_flux_kontext.py` and `train_dreambooth_lora_flux2_klein_img2img.py` do.
+    """
+    x = xt
+    if "img_cond" in batch:
+        x = jnp.concatenate((x, batch["img_cond"].astype(x.dtype)), axis=-1)
+    if "ref" in batch:
+        x = jnp.concatenate((x, batch["ref"].astype(x.dtype)), axis=1)
+        batch = {**batch, "img_ids": jnp.concatenate((batch["img_ids"], batch["ref_ids"]), axis=1)}
+    return x, batch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,17 @@ the batch is split over both axes, so fsdp devices also see different data. Mult
 `jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS is set, each process feeding its slice of the
 global batch (`jax.make_array_from_process_local_data`).
 
-Checkpoints: orbax `CheckpointManager`, asynchronous, every `save_every` steps: params (and their EMA), optimiser state,
-step, RNG key, and (as JSON) the data position. Orbax writes into a temporary directory and renames it on
-completion, so a save killed midway leaves the previous checkpoint as the latest good one. Noise and times
-are drawn from fold_in(key, step) and batches are a pure function of the data position, so a resumed run
-reproduces the uninterrupted loss trajectory bitwise (on CPU). Beside the step directories, RUN_FILE records
-the options the state depends on (config, batch size, accumulation, LoRA, precision, EMA, mesh); a resume
+Data: the data set's `global_batch(step, batch_size, part)` (`minflux.data`: in memory, or cached shards streamed
+from disk) through grain: a `MapDataset` over steps, each process reading only its part of every global batch
+(`grain.sharding.ShardByJaxProcess`), prefetched by background threads (`to_iter_dataset`), so the step does not
+wait for the disk. The iterator's state (grain's checkpointable position) is saved with the model.
+
+Checkpoints: orbax `CheckpointManager`, asynchronous, every `save_every` steps: params (and their EMA), optimiser
+state, step, RNG key, and (as JSON) the data position and the grain iterator's state. Orbax writes into a temporary
+directory and renames it on completion, so a save killed midway leaves the previous checkpoint as the latest good
+one. Noise and times are drawn from fold_in(key, step) and batches are a pure function of the data position, so a
+resumed run reproduces the uninterrupted loss trajectory bitwise (on CPU). Beside the step directories, RUN_FILE
+records the options the state depends on (config, batch size, accumulation, LoRA, precision, EMA, mesh); a resume
 compares them with its own before orbax reads anything, and skips checkpoints it cannot read for older ones.
 """
 
@@ -26,10 +31,12 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,13 +44,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from minflux import configs
+from minflux import configs, flops
 from minflux import lora as lora_files
 from minflux.checkpoint import CheckpointError
+from minflux.files import check_output, write_text
 from minflux_jax import load, sampling
 from minflux_jax.layers import set_attention_implementation
 from minflux_jax.lora import LoRA, linear_names
 from minflux_jax.train import (
+    lr_schedule,
     make_optimizer,
     merge_params,
     resolution_mu,
@@ -98,13 +107,14 @@ class TrainOptions:
     ckpt_dir: str | None = None
     save_every: int = 0  # 0: no periodic checkpoints
     keep: int = 2
+    prefetch: int = 2  # batches read ahead by background threads (0: read in the step)
 
     def __post_init__(self):
         # a zero or negative count would train nothing (loss nan) or fail deep inside JAX: say which option
         for name in ("steps", "batch_size", "accumulate", "keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainOptions.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "lora_rank", "save_every"):
+        for name in ("warmup", "lora_rank", "save_every", "prefetch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainOptions.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema < 1.0:
@@ -397,6 +407,8 @@ class Trainer:
         )
         self._step = jax.jit(step, out_shardings=(self.shardings, None), donate_argnums=0)
         self.record = run_record(self.cfg, opts, tuple(int(n) for n in self.mesh.shape.values()))
+        self.lr_at = lr_schedule(opts.lr, opts.warmup, opts.steps)  # of the update count
+        self._loader, self._loader_step, self.last = None, None, {}
         self.restored_step, self.manager = None, None
         if opts.ckpt_dir:
             self.manager = ocp.CheckpointManager(
@@ -417,21 +429,63 @@ class Trainer:
     def step(self) -> int:
         return int(self.state["step"])  # micro-steps; updates = step // accumulate
 
-    def batch(self, step: int) -> dict:
-        """The global batch of micro-step `step`, this process's share placed on its devices."""
-        arrays = self.data.batch(step * self.opts.batch_size, self.opts.batch_size)
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's share of the global batch of micro-step `step` (numpy): the data set reads only that
+        part (`grain.sharding.ShardByJaxProcess`), and guidance-distilled models get their guidance value."""
+        shard = grain.sharding.ShardByJaxProcess()
+        arrays = self.data.global_batch(
+            step, self.opts.batch_size, (shard.shard_index, shard.shard_count)
+        )
         if self.cfg.guidance_embed:
-            arrays["guidance"] = np.full((self.opts.batch_size,), self.guidance, np.float32)
+            arrays["guidance"] = np.full((len(arrays["img"]),), self.guidance, np.float32)
+        return arrays
+
+    def place(self, arrays: dict[str, np.ndarray]) -> dict:
+        """Local numpy arrays -> global arrays, the batch axis over every device of the mesh."""
         sharding = batch_sharding(self.mesh)
-        n, i = jax.process_count(), jax.process_index()
-        local = {k: v[i * len(v) // n : (i + 1) * len(v) // n] for k, v in arrays.items()}
-        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
+
+    def batch(self, step: int) -> dict:
+        """The global batch of micro-step `step`, this process's share placed on its devices (read now, not
+        prefetched)."""
+        return self.place(self.local_batch(step))
+
+    def loader(self, step: int):
+        """A grain iterator over the local batches from micro-step `step` on: `MapDataset.range` over steps mapped
+        to `local_batch`, read ahead by `prefetch` background threads (`to_iter_dataset`); its state is the next
+        step (grain's checkpointable iterator state, which `save` stores)."""
+        steps = grain.MapDataset.range(0, 1 << 62).map(self.local_batch)
+        if self.opts.prefetch:
+            options = grain.ReadOptions(
+                num_threads=self.opts.prefetch, prefetch_buffer_size=self.opts.prefetch
+            )
+        else:
+            options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        it = iter(steps.to_iter_dataset(options))
+        it.set_state({"next_index": step})
+        return it
+
+    def next_batch(self) -> dict:
+        """The batch of the current micro-step, from the prefetching loader (rebuilt at the current step when the
+        step was changed from outside, e.g. by `restore`)."""
+        if self._loader is None or self._loader_step != self.step:
+            self._loader, self._loader_step = self.loader(self.step), self.step
+        arrays = next(self._loader)
+        self._loader_step += 1
+        self.last = {k: v.shape for k, v in arrays.items()}  # for the tokens/s and MFU of the step
+        return self.place(arrays)
+
+    def loader_state(self) -> dict:
+        """The grain iterator's state at the current step (what a resumed loader starts from)."""
+        if self._loader is not None and self._loader_step == self.step:
+            return self._loader.get_state()
+        return {"next_index": self.step}
 
     # -- the loop -----------------------------------------------------------------------------
 
     def train_step(self) -> dict:
-        """One micro-step (one optimiser update every `accumulate`); returns float metrics."""
-        self.state, metrics = self._step(self.state, self.frozen, self.batch(self.step))
+        """One micro-step (one optimiser update every `accumulate`); returns the step's metrics (arrays)."""
+        self.state, metrics = self._step(self.state, self.frozen, self.next_batch())
         if (
             self.manager is not None
             and self.opts.save_every
@@ -440,8 +494,39 @@ class Trainer:
             self.save()
         return metrics
 
-    def fit(self, steps: int | None = None, progress: bool = True) -> list[float]:
-        """Train up to `steps` micro-steps in all (default: the options' updates x accumulate); returns the losses."""
+    def measures(self, metrics: dict, seconds: float) -> dict[str, float]:
+        """What a logged step reports: loss, learning rate, gradient norm, step time, samples/s, tokens/s (image,
+        reference and text tokens) and, on a GPU whose peak `minflux.flops` knows, MFU (model FLOPs of the step as
+        `flops.train_step_flops` / `lora_step_flops` count them, over the peak of every device)."""
+        b = self.opts.batch_size
+        img = self.last.get("img", (b, 0))[1] + self.last.get("ref", (b, 0))[1]
+        txt = self.last.get("txt", (b, 0))[1]
+        out = {
+            "loss": float(metrics["loss"]),
+            "lr": float(self.lr_at(max(self.step - 1, 0) // self.opts.accumulate)),
+            "grad_norm": float(metrics["grad_norm"]),
+            "step_time": seconds,
+            "samples_per_s": b / seconds,
+            "tokens_per_s": b * (img + txt) / seconds,
+        }
+        count = flops.lora_step_flops if self.lora is not None else flops.train_step_flops
+        peak = flops.peak(jax.devices()[0].device_kind)
+        if peak:
+            out["mfu"] = count(self.cfg, img, txt, b) / seconds / (peak * self.mesh.size)
+        return out
+
+    def fit(
+        self,
+        steps: int | None = None,
+        progress: bool = True,
+        log=None,
+        every: int = 0,
+        callback=None,
+    ) -> list[float]:
+        """Train up to `steps` micro-steps in all (default: the options' updates x accumulate); returns the losses.
+
+        log: a `RunLog` (or anything with `write(step, measures)`) fed every micro-step's `measures`. callback:
+        called with the step after every `every` micro-steps (validation samples)."""
         from tqdm.auto import tqdm
 
         total = steps if steps is not None else self.opts.steps * self.opts.accumulate
@@ -456,11 +541,19 @@ class Trainer:
             mininterval=1.0 if quiet else 0.1,
         ) as bar:
             while self.step < total:
-                losses.append(float(self.train_step()["loss"]))
+                start = time.perf_counter()
+                metrics = self.train_step()
+                losses.append(float(metrics["loss"]))  # waits for the step
+                m = self.measures(metrics, time.perf_counter() - start)
+                if log is not None:
+                    log.write(self.step, m)
+                # drawn by update, at its interval
                 bar.set_postfix(
-                    loss=f"{losses[-1]:.4f}", refresh=False
-                )  # drawn by update, at its interval
+                    loss=f"{losses[-1]:.4f}", samples_s=f"{m['samples_per_s']:.3g}", refresh=False
+                )
                 bar.update(1)
+                if callback is not None and every and self.step % every == 0:
+                    callback(self.step)
         return losses
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -484,6 +577,7 @@ class Trainer:
             "step": step,
             "position": step * self.opts.batch_size,
             "config": dataclasses.asdict(self.cfg),
+            "loader": self.loader_state(),
         }
         self.manager.save(
             step,
@@ -530,10 +624,16 @@ class Trainer:
             ) as e:  # orbax and tensorstore raise plain Exceptions for unreadable files
                 failed[candidate] = _first_line(e)
                 continue
-            if out.meta["position"] != int(out.state["step"]) * self.opts.batch_size:
+            restored = int(out.state["step"])
+            loader = out.meta.get("loader", {"next_index": restored})  # (older checkpoints)
+            if (
+                out.meta["position"] != restored * self.opts.batch_size
+                or loader.get("next_index") != restored
+            ):
                 raise CheckpointError(
-                    f"{root / str(candidate)}: data position {out.meta['position']} does not "
-                    f"match step {int(out.state['step'])} x batch size {self.opts.batch_size}"
+                    f"{root / str(candidate)}: data position {out.meta['position']} (loader at "
+                    f"{loader.get('next_index')}) does not match step {restored} x batch size "
+                    f"{self.opts.batch_size}"
                 )
             if failed:  # moved aside (kept for inspection): the run goes on from an earlier step, saving anew
                 print(
@@ -546,6 +646,8 @@ class Trainer:
                         _move_aside(root / str(bad))
                 self.manager.reload()
             self.state, self.restored_step = out.state, candidate
+            self._loader, self._loader_step = self.loader(restored), restored
+            self._loader.set_state(loader)
             return candidate
         raise CheckpointError(
             f"{root}: no intact checkpoint to resume from: {_listing(root, failed)}"
@@ -555,6 +657,9 @@ class Trainer:
         if self.manager is not None:
             self.manager.wait_until_finished()
             self.manager.close()
+        self._loader = None
+        if hasattr(self.data, "close"):
+            self.data.close()
 
     # -- using the result ---------------------------------------------------------------------
 
@@ -589,14 +694,17 @@ class Trainer:
         cfg_scale: float = 1.0,
         neg_txt=None,
         neg_vec=None,
+        ref=None,
+        ref_ids=None,
+        img_cond=None,
     ) -> np.ndarray:
         """Tokens (B, h*w, C) generated for text embeddings txt (B, Lt, D) (and FLUX.1's pooled vec) by the
         JAX Euler sampler, on the training schedule (shifted if training was); with neg_txt (and neg_vec),
-        classifier-free guidance at cfg_scale."""
+        classifier-free guidance at cfg_scale. Edit pairs: reference tokens ref (B, Lr, C) at ref_ids; Fill and
+        control models: img_cond (B, h*w, Cc), as `sampling.denoise` takes them."""
         b, fam = txt.shape[0], self.cfg.family
-        noise = jax.random.normal(
-            jax.random.key(seed), (b, h * w, self.cfg.in_channels), jnp.float32
-        )
+        channels = self.cfg.in_channels - (0 if img_cond is None else img_cond.shape[-1])
+        noise = jax.random.normal(jax.random.key(seed), (b, h * w, channels), jnp.float32)
         ts = np.linspace(1.0, 0.0, steps + 1)
         if self.opts.timesteps.get("shift"):
             ts = shift_timesteps(ts, resolution_mu(h * w))
@@ -613,5 +721,75 @@ class Trainer:
             cfg_scale=cfg_scale,
             neg_txt=None if neg_txt is None else jnp.asarray(neg_txt),
             neg_vec=None if neg_vec is None else jnp.asarray(neg_vec),
+            img_cond=None if img_cond is None else jnp.asarray(img_cond),
+            img_cond_seq=None if ref is None else jnp.asarray(ref),
+            img_cond_seq_ids=None if ref_ids is None else jnp.asarray(ref_ids),
         )
         return np.asarray(jax.device_get(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs: TensorBoard event files and JSON lines
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """What a run reports, in `directory`: TensorBoard event files (`tensorboard/`, written by tensorboardX, which
+    needs no network) and `metrics.jsonl`, one JSON object per step ({"step": ..., "loss": ..., ...}).
+
+    A resumed run (`start` > 0) first drops the lines of steps after `start` (the file is rewritten atomically
+    through `minflux.files`) and tells TensorBoard to purge its events after `start`, so both show one
+    trajectory; then lines are appended and flushed as steps finish. Only process 0 writes.
+    """
+
+    JSONL = "metrics.jsonl"
+    EVENTS = "tensorboard"
+
+    def __init__(self, directory, start: int = 0):
+        self.directory = Path(directory)
+        self.active = jax.process_index() == 0
+        self.tb, self.lines = None, None
+        if not self.active:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = check_output(self.directory / self.JSONL)
+        if path.is_file():
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _step_of(line) is not None and _step_of(line) <= start
+            ]
+            write_text(path, "".join(line + "\n" for line in kept))
+        self.lines = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        # the resumed run's first step is start + 1: TensorBoard drops the older events from there on
+        self.tb = SummaryWriter(
+            str(self.directory / self.EVENTS), purge_step=start + 1 if start else None
+        )
+
+    def write(self, step: int, measures: dict[str, float]) -> None:
+        if not self.active:
+            return
+        for k, v in measures.items():
+            self.tb.add_scalar(f"train/{k}", v, step)
+        self.lines.write(json.dumps({"step": step, **measures}) + "\n")
+        self.lines.flush()
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An (H, W, 3) uint8 picture (the validation grid) into the event files."""
+        if self.active:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self.lines.close()
+            self.tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -65,14 +65,34 @@ def flow_loss(
 ) -> Tensor:
     """Rectified-flow MSE for clean tokens batch["img"] (B, L, C), noise (B, L, C) and times t (B,).
 
-    batch also holds img_ids, txt, txt_ids, and vec (FLUX.1's pooled vector) and guidance when the model takes them.
+    batch also holds img_ids, txt, txt_ids, and vec (FLUX.1's pooled vector) and guidance when the model takes them;
+    for edit and control pairs, the conditioning `model_inputs` attaches (references, Fill / control channels).
+    The loss covers the target tokens only, averaged over this batch's own token count.
     """
     x0 = batch["img"].float()
     tt = t[:, None, None]
     xt = (1 - tt) * x0 + tt * noise  # t = 1 is pure noise, as in the samplers
-    pred = forward(model, xt, t, batch, remat)
+    x, inputs = model_inputs(xt, batch)
+    pred = forward(model, x, t, inputs, remat)[:, : x0.shape[1]]  # the target tokens
     err = torch.mean((pred.float() - (noise - x0)) ** 2, dim=(1, 2))  # (B,)
     return torch.mean(loss_weight(t, weighting) * err)
+
+
+def model_inputs(xt: Tensor, batch: dict) -> tuple[Tensor, dict]:
+    """The tokens the model sees for noisy target tokens xt (B, L, C), and the batch with their ids.
+
+    img_cond (B, L, Cc): FLUX.1 Fill (masked image + mask) or Canny / Depth (control image) channels appended to
+    each token, as BFL's `prepare_fill` / `prepare_control`. ref (B, Lr, C) with ref_ids (B, Lr, axes): reference
+    tokens appended to the sequence (Kontext at t = 1, FLUX.2 reference i at t = 10 + 10 i), as diffusers'
+    `train_dreambooth_lora_flux_kontext.py` and `train_dreambooth_lora_flux2_klein_img2img.py` do.
+    """
+    x = xt
+    if "img_cond" in batch:
+        x = torch.cat((x, batch["img_cond"].to(x.dtype)), dim=-1)
+    if "ref" in batch:
+        x = torch.cat((x, batch["ref"].to(x.dtype)), dim=1)
+        batch = {**batch, "img_ids": torch.cat((batch["img_ids"], batch["ref_ids"]), dim=1)}
+    return x, batch
 
 
 # ---------------------------------------------------------------------------------------------

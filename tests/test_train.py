@@ -234,6 +234,70 @@ def test_training_learns_resumes_bitwise_and_exports(tmp_path):
     b.close()
 
 
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of TensorBoard event files as TensorBoard shows them, read with tensorboardX's own protobuf
+    (TFRecord framing: length, its CRC, the record, its CRC); a SessionLog START at step s (tensorboardX's
+    purge_step) drops the events of steps >= s before it, as TensorBoard does."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        i = 0
+        while i < len(raw):
+            (n,) = struct.unpack("<Q", raw[i : i + 8])
+            event = event_pb2.Event.FromString(raw[i + 12 : i + 12 + n])
+            i += 16 + n
+            if (
+                event.session_log.status == event.session_log.START
+            ):  # a resume: TensorBoard purges from here
+                out = {k: [(s, v) for s, v in vs if s < event.step] for k, vs in out.items()}
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+@pytest.mark.slow
+def test_streamed_shards_train_resume_bitwise_and_log(tmp_path):
+    """Cached shards streamed through grain (the prefetching iterator yields what a step reads itself); a run
+    resumed from its checkpoint (the loader's state restored with it) repeats the losses bitwise, and its metrics
+    file and TensorBoard events hold each step once."""
+    from test_data import bucketed_cache
+
+    # two shards of one bucket (the README's run trains on two buckets: one compile per bucket)
+    bucketed_cache(tmp_path / "c", sizes=((5, 3), (4, 3)))
+    shards = lambda: data.LatentShards(tmp_path / "c", seed=1, cfg=TINY)  # noqa: E731
+    opts = options(tmp_path, steps=6, batch_size=4, save_every=3, warmup=1)
+    a = tr.Trainer(TINY, shards(), opts)
+    log = tr.RunLog(tmp_path / "run")
+    losses = a.fit(progress=False, log=log)
+    log.close()
+    a.close()
+    ahead = a.loader(2)  # the prefetching grain iterator yields what the step would read itself
+    for step in range(2, 6):
+        got, want = next(ahead), a.local_batch(step)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert ahead.get_state() == {"next_index": 6}
+
+    b = tr.Trainer(TINY, shards(), opts)
+    assert b.restore(3) == 3 and b.loader_state() == {"next_index": 3}
+    log = tr.RunLog(tmp_path / "run", start=3)
+    assert b.fit(progress=False, log=log) == losses[3:]  # bitwise
+    log.close()
+    b.close()
+    lines = [json.loads(x) for x in (tmp_path / "run" / tr.RunLog.JSONL).read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert [x["loss"] for x in lines] == pytest.approx(losses, rel=1e-7)
+    assert {"lr", "grad_norm", "step_time", "samples_per_s", "tokens_per_s"} <= set(lines[0])
+    scalars = tensorboard_scalars(tmp_path / "run" / tr.RunLog.EVENTS)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(scalars)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_ema_is_the_moving_average_of_the_weights(tmp_path):
     decay = 0.9
@@ -664,10 +728,17 @@ def test_demo_command_writes_grid_curve_and_weights_and_resumes(tmp_path, capsys
         "2",
         "--save-every",
         "1",
+        "--sample-every",
+        "2",
     ]
     assert cli.main(run + ["--steps", "3"]) == 0
-    for name in ("samples.png", "loss.png", "model.safetensors"):
+    for name in ("samples.png", "loss.png", "model.safetensors", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0, name
+    # validation grids at step 0 (the start) and every 2 steps
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step-000000.png",
+        "step-000002.png",
+    ]
     assert mt.load_model(data.DEMO, out / "model.safetensors", dtype=torch.float32) is not None
     capsys.readouterr()
 
