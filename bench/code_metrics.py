@@ -83,7 +83,9 @@ def twin_similarity(root: Path) -> dict[str, float]:
     for name in TWINS:
         a, b = root / "minflux_torch" / f"{name}.py", root / "minflux_jax" / f"{name}.py"
         if a.exists() and b.exists():
-            sm = difflib.SequenceMatcher(None, _normalised(a.read_text()), _normalised(b.read_text()))
+            sm = difflib.SequenceMatcher(
+                None, _normalised(a.read_text()), _normalised(b.read_text())
+            )
             out[name] = round(sm.ratio(), 3)
     return out
 
