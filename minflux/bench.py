@@ -63,8 +63,10 @@ QUICK = {
     "kinds": ("forward", "train"),
     "backends": ("torch-eager", "diffusers-eager", "jax-xla"),
 }
-# a diffusers row is timed only if its output agrees with minflux's (DESIGN.md's whole-model bounds)
-PEER_BOUND = {"fp32": 1e-4, "bf16": 5e-2}
+# A diffusers row is timed only if its output agrees with minflux's on the same weights: a wrong export gives
+# rel-L2 near 1. fp32: DESIGN.md's whole-model bound. bf16: twice it, as diffusers rounds t * 1000 and the
+# guidance to bf16 before embedding them (minflux keeps fp32): 0.054 on flux1-tiny's random weights.
+PEER_BOUND = {"fp32": 1e-4, "bf16": 0.1}
 
 
 @dataclass(frozen=True)

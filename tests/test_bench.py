@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -325,3 +326,54 @@ def test_attention_choice_belongs_to_the_model():
     assert {b.attention_implementation for b in [*tm.double_blocks, *tm.single_blocks]} == {"math"}
     with pytest.raises(ValueError, match="expected 'auto' or one of"):
         tl.set_attention_implementation(tm, "xla")
+
+
+def gpu_session():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.py"
+    spec = importlib.util.spec_from_file_location("gpu_session", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_session"] = module  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_session_fits_one_call_and_boxes_every_part(tmp_path, monkeypatch):
+    """The default parts fit one 9-minute call (with the dry run's two extra parts); each part runs in its own
+    time box, a failing or overrunning part is logged and killed and the next one starts, and time a part
+    leaves unused goes to the parts after it."""
+    gs = gpu_session()
+    table = gs.parts(tmp_path)
+    default = sum(table[n].limit for n in gs.DEFAULT)
+    assert default + sum(p.limit for p in gs.DRY_EXTRA) <= gs.BUDGET - gs.MARGIN
+    assert all(
+        p.argv[0] == gs.PY for p in table.values()
+    )  # the machine's Python: nothing installed
+    # the dry run: tiny presets at 64 px, XLA's attention instead of cuDNN's
+    dry = gs.dry(table["flux1"])
+    assert "flux1-tiny" in dry.argv and "jax-xla,torch-compile,diffusers-eager" in dry.argv
+    assert dry.argv[dry.argv.index("--resolution") + 1] == "64"
+
+    py = gs.PY
+    fake = {
+        "quick": gs.Part("quick", 20, [py, "-c", "print('hi')"], ""),
+        "fails": gs.Part("fails", 20, [py, "-c", "raise SystemExit(3)"], ""),
+        "hangs": gs.Part("hangs", 2, [py, "-c", "import time; time.sleep(600)"], "", fixed=True),
+        "last": gs.Part("last", 20, [py, "-c", "print('still runs')"], ""),
+    }
+    monkeypatch.setattr(gs, "parts", lambda out: fake)
+    with pytest.raises(SystemExit, match="add up to 62 s, over the budget 70 s"):
+        gs.session(tmp_path, list(fake), 70, False)
+    summary = gs.session(tmp_path, list(fake), 100, False)
+    status = {p["part"]: p["status"] for p in summary["parts"]}
+    assert status == {
+        "quick": "ok",
+        "fails": "exit 3",
+        "hangs": "killed after its 2 s box",
+        "last": "ok",
+    }
+    boxes = {p["part"]: p["box"] for p in summary["parts"]}
+    assert boxes["quick"] >= 20 and boxes["fails"] > 20  # the first part's unused time moved on
+    assert "still runs" in (tmp_path / "log.txt").read_text()
