@@ -199,19 +199,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def defaults(args, gpu: bool) -> str | None:
-    """Fill what the user left out: the GPU defaults, or on a machine without a GPU (and no --model) the quick
-    plan (`minflux.bench.QUICK`: about a minute on 2 cores); returns the one line that says so, or None."""
-    quick = not gpu and args.model is None
+    """Fill what the user left out: the GPU defaults, or on a machine without a GPU, for no --model or a tiny
+    one, the quick plan (`minflux.bench.QUICK`: about a minute on 2 cores); returns the one line that says so,
+    or None."""
+    quick = not gpu and (args.model is None or args.model.endswith("-tiny"))
     base = bench.QUICK if quick else GPU_DEFAULT
+    given = [f for f in ("model", "resolution", "txt_len", "kinds", "backends") if getattr(args, f)]
     for field in ("model", "resolution", "txt_len", "kinds", "backends"):
         if getattr(args, field) is None:
             setattr(args, field, base[field])
-    if not quick:
+    if not quick or len(given) == 5:
         return None
+    why = "no GPU and no --model" if "model" not in given else f"no GPU, {args.model}"
     return (
-        f"minflux bench: no GPU and no --model: {args.model}, {args.resolution} px, {args.txt_len} text "
-        f"tokens, rows {','.join(args.kinds)}, backends {','.join(args.backends)} (about a minute on 2 "
-        "cores; --model PRESET for another)"
+        f"minflux bench: {why}: {args.model}, {args.resolution} px, {args.txt_len} text tokens, rows "
+        f"{','.join(args.kinds)}, backends {','.join(args.backends)} (about a minute on 2 cores; "
+        "--model PRESET, --resolution, --kinds, --backends for others)"
     )
 
 
@@ -289,15 +292,24 @@ def probe_xla_flags(flags: list[str]) -> tuple[list[str], str]:
     """(flags the installed jaxlib refuses, its version): one short process starts JAX's CPU backend with them
     (XLA parses every flag, GPU ones included, whichever backend starts). An unknown flag would otherwise end
     every JAX process at start."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        version = "(not installed)"
     env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
-    code = "import jax, jaxlib; jax.devices(); print(jaxlib.__version__)"
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+            [sys.executable, "-c", "import jax; jax.devices()"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
         )
     except subprocess.TimeoutExpired:
-        return [], "?"
-    return bench.unknown_xla_flags(proc.stderr), (proc.stdout.strip() or "?")
+        return [], version
+    return bench.unknown_xla_flags(proc.stderr), version
 
 
 def xla_flags(args) -> str:
@@ -409,9 +421,9 @@ def run(args) -> int:
     line = defaults(args, memory.gpu_memory() is not None)
     plan = plan_of(args)
     check(args, plan)
-    if line:
-        print(line, file=sys.stderr, flush=True)
     flags = xla_flags(args)
+    if line:  # after every usage check: an error stays one line
+        print(line, file=sys.stderr, flush=True)
     found: dict[tuple[str, str], list[dict]] = {}
     versions, parity, device = {}, {}, "cpu"
     command = "minflux bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None

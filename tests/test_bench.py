@@ -107,7 +107,12 @@ def test_no_model_without_a_gpu_picks_the_quick_plan(capsys):
         line.startswith("minflux bench: no GPU and no --model: flux2-tiny, 64 px")
         and "\n" not in line
     )
-    # a model the user names, or a GPU: the full-size defaults, silently
+    # a tiny model: the same sizes; a full-size model the user names, or a GPU: the full-size defaults, silently
+    args = cli_bench_args(["--model", "flux1-tiny", "--kinds", "forward"])
+    line = cli_bench.defaults(args, gpu=False)
+    assert line.startswith(
+        "minflux bench: no GPU, flux1-tiny: flux1-tiny, 64 px"
+    ) and args.kinds == ("forward",)
     args = cli_bench_args(["--model", "flux1-dev"])
     assert cli_bench.defaults(args, gpu=False) is None and args.resolution == 1024
     args = cli_bench_args([])
