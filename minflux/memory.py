@@ -18,6 +18,7 @@ import shutil
 import subprocess
 
 KINDS = ("forward", "sample", "fp8", "train", "lora")
+RUNTIME = 1_000_000_000  # bytes: a framework's own memory beside the model (libraries, compiler, thread stacks)
 
 
 def _linear(n_in: int, n_out: int, bias: bool) -> int:
@@ -66,11 +67,11 @@ def estimate(
     """{"weights", "total"} bytes for one `kind` call of transformer `cfg` (see KINDS) with weights of
     `itemsize` bytes (2 for bf16, 4 for fp32).
 
-    total = weights (fp8: the block linears at 1 byte) + activations: a block's largest intermediates (about 14
-    hidden-wide tensors per token), attention scores and probabilities in fp32 when `attention_scores` (XLA's
-    attention; fused kernels do not hold them), and for training gradients + AdamW's two moments (3 x weights)
-    and one saved input per block (remat). `sample` adds the autoencoder and its decoder's activations at
-    `pixels` x `pixels`.
+    total = weights (fp8: the block linears at 1 byte) + activations: a block's largest intermediates (about 24
+    hidden-wide fp32 tensors per token), attention scores and probabilities in fp32 when `attention_scores`
+    (XLA's attention; fused kernels do not hold them), 1 GB for the runtime, and for training gradients +
+    AdamW's two moments (3 x weights) and one saved input per block (remat). `sample` adds the autoencoder and
+    its decoder's activations at `pixels` x `pixels`.
     """
     if kind not in KINDS:
         raise ValueError(f"memory.estimate: kind {kind!r} is none of {', '.join(KINDS)}")
@@ -78,9 +79,12 @@ def estimate(
     weights = params * itemsize
     tokens = batch * (img_tokens + txt_tokens)
     h = cfg.hidden_size
-    act = 14 * tokens * h * max(itemsize, 4)  # intermediates upcast to fp32 (norms, RoPE, softmax)
-    if attention_scores:
-        act += 2 * batch * cfg.num_heads * (img_tokens + txt_tokens) ** 2 * 4
+    # a block's intermediates, upcast to fp32 where norms, RoPE and softmax run, and the runtime itself (a
+    # compiler, thread pools): XLA's buffer assignment for flux2-klein-4b at 1024 px in bf16 holds 6.4 GiB of
+    # temporaries (bench/bench_xla_cpu_memory.py), which this puts at 7.4 GB
+    act = 24 * tokens * h * max(itemsize, 4) + RUNTIME
+    if attention_scores:  # scores, probabilities and one more of their size, in fp32
+        act += 3 * batch * cfg.num_heads * (img_tokens + txt_tokens) ** 2 * 4
     total = weights + act
     if kind == "fp8":  # block linears (nearly every weight) at one byte, the rest as before
         total -= int(0.95 * params) * (itemsize - 1)

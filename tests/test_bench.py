@@ -66,7 +66,10 @@ def test_bench_runs_pytorch_diffusers_and_jax_with_ratios_and_memory(tmp_path, c
         (["--model", "flux1-dev", "--hidden", "1000"], "head width 128"),
         (["--blocks", "2"], "DOUBLE,SINGLE"),
         # refused before anything is built, with the estimate (12 B parameters in bf16: 23.8 GB)
-        (["--model", "flux1-dev", "--kinds", "forward"], "needs about 2"),
+        (
+            ["--model", "flux1-dev", "--kinds", "forward"],
+            "needs about 32.3 GB in bf16 (weights 23.8 GB)",
+        ),
         # an unknown flag the user gave: one line naming it (checked by starting JAX once, no row starts)
         ([*TINY, "--backends", "jax-xla", "--xla-flags=--xla_no_such_flag=1"], "does not know"),
     ],
