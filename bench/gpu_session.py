@@ -263,17 +263,24 @@ def session(out: Path, names: list[str], budget: float, dry_run: bool) -> dict:
 
 
 def preflight(path: Path) -> int:
-    """Record versions and check every API the session relies on; OUT/env.json. Exit 1 if one is missing."""
+    """Record versions and check every API the session relies on, each check on its own (a missing library
+    fails its checks, not the part); OUT/env.json, written as it goes. Exit 1 if a check failed."""
+    import importlib
     import platform
 
     info: dict = {"python": sys.version.split()[0], "platform": platform.platform(), "checks": {}}
     checks = info["checks"]
+
+    def save() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info, indent=1) + "\n")
 
     def check(name, fn):
         try:
             checks[name] = fn() or "ok"
         except Exception as e:  # noqa: BLE001 -- every check is reported
             checks[name] = f"FAILED: {type(e).__name__}: {e}"
+        save()
 
     try:
         smi = subprocess.run(
@@ -285,49 +292,39 @@ def preflight(path: Path) -> int:
         info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         info["nvidia_smi"] = f"none ({type(e).__name__})"
+    for lib in ("torch", "jax", "jaxlib", "flax", "optax", "diffusers", "numpy"):
+        check(f"import {lib}", lambda lib=lib: importlib.import_module(lib).__version__)
+        info[lib] = checks[f"import {lib}"]
 
-    import torch
+    def torch_apis():
+        import torch
 
-    info["torch"] = torch.__version__
-    info["cuda"] = torch.version.cuda
-    info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    check(
-        "torch.compile",
-        lambda: callable(torch.compile) and callable(torch.nn.Module.compile) and None,
-    )
-    check("torch._scaled_mm", lambda: callable(torch._scaled_mm) and None)
-    check("torch.float8_e4m3fn", lambda: str(torch.float8_e4m3fn))
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        assert callable(torch.compile) and callable(torch.nn.Module.compile)
+        assert callable(torch._scaled_mm) and torch.float8_e4m3fn
+        return f"torch {torch.__version__}, CUDA {torch.version.cuda}"
 
     def tf32():
+        import torch
+
         from parity import precision
 
         precision.configure("cuda" if torch.cuda.is_available() else "cpu")
         precision.assert_full_precision()
         return f"legacy cudnn.allow_tf32 reads {torch.backends.cudnn.allow_tf32}"
 
-    check("precision flags", tf32)
-    import jax
-    import jaxlib
-
-    info["jax"], info["jaxlib"] = jax.__version__, jaxlib.__version__
-    info["jax_devices"] = [str(d) for d in jax.devices()]
-
-    def attention():
+    def jax_apis():
+        import jax
         import jax.numpy as jnp
 
+        info["jax_devices"] = [str(d) for d in jax.devices()]
         q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
         impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
         jax.nn.dot_product_attention(q, q, q, implementation=impl).block_until_ready()
-        return impl
-
-    check("jax.nn.dot_product_attention", attention)
-    check(
-        "memory_analysis / memory_stats",
-        lambda: (
-            jax.jit(lambda x: x + 1).lower(1.0).compile().memory_analysis() is not None
-            and str(jax.local_devices()[0].memory_stats() is not None)
-        ),
-    )
+        assert jax.jit(lambda x: x + 1).lower(1.0).compile().memory_analysis() is not None
+        stats = jax.local_devices()[0].memory_stats()
+        return f"attention {impl}; memory_stats {'peak_bytes_in_use' in (stats or {})}"
 
     def flags():
         from minflux import bench as core
@@ -336,17 +333,16 @@ def preflight(path: Path) -> int:
         unknown, version = probe_xla_flags(list(core.XLA_DEFAULT_FLAGS))
         return f"jaxlib {version}: " + (f"unknown (dropped) {unknown}" if unknown else "all known")
 
-    check("XLA default flags", flags)
-    import diffusers
-    import flax
+    def peer():
+        import diffusers
 
-    info["flax"], info["diffusers"] = flax.__version__, diffusers.__version__
-    check(
-        "diffusers transformers",
-        lambda: (diffusers.FluxTransformer2DModel, diffusers.Flux2Transformer2DModel) and None,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=1) + "\n")
+        return str((diffusers.FluxTransformer2DModel, diffusers.Flux2Transformer2DModel))
+
+    check("torch APIs", torch_apis)
+    check("precision flags", tf32)
+    check("jax APIs", jax_apis)
+    check("XLA default flags", flags)
+    check("diffusers transformers", peer)
     print(json.dumps(info, indent=1))
     return 1 if any(str(v).startswith("FAILED") for v in checks.values()) else 0
 

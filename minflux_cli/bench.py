@@ -347,10 +347,24 @@ def jax_env(flags: str) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = flags
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    # one name only: jaxlib refuses both; the older name is the one every jaxlib reads
-    if not env.get("XLA_CLIENT_MEM_FRACTION"):
-        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    names = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if not any(env.get(n) for n in names):  # one name only: jaxlib refuses both at once
+        env[mem_fraction_name()] = "0.95"
     return env
+
+
+def mem_fraction_name() -> str:
+    """The memory-fraction variable the installed jaxlib reads: XLA_CLIENT_MEM_FRACTION where its client
+    knows it (0.10 on), else the older XLA_PYTHON_CLIENT_MEM_FRACTION (read from jaxlib's files, not imported)."""
+    from importlib import metadata
+
+    try:
+        client = next(f for f in metadata.files("jaxlib") or [] if f.name == "xla_client.py")
+        if "XLA_CLIENT_MEM_FRACTION" in client.read_text():
+            return "XLA_CLIENT_MEM_FRACTION"
+    except (metadata.PackageNotFoundError, StopIteration, OSError):
+        pass
+    return "XLA_PYTHON_CLIENT_MEM_FRACTION"
 
 
 # ---------------------------------------------------------------------------------------------

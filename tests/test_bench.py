@@ -96,9 +96,18 @@ def test_an_unknown_default_xla_flag_is_dropped_with_a_warning(monkeypatch, caps
     assert "warning: jaxlib" in err and "--xla_gone_flag=true: dropped" in err
     args.backends = ("torch-eager",)  # no JAX row: nothing to check
     assert cli_bench.xla_flags(args) == ""
+    monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     env = cli_bench.jax_env("--a")
     assert env["XLA_FLAGS"] == "--a" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    assert "XLA_CLIENT_MEM_FRACTION" not in env  # jaxlib refuses both names at once
+    # one memory-fraction name, the one this jaxlib's client reads (it refuses both at once)
+    fraction = [
+        n for n in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION") if n in env
+    ]
+    assert fraction == [cli_bench.mem_fraction_name()] and env[fraction[0]] == "0.95"
+    from jaxlib import xla_client
+
+    assert fraction[0] in open(xla_client.__file__).read()
 
 
 def test_no_model_without_a_gpu_picks_the_quick_plan(capsys):
