@@ -457,6 +457,10 @@ def run(args) -> int:
                 "xla_flags": flags,
                 "rounds": args.rounds,
                 "host_cpus": os.cpu_count(),
+                "usable_cpus": len(os.sched_getaffinity(0))
+                if hasattr(os, "sched_getaffinity")
+                else None,
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                 "load_average": {"start": load, "end": os.getloadavg()},
             }
         )
