@@ -189,10 +189,8 @@ def dry(part: Part) -> Part:
 
 
 DRY_EXTRA = [  # what the dry run adds: a part that fails, a part that outlives its box
-    Part(
-        "fails", 10, [PY, "-c", "raise SystemExit('this part fails on purpose')"], "a failing part"
-    ),
-    Part("overruns", 5, [PY, "-c", "import time; time.sleep(60)"], "a part that outlives its box"),
+    Part("fails", 10, [PY, "-c", "raise SystemExit('fails on purpose')"], "fails", fixed=True),
+    Part("overruns", 5, [PY, "-c", "import time; time.sleep(600)"], "overruns", fixed=True),
 ]
 
 

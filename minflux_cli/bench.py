@@ -479,7 +479,8 @@ def run(args) -> int:
             if "skipped" in out:
                 print(f"minflux bench: {name} skipped: {out['skipped']}", file=sys.stderr)
                 continue
-            if "error" in out:
+            failed = "error" in out
+            if failed:
                 print(f"minflux bench: {name} {kind} failed: {out['error']}", file=sys.stderr)
                 out = {"rows": [{"kind": kind, "error": out["error"]}]}
             else:
@@ -489,7 +490,7 @@ def run(args) -> int:
             if "fp8_parity" in out:
                 parity[bench.BACKENDS[name][0]] = out["fp8_parity"]
             for row in out["rows"]:
-                if "error" in row and "error" not in out:
+                if "error" in row and not failed:
                     print(f"minflux bench: {name} {kind}: {row['error']}", file=sys.stderr)
                 found.setdefault((name, row["kind"]), []).append(row)
             if args.json:  # after every row: a run cut short by a time limit keeps what it measured
