@@ -273,6 +273,11 @@ def _block(block, args: tuple, kw: dict):
     return block(*args, **kw)
 
 
+def _quantized_copy(block: nnx.Module, scaling: str) -> nnx.Module:
+    """An fp8 copy of one block."""
+    return fp8.quantize_model(nnx.clone(block), scaling)
+
+
 def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
     """rel-L2 of each fp8 block against the same block in the model dtype, on the same inputs (teacher forcing:
     the reference output feeds the next block), and of the whole model's output; rows {"name", "rel_l2",
@@ -283,7 +288,7 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
     img, txt, kw = _embed(model, x)
     rows = []
     for i, ref in enumerate(model.double_blocks):
-        q = fp8.quantize_model(nnx.clone(ref), scaling)
+        q = _quantized_copy(ref, scaling)
         want, got = _block(ref, (img, txt), kw["double"]), _block(q, (img, txt), kw["double"])
         rows.append(
             bench.fp8_row(
@@ -296,7 +301,7 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
         img, txt = want
     h = jnp.concatenate((txt, img), axis=1)
     for i, ref in enumerate(model.single_blocks):
-        q = fp8.quantize_model(nnx.clone(ref), scaling)
+        q = _quantized_copy(ref, scaling)
         want, got = _block(ref, (h,), kw["single"]), _block(q, (h,), kw["single"])
         rows.append(bench.fp8_row(f"single_blocks.{i}", _np(got), _np(want), _np(h)))
         h = want

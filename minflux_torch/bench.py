@@ -271,6 +271,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
+def _quantized_copy(block: nn.Module, scaling: str) -> nn.Module:
+    """An fp8 copy of one block (`fp8.quantize_model` names linears by their parent: the copy gets one)."""
+    holder = nn.Module()
+    holder.block = copy.deepcopy(block)
+    return fp8.quantize_model(holder, scaling).block
+
+
 @torch.inference_mode()
 def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
     """rel-L2 of each fp8 block against the same block in the model dtype, on the same inputs (teacher forcing:
@@ -282,7 +289,7 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
     img, txt, kw = _embed(model, x)
     rows = []
     for i, ref in enumerate(model.double_blocks):
-        q = fp8.quantize_model(copy.deepcopy(ref), scaling)
+        q = _quantized_copy(ref, scaling)
         want, got = ref(img, txt, **kw["double"]), q(img, txt, **kw["double"])
         rows.append(
             bench.fp8_row(
@@ -295,7 +302,7 @@ def fp8_parity(model, inp: dict, scaling: str = "tensor") -> list[dict]:
         img, txt = want
     h = torch.cat((txt, img), dim=1)
     for i, ref in enumerate(model.single_blocks):
-        q = fp8.quantize_model(copy.deepcopy(ref), scaling)
+        q = _quantized_copy(ref, scaling)
         want, got = ref(h, **kw["single"]), q(h, **kw["single"])
         rows.append(bench.fp8_row(f"single_blocks.{i}", _np(got), _np(want), _np(h)))
         h = want
