@@ -62,8 +62,8 @@ def _sync() -> None:
 
 class Memory:
     """A row's memory: on a GPU the caching allocator's peak (weights included), on a CPU the peak RSS over the
-    RSS when the row's calls start (after loading and any ahead-of-time compile; the C heap trimmed first, so
-    freed memory does not hide new allocations). `base` is what the calls started from."""
+    RSS after loading and the first call (the C heap trimmed first, so freed memory does not hide new
+    allocations). `base` is what the watched calls started from."""
 
     def __init__(self):
         self.base = self.peak = None
@@ -91,15 +91,16 @@ class Memory:
 
 def timed(plan, call, compiled: bool, mem: Memory, check=None) -> dict:
     """Run `call` once (compiling), `plan.warmup` more times, `check` its first output (a failed check raises:
-    the row is never timed), then time `plan.repeats` calls. Memory is watched over both phases, not over the
-    check (the diffusers row's check runs minflux's model)."""
-    mem.start()
+    the row is never timed), then time `plan.repeats` calls. Memory is watched from after the first call (what a
+    compile leaves is not the step's) over the warm-up and the timed calls, not over the check (the diffusers
+    row's check runs minflux's model)."""
     t0 = time.perf_counter()
     first_out = call()
     # to the host at once: a CUDA-graph replay overwrites its outputs
     first_out = _np(first_out) if check is not None else None
     _sync()
     first = time.perf_counter() - t0
+    mem.start()
     for _ in range(plan.warmup):
         call()
     mem.stop()
