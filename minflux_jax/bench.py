@@ -65,9 +65,9 @@ def _device_memory() -> dict:
 
 class Memory:
     """A row's memory: on a GPU the allocator's peak (weights included; JAX cannot reset it, so the process's:
-    each row has its own), on a CPU the peak RSS over the RSS after loading and the first call (the C heap
-    trimmed first, so freed memory does not hide new allocations). `base` is what the watched calls started
-    from."""
+    each row has its own), on a CPU the peak RSS over the RSS after loading and the ahead-of-time compile (the C
+    heap trimmed first, so freed memory does not hide new allocations). `base` is what the watched calls
+    started from."""
 
     def __init__(self):
         self.base = self.peak = None
@@ -107,11 +107,15 @@ def xla_bytes(compiled) -> int | None:
 
 def timed(plan, call, mem: Memory, compiled=None, compile_s: float | None = None) -> dict:
     """Run `call` once, `plan.warmup` more times, then time `plan.repeats` calls (each ends in a block); memory
-    is watched from after the first call (what a compile leaves is not the step's)."""
+    is watched over all of them, or, where the first call compiles (no ahead-of-time `compile_s`), from after it
+    (a compiler's memory is not the step's)."""
+    if compile_s is not None:
+        mem.start()
     t0 = time.perf_counter()
     call()
     first = time.perf_counter() - t0
-    mem.start()
+    if compile_s is None:
+        mem.start()
     for _ in range(plan.warmup):
         call()
     times = []

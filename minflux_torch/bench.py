@@ -62,8 +62,8 @@ def _sync() -> None:
 
 class Memory:
     """A row's memory: on a GPU the caching allocator's peak (weights included), on a CPU the peak RSS over the
-    RSS after loading and the first call (the C heap trimmed first, so freed memory does not hide new
-    allocations). `base` is what the watched calls started from."""
+    RSS after loading (the C heap trimmed first, so freed memory does not hide new allocations). `base` is what
+    the watched calls started from."""
 
     def __init__(self):
         self.base = self.peak = None
@@ -91,16 +91,19 @@ class Memory:
 
 def timed(plan, call, compiled: bool, mem: Memory, check=None) -> dict:
     """Run `call` once (compiling), `plan.warmup` more times, `check` its first output (a failed check raises:
-    the row is never timed), then time `plan.repeats` calls. Memory is watched from after the first call (what a
-    compile leaves is not the step's) over the warm-up and the timed calls, not over the check (the diffusers
-    row's check runs minflux's model)."""
+    the row is never timed), then time `plan.repeats` calls. Memory is watched over all of them but the check
+    (the diffusers row's check runs minflux's model); a compiled row's from after its first call, which compiles
+    (a compiler's memory is not the step's)."""
+    if not compiled:
+        mem.start()
     t0 = time.perf_counter()
     first_out = call()
     # to the host at once: a CUDA-graph replay overwrites its outputs
     first_out = _np(first_out) if check is not None else None
     _sync()
     first = time.perf_counter() - t0
-    mem.start()
+    if compiled:
+        mem.start()
     for _ in range(plan.warmup):
         call()
     mem.stop()
