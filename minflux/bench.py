@@ -38,9 +38,8 @@ BACKENDS = {  # name -> (framework, options); "diffusers" runs in the PyTorch ru
     "jax-cudnn": ("jax", {"attention": "cudnn"}),
 }
 GPU_ONLY = ("jax-cudnn",)
-PEER_KINDS = (
-    "forward",
-)  # the rows diffusers runs (its training and sampling loops are not ours to time)
+# the rows diffusers runs (its training and sampling loops are not ours to time)
+PEER_KINDS = ("forward",)
 # XLA flags the JAX workers get (`--xla-flags default`); a flag the installed jaxlib does not know is dropped
 # with a warning (`minflux_cli.bench.xla_flags`). On a GPU: measured on or off by bench/gpu_session.sh.
 XLA_GPU_FLAGS = (
@@ -90,12 +89,10 @@ class Plan:
     hidden: int = 0  # a narrower or wider model of the preset: hidden size (heads keep their width); 0: the preset's
     depth: int = -1  # double blocks; -1: the preset's
     depth_single: int = -1  # single blocks; -1: the preset's
-    compile_scope: str = (
-        "blocks"  # torch.compile: "blocks" (each block, compiled once per block class) or "full"
-    )
-    compile_mode: str = (
-        "auto"  # torch.compile mode; auto: CUDA graphs ("reduce-overhead") for inference on a GPU
-    )
+    # torch.compile: "blocks" (each block, compiled once per block class) or "full"
+    compile_scope: str = "blocks"
+    # torch.compile mode; auto: CUDA graphs ("reduce-overhead") for inference on a GPU
+    compile_mode: str = "auto"
 
     @property
     def cfg(self):

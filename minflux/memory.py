@@ -39,9 +39,8 @@ def param_count(cfg) -> int:
     n += mlp_embedder(256) if cfg.guidance_embed else 0
     n += mlp_embedder(cfg.vec_in_dim) if cfg.family == "flux1" else 0
     qkv_bias = getattr(cfg, "qkv_bias", b)
-    stream = (
-        _linear(h, 3 * h, qkv_bias) + 2 * head + _linear(h, h, b)
-    )  # attention: qkv, q/k norms, proj
+    # attention: qkv, q/k norms, proj
+    stream = _linear(h, 3 * h, qkv_bias) + 2 * head + _linear(h, h, b)
     stream += _linear(h, gated * m, b) + _linear(m, h, b)  # MLP
     single = _linear(h, 3 * h + gated * m, b) + _linear(h + m, h, b) + 2 * head
     if cfg.shared_modulation:  # FLUX.2: three modulations shared by every block

@@ -365,9 +365,8 @@ def test_gpu_session_fits_one_call_and_boxes_every_part(tmp_path, monkeypatch):
     table = gs.parts(tmp_path)
     default = sum(table[n].limit for n in gs.DEFAULT)
     assert default + sum(p.limit for p in gs.DRY_EXTRA) <= gs.BUDGET - gs.MARGIN
-    assert all(
-        p.argv[0] == gs.PY for p in table.values()
-    )  # the machine's Python: nothing installed
+    # the machine's Python: nothing installed
+    assert all(p.argv[0] == gs.PY for p in table.values())
     # the dry run: tiny presets at 64 px, XLA's attention instead of cuDNN's
     dry = gs.dry(table["flux1"])
     assert "flux1-tiny" in dry.argv and "jax-xla,torch-compile,diffusers-eager" in dry.argv
