@@ -606,11 +606,58 @@ class Checkpoint:
         self.close()
 
 
+# NaN and Inf, read off the raw bits: with the sign bit cleared, a value is NaN or Inf exactly when its bits
+# are >= the smallest non-finite pattern (exponent all ones, mantissa zero: Inf). float8_e4m3fn has no Inf and
+# one NaN per sign, S.1111.111 (0x7F). dtype name -> (unsigned view, sign-clearing mask, smallest non-finite).
+_NONFINITE_BITS = {
+    "float64": (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+    "float32": (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+    "float16": (np.uint16, 0x7FFF, 0x7C00),
+    "bfloat16": (np.uint16, 0x7FFF, 0x7F80),
+    "float8_e4m3fn": (np.uint8, 0x7F, 0x7F),
+    "float8_e5m2": (np.uint8, 0x7F, 0x7C),
+}
+_FINITE_CHUNK = 1 << 20  # elements per piece: the masked copy of a piece stays in the CPU's cache
+_FINITE_PARALLEL = 1 << 24  # tensors this large are checked by every core (numpy releases the GIL)
+
+
+def _nonfinite(bits: np.ndarray, mask: int, first: int) -> bool:
+    """Whether any element of the flat unsigned view `bits` is NaN or Inf, a cache-sized piece at a time."""
+    buf = np.empty(min(bits.size, _FINITE_CHUNK), bits.dtype)
+    for start in range(0, bits.size, _FINITE_CHUNK):
+        piece = bits[start : start + _FINITE_CHUNK]
+        np.bitwise_and(piece, bits.dtype.type(mask), out=buf[: piece.size])
+        if buf[: piece.size].max() >= first:
+            return True
+    return False
+
+
 def check_finite(arr: np.ndarray, key: str, where) -> None:
-    ml = arr.dtype in (np_dtype("BF16"), *(np_dtype(d) for d in FP8_DTYPES))
-    if arr.dtype.kind == "f" or ml:
-        if not np.isfinite(arr.astype(np.float32) if ml else arr).all():
+    """Raise CheckpointError "WHERE: tensor KEY holds NaN or Inf values" if a float tensor holds any.
+
+    Tests the stored bits (exact, and about 6x cheaper than converting bf16 / fp16 / fp8 to float32 to call
+    `np.isfinite`); a large tensor is split across the cores. Non-float tensors pass; float formats not in
+    `_NONFINITE_BITS` are converted to float32 and tested with `np.isfinite`.
+    """
+    spec = _NONFINITE_BITS.get(arr.dtype.name)
+    if spec is None:
+        ml = arr.dtype.kind == "V" and "float" in arr.dtype.name  # another ml_dtypes float format
+        if (arr.dtype.kind == "f" or ml) and not np.isfinite(arr.astype(np.float32)).all():
             raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
+        return
+    view, mask, first = spec
+    bits = np.ascontiguousarray(arr).reshape(-1).view(view)
+    if bits.size == 0:
+        return
+    workers = min(os.cpu_count() or 1, bits.size // _FINITE_PARALLEL + 1)
+    if workers > 1:
+        pieces = np.array_split(bits, workers)
+        with ThreadPoolExecutor(workers) as pool:
+            bad = any(pool.map(lambda p: _nonfinite(p, mask, first), pieces))
+    else:
+        bad = _nonfinite(bits, mask, first)
+    if bad:
+        raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
 
 
 def refuse_lora(path) -> None:

@@ -1,24 +1,35 @@
-"""Memory estimates from a config alone, checked against what the machine has, before anything is allocated.
+"""How much memory a FLUX run needs, from the config alone, and how much the machine has (stdlib only).
 
 A request too large for the machine (`generate --width 100000 --height 100000`, `train --batch-size 100000`,
-`--lora-rank 100000`) should be one line naming the estimate, not a 149 GiB allocation failure, a
-RESOURCE_EXHAUSTED traceback or a SIGABRT a minute later. The estimates are deliberately rough (within a
-factor of about two of a measured peak): weights, optimiser state, and the largest activations of one
-transformer block (the rest of the forward pass frees as it goes), never the allocator's slack. They say
-"certainly too large", not "certainly fits": `check` refuses only what is over what the machine has.
+`bench --model flux2-dev` on a laptop) should be one line naming the estimate before anything is built, not
+a 149 GiB allocation failure, a RESOURCE_EXHAUSTED traceback or a SIGABRT a minute later.
 
-Framework-free: the device's free memory is the caller's to pass (`torch.cuda.mem_get_info`,
-`jax.Device.memory_stats`); `available_bytes` reads the host's (Linux: MemAvailable and the cgroup limit).
+The estimates are deliberately simple and on the high side: the resident weights (exact: `param_count` is
+checked against the models' own state dicts in tests) plus a rough bound on what one call adds: a block's
+largest intermediates, attention scores where an implementation materialises them (XLA's attention; fused
+kernels do not), a framework's own runtime, training's gradients and AdamW moments. They say "certainly too
+large", not "certainly fits": `check` refuses only what exceeds what the machine has, and `minflux bench`
+measures real peaks.
+
+    memory.param_count(cfg)                                   # parameters of a transformer or autoencoder
+    memory.estimate(cfg, "forward", 2, img_tokens=4096, txt_tokens=512)   # {"weights": .., "total": ..} bytes
+    memory.check(memory.generate_bytes(cfg, ae_cfg, 1024, 1024), "--width 1024 --height 1024")
+    memory.available()                                        # {"device": "cpu", "bytes": ...} this machine
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 from minflux.errors import CheckpointError
+from minflux.family import FAMILIES
 
-GB = 1e9
+KINDS = ("forward", "sample", "fp8", "train", "lora")
+RUNTIME = 1_000_000_000  # bytes: a framework's own memory beside the model (libraries, compiler, thread stacks)
+AE_PARAMS = 84_000_000  # the official autoencoders at width 128 (both families: within 1%)
 
 
 class TooLarge(CheckpointError):
@@ -32,6 +43,9 @@ def size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError
+
+
+gb = size  # (the name bench's messages used)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,46 +107,132 @@ def nvidia_gpus() -> int:
     return n
 
 
+def gpu_memory() -> int | None:
+    """Total bytes of the first NVIDIA GPU (`nvidia-smi`, which needs no framework), None without one."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return int(out.stdout.split()[0]) * 2**20 if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def available() -> dict:
+    """{"device": "gpu" | "cpu" | "limit", "bytes": int | None}: a GPU's total memory where there is one (the
+    run builds its models there), else the host's available memory. `MINFLUX_MEMORY_LIMIT` (bytes) overrides."""
+    if os.environ.get("MINFLUX_MEMORY_LIMIT", "").isdigit():
+        return {"device": "limit", "bytes": int(os.environ["MINFLUX_MEMORY_LIMIT"])}
+    gpu = gpu_memory()
+    if gpu is not None:
+        return {"device": "gpu", "bytes": gpu}
+    return {"device": "cpu", "bytes": available_bytes()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def param_count(cfg) -> int:
+    """Parameters of a FLUX.1 / FLUX.2 transformer (BFL's layout: exact), or of an autoencoder (approximate,
+    from the official autoencoders' 84 M scaled by channel width squared)."""
+    if not hasattr(cfg, "depth"):
+        return int(AE_PARAMS * (cfg.ch / 128) ** 2)
+    spec = FAMILIES[cfg.family]
+    h, b = cfg.hidden_size, spec.bias
+    m = int(h * cfg.mlp_ratio)
+    gated = 2 if spec.gated_mlp else 1
+    head = h // cfg.num_heads
+    mlp_embedder = lambda n_in: _linear(n_in, h, b) + _linear(h, h, b)  # noqa: E731
+    n = _linear(cfg.in_channels, h, b) + mlp_embedder(256) + _linear(cfg.context_in_dim, h, b)
+    n += mlp_embedder(256) if cfg.guidance_embed else 0
+    n += mlp_embedder(cfg.vec_in_dim) if spec.pooled_vec else 0
+    qkv_bias = getattr(cfg, "qkv_bias", b)
+    # attention: qkv, q/k norms, proj; then the MLP
+    stream = _linear(h, 3 * h, qkv_bias) + 2 * head + _linear(h, h, b)
+    stream += _linear(h, gated * m, b) + _linear(m, h, b)
+    single = _linear(h, 3 * h + gated * m, b) + _linear(h + m, h, b) + 2 * head
+    if spec.shared_modulation:  # FLUX.2: three modulations shared by every block
+        n += 2 * _linear(h, 6 * h, b) + _linear(h, 3 * h, b)
+    else:
+        stream += _linear(h, 6 * h, b)
+        single += _linear(h, 3 * h, b)
+    out_channels = getattr(cfg, "out_channels", cfg.in_channels)
+    n += cfg.depth * 2 * stream + cfg.depth_single_blocks * single
+    return n + _linear(h, 2 * h, b) + _linear(h, out_channels, b)  # final layer: adaLN, linear
+
+
+transformer_params = param_count  # (the name generate's and train's estimates used)
+
+
 # ---------------------------------------------------------------------------------------------
 # Estimates
 # ---------------------------------------------------------------------------------------------
 
 
-def transformer_params(cfg) -> int:
-    """Parameters of a FLUX transformer: every linear layer's weight and bias (`lora.linear_shapes`, tested
-    against both models) and the q/k RMSNorm scales; within 0.1% of the models' own count."""
-    from minflux import lora
-
-    n = 0
-    for out, inp in lora.linear_shapes(cfg).values():
-        n += out * inp + (out if cfg.bias else 0)
-    head = cfg.hidden_size // cfg.num_heads
-    return n + 2 * head * (2 * cfg.depth + cfg.depth_single_blocks)
-
-
-def autoencoder_params(ae_cfg) -> int:
-    """Parameters of a FLUX autoencoder, approximately: 84 M at the official width 128, scaling with width^2."""
-    return int(84e6 * (ae_cfg.ch / 128) ** 2)
-
-
 def block_activation_bytes(
-    cfg, tokens: int, batch: int, dtype_bytes: int = 2, attention_matrix: bool = False
+    cfg, tokens: int, batch: int, itemsize: int = 2, attention_scores: bool = False
 ) -> int:
-    """The largest activations alive inside one transformer block: the stream (B, L, hidden) a few times over
-    (input, norm, attention output, residual), q / k / v, the MLP's input projection (B, L, (2) x mlp) and,
-    when attention is not fused (`attention_matrix`: XLA on a CPU), the fp32 scores (B, heads, L, L)."""
-    h = cfg.hidden_size
-    mlp = int(h * cfg.mlp_ratio) * (2 if cfg.gated_mlp else 1)
-    n = batch * tokens * (7 * h + 2 * mlp) * dtype_bytes
-    if attention_matrix:
-        n += batch * cfg.num_heads * tokens * tokens * 4
+    """The largest intermediates alive inside one transformer block, for `batch` sequences of `tokens`: about
+    24 hidden-wide tensors per token, upcast to fp32 where norms, RoPE and softmax run, and, when attention
+    is not fused (`attention_scores`: XLA's attention), the fp32 scores, probabilities and one more of their
+    size (B, heads, L, L). Calibrated on XLA's buffer assignment for flux2-klein-4b at 1024 px in bf16 (6.4 GiB
+    of temporaries, bench/bench_xla_cpu_memory.py), which this puts at 7.4 GB with the runtime."""
+    n = 24 * batch * tokens * cfg.hidden_size * max(itemsize, 4)
+    if attention_scores:
+        n += 3 * batch * cfg.num_heads * tokens * tokens * 4
     return n
 
 
-def decode_bytes(ae_cfg, width: int, height: int, batch: int = 1, dtype_bytes: int = 4) -> int:
-    """The autoencoder decoder's peak at full resolution: about six (B, H, W, ch) tensors (a resnet block's
-    input, norms in fp32, convolution outputs, the residual), ch = the first level's width."""
-    return 6 * batch * width * height * ae_cfg.ch * ae_cfg.ch_mult[0] * max(dtype_bytes, 4)
+def decode_bytes(ae_cfg, width: int, height: int, batch: int = 1) -> int:
+    """The autoencoder decoder's peak at full resolution: about six fp32 (B, H, W, ch) tensors (a resnet
+    block's input, norms, convolution outputs, the residual), ch = the first level's width."""
+    return 6 * batch * width * height * ae_cfg.ch * ae_cfg.ch_mult[0] * 4
+
+
+def estimate(
+    cfg,
+    kind: str,
+    itemsize: int,
+    img_tokens: int,
+    txt_tokens: int,
+    batch: int = 1,
+    attention_scores: bool = True,
+    pixels: int = 0,
+) -> dict[str, int]:
+    """{"weights", "total"} bytes for one `kind` call of transformer `cfg` (see KINDS) with weights of
+    `itemsize` bytes (2 for bf16, 4 for fp32): the weights (fp8: the block linears at 1 byte), one block's
+    intermediates (`block_activation_bytes`) and the runtime; training adds gradients + AdamW's two moments
+    (3 x weights) and one saved input per block (remat); `sample` adds the autoencoder and its decoder at
+    `pixels` x `pixels`. Raises ValueError for an unknown kind."""
+    if kind not in KINDS:
+        raise ValueError(f"memory.estimate: kind {kind!r} is none of {', '.join(KINDS)}")
+    params = param_count(cfg)
+    weights = params * itemsize
+    tokens = img_tokens + txt_tokens
+    act = block_activation_bytes(cfg, tokens, batch, itemsize, attention_scores) + RUNTIME
+    total = weights + act
+    saved = (cfg.depth + cfg.depth_single_blocks) * batch * tokens * cfg.hidden_size * itemsize
+    if kind == "fp8":  # block linears (nearly every weight) at one byte, the rest as before
+        total -= int(0.95 * params) * (itemsize - 1)
+    elif kind == "sample" and pixels:
+        ch = 128 if pixels >= 256 else 32  # the decoder's last width (tiny autoencoders: 32)
+        total += 4 * AE_PARAMS + 6 * batch * ch * pixels * pixels * 4
+    elif kind == "train":
+        total += 3 * weights + saved
+    elif kind == "lora":
+        total += saved
+    return {"weights": weights, "total": int(total)}
 
 
 def generate_bytes(
@@ -148,11 +248,10 @@ def generate_bytes(
     cfg_scale: bool = False,
 ) -> int:
     """Peak bytes of `minflux generate`: the weights of both models, one block's activations for the image
-    and text tokens (twice the batch under true CFG), and the decoder's peak (decoded one image at a time
-    when it would not fit otherwise is not assumed)."""
+    and text tokens (twice the batch under true CFG), or the decoder's peak, whichever is larger."""
     img = (width // pixels_per_token) * (height // pixels_per_token)
     b = batch * (2 if cfg_scale else 1)
-    weights = transformer_params(cfg) * dtype_bytes + autoencoder_params(ae_cfg) * 4
+    weights = param_count(cfg) * dtype_bytes + param_count(ae_cfg) * 4
     act = block_activation_bytes(cfg, img + txt_tokens, b, dtype_bytes, attention_matrix)
     return weights + max(act, decode_bytes(ae_cfg, width, height, batch))
 
@@ -177,7 +276,7 @@ def train_bytes(
     from minflux import lora
 
     tokens = img_tokens + txt_tokens
-    p = transformer_params(cfg)
+    p = param_count(cfg)
     if lora_rank:
         shapes = lora.linear_shapes(cfg)
         chosen = lora.targets(shapes, lora_patterns) if lora_patterns else lora.targets(shapes)
@@ -187,10 +286,8 @@ def train_bytes(
         weights = p * 4 * (4 + (1 if ema else 0)) + p * dtype_bytes
     blocks = cfg.depth + cfg.depth_single_blocks
     one = block_activation_bytes(cfg, tokens, batch, dtype_bytes, attention_matrix)
-    act = (
-        blocks * batch * tokens * cfg.hidden_size * dtype_bytes + 2 * one if remat else blocks * one
-    )
-    return weights + act
+    saved = blocks * batch * tokens * cfg.hidden_size * dtype_bytes
+    return weights + (saved + 2 * one if remat else blocks * one)
 
 
 def check(

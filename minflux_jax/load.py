@@ -9,6 +9,8 @@ hand-written function per layer.
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +83,7 @@ def assign(module: nnx.Module, tensors) -> None:
         # a numpy copy (on CPU a device array may alias its numpy buffer, e.g. a live PyTorch tensor's memory),
         # cast and put on the device without a compiled program per shape (jnp.array(..., dtype) compiles one)
         values[path] = jax.device_put(
-            np.array(keymaps.torch_to_flax(arr, param), dtype=flat[path].dtype, copy=True)
+            host_copy(keymaps.torch_to_flax(arr, param), flat[path].dtype)
         )
     missing = sorted(names[p][0] for p in set(names) - set(values))
     if missing or unexpected:
@@ -90,6 +92,43 @@ def assign(module: nnx.Module, tensors) -> None:
             f"unexpected keys {sorted(unexpected)[:10]}"
         )
     nnx.update(module, nnx.from_flat_state(list(values.items())))
+
+
+COPY_PARALLEL = 1 << 24  # elements: larger tensors are copied by every core, a block of rows each
+COPY_TILE = 256  # a 2-D copy goes tile by tile: a transposed read stays in the cache (4x faster than copyto)
+
+
+def host_copy(arr: np.ndarray, dtype) -> np.ndarray:
+    """`arr` (any strides, e.g. a transposed view) cast to `dtype` in a new C-contiguous, 64-byte-aligned buffer.
+
+    XLA's CPU client adopts such a buffer as the device array without a copy; an unaligned one (numpy's own
+    allocations are 16-byte aligned) or a Fortran-ordered one it copies again, transposing at under 1 GB/s
+    (1.2 of 2.8 s of a 1 GB bf16 load). On a GPU the buffer is what travels. 2-D tensors are copied a tile at a
+    time, large ones by every core (numpy releases the GIL).
+    """
+    dtype = np.dtype(dtype)
+    raw = np.empty(arr.size * dtype.itemsize + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    out = raw[start : start + arr.size * dtype.itemsize].view(dtype).reshape(arr.shape)
+    if arr.ndim != 2 or arr.flags.c_contiguous:
+        np.copyto(out, arr, casting="unsafe")
+        return out
+    t = COPY_TILE
+
+    def rows(i0: int, i1: int) -> None:
+        for i in range(i0, i1, t):
+            for j in range(0, arr.shape[1], t):
+                np.copyto(
+                    out[i : min(i + t, i1), j : j + t],
+                    arr[i : min(i + t, i1), j : j + t],
+                    casting="unsafe",
+                )
+
+    workers = min(os.cpu_count() or 1, arr.size // COPY_PARALLEL + 1)
+    bounds = np.linspace(0, arr.shape[0], workers + 1).astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(rows, bounds[:-1], bounds[1:]))
+    return out
 
 
 def abstract_model(cfg_or_name, dtype=jnp.float32) -> nnx.Module:

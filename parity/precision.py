@@ -9,9 +9,15 @@ def configure(device: str, allow_tf32: bool = False) -> dict:
     import torch
 
     mode = "tf32" if allow_tf32 else "ieee"
+    # The legacy flags first, to the same value: torch raises on a later read of the legacy
+    # `torch.backends.cudnn.allow_tf32` (torch.compile's conv lowering reads it) when it disagrees with the
+    # per-op settings; set after them, the legacy setter would reset the per-op settings to "none".
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cuda.matmul.fp32_precision = mode
-    # cuDNN conv TF32 is on by default (matters for the VAE)
+    # cuDNN conv TF32 is on by default (matters for the VAE); rnn too, so conv and rnn agree
     torch.backends.cudnn.conv.fp32_precision = mode
+    torch.backends.cudnn.rnn.fp32_precision = mode
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if allow_tf32 else "highest")
     return settings()
 
