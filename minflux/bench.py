@@ -22,7 +22,6 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from minflux import configs, data, family, flops, memory, schedules
@@ -221,6 +220,8 @@ def random_tensor(key: str, shape: tuple[int, ...], seed: int = 0, dtype=np.floa
     core in pieces of WEIGHT_PIECE elements: about 169 M elements per core-second, so FLUX.1-dev's 12 B weights
     take seconds on a 16-core GPU host instead of 82 s on one core."""
     dtype = np.dtype(dtype)
+    import ml_dtypes  # (here: `minflux bench --help` answers without it)
+
     if dtype not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
         raise ValueError(f"random_tensor: dtype {dtype.name}: expected float32 or bfloat16")
     out = np.empty(shape, dtype)

@@ -1113,6 +1113,8 @@ HEAVY = ("torch", "jax", "ml_dtypes", "matplotlib", "PIL", "transformers", "orba
         (["generate", "--steps", "0"], HEAVY),
         (["train", "--steps", "0"], HEAVY),
         (["convert", "--help"], HEAVY),
+        (["bench", "--help"], HEAVY),
+        (["cache", "--help"], HEAVY),
         (["parity", "--resolution", "0"], HEAVY + ("numpy",)),
     ],
 )
