@@ -170,14 +170,14 @@ class Request:
             raise ValueError(
                 f"vec: {spec.title} takes a pooled vector of width {cfg.vec_in_dim}, got {got}"
             )
-        kind = check_model(self, cfg, ae_cfg)
-        check_mask(self.mask, kind, spec, configs.pixels_per_token(ae_cfg), self.mask_mode)
-        return kind
+        return check_model(self, cfg, ae_cfg)
 
 
 def check_mask(mask, kind: str, spec, pixels_per_token: int, mode: str, name: str = "mask") -> None:
     """A pixel mask (H, W, 1) that repaints something: a Fill model reads its pixels, other models the
-    latents or tokens it marks in `mode` (`minflux.masks`). Raises ValueError naming `name` otherwise."""
+    latents or tokens it marks in `mode` (`minflux.masks`). Raises ValueError naming `name` otherwise.
+    `minflux generate` refuses such a mask; the library samples it (everything kept: the init image's
+    autoencoder round trip)."""
     if mask is None:
         return
     if kind == "fill":

@@ -97,9 +97,9 @@ def test_masks_match_diffusers():
     )
     assert want.shape == (1, h * w // 256, 64)
     np.testing.assert_array_equal(
-        ts.inpaint_mask(torch.from_numpy(m), "flux1").numpy(), want.numpy()
+        ts.inpaint_mask(torch.from_numpy(m), "flux1", mode="center").numpy(), want.numpy()
     )
-    np.testing.assert_array_equal(np.asarray(js.inpaint_mask(nhwc(m), "flux1")), want.numpy())
+    np.testing.assert_array_equal(np.asarray(js.inpaint_mask(nhwc(m), "flux1", mode="center")), want.numpy())
 
     proc = Flux2ImageProcessor(
         vae_scale_factor=16,
@@ -128,10 +128,10 @@ def test_masks_match_diffusers():
         and ((want > 0) & (want < 1)).any()
     )
     np.testing.assert_allclose(
-        ts.inpaint_mask(torch.from_numpy(m), "flux2").numpy(), want.numpy(), atol=1e-7
+        ts.inpaint_mask(torch.from_numpy(m), "flux2", mode="center").numpy(), want.numpy(), atol=1e-7
     )
     np.testing.assert_allclose(
-        np.asarray(js.inpaint_mask(nhwc(m), "flux2")), want.numpy(), atol=1e-7
+        np.asarray(js.inpaint_mask(nhwc(m), "flux2", mode="center")), want.numpy(), atol=1e-7
     )
 
 
@@ -180,6 +180,7 @@ def test_flux1_inpaint_matches_diffusers(models, strength):
         steps=steps,
         strength=strength,
         guidance=3.5,
+        mask_mode="center",  # diffusers' mask sampling
     )
     b = js.sample_inpaint(
         jm,
@@ -191,6 +192,7 @@ def test_flux1_inpaint_matches_diffusers(models, strength):
         steps=steps,
         strength=strength,
         guidance=3.5,
+        mask_mode="center",  # diffusers' mask sampling
     )
     a_tok, b_tok = ts.pack(a, "flux1").numpy(), ts.pack(torch.from_numpy(nchw(b)), "flux1").numpy()
     ea, eb = rel_l2(a_tok, want), rel_l2(b_tok, want)
@@ -199,7 +201,7 @@ def test_flux1_inpaint_matches_diffusers(models, strength):
     )
     assert ea <= 1e-5 and eb <= 1e-5
     keep = (
-        ts.inpaint_mask(torch.from_numpy(mask), "flux1").numpy() == 0
+        ts.inpaint_mask(torch.from_numpy(mask), "flux1", mode="center").numpy() == 0
     )  # the known region ends as init, exactly
     assert keep.any() and np.array_equal(
         a_tok[keep], ts.pack(torch.from_numpy(init), "flux1").numpy()[keep]
@@ -256,6 +258,7 @@ def test_klein_inpaint_matches_diffusers(models, case):
     want = ((Flux2KleinInpaintPipeline._patchify_latents(out) - mean) / std).numpy()
     noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(0))
     opts = {"steps": steps, "strength": strength, "cfg_scale": 2.5 if cfg else 1.0}
+    opts["mask_mode"] = "center"  # diffusers' mask sampling
     a = ts.sample_inpaint(
         tm,
         noise,
@@ -283,7 +286,7 @@ def test_klein_inpaint_matches_diffusers(models, case):
         f"klein inpaint ({case}) vs Flux2KleinInpaintPipeline: rel-L2 torch {ea:.1e} jax {eb:.1e}"
     )
     assert ea <= 1e-5 and eb <= 1e-5
-    m = ts.inpaint_mask(torch.from_numpy(mask), "flux2").numpy()[0, :, 0].reshape(h, w)
+    m = ts.inpaint_mask(torch.from_numpy(mask), "flux2", mode="center").numpy()[0, :, 0].reshape(h, w)
     assert np.abs(a[0][:, m == 0] - init[0][:, m == 0]).max() <= 1e-6  # known tokens end as init
     assert rel_l2(a[0][:, m == 1], init[0][:, m == 1]) > 0.1
 
