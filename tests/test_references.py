@@ -1,19 +1,25 @@
 """Reference images sized as the pipelines prepare them (`minflux.references`), against diffusers' own
 `FluxKontextPipeline` and `Flux2KleinPipeline`, run up to the point where they hand the prepared pictures on (their
 `prepare_latents`), on tall, wide, tiny, huge and extreme pictures; the output size taken from the first reference;
-`minflux generate` with references in both frameworks."""
+`minflux generate` with references in both frameworks; references of batch one serving two prompts, against the
+pipelines' final latents."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import rel_l2
 from PIL import Image
+from test_inpaint import FLUX1, KLEIN, build_models, nchw, nhwc
 from test_reference import diffusers_model
 
 from minflux import configs, family, images, references
 from minflux_cli import generate
 from minflux_cli.main import main, parser
+from minflux_jax import sampling as js
+from minflux_torch import sampling as ts
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -222,3 +228,90 @@ def test_generate_with_references_both_frameworks(tmp_path, capsys):
         out[fw] = images.load(tmp_path / f"{fw}.png", multiple=1)
     assert out["torch"].shape == (64, 96, 3)
     assert np.abs(out["torch"] - out["jax"]).max() <= 2 / 127.5
+
+
+# ---------------------------------------------------------------------------------------------
+# References of batch one serve every prompt (sampling, against diffusers' pipelines)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory)
+
+
+@pytest.mark.parametrize("n_refs", [1, 2, 3])
+def test_shared_references_match_flux2_klein_pipeline(models, n_refs):
+    """Two prompts, 1-3 references of batch one: the final latents of Flux2KleinPipeline (distilled), which repeats
+    the references for every prompt, in both frameworks."""
+    from test_kv import klein_pipeline
+
+    tm, jm, ref = models["klein"]
+    side, steps = 64, 3
+    rng = np.random.default_rng(10 + n_refs)
+    refs = [rng.standard_normal((1, 128, 4, 4 + i), np.float32) for i in range(n_refs)]
+    txt = rng.standard_normal((2, 5, KLEIN.context_in_dim), np.float32)
+    want = klein_pipeline(ref, refs, txt, side, steps, kv=False)
+    noise = torch.randn(2, 128, side // 16, side // 16, generator=torch.Generator().manual_seed(0))
+    kw = {"steps": steps}
+    a = ts.sample(
+        tm, noise, torch.from_numpy(txt), None, refs=[torch.from_numpy(r) for r in refs], **kw
+    )
+    b = js.sample(
+        jm, nhwc(noise.numpy()), jnp.asarray(txt), None, refs=[nhwc(r) for r in refs], **kw
+    )
+    ea, eb = rel_l2(a.numpy(), want), rel_l2(nchw(b), want)
+    print(
+        f"klein, 2 prompts, {n_refs} shared reference(s), vs Flux2KleinPipeline: rel-L2 {ea:.1e} {eb:.1e}"
+    )
+    assert ea <= 1e-5 and eb <= 1e-5 and rel_l2(want[0], want[1]) > 0.1
+
+
+def test_shared_reference_matches_flux_kontext_pipeline(models):
+    """Two prompts, one Kontext reference (latents given to FluxKontextPipeline, which repeats them)."""
+    tm, jm, ref = models["flux1"]
+    side, steps = 64, 3
+    rng = np.random.default_rng(20)
+    latents = rng.standard_normal((1, 16, 8, 12), np.float32)
+    txt = rng.standard_normal((2, 5, FLUX1.context_in_dim), np.float32)
+    vec = rng.standard_normal((2, FLUX1.vec_in_dim), np.float32)
+    pipe = diffusers.FluxKontextPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=ref,
+    )
+    want = pipe(
+        image=torch.from_numpy(latents),
+        prompt_embeds=torch.from_numpy(txt),
+        pooled_prompt_embeds=torch.from_numpy(vec),
+        height=side,
+        width=side,
+        max_area=side * side,
+        num_inference_steps=steps,
+        guidance_scale=2.5,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images.numpy()  # packed (2, 16, 64)
+    noise = torch.randn(2, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
+    kw = {"steps": steps, "guidance": 2.5}
+    a = ts.sample(
+        tm,
+        noise,
+        torch.from_numpy(txt),
+        torch.from_numpy(vec),
+        refs=[torch.from_numpy(latents)],
+        **kw,
+    )
+    b = js.sample(
+        jm, nhwc(noise.numpy()), jnp.asarray(txt), jnp.asarray(vec), refs=[nhwc(latents)], **kw
+    )
+    pack = lambda x: ts.pack(torch.from_numpy(np.ascontiguousarray(x)), "flux1").numpy()  # noqa: E731
+    ea, eb = rel_l2(pack(a.numpy()), want), rel_l2(pack(nchw(b)), want)
+    print(
+        f"Kontext, 2 prompts, one shared reference, vs FluxKontextPipeline: rel-L2 {ea:.1e} {eb:.1e}"
+    )
+    assert ea <= 1e-5 and eb <= 1e-5
