@@ -129,10 +129,11 @@ def generate(model: nnx.Module, ae: nnx.Module, req: Request, progress: bool = F
     """Images for the B prompts of `req` (`minflux.request.Request`): (B, height, width, 3) uint8.
 
     The request is checked against the model (`Request.check`: the conditioning it takes, sizes,
-    references; ValueError naming the field), its images encoded (`conditioning`), its noise drawn
-    (`noise`), then sampled: klein KV models with references by `sampling.sample_kv` (the
-    references' keys and values computed once), inpainting with an ordinary model (`req.mask`, not
-    Fill) by `sampling.sample_inpaint` (diffusers' `FluxInpaintPipeline` /
+    references; ValueError naming the field), its images encoded (`conditioning`; references, init
+    and mask serve every prompt), its noise drawn (`noise`: image i from seed + i alone), then
+    sampled (the mask as `req.mask_mode` says, `minflux.masks`): klein KV models with references
+    by `sampling.sample_kv` (the references' keys and values computed once), inpainting with an
+    ordinary model (`req.mask`, not Fill) by `sampling.sample_inpaint` (diffusers' `FluxInpaintPipeline` /
     `Flux2KleinInpaintPipeline`), everything else by `sampling.sample`; decoded one image at a time.
     Redux: extend txt and vec first (`redux`). The earlier keyword form `generate(model, ae, txt,
     vec, width=..., height=..., steps=..., guidance=..., seed=..., refs=..., ...)` still works (the
