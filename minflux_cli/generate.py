@@ -752,7 +752,11 @@ def _one_prompt(prompts: TextPlan, i: int) -> TextPlan:
 
 def _check_memory(plan: Plan, args: argparse.Namespace) -> None:
     """Refuse, before anything is allocated, a size or batch the machine's memory cannot hold
-    (`minflux.memory.generate_bytes`, a rough estimate: weights, one block's activations, the decoder)."""
+    (`minflux.memory.generate_bytes`, a rough estimate: weights, one block's activations, the decoder).
+    Checked for runs on the CPU, whose memory is the host's; on a GPU the device's allocator answers."""
+    on_gpu = memory.nvidia_gpus() > 0 and not (plan.fw.device or "").startswith("cpu")
+    if on_gpu:
+        return
     spec, ppt = family.of(plan.cfg), configs.pixels_per_token(plan.ae_cfg)
     txt = 16 if plan.random else (plan.text.max_length if plan.text else None) or 512
     txt = (_txt_shape(plan.embeddings) or (txt, txt))[-2]
@@ -769,7 +773,7 @@ def _check_memory(plan: Plan, args: argparse.Namespace) -> None:
         txt_tokens=txt + extra,
         dtype_bytes=1 if plan.keep_quantized else 4 if plan.fw.dtype == "fp32" else 2,
         pixels_per_token=ppt,
-        attention_matrix=plan.fw.name == "jax" and memory.nvidia_gpus() == 0,
+        attention_matrix=plan.fw.name == "jax",  # XLA on a CPU does not fuse attention
         cfg_scale=plan.true_cfg,
     )
     what = f"--width {plan.width} --height {plan.height}"
