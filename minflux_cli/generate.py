@@ -461,6 +461,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
         args.cfg,
         encode_only=args.save_embeddings is not None,
     )
+    if (
+        args.save_embeddings is not None
+        and args.lora
+        and "clip" not in family.text_parts(prompts.kind)
+    ):
+        raise UsageError(
+            f"--lora does not apply with --save-embeddings for {name}: only a LoRA's CLIP-L / T5 parts reach "
+            "the embeddings (FLUX.1); pass the LoRA when generating from the file"
+        )
     random = args.random_weights
     fw = Framework(args.framework, args.dtype or ("fp32" if random else "bf16"), args.device)
     if not random and args.save_embeddings is None:
@@ -667,6 +676,13 @@ def _check_files(args: argparse.Namespace, prompts: bool, model: tuple, ae: tupl
             except checkpoint.CheckpointError as e:
                 hint = " (the transformer and autoencoder come from different families)"
                 raise UsageError(f"{flag} {e}{hint if path is args.ae else ''}") from None
+            stored = {dtype for dtype, _ in ckpt.meta.values()}
+            if flag == "--transformer" and args.keep_quantized and not ckpt.quant:
+                if not any(d.startswith("F8") for d in stored):
+                    raise UsageError(
+                        f"--keep-quantized keeps the quantized weights a --transformer file stores; {path} "
+                        f"stores none ({', '.join(sorted(stored))})"
+                    )
 
 
 def _check_request(plan: Plan, args: argparse.Namespace) -> str:

@@ -747,6 +747,22 @@ GENERATE_EDGES = [
         "the name is too long",
     ),
     (
+        [
+            "generate",
+            "--model",
+            "flux2-tiny",
+            "--transformer",
+            "{flux2_tiny}",
+            "--ae",
+            "{flux2_ae}",
+            "--embeddings",
+            "{nan_emb}",
+            "--keep-quantized",
+        ],
+        2,
+        "--keep-quantized keeps the quantized weights a --transformer file stores; {flux2_tiny} stores none (F32)",
+    ),
+    (
         ["generate", "--random-weights", "--model", "flux1-dev", "--ref", "{png}"],
         2,
         "--ref: flux1-dev takes no reference images (FLUX.1 Kontext and FLUX.2 do)",
