@@ -1007,11 +1007,9 @@ def _arg(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def command_line(args: argparse.Namespace, plan: Plan) -> list[str]:
-    """The arguments of `minflux generate` that remake this run: every flag given, with the model, framework,
-    dtype, seed, steps and size written out (a later version's defaults cannot change the picture); not where
-    it is written or how it is shown (--out, --no-progress)."""
-    resolved = {
+def _resolved(plan: Plan) -> dict:
+    """The settings a recorded command writes out even when defaulted, by dest."""
+    out = {
         "model": plan.model,
         "framework": plan.fw.name,
         "dtype": plan.fw.dtype,
@@ -1019,14 +1017,21 @@ def command_line(args: argparse.Namespace, plan: Plan) -> list[str]:
         "steps": plan.steps,
     }
     if not plan.size_from_ref:  # (else the references give it again)
-        resolved |= {"width": plan.width, "height": plan.height}
+        out |= {"width": plan.width, "height": plan.height}
     if plan.cfg.guidance_embed:
-        resolved["guidance"] = plan.guidance
+        out["guidance"] = plan.guidance
     if plan.init is not None and plan.kind != "fill":
-        resolved["strength"] = plan.strength
+        out["strength"] = plan.strength
     if plan.mask is not None and plan.kind != "fill":
-        resolved["mask_mode"] = plan.mask_mode
-    argv = []
+        out["mask_mode"] = plan.mask_mode
+    return out
+
+
+def command_line(args: argparse.Namespace, plan: Plan) -> list[str]:
+    """The arguments of `minflux generate` that remake this run: every flag given, with the model, framework,
+    dtype, seed, steps and size written out (a later version's defaults cannot change the picture); not where
+    it is written or how it is shown (--out, --no-progress)."""
+    resolved, argv = _resolved(plan), []
     for action in _parser()._actions:
         dest = action.dest
         if not action.option_strings or dest in (
@@ -1040,12 +1045,8 @@ def command_line(args: argparse.Namespace, plan: Plan) -> list[str]:
         if value is None or value is False or (dest not in resolved and value == action.default):
             continue
         flag = action.option_strings[0]
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, list):
-            argv += [a for v in value for a in (flag, _arg(v))]
-        else:
-            argv += [flag, _arg(value)]
+        values = value if isinstance(value, list) else [value]
+        argv += [flag] if value is True else [a for v in values for a in (flag, _arg(v))]
     return argv
 
 
