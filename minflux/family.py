@@ -31,9 +31,8 @@ class Family:
     # Model structure, read by the shared layers (through the configs' aliases `cfg.bias`, ...).
     gated_mlp: bool  # SwiGLU MLP (FLUX.2) or GELU(tanh) (FLUX.1)
     bias: bool  # every linear layer has a bias
-    shared_modulation: (
-        bool  # three modulations shared by all blocks (FLUX.2) or one per block (FLUX.1)
-    )
+    # three modulations shared by all blocks (FLUX.2) or one per block (FLUX.1)
+    shared_modulation: bool
     # BFL's forward keyword names for (image tokens, image ids, text, text ids, timesteps, pooled
     # vector, guidance); None: the family has no such input.
     forward_names: tuple[str | None, ...]
@@ -44,13 +43,11 @@ class Family:
     text_id_axis: int | None  # text token l has id l on this axis; None: text ids are all zero
     pooled_vec: bool  # a pooled text vector (CLIP-L's) beside the text tokens
     # Encoders.
-    autoencoder: (
-        str  # its autoencoder family ("ae1" / "ae2"); presets "<name>-ae" and "<name>-ae-tiny"
-    )
+    # its autoencoder family ("ae1" / "ae2"); presets "<name>-ae" and "<name>-ae-tiny"
+    autoencoder: str
     text_encoders: tuple[str, ...]  # text-encoder kinds it takes (`minflux.text.KINDS`)
-    channel_inputs: tuple[
-        str, ...
-    ]  # variants with extra input channels: "control" (Canny/Depth), "fill"
+    # variants with extra input channels: "control" (Canny/Depth), "fill"
+    channel_inputs: tuple[str, ...]
     # Sampling defaults, as the official CLIs / diffusers' pipelines.
     guidance: float  # distilled guidance of the guidance-embedded models
     steps: int  # steps of the undistilled models (distilled ones: `DISTILLED_STEPS`)

@@ -103,9 +103,8 @@ class Request:
     steps: int = 28
     guidance: float | None = None  # distilled guidance (guidance-embedded models only)
     cfg_scale: float = 1.0  # true CFG scale, with neg_txt
-    seed: int = (
-        0  # image i's noise is drawn from seed + i alone (a row is the single run of its seed) ...
-    )
+    # image i's noise is drawn from seed + i alone (a row is the single run of its seed) ...
+    seed: int = 0
     seeds: tuple[int, ...] | None = None  # ... or from seeds[i]
     refs: tuple[Any, ...] = ()  # reference images (h, w, 3) in [-1, 1], any size (Kontext: one)
     init: Any = None  # (height, width, 3): img2img start, or the image to inpaint
@@ -262,16 +261,13 @@ class Conditioning:
     neg_vec: Any = None
     guidance: float | None = None  # guidance-embedded models only (others ignore it, as BFL's)
     cfg_scale: float = 1.0
-    refs: tuple[
-        Any, ...
-    ] = ()  # encoded reference latents, any size (reference i at `Family.ref_time(i)`)
-    img_cond: Any = (
-        None  # FLUX.1 Fill / Canny / Depth: extra channels per image token (1 or B, L, C')
-    )
+    # encoded reference latents (1 or B), any size (reference i at `Family.ref_time(i)`)
+    refs: tuple[Any, ...] = ()
+    # FLUX.1 Fill / Canny / Depth: extra channels per image token (1 or B, L, C')
+    img_cond: Any = None
     init: Any = None  # encoded latents: the img2img start, or the image to inpaint
-    strength: float = (
-        1.0  # the schedule starts at `schedules.strength_start(steps, strength)` with init
-    )
+    # the schedule starts at `schedules.strength_start(steps, strength)` with init
+    strength: float = 1.0
     mask: Any = None  # pixels, 1 = repaint (1 or B, 1, H, W) / (.., H, W, 1): `sample_inpaint` only
     mask_mode: str = "max"  # one of MASK_MODES
 

@@ -525,8 +525,10 @@ def test_generate_refs_and_img2img_torch(tmp_path):
     assert rc == 0 and _png(out).shape == (32, 32, 3)
 
 
+@pytest.mark.slow
 def test_generate_fill_and_kontext_torch(tmp_path, monkeypatch):
-    """Inpainting with a tiny Fill-shaped model (a preset added for the test) and a Kontext reference."""
+    """Inpainting with a tiny Fill-shaped model (a preset added for the test) and a Kontext reference (sized to
+    Kontext's preferred resolution: 64 x 64 tokens with the tiny autoencoder)."""
     from PIL import Image
 
     # 64 image + 64 masked-image channels + the mask folded f x f (f: the tiny autoencoder's downsampling), then 2x2
