@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets for training images, and the sizes the pipelines give reference images (numpy + PIL).
+"""Aspect-ratio buckets for training images (numpy + PIL).
 
 Buckets follow kohya-ss sd-scripts `library/model_util.make_bucket_resolutions` (also musubi-tuner, SimpleTuner and
 diffusers' `train_dreambooth_lora_flux2_klein_img2img.py`): for each width in steps of `step` pixels, the tallest
@@ -6,15 +6,9 @@ height in steps of `step` whose area stays within size x size, kept while the as
 to the bucket of the nearest aspect ratio, is resized to cover it and centre-cropped (`cover`). Every batch is one
 bucket, so sides differ between batches but never inside one.
 
-Reference images of edit pairs are sized as the pipelines prepare them (`reference_fit`):
+Reference images of edit pairs are sized by `minflux.references` (the pipelines' rules), which returns a `Fit` too.
 
-- FLUX.1 Kontext (BFL flux `sampling.py` `prepare_kontext` / `cli_kontext.py`, diffusers `FluxKontextPipeline`): the
-  preferred resolution (`KONTEXT_RESOLUTIONS`, BFL's `PREFERED_KONTEXT_RESOLUTIONS`) of the nearest aspect ratio, the
-  image resized (stretched, not cropped) to it.
-- FLUX.2 (diffusers `Flux2KleinPipeline` with `Flux2ImageProcessor`): refused when a side is under 64 pixels or the
-  aspect ratio over 8; scaled down to 1024 x 1024 pixels of area when larger; then centre-cropped to multiples of 16.
-
-Both return a `Fit` (resize, then crop) that `apply` performs on float pixels; nothing here imports a framework.
+A `Fit` (resize, then crop) is what `apply` performs on float pixels; nothing here imports a framework.
 """
 
 from __future__ import annotations
@@ -23,33 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-# BFL flux `src/flux/sampling.py` PREFERED_KONTEXT_RESOLUTIONS == diffusers PREFERRED_KONTEXT_RESOLUTIONS: (w, h)
-KONTEXT_RESOLUTIONS = (
-    (672, 1568),
-    (688, 1504),
-    (720, 1456),
-    (752, 1392),
-    (800, 1328),
-    (832, 1248),
-    (880, 1184),
-    (944, 1104),
-    (1024, 1024),
-    (1104, 944),
-    (1184, 880),
-    (1248, 832),
-    (1328, 800),
-    (1392, 752),
-    (1456, 720),
-    (1504, 688),
-    (1568, 672),
-)
-# diffusers Flux2ImageProcessor.check_image_input and Flux2KleinPipeline: the limits a FLUX.2 reference must meet
-FLUX2_REF_AREA = 1024 * 1024
-FLUX2_REF_MIN_SIDE = 64
-FLUX2_REF_MAX_ASPECT = 8.0
-# how each family sizes a reference (the family table can take this over)
-REFERENCE_RULES = {"flux1": "kontext", "flux2": "flux2"}
 
 
 @dataclass(frozen=True)
@@ -117,49 +84,6 @@ def square_crop(width: int, height: int, size: int) -> Fit:
     scale = size / s
     rw, rh = max(size, round(width * scale)), max(size, round(height * scale))
     return Fit((rw, rh), ((rw - size) // 2, (rh - size) // 2, size, size))
-
-
-# ---------------------------------------------------------------------------------------------
-# References: the size the pipelines give them
-# ---------------------------------------------------------------------------------------------
-
-
-def reference_fit(
-    width: int, height: int, rule: str, multiple: int = 16, area: int | None = None
-) -> Fit:
-    """The size a reference image of width x height pixels is prepared at, as the pipelines do (module docstring).
-
-    rule: "kontext" (FLUX.1 Kontext's preferred resolutions; with `area`, scaled to that many pixels) or "flux2"
-    (scaled down to `area`, default 1024^2, when larger; then centre-cropped to multiples of `multiple`).
-    `multiple`: the pixels per token (16 for the real autoencoders). Raises ValueError for a FLUX.2 reference with
-    a side under 64 pixels or an aspect ratio over 8 (diffusers' `Flux2ImageProcessor.check_image_input`).
-    """
-    if rule == "kontext":
-        aspect = width / height
-        _, w, h = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
-        s = 1.0 if area is None else math.sqrt(area / (1024 * 1024))
-        w = max(multiple, int(w * s) // multiple * multiple)
-        h = max(multiple, int(h * s) // multiple * multiple)
-        return Fit((w, h), (0, 0, w, h))  # BFL resizes to the preferred size without a crop
-    if rule != "flux2":
-        raise ValueError(f"reference rule {rule!r}: expected 'kontext' or 'flux2'")
-    if min(width, height) < FLUX2_REF_MIN_SIDE:
-        raise ValueError(
-            f"{width}x{height} is too small for a FLUX.2 reference (both sides >= {FLUX2_REF_MIN_SIDE})"
-        )
-    if max(width / height, height / width) > FLUX2_REF_MAX_ASPECT:
-        raise ValueError(
-            f"{width}x{height}: aspect ratio over {FLUX2_REF_MAX_ASPECT:g}:1 (FLUX.2 references)"
-        )
-    limit = FLUX2_REF_AREA if area is None else area
-    rw, rh = width, height
-    if rw * rh > limit:  # Flux2ImageProcessor._resize_to_target_area
-        s = math.sqrt(limit / (rw * rh))
-        rw, rh = int(rw * s), int(rh * s)
-    w, h = rw // multiple * multiple, rh // multiple * multiple
-    if not w or not h:
-        raise ValueError(f"{width}x{height} is smaller than {multiple} pixels once scaled")
-    return Fit((rw, rh), ((rw - w) // 2, (rh - h) // 2, w, h))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,9 +31,8 @@ class Family:
     # Model structure, read by the shared layers (through the configs' aliases `cfg.bias`, ...).
     gated_mlp: bool  # SwiGLU MLP (FLUX.2) or GELU(tanh) (FLUX.1)
     bias: bool  # every linear layer has a bias
-    shared_modulation: (
-        bool  # three modulations shared by all blocks (FLUX.2) or one per block (FLUX.1)
-    )
+    # three modulations shared by all blocks (FLUX.2) or one per block (FLUX.1)
+    shared_modulation: bool
     # BFL's forward keyword names for (image tokens, image ids, text, text ids, timesteps, pooled
     # vector, guidance); None: the family has no such input.
     forward_names: tuple[str | None, ...]
@@ -44,13 +43,11 @@ class Family:
     text_id_axis: int | None  # text token l has id l on this axis; None: text ids are all zero
     pooled_vec: bool  # a pooled text vector (CLIP-L's) beside the text tokens
     # Encoders.
-    autoencoder: (
-        str  # its autoencoder family ("ae1" / "ae2"); presets "<name>-ae" and "<name>-ae-tiny"
-    )
+    # its autoencoder family ("ae1" / "ae2"); presets "<name>-ae" and "<name>-ae-tiny"
+    autoencoder: str
     text_encoders: tuple[str, ...]  # text-encoder kinds it takes (`minflux.text.KINDS`)
-    channel_inputs: tuple[
-        str, ...
-    ]  # variants with extra input channels: "control" (Canny/Depth), "fill"
+    # variants with extra input channels: "control" (Canny/Depth), "fill"
+    channel_inputs: tuple[str, ...]
     # Sampling defaults, as the official CLIs / diffusers' pipelines.
     guidance: float  # distilled guidance of the guidance-embedded models
     steps: int  # steps of the undistilled models (distilled ones: `DISTILLED_STEPS`)
@@ -59,13 +56,16 @@ class Family:
     shift_always: bool  # FLUX.2 always shifts; FLUX.1 only with a guidance embedder (not schnell)
     strength: float  # img2img
     inpaint_strength: float  # inpainting with an ordinary model
-    # Reference images.
+    # Reference images (`minflux.references` sizes them; pixels at 16 per token, the real autoencoders').
     max_refs: int | None  # None: any number
     ref_t0: int  # the t position id of reference 0 ...
     ref_dt: int  # ... and the step between references
-    ref_pixels: (
-        tuple[int, int] | None
-    )  # references scaled down to (one, several) pixels; None: kept
+    # "kontext": stretched to the preferred resolution of the nearest aspect ratio (`KONTEXT_RESOLUTIONS`);
+    # "area": scaled down to `ref_area` pixels when larger, then centre-cropped to whole tokens.
+    ref_rule: str
+    ref_area: int  # pixels of a reference (Kontext's preferred resolutions are about 1024^2)
+    ref_min_side: int  # a reference with a side under this many pixels is refused (0: none is)
+    ref_max_aspect: float  # ... and one whose aspect ratio is over this (inf: none is)
     refs_model: str  # the model that takes references, in messages ("FLUX.1 Kontext")
     inpaint_resize: str  # pixel mask -> token grid: "nearest" (FLUX.1), "bilinear" (FLUX.2)
     inpaint_init_ref: bool  # inpainting: the init image is also the first reference (klein)
@@ -94,11 +94,6 @@ class Family:
         """Whether `ae_cfg` is an autoencoder of this family."""
         return AUTOENCODERS.get(ae_cfg.family) is AUTOENCODERS[self.autoencoder]
 
-    def ref_max_pixels(self, n_refs: int) -> int | None:
-        """The pixel budget of each of n_refs references (BFL flux2: 2024^2 for one, 1024^2 for
-        several)."""
-        return None if self.ref_pixels is None else self.ref_pixels[0 if n_refs == 1 else 1]
-
 
 @dataclass(frozen=True)
 class Autoencoder:
@@ -119,9 +114,10 @@ class Autoencoder:
 class Preset:
     """Where a preset differs from its family's defaults (None: the family's)."""
 
-    guidance: float | None = (
-        None  # BFL cli_fill 30, cli_kontext 2.5, cli_control 30 (Canny) / 10 (Depth)
-    )
+    # BFL cli_fill 30, cli_kontext 2.5, cli_control 30 (Canny) / 10 (Depth)
+    guidance: float | None = None
+    # takes reference images (FLUX.1: Kontext only; a tiny test preset stands for every preset of its family)
+    refs: bool = True
     text_encoder: str | None = None  # the kind it was trained with; None: any of the family's
     max_length: int | None = None  # prompt tokens (schnell's T5: 256); None: the encoder's default
 
@@ -150,7 +146,10 @@ FLUX1 = Family(
     max_refs=1,
     ref_t0=1,
     ref_dt=0,
-    ref_pixels=None,
+    ref_rule="kontext",  # BFL `prepare_kontext`, diffusers `FluxKontextPipeline` (_auto_resize)
+    ref_area=1024**2,
+    ref_min_side=0,
+    ref_max_aspect=float("inf"),
     refs_model="FLUX.1 Kontext",
     inpaint_resize="nearest",  # FluxInpaintPipeline: the mask's nearest pixel per latent
     inpaint_init_ref=False,
@@ -180,7 +179,12 @@ FLUX2 = Family(
     max_refs=None,
     ref_t0=10,
     ref_dt=10,
-    ref_pixels=(2024**2, 1024**2),
+    # diffusers `Flux2ImageProcessor.check_image_input` / `Flux2KleinPipeline`, BFL flux2 `default_prep`
+    # (`cap_min_pixels`, `cap_pixels`; BFL allows one reference 2024^2 pixels, several 1024^2 each)
+    ref_rule="area",
+    ref_area=1024**2,
+    ref_min_side=64,
+    ref_max_aspect=8.0,
     refs_model="FLUX.2",
     # Flux2KleinInpaintPipeline: the mask resized bilinearly to the token grid
     inpaint_resize="bilinear",
@@ -199,11 +203,13 @@ DISTILLED_STEPS = 4  # schnell and klein (no guidance embedder, no true CFG)
 _KLEIN = Preset(text_encoder="qwen3")
 PRESETS: Mapping[str, Preset] = MappingProxyType(
     {
-        "flux1-schnell": Preset(max_length=256),  # BFL: T5 at 256 tokens for schnell
+        "flux1-dev": Preset(refs=False),
+        "flux1-schnell": Preset(max_length=256, refs=False),  # BFL: T5 at 256 tokens for schnell
         "flux1-kontext-dev": Preset(guidance=2.5),
-        "flux1-fill-dev": Preset(guidance=30.0),
-        "flux1-canny-dev": Preset(guidance=30.0),
-        "flux1-depth-dev": Preset(guidance=10.0),
+        "flux1-krea-dev": Preset(refs=False),
+        "flux1-fill-dev": Preset(guidance=30.0, refs=False),
+        "flux1-canny-dev": Preset(guidance=30.0, refs=False),
+        "flux1-depth-dev": Preset(guidance=10.0, refs=False),
         "flux2-dev": Preset(text_encoder="mistral"),
         "flux2-klein-4b": _KLEIN,
         "flux2-klein-9b": _KLEIN,
@@ -254,6 +260,11 @@ def describe(name: str | None, width: int = 0) -> str:
 def preset(name: str) -> Preset:
     """The preset's own behaviour (an unlisted preset, e.g. a tiny one, has only its family's)."""
     return PRESETS.get(name, Preset())
+
+
+def refs_models() -> str:
+    """Who takes reference images, in messages: "FLUX.1 Kontext and FLUX.2"."""
+    return " and ".join(f.refs_model for f in FAMILIES.values())
 
 
 def default_guidance(name: str, cfg) -> float:

@@ -60,6 +60,13 @@ def open_image(path, max_pixels: int = MAX_PIXELS):
         raise InputError(f"{path}: a damaged image ({e})") from None
 
 
+def metadata(path) -> dict[str, str]:
+    """The text chunks of an image file (a PNG's tEXt / iTXt: what `save(..., metadata=...)` wrote); {} when it
+    has none. Raises `InputError` naming the file, as `open_image`."""
+    with open_image(path) as im:
+        return {k: str(v) for k, v in im.info.items() if isinstance(v, str)}
+
+
 def _planes(im, gray: bool, background: float):
     """`im` as 8-bit "RGB" / "L" (PIL's own conversions), or, for modes past 8 bits, a list of float32 "F"
     planes in [0, 1] (3 for a picture, 1 for a mask), so no value is clipped. Alpha: composited over

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from minflux import configs, family, schedules
+from minflux import configs, family, masks, schedules
 
-# How a pixel mask becomes per-token blend weights in inpainting: "center" samples the mask as
-# diffusers' inpainting pipelines do (FLUX.1: each latent's nearest pixel; FLUX.2: token centres).
-MASK_MODES = ("center",)
+# How a pixel mask becomes per-token blend weights in inpainting (`minflux.masks`): "max", a latent or
+# token is repainted when any pixel of its patch is; "center" samples the mask as diffusers' inpainting
+# pipelines do (FLUX.1: each latent's nearest pixel; FLUX.2: token centres).
+MASK_MODES = masks.MODES
 
 # The names errors use for the request's fields; `minflux generate` passes its flags instead.
 FIELDS: Mapping[str, str] = MappingProxyType(
@@ -102,13 +103,14 @@ class Request:
     steps: int = 28
     guidance: float | None = None  # distilled guidance (guidance-embedded models only)
     cfg_scale: float = 1.0  # true CFG scale, with neg_txt
-    seed: int = 0  # the batch's noise, drawn at once from this seed ...
-    seeds: tuple[int, ...] | None = None  # ... or image i's noise from seeds[i] alone
+    # image i's noise is drawn from seed + i alone (a row is the single run of its seed) ...
+    seed: int = 0
+    seeds: tuple[int, ...] | None = None  # ... or from seeds[i]
     refs: tuple[Any, ...] = ()  # reference images (h, w, 3) in [-1, 1], any size (Kontext: one)
     init: Any = None  # (height, width, 3): img2img start, or the image to inpaint
     strength: float = 1.0  # img2img / inpainting: 1 = start from pure noise
     mask: Any = None  # (height, width, 1) in [0, 1], 1 = repaint; needs init
-    mask_mode: str = "center"  # one of MASK_MODES
+    mask_mode: str = "max"  # one of MASK_MODES
     control: Any = None  # (height, width, 3): FLUX.1 Canny / Depth control image
 
     def __post_init__(self):
@@ -144,6 +146,15 @@ class Request:
         """Whether each step runs a negative prompt too."""
         return self.neg_txt is not None
 
+    @property
+    def image_seeds(self) -> tuple[int, ...]:
+        """The seed of each image's noise: `seeds`, else seed + i."""
+        return (
+            self.seeds
+            if self.seeds is not None
+            else tuple(self.seed + i for i in range(len(self.txt)))
+        )
+
     def check(self, cfg, ae_cfg) -> str:
         """The model-dependent rules (`check_model`) and the embeddings' widths; returns the model's
         input kind."""
@@ -159,6 +170,29 @@ class Request:
                 f"vec: {spec.title} takes a pooled vector of width {cfg.vec_in_dim}, got {got}"
             )
         return check_model(self, cfg, ae_cfg)
+
+
+def check_mask(mask, kind: str, spec, pixels_per_token: int, mode: str, name: str = "mask") -> None:
+    """A pixel mask (H, W, 1) that repaints something: a Fill model reads its pixels, other models the
+    latents or tokens it marks in `mode` (`minflux.masks`). Raises ValueError naming `name` otherwise.
+    `minflux generate` refuses such a mask; the library samples it (everything kept: the init image's
+    autoencoder round trip)."""
+    if mask is None:
+        return
+    if kind == "fill":
+        if not mask.max() > 0:
+            raise ValueError(f"{name}: nothing to repaint (no pixel is above 0; white = repaint)")
+        return
+    if masks.repainted(mask, spec, pixels_per_token // 2, mode) == 0:
+        what = "latent" if spec.latent_patch > 1 else "token"
+        hint = (
+            "; mask mode 'max' repaints every patch a stroke touches"
+            if mode == "center" and mask.max() > 0
+            else " (white = repaint)"
+        )
+        raise ValueError(
+            f"{name}: nothing to repaint: no {what} is marked in mask mode {mode!r}{hint}"
+        )
 
 
 def check_inputs(req, names: Mapping[str, str] = FIELDS) -> None:
@@ -227,18 +261,15 @@ class Conditioning:
     neg_vec: Any = None
     guidance: float | None = None  # guidance-embedded models only (others ignore it, as BFL's)
     cfg_scale: float = 1.0
-    refs: tuple[
-        Any, ...
-    ] = ()  # encoded reference latents, any size (reference i at `Family.ref_time(i)`)
-    img_cond: Any = (
-        None  # FLUX.1 Fill / Canny / Depth: extra channels per image token (1 or B, L, C')
-    )
+    # encoded reference latents (1 or B), any size (reference i at `Family.ref_time(i)`)
+    refs: tuple[Any, ...] = ()
+    # FLUX.1 Fill / Canny / Depth: extra channels per image token (1 or B, L, C')
+    img_cond: Any = None
     init: Any = None  # encoded latents: the img2img start, or the image to inpaint
-    strength: float = (
-        1.0  # the schedule starts at `schedules.strength_start(steps, strength)` with init
-    )
+    # the schedule starts at `schedules.strength_start(steps, strength)` with init
+    strength: float = 1.0
     mask: Any = None  # pixels, 1 = repaint (1 or B, 1, H, W) / (.., H, W, 1): `sample_inpaint` only
-    mask_mode: str = "center"
+    mask_mode: str = "max"  # one of MASK_MODES
 
     def __post_init__(self):
         object.__setattr__(self, "refs", tuple(self.refs))

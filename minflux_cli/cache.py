@@ -14,8 +14,9 @@ reference), `--control-dir DIR`, `--mask-dir DIR`. What a pair needs follows the
 
 Buckets: each target goes to the nearest of the aspect-ratio buckets of about `--size`^2 pixels (`minflux.buckets`;
 the list is printed and stored), is resized to cover it and centre-cropped; `--square` keeps the old single square
-crop. References are sized as the pipelines prepare them (`buckets.reference_fit`; `--ref-size bucket`: the target's
-bucket, as diffusers' training scripts pair them); control images and masks take the target's bucket.
+crop. References are sized as the pipelines prepare them (`minflux.references.fit`, as `generate` sizes them;
+`--ref-size bucket`: the target's bucket, as diffusers' training scripts pair them); control images
+and masks take the target's bucket.
 
 Output (`minflux.data.LatentShards` reads it): safetensors shards, each of one bucket (and one set of reference
 sizes), at most `--shard-size` samples and `--shard-mb` megabytes: img latent tokens and ids, txt embeddings in bf16
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minflux import buckets, checkpoint, configs, data, family, ids, images
+from minflux import buckets, checkpoint, configs, data, family, ids, images, references
 from minflux_cli import text_encoders
 from minflux_cli.args import (
     UsageError,
@@ -245,7 +246,7 @@ def check(pairs: list[Pair], kind: str, spec: dict, refs: int | None) -> tuple[l
     pairs, {name: why} of the bad ones); without `spec["skip_bad"]` the first bad pair raises UsageError.
 
     kind: "text" (references optional, `refs` of them each), "control", "fill". spec: size, square, buckets,
-    multiple, ref_rule, ref_size, ref_area, skip_bad."""
+    multiple, family (its reference rule), ref_size, ref_area, skip_bad."""
     good, bad = [], {}
     smallest = min(min(b) for b in spec["buckets"])
     for pair in pairs:
@@ -318,9 +319,7 @@ def _conditioning(pair: Pair, kind: str, spec: dict, refs: int | None) -> None:
             fit = (
                 buckets.cover(w, h, pair.bucket)
                 if spec["ref_size"] == "bucket"
-                else buckets.reference_fit(
-                    w, h, spec["ref_rule"], spec["multiple"], spec["ref_area"]
-                )
+                else references.fit(w, h, spec["family"], spec["multiple"], spec["ref_area"])
             )
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
@@ -606,7 +605,7 @@ def plan(args):
         **spec,
         "buckets": [tuple(b) for b in spec["buckets"]],
         "multiple": ppt,
-        "ref_rule": buckets.REFERENCE_RULES[cfg.family],
+        "family": family.of(cfg),  # the reference rule and limits
         "skip_bad": args.skip_bad,
     }
     pairs = find_pairs(args.images, args.ref_dir, args.control_dir, args.mask_dir)

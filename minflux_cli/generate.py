@@ -22,6 +22,17 @@ channels, as BFL's `prepare_control` after its edge or depth detector); `--redux
 Redux: SigLIP image tokens appended to the prompt); `--lora FILE[:SCALE]` (any common LoRA format,
 merged into the transformer).
 
+References are sized as BFL's and diffusers' pipelines prepare them (`minflux.references`: Kontext's preferred
+resolution of the nearest aspect ratio; FLUX.2 scaled down to 1024^2 pixels, refused with a side under 64 pixels
+or an aspect ratio over 8); without --width / --height the picture takes the first reference's size (as BFL's
+Kontext CLI and diffusers' klein pipelines); the sizes are printed. Inpainting with an ordinary model repaints
+a latent (FLUX.1) or token (FLUX.2) when any pixel of its patch is white (`--mask-mode max`; `center` samples
+the mask as diffusers does); a mask that repaints nothing is refused.
+
+Seeds: image i of a batch is drawn from --seed + i alone, so it is the image a single run draws with `--only i`
+(its prompt, its seed). Every PNG records its seed, prompt, model and settings in its text metadata, with the
+command that remakes it alone; `--from-png FILE` runs that command.
+
 The arguments become a `Plan` (files, defaults from the family table `minflux.family`), checked by
 the same rules `pipeline.generate` applies (`minflux.request.check_model`, naming the flags here)
 before anything loads; the loaded embeddings and images become a `minflux.request.Request` for
@@ -35,14 +46,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
+import functools
+import json
+import shlex
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from minflux import checkpoint, configs, family, images, request, text
+from minflux import (
+    checkpoint,
+    configs,
+    family,
+    files,
+    images,
+    masks,
+    memory,
+    references,
+    request,
+    text,
+)
+from minflux.buckets import Fit
 from minflux_cli.args import (
     UsageError,
     directory,
@@ -52,6 +77,7 @@ from minflux_cli.args import (
     lora_spec,
     nonneg_float,
     nonneg_int,
+    out_file,
     out_image,
     pixels,
     positive_int,
@@ -97,6 +123,14 @@ class Plan:
     redux_pooled_scale: float = 1.0
     # --keep-quantized: the transformer's quantized weights stay packed
     keep_quantized: bool = False
+    kind: str = "text"  # the model's input kind (`configs.input_kind`): "text", "fill", "control"
+    mask_mode: str = "max"  # --mask-mode (`minflux.masks`)
+    ref_sizes: tuple[tuple[int, int], ...] = ()  # each --ref's (width, height) as given ...
+    ref_fits: tuple[Fit, ...] = ()  # ... and how it is prepared (`minflux.references`)
+    size_from_ref: bool = False  # --width / --height taken from the first reference
+    only: int | None = None  # --only I: image I of the batch alone
+    batch: int = 1  # images drawn (after --only)
+    command: tuple[str, ...] = ()  # the arguments that remake this run (`command_line`)
 
     @property
     def family(self) -> str:
@@ -176,7 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--save-embeddings",
-        type=Path,
+        type=functools.partial(out_file, make_parents=True),
         metavar="FILE",
         help="encode --prompt to this safetensors "
         "file (negatives to FILE-neg) and exit; generate later with --embeddings",
@@ -205,10 +239,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cfg", type=finite, default=1.0, help="true CFG scale (needs a negative prompt); 1 = off"
     )
     parser.add_argument(
-        "--width", type=pixels, help="pixels, a positive multiple of 16 (default 1024; 64 random)"
+        "--width",
+        type=pixels,
+        help="pixels, a positive multiple of 16 (default: the first --ref's size, else 1024; 64 random)",
     )
     parser.add_argument(
-        "--height", type=pixels, help="pixels, a positive multiple of 16 (default 1024; 64 random)"
+        "--height",
+        type=pixels,
+        help="pixels, a positive multiple of 16 (default: the first --ref's size, else 1024; 64 random)",
     )
     parser.add_argument(
         "--ref", type=existing, action="append", default=[], help="reference image (repeatable)"
@@ -227,6 +265,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="inpainting mask for --init (white = repaint): FLUX.1 Fill, or "
         "any FLUX.1 / FLUX.2 model (the known region re-noised and kept, as diffusers' inpaint "
         "pipelines; --strength default 0.6 FLUX.1, 0.8 FLUX.2)",
+    )
+    parser.add_argument(
+        "--mask-mode",
+        choices=masks.MODES,
+        help="how --mask marks latents / tokens: max (default), any white pixel of a patch repaints it (thin "
+        "strokes count); center, the mask sampled as diffusers' inpaint pipelines do",
     )
     parser.add_argument(
         "--redux",
@@ -292,26 +336,79 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output image (PNG, JPEG, WebP, ...; B prompts: OUT-0.png, OUT-1.png, ...)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--only",
+        type=nonneg_int,
+        metavar="I",
+        help="draw image I of the batch alone (prompt I, seed --seed + I): the same picture as in the batch",
+    )
+    parser.add_argument(
+        "--from-png",
+        type=existing,
+        metavar="FILE",
+        help="remake the picture a minflux PNG records (its settings, from the file's metadata); only "
+        + ", ".join("--" + f.replace("_", "-") for f in REPLAY_FLAGS)
+        + " may be added",
+    )
+
+
+# Flags --from-png lets a user change: where the picture goes and how it is computed, not what is drawn.
+REPLAY_FLAGS = ("out", "no_progress", "framework", "device", "compile")
+# Flags that only generating reads: with --save-embeddings (encode, then stop) they would do nothing.
+GENERATION_FLAGS = (
+    "transformer",
+    "ae",
+    "ae_config",
+    "random_weights",
+    "seed",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "ref",
+    "init",
+    "strength",
+    "mask",
+    "mask_mode",
+    "redux",
+    "redux_model",
+    "redux_embedder",
+    "redux_scale",
+    "redux_pooled_scale",
+    "control",
+    "compile",
+    "keep_quantized",
+    "out",
+    "only",
+)
 
 
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     if args.save_embeddings is not None:
         return save_embeddings(plan, args.save_embeddings)
+    if plan.refs:
+        print(describe_references(plan))
     start = time.perf_counter()
+    prompts = prompt_texts(plan)
     out = generate(plan)  # (B, H, W, 3) uint8
     outs = (
         [plan.out]
         if len(out) == 1
         else [plan.out.with_name(f"{plan.out.stem}-{i}{plan.out.suffix}") for i in range(len(out))]
     )
-    for path, image in zip(outs, out, strict=True):
-        images.save(image, path)
+    for i, (path, image) in enumerate(zip(outs, out, strict=True)):
+        images.save(image, path, metadata=png_metadata(plan, i, prompts[i] if prompts else None))
     print(
         f"wrote {', '.join(map(str, outs))}: {out.shape[2]}x{out.shape[1]}, {plan.model} ({plan.fw.name}), "
-        f"{plan.steps} steps, {time.perf_counter() - start:.1f} s"
+        f"{plan.steps} steps, seed {_seed_text(plan, len(out))}, {time.perf_counter() - start:.1f} s"
     )
     return 0
+
+
+def _seed_text(plan: Plan, n: int) -> str:
+    first = plan.seed + (plan.only or 0)
+    return str(first) if n == 1 else f"{first}..{first + n - 1} (seed + i)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +416,38 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """The command's own arguments (for their defaults, and to read a recorded command back)."""
+    parser = _Recorded(prog="minflux generate", add_help=False)
+    add_arguments(parser)
+    return parser
+
+
+class _Recorded(argparse.ArgumentParser):
+    """A parser whose errors raise UsageError (a recorded command that no longer parses)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _given(args: argparse.Namespace) -> list[str]:
+    """The flags (dests) whose values differ from their defaults, in the parser's order."""
+    return [
+        a.dest
+        for a in _parser()._actions
+        if a.option_strings and getattr(args, a.dest, a.default) != a.default
+    ]
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate the arguments and resolve every default; raises UsageError naming the flag."""
+    if args.from_png is not None:
+        args = replay(args)
     _exclusive(args)
     name, cfg, ae_name, ae_cfg = _models(args)
     prompts = text_plan(
@@ -334,10 +461,29 @@ def make_plan(args: argparse.Namespace) -> Plan:
         args.cfg,
         encode_only=args.save_embeddings is not None,
     )
+    if (
+        args.save_embeddings is not None
+        and args.lora
+        and "clip" not in family.text_parts(prompts.kind)
+    ):
+        raise UsageError(
+            f"--lora does not apply with --save-embeddings for {name}: only a LoRA's CLIP-L / T5 parts reach "
+            "the embeddings (FLUX.1); pass the LoRA when generating from the file"
+        )
     random = args.random_weights
     fw = Framework(args.framework, args.dtype or ("fp32" if random else "bf16"), args.device)
     if not random and args.save_embeddings is None:
         _check_files(args, prompts is not None, (name, cfg), (ae_name, ae_cfg))
+    ppt = configs.pixels_per_token(ae_cfg)
+    ref_sizes, ref_fits = _references(args, name, cfg, ppt)
+    default = ref_fits[0].size if ref_fits else (64, 64) if random else (1024, 1024)
+    batch = _batch(args, prompts)
+    if args.only is not None and args.save_embeddings is None:
+        if args.only >= batch:
+            raise UsageError(
+                f"--only {args.only}: the batch has {batch} image(s), 0 to {batch - 1}"
+            )
+        prompts = prompts and _one_prompt(prompts, args.only)
     plan = Plan(
         model=name,
         cfg=cfg,
@@ -349,8 +495,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         embeddings=args.embeddings,
         neg_embeddings=args.neg_embeddings,
         text=prompts,
-        width=args.width if args.width is not None else (64 if random else 1024),
-        height=args.height if args.height is not None else (64 if random else 1024),
+        width=args.width if args.width is not None else default[0],
+        height=args.height if args.height is not None else default[1],
         steps=args.steps
         if args.steps is not None
         else (4 if random else family.default_steps(cfg, args.cfg != 1.0)),
@@ -376,13 +522,55 @@ def make_plan(args: argparse.Namespace) -> Plan:
         redux_scale=args.redux_scale,
         redux_pooled_scale=args.redux_pooled_scale,
         keep_quantized=args.keep_quantized,
+        mask_mode=args.mask_mode or "max",
+        ref_sizes=ref_sizes,
+        ref_fits=ref_fits,
+        size_from_ref=bool(ref_fits) and (args.width is None or args.height is None),
+        only=args.only,
+        batch=1 if args.only is not None else batch,
     )
-    _check_request(plan, args)
-    return plan
+    plan = dataclasses.replace(plan, kind=_check_request(plan, args))
+    if args.save_embeddings is None:
+        _check_memory(plan, args)
+    return dataclasses.replace(plan, command=tuple(command_line(args, plan)))
+
+
+def replay(args: argparse.Namespace) -> argparse.Namespace:
+    """--from-png FILE: the arguments the PNG's metadata records (`png_metadata`), with the few flags a user may
+    change (`REPLAY_FLAGS`) taken from the command line. UsageError naming the file or the flag."""
+    path = args.from_png
+    extra = [d for d in _given(args) if d not in (*REPLAY_FLAGS, "from_png")]
+    if extra:
+        raise UsageError(
+            f"--from-png {path} replays the settings the file records; {_flag(extra[0])} cannot be added "
+            f"(only {', '.join(map(_flag, REPLAY_FLAGS))})"
+        )
+    try:
+        meta = images.metadata(path)
+    except ValueError as e:
+        raise UsageError(f"--from-png {e}") from None
+    try:
+        argv = json.loads(meta["minflux"])["argv"]
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise TypeError
+    except (KeyError, ValueError, TypeError):
+        raise UsageError(
+            f"--from-png {path}: no minflux settings in its metadata (a PNG minflux generate wrote)"
+        ) from None
+    parser = _parser()
+    prog, parser.prog = parser.prog, f"--from-png {path}"
+    try:
+        recorded = parser.parse_args(argv)
+    finally:
+        parser.prog = prog
+    for dest in REPLAY_FLAGS:
+        if dest in _given(args):
+            setattr(recorded, dest, getattr(args, dest))
+    return recorded
 
 
 def _exclusive(args: argparse.Namespace) -> None:
-    """Flags that exclude or need each other, whatever the model."""
+    """Flags that exclude or need each other, whatever the model; no flag is silently ignored."""
     given = [f for f in ("transformer", "ae", "embeddings", "neg_embeddings") if getattr(args, f)]
     if args.random_weights and given:
         raise UsageError(
@@ -408,6 +596,32 @@ def _exclusive(args: argparse.Namespace) -> None:
         raise UsageError("--save-embeddings needs --prompt")
     if not args.redux and (args.redux_model is not None or args.redux_embedder is not None):
         raise UsageError("--redux-model / --redux-embedder need --redux IMAGE")
+    _unused(args)
+
+
+def _unused(args: argparse.Namespace) -> None:
+    """A flag that would do nothing in this combination is an error naming it and what it needs."""
+    given = _given(args)
+    if args.save_embeddings is not None:
+        extra = [d for d in given if d in GENERATION_FLAGS]
+        if extra:
+            raise UsageError(
+                f"{_flag(extra[0])} does not apply with --save-embeddings, which encodes the prompts and "
+                "stops (generate later with --embeddings FILE)"
+            )
+        return
+    negatives = ["neg_embeddings"] + (["negative_prompt"] if args.prompt else [])
+    for dest in negatives:
+        if dest in given and args.cfg == 1.0:
+            raise UsageError(
+                f"{_flag(dest)} applies with --cfg SCALE (true CFG); without it the negative prompt is "
+                "not used"
+            )
+    for dest in ("redux_scale", "redux_pooled_scale"):
+        if dest in given and not args.redux:
+            raise UsageError(f"{_flag(dest)} applies with --redux IMAGE")
+    if args.mask_mode is not None and args.mask is None:
+        raise UsageError("--mask-mode applies with --mask MASK (inpainting)")
 
 
 def _models(args: argparse.Namespace) -> tuple[str, object, str, object]:
@@ -462,12 +676,19 @@ def _check_files(args: argparse.Namespace, prompts: bool, model: tuple, ae: tupl
             except checkpoint.CheckpointError as e:
                 hint = " (the transformer and autoencoder come from different families)"
                 raise UsageError(f"{flag} {e}{hint if path is args.ae else ''}") from None
+            stored = {dtype for dtype, _ in ckpt.meta.values()}
+            if flag == "--transformer" and args.keep_quantized and not ckpt.quant:
+                if not any(d.startswith("F8") for d in stored):
+                    raise UsageError(
+                        f"--keep-quantized keeps the quantized weights a --transformer file stores; {path} "
+                        f"stores none ({', '.join(sorted(stored))})"
+                    )
 
 
-def _check_request(plan: Plan, args: argparse.Namespace) -> None:
+def _check_request(plan: Plan, args: argparse.Namespace) -> str:
     """The generation rules of `pipeline.generate` (`request.check_model`) on the plan, the flags
     named, then the flags that only the command has (--strength given, --redux, --guidance without
-    an embedder)."""
+    an embedder, --mask-mode, --ref on a preset without references). Returns the input kind."""
     try:
         kind = request.check_model(plan, _with_loras(plan.cfg, plan.loras), plan.ae_cfg, plan.flags)
     except ValueError as e:
@@ -478,6 +699,11 @@ def _check_request(plan: Plan, args: argparse.Namespace) -> None:
             "--strength does not apply to Fill inpainting (the model repaints the masked region)"
             if kind == "fill"
             else "--strength needs --init IMAGE (img2img or inpainting)"
+        )
+    if args.mask_mode is not None and kind == "fill":
+        raise UsageError(
+            f"--mask-mode: {plan.model} is a Fill model, which reads the mask's pixels itself; --mask-mode "
+            "applies to inpainting with the other models"
         )
     spec = family.of(plan.cfg)
     if plan.redux:
@@ -493,11 +719,85 @@ def _check_request(plan: Plan, args: argparse.Namespace) -> None:
                 "--redux with --cfg: the image tokens lengthen the prompt but not the negative one"
             )
     if args.guidance is not None and not plan.cfg.guidance_embed:
-        print(
-            f"minflux generate: note: {plan.model} has no guidance embedder; --guidance is ignored "
-            "(use --cfg with a negative prompt for true CFG)",
-            file=sys.stderr,
+        raise UsageError(
+            f"--guidance: {plan.model} has no guidance embedder, so distilled guidance does not apply "
+            "(true CFG: --cfg SCALE with a negative prompt)"
         )
+    return kind
+
+
+def _references(args: argparse.Namespace, name: str, cfg, ppt: int) -> tuple[tuple, tuple]:
+    """Each --ref's size and how it is prepared (`minflux.references.plan`); UsageError naming the file and
+    the limit it breaks."""
+    if args.ref and not family.preset(name).refs:
+        raise UsageError(f"--ref: {name} takes no reference images ({family.refs_models()} do)")
+    sizes, fits = [], []
+    for path in args.ref:
+        try:
+            size, fit = references.plan(path, family.of(cfg), ppt)
+        except ValueError as e:
+            raise UsageError(f"--ref {e}") from None
+        sizes.append(size)
+        fits.append(fit)
+    return tuple(sizes), tuple(fits)
+
+
+def _batch(args: argparse.Namespace, prompts: TextPlan | None) -> int:
+    """How many prompts (so images) the run has: --prompt's, the rows of --embeddings (read from its header),
+    or 1 (random embeddings)."""
+    if prompts is not None:
+        return len(prompts.prompts)
+    shape = _txt_shape(args.embeddings)
+    return shape[0] if len(shape) == 3 else 1
+
+
+def _txt_shape(path: Path | None) -> tuple[int, ...]:
+    """The shape of an embedding file's `txt` from its header; () without one (`read_embeddings` says why)."""
+    if path is None:
+        return ()
+    return tuple(checkpoint.Checkpoint(path).meta.get("txt", (None, ()))[1])
+
+
+def _one_prompt(prompts: TextPlan, i: int) -> TextPlan:
+    """--only I: prompt I (and its negative prompt, when there is one per prompt)."""
+    negatives = prompts.negatives
+    if len(negatives) > 1:
+        negatives = negatives[i : i + 1]
+    return dataclasses.replace(prompts, prompts=prompts.prompts[i : i + 1], negatives=negatives)
+
+
+def _check_memory(plan: Plan, args: argparse.Namespace) -> None:
+    """Refuse, before anything is allocated, a size or batch the machine's memory cannot hold
+    (`minflux.memory.generate_bytes`, a rough estimate: weights, one block's activations, the decoder).
+    Checked for runs on the CPU, whose memory is the host's; on a GPU the device's allocator answers."""
+    on_gpu = memory.nvidia_gpus() > 0 and not (plan.fw.device or "").startswith("cpu")
+    if on_gpu:
+        return
+    spec, ppt = family.of(plan.cfg), configs.pixels_per_token(plan.ae_cfg)
+    txt = 16 if plan.random else (plan.text.max_length if plan.text else None) or 512
+    txt = (_txt_shape(plan.embeddings) or (txt, txt))[-2]
+    extra = sum(references.tokens(f, ppt) for f in plan.ref_fits) + (729 if plan.redux else 0)
+    if plan.mask is not None and spec.inpaint_init_ref:  # the init image is a reference too
+        extra += (plan.width // ppt) * (plan.height // ppt)
+    estimate = memory.generate_bytes(
+        plan.cfg,
+        plan.ae_cfg,
+        plan.width,
+        plan.height,
+        batch=plan.batch,
+        # (references are tokens of the sequence as the text is)
+        txt_tokens=txt + extra,
+        dtype_bytes=1 if plan.keep_quantized else 4 if plan.fw.dtype == "fp32" else 2,
+        pixels_per_token=ppt,
+        attention_matrix=plan.fw.name == "jax",  # XLA on a CPU does not fuse attention
+        cfg_scale=plan.true_cfg,
+    )
+    what = f"--width {plan.width} --height {plan.height}"
+    what += f" with {plan.batch} prompts" if plan.batch > 1 else ""
+    try:
+        memory.check(estimate, what)
+    except memory.TooLarge as e:
+        raise UsageError(str(e)) from None
 
 
 def _with_loras(cfg, loras):
@@ -558,7 +858,7 @@ def save_embeddings(plan: Plan, path: Path) -> int:
     if tp.negatives:
         outs.append((path.with_name(f"{path.stem}-neg{path.suffix}"), "neg_", tp.negatives))
     for out, prefix, prompts in outs:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        files.make_folders(out.parent)
         text.save_embeddings(
             out,
             {k: emb[prefix + k] for k in ("txt", "vec") if prefix + k in emb},
@@ -596,6 +896,9 @@ def load_embeddings(plan: Plan) -> dict[str, np.ndarray]:
                 f"--embeddings txt {emb['txt'].shape} (same length; one negative or one per prompt)"
             )
         emb.update({"neg_" + k: v for k, v in neg.items()})
+    if plan.only is not None:  # --only I: prompt I (and its negative when there is one per prompt)
+        i = plan.only
+        emb = {k: v[i : i + 1] if len(v) == len(emb["txt"]) else v for k, v in emb.items()}
     return emb
 
 
@@ -605,21 +908,38 @@ def load_embeddings(plan: Plan) -> dict[str, np.ndarray]:
 
 
 def conditioning_images(plan: Plan) -> dict:
-    """The images the pipeline takes (`minflux.images.load`, numpy HWC), checked before any model loads."""
+    """The images the pipeline takes (numpy HWC; references as `minflux.references` prepares them), checked
+    before any model loads: a mask that repaints nothing is refused."""
     size = (plan.width, plan.height)
-    # FLUX.2 scales references down to 2024^2 pixels (one) or 1024^2 (several), as BFL's `encode_image_refs`.
-    ref_pixels = family.of(plan.cfg).ref_max_pixels(len(plan.refs))
-    ppt = configs.pixels_per_token(plan.ae_cfg)
     load = {
-        "refs": lambda: [images.load(p, multiple=ppt, max_pixels=ref_pixels) for p in plan.refs],
+        "refs": lambda: [
+            references.load(p, f) for p, f in zip(plan.refs, plan.ref_fits, strict=True)
+        ],
         "init": lambda: images.load(plan.init, size) if plan.init else None,
         "mask": lambda: images.load(plan.mask, size, gray=True) if plan.mask else None,
         "control": lambda: images.load(plan.control, size) if plan.control else None,
     }
     try:
-        return {k: f() for k, f in load.items()}
+        out = {k: f() for k, f in load.items()}
     except ValueError as e:
         raise UsageError(str(e)) from None
+    ppt, spec = configs.pixels_per_token(plan.ae_cfg), family.of(plan.cfg)
+    try:
+        request.check_mask(out["mask"], plan.kind, spec, ppt, plan.mask_mode, f"--mask {plan.mask}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return out
+
+
+def describe_references(plan: Plan) -> str:
+    """ "references: a.png 1000x400 -> 1568x672 (4116 tokens); output 1568x672, the first reference's size" """
+    ppt = configs.pixels_per_token(plan.ae_cfg)
+    refs = [
+        references.describe(p, s, f, ppt)
+        for p, s, f in zip(plan.refs, plan.ref_sizes, plan.ref_fits, strict=True)
+    ]
+    own = ", the first reference's size" if plan.size_from_ref else ""
+    return f"references: {'; '.join(refs)}; output {plan.width}x{plan.height}{own}"
 
 
 def generate(plan: Plan) -> np.ndarray:
@@ -628,8 +948,6 @@ def generate(plan: Plan) -> np.ndarray:
     emb = load_embeddings(plan)  # first: a text encoder is freed before the transformer is loaded
     fw = plan.fw
     if plan.redux:
-        if len(emb["txt"]) != 1:
-            raise UsageError(f"--redux extends one prompt; {len(emb['txt'])} were given")
         try:
             encoder = fw.redux_encoder(plan.redux_model, plan.redux_embedder)
         except (FileNotFoundError, ValueError) as e:
@@ -651,8 +969,9 @@ def generate(plan: Plan) -> np.ndarray:
             steps=plan.steps,
             guidance=plan.guidance,
             cfg_scale=plan.cfg_scale,
-            seed=plan.seed,
+            seed=plan.seed + (plan.only or 0),  # image i from seed + i (--only I: I's alone)
             strength=plan.strength,
+            mask_mode=plan.mask_mode,
             **cond,
         )
     except ValueError as e:
@@ -672,3 +991,107 @@ def generate(plan: Plan) -> np.ndarray:
 
         model = torch.compile(model)  # attribute access (model.params) passes through to the module
     return fw.pipeline.generate(model, ae, req, progress=plan.progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each PNG records: enough to remake it alone
+# ---------------------------------------------------------------------------------------------
+
+
+def _arg(value) -> str:
+    """A recorded flag value: files as absolute paths (the command runs from any folder), LoRAs FILE:SCALE."""
+    if isinstance(value, Path):
+        return str(value.absolute())
+    if isinstance(value, tuple):  # --lora (FILE, SCALE)
+        return f"{_arg(value[0])}:{value[1]!r}"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _resolved(plan: Plan) -> dict:
+    """The settings a recorded command writes out even when defaulted, by dest."""
+    out = {
+        "model": plan.model,
+        "framework": plan.fw.name,
+        "dtype": plan.fw.dtype,
+        "seed": plan.seed,
+        "steps": plan.steps,
+    }
+    if not plan.size_from_ref:  # (else the references give it again)
+        out |= {"width": plan.width, "height": plan.height}
+    if plan.cfg.guidance_embed:
+        out["guidance"] = plan.guidance
+    if plan.init is not None and plan.kind != "fill":
+        out["strength"] = plan.strength
+    if plan.mask is not None and plan.kind != "fill":
+        out["mask_mode"] = plan.mask_mode
+    return out
+
+
+def command_line(args: argparse.Namespace, plan: Plan) -> list[str]:
+    """The arguments of `minflux generate` that remake this run: every flag given, with the model, framework,
+    dtype, seed, steps and size written out (a later version's defaults cannot change the picture); not where
+    it is written or how it is shown (--out, --no-progress)."""
+    resolved, argv = _resolved(plan), []
+    for action in _parser()._actions:
+        dest = action.dest
+        if not action.option_strings or dest in (
+            "out",
+            "no_progress",
+            "from_png",
+            "save_embeddings",
+        ):
+            continue
+        value = resolved.get(dest, getattr(args, dest, action.default))
+        if value is None or value is False or (dest not in resolved and value == action.default):
+            continue
+        flag = action.option_strings[0]
+        values = value if isinstance(value, list) else [value]
+        argv += [flag] if value is True else [a for v in values for a in (flag, _arg(v))]
+    return argv
+
+
+def prompt_texts(plan: Plan) -> list[str] | None:
+    """The prompts drawn, one per image: --prompt's, or those an embedding file records (`text.save_embeddings`);
+    None when unknown."""
+    if plan.text is not None:
+        return list(plan.text.prompts)
+    if plan.embeddings is None:
+        return None
+    try:
+        _, meta = checkpoint.parse_header(plan.embeddings)
+        texts = json.loads(meta["prompts"])
+    except (KeyError, ValueError, TypeError, checkpoint.CheckpointError):
+        return None
+    if not isinstance(texts, list) or len(texts) < (plan.only or 0) + plan.batch:
+        return None
+    return texts[plan.only : plan.only + 1] if plan.only is not None else texts
+
+
+def png_metadata(plan: Plan, i: int, prompt: str | None) -> dict[str, str]:
+    """The text chunks of image i's PNG: its seed, prompt, model and settings, and the command that draws it
+    alone (`--only i` in a batch), as a shell line and as JSON for `--from-png`."""
+    from minflux_cli.main import version
+
+    index = plan.only if plan.only is not None else i
+    argv = list(plan.command) + (["--only", str(i)] if plan.only is None and plan.batch > 1 else [])
+    settings = [f"{plan.width}x{plan.height}", f"{plan.steps} steps"]
+    if plan.cfg.guidance_embed:
+        settings.append(f"guidance {plan.guidance:g}")
+    if plan.true_cfg:
+        settings.append(f"cfg {plan.cfg_scale:g}")
+    if plan.init is not None and plan.kind != "fill":
+        settings.append(f"strength {plan.strength:g}")
+    if plan.mask is not None and plan.kind != "fill":
+        settings.append(f"mask mode {plan.mask_mode}")
+    settings.append(f"{plan.fw.name} {plan.fw.dtype}")
+    meta = {
+        "prompt": prompt if prompt is not None else "(embeddings: see the command)",
+        "seed": str(plan.seed + index),
+        "model": plan.model,
+        "settings": ", ".join(settings),
+        "command": "minflux generate " + shlex.join(argv),
+        "minflux": json.dumps({"version": version(), "argv": argv}),
+    }
+    if plan.random:
+        meta["prompt"] = f"(random embeddings, seed {plan.seed})"
+    return meta

@@ -212,20 +212,21 @@ def redux_prompt(
 ) -> tuple[Array, Array | None]:
     """The T5 context with Redux image tokens appended, as the official pipelines build it.
 
-    txt (1, L, D) and vec (1, 768) of one prompt; image_tokens (N, T, D) from `ReduxEncoder.encode`. Each image i
-    gives the row [txt; tokens_i] (BFL `prepare_redux`), scaled by scale[i] (diffusers `prompt_embeds_scale`,
-    one number or N), and the rows are summed; vec is scaled by pooled_scale[i] and summed likewise (so with N
-    images at scale 1 the text counts N times, as in `FluxPriorReduxPipeline`). Returns (1, L + T, D), (1, 768).
+    txt (B, L, D) and vec (B, 768) of B prompts; image_tokens (N, T, D) from `ReduxEncoder.encode`, shared by
+    every prompt. For each prompt, each image i gives the row [txt; tokens_i] (BFL `prepare_redux`), scaled by
+    scale[i] (diffusers `prompt_embeds_scale`, one number or N), and the rows are summed; vec is scaled by
+    pooled_scale[i] and summed likewise (so with N images at scale 1 the text counts N times, as in
+    `FluxPriorReduxPipeline`, which one prompt at a time reproduces). Returns (B, L + T, D), (B, 768).
     """
-    if txt.shape[0] != 1:
-        raise ValueError(f"Redux extends one prompt: txt has batch {txt.shape[0]}")
-    n = image_tokens.shape[0]
+    b, n = txt.shape[0], image_tokens.shape[0]
     s = jnp.asarray(redux.scales(n, scale, "scale"), txt.dtype)
+    tokens = jnp.broadcast_to(
+        image_tokens.astype(txt.dtype), (b, *image_tokens.shape)
+    )  # (B, N, T, D)
     rows = jnp.concatenate(
-        (jnp.broadcast_to(txt, (n, *txt.shape[1:])), image_tokens.astype(txt.dtype)), axis=1
-    )
-    rows = rows * s[:, None, None]
+        (jnp.broadcast_to(txt[:, None], (b, n, *txt.shape[1:])), tokens), axis=2
+    )  # (B, N, L + T, D)
     if vec is not None:
         p = jnp.asarray(redux.scales(n, pooled_scale, "pooled_scale"), vec.dtype)
-        vec = (jnp.broadcast_to(vec, (n, *vec.shape[1:])) * p[:, None]).sum(axis=0, keepdims=True)
-    return rows.sum(axis=0, keepdims=True), vec
+        vec = (vec[:, None] * p[:, None]).sum(axis=1)
+    return (rows * s[:, None, None]).sum(axis=1), vec

@@ -72,16 +72,14 @@ def encode_tokens(
 
 
 def noise(model: nn.Module, req: Request, pixels_per_token: int) -> torch.Tensor:
-    """The starting latents of `req` (NCHW, fp32, on the model's device): the batch's drawn at once
-    from `req.seed`, or image i's from `req.seeds[i]` alone (numpy, so the same in both frameworks).
-    """
+    """The starting latents of `req` (NCHW, fp32, on the model's device): image i's drawn from its seed alone
+    (`Request.image_seeds`: seed + i, or seeds[i]), so a row of a batch is the image a single run with that
+    seed draws; numpy's draw, the same in both frameworks."""
     device, family = next(model.parameters()).device, model.params.family
-    draw = lambda n, seed: sampling.get_noise(
-        n, req.height, req.width, family, seed, device=device, pixels_per_token=pixels_per_token
+    draw = lambda seed: sampling.get_noise(
+        1, req.height, req.width, family, seed, device=device, pixels_per_token=pixels_per_token
     )
-    if req.seeds is None:
-        return draw(len(req.txt), req.seed)
-    return torch.cat([draw(1, seed) for seed in req.seeds])
+    return torch.cat([draw(seed) for seed in req.image_seeds])
 
 
 @torch.inference_mode()
@@ -122,10 +120,11 @@ def generate(model: nn.Module, ae: nn.Module, req: Request, progress: bool = Fal
     """Images for the B prompts of `req` (`minflux.request.Request`): (B, height, width, 3) uint8.
 
     The request is checked against the model (`Request.check`: the conditioning it takes, sizes,
-    references; ValueError naming the field), its images encoded (`conditioning`), its noise drawn
-    (`noise`), then sampled: klein KV models with references by `sampling.sample_kv` (the
-    references' keys and values computed once), inpainting with an ordinary model (`req.mask`, not
-    Fill) by `sampling.sample_inpaint` (diffusers' `FluxInpaintPipeline` /
+    references; ValueError naming the field), its images encoded (`conditioning`; references, init
+    and mask serve every prompt), its noise drawn (`noise`: image i from seed + i alone), then
+    sampled (the mask as `req.mask_mode` says, `minflux.masks`): klein KV models with references
+    by `sampling.sample_kv` (the references' keys and values computed once), inpainting with an
+    ordinary model (`req.mask`, not Fill) by `sampling.sample_inpaint` (diffusers' `FluxInpaintPipeline` /
     `Flux2KleinInpaintPipeline`), everything else by `sampling.sample`; decoded one image at a time.
     Redux: extend txt and vec first (`redux`). The earlier keyword form `generate(model, ae, txt,
     vec, width=..., height=..., steps=..., guidance=..., seed=..., refs=..., ...)` still works (the
@@ -147,10 +146,10 @@ def generate(model: nn.Module, ae: nn.Module, req: Request, progress: bool = Fal
 def redux(
     encoder, txt: np.ndarray, vec: np.ndarray, pictures, scale=1.0, pooled_scale=1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """FLUX.1 Redux: one prompt's embeddings txt (1, L, 4096) and vec (1, 768) extended by the image tokens of
-    `pictures` (paths, PIL images or uint8 arrays; SigLIP resizes them itself) from `encoder`
-    (`minflux_torch.redux.load_redux`), with per-image scales, as `redux.redux_prompt`: (1, L + 729 N, 4096),
-    (1, 768) float32 numpy for `generate`."""
+    """FLUX.1 Redux: B prompts' embeddings txt (B, L, 4096) and vec (B, 768), each extended by the image tokens
+    of `pictures` (paths, PIL images or uint8 arrays; SigLIP resizes them itself) from `encoder`
+    (`minflux_torch.redux.load_redux`), with per-image scales, as `redux.redux_prompt`: (B, L + 729, 4096),
+    (B, 768) float32 numpy for `generate`."""
     tokens = encoder.encode(pictures).float()
     t, v = (torch.from_numpy(np.asarray(a, np.float32)).to(tokens.device) for a in (txt, vec))
     t, v = redux_prompt(t, v, tokens, scale, pooled_scale)

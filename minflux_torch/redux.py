@@ -202,20 +202,19 @@ def redux_prompt(
 ) -> tuple[Tensor, Tensor | None]:
     """The T5 context with Redux image tokens appended, as the official pipelines build it.
 
-    txt (1, L, D) and vec (1, 768) of one prompt; image_tokens (N, T, D) from `ReduxEncoder.encode`. Each image i
-    gives the row [txt; tokens_i] (BFL `prepare_redux`), scaled by scale[i] (diffusers `prompt_embeds_scale`,
-    one number or N), and the rows are summed; vec is scaled by pooled_scale[i] and summed likewise (so with N
-    images at scale 1 the text counts N times, as in `FluxPriorReduxPipeline`). Returns (1, L + T, D), (1, 768).
+    txt (B, L, D) and vec (B, 768) of B prompts; image_tokens (N, T, D) from `ReduxEncoder.encode`, shared by
+    every prompt. For each prompt, each image i gives the row [txt; tokens_i] (BFL `prepare_redux`), scaled by
+    scale[i] (diffusers `prompt_embeds_scale`, one number or N), and the rows are summed; vec is scaled by
+    pooled_scale[i] and summed likewise (so with N images at scale 1 the text counts N times, as in
+    `FluxPriorReduxPipeline`, which one prompt at a time reproduces). Returns (B, L + T, D), (B, 768).
     """
-    if txt.shape[0] != 1:
-        raise ValueError(f"Redux extends one prompt: txt has batch {txt.shape[0]}")
-    n = image_tokens.shape[0]
+    b, n = txt.shape[0], image_tokens.shape[0]
     s = torch.tensor(redux.scales(n, scale, "scale"), device=txt.device, dtype=txt.dtype)
-    rows = torch.cat((txt.expand(n, *txt.shape[1:]), image_tokens.to(txt.dtype)), dim=1)
-    rows = rows * s[:, None, None]
+    tokens = image_tokens.to(txt.dtype).expand(b, *image_tokens.shape)  # (B, N, T, D)
+    rows = torch.cat((txt[:, None].expand(b, n, *txt.shape[1:]), tokens), dim=2)  # (B, N, L + T, D)
     if vec is not None:
         p = torch.tensor(
             redux.scales(n, pooled_scale, "pooled_scale"), device=vec.device, dtype=vec.dtype
         )
-        vec = (vec.expand(n, *vec.shape[1:]) * p[:, None]).sum(dim=0, keepdim=True)
-    return rows.sum(dim=0, keepdim=True), vec
+        vec = (vec[:, None] * p[:, None]).sum(dim=1)
+    return (rows * s[:, None, None]).sum(dim=1), vec

@@ -19,11 +19,11 @@ The loop runs under `torch.inference_mode`; `minflux generate --compile` wraps t
 from __future__ import annotations
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from minflux import ids, random, request, schedules
+from minflux import ids, masks, random, request, schedules
 from minflux.family import FAMILIES
 from minflux.request import Batched, Conditioning, Inputs
 
@@ -85,7 +85,8 @@ def text_ids(batch: int, length: int, family: str) -> Tensor:
 
 
 def reference_tokens(refs: list[Tensor], family: str) -> tuple[Tensor, Tensor]:
-    """Encoded reference latents (each NCHW, any size) -> (tokens, ids) to append after the image tokens.
+    """Encoded reference latents (each NCHW, any size; batch B or 1) -> (tokens, ids) of batch B to append after
+    the image tokens.
 
     FLUX.1 Kontext takes one reference at t = 1; FLUX.2 takes several, reference i at t = 10 + 10 i.
     """
@@ -94,11 +95,12 @@ def reference_tokens(refs: list[Tensor], family: str) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"{family} takes at most {spec.max_refs} reference image(s), got {len(refs)}"
         )
+    b = max(ref.shape[0] for ref in refs)  # references of batch one serve any batch
     tokens, pos = [], []
     for i, ref in enumerate(refs):
         h, w = token_grid(ref, family)
-        tokens.append(pack(ref, family))
-        pos.append(image_ids(ref.shape[0], h, w, family, t=spec.ref_time(i)).to(ref.device))
+        tokens.append(pack(ref, family).expand(b, -1, -1))
+        pos.append(image_ids(b, h, w, family, t=spec.ref_time(i)).to(ref.device))
     return torch.cat(tokens, dim=1), torch.cat(pos, dim=1)
 
 
@@ -117,23 +119,32 @@ def add_noise(x: Tensor, noise: Tensor, t: float) -> Tensor:
     return t * noise + (1.0 - t) * x
 
 
-def inpaint_mask(mask: Tensor, family: str, factor: int = 8) -> Tensor:
-    """Pixel mask (B, 1, H, W) in [0, 1], 1 = repaint -> per-token blend weights, as diffusers' inpainting
-    pipelines derive them: binarised at 0.5 (their mask processor), then FLUX.1 (`FluxInpaintPipeline`) takes the
-    nearest pixel per latent, (B, 1, H/8, W/8), packed like the latents -> (B, L, 64); FLUX.2
-    (`Flux2KleinInpaintPipeline`) resizes bilinearly (no antialias) to the token grid -> (B, L, 1), which at an
-    even factor is the mean of the 2 x 2 pixels at each token's centre. `factor`: the autoencoder's downsampling."""
+def inpaint_mask(mask: Tensor, family: str, factor: int = 8, mode: str = "max") -> Tensor:
+    """Pixel mask (B, 1, H, W) in [0, 1], 1 = repaint -> per-token blend weights: FLUX.1 one weight per latent
+    (`factor` pixels a side), packed like the latents -> (B, L, 64); FLUX.2 one per token (2 x `factor`) ->
+    (B, L, 1). `factor`: the autoencoder's downsampling. mode (`minflux.masks`): "max", a latent or token is
+    repainted as much as the most repainted pixel of its patch (thin strokes count; soft masks keep their
+    values); "center", as diffusers' pipelines: binarised at 0.5, then FLUX.1 (`FluxInpaintPipeline`) takes the
+    nearest pixel per latent, FLUX.2 (`Flux2KleinInpaintPipeline`) resizes bilinearly (no antialias) to the
+    token grid, at an even factor the mean of the 2 x 2 pixels at each token's centre."""
     spec = FAMILIES[family]
-    mask = (mask >= 0.5).float()
-    if spec.inpaint_resize == "nearest":
-        return pack(mask[:, :, ::factor, ::factor].expand(-1, spec.latent_channels, -1, -1), family)
-    f = 2 * factor  # pixels per token
-    lo, hi = (
-        (f - 1) // 2,
-        f // 2,
-    )  # bilinear at align_corners=False samples pixel f * i + (f - 1) / 2
-    rows = (mask[:, :, lo::f] + mask[:, :, hi::f]) / 2
-    return rearrange((rows[..., lo::f] + rows[..., hi::f]) / 2, "b c h w -> b (h w) c")
+    u = masks.unit(spec, factor)  # pixels per latent (FLUX.1) or token (FLUX.2)
+    if mode == "max":
+        m = reduce(mask.float(), "b c (h ph) (w pw) -> b c h w", "max", ph=u, pw=u)
+    elif mode == "center":
+        mask = (mask >= 0.5).float()
+        lo, hi = (
+            (u - 1) // 2,
+            u // 2,
+        )  # bilinear at align_corners=False samples pixel u * i + (u - 1) / 2
+        nearest = spec.inpaint_resize == "nearest"
+        rows = mask[:, :, ::u] if nearest else (mask[:, :, lo::u] + mask[:, :, hi::u]) / 2
+        m = rows[..., ::u] if nearest else (rows[..., lo::u] + rows[..., hi::u]) / 2
+    else:
+        raise ValueError(f"mask mode {mode!r}: expected one of {masks.MODES}")
+    if spec.latent_patch > 1:  # FLUX.1: each latent's weight on its 16 channels, packed 2 x 2
+        return pack(m.expand(-1, spec.latent_channels, -1, -1), family)
+    return rearrange(m, "b c h w -> b (h w) c")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +388,7 @@ def sample_inpaint(
         raise ValueError(
             f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in size"
         )
-    m = inpaint_mask(cond.mask, family, factor).to(noise.device)
+    m = inpaint_mask(cond.mask, family, factor, cond.mask_mode).to(noise.device)
     if m.shape[1] != h * w:
         raise ValueError(
             f"mask {tuple(cond.mask.shape)} does not cover the {h} x {w} token grid at factor {factor}"

@@ -1,15 +1,14 @@
-"""Aspect-ratio buckets and reference sizes (`minflux.buckets`): the bucket table's bounds, nearest bucket and cover
-crop, and the reference sizes against diffusers' own FLUX.2 image processor and Kontext resolutions."""
+"""Aspect-ratio buckets (`minflux.buckets`): the bucket table's bounds, nearest bucket and cover crop, and a
+reference through the float path `minflux cache` takes, against diffusers' own FLUX.2 image processor (the sizes
+themselves: `test_references.py`)."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from minflux import buckets, images
+from minflux import buckets, family, images, references
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -60,23 +59,12 @@ def test_apply_resizes_in_float_and_crops_the_centre():
     assert out.min() >= -1 and out.max() <= 1
 
 
-def test_kontext_reference_sizes_are_bfl_and_diffusers_preferred_resolutions():
-    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
-
-    assert list(buckets.KONTEXT_RESOLUTIONS) == list(PREFERRED_KONTEXT_RESOLUTIONS)
-    for w, h in [(1000, 1000), (2000, 1000), (1000, 3000), (1280, 720), (333, 500)]:
-        # FluxKontextPipeline.__call__: the preferred (w, h) nearest the aspect ratio, no crop
-        _, pw, ph = min((abs(w / h - a / b), a, b) for a, b in PREFERRED_KONTEXT_RESOLUTIONS)
-        fit = buckets.reference_fit(w, h, "kontext")
-        assert fit.resize == (pw, ph) and fit.crop == (0, 0, pw, ph)
-    assert buckets.reference_fit(1000, 1000, "kontext", area=256 * 256).size == (256, 256)
-
-
 @pytest.mark.parametrize("size", [(640, 480), (1500, 1100), (300, 97), (2048, 512)])
 def test_flux2_reference_matches_diffusers_image_processor(size, tmp_path):
-    """Flux2KleinPipeline prepares a reference by check_image_input, _resize_to_target_area above 1024^2 pixels, then
-    preprocess(height, width floored to 16, resize_mode="crop"); ours gives the same size and pixels (8-bit
-    rounding apart: diffusers resizes uint8 pictures, we resize floats)."""
+    """`minflux cache`'s path for a reference: the size `minflux.references.fit` gives, resized in float by
+    `buckets.apply`. Flux2KleinPipeline prepares a reference by check_image_input, _resize_to_target_area above
+    1024^2 pixels, then preprocess(height, width floored to 16, resize_mode="crop"); ours gives the same size and
+    pixels (8-bit rounding apart: diffusers resizes uint8 pictures, `apply` resizes floats)."""
     from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
     w, h = size
@@ -91,19 +79,8 @@ def test_flux2_reference_matches_diffusers_image_processor(size, tmp_path):
         img = proc._resize_to_target_area(img, 1024 * 1024)
     ew, eh = img.size[0] // 16 * 16, img.size[1] // 16 * 16
     expected = proc.preprocess(img, height=eh, width=ew, resize_mode="crop")[0].numpy()
-    fit = buckets.reference_fit(w, h, "flux2")
+    fit = references.fit(w, h, family.FLUX2)
     ours = buckets.apply(images.load(tmp_path / "ref.png", multiple=1), fit)
     assert fit.size == (ew, eh)
     diff = np.abs(ours.transpose(2, 0, 1) - expected)
     assert diff.mean() < 1.5 / 127.5 and diff.max() < 6 / 127.5, (diff.mean(), diff.max())
-
-
-def test_flux2_reference_limits_are_diffusers():
-    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
-
-    for w, h in [(63, 200), (100, 900)]:
-        with pytest.raises(ValueError):
-            Flux2ImageProcessor.check_image_input(Image.new("RGB", (w, h)))
-        with pytest.raises(ValueError, match="too small|aspect ratio"):
-            buckets.reference_fit(w, h, "flux2")
-    assert math.isclose(buckets.FLUX2_REF_AREA, 1024 * 1024)

@@ -225,9 +225,10 @@ BAD = [
         "a.mask.png: a mask image, but the model takes text pairs",
     ),
     (
+        # (64 pixels a side for the real autoencoder; the tiny one's 4 pixels per token make it 16)
         "small ref",
-        lambda f: picture(f / "b.ref1.png", 64, 40),
-        "b.ref1.png: 64x40 is too small for a FLUX.2 reference",
+        lambda f: picture(f / "b.ref1.png", 64, 12),
+        "b.ref1.png: 64x12 is too small for a FLUX.2 reference (both sides >= 16 pixels)",
     ),
 ]
 

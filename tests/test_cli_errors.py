@@ -666,7 +666,177 @@ if not memory.nvidia_gpus():  # (on a GPU machine the backend runs)
         (["bench", "--backends", "jax-cudnn"], 2, "--backends jax-cudnn runs on an NVIDIA GPU only")
     )
 
-ROWS = TRAIN + GENERATE + PARITY + CONVERT + CACHE + BENCH + TOP + OUTPUTS + INPUTS
+# Issue 20 / 23: generate's flags that would do nothing, references, masks, seeds, memory, outputs.
+GENERATE_EDGES = [
+    (
+        [
+            "generate",
+            "--model",
+            "flux2-tiny",
+            "--transformer",
+            "{flux2_tiny}",
+            "--ae",
+            "{flux2_ae}",
+            "--embeddings",
+            "{nan_emb}",
+            "--neg-embeddings",
+            "{nan_emb}",
+        ],
+        2,
+        "--neg-embeddings applies with --cfg SCALE (true CFG); without it the negative prompt is not used",
+    ),
+    (
+        ["generate", "--random-weights", "--prompt", "a cat", "--negative-prompt", "a dog"],
+        2,
+        "--negative-prompt applies with --cfg SCALE (true CFG); without it the negative prompt is not used",
+    ),
+    (
+        ["generate", "--random-weights", "--model", "flux1-schnell", "--guidance", "3"],
+        2,
+        "--guidance: flux1-schnell has no guidance embedder, so distilled guidance does not apply",
+    ),
+    (
+        ["generate", "--random-weights", "--redux-scale", "0.5"],
+        2,
+        "--redux-scale applies with --redux IMAGE",
+    ),
+    (
+        ["generate", "--random-weights", "--mask-mode", "center"],
+        2,
+        "--mask-mode applies with --mask MASK",
+    ),
+    (
+        [
+            "generate",
+            "--random-weights",
+            "--model",
+            "flux1-fill-dev",
+            "--ae-config",
+            "flux1-ae",
+            "--init",
+            "{png}",
+            "--mask",
+            "{png}",
+            "--mask-mode",
+            "max",
+        ],
+        2,
+        "--mask-mode: flux1-fill-dev is a Fill model, which reads the mask's pixels itself",
+    ),
+    (
+        [
+            "generate",
+            "--prompt",
+            "a cat",
+            "--save-embeddings",
+            "{tmp}/e.safetensors",
+            "--steps",
+            "3",
+        ],
+        2,
+        "--steps does not apply with --save-embeddings, which encodes the prompts and stops",
+    ),
+    (
+        ["generate", "--prompt", "a cat", "--save-embeddings", "/proc/x/e.safetensors"],
+        2,
+        "argument --save-embeddings: /proc/x/e.safetensors: cannot",
+    ),
+    (
+        ["generate", "--prompt", "a cat", "--save-embeddings", "{tmp}/{long}.safetensors"],
+        2,
+        "the name is too long",
+    ),
+    (
+        [
+            "generate",
+            "--model",
+            "flux2-tiny",
+            "--transformer",
+            "{flux2_tiny}",
+            "--ae",
+            "{flux2_ae}",
+            "--embeddings",
+            "{nan_emb}",
+            "--keep-quantized",
+        ],
+        2,
+        "--keep-quantized keeps the quantized weights a --transformer file stores; {flux2_tiny} stores none (F32)",
+    ),
+    (
+        ["generate", "--random-weights", "--model", "flux1-dev", "--ref", "{png}"],
+        2,
+        "--ref: flux1-dev takes no reference images (FLUX.1 Kontext and FLUX.2 do)",
+    ),
+    (
+        ["generate", "--random-weights", "--model", "flux2-tiny", "--ref", "{thin_ref}"],
+        2,
+        "--ref {thin_ref}: 400x20: aspect ratio 20.0:1 is over 8:1, the limit for a FLUX.2 reference",
+    ),
+    (
+        ["generate", "--random-weights", "--width", "100000", "--height", "100000"],
+        2,
+        "--width 100000 --height 100000 needs about",
+    ),
+    (
+        [
+            "generate",
+            "--model",
+            "flux2-tiny",
+            "--transformer",
+            "{flux2_tiny}",
+            "--ae",
+            "{flux2_ae}",
+            "--embeddings",
+            "{many_emb}",
+            "--width",
+            "1024",
+            "--height",
+            "1024",
+        ],
+        2,
+        "--width 1024 --height 1024 with 2000 prompts needs about",
+    ),
+    (
+        ["generate", "--random-weights", "--init", "{png}", "--mask", "{black}"],
+        2,
+        "--mask {black}: nothing to repaint: no latent is marked in mask mode 'max' (white = repaint)",
+    ),
+    (
+        [
+            "generate",
+            "--random-weights",
+            "--init",
+            "{png}",
+            "--mask",
+            "{stroke}",
+            "--mask-mode",
+            "center",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ],
+        2,
+        "--mask {stroke}: nothing to repaint: no latent is marked in mask mode 'center'; mask mode 'max' repaints",
+    ),
+    (
+        ["generate", "--random-weights", "--only", "3"],
+        2,
+        "--only 3: the batch has 1 image(s), 0 to 0",
+    ),
+    (
+        ["generate", "--from-png", "{png}"],
+        2,
+        "--from-png {png}: no minflux settings in its metadata",
+    ),
+    (
+        ["generate", "--from-png", "{png}", "--steps", "2"],
+        2,
+        "--from-png {png} replays the settings the file records; --steps cannot be added",
+    ),
+]
+
+ROWS = TRAIN + GENERATE + PARITY + CONVERT + CACHE + BENCH + TOP + OUTPUTS + INPUTS + GENERATE_EDGES
 
 
 @pytest.fixture(scope="module")
@@ -761,6 +931,20 @@ def edge_files(tmp, tiny_checkpoint) -> dict:
     save_file(d, out["missing_piece"])
     out["bomb"] = tmp / "bomb.png"
     out["bomb"].write_bytes(png_header(20000, 20000))
+    from PIL import Image
+
+    # issue 20: a mask that repaints nothing, a 1-pixel stroke (between the pixels diffusers samples), a
+    # reference over FLUX.2's 8:1, embeddings of 2000 one-token prompts
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp / "black.png")
+    stroke = np.zeros((32, 32), np.uint8)
+    stroke[:, 5] = 255
+    Image.fromarray(stroke).save(tmp / "stroke.png")
+    Image.fromarray(np.full((20, 400, 3), 90, np.uint8)).save(tmp / "thin_ref.png")
+    save_file({"txt": np.zeros((2000, 1, 48), np.float32)}, tmp / "many_emb.safetensors")
+    out.update(
+        {k: tmp / f"{k}.{e}" for k, e in [("black", "png"), ("stroke", "png"), ("thin_ref", "png")]}
+    )
+    out["many_emb"] = tmp / "many_emb.safetensors"
     return out
 
 

@@ -263,6 +263,16 @@ def test_errors(files, tmp_path, capsys):
     assert f"{bare / 'tokenizer.json'}: no such file" in error(
         f2 + ["--text-encoder", str(bare), *QWEN_LAYERS]
     )
+    # a FLUX.2 text encoder takes no LoRA: with --save-embeddings a --lora would do nothing
+    save = [
+        "--save-embeddings",
+        str(tmp_path / "e.safetensors"),
+        "--lora",
+        str(files["flux2-tiny"]),
+    ]
+    enc = ["--text-encoder", str(files["flux2-enc"]), *QWEN_LAYERS]
+    msg = error(["generate", "--model", "flux2-tiny", "--prompt", "a cat", *enc, *save])
+    assert "--lora does not apply with --save-embeddings for flux2-tiny" in msg
     assert not (tmp_path / "e.safetensors").exists()
 
 

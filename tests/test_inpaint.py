@@ -51,8 +51,7 @@ def nchw(x) -> np.ndarray:
     return np.array(x).transpose(0, 3, 1, 2)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def build_models(tmp_path_factory) -> dict:
     """cfg name -> (torch model, jax model, diffusers transformer), the same random weights."""
     out = {}
     for name, cfg in (("flux1", FLUX1), ("klein", KLEIN)):
@@ -64,6 +63,11 @@ def models(tmp_path_factory):
         ref.load_state_dict(load_file(d / "diffusers.safetensors"), strict=True)
         out[name] = tm.eval(), mj.load_model(cfg, d / "bfl.safetensors", dtype=jnp.float32), ref
     return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory)
 
 
 def test_masks_match_diffusers():
@@ -97,9 +101,11 @@ def test_masks_match_diffusers():
     )
     assert want.shape == (1, h * w // 256, 64)
     np.testing.assert_array_equal(
-        ts.inpaint_mask(torch.from_numpy(m), "flux1").numpy(), want.numpy()
+        ts.inpaint_mask(torch.from_numpy(m), "flux1", mode="center").numpy(), want.numpy()
     )
-    np.testing.assert_array_equal(np.asarray(js.inpaint_mask(nhwc(m), "flux1")), want.numpy())
+    np.testing.assert_array_equal(
+        np.asarray(js.inpaint_mask(nhwc(m), "flux1", mode="center")), want.numpy()
+    )
 
     proc = Flux2ImageProcessor(
         vae_scale_factor=16,
@@ -128,10 +134,12 @@ def test_masks_match_diffusers():
         and ((want > 0) & (want < 1)).any()
     )
     np.testing.assert_allclose(
-        ts.inpaint_mask(torch.from_numpy(m), "flux2").numpy(), want.numpy(), atol=1e-7
+        ts.inpaint_mask(torch.from_numpy(m), "flux2", mode="center").numpy(),
+        want.numpy(),
+        atol=1e-7,
     )
     np.testing.assert_allclose(
-        np.asarray(js.inpaint_mask(nhwc(m), "flux2")), want.numpy(), atol=1e-7
+        np.asarray(js.inpaint_mask(nhwc(m), "flux2", mode="center")), want.numpy(), atol=1e-7
     )
 
 
@@ -180,6 +188,7 @@ def test_flux1_inpaint_matches_diffusers(models, strength):
         steps=steps,
         strength=strength,
         guidance=3.5,
+        mask_mode="center",  # diffusers' mask sampling
     )
     b = js.sample_inpaint(
         jm,
@@ -191,6 +200,7 @@ def test_flux1_inpaint_matches_diffusers(models, strength):
         steps=steps,
         strength=strength,
         guidance=3.5,
+        mask_mode="center",  # diffusers' mask sampling
     )
     a_tok, b_tok = ts.pack(a, "flux1").numpy(), ts.pack(torch.from_numpy(nchw(b)), "flux1").numpy()
     ea, eb = rel_l2(a_tok, want), rel_l2(b_tok, want)
@@ -199,7 +209,7 @@ def test_flux1_inpaint_matches_diffusers(models, strength):
     )
     assert ea <= 1e-5 and eb <= 1e-5
     keep = (
-        ts.inpaint_mask(torch.from_numpy(mask), "flux1").numpy() == 0
+        ts.inpaint_mask(torch.from_numpy(mask), "flux1", mode="center").numpy() == 0
     )  # the known region ends as init, exactly
     assert keep.any() and np.array_equal(
         a_tok[keep], ts.pack(torch.from_numpy(init), "flux1").numpy()[keep]
@@ -209,8 +219,13 @@ def test_flux1_inpaint_matches_diffusers(models, strength):
     )  # the rest moved
 
 
-@pytest.mark.parametrize("case", ["distilled", "cfg+reference"])
-def test_klein_inpaint_matches_diffusers(models, case):
+@pytest.mark.parametrize(
+    "case,batch", [("distilled", 1), ("cfg+reference", 1), ("distilled", 2), ("cfg+reference", 2)]
+)
+def test_klein_inpaint_matches_diffusers(models, case, batch):
+    """Final latents against Flux2KleinInpaintPipeline. With two prompts the init image (reference 0) and the
+    extra reference, of batch one, serve both (diffusers repeats them; ours get the init latents as a batch of
+    two, as a caller who expanded them would: the case that crashed)."""
     tm, jm, ref = models["klein"]
     h = w = 4  # tokens; 64 x 64 pixels
     steps, lt, strength = 4, 5, 0.8
@@ -218,8 +233,8 @@ def test_klein_inpaint_matches_diffusers(models, case):
     init = rng.standard_normal(
         (1, 128, h, w), np.float32
     )  # normalised, patchified: our autoencoder's latents
-    txt = rng.standard_normal((1, lt, KLEIN.context_in_dim), np.float32)
-    neg = rng.standard_normal((1, lt, KLEIN.context_in_dim), np.float32)
+    txt = rng.standard_normal((batch, lt, KLEIN.context_in_dim), np.float32)
+    neg = rng.standard_normal((batch, lt, KLEIN.context_in_dim), np.float32)
     extra = rng.standard_normal((1, 128, 2, 3), np.float32)
     mask = pixel_mask(16 * h, 16 * w, seed=3)
     vae = diffusers.AutoencoderKLFlux2(
@@ -252,15 +267,17 @@ def test_klein_inpaint_matches_diffusers(models, case):
         guidance_scale=2.5 if cfg else 1.0,
         output_type="latent",
         generator=torch.Generator().manual_seed(0),
-    ).images  # (1, 32, 2h, 2w)
+    ).images  # (B, 32, 2h, 2w)
     want = ((Flux2KleinInpaintPipeline._patchify_latents(out) - mean) / std).numpy()
-    noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn((batch, *init.shape[1:]), generator=torch.Generator().manual_seed(0))
+    init_b = np.repeat(init, batch, axis=0)
     opts = {"steps": steps, "strength": strength, "cfg_scale": 2.5 if cfg else 1.0}
+    opts["mask_mode"] = "center"  # diffusers' mask sampling
     a = ts.sample_inpaint(
         tm,
         noise,
         torch.from_numpy(txt),
-        torch.from_numpy(init),
+        torch.from_numpy(init_b),
         torch.from_numpy(mask),
         neg_txt=torch.from_numpy(neg) if cfg else None,
         refs=[torch.from_numpy(extra)] if cfg else (),
@@ -271,7 +288,7 @@ def test_klein_inpaint_matches_diffusers(models, case):
             jm,
             nhwc(noise.numpy()),
             jnp.asarray(txt),
-            nhwc(init),
+            nhwc(init_b),
             nhwc(mask),
             neg_txt=jnp.asarray(neg) if cfg else None,
             refs=[nhwc(extra)] if cfg else (),
@@ -280,12 +297,20 @@ def test_klein_inpaint_matches_diffusers(models, case):
     )
     ea, eb = rel_l2(a, want), rel_l2(b, want)
     print(
-        f"klein inpaint ({case}) vs Flux2KleinInpaintPipeline: rel-L2 torch {ea:.1e} jax {eb:.1e}"
+        f"klein inpaint ({case}, batch {batch}) vs Flux2KleinInpaintPipeline: rel-L2 torch {ea:.1e} "
+        f"jax {eb:.1e}"
     )
     assert ea <= 1e-5 and eb <= 1e-5
-    m = ts.inpaint_mask(torch.from_numpy(mask), "flux2").numpy()[0, :, 0].reshape(h, w)
-    assert np.abs(a[0][:, m == 0] - init[0][:, m == 0]).max() <= 1e-6  # known tokens end as init
-    assert rel_l2(a[0][:, m == 1], init[0][:, m == 1]) > 0.1
+    m = (
+        ts.inpaint_mask(torch.from_numpy(mask), "flux2", mode="center")
+        .numpy()[0, :, 0]
+        .reshape(h, w)
+    )
+    for i in range(batch):
+        assert (
+            np.abs(a[i][:, m == 0] - init[0][:, m == 0]).max() <= 1e-6
+        )  # known tokens end as init
+        assert rel_l2(a[i][:, m == 1], init[0][:, m == 1]) > 0.1
 
 
 def test_inpaint_errors(models):

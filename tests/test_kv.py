@@ -142,23 +142,31 @@ def test_forward_extract_and_cached_match_diffusers(models):
     )  # the cached references matter (far above the errors)
 
 
-def kv_pipeline(
-    ref_model, refs: list[np.ndarray], txt: np.ndarray, side: int, steps: int
+def klein_pipeline(
+    ref_model, refs: list[np.ndarray], txt: np.ndarray, side: int, steps: int, kv: bool = True
 ) -> np.ndarray:
-    """diffusers' Flux2KleinKVPipeline with our reference latents in place of its autoencoder's; its final
-    latents normalised and patchified back to our (1, 128, h, w)."""
+    """diffusers' Flux2KleinKVPipeline (kv) or Flux2KleinPipeline (distilled) with our reference latents in place
+    of its autoencoder's; its final latents normalised and patchified back to our (B, 128, h, w). txt (B, L, D):
+    the pipeline repeats the references for every prompt, and draws the batch's noise from one generator."""
     vae = diffusers.AutoencoderKLFlux2(
         block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1
     )
     rng = np.random.default_rng(9)
     vae.bn.running_mean.copy_(torch.from_numpy(rng.standard_normal(128).astype(np.float32)))
     vae.bn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, 128).astype(np.float32)))
-    pipe = Flux2KleinKVPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0),
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        transformer=ref_model,
+    parts = {
+        "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, shift=3.0
+        ),
+        "vae": vae,
+        "text_encoder": None,
+        "tokenizer": None,
+        "transformer": ref_model,
+    }
+    pipe = (
+        Flux2KleinKVPipeline(**parts)
+        if kv
+        else diffusers.Flux2KleinPipeline(**parts, is_distilled=True)
     )
     given = iter(refs)
     pipe._encode_vae_image = lambda image, generator: torch.from_numpy(next(given))
@@ -180,17 +188,20 @@ def kv_pipeline(
     return ((Flux2KleinKVPipeline._patchify_latents(out) - mean) / std).numpy()
 
 
-@pytest.mark.parametrize("n_refs", [1, 2])
-def test_kv_pipeline_matches_diffusers(models, n_refs):
+@pytest.mark.parametrize("batch,n_refs", [(1, 1), (1, 2), (2, 1), (2, 3)])
+def test_kv_pipeline_matches_diffusers(models, batch, n_refs):
+    """Final latents against Flux2KleinKVPipeline; with two prompts the references of batch one serve both."""
     tm, jm, ref = models
     side, steps = 64, 4  # 4 x 4 tokens
     rng = np.random.default_rng(n_refs)
     refs = [
         rng.standard_normal((1, 128, 4, 4 + i), np.float32) for i in range(n_refs)
     ]  # diffusers: >= 64 px
-    txt = rng.standard_normal((1, 5, KV.context_in_dim), np.float32)
-    want = kv_pipeline(ref, refs, txt, side, steps)
-    noise = torch.randn(1, 128, side // 16, side // 16, generator=torch.Generator().manual_seed(0))
+    txt = rng.standard_normal((batch, 5, KV.context_in_dim), np.float32)
+    want = klein_pipeline(ref, refs, txt, side, steps)
+    noise = torch.randn(
+        batch, 128, side // 16, side // 16, generator=torch.Generator().manual_seed(0)
+    )
     a = ts.sample_kv(
         tm, noise, torch.from_numpy(txt), [torch.from_numpy(r) for r in refs], steps=steps
     ).numpy()
@@ -200,7 +211,8 @@ def test_kv_pipeline_matches_diffusers(models, n_refs):
     b = np.array(b).transpose(0, 3, 1, 2)
     ea, eb = rel_l2(a, want), rel_l2(b, want)
     print(
-        f"klein KV, {n_refs} reference(s), vs Flux2KleinKVPipeline: rel-L2 torch {ea:.1e} jax {eb:.1e}"
+        f"klein KV, batch {batch}, {n_refs} reference(s), vs Flux2KleinKVPipeline: rel-L2 torch {ea:.1e} "
+        f"jax {eb:.1e}"
     )
     assert ea <= 1e-4 and eb <= 1e-4
     assert rel_l2(a, noise.numpy()) > 0.1

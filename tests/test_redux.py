@@ -169,14 +169,25 @@ def prior_pipeline(
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
-@pytest.mark.parametrize("n, scale, pooled_scale", [(1, 1.0, 1.0), (2, [1.0, 0.6], [0.8, 0.3])])
-def test_prompt_matches_prior_redux_pipeline(repo, encoders, framework, n, scale, pooled_scale):
+@pytest.mark.parametrize(
+    "batch, n, scale, pooled_scale",
+    [(1, 1, 1.0, 1.0), (1, 2, [1.0, 0.6], [0.8, 0.3]), (2, 2, [1.0, 0.6], [0.8, 0.3])],
+)
+def test_prompt_matches_prior_redux_pipeline(
+    repo, encoders, framework, batch, n, scale, pooled_scale
+):
+    """The prompt Redux makes; with two prompts each is extended by the same images, as the prior pipeline does
+    one prompt at a time."""
     rng = np.random.default_rng(1)
     txt, vec = (
-        rng.standard_normal((1, 5, TXT), np.float32),
-        rng.standard_normal((1, 24), np.float32),
+        rng.standard_normal((batch, 5, TXT), np.float32),
+        rng.standard_normal((batch, 24), np.float32),
     )
-    want_txt, want_vec = prior_pipeline(repo, n, txt, vec, scale, pooled_scale)
+    wants = [
+        prior_pipeline(repo, n, txt[i : i + 1], vec[i : i + 1], scale, pooled_scale)
+        for i in range(batch)
+    ]
+    want_txt, want_vec = (np.concatenate(w) for w in zip(*wants, strict=True))
     enc = encoders[framework]
     mod, arr = (tr, torch.from_numpy) if framework == "torch" else (jr, jnp.asarray)
     got_txt, got_vec = mod.redux_prompt(
@@ -184,23 +195,29 @@ def test_prompt_matches_prior_redux_pipeline(repo, encoders, framework, n, scale
     )
     e_txt, e_vec = rel_l2(np_(got_txt), want_txt), rel_l2(np_(got_vec), want_vec)
     print(
-        f"Redux prompt {framework}, {n} image(s) vs FluxPriorReduxPipeline: rel-L2 txt {e_txt:.1e} vec {e_vec:.1e}"
+        f"Redux prompt {framework}, {batch} prompt(s), {n} image(s) vs FluxPriorReduxPipeline: rel-L2 txt "
+        f"{e_txt:.1e} vec {e_vec:.1e}"
     )
-    assert want_txt.shape == (1, 5 + 16, TXT) and e_txt <= 1e-5 and e_vec <= 1e-6
+    assert want_txt.shape == (batch, 5 + 16, TXT) and e_txt <= 1e-5 and e_vec <= 1e-6
 
 
-def test_end_to_end_against_flux_pipeline(repo, encoders, tmp_path):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_end_to_end_against_flux_pipeline(repo, encoders, tmp_path, batch):
     """Redux prompt -> 3 Euler steps of a tiny FLUX.1 dev, ours in both frameworks against FluxPriorReduxPipeline's
-    embeddings fed to diffusers' FluxPipeline (final latents)."""
+    embeddings fed to diffusers' FluxPipeline (final latents). Two prompts share the image's tokens (batch one):
+    diffusers' prior pipeline extends each prompt, FluxPipeline draws both."""
     from test_reference import diffusers_model
 
     cfg = configs.get("flux1-tiny")
     rng = np.random.default_rng(2)
     txt, vec = (
-        rng.standard_normal((1, 5, TXT), np.float32),
-        rng.standard_normal((1, cfg.vec_in_dim), np.float32),
+        rng.standard_normal((batch, 5, TXT), np.float32),
+        rng.standard_normal((batch, cfg.vec_in_dim), np.float32),
     )
-    p_txt, p_vec = prior_pipeline(repo, 1, txt, vec, 1.0, 1.0)
+    priors = [
+        prior_pipeline(repo, 1, txt[i : i + 1], vec[i : i + 1], 1.0, 1.0) for i in range(batch)
+    ]
+    p_txt, p_vec = (np.concatenate(p) for p in zip(*priors, strict=True))
     path = tmp_path / "flux1-tiny.safetensors"
     mt.save_model(mt.build_model(cfg, seed=0), path, layout="diffusers")
     ref = diffusers_model(cfg).eval()
@@ -215,7 +232,7 @@ def test_end_to_end_against_flux_pipeline(repo, encoders, tmp_path):
         transformer=ref,
     )
     side, steps = 64, 3  # 4 x 4 tokens
-    noise = torch.randn(1, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(batch, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
     want = pipe(
         prompt_embeds=torch.from_numpy(p_txt),
         pooled_prompt_embeds=torch.from_numpy(p_vec),
@@ -225,7 +242,7 @@ def test_end_to_end_against_flux_pipeline(repo, encoders, tmp_path):
         guidance_scale=3.5,
         output_type="latent",
         generator=torch.Generator().manual_seed(0),
-    ).images.numpy()  # packed (1, 16, 64)
+    ).images.numpy()  # packed (B, 16, 64)
     for framework, mod, smp, arr in (
         ("torch", tr, ts, torch.from_numpy),
         ("jax", jr, js, jnp.asarray),
@@ -240,7 +257,8 @@ def test_end_to_end_against_flux_pipeline(repo, encoders, tmp_path):
         out = smp.pack(smp.sample(model, n, t, v, steps=steps, guidance=3.5), "flux1")
         err = rel_l2(np_(out), want)
         print(
-            f"Redux end to end {framework} vs FluxPriorReduxPipeline + FluxPipeline: rel-L2 {err:.1e}"
+            f"Redux end to end {framework}, batch {batch}, vs FluxPriorReduxPipeline + FluxPipeline: "
+            f"rel-L2 {err:.1e}"
         )
         assert err <= 1e-5
 

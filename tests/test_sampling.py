@@ -375,6 +375,32 @@ def test_sample_torch_vs_jax_img2img(tmp_path):
     assert rel_l2(full, a) > 1e-3  # strength matters
 
 
+@pytest.mark.slow
+def test_img2img_with_shared_references_is_each_rows_single_run(tmp_path):
+    """img2img with two prompts and an init image and two references of batch one (no diffusers pipeline takes
+    references with a strength): each row equals the run of its prompt and noise alone, in both frameworks."""
+    cfg = configs.get("flux2-tiny")
+    tm, jm = _models(cfg, tmp_path)
+    noise, init = ts.get_noise(2, 32, 32, "flux2", seed=1), ts.get_noise(1, 32, 32, "flux2", seed=2)
+    refs = [ts.get_noise(1, 32, 48, "flux2", seed=3), ts.get_noise(1, 48, 32, "flux2", seed=4)]
+    txt = torch.randn(2, 5, cfg.context_in_dim, generator=torch.Generator().manual_seed(0))
+    kw = {"steps": 3, "guidance": 4.0, "strength": 0.7}
+    a = ts.sample(tm, noise, txt, init=init, refs=refs, **kw)
+    b = js.sample(
+        jm,
+        nchw_to_nhwc(noise),
+        jnp.asarray(txt.numpy()),
+        init=nchw_to_nhwc(init),
+        refs=[nchw_to_nhwc(r) for r in refs],
+        **kw,
+    )
+    assert rel_l2(np.asarray(b), a.permute(0, 2, 3, 1).numpy()) <= TRAJECTORY_RTOL
+    for i in range(2):
+        one = ts.sample(tm, noise[i : i + 1], txt[i : i + 1], init=init, refs=refs, **kw)
+        assert rel_l2(a[i : i + 1], one) <= 1e-6
+    assert rel_l2(a[0], a[1]) > 0.1
+
+
 def test_cfg_and_guidance_change_the_result(tmp_path):
     """The CFG scale and the guidance value reach the model (PyTorch; JAX agrees by the trajectory test)."""
     cfg, opts = SCENARIOS["flux2-klein-base-cfg"]
@@ -499,8 +525,10 @@ def test_generate_refs_and_img2img_torch(tmp_path):
     assert rc == 0 and _png(out).shape == (32, 32, 3)
 
 
+@pytest.mark.slow
 def test_generate_fill_and_kontext_torch(tmp_path, monkeypatch):
-    """Inpainting with a tiny Fill-shaped model (a preset added for the test) and a Kontext reference."""
+    """Inpainting with a tiny Fill-shaped model (a preset added for the test) and a Kontext reference (sized to
+    Kontext's preferred resolution: 64 x 64 tokens with the tiny autoencoder)."""
     from PIL import Image
 
     # 64 image + 64 masked-image channels + the mask folded f x f (f: the tiny autoencoder's downsampling), then 2x2
