@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from minflux import bench, configs, keymaps, lora
+from minflux.family import FAMILIES
 from minflux_torch import fp8, layers, sampling
 from minflux_torch import train as ttrain
 from minflux_torch.load import MODELS, to_torch
@@ -381,7 +382,7 @@ def diffusers_transformer(cfg) -> nn.Module:
         axes_dims_rope=tuple(cfg.axes_dim),
     )
     with torch.device("meta"):
-        if cfg.family == "flux1":
+        if FAMILIES[cfg.family].pooled_vec:  # FLUX.1 (diffusers' FluxTransformer2DModel)
             return diffusers.FluxTransformer2DModel(
                 out_channels=cfg.out_channels, pooled_projection_dim=cfg.vec_in_dim, **common
             )
@@ -410,7 +411,7 @@ def to_diffusers(model: nn.Module) -> nn.Module:
 def diffusers_forward(peer, x: dict, family: str, dtype):
     """One diffusers call on the bench inputs (FLUX.1 takes 2-D ids: one batch element's)."""
     cast = lambda k: x[k].to(dtype)  # noqa: E731 -- diffusers' linears take the model dtype
-    if family == "flux1":
+    if FAMILIES[family].pooled_vec:
         return peer(
             hidden_states=cast("img"),
             encoder_hidden_states=cast("txt"),
