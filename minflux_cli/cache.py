@@ -23,8 +23,8 @@ sizes), at most `--shard-size` samples and `--shard-mb` megabytes: img latent to
 records the buckets, the encoders and every shard with its samples' names; `empty_caption.safetensors` the empty
 prompt (caption dropout); `sample_prompts.safetensors` the `--sample-prompts` (validation samples). Every file is
 written atomically and `cache.json` after each shard, so an interrupted run keeps every finished shard:
-`--append` continues it (and adds new images to a cache later), skipping the names already cached. This file finds and checks
-the pairs and runs the command; `minflux_cli.shards` encodes them and writes the shards.
+`--append` continues it (and adds new images to a cache later), skipping the names already cached. This file
+finds and checks the pairs and runs the command; `minflux_cli.shards` encodes them and writes the shards.
 
 Bad data is one line naming the file, before any model loads: an unreadable or truncated image, an image smaller
 than the smallest bucket, a pair missing its reference (or control image, mask), references of another count than
