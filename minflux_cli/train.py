@@ -377,6 +377,13 @@ def plan(args):
             lora_files.targets(linear_names(load.abstract_model(cfg)), args.lora_targets)
         except (ValueError, re.error) as e:
             raise UsageError(f"--lora-targets: {e}") from None
+    if args.lora_rank is not None and args.init_lora is None:
+        limit, layer = memory.lora_rank_limit(cfg, args.lora_targets)
+        if args.lora_rank > limit:
+            raise UsageError(
+                f"--lora-rank {args.lora_rank} exceeds {limit}, the smallest adapted layer's rank "
+                f"({layer}: min(in, out))"
+            )
     if args.init_lora is not None:
         from minflux_jax.lora import LoRA
 
@@ -402,8 +409,78 @@ def plan(args):
             seed=args.seed,
             caption_dropout=dropout,
         )
+    check_memory(args, cfg, data, mesh)
     samples = plan_samples(args, cfg) if args.sample_every else None
     return cfg, data, tuple(int(n) for n in mesh.shape.values()), samples
+
+
+def largest_sample(data) -> tuple[int, int]:
+    """(image + reference tokens, text tokens) of the data set's largest sample (its largest bucket): what a
+    step's memory follows."""
+    if isinstance(data, LatentShards):
+        shapes = [data.group_shapes(g) for g in range(len(data.groups))]
+    else:
+        shapes = [{k: v.shape[1:] for k, v in data.arrays.items()}]
+    img = max(s["img"][0] + (s["ref"][0] if "ref" in s else 0) for s in shapes)
+    return img, max(s["txt"][0] for s in shapes)
+
+
+def check_memory(args, cfg, data, mesh) -> None:
+    """Refuse, before anything is allocated, a step that cannot fit (`memory.train_bytes` against what the
+    device has): on a GPU each device's share (the batch over the mesh, the weights and optimiser state over the
+    fsdp axis) against its own free memory; on a CPU, where the devices share the host's memory, the whole
+    process's part. Raises UsageError naming --batch-size, the estimate and what is available."""
+    import jax
+
+    from minflux_jax.layers import attention_backend
+
+    master, compute = {"fp32": (4, 4), "bf16-mixed": (4, 2), "bf16": (2, 2)}[args.precision]
+    head = cfg.hidden_size // cfg.num_heads
+    q = jax.ShapeDtypeStruct((1, cfg.num_heads, 1, head), "float32" if compute == 4 else "bfloat16")
+    img, txt = largest_sample(data)
+    device = jax.local_devices()[0]
+    stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
+    if "bytes_limit" in stats:  # a GPU: its own memory, for its share of the batch and the state
+        available = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        where, batch, shards = (
+            f"each {device.device_kind}",
+            args.batch_size // mesh.size,
+            mesh.shape["fsdp"],
+        )
+    else:  # the host's memory, shared by this process's devices
+        available, where = memory.available_bytes(), "this machine"
+        batch, shards = args.batch_size // jax.process_count(), 1
+    estimate = memory.train_bytes(
+        cfg,
+        img,
+        txt,
+        max(batch, 1),
+        lora_rank=args.lora_rank or 0,
+        lora_patterns=args.lora_targets,
+        ema=args.ema > 0,
+        remat=args.remat != "none",
+        dtype_bytes=compute,
+        attention_matrix=attention_backend(args.attention, q) == "xla",
+        master_bytes=master,
+        shards=shards,
+    )
+    what = (
+        f"--batch-size {args.batch_size} ({args.config}, {img} image + {txt} text tokens per sample, "
+        f"{args.precision}{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''})"
+    )
+    try:
+        memory.check(estimate, what, available, where)
+    except memory.TooLarge as e:
+        levers = ["a smaller --batch-size"] + [
+            lever
+            for lever, unused in (
+                ("--remat full", args.remat == "none"),
+                ("--precision bf16-mixed", args.precision == "fp32"),
+                ("--lora-rank 16", not args.lora_rank),
+            )
+            if unused
+        ]
+        raise UsageError(f"{e}: try {', '.join(levers)}") from None
 
 
 def plan_samples(args, cfg) -> dict | None:
@@ -607,8 +684,10 @@ def run(args) -> int:
     t0 = time.time()
     try:
         losses = trainer.fit(log=log, every=args.sample_every, callback=draw)
-    finally:
-        log.close()
+    except BaseException:
+        log.abandon()  # the first failure is the one reported (a full disk fails the log's flush too)
+        raise
+    log.close()
     if trainer.manager is not None:
         trainer.save(wait=True)
     trainer.close()

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 from minflux.checkpoint import CheckpointError
+from minflux.files import OutputError, describe_os_error
 
 RUN_FILE = "run.json"  # beside orbax's step directories in ckpt_dir
 
@@ -143,3 +147,54 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     text = text.split(" See full TensorStore details")[0]  # then a spec dump of the array
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# A save that fails midway: one line, the earlier checkpoints kept
+# ---------------------------------------------------------------------------------------------
+
+TEMP_SUFFIX = (
+    ".orbax-checkpoint-tmp"  # orbax writes step N into N.orbax-checkpoint-tmp..., renamed when done
+)
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+    """The file-system error behind an exception orbax raised while writing: an OSError itself (or its cause), or
+    tensorstore's message, which carries only the code ("... No space left on device [os_error_code='28']");
+    None when the failure is not the file system's."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e
+        if m := re.search(r"os_error_code='?(\d+)", str(e)):
+            code = int(m[1])
+            return OSError(code, os.strerror(code))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def save_error(ckpt_dir, step: int | None, e: BaseException) -> OutputError | None:
+    """The one line for orbax failing to write checkpoint `step` into ckpt_dir because of the file system (no
+    space, read-only, permissions: `minflux.files.describe_os_error`), naming the folder and what it keeps; None
+    for other failures (left to propagate as they are)."""
+    cause = os_error_of(e)
+    if cause is None:
+        return None
+    root = Path(ckpt_dir)
+    kept = saved_steps(root)
+    which = "a checkpoint" if step is None else f"checkpoint {step}"
+    return OutputError(
+        f"{root}: cannot write {which}: {describe_os_error(cause)} ("
+        + (f"kept: step {', '.join(map(str, kept))})" if kept else "no earlier checkpoint)")
+    )
+
+
+def remove_partial(ckpt_dir) -> None:
+    """Remove the temporary directories of saves that did not finish (a failed write leaves its partial files
+    there, taking the space a full disk lacks); finished checkpoints are untouched."""
+    root = Path(ckpt_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if TEMP_SUFFIX in p.name and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from minflux.files import check_output, write_text
+from minflux.files import check_output, output_error, write_text
 
 
 class RunLog:
@@ -17,7 +18,8 @@ class RunLog:
 
     A resumed run (`start` > 0) first drops the lines of steps after `start` (the file is rewritten atomically
     through `minflux.files`) and tells TensorBoard to purge its events after `start`, so both show one
-    trajectory; then lines are appended and flushed as steps finish. Only process 0 writes.
+    trajectory; then lines are appended and flushed as steps finish. Only process 0 writes. A write the file
+    system refuses (a disk that filled during the run) raises `minflux.files.OutputError` naming the file.
     """
 
     JSONL = "metrics.jsonl"
@@ -51,19 +53,39 @@ class RunLog:
             return
         for k, v in measures.items():
             self.tb.add_scalar(f"train/{k}", v, step)
-        self.lines.write(json.dumps({"step": step, **measures}) + "\n")
-        self.lines.flush()
+        try:
+            self.lines.write(json.dumps({"step": step, **measures}) + "\n")
+            self.lines.flush()
+        except OSError as e:
+            self.abandon()
+            raise output_error(self.directory / self.JSONL, e) from None
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         """An (H, W, 3) uint8 picture (the validation grid) into the event files."""
         if self.active:
             self.tb.add_image(tag, image, step, dataformats="HWC")
-            self.tb.flush()
+            try:
+                self.tb.flush()
+            except OSError as e:
+                self.abandon()
+                raise output_error(self.directory / self.EVENTS, e) from None
 
     def close(self) -> None:
+        """Flush and close both; OutputError naming the folder when the file system refuses."""
         if self.active:
-            self.lines.close()
-            self.tb.close()
+            try:
+                self.lines.close()
+                self.tb.close()
+            except OSError as e:
+                self.abandon()
+                raise output_error(self.directory, e) from None
+
+    def abandon(self) -> None:
+        """Close both without a word, whatever fails (a run stopping on an earlier error: that one is reported)."""
+        if self.active:
+            for close in (self.lines.close, self.tb.close):
+                with contextlib.suppress(Exception):
+                    close()
 
 
 def _step_of(line: str) -> int | None:

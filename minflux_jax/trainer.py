@@ -25,6 +25,7 @@ compares them with its own before orbax reads anything, and skips checkpoints it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -51,7 +52,9 @@ from minflux_jax.checkpoints import (
     _listing,
     _move_aside,
     check_resume,
+    remove_partial,
     run_record,
+    save_error,
     saved_steps,
     write_run,
 )
@@ -278,7 +281,7 @@ class Trainer(Batches):
         self.record = run_record(self.cfg, opts, tuple(int(n) for n in self.mesh.shape.values()))
         self.lr_at = lr_schedule(opts.lr, opts.warmup, opts.steps)  # of the update count
         self._loader, self._loader_step, self.last = None, None, {}
-        self.restored_step, self.manager = None, None
+        self.restored_step, self.manager, self._pending = None, None, None
         if opts.ckpt_dir:
             self.manager = ocp.CheckpointManager(
                 Path(opts.ckpt_dir).absolute(),
@@ -377,33 +380,60 @@ class Trainer(Batches):
 
     def save(self, wait: bool = False) -> None:
         """An asynchronous orbax save of the train state and the data position, at the current step; the
-        run's options go to RUN_FILE beside the checkpoints first (once), for `restore` to check."""
+        run's options go to RUN_FILE beside the checkpoints first (once), for `restore` to check. A save that
+        the file system refuses (a disk that filled after the start-up check) raises OutputError naming the
+        folder, here or at the next wait (`_writing`); the earlier checkpoints stay."""
         step = self.step
         if not self._record_written:
             if jax.process_index() == 0:
                 write_run(self.opts.ckpt_dir, self.record)
             self._record_written = True
+        self._wait()  # the save in flight first (orbax would wait for it too), so its failure is named as its own
         if step in self.manager.all_steps():
             if (
                 step == self.restored_step
             ):  # a resumed run saving the step it started from: the same state
                 return
-            self.manager.wait_until_finished()  # a later step left by a run that fell back past it: replaced
-            self.manager.delete(step)
+            self.manager.delete(step)  # a later step left by a run that fell back past it: replaced
         meta = {
             "step": step,
             "position": step * self.opts.batch_size,
             "config": dataclasses.asdict(self.cfg),
             "loader": self.loader_state(),
         }
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(self.state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        with self._writing(step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(self.state), meta=ocp.args.JsonSave(meta)
+                ),
+            )
+        self._pending = step
         if wait:
+            self._wait()
+
+    def _wait(self) -> None:
+        """Wait for the save in flight (`self._pending`); its file-system failure becomes OutputError."""
+        with self._writing(self._pending):
             self.manager.wait_until_finished()
+        self._pending = None
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """orbax's writes of checkpoint `step`: a failure of the file system (ENOSPC, EROFS, EACCES, ... raised
+        by orbax or tensorstore, possibly from its background thread) becomes one OutputError naming the folder
+        (`checkpoints.save_error`), after the partial save is removed (`remove_partial`); finished checkpoints
+        are kept. Other failures propagate unchanged."""
+        try:
+            yield
+        except Exception as e:
+            error = save_error(self.opts.ckpt_dir, step, e)
+            if error is None:
+                raise
+            self._pending = None
+            if jax.process_index() == 0:
+                remove_partial(self.opts.ckpt_dir)
+            raise error from None
 
     _record_written = False
 
@@ -417,7 +447,7 @@ class Trainer(Batches):
         Raises CheckpointError (one line, naming the directory): no checkpoint, options that differ, no
         intact checkpoint left.
         """
-        self.manager.wait_until_finished()
+        self._wait()
         root = Path(self.opts.ckpt_dir)
         check_resume(root, self.record)
         abstract = jax.tree.map(
@@ -472,7 +502,7 @@ class Trainer(Batches):
 
     def close(self) -> None:
         if self.manager is not None:
-            self.manager.wait_until_finished()
+            self._wait()
             self.manager.close()
         self._loader = None
         if hasattr(self.data, "close"):
