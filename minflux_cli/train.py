@@ -546,10 +546,78 @@ def demo_grid(args, cfg, data, trainer) -> tuple[list, list[str]]:
     return list(data.unpatchify(tokens)), [data.caption(lab) for lab in labels]
 
 
+def reference_latents(ref: np.ndarray, ref_ids: np.ndarray, family: str) -> tuple:
+    """Stored reference tokens (1, Lr, C) and their ids (1, Lr, axes), several references one after the other,
+    each at its own t -> each reference's latents (NHWC), as generation's `sampling.sample` takes them (it packs
+    them back and gives them the same ids, `sampling.reference_tokens`)."""
+    import jax.numpy as jnp
+
+    from minflux_jax import sampling
+
+    times = ref_ids[0, :, 0]
+    out = []
+    for t in dict.fromkeys(times.tolist()):  # the references' times, in order
+        mine = times == t
+        h, w = (int(ref_ids[0, mine, axis].max()) + 1 for axis in (1, 2))
+        out.append(sampling.unpack(jnp.asarray(ref[:, mine]), h, w, family))
+    return tuple(out)
+
+
+def data_grid(args, cfg, model, prompts: list[dict], ae, empty: dict) -> tuple[list, list[str]]:
+    """The --data validation samples, drawn as `minflux generate` draws them (`pipeline.generate`'s path): noise
+    from the seed in numpy (`sampling.get_noise`; prompt i from --seed + i), a `request.Conditioning` of the stored
+    prompt (its embeddings, references, control or Fill channels; the empty caption as the negative prompt with
+    --cfg), sampled by `sampling.sample` (`sample_kv` for klein KV models with references) on the model's own
+    schedule (FLUX.2 and guidance-distilled FLUX.1 shifted by resolution, schnell not) with its guidance (--guidance,
+    else the preset's, as generate), then decoded by the cache's autoencoder `ae`. Returns the pictures (uint8)
+    and the prompts."""
+    import jax.numpy as jnp
+
+    from minflux import family
+    from minflux.request import Conditioning
+    from minflux_jax import pipeline, sampling
+
+    ppt = configs.pixels_per_token(ae.params)
+    guidance = None
+    if cfg.guidance_embed:
+        guidance = (
+            args.guidance
+            if args.guidance is not None
+            else family.default_guidance(args.config, cfg)
+        )
+    scale = 1.0 if args.cfg is None else args.cfg
+    f32 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
+    pictures = []
+    for i, s in enumerate(prompts):
+        h, w = s["grid"]
+        noise = sampling.get_noise(
+            1, h * ppt, w * ppt, cfg.family, args.seed + i, pixels_per_token=ppt
+        )
+        cond = Conditioning(
+            txt=f32(s["txt"]),
+            vec=f32(s.get("vec")),
+            neg_txt=f32(empty.get("txt")) if scale != 1.0 else None,
+            neg_vec=f32(empty.get("vec")) if scale != 1.0 else None,
+            guidance=guidance,
+            cfg_scale=scale,
+            refs=reference_latents(np.asarray(s["ref"], np.float32), s["ref_ids"], cfg.family)
+            if "ref" in s
+            else (),
+            img_cond=f32(s.get("img_cond")),
+        )
+        if cfg.ref_kv and cond.refs:
+            latents = sampling.sample_kv(model, noise, cond, steps=args.sample_steps)
+        else:
+            latents = sampling.sample(model, noise, cond, steps=args.sample_steps)
+        pictures.append(pipeline.decode(ae, latents)[0])
+    return pictures, [s["prompt"] for s in prompts]
+
+
 def sampler(args, cfg, data, trainer, samples, log):
-    """The validation grid at a step: OUT/samples/step-NNNNNN.png and a TensorBoard image. The demo draws one
-    sample per caption; --data runs draw each stored prompt (with its references or control channels) at its grid,
-    decoded by the cache's autoencoder. Seeds are fixed, so grids of different steps compare."""
+    """The validation grid at a step: OUT/samples/step-NNNNNN.png and a TensorBoard image. The demo draws its
+    captions on the training schedule (`demo_grid`, `Trainer.sample`); --data runs draw each stored prompt (with its
+    references or control channels) at its grid as generation would (`data_grid`), decoded by the cache's
+    autoencoder. Seeds are fixed, so grids of different steps compare."""
     folder = args.out / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     if samples is None:  # the demo: the final grid's program, compiled once for both
@@ -561,7 +629,6 @@ def sampler(args, cfg, data, trainer, samples, log):
         import jax.numpy as jnp
 
         import minflux_jax as mj
-        from minflux_jax import pipeline, sampling
 
         ae_cfg = configs.get(samples["ae_config"])
         ae = (
@@ -573,31 +640,7 @@ def sampler(args, cfg, data, trainer, samples, log):
         empty = datasets.read_tensors(args.data / datasets.EMPTY) if scale != 1.0 else {}
 
         def draw() -> tuple[list, list[str]]:
-            pictures = []
-            for i, s in enumerate(samples["prompts"]):
-                h, w = s["grid"]
-                f32 = {
-                    k: np.asarray(v, np.float32)
-                    for k, v in s.items()
-                    if k not in ("prompt", "grid")
-                }.get
-                tokens = trainer.sample(
-                    f32("txt"),
-                    h,
-                    w,
-                    steps=args.sample_steps,
-                    seed=args.seed + i,
-                    vec=f32("vec"),
-                    cfg_scale=scale,
-                    neg_txt=None if not empty else np.asarray(empty["txt"], np.float32),
-                    neg_vec=None if "vec" not in empty else np.asarray(empty["vec"], np.float32),
-                    ref=f32("ref"),
-                    ref_ids=f32("ref_ids"),
-                    img_cond=f32("img_cond"),
-                )
-                latents = sampling.unpack(jnp.asarray(tokens), h, w, cfg.family)
-                pictures.append(pipeline.decode(ae, latents)[0])
-            return pictures, [s["prompt"] for s in samples["prompts"]]
+            return data_grid(args, cfg, trainer.model(), samples["prompts"], ae, empty)
 
     def at(step: int) -> None:
         pictures, captions = draw()

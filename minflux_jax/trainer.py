@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from minflux import configs, flops
 from minflux import lora as lora_files
 from minflux.checkpoint import CheckpointError
+from minflux.request import Inputs
 from minflux_jax import load, sampling
 from minflux_jax.checkpoints import (
     RUN_FILE,  # noqa: F401 (moved there; still `trainer.RUN_FILE`)
@@ -546,30 +547,33 @@ class Trainer(Batches):
         img_cond=None,
     ) -> np.ndarray:
         """Tokens (B, h*w, C) generated for text embeddings txt (B, Lt, D) (and FLUX.1's pooled vec) by the
-        JAX Euler sampler, on the training schedule (shifted if training was); with neg_txt (and neg_vec),
-        classifier-free guidance at cfg_scale. Edit pairs: reference tokens ref (B, Lr, C) at ref_ids; Fill and
-        control models: img_cond (B, h*w, Cc), as `sampling.denoise` takes them."""
+        JAX Euler sampler (`sampling.denoise`, given `request.Inputs`) on the training schedule: uniform times,
+        shifted only when training shifts them (`--shift`); noise from `seed` by jax.random. With neg_txt (and
+        neg_vec), classifier-free guidance at cfg_scale. Edit pairs: reference tokens ref (B, Lr, C) at ref_ids;
+        Fill and control models: img_cond (B, h*w, Cc).
+
+        This is the demo's sampler (a pixel-space model: no autoencoder, no generation schedule of its own). A
+        FLUX model's validation samples are drawn as generation draws them, with its family's schedule,
+        guidance and references (`sampling.sample`; `minflux_cli.train.data_grid`)."""
         b, fam = txt.shape[0], self.cfg.family
         channels = self.cfg.in_channels - (0 if img_cond is None else img_cond.shape[-1])
         noise = jax.random.normal(jax.random.key(seed), (b, h * w, channels), jnp.float32)
         ts = np.linspace(1.0, 0.0, steps + 1)
         if self.opts.timesteps.get("shift"):
             ts = shift_timesteps(ts, resolution_mu(h * w))
-        guidance = self.guidance if self.cfg.guidance_embed else None
-        out = sampling.denoise(
-            self.model(),
-            noise,
-            sampling.image_ids(b, h, w, fam),
-            jnp.asarray(txt),
-            sampling.text_ids(b, txt.shape[1], fam),
-            [float(t) for t in ts],
-            vec=None if vec is None else jnp.asarray(vec),
-            guidance=guidance,
+        array = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
+        inputs = Inputs(
+            img_ids=sampling.image_ids(b, h, w, fam),
+            txt=jnp.asarray(txt),
+            txt_ids=sampling.text_ids(b, txt.shape[1], fam),
+            vec=array(vec),
+            guidance=self.guidance if self.cfg.guidance_embed else None,
             cfg_scale=cfg_scale,
-            neg_txt=None if neg_txt is None else jnp.asarray(neg_txt),
-            neg_vec=None if neg_vec is None else jnp.asarray(neg_vec),
-            img_cond=None if img_cond is None else jnp.asarray(img_cond),
-            img_cond_seq=None if ref is None else jnp.asarray(ref),
-            img_cond_seq_ids=None if ref_ids is None else jnp.asarray(ref_ids),
+            neg_txt=array(neg_txt),
+            neg_vec=array(neg_vec),
+            img_cond=array(img_cond),
+            img_cond_seq=array(ref),
+            img_cond_seq_ids=array(ref_ids),
         )
+        out = sampling.denoise(self.model(), noise, [float(t) for t in ts], inputs)
         return np.asarray(jax.device_get(out))
