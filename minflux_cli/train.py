@@ -7,11 +7,16 @@ With `--data DIR` it fine-tunes on cached latents and text embeddings (`minflux 
 in aspect-ratio buckets, edit / control pairs, see `minflux.data.LatentShards`), from base weights given by `--init`,
 optionally as LoRA (`--lora-rank`).
 
+Before anything is built every argument is checked (`plan`), the step's memory too (`check_memory`: a batch or
+LoRA rank the device cannot hold is one line, not an allocation failure); a disk that fills during the run is one
+line naming the checkpoint folder (`Trainer.save`), the earlier checkpoints kept.
+
 What a run shows: the progress bar (loss, samples/s), TensorBoard event files and one JSON line per step in
-`OUT/tensorboard` and `OUT/metrics.jsonl` (`trainer.RunLog`), and with `--sample-every N` a grid of validation
-samples at step 0 and every N steps (`OUT/samples/step-NNNNNN.png`, also in TensorBoard), drawn with the EMA weights
-when EMA is on: the demo's captions, or for `--data` the `--sample-prompts` the cache stored (with their reference
-or control images), decoded by the cache's autoencoder (`--ae`).
+`OUT/tensorboard` and `OUT/metrics.jsonl` (`minflux_jax.runlog.RunLog`), and with `--sample-every N` a grid of
+validation samples at step 0 and every N steps (`OUT/samples/step-NNNNNN.png`, also in TensorBoard), drawn with the
+EMA weights when EMA is on: the demo's captions on the training schedule (`demo_grid`), or for `--data` the
+`--sample-prompts` the cache stored (with their reference or control images) as `minflux generate` would draw them
+(`data_grid`), decoded by the cache's autoencoder (`--ae`).
 """
 
 from __future__ import annotations
