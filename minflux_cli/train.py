@@ -512,6 +512,10 @@ def plan_samples(args, cfg) -> dict | None:
             f"--sample-prompts {args.sample_prompts}: {missing[0]!r} is not in "
             f"{args.data / datasets.SAMPLES}; store it with minflux cache --sample-prompts FILE --append"
         )
+    if cfg.ref_kv and args.cfg not in (None, 1.0):
+        raise UsageError(
+            f"--cfg: {args.config} is a klein KV model; its samples take no negative prompt (as generate)"
+        )
     ae = (datasets.read_meta(args.data) or {}).get("ae") or {}
     if args.ae is None and not ae:
         raise UsageError(
