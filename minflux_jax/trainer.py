@@ -1,4 +1,4 @@
-"""The JAX training loop: mesh and FSDP sharding, mixed precision, LoRA, orbax checkpoints, previews.
+"""The JAX training loop: mesh and FSDP sharding, mixed precision, LoRA, orbax checkpoints, samples.
 
 JAX-only on purpose (no PyTorch twin): minflux trains through JAX; `minflux_torch/train.py` exists to prove
 the objective and the step, and tests/test_train.py compares the two. The step itself is
@@ -20,7 +20,9 @@ directory and renames it on completion, so a save killed midway leaves the previ
 one. Noise and times are drawn from fold_in(key, step) and batches are a pure function of the data position, so a
 resumed run reproduces the uninterrupted loss trajectory bitwise (on CPU). Beside the step directories, RUN_FILE
 records the options the state depends on (config, batch size, accumulation, LoRA, precision, EMA, mesh); a resume
-compares them with its own before orbax reads anything, and skips checkpoints it cannot read for older ones.
+compares them with its own before orbax reads anything, and skips checkpoints it cannot read for older ones
+(`minflux_jax.checkpoints`). A save the file system refuses midway (a disk that filled) is one OutputError naming
+the folder; the partial save is removed, the earlier checkpoints kept.
 """
 
 from __future__ import annotations
@@ -554,7 +556,7 @@ class Trainer(Batches):
 
         This is the demo's sampler (a pixel-space model: no autoencoder, no generation schedule of its own). A
         FLUX model's validation samples are drawn as generation draws them, with its family's schedule,
-        guidance and references (`sampling.sample`; `minflux_cli.train.data_grid`)."""
+        guidance and references (`sampling.sample`; `minflux_cli.pictures.data_grid`)."""
         b, fam = txt.shape[0], self.cfg.family
         channels = self.cfg.in_channels - (0 if img_cond is None else img_cond.shape[-1])
         noise = jax.random.normal(jax.random.key(seed), (b, h * w, channels), jnp.float32)

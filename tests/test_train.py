@@ -357,7 +357,7 @@ def test_caption_dropout_is_a_pure_function_of_position():
     ids=["flux1-dev-kontext-like", "flux1-schnell-like", "flux2-klein-like-2-refs"],
 )
 def test_validation_samples_are_drawn_as_generate_draws_them(name, distilled_guidance, refs):
-    """`--data` validation samples (`minflux_cli.train.data_grid`, from what `minflux cache` stores: embeddings,
+    """`--data` validation samples (`minflux_cli.pictures.data_grid`, from what `minflux cache` stores: embeddings,
     reference tokens at their ids) are the pictures `pipeline.generate` makes for the same model, prompt,
     references and seed: the family's schedule (FLUX.2 and guidance-distilled FLUX.1 shifted by resolution,
     schnell not), the preset's guidance, references as generation encodes them. Before, they were sampled on the
@@ -366,7 +366,7 @@ def test_validation_samples_are_drawn_as_generate_draws_them(name, distilled_gui
 
     from minflux import ids
     from minflux.request import Request
-    from minflux_cli import train as train_cli
+    from minflux_cli import pictures
     from minflux_jax import pipeline, sampling
 
     cfg = dataclasses.replace(configs.get(name), guidance_embed=distilled_guidance)
@@ -395,7 +395,7 @@ def test_validation_samples_are_drawn_as_generate_draws_them(name, distilled_gui
             axis=1,
         )
     args = SimpleNamespace(config=name, guidance=None, cfg=None, seed=3, sample_steps=3)
-    pictures, captions = train_cli.data_grid(args, cfg, model, [stored], ae, {})
+    pictures, captions = pictures.data_grid(args, cfg, model, [stored], ae, {})
     request = Request(
         txt=txt,
         vec=vec,
