@@ -256,6 +256,18 @@ def generate_bytes(
     return weights + max(act, decode_bytes(ae_cfg, width, height, batch))
 
 
+def lora_rank_limit(cfg, lora_patterns=None) -> tuple[int, str]:
+    """The largest useful LoRA rank for `cfg`: min(out, in) of the smallest layer the adapters target (a rank
+    above it adds parameters, not expressiveness), and that layer's BFL name. Raises ValueError when the
+    patterns target nothing (`lora.targets`)."""
+    from minflux import lora
+
+    shapes = lora.linear_shapes(cfg)
+    chosen = lora.targets(shapes, lora_patterns) if lora_patterns else lora.targets(shapes)
+    name = min(chosen, key=lambda m: min(shapes[m]))
+    return min(shapes[name]), name
+
+
 def train_bytes(
     cfg,
     img_tokens: int,
@@ -267,12 +279,21 @@ def train_bytes(
     remat: bool = True,
     dtype_bytes: int = 2,
     attention_matrix: bool = False,
+    master_bytes: int = 4,
+    shards: int = 1,
 ) -> int:
-    """Peak bytes of one training step (`minflux train`): fp32 master weights, their gradients and Adam's two
-    moments (+ an EMA copy) for full training; for LoRA the frozen weights in the compute dtype and the
-    adapters (rank x (in + out) per targeted layer) with their gradients and moments. Activations: with remat,
-    each block's input (B, L, hidden) kept for the backward pass plus one block recomputed (x 2 for its
-    gradients); without, every block's activations."""
+    """Peak bytes of one training step (`minflux train`) on one device: the master weights (`master_bytes`: 4 for
+    fp32, 2 for `--precision bf16`), their gradients and Adam's two moments (+ an EMA copy) for full training,
+    plus the weights cast to the compute dtype (`dtype_bytes`) where it differs; for LoRA the frozen weights in
+    the compute dtype and the adapters (rank x (in + out) per targeted layer) with their gradients and moments.
+    `shards`: the devices of the FSDP axis, over which all of that is sharded. Activations of `batch` samples
+    (the per-device batch) of img_tokens + txt_tokens (image and reference tokens, text tokens): with remat,
+    each block's input (B, L, hidden) kept for the backward pass plus one block's intermediates (the block
+    being recomputed); without, every block's intermediates.
+
+    Checked against measured peaks: flux2-klein-4b, all bf16, remat, batch 1 x (4096 + 512) tokens on an H200
+    (docs/benchmarks.md): 39.2 GB estimated with XLA's attention (`attention_matrix`) where 35.0 GB (32.6 GiB)
+    was measured; 33.1 GB with the fused attention where 31.6 GB (29.4 GiB) was."""
     from minflux import lora
 
     tokens = img_tokens + txt_tokens
@@ -281,13 +302,14 @@ def train_bytes(
         shapes = lora.linear_shapes(cfg)
         chosen = lora.targets(shapes, lora_patterns) if lora_patterns else lora.targets(shapes)
         adapters = sum(lora_rank * (shapes[m][0] + shapes[m][1]) for m in chosen)
-        weights = p * dtype_bytes + adapters * 4 * 4
+        weights = p * dtype_bytes + adapters * master_bytes * (4 + (1 if ema else 0))
     else:
-        weights = p * 4 * (4 + (1 if ema else 0)) + p * dtype_bytes
+        cast = p * dtype_bytes if dtype_bytes != master_bytes else 0
+        weights = p * master_bytes * (4 + (1 if ema else 0)) + cast
     blocks = cfg.depth + cfg.depth_single_blocks
     one = block_activation_bytes(cfg, tokens, batch, dtype_bytes, attention_matrix)
     saved = blocks * batch * tokens * cfg.hidden_size * dtype_bytes
-    return weights + (saved + 2 * one if remat else blocks * one)
+    return weights // max(shards, 1) + (saved + one if remat else blocks * one)
 
 
 def check(

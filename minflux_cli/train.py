@@ -7,11 +7,16 @@ With `--data DIR` it fine-tunes on cached latents and text embeddings (`minflux 
 in aspect-ratio buckets, edit / control pairs, see `minflux.data.LatentShards`), from base weights given by `--init`,
 optionally as LoRA (`--lora-rank`).
 
+Before anything is built every argument is checked (`plan`), the step's memory too (`check_memory`: a batch or
+LoRA rank the device cannot hold is one line, not an allocation failure); a disk that fills during the run is one
+line naming the checkpoint folder (`Trainer.save`), the earlier checkpoints kept.
+
 What a run shows: the progress bar (loss, samples/s), TensorBoard event files and one JSON line per step in
-`OUT/tensorboard` and `OUT/metrics.jsonl` (`trainer.RunLog`), and with `--sample-every N` a grid of validation
-samples at step 0 and every N steps (`OUT/samples/step-NNNNNN.png`, also in TensorBoard), drawn with the EMA weights
-when EMA is on: the demo's captions, or for `--data` the `--sample-prompts` the cache stored (with their reference
-or control images), decoded by the cache's autoencoder (`--ae`).
+`OUT/tensorboard` and `OUT/metrics.jsonl` (`minflux_jax.runlog.RunLog`), and with `--sample-every N` a grid of
+validation samples at step 0 and every N steps (`OUT/samples/step-NNNNNN.png`, also in TensorBoard), drawn with the
+EMA weights when EMA is on: the demo's captions on the training schedule, or for `--data` the `--sample-prompts`
+the cache stored (with their reference or control images) as `minflux generate` would draw them, decoded by the
+cache's autoencoder (`--ae`); `minflux_cli.pictures` draws them, and the loss curve.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from minflux import data as datasets
 from minflux import lora as lora_files
 from minflux.checkpoint import Checkpoint, CheckpointError
 from minflux.data import DEMO, LatentShards, Shapes
-from minflux.files import atomic_write
 from minflux_cli.args import (
     UsageError,
     directory,
@@ -40,73 +44,7 @@ from minflux_cli.args import (
     positive_int,
     preset,
 )
-
-# ---------------------------------------------------------------------------------------------
-# Pictures: the sample grid and the loss curve
-# ---------------------------------------------------------------------------------------------
-
-
-def save_grid(images, captions: list[str], cols: int, path) -> np.ndarray:
-    """Images (each (H, W, 3) in [-1, 1] or uint8; sizes may differ), `cols` per row, each row titled by its caption
-    (or, with one row, each image by its own), as a PNG written atomically; returns the picture (h, w, 3) uint8."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = -(-len(images) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.25 * rows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= len(images):
-            ax.axis("off")
-            continue
-        img = images[i]
-        shown = img if img.dtype == np.uint8 else np.clip((img + 1) / 2, 0, 1)
-        ax.imshow(shown, interpolation="nearest")
-        if rows == 1:
-            ax.set_title(captions[i][:40], fontsize=6)
-        elif i % cols == 0:
-            ax.set_ylabel(captions[i // cols].removeprefix("a "), fontsize=7)
-    fig.tight_layout(pad=0.2)
-    fig.set_dpi(100)
-    fig.canvas.draw()
-    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    from PIL import Image
-
-    with atomic_write(path) as f:
-        Image.fromarray(picture).save(f, format="PNG")
-    return picture
-
-
-def save_loss_curve(losses: list[float], path, title: str = "training loss") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = np.arange(1, len(losses) + 1)
-    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
-    k = max(1, len(losses) // 20)
-    if len(losses) >= k:
-        ax.plot(
-            steps[k - 1 :],
-            np.convolve(losses, np.ones(k) / k, mode="valid"),
-            lw=1.5,
-            label=f"mean of {k}",
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching MSE")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    files.write_figure(fig, path, dpi=100)  # atomic (a full disk leaves no 0-byte picture)
-    plt.close(fig)
-
+from minflux_cli.pictures import demo_grid, sampler, save_grid, save_loss_curve
 
 # ---------------------------------------------------------------------------------------------
 # The command
@@ -377,6 +315,13 @@ def plan(args):
             lora_files.targets(linear_names(load.abstract_model(cfg)), args.lora_targets)
         except (ValueError, re.error) as e:
             raise UsageError(f"--lora-targets: {e}") from None
+    if args.lora_rank is not None and args.init_lora is None:
+        limit, layer = memory.lora_rank_limit(cfg, args.lora_targets)
+        if args.lora_rank > limit:
+            raise UsageError(
+                f"--lora-rank {args.lora_rank} exceeds {limit}, the smallest adapted layer's rank "
+                f"({layer}: min(in, out))"
+            )
     if args.init_lora is not None:
         from minflux_jax.lora import LoRA
 
@@ -402,8 +347,78 @@ def plan(args):
             seed=args.seed,
             caption_dropout=dropout,
         )
+    check_memory(args, cfg, data, mesh)
     samples = plan_samples(args, cfg) if args.sample_every else None
     return cfg, data, tuple(int(n) for n in mesh.shape.values()), samples
+
+
+def largest_sample(data) -> tuple[int, int]:
+    """(image + reference tokens, text tokens) of the data set's largest sample (its largest bucket): what a
+    step's memory follows."""
+    if isinstance(data, LatentShards):
+        shapes = [data.group_shapes(g) for g in range(len(data.groups))]
+    else:
+        shapes = [{k: v.shape[1:] for k, v in data.arrays.items()}]
+    img = max(s["img"][0] + (s["ref"][0] if "ref" in s else 0) for s in shapes)
+    return img, max(s["txt"][0] for s in shapes)
+
+
+def check_memory(args, cfg, data, mesh) -> None:
+    """Refuse, before anything is allocated, a step that cannot fit (`memory.train_bytes` against what the
+    device has): on a GPU each device's share (the batch over the mesh, the weights and optimiser state over the
+    fsdp axis) against its own free memory; on a CPU, where the devices share the host's memory, the whole
+    process's part. Raises UsageError naming --batch-size, the estimate and what is available."""
+    import jax
+
+    from minflux_jax.layers import attention_backend
+
+    master, compute = {"fp32": (4, 4), "bf16-mixed": (4, 2), "bf16": (2, 2)}[args.precision]
+    head = cfg.hidden_size // cfg.num_heads
+    q = jax.ShapeDtypeStruct((1, cfg.num_heads, 1, head), "float32" if compute == 4 else "bfloat16")
+    img, txt = largest_sample(data)
+    device = jax.local_devices()[0]
+    stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
+    if "bytes_limit" in stats:  # a GPU: its own memory, for its share of the batch and the state
+        available = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        where, batch, shards = (
+            f"each {device.device_kind}",
+            args.batch_size // mesh.size,
+            mesh.shape["fsdp"],
+        )
+    else:  # the host's memory, shared by this process's devices
+        available, where = memory.available_bytes(), "this machine"
+        batch, shards = args.batch_size // jax.process_count(), 1
+    estimate = memory.train_bytes(
+        cfg,
+        img,
+        txt,
+        max(batch, 1),
+        lora_rank=args.lora_rank or 0,
+        lora_patterns=args.lora_targets,
+        ema=args.ema > 0,
+        remat=args.remat != "none",
+        dtype_bytes=compute,
+        attention_matrix=attention_backend(args.attention, q) == "xla",
+        master_bytes=master,
+        shards=shards,
+    )
+    what = (
+        f"--batch-size {args.batch_size} ({args.config}, {img} image + {txt} text tokens per sample, "
+        f"{args.precision}{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''})"
+    )
+    try:
+        memory.check(estimate, what, available, where)
+    except memory.TooLarge as e:
+        levers = ["a smaller --batch-size"] + [
+            lever
+            for lever, unused in (
+                ("--remat full", args.remat == "none"),
+                ("--precision bf16-mixed", args.precision == "fp32"),
+                ("--lora-rank 16", not args.lora_rank),
+            )
+            if unused
+        ]
+        raise UsageError(f"{e}: try {', '.join(levers)}") from None
 
 
 def plan_samples(args, cfg) -> dict | None:
@@ -430,6 +445,10 @@ def plan_samples(args, cfg) -> dict | None:
             f"--sample-prompts {args.sample_prompts}: {missing[0]!r} is not in "
             f"{args.data / datasets.SAMPLES}; store it with minflux cache --sample-prompts FILE --append"
         )
+    if cfg.ref_kv and args.cfg not in (None, 1.0):
+        raise UsageError(
+            f"--cfg: {args.config} is a klein KV model; its samples take no negative prompt (as generate)"
+        )
     ae = (datasets.read_meta(args.data) or {}).get("ae") or {}
     if args.ae is None and not ae:
         raise UsageError(
@@ -441,94 +460,6 @@ def plan_samples(args, cfg) -> dict | None:
         "ae_file": str(args.ae) if args.ae else ae.get("file"),
         "ae_seed": ae.get("seed", 1),
     }
-
-
-def demo_grid(args, cfg, data, trainer) -> tuple[list, list[str]]:
-    """The demo's samples: six per caption, guided (--cfg, default 3) against the empty caption when caption dropout
-    taught the unconditional flow; (pictures in [-1, 1], one caption per row)."""
-    scale = 3.0 if args.cfg is None else args.cfg
-    cols = 6
-    labels = [(s, c) for c in range(len(data.COLOURS)) for s in range(len(data.SHAPES))]
-    txt = np.repeat(data.embed(labels), cols, axis=0)
-    g = data.size // data.patch
-    vec = txt.mean(axis=1) if cfg.vec_in_dim else None
-    # no unconditional flow was learnt otherwise
-    guide = scale != 1.0 and data.caption_dropout > 0
-    neg = data.null(len(txt)) if guide else {}
-    tokens = trainer.sample(
-        txt,
-        g,
-        g,
-        steps=args.sample_steps,
-        seed=args.seed,
-        vec=vec,
-        cfg_scale=scale if guide else 1.0,
-        neg_txt=neg.get("txt"),
-        neg_vec=neg.get("vec"),
-    )
-    return list(data.unpatchify(tokens)), [data.caption(lab) for lab in labels]
-
-
-def sampler(args, cfg, data, trainer, samples, log):
-    """The validation grid at a step: OUT/samples/step-NNNNNN.png and a TensorBoard image. The demo draws one
-    sample per caption; --data runs draw each stored prompt (with its references or control channels) at its grid,
-    decoded by the cache's autoencoder. Seeds are fixed, so grids of different steps compare."""
-    folder = args.out / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    if samples is None:  # the demo: the final grid's program, compiled once for both
-
-        def draw() -> tuple[list, list[str]]:
-            return demo_grid(args, cfg, data, trainer)
-
-    else:
-        import jax.numpy as jnp
-
-        import minflux_jax as mj
-        from minflux_jax import pipeline, sampling
-
-        ae_cfg = configs.get(samples["ae_config"])
-        ae = (
-            mj.load_model(ae_cfg, samples["ae_file"], dtype=jnp.float32)
-            if samples["ae_file"]
-            else mj.build_model(ae_cfg, seed=samples["ae_seed"])
-        )
-        scale = 1.0 if args.cfg is None else args.cfg
-        empty = datasets.read_tensors(args.data / datasets.EMPTY) if scale != 1.0 else {}
-
-        def draw() -> tuple[list, list[str]]:
-            pictures = []
-            for i, s in enumerate(samples["prompts"]):
-                h, w = s["grid"]
-                f32 = {
-                    k: np.asarray(v, np.float32)
-                    for k, v in s.items()
-                    if k not in ("prompt", "grid")
-                }.get
-                tokens = trainer.sample(
-                    f32("txt"),
-                    h,
-                    w,
-                    steps=args.sample_steps,
-                    seed=args.seed + i,
-                    vec=f32("vec"),
-                    cfg_scale=scale,
-                    neg_txt=None if not empty else np.asarray(empty["txt"], np.float32),
-                    neg_vec=None if "vec" not in empty else np.asarray(empty["vec"], np.float32),
-                    ref=f32("ref"),
-                    ref_ids=f32("ref_ids"),
-                    img_cond=f32("img_cond"),
-                )
-                latents = sampling.unpack(jnp.asarray(tokens), h, w, cfg.family)
-                pictures.append(pipeline.decode(ae, latents)[0])
-            return pictures, [s["prompt"] for s in samples["prompts"]]
-
-    def at(step: int) -> None:
-        pictures, captions = draw()
-        cols = 6 if samples is None else len(pictures)  # the demo: six per caption
-        picture = save_grid(pictures, captions, cols, folder / f"step-{step:06d}.png")
-        log.image("samples", picture, step)
-
-    return at
 
 
 def train_options(args, ckpt: Path):
@@ -607,8 +538,10 @@ def run(args) -> int:
     t0 = time.time()
     try:
         losses = trainer.fit(log=log, every=args.sample_every, callback=draw)
-    finally:
-        log.close()
+    except BaseException:
+        log.abandon()  # the first failure is the one reported (a full disk fails the log's flush too)
+        raise
+    log.close()
     if trainer.manager is not None:
         trainer.save(wait=True)
     trainer.close()

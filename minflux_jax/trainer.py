@@ -1,4 +1,4 @@
-"""The JAX training loop: mesh and FSDP sharding, mixed precision, LoRA, orbax checkpoints, previews.
+"""The JAX training loop: mesh and FSDP sharding, mixed precision, LoRA, orbax checkpoints, samples.
 
 JAX-only on purpose (no PyTorch twin): minflux trains through JAX; `minflux_torch/train.py` exists to prove
 the objective and the step, and tests/test_train.py compares the two. The step itself is
@@ -11,10 +11,8 @@ the batch is split over both axes, so fsdp devices also see different data. Mult
 `jax.distributed.initialize` when JAX_COORDINATOR_ADDRESS is set, each process feeding its slice of the
 global batch (`jax.make_array_from_process_local_data`).
 
-Data: the data set's `global_batch(step, batch_size, part)` (`minflux.data`: in memory, or cached shards streamed
-from disk) through grain: a `MapDataset` over steps, each process reading only its part of every global batch
-(`grain.sharding.ShardByJaxProcess`), prefetched by background threads (`to_iter_dataset`), so the step does not
-wait for the disk. The iterator's state (grain's checkpointable position) is saved with the model.
+Data: `minflux_jax.loader` (grain: each process reads its part of every global batch, prefetched in the
+background; the iterator's position is saved with the model). Logs: `minflux_jax.runlog` (TensorBoard, JSON lines).
 
 Checkpoints: orbax `CheckpointManager`, asynchronous, every `save_every` steps: params (and their EMA), optimiser
 state, step, RNG key, and (as JSON) the data position and the grain iterator's state. Orbax writes into a temporary
@@ -22,13 +20,15 @@ directory and renames it on completion, so a save killed midway leaves the previ
 one. Noise and times are drawn from fold_in(key, step) and batches are a pure function of the data position, so a
 resumed run reproduces the uninterrupted loss trajectory bitwise (on CPU). Beside the step directories, RUN_FILE
 records the options the state depends on (config, batch size, accumulation, LoRA, precision, EMA, mesh); a resume
-compares them with its own before orbax reads anything, and skips checkpoints it cannot read for older ones.
+compares them with its own before orbax reads anything, and skips checkpoints it cannot read for older ones
+(`minflux_jax.checkpoints`). A save the file system refuses midway (a disk that filled) is one OutputError naming
+the folder; the partial save is removed, the earlier checkpoints kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,10 +46,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from minflux import configs, flops
 from minflux import lora as lora_files
 from minflux.checkpoint import CheckpointError
-from minflux.files import check_output, write_text
+from minflux.request import Inputs
 from minflux_jax import load, sampling
+from minflux_jax.checkpoints import (
+    RUN_FILE,  # noqa: F401 (moved there; still `trainer.RUN_FILE`)
+    _first_line,
+    _lacking,
+    _listing,
+    _move_aside,
+    check_resume,
+    remove_partial,
+    run_record,
+    save_error,
+    saved_steps,
+    write_run,
+)
 from minflux_jax.layers import set_attention_implementation
+from minflux_jax.loader import Batches
 from minflux_jax.lora import LoRA, linear_names
+from minflux_jax.runlog import RunLog  # noqa: F401 (moved there; still `trainer.RunLog`)
 from minflux_jax.train import (
     lr_schedule,
     make_optimizer,
@@ -126,141 +140,6 @@ class TrainOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run record: what a checkpoint's train state depends on, checked before a resume reads it
-# ---------------------------------------------------------------------------------------------
-
-RUN_FILE = "run.json"  # beside orbax's step directories in ckpt_dir
-
-
-def run_record(cfg, opts: TrainOptions, mesh: tuple[int, int]) -> dict:
-    """The options a resumed run must share with the saved one: the model config, the batch (the data
-    position of a step is step x batch_size), accumulation, LoRA, precision, EMA (the state's tree and
-    dtypes), and the resolved (data, fsdp) mesh. JSON-ready, as `check_resume` compares it."""
-    return json.loads(
-        json.dumps(
-            {
-                "config": {"class": type(cfg).__name__, **dataclasses.asdict(cfg)},
-                "batch_size": opts.batch_size,
-                "accumulate": opts.accumulate,
-                "lora_rank": opts.lora_rank,
-                "lora_alpha": opts.lora_alpha,
-                "lora_targets": list(opts.lora_targets),
-                "precision": opts.precision,
-                "ema": opts.ema > 0,
-                "mesh": list(mesh),
-            }
-        )
-    )
-
-
-def write_run(ckpt_dir, record: dict) -> None:
-    """RUN_FILE in ckpt_dir, atomically (`minflux.files`: temp file, fsync, rename; OutputError on failure)."""
-    from minflux import files
-
-    path = Path(files.make_folders(ckpt_dir)) / RUN_FILE
-    files.write_text(path, json.dumps(record, indent=1))
-
-
-def saved_steps(ckpt_dir) -> list[int]:
-    """Steps of the finalised checkpoints in ckpt_dir, newest first (orbax names a finished save by its
-    step; one in flight lives in a temporary directory with another name)."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return []
-    return sorted(
-        (int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True
-    )
-
-
-def resume_differences(saved: dict, now: dict) -> list[str]:
-    """One phrase per option in which this run (`now`) differs from the saved one: "batch_size 8 (saved: 4)"."""
-    out = []
-    a, b = saved.get("config", {}), now["config"]
-    if a.get("class") != b["class"]:
-        out.append(f"config {b['class']} (saved: {a.get('class')})")
-    elif fields := [
-        f"{k} {b.get(k)} (saved: {a.get(k)})"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
-    ]:
-        out.append("config " + ", ".join(fields[:6]) + (" ..." if len(fields) > 6 else ""))
-    adapters = (
-        saved.get("lora_rank", 0) > 0 or now["lora_rank"] > 0
-    )  # alpha and targets matter only then
-    for key in (
-        "batch_size",
-        "accumulate",
-        "lora_rank",
-        "lora_alpha",
-        "lora_targets",
-        "precision",
-        "ema",
-        "mesh",
-    ):
-        if saved.get(key) != now[key] and (adapters or key not in ("lora_alpha", "lora_targets")):
-            out.append(f"{key} {_show(key, now[key])} (saved: {_show(key, saved.get(key))})")
-    return out
-
-
-def _show(key: str, value) -> str:
-    if key == "ema":
-        return "on" if value else "off"
-    return "x".join(map(str, value)) if key == "mesh" and value else str(value)
-
-
-def check_resume(ckpt_dir, record: dict) -> None:
-    """Raise CheckpointError (one line, naming the directory or RUN_FILE) when ckpt_dir holds no finalised
-    checkpoint, or when its run's options differ from `record` (each difference named). Checkpoints
-    written before RUN_FILE existed are left to orbax's own checks."""
-    root = Path(ckpt_dir)
-    if not saved_steps(root):
-        why = "no such directory" if not root.exists() else "no finished save in it"
-        raise CheckpointError(
-            f"{root}: no checkpoint to resume from ({why}; runs save with save_every > 0)"
-        )
-    if not any(not _lacking(root, step) for step in saved_steps(root)):
-        raise CheckpointError(
-            f"{root}: no intact checkpoint to resume from: every one lacks state/ or meta/"
-        )
-    path = root / RUN_FILE
-    if not path.is_file():
-        return
-    try:
-        saved = json.loads(path.read_text())
-        if not isinstance(saved, dict):
-            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable run record ({_first_line(e)})") from None
-    if differences := resume_differences(saved, record):
-        raise CheckpointError(
-            f"{path}: this run differs from the saved one in " + "; ".join(differences)
-        )
-
-
-def _lacking(root: Path, step: int) -> list[str]:
-    """The items (orbax subdirectories) checkpoint `step` lacks."""
-    return [item for item in ("state", "meta") if not (root / str(step) / item).is_dir()]
-
-
-def _move_aside(path: Path) -> None:
-    """Rename a step directory out of orbax's sight (a name that is not a number): STEP.unreadable[N]."""
-    target, n = path.with_name(f"{path.name}.unreadable"), 1
-    while target.exists():
-        target, n = path.with_name(f"{path.name}.unreadable{n}"), n + 1
-    path.rename(target)
-
-
-def _listing(root: Path, failed: dict[int, str]) -> str:
-    return "; ".join(f"{root / str(step)} ({why})" for step, why in failed.items())
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    text = text.split(" See full TensorStore details")[0]  # then a spec dump of the array
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
 # Devices: multi-host start, the mesh, FSDP shardings
 # ---------------------------------------------------------------------------------------------
 
@@ -318,16 +197,12 @@ def fsdp_gather(mesh: Mesh):
     return gather
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # the batch axis over every device
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
 
 
-class Trainer:
+class Trainer(Batches):
     """Owns the train state on the mesh, the compiled step and the checkpoint manager."""
 
     def __init__(self, cfg, data, opts: TrainOptions, devices=None):
@@ -409,7 +284,7 @@ class Trainer:
         self.record = run_record(self.cfg, opts, tuple(int(n) for n in self.mesh.shape.values()))
         self.lr_at = lr_schedule(opts.lr, opts.warmup, opts.steps)  # of the update count
         self._loader, self._loader_step, self.last = None, None, {}
-        self.restored_step, self.manager = None, None
+        self.restored_step, self.manager, self._pending = None, None, None
         if opts.ckpt_dir:
             self.manager = ocp.CheckpointManager(
                 Path(opts.ckpt_dir).absolute(),
@@ -428,58 +303,6 @@ class Trainer:
     @property
     def step(self) -> int:
         return int(self.state["step"])  # micro-steps; updates = step // accumulate
-
-    def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's share of the global batch of micro-step `step` (numpy): the data set reads only that
-        part (`grain.sharding.ShardByJaxProcess`), and guidance-distilled models get their guidance value."""
-        shard = grain.sharding.ShardByJaxProcess()
-        arrays = self.data.global_batch(
-            step, self.opts.batch_size, (shard.shard_index, shard.shard_count)
-        )
-        if self.cfg.guidance_embed:
-            arrays["guidance"] = np.full((len(arrays["img"]),), self.guidance, np.float32)
-        return arrays
-
-    def place(self, arrays: dict[str, np.ndarray]) -> dict:
-        """Local numpy arrays -> global arrays, the batch axis over every device of the mesh."""
-        sharding = batch_sharding(self.mesh)
-        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
-
-    def batch(self, step: int) -> dict:
-        """The global batch of micro-step `step`, this process's share placed on its devices (read now, not
-        prefetched)."""
-        return self.place(self.local_batch(step))
-
-    def loader(self, step: int):
-        """A grain iterator over the local batches from micro-step `step` on: `MapDataset.range` over steps mapped
-        to `local_batch`, read ahead by `prefetch` background threads (`to_iter_dataset`); its state is the next
-        step (grain's checkpointable iterator state, which `save` stores)."""
-        steps = grain.MapDataset.range(0, 1 << 62).map(self.local_batch)
-        if self.opts.prefetch:
-            options = grain.ReadOptions(
-                num_threads=self.opts.prefetch, prefetch_buffer_size=self.opts.prefetch
-            )
-        else:
-            options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-        it = iter(steps.to_iter_dataset(options))
-        it.set_state({"next_index": step})
-        return it
-
-    def next_batch(self) -> dict:
-        """The batch of the current micro-step, from the prefetching loader (rebuilt at the current step when the
-        step was changed from outside, e.g. by `restore`)."""
-        if self._loader is None or self._loader_step != self.step:
-            self._loader, self._loader_step = self.loader(self.step), self.step
-        arrays = next(self._loader)
-        self._loader_step += 1
-        self.last = {k: v.shape for k, v in arrays.items()}  # for the tokens/s and MFU of the step
-        return self.place(arrays)
-
-    def loader_state(self) -> dict:
-        """The grain iterator's state at the current step (what a resumed loader starts from)."""
-        if self._loader is not None and self._loader_step == self.step:
-            return self._loader.get_state()
-        return {"next_index": self.step}
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -560,33 +383,60 @@ class Trainer:
 
     def save(self, wait: bool = False) -> None:
         """An asynchronous orbax save of the train state and the data position, at the current step; the
-        run's options go to RUN_FILE beside the checkpoints first (once), for `restore` to check."""
+        run's options go to RUN_FILE beside the checkpoints first (once), for `restore` to check. A save that
+        the file system refuses (a disk that filled after the start-up check) raises OutputError naming the
+        folder, here or at the next wait (`_writing`); the earlier checkpoints stay."""
         step = self.step
         if not self._record_written:
             if jax.process_index() == 0:
                 write_run(self.opts.ckpt_dir, self.record)
             self._record_written = True
+        self._wait()  # the save in flight first (orbax would wait for it too), so its failure is named as its own
         if step in self.manager.all_steps():
             if (
                 step == self.restored_step
             ):  # a resumed run saving the step it started from: the same state
                 return
-            self.manager.wait_until_finished()  # a later step left by a run that fell back past it: replaced
-            self.manager.delete(step)
+            self.manager.delete(step)  # a later step left by a run that fell back past it: replaced
         meta = {
             "step": step,
             "position": step * self.opts.batch_size,
             "config": dataclasses.asdict(self.cfg),
             "loader": self.loader_state(),
         }
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(self.state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        with self._writing(step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(self.state), meta=ocp.args.JsonSave(meta)
+                ),
+            )
+        self._pending = step
         if wait:
+            self._wait()
+
+    def _wait(self) -> None:
+        """Wait for the save in flight (`self._pending`); its file-system failure becomes OutputError."""
+        with self._writing(self._pending):
             self.manager.wait_until_finished()
+        self._pending = None
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """orbax's writes of checkpoint `step`: a failure of the file system (ENOSPC, EROFS, EACCES, ... raised
+        by orbax or tensorstore, possibly from its background thread) becomes one OutputError naming the folder
+        (`checkpoints.save_error`), after the partial save is removed (`remove_partial`); finished checkpoints
+        are kept. Other failures propagate unchanged."""
+        try:
+            yield
+        except Exception as e:
+            error = save_error(self.opts.ckpt_dir, step, e)
+            if error is None:
+                raise
+            self._pending = None
+            if jax.process_index() == 0:
+                remove_partial(self.opts.ckpt_dir)
+            raise error from None
 
     _record_written = False
 
@@ -600,7 +450,7 @@ class Trainer:
         Raises CheckpointError (one line, naming the directory): no checkpoint, options that differ, no
         intact checkpoint left.
         """
-        self.manager.wait_until_finished()
+        self._wait()
         root = Path(self.opts.ckpt_dir)
         check_resume(root, self.record)
         abstract = jax.tree.map(
@@ -655,7 +505,7 @@ class Trainer:
 
     def close(self) -> None:
         if self.manager is not None:
-            self.manager.wait_until_finished()
+            self._wait()
             self.manager.close()
         self._loader = None
         if hasattr(self.data, "close"):
@@ -699,97 +549,33 @@ class Trainer:
         img_cond=None,
     ) -> np.ndarray:
         """Tokens (B, h*w, C) generated for text embeddings txt (B, Lt, D) (and FLUX.1's pooled vec) by the
-        JAX Euler sampler, on the training schedule (shifted if training was); with neg_txt (and neg_vec),
-        classifier-free guidance at cfg_scale. Edit pairs: reference tokens ref (B, Lr, C) at ref_ids; Fill and
-        control models: img_cond (B, h*w, Cc), as `sampling.denoise` takes them."""
+        JAX Euler sampler (`sampling.denoise`, given `request.Inputs`) on the training schedule: uniform times,
+        shifted only when training shifts them (`--shift`); noise from `seed` by jax.random. With neg_txt (and
+        neg_vec), classifier-free guidance at cfg_scale. Edit pairs: reference tokens ref (B, Lr, C) at ref_ids;
+        Fill and control models: img_cond (B, h*w, Cc).
+
+        This is the demo's sampler (a pixel-space model: no autoencoder, no generation schedule of its own). A
+        FLUX model's validation samples are drawn as generation draws them, with its family's schedule,
+        guidance and references (`sampling.sample`; `minflux_cli.pictures.data_grid`)."""
         b, fam = txt.shape[0], self.cfg.family
         channels = self.cfg.in_channels - (0 if img_cond is None else img_cond.shape[-1])
         noise = jax.random.normal(jax.random.key(seed), (b, h * w, channels), jnp.float32)
         ts = np.linspace(1.0, 0.0, steps + 1)
         if self.opts.timesteps.get("shift"):
             ts = shift_timesteps(ts, resolution_mu(h * w))
-        guidance = self.guidance if self.cfg.guidance_embed else None
-        out = sampling.denoise(
-            self.model(),
-            noise,
-            sampling.image_ids(b, h, w, fam),
-            jnp.asarray(txt),
-            sampling.text_ids(b, txt.shape[1], fam),
-            [float(t) for t in ts],
-            vec=None if vec is None else jnp.asarray(vec),
-            guidance=guidance,
+        array = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
+        inputs = Inputs(
+            img_ids=sampling.image_ids(b, h, w, fam),
+            txt=jnp.asarray(txt),
+            txt_ids=sampling.text_ids(b, txt.shape[1], fam),
+            vec=array(vec),
+            guidance=self.guidance if self.cfg.guidance_embed else None,
             cfg_scale=cfg_scale,
-            neg_txt=None if neg_txt is None else jnp.asarray(neg_txt),
-            neg_vec=None if neg_vec is None else jnp.asarray(neg_vec),
-            img_cond=None if img_cond is None else jnp.asarray(img_cond),
-            img_cond_seq=None if ref is None else jnp.asarray(ref),
-            img_cond_seq_ids=None if ref_ids is None else jnp.asarray(ref_ids),
+            neg_txt=array(neg_txt),
+            neg_vec=array(neg_vec),
+            img_cond=array(img_cond),
+            img_cond_seq=array(ref),
+            img_cond_seq_ids=array(ref_ids),
         )
+        out = sampling.denoise(self.model(), noise, [float(t) for t in ts], inputs)
         return np.asarray(jax.device_get(out))
-
-
-# ---------------------------------------------------------------------------------------------
-# Logs: TensorBoard event files and JSON lines
-# ---------------------------------------------------------------------------------------------
-
-
-class RunLog:
-    """What a run reports, in `directory`: TensorBoard event files (`tensorboard/`, written by tensorboardX, which
-    needs no network) and `metrics.jsonl`, one JSON object per step ({"step": ..., "loss": ..., ...}).
-
-    A resumed run (`start` > 0) first drops the lines of steps after `start` (the file is rewritten atomically
-    through `minflux.files`) and tells TensorBoard to purge its events after `start`, so both show one
-    trajectory; then lines are appended and flushed as steps finish. Only process 0 writes.
-    """
-
-    JSONL = "metrics.jsonl"
-    EVENTS = "tensorboard"
-
-    def __init__(self, directory, start: int = 0):
-        self.directory = Path(directory)
-        self.active = jax.process_index() == 0
-        self.tb, self.lines = None, None
-        if not self.active:
-            return
-        from tensorboardX import SummaryWriter
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = check_output(self.directory / self.JSONL)
-        if path.is_file():
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and _step_of(line) is not None and _step_of(line) <= start
-            ]
-            write_text(path, "".join(line + "\n" for line in kept))
-        self.lines = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        # the resumed run's first step is start + 1: TensorBoard drops the older events from there on
-        self.tb = SummaryWriter(
-            str(self.directory / self.EVENTS), purge_step=start + 1 if start else None
-        )
-
-    def write(self, step: int, measures: dict[str, float]) -> None:
-        if not self.active:
-            return
-        for k, v in measures.items():
-            self.tb.add_scalar(f"train/{k}", v, step)
-        self.lines.write(json.dumps({"step": step, **measures}) + "\n")
-        self.lines.flush()
-
-    def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        """An (H, W, 3) uint8 picture (the validation grid) into the event files."""
-        if self.active:
-            self.tb.add_image(tag, image, step, dataformats="HWC")
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.active:
-            self.lines.close()
-            self.tb.close()
-
-
-def _step_of(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None

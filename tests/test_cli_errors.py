@@ -69,6 +69,22 @@ TRAIN = [
     ),
     (["train", "--lora-targets", "qkv"], 2, "--lora-targets needs --lora-rank"),
     (["train", "--lora-alpha", "4"], 2, "--lora-alpha needs --lora-rank"),
+    # sizes checked against memory before anything is allocated (once RESOURCE_EXHAUSTED; SIGABRT after 79 s)
+    (
+        ["train", "--lora-rank", "100000"],
+        2,
+        "--lora-rank 100000 exceeds 128, the smallest adapted layer's rank (double_blocks.0.img_attn.qkv",
+    ),
+    (
+        ["train", "--lora-rank", "64", "--lora-targets", "img_in$", "qkv"],
+        2,
+        "--lora-rank 64 exceeds 48, the smallest adapted layer's rank (img_in: min(in, out))",
+    ),
+    (
+        ["train", "--batch-size", "100000"],
+        2,
+        "--batch-size 100000 (demo, 36 image + 2 text tokens per sample, fp32) needs about ",
+    ),
     (["train", "--lora-format", "kohya"], 2, "--lora-format needs --lora-rank"),
     # --init: the file, its family and width, before any key list
     (
@@ -1280,6 +1296,87 @@ def test_hostile_file_systems(argv, expected, old, files, hostile, monkeypatch, 
         )  # no temp file left
         if old is not None:
             assert (Path(folder) / old).read_bytes() == OLD[old]  # the old destination intact
+
+
+@pytest.fixture
+def filling(tmp_path):
+    """A 40 MB tmpfs: room for the start-up check of the demo's `--save-every` run (weights and one optimiser
+    state, about 26 MB) and its first two checkpoints (about 19.5 MB each), not for the third. Where mounting is
+    not allowed, a plain folder and None: the test makes orbax's third save fail as tensorstore reports ENOSPC."""
+    folder = tmp_path / "filling"
+    folder.mkdir()
+    try:
+        if os.environ.get("MINFLUX_TEST_NO_MOUNT"):
+            raise OSError("mounting not wanted")
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(folder)],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        yield folder, None
+        return
+    try:
+        yield folder, True
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def fail_third_save(monkeypatch):
+    """Without a tmpfs: orbax's third save raises what tensorstore raises on a full disk."""
+    import orbax.checkpoint as ocp
+
+    real, calls = ocp.CheckpointManager.save, []
+
+    def save(self, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) >= 3:
+            raise ValueError(
+                f'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database: Failed writing: "{step}": '
+                "Failed to write 2940928 bytes to file 12: No space left on device [os_error_code='28']"
+            )
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+
+
+@pytest.mark.slow
+def test_disk_filling_during_training_keeps_the_earlier_checkpoints(filling, monkeypatch, capsys):
+    """`train --save-every 1` on a disk that fills after the start-up check: orbax's failed save (tensorstore's
+    RESOURCE_EXHAUSTED from a background thread, once 63 tracebacks) is one line naming the checkpoint folder,
+    exit 2; the partial save is removed, the earlier checkpoints stay, and the latest restores."""
+    from minflux_jax import trainer as tr
+
+    folder, mounted = filling
+    if not mounted:
+        fail_third_save(monkeypatch)
+    out = folder / "run"
+    rc = main(
+        ["train", "--steps", "6", "--batch-size", "8", "--save-every", "1", "--out", str(out)]
+    )
+    captured = capsys.readouterr()
+    # (a progress bar, ended by a newline in a log file, may precede the line; a terminal erases it)
+    lines = [line for line in captured.err.splitlines() if line.strip() and "training:" not in line]
+    assert "Traceback" not in captured.err + captured.out
+    assert rc == 2 and len(lines) == 1, captured.err
+    kept = tr.saved_steps(out / "ckpt")
+    assert lines[0].startswith(f"minflux train: error: {out / 'ckpt'}: cannot write checkpoint "), (
+        lines[0]
+    )
+    assert kept and lines[0].endswith(
+        f": no space left on the device (kept: step {', '.join(map(str, kept))})"
+    ), lines[0]
+    assert not [
+        p.name for p in (out / "ckpt").iterdir() if "tmp" in p.name
+    ]  # the partial save removed
+    # the latest kept checkpoint restores, with the command's options
+    trainer = tr.Trainer(
+        data.DEMO,
+        data.Shapes(context_dim=data.DEMO.context_in_dim),
+        tr.TrainOptions(batch_size=8, ckpt_dir=str(out / "ckpt")),
+    )
+    assert trainer.restore() == kept[0]
+    trainer.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,9 +64,8 @@ def test_core_imports_without_frameworks():
     assert len(names) >= 12  # configs keymaps checkpoint ... : the test does look at them
 
 
-JAX_ONLY = {
-    Path("trainer.py")
-}  # minflux trains through JAX; minflux_torch/train.py is the step's reference
+# minflux trains through JAX; minflux_torch/train.py is the step's reference
+JAX_ONLY = {Path("trainer.py"), Path("loader.py"), Path("runlog.py"), Path("checkpoints.py")}
 
 
 def test_every_module_has_its_twin():

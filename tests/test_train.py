@@ -350,6 +350,75 @@ def test_caption_dropout_is_a_pure_function_of_position():
     assert not data.Shapes(n=64, size=16, patch=4, context_dim=8).dropped(0, 64).any()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,distilled_guidance,refs",
+    [("flux1-tiny", True, 1), ("flux1-tiny", False, 0), ("flux2-tiny", False, 2)],
+    ids=["flux1-dev-kontext-like", "flux1-schnell-like", "flux2-klein-like-2-refs"],
+)
+def test_validation_samples_are_drawn_as_generate_draws_them(name, distilled_guidance, refs):
+    """`--data` validation samples (`minflux_cli.pictures.data_grid`, from what `minflux cache` stores: embeddings,
+    reference tokens at their ids) are the pictures `pipeline.generate` makes for the same model, prompt,
+    references and seed: the family's schedule (FLUX.2 and guidance-distilled FLUX.1 shifted by resolution,
+    schnell not), the preset's guidance, references as generation encodes them. Before, they were sampled on the
+    training schedule (unshifted without --shift), which for a shifting model is another picture."""
+    from types import SimpleNamespace
+
+    from minflux import ids
+    from minflux.request import Request
+    from minflux_cli import pictures
+    from minflux_jax import pipeline, sampling
+
+    cfg = dataclasses.replace(configs.get(name), guidance_embed=distilled_guidance)
+    model, ae = mj.build_model(cfg, seed=0), mj.build_model(f"{cfg.family}-ae-tiny", seed=1)
+    ppt = configs.pixels_per_token(ae.params)
+    rng = np.random.default_rng(0)
+    txt = rng.standard_normal((1, 6, cfg.context_in_dim)).astype(np.float32)
+    vec = rng.standard_normal((1, cfg.vec_in_dim)).astype(np.float32) if cfg.vec_in_dim else None
+    sizes = [(3, 2), (2, 2)][:refs]  # reference token grids
+    pics = [rng.uniform(-1, 1, (hh * ppt, ww * ppt, 3)).astype(np.float32) for hh, ww in sizes]
+    stored = {
+        "prompt": "make it blue",
+        "grid": (2, 3),
+        "txt": txt,
+    }  # as minflux cache stores a prompt
+    if vec is not None:
+        stored["vec"] = vec
+    if pics:  # reference tokens and ids as minflux cache --framework jax writes them (`cache.reference_tokens`)
+        made = [pipeline.encode_tokens(ae, pic[None], cfg.family) for pic in pics]
+        stored["ref"] = np.concatenate([tok for tok, _ in made], axis=1)
+        stored["ref_ids"] = np.concatenate(
+            [
+                ids.image_ids(1, gh, gw, len(cfg.axes_dim), cfg.ref_time(i))
+                for i, (_, (gh, gw)) in enumerate(made)
+            ],
+            axis=1,
+        )
+    args = SimpleNamespace(config=name, guidance=None, cfg=None, seed=3, sample_steps=3)
+    pictures, captions = pictures.data_grid(args, cfg, model, [stored], ae, {})
+    request = Request(
+        txt=txt,
+        vec=vec,
+        width=3 * ppt,
+        height=2 * ppt,
+        steps=3,
+        seed=3,
+        guidance=3.5 if distilled_guidance else None,  # FLUX.1's default, as `minflux generate`'s
+        refs=tuple(pics),
+    )
+    want = pipeline.generate(model, ae, request)
+    assert captions == ["make it blue"] and pictures[0].shape == want[0].shape
+    np.testing.assert_array_equal(pictures[0], want[0])
+    if distilled_guidance:  # the training schedule (unshifted) would have drawn another picture
+        noise = sampling.get_noise(1, 2 * ppt, 3 * ppt, cfg.family, 3, pixels_per_token=ppt)
+        cond = pipeline.conditioning(model, ae, request, "text")
+        shifted, unshifted = (
+            np.asarray(sampling.sample(model, noise, cond, steps=3, shift=shift))
+            for shift in (None, False)
+        )
+        assert rel_l2(unshifted, shifted) > 1e-3  # (measured 1.5e-2; fp32 noise is ~1e-7)
+
+
 def test_interrupted_save_keeps_last_good_checkpoint(tmp_path):
     """A process killed while orbax writes checkpoint 7 leaves checkpoint 0 the latest, intact."""
     script = program(f"""
