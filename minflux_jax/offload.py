@@ -149,12 +149,10 @@ class Offloader:
         method = fn.__name__ if module is not fn else "__call__"
         static = tuple((k, v) for k, v in kwargs.items() if isinstance(v, int))
         kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, int)}
-        with jax.disable_jit(
-            False
-        ):  # compiled, also where `streaming` runs the sampler's loop eagerly
-            if not isinstance(
-                module, BLOCK_TYPES
-            ):  # the final layer, resident: the forward ends with it
+        # compiled, also where `streaming` runs the sampler's loop eagerly
+        with jax.disable_jit(False):
+            # the final layer, resident: the forward ends with it
+            if not isinstance(module, BLOCK_TYPES):
                 self.restart()
                 return _call(*nnx.split(module), method, static, args, kwargs)
             i, self.cursor = self.cursor, self.cursor + 1
@@ -162,14 +160,12 @@ class Offloader:
                 raise RuntimeError(
                     f"offload: block {i} of {len(self.kinds)} expected; the forward ran another"
                 )
-            if (
-                len(self.inflight) == 2
-            ):  # block i - 2 done: at most three blocks' weights on the device
+            # block i - 2 done: at most three blocks' weights on the device
+            if len(self.inflight) == 2:
                 jax.block_until_ready(self.inflight.popleft())
             packed, paths, weights = self.prefetch.take(i)
-            if (
-                packed and i not in self.swapped
-            ):  # first use: the linears the file packs become QuantLinears
+            # its first use: the linears the file packs become QuantLinears
+            if packed and i not in self.swapped:
                 self.graphdefs[i] = _swapped(self.abstract[i], packed, self.dtype)
                 self.swapped.add(i)
             state = nnx.from_flat_state(list(zip(paths, weights, strict=True)))

@@ -114,9 +114,8 @@ class Offloader:
         """`fn(*args, **kwargs)`, fn a block or one of its methods (klein KV's `forward_kv`), with the block's
         weights on the device for the call; any other module runs as it is."""
         module = getattr(fn, "__self__", fn)
-        if not isinstance(
-            module, BLOCK_TYPES
-        ):  # the final layer, resident: the forward ends with it
+        # the final layer, resident: the forward ends with it
+        if not isinstance(module, BLOCK_TYPES):
             self.restart()
             return fn(*args, **kwargs)
         i, self.cursor = self.cursor, self.cursor + 1
@@ -125,17 +124,16 @@ class Offloader:
             raise RuntimeError(
                 f"offload: block {i} of {len(self.blocks)} expected; the forward ran another"
             )
-        if len(self.inflight) == 2:  # block i - 2 done: at most three blocks' weights on the device
+        # block i - 2 done: at most three blocks' weights on the device
+        if len(self.inflight) == 2:
             self.inflight.popleft().synchronize()
         packed, weights, ready = self.prefetch.take(i)
-        if (
-            packed and i not in self.swapped
-        ):  # its first use: the linears the file packs become QuantLinears
+        # its first use: the linears the file packs become QuantLinears
+        if packed and i not in self.swapped:
             quant.swap_linears(block, packed, self.dtype, "meta")
             self.swapped.add(i)
-        if (
-            ready is not None
-        ):  # the compute stream waits for the copies; the allocator for the block
+        # the compute stream waits for the copies, and the allocator for the block
+        if ready is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(ready)
             for t in weights.values():
