@@ -51,6 +51,10 @@ class Framework:
         return self._import("pipeline")
 
     @property
+    def offload(self):
+        return self._import("offload")
+
+    @property
     def text(self):
         return self._import("text")
 

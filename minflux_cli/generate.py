@@ -32,6 +32,9 @@ the mask as diffusers does); a mask that repaints nothing is refused.
 Seeds: image i of a batch is drawn from --seed + i alone, so it is the image a single run draws with `--only i`
 (its prompt, its seed). Every PNG records its seed, prompt, model and settings in its text metadata, with the
 command that remakes it alone; `--from-png FILE` runs that command.
+Memory: `--keep-quantized` keeps a quantized file's weights packed; `--offload blocks` keeps the transformer's
+blocks off the device and streams each onto it just before its turn (`minflux_{torch,jax}/offload.py`). The
+text encoder is freed before the transformer loads.
 
 The arguments become a `Plan` (files, defaults from the family table `minflux.family`), checked by
 the same rules `pipeline.generate` applies (`minflux.request.check_model`, naming the flags here)
@@ -131,6 +134,8 @@ class Plan:
     only: int | None = None  # --only I: image I of the batch alone
     batch: int = 1  # images drawn (after --only)
     command: tuple[str, ...] = ()  # the arguments that remake this run (`command_line`)
+    # --offload blocks: the transformer's blocks streamed onto the device one at a time
+    offload: str = "none"
 
     @property
     def family(self) -> str:
@@ -320,6 +325,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the weights a quantized --transformer file stores (FP8R / scaled fp8, NVFP4, GGUF) packed "
         "in memory, dequantized layer by layer in the forward (default: dequantized on load)",
+    )
+    parser.add_argument(
+        "--offload",
+        choices=("none", "blocks"),
+        default="none",
+        help="blocks: the transformer's blocks stay off the device -- in the --transformer file on a CPU, in "
+        "host memory on a GPU -- and each comes onto it just before its turn, the next one fetched while the "
+        "current one computes: for a model larger than the device's memory (on a CPU: than RAM)",
     )
     parser.add_argument(
         "--lora",
@@ -528,6 +541,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         size_from_ref=bool(ref_fits) and (args.width is None or args.height is None),
         only=args.only,
         batch=1 if args.only is not None else batch,
+        offload=args.offload,
     )
     plan = dataclasses.replace(plan, kind=_check_request(plan, args))
     if args.save_embeddings is None:
@@ -581,6 +595,11 @@ def _exclusive(args: argparse.Namespace) -> None:
         what = "--random-weights" if args.random_weights else "--lora (merged into full weights)"
         raise UsageError(
             f"--keep-quantized keeps a quantized --transformer file packed; not with {what}"
+        )
+    if args.offload != "none" and (args.compile or args.lora):
+        what = "--compile (the runner moves weights between blocks)" if args.compile else "--lora"
+        raise UsageError(
+            f"--offload {args.offload} streams the blocks as the file stores them; not with {what}"
         )
     if args.compile and args.framework != "torch":
         raise UsageError("--compile is torch.compile, for --framework torch (JAX always compiles)")
@@ -976,7 +995,12 @@ def generate(plan: Plan) -> np.ndarray:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if plan.keep_quantized:
+    offload = None  # --offload blocks: the blocks stay in the file (CPU) or in host memory (GPU)
+    if plan.offload == "blocks" and not plan.random:
+        model, offload = fw.offload.load_model(
+            plan.cfg, plan.transformer, **fw.kw, keep_quantized=plan.keep_quantized
+        )
+    elif plan.keep_quantized:
         model = fw.package.load_model(plan.cfg, plan.transformer, **fw.kw, keep_quantized=True)
     else:
         model = fw.model(plan.cfg, None if plan.random else plan.transformer, seed=plan.seed)
@@ -986,11 +1010,13 @@ def generate(plan: Plan) -> np.ndarray:
             if plan.text is not None:  # the files' text-encoder parts went into the encoders above
                 warnings.filterwarnings("ignore", message=".*text-encoder LoRA modules not applied")
             fw.package.load_lora(model, [p for p, _ in plan.loras], [s for _, s in plan.loras])
+    if plan.offload == "blocks" and offload is None:  # random weights: their blocks to host memory
+        offload = fw.offload.offload_model(model)
     if plan.compile and fw.name == "torch":
         import torch
 
         model = torch.compile(model)  # attribute access (model.params) passes through to the module
-    return fw.pipeline.generate(model, ae, req, progress=plan.progress)
+    return fw.pipeline.generate(model, ae, req, progress=plan.progress, offload=offload)
 
 
 # ---------------------------------------------------------------------------------------------

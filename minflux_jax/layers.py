@@ -205,6 +205,10 @@ class RefKV:
     v: Array
 
 
+# a pytree: a block's `forward_kv` called as its own compiled program (`offload`) takes and returns one
+jax.tree_util.register_dataclass(RefKV)
+
+
 def attention_kv(
     q: Array, k: Array, v: Array, pe: Array, kv: RefKV | int, implementation: str = "auto"
 ) -> tuple[Array, RefKV]:
@@ -466,10 +470,11 @@ class SingleStreamBlockBase(nnx.Module):
 
 class BlockRunner(Protocol):
     """What a model's forward calls each block and the final layer through: `run(block, *args, **kwargs)`
-    returns what `block(*args, **kwargs)` returns. Training passes one that remats each block and gathers its
-    FSDP-sharded weights (`train.block_runner`); parity one that loads a block's weights, runs it, records its
-    inputs and output and frees the weights (`parity.transformer`); one that moves a block's weights onto the
-    device before the call and back after it has the same signature."""
+    returns what `block(*args, **kwargs)` returns; klein KV passes a block's method instead (`block.forward_kv`).
+    Training passes one that remats each block and gathers its FSDP-sharded weights (`train.block_runner`);
+    parity one that loads a block's weights, runs it, records its inputs and output and frees the weights
+    (`parity.transformer`); offloading one that moves a block's weights onto the device before the call and
+    off it after (`offload.Offloader`)."""
 
     def __call__(self, block: nnx.Module, /, *args: Any, **kwargs: Any) -> Any: ...
 

@@ -183,8 +183,10 @@ def load_model(
     from minflux_jax import quant  # here, not on top: quant -> fp8 -> lora -> load
 
     packed = reader.packed_weights() if keep_quantized else {}
-    quant.swap_linears(model, packed, dtype)
-    assign(model, ((k, reader.read(k)) for k in reader.keys() if k not in packed))
+    kept = set(packed)
+    for key in list(packed):  # one at a time: each file array freed once its device copy exists
+        quant.swap_linears(model, {key: packed.pop(key)}, dtype)
+    assign(model, ((k, reader.read(k)) for k in reader.keys() if k not in kept))
     return model
 
 

@@ -208,14 +208,23 @@ class Flux2(nn.Module):
     # -----------------------------------------------------------------------------------------
 
     def forward_kv(
-        self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor, n_ref: int
+        self,
+        x: Tensor,
+        x_ids: Tensor,
+        timesteps: Tensor,
+        ctx: Tensor,
+        ctx_ids: Tensor,
+        n_ref: int,
+        *,
+        run: BlockRunner = call_block,
     ) -> tuple[Tensor, list[RefKV]]:
         """klein KV, first step: `forward` where the last n_ref tokens of x are reference images, which attend
         only to themselves and are modulated at t = 0 (diffusers `kv_cache_mode="extract"`). Returns the output
         (B, Li, 128), references included, and their keys and values, one RefKV per block (double blocks first),
-        for `forward_cached`."""
+        for `forward_cached`. run: as `forward`'s, called with each block's `forward_kv`."""
         e = self.embed(x, x_ids, timesteps, ctx, ctx_ids, n_ref=n_ref)
-        return self._blocks_kv(e, [n_ref] * (len(self.double_blocks) + len(self.single_blocks)))
+        n = len(self.double_blocks) + len(self.single_blocks)
+        return self._blocks_kv(e, [n_ref] * n, run)
 
     def forward_cached(
         self,
@@ -225,17 +234,20 @@ class Flux2(nn.Module):
         ctx: Tensor,
         ctx_ids: Tensor,
         cache: list[RefKV],
+        *,
+        run: BlockRunner = call_block,
     ) -> Tensor:
         """klein KV, later steps: `forward` on x without the references, every block also attending to their
-        keys and values in `cache` (from `forward_kv`; diffusers `kv_cache_mode="cached"`)."""
-        out, _ = self._blocks_kv(self.embed(x, x_ids, timesteps, ctx, ctx_ids), cache)
+        keys and values in `cache` (from `forward_kv`; diffusers `kv_cache_mode="cached"`). run: as `forward_kv`'s."""
+        out, _ = self._blocks_kv(self.embed(x, x_ids, timesteps, ctx, ctx_ids), cache, run)
         return out
 
-    def _blocks_kv(self, e: Flux2Embeds, kv: list) -> tuple[Tensor, list[RefKV]]:
+    def _blocks_kv(self, e: Flux2Embeds, kv: list, run: BlockRunner) -> tuple[Tensor, list[RefKV]]:
         """`forward`'s loops through the blocks' `forward_kv`, one `kv` each: the output and the new caches."""
         img, txt, cache, n = e.img, e.txt, [], len(self.double_blocks)
         for block, block_kv in zip(self.double_blocks, kv[:n], strict=True):
-            img, txt, block_kv = block.forward_kv(
+            img, txt, block_kv = run(
+                block.forward_kv,
                 img=img,
                 txt=txt,
                 pe=e.pe_x,
@@ -247,6 +259,6 @@ class Flux2(nn.Module):
             cache.append(block_kv)
         img = torch.cat((txt, img), dim=1)  # (B, Lt+Li, D)
         for block, block_kv in zip(self.single_blocks, kv[n:], strict=True):
-            img, block_kv = block.forward_kv(img, pe=e.pe, mod=e.mod, kv=block_kv)
+            img, block_kv = run(block.forward_kv, img, pe=e.pe, mod=e.mod, kv=block_kv)
             cache.append(block_kv)
-        return self.final_layer(img[:, txt.shape[1] :], e.vec), cache
+        return run(self.final_layer, img[:, txt.shape[1] :], e.vec), cache

@@ -407,10 +407,10 @@ class SingleStreamBlockBase(nn.Module):
 
 class BlockRunner(Protocol):
     """What a model's forward calls each block and the final layer through: `run(block, *args, **kwargs)`
-    returns what `block(*args, **kwargs)` returns. Training passes one that checkpoints each block
-    (`train.block_runner`); parity one that loads a block's weights, runs it, records its inputs and output
-    and frees the weights (`parity.transformer`); one that moves a block's weights onto the device before the
-    call and back after it has the same signature."""
+    returns what `block(*args, **kwargs)` returns; klein KV passes a block's method instead (`block.forward_kv`).
+    Training passes one that checkpoints each block (`train.block_runner`); parity one that loads a block's
+    weights, runs it, records its inputs and output and frees the weights (`parity.transformer`); offloading one
+    that moves a block's weights onto the device before the call and off it after (`offload.Offloader`)."""
 
     def __call__(self, block: nn.Module, /, *args: Any, **kwargs: Any) -> Any: ...
 

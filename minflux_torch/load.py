@@ -87,14 +87,17 @@ def load_model(
     from minflux_torch import quant  # here, not on top: quant -> fp8 -> lora -> load
 
     packed = reader.packed_weights() if keep_quantized else {}
-    state = quant.swap_linears(model, packed, dtype, device)
+    kept = set(packed)
+    state = {}
+    for key in list(packed):  # one at a time: each file array freed once its device copy exists
+        state.update(quant.swap_linears(model, {key: packed.pop(key)}, dtype, device))
     state.update(
         {
             k: to_torch(a).to(
                 device=device,
                 dtype=dtype if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else None,
             )
-            for k, a in ((k, reader.read(k)) for k in reader.keys() if k not in packed)
+            for k, a in ((k, reader.read(k)) for k in reader.keys() if k not in kept)
         }
     )
     model.load_state_dict(state, strict=True, assign=True)

@@ -26,6 +26,7 @@ from torch import nn
 from minflux import configs, images, request
 from minflux.request import Conditioning, Request
 from minflux_torch import sampling
+from minflux_torch.offload import Offloader, streaming
 from minflux_torch.redux import redux_prompt
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +117,13 @@ def conditioning(model: nn.Module, ae: nn.Module, req: Request, kind: str) -> Co
 
 @request.keywords(("model", "ae", "txt", "vec"), Request, "req")
 @torch.inference_mode()
-def generate(model: nn.Module, ae: nn.Module, req: Request, progress: bool = False) -> np.ndarray:
+def generate(
+    model: nn.Module,
+    ae: nn.Module,
+    req: Request,
+    progress: bool = False,
+    offload: Offloader | None = None,
+) -> np.ndarray:
     """Images for the B prompts of `req` (`minflux.request.Request`): (B, height, width, 3) uint8.
 
     The request is checked against the model (`Request.check`: the conditioning it takes, sizes,
@@ -128,18 +135,20 @@ def generate(model: nn.Module, ae: nn.Module, req: Request, progress: bool = Fal
     `Flux2KleinInpaintPipeline`), everything else by `sampling.sample`; decoded one image at a time.
     Redux: extend txt and vec first (`redux`). The earlier keyword form `generate(model, ae, txt,
     vec, width=..., height=..., steps=..., guidance=..., seed=..., refs=..., ...)` still works (the
-    keywords are `Request`'s fields)."""
+    keywords are `Request`'s fields). offload: the `offload.Offloader` of an offloaded model
+    (`offload.load_model`, `offload.offload_model`): every block call goes through it."""
     kind = req.check(model.params, ae.params)
     ppt = configs.pixels_per_token(ae.params)
     cond, x = conditioning(model, ae, req, kind), noise(model, req, ppt)
-    if model.params.ref_kv and cond.refs:
-        latents = sampling.sample_kv(model, x, cond, steps=req.steps, progress=progress)
-    elif cond.mask is not None:  # inpainting with an ordinary model: the known region is kept
-        latents = sampling.sample_inpaint(
-            model, x, cond, steps=req.steps, factor=ppt // 2, progress=progress
-        )
-    else:
-        latents = sampling.sample(model, x, cond, steps=req.steps, progress=progress)
+    with streaming(model, offload) as model:  # offloaded: each block streamed onto the device
+        if model.params.ref_kv and cond.refs:
+            latents = sampling.sample_kv(model, x, cond, steps=req.steps, progress=progress)
+        elif cond.mask is not None:  # inpainting with an ordinary model: the known region is kept
+            latents = sampling.sample_inpaint(
+                model, x, cond, steps=req.steps, factor=ppt // 2, progress=progress
+            )
+        else:
+            latents = sampling.sample(model, x, cond, steps=req.steps, progress=progress)
     return decode(ae, latents)
 
 
