@@ -12,6 +12,22 @@ class UsageError(Exception):
     """A user error in a command's inputs (missing or wrong file, conflicting flags); the message names them."""
 
 
+def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
+    """The dests argv sets itself, whatever their values: `--framework torch` is given even where torch is the
+    default. `parser` must be a fresh one (its defaults, and its subcommands', are suppressed here)."""
+
+    def suppress(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    suppress(sub)
+            elif action.dest != "help":
+                action.default = argparse.SUPPRESS
+
+    suppress(parser)
+    return frozenset(vars(parser.parse_known_args(argv)[0]))
+
+
 def _number(kind, low=None, multiple=None, high=None):
     def parse(text: str):
         try:

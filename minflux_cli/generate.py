@@ -85,6 +85,7 @@ from minflux_cli.args import (
     pixels,
     positive_int,
     preset,
+    typed_flags,
 )
 from minflux_cli.frameworks import Framework
 from minflux_cli.text_encoders import TextPlan, text_plan
@@ -445,11 +446,14 @@ class _Recorded(argparse.ArgumentParser):
 
 
 def _given(args: argparse.Namespace) -> list[str]:
-    """The flags (dests) whose values differ from their defaults, in the parser's order."""
+    """The flags (dests) the command line sets (`args.typed_flags`, even at their default values), in the
+    parser's order; for a Namespace built without them, those whose values differ from their defaults."""
+    typed = getattr(args, "typed_flags", None)
     return [
         a.dest
         for a in _parser()._actions
-        if a.option_strings and getattr(args, a.dest, a.default) != a.default
+        if a.option_strings
+        and (a.dest in typed if typed is not None else getattr(args, a.dest, a.default) != a.default)
     ]
 
 
@@ -577,6 +581,9 @@ def replay(args: argparse.Namespace) -> argparse.Namespace:
         recorded = parser.parse_args(argv)
     finally:
         parser.prog = prog
+    fresh = _Recorded(prog=prog, add_help=False)
+    add_arguments(fresh)
+    recorded.typed_flags = typed_flags(fresh, argv)
     for dest in REPLAY_FLAGS:
         if dest in _given(args):
             setattr(recorded, dest, getattr(args, dest))

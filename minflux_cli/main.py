@@ -23,7 +23,7 @@ import threading
 import warnings
 
 from minflux.errors import CheckpointError
-from minflux_cli.args import UsageError
+from minflux_cli.args import UsageError, typed_flags
 
 COMMANDS = {
     "parity": "block-by-block agreement of the PyTorch and JAX models (default: tiny checkpoints)",
@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args = parser(only=command or "").parse_args(argv)
+            args.typed_flags = typed_flags(parser(only=command or ""), argv)
         except SystemExit as e:
             # --help (0) or a usage error (2, one line already printed): a return value
             return e.code

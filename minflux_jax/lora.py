@@ -55,11 +55,11 @@ def widen_input(model: nnx.Module, width: int) -> nnx.Module:
     BFL's Canny / Depth LoRAs need on a FLUX.1-dev model (as diffusers expands `x_embedder` for them)."""
     old = model.img_in
     new = linear(width, old.out_features, old.bias is not None, old.kernel.dtype, nnx.Rngs(0))
-    new.kernel.value = (
-        jnp.zeros_like(new.kernel.value).at[: old.in_features].set(old.kernel.value)
+    new.kernel[...] = (
+        jnp.zeros_like(new.kernel[...]).at[: old.in_features].set(old.kernel[...])
     )  # (in, out)
     if old.bias is not None:
-        new.bias.value = old.bias.value
+        new.bias[...] = old.bias[...]
     model.img_in = new
     model.params = dataclasses.replace(model.params, in_channels=width)
     return model

@@ -23,6 +23,7 @@ import torch
 from flax import nnx
 
 from minflux import ids
+from minflux.request import Inputs
 from parity.frameworks import JaxSide, TorchSide, jit_call, nbytes, strip
 from parity.metrics import Row, bound, compare
 
@@ -289,24 +290,19 @@ def trajectory(
     del w_t
     img, img_ids, txt, txt_ids, _, vec, _ = _draw(cfg, resolution, txt_len, 1, seed)
     ts = schedules.get_schedule(steps, img.shape[1], cfg.family, shift=cfg.shifts_schedule)
-    extra = {"vec": vec} if vec is not None else {}
-    if cfg.guidance_embed:
-        extra["guidance"] = 3.5
-    t_states = tsampling.denoise(
-        t_model,
-        *map(T.input, (img, img_ids, txt, txt_ids)),
-        ts,
-        trajectory=True,
-        **{k: T.input(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()},
-    )
-    with jax.default_device(J.device):
-        j_states = jsampling.denoise(
-            j_model,
-            *map(J.input, (img, img_ids, txt, txt_ids)),
-            ts,
-            trajectory=True,
-            **{k: J.input(v) if isinstance(v, np.ndarray) else v for k, v in extra.items()},
+
+    def inputs(side):
+        return Inputs(
+            img_ids=side.input(img_ids),
+            txt=side.input(txt),
+            txt_ids=side.input(txt_ids),
+            vec=None if vec is None else side.input(vec),
+            guidance=3.5 if cfg.guidance_embed else None,
         )
+
+    t_states = tsampling.denoise(t_model, T.input(img), ts, inputs(T), trajectory=True)
+    with jax.default_device(J.device):
+        j_states = jsampling.denoise(j_model, J.input(img), ts, inputs(J), trajectory=True)
     b = bound(dtype, "model", device, tiny)
     return [
         compare(

@@ -141,7 +141,9 @@ def test_per_image_seeds_both_frameworks():
     batch = tp.generate(tm, tae, Request(txt=txt, seed=3, **kw))  # rows from seeds 3 and 4
     for i in range(2):
         one = tp.generate(tm, tae, Request(txt=txt[i : i + 1], seed=3 + i, **kw))
-        np.testing.assert_array_equal(batch[i], one[0])
+        # CPU GEMMs block a batch of 1 and of 2 differently, so a rounding step may differ by one level;
+        # drawing row i from the wrong seed changed pixels by up to 251 levels.
+        assert np.abs(batch[i].astype(int) - one[0]).max() <= 1
     chosen = tp.generate(tm, tae, Request(txt=txt, seeds=(3, 5), **kw))
     np.testing.assert_array_equal(chosen[0], batch[0])
     assert np.abs(chosen[1].astype(int) - batch[1]).max() > 10  # seed 5, not 4

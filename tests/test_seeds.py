@@ -98,6 +98,12 @@ def test_png_records_enough_to_remake_it(embeddings, tiny_checkpoint, tmp_path, 
     ]
     assert main([*argv, "--out", str(tmp_path / "j.png")]) == 0
     assert np.abs(png(tmp_path / "j.png") - png(tmp_path / "b-1.png")).max() <= 1 / 127.5 + 1e-6
+    assert images.metadata(tmp_path / "j.png")["settings"].endswith("jax fp32")
+    # a flag given at its default value is still given: back to torch from a JAX picture
+    again = ["generate", "--from-png", str(tmp_path / "j.png"), "--framework", "torch"]
+    assert main([*again, "--out", str(tmp_path / "t.png")]) == 0
+    assert images.metadata(tmp_path / "t.png")["settings"].endswith("torch fp32")
     capsys.readouterr()
-    assert main(["generate", "--from-png", str(tmp_path / "b-1.png"), "--seed", "3"]) == 2
-    assert "--seed cannot be added" in capsys.readouterr().err
+    for seed in ("3", "0"):  # 0 is --seed's default
+        assert main(["generate", "--from-png", str(tmp_path / "b-1.png"), "--seed", seed]) == 2
+        assert "--seed cannot be added" in capsys.readouterr().err
