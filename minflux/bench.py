@@ -46,11 +46,7 @@ XLA_GPU_FLAGS = (
     "--xla_gpu_enable_while_loop_double_buffering=true",
     "--xla_gpu_enable_highest_priority_async_stream=true",
 )
-# On a CPU: XLA's default (concurrency-optimised) scheduler converts every bf16 weight to f32 at the start of
-# the program (XLA CPU runs bf16 dots in f32), so a bf16 forward holds an f32 copy of all its weights at once:
-# temporaries 628 MiB for 285 MiB of weights (docs/benchmarks.md). The memory-optimised scheduler converts each
-# weight where it is used: 181 MiB, the same numbers, no slower.
-XLA_CPU_FLAGS = ("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",)
+XLA_CPU_FLAGS = (memory.XLA_CPU_SCHEDULER,)  # why: minflux.memory
 XLA_DEFAULT_FLAGS = XLA_GPU_FLAGS + XLA_CPU_FLAGS  # each backend ignores the other's
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 # `minflux bench` with no model on a machine without a GPU: about a minute on 2 cores

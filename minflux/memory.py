@@ -148,6 +148,12 @@ def param_count(cfg) -> int:
     from the official autoencoders' 84 M scaled by channel width squared)."""
     if not hasattr(cfg, "depth"):
         return int(AE_PARAMS * (cfg.ch / 128) ** 2)
+    rest, double, single = block_params(cfg)
+    return rest + cfg.depth * double + cfg.depth_single_blocks * single
+
+
+def block_params(cfg) -> tuple[int, int, int]:
+    """(outside the blocks, one double block, one single block): a transformer's parameters in BFL's layout."""
     spec = FAMILIES[cfg.family]
     h, b = cfg.hidden_size, spec.bias
     m = int(h * cfg.mlp_ratio)
@@ -168,8 +174,8 @@ def param_count(cfg) -> int:
         stream += _linear(h, 6 * h, b)
         single += _linear(h, 3 * h, b)
     out_channels = getattr(cfg, "out_channels", cfg.in_channels)
-    n += cfg.depth * 2 * stream + cfg.depth_single_blocks * single
-    return n + _linear(h, 2 * h, b) + _linear(h, out_channels, b)  # final layer: adaLN, linear
+    n += _linear(h, 2 * h, b) + _linear(h, out_channels, b)  # final layer: adaLN, linear
+    return n, 2 * stream, single
 
 
 transformer_params = param_count  # (the name generate's and train's estimates used)
@@ -246,12 +252,16 @@ def generate_bytes(
     pixels_per_token: int = 16,
     attention_matrix: bool = False,
     cfg_scale: bool = False,
+    offload: bool = False,
 ) -> int:
-    """Peak bytes of `minflux generate`: the weights of both models, one block's activations for the image
+    """Peak bytes of `minflux generate`: the weights of both models (with `offload`, the transformer's parts
+    outside its blocks and two blocks: the one computing and the next), one block's activations for the image
     and text tokens (twice the batch under true CFG), or the decoder's peak, whichever is larger."""
     img = (width // pixels_per_token) * (height // pixels_per_token)
     b = batch * (2 if cfg_scale else 1)
-    weights = param_count(cfg) * dtype_bytes + param_count(ae_cfg) * 4
+    rest, double, single = block_params(cfg)
+    resident = rest + 2 * max(double, single) if offload else param_count(cfg)
+    weights = resident * dtype_bytes + param_count(ae_cfg) * 4
     act = block_activation_bytes(cfg, img + txt_tokens, b, dtype_bytes, attention_matrix)
     return weights + max(act, decode_bytes(ae_cfg, width, height, batch))
 
@@ -322,3 +332,27 @@ def check(
         raise TooLarge(
             f"{what} needs about {size(estimate)} of memory; {where} has {size(available)} available"
         )
+
+
+# XLA's CPU backend runs bf16 dots in f32, and its default scheduler converts every bf16 weight to f32 at the
+# start of the program: a bf16 forward held an f32 copy of all its weights at once (628 MiB of temporaries for
+# 285 MiB of weights; flux2-klein-4b at 1024 px: 12.1 GiB). The memory-optimised scheduler converts each weight
+# where it is used (181 MiB; 6.6 GiB), with the same numbers and no slower: bench/bench_xla_cpu_memory.py.
+# Quantized layers rely on it too: it dequantizes each weight where it is used (`minflux_jax.quant`).
+XLA_CPU_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+
+
+def use_xla_cpu_memory_scheduler() -> None:
+    """Add XLA_CPU_SCHEDULER to XLA_FLAGS for this process (before JAX starts), unless the user chose a CPU
+    scheduler or the installed jaxlib predates the flag (an unknown flag would end JAX at start)."""
+    from importlib import metadata
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_scheduler_type" in flags:
+        return
+    try:
+        version = tuple(int(x) for x in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return
+    if version >= (0, 10):  # (known to 0.10.2, the version this was measured with)
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_SCHEDULER}".strip()

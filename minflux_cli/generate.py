@@ -453,7 +453,9 @@ def _given(args: argparse.Namespace) -> list[str]:
         a.dest
         for a in _parser()._actions
         if a.option_strings
-        and (a.dest in typed if typed is not None else getattr(args, a.dest, a.default) != a.default)
+        and (
+            a.dest in typed if typed is not None else getattr(args, a.dest, a.default) != a.default
+        )
     ]
 
 
@@ -817,13 +819,19 @@ def _check_memory(plan: Plan, args: argparse.Namespace) -> None:
         pixels_per_token=ppt,
         attention_matrix=plan.fw.name == "jax",  # XLA on a CPU does not fuse attention
         cfg_scale=plan.true_cfg,
+        offload=plan.offload == "blocks"
+        and not plan.random,  # random weights: built whole, in host memory
     )
-    what = f"--width {plan.width} --height {plan.height}"
+    packed = " kept quantized" if plan.keep_quantized else ""
+    what = f"{plan.model} ({plan.fw.dtype}{packed}) at --width {plan.width} --height {plan.height}"
     what += f" with {plan.batch} prompts" if plan.batch > 1 else ""
+    what += " with --offload blocks" if plan.offload == "blocks" else ""
     try:
         memory.check(estimate, what)
     except memory.TooLarge as e:
-        raise UsageError(str(e)) from None
+        streams = plan.offload == "none" and not plan.random
+        hint = " (--offload blocks holds one block of the transformer at a time)" if streams else ""
+        raise UsageError(f"{e}{hint}") from None
 
 
 def _with_loras(cfg, loras):

@@ -267,29 +267,6 @@ def main(argv: list[str] | None = None) -> int:
         _running["command"] = None
 
 
-# XLA's CPU backend runs bf16 dots in f32, and its default scheduler converts every bf16 weight to f32 at the
-# start of the program: a bf16 forward held an f32 copy of all its weights at once (628 MiB of temporaries for
-# 285 MiB of weights; flux2-klein-4b at 1024 px: 12.1 GiB). The memory-optimised scheduler converts each weight
-# where it is used (181 MiB; 6.6 GiB), with the same numbers and no slower: bench/bench_xla_cpu_memory.py.
-XLA_CPU_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-
-
-def _xla_cpu_memory_scheduler() -> None:
-    """Add XLA_CPU_SCHEDULER to XLA_FLAGS for this process (before JAX starts), unless the user chose a CPU
-    scheduler or the installed jaxlib predates the flag (an unknown flag would end JAX at start)."""
-    from importlib import metadata
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_scheduler_type" in flags:
-        return
-    try:
-        version = tuple(int(x) for x in metadata.version("jaxlib").split(".")[:2])
-    except (metadata.PackageNotFoundError, ValueError):
-        return
-    if version >= (0, 10):  # (known to 0.10.2, the version this was measured with)
-        os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_SCHEDULER}".strip()
-
-
 def cli() -> None:
     """The console script: `main`, then the exit. After Ctrl-C or SIGTERM the process ends at once (`os._exit`,
     temporary files already removed by `finally`): JAX's and XLA's threads, stopped mid-work, can crash the normal
@@ -297,7 +274,9 @@ def cli() -> None:
     below errors stay off stderr too (TF_CPP_MIN_LOG_LEVEL, unless set)."""
     if "--verbose" not in sys.argv:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _xla_cpu_memory_scheduler()
+    from minflux import memory
+
+    memory.use_xla_cpu_memory_scheduler()
     code = main()
     if code in (130, 143):
         sys.stdout.flush()

@@ -220,7 +220,11 @@ class QuantLinear(nnx.Module):
         return dequantize(self.format, arrays, self.shape).astype(self.dtype)
 
     def __call__(self, x: Array) -> Array:
-        w = self.weight
+        packed = {name: getattr(self, _buffer(name))[...] for name in self.names}
+        # Tied to x, the dequantization stays at the call: inside a compiled sampling loop XLA would otherwise
+        # hoist every weight's (loop-invariant) dequantization out of the loop and hold them all at once.
+        packed, x = jax.lax.optimization_barrier((packed, x))
+        w = dequantize(self.format, packed, self.shape).astype(self.dtype)
         y = jax.lax.dot_general(x.astype(self.dtype), w, (((x.ndim - 1,), (1,)), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...]

@@ -7,9 +7,12 @@ import os
 import numpy as np
 import pytest
 
+from minflux import memory
+
 os.environ.setdefault(
     "MINFLUX_JAX_CACHE", "off"
 )  # commands under test compile afresh: no user cache written
+memory.use_xla_cpu_memory_scheduler()  # the XLA flags `minflux` runs with, before JAX starts
 
 
 def rel_l2(a, b) -> float:

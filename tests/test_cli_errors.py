@@ -791,7 +791,7 @@ GENERATE_EDGES = [
     (
         ["generate", "--random-weights", "--width", "100000", "--height", "100000"],
         2,
-        "--width 100000 --height 100000 needs about",
+        "flux1-tiny (fp32) at --width 100000 --height 100000 needs about",
     ),
     (
         [
@@ -810,7 +810,7 @@ GENERATE_EDGES = [
             "1024",
         ],
         2,
-        "--width 1024 --height 1024 with 2000 prompts needs about",
+        "flux2-tiny (bf16) at --width 1024 --height 1024 with 2000 prompts needs about",
     ),
     (
         ["generate", "--random-weights", "--init", "{png}", "--mask", "{black}"],

@@ -272,6 +272,37 @@ def test_keep_quantized_holds_the_files_arrays(bfl_files):
             save(m, path.parent / "out.safetensors")
 
 
+def test_sampling_loop_dequantizes_each_weight_where_it_is_used(bfl_files):
+    """JAX: in the compiled sampling loop each QuantLinear dequantizes its weight at the call. Hoisted out of the
+    loop (the dequantization is loop-invariant), every weight would be held dequantized at once: a full
+    flux1-dev fp8 file kept quantized asked for 47.5 GB (4 bytes per parameter) and failed."""
+    from minflux import ids
+    from minflux.request import Inputs
+    from minflux_jax import sampling as js
+
+    path, _, _ = bfl_files("flux2-tiny", "nvfp4")
+    model = mj.load_model("flux2-tiny", path, dtype=jnp.float32, keep_quantized=True)
+    cfg = model.params
+    img_ids, txt_ids = ids.for_config(configs.get("flux2-tiny"), 1, 8, 8, 8)
+    txt = jnp.zeros((1, 8, cfg.context_in_dim))
+    cond = js.conditioning(model, Inputs(img_ids=img_ids, txt=txt, txt_ids=txt_ids, guidance=4.0))
+    graphdef, state = nnx.split(model)
+    img, ts, bar = (
+        jnp.zeros((1, 64, cfg.in_channels)),
+        jnp.linspace(1.0, 0.0, 5),
+        jnp.zeros((), jnp.int32),
+    )
+    compiled = js._denoise_loop.lower(graphdef, state, img, ts, cond, False, bar).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    dequantized = sum(
+        4 * np.prod(m.shape) for _, m in nnx.iter_graph(model) if isinstance(m, jq.QuantLinear)
+    )
+    print(
+        f"loop temporaries {temp / 2**20:.2f} MiB; every weight dequantized {dequantized / 2**20:.2f} MiB"
+    )
+    assert temp < dequantized / 2  # measured 0.40 vs 1.71 MiB (1.96 MiB when hoisted)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad files: one CheckpointError naming the file and the tensor
 # ---------------------------------------------------------------------------------------------
