@@ -337,6 +337,8 @@ def xla_flags(args) -> str:
         chosen = list(bench.XLA_DEFAULT_FLAGS)
     else:
         chosen = args.xla_flags.split()
+    named = {f.split("=")[0] for f in env}
+    chosen = [f for f in chosen if f.split("=")[0] not in named]  # the environment's setting wins
     if not env and not chosen:
         return ""
     unknown, version = probe_xla_flags(env + chosen)

@@ -12,6 +12,8 @@ from minflux import memory
 os.environ.setdefault(
     "MINFLUX_JAX_CACHE", "off"
 )  # commands under test compile afresh: no user cache written
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: one PyTorch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 memory.use_xla_cpu_memory_scheduler()  # the XLA flags `minflux` runs with, before JAX starts
 
 
@@ -73,3 +75,8 @@ def png_header(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one test process per core, at most 4 (each holds a few GB)."""
+    return max(1, min(os.cpu_count() or 1, 4))

@@ -35,3 +35,32 @@ def test_help_lists_every_command(capsys):
         "train",
         "cache",
     } <= set(COMMANDS)
+
+
+def test_readme_commands_use_real_flags():
+    """Every `minflux CMD ...` line of the README's shell blocks (and docs/) names a command and flags that
+    command has: a renamed or removed flag fails here, not for a reader."""
+    import shlex
+
+    from minflux_cli.main import COMMANDS, parser
+
+    texts = [(ROOT / "README.md").read_text()] + [
+        p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))
+    ]
+    lines = [
+        line.split("#")[0]
+        for text in texts
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+    ]
+    commands = [shlex.split(line) for line in lines if line.strip().startswith("minflux ")]
+    assert len(commands) > 20
+    for argv in commands:
+        words = [w for w in argv[1:] if w != "--verbose"]
+        assert words[0] in COMMANDS, argv
+        sub = next(a for a in parser(only=words[0])._subparsers._group_actions).choices[words[0]]
+        known = {s for action in sub._actions for s in action.option_strings}
+        unknown = [
+            w.split("=")[0] for w in words if w.startswith("--") and w.split("=")[0] not in known
+        ]
+        assert not unknown, f"{shlex.join(argv)}: no such flag {unknown[0]}"
