@@ -284,6 +284,7 @@ def base(tmp_path_factory) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.slow
 def test_fuzzed_files_fail_cleanly_or_match_safetensors(base, tmp_path, monkeypatch):
     # The abstract JAX model (0.2 s to trace) is built once and cloned per load; reading and assigning run in full.
     model = mj.load.abstract_model(NAME, jnp.bfloat16)

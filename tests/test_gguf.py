@@ -146,6 +146,7 @@ def _jax_forward(model, x: dict):
     return model(**x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flux1-tiny", "flux2-tiny"])
 def test_gguf_kept_quantized_matches_diffusers(name, gguf_files, tmp_path, rng):
     """diffusers' model with gguf's dequantized weights; ours keeping the blocks and decoding them in the

@@ -218,6 +218,7 @@ def test_kv_pipeline_matches_diffusers(models, batch, n_refs):
     assert rel_l2(a, noise.numpy()) > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_cached_equals_uncached(models, framework):
     """The cached run (references computed once) against the masked run that recomputes them every step."""

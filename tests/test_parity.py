@@ -103,6 +103,7 @@ def test_nan_fails_and_is_not_masked(tiny_checkpoint):
     assert bad and all(not r["passed"] for r in bad) and bad[0]["name"] == "single_blocks.1"
 
 
+@pytest.mark.slow
 def test_cli_json_schema_and_exit_status(tiny_checkpoint, tmp_path, capsys):
     path = tiny_checkpoint("flux1-tiny", "bfl-prefixed")
     rc = main(

@@ -419,6 +419,7 @@ def test_validation_samples_are_drawn_as_generate_draws_them(name, distilled_gui
         assert rel_l2(unshifted, shifted) > 1e-3  # (measured 1.5e-2; fp32 noise is ~1e-7)
 
 
+@pytest.mark.slow
 def test_interrupted_save_keeps_last_good_checkpoint(tmp_path):
     """A process killed while orbax writes checkpoint 7 leaves checkpoint 0 the latest, intact."""
     script = program(f"""
