@@ -227,6 +227,27 @@ def _clear_progress() -> None:
         print(file=sys.stderr)
 
 
+# What a command can change when the device runs out of memory after the estimates let it start.
+OOM_LEVERS = {
+    "generate": "; try --offload blocks, --keep-quantized with a quantized file, --dtype bf16 or a smaller size",
+    "train": "; try a smaller --batch-size, --remat full or --lora-rank",
+    "bench": "; try a smaller --resolution or --batch",
+    "parity": "; try --dtype bf16 or a smaller --resolution",
+}
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is a framework's out-of-memory failure: Python's MemoryError, torch's OutOfMemoryError or CPU
+    allocator error, XLA's RESOURCE_EXHAUSTED."""
+    text = str(e)
+    return (
+        isinstance(e, MemoryError)
+        or type(e).__name__ == "OutOfMemoryError"
+        or "RESOURCE_EXHAUSTED" in text
+        or "can't allocate memory" in text
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _command_in(argv)
@@ -252,6 +273,16 @@ def main(argv: list[str] | None = None) -> int:
                 _clear_progress()
                 print(f"{prefix}: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
                 return 2
+            except Exception as e:
+                if not out_of_memory(e):
+                    raise
+                _clear_progress()
+                cause = " ".join(str(e).split())[:200] or type(e).__name__
+                print(
+                    f"{prefix}: error: out of memory ({cause}){OOM_LEVERS.get(command, '')}",
+                    file=sys.stderr,
+                )
+                return 1
     except KeyboardInterrupt:
         _clear_progress()
         print(f"{prefix}: interrupted", file=sys.stderr)

@@ -254,14 +254,31 @@ def check_init(path: Path, cfg, name: str) -> None:
 
 def plan(args):
     """Check every argument before any model is built, cheap checks first, the data last: returns
-    (cfg, data, the resolved (data, fsdp) mesh). Raises UsageError naming the argument."""
+    (cfg, data, the resolved (data, fsdp) mesh, the validation samples). Raises UsageError naming the argument."""
+    cfg = DEMO if args.config == "demo" else configs.get(args.config)
+    _check_flags(args, cfg)
+    try:
+        if args.init:
+            check_init(args.init, cfg, args.config)
+    except CheckpointError as e:  # not safetensors, corrupt, truncated
+        raise UsageError(f"--init {e}") from None
+    if not args.data and cfg.in_channels != 4 * 4 * 3:
+        raise UsageError(
+            f"--config {args.config} takes {cfg.in_channels}-channel tokens; the shapes demo makes 48 "
+            "(4x4 RGB patches): pass --data with latents cached for it"
+        )
+    mesh = _mesh(args)
+    _plan_lora(args, cfg)
+    data = _data(args, cfg)
+    check_memory(args, cfg, data, mesh)
+    samples = plan_samples(args, cfg) if args.sample_every else None
+    return cfg, data, tuple(int(n) for n in mesh.shape.values()), samples
+
+
+def _check_flags(args, cfg) -> None:
+    """Flags that exclude or need each other, and flags the config or the machine cannot take."""
     import jax
 
-    from minflux_jax import load
-    from minflux_jax import trainer as tr
-    from minflux_jax.lora import linear_names
-
-    cfg = DEMO if args.config == "demo" else configs.get(args.config)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: not a directory")
     if args.init_lora is not None and (args.lora_rank is not None or args.lora_targets):
@@ -289,16 +306,12 @@ def plan(args):
         raise UsageError(
             f"--attention cudnn needs an NVIDIA GPU; this JAX runs on {jax.default_backend()}"
         )
-    try:
-        if args.init:
-            check_init(args.init, cfg, args.config)
-    except CheckpointError as e:  # not safetensors, corrupt, truncated
-        raise UsageError(f"--init {e}") from None
-    if not args.data and cfg.in_channels != 4 * 4 * 3:
-        raise UsageError(
-            f"--config {args.config} takes {cfg.in_channels}-channel tokens; the shapes demo makes 48 "
-            "(4x4 RGB patches): pass --data with latents cached for it"
-        )
+
+
+def _mesh(args):
+    """The (data, fsdp) device mesh --mesh asks for, which the batch must divide over."""
+    from minflux_jax import trainer as tr
+
     if tuple(args.mesh) == (-1, -1):
         raise UsageError("--mesh -1 -1: -1 may stand for one axis only")
     try:
@@ -310,6 +323,15 @@ def plan(args):
             f"--batch-size {args.batch_size} must be a multiple of the mesh's {mesh.size} devices "
             f"(--mesh {' '.join(map(str, args.mesh))})"
         )
+    return mesh
+
+
+def _plan_lora(args, cfg) -> None:
+    """Check --lora-targets and --lora-rank against the model; with --init-lora, take rank and alpha from the
+    file (for the run record and the options)."""
+    from minflux_jax import load
+    from minflux_jax.lora import LoRA, linear_names
+
     if args.lora_targets:
         try:
             lora_files.targets(linear_names(load.abstract_model(cfg)), args.lora_targets)
@@ -323,33 +345,25 @@ def plan(args):
                 f"({layer}: min(in, out))"
             )
     if args.init_lora is not None:
-        from minflux_jax.lora import LoRA
-
         try:
             lora, _ = LoRA.from_file(args.init_lora, cfg)
         except (CheckpointError, ValueError) as e:
             raise UsageError(f"--init-lora {args.init_lora}: {e}") from None
-        args.lora_rank, args.lora_alpha = (
-            lora.rank,
-            lora.alpha,
-        )  # the file's, for the run record and the options
+        args.lora_rank, args.lora_alpha = lora.rank, lora.alpha
+
+
+def _data(args, cfg):
+    """The cached shards of --data (streamed), or the generated shapes of the demo."""
     if args.data:
         dropout = 0.0 if args.caption_dropout is None else args.caption_dropout
         try:
-            data = LatentShards(args.data, seed=args.seed, caption_dropout=dropout, cfg=cfg)
+            return LatentShards(args.data, seed=args.seed, caption_dropout=dropout, cfg=cfg)
         except CheckpointError as e:  # each names the shard and the cause
             raise UsageError(f"--data {e}") from None
-    else:
-        dropout = 0.1 if args.caption_dropout is None else args.caption_dropout
-        data = Shapes(
-            context_dim=cfg.context_in_dim,
-            family=cfg.family,
-            seed=args.seed,
-            caption_dropout=dropout,
-        )
-    check_memory(args, cfg, data, mesh)
-    samples = plan_samples(args, cfg) if args.sample_every else None
-    return cfg, data, tuple(int(n) for n in mesh.shape.values()), samples
+    dropout = 0.1 if args.caption_dropout is None else args.caption_dropout
+    return Shapes(
+        context_dim=cfg.context_in_dim, family=cfg.family, seed=args.seed, caption_dropout=dropout
+    )
 
 
 def largest_sample(data) -> tuple[int, int]:

@@ -1519,3 +1519,36 @@ def test_temp_folder_of_a_killed_parity_run_is_removed_by_the_next(tmp_path, mon
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert main(["parity", "--model", "flux1-tiny", "--random-weights", "--verify"]) == 2
     assert not left[0].exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 47536061032 bytes."),  # XLA
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        ),
+        MemoryError(),
+    ],
+)
+def test_out_of_memory_is_one_line_with_the_levers(monkeypatch, capsys, error):
+    """A run the estimates let start that then runs out of memory (XLA's RESOURCE_EXHAUSTED, torch's allocator):
+    one line naming it and what the command can change, exit 1, not a traceback. Other failures stay
+    tracebacks (a bug must show where it is)."""
+    from minflux_cli import generate
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(generate, "run", fail)
+    assert main(["generate", "--random-weights"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minflux generate: error: out of memory ("), (
+        lines
+    )
+    assert lines[0].endswith(
+        "try --offload blocks, --keep-quantized with a quantized file, --dtype bf16 or a smaller size"
+    )
+    monkeypatch.setattr(generate, "run", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["generate", "--random-weights"])
