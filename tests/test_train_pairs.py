@@ -90,7 +90,7 @@ def ours(tm, jm, cfg, batch: dict, noise: np.ndarray, t: np.ndarray):
     )(params, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(noise), jnp.asarray(t))
     layout = {key: param for key, param in torch_keys(jm).values()}
     j_grads = {k: keymaps.flax_to_torch(np.asarray(g), layout[k]) for k, g in grads.items()}
-    return (float(t_loss), t_grads), (float(loss), j_grads)
+    return (float(t_loss.detach()), t_grads), (float(loss), j_grads)
 
 
 def check(name, expected_loss, expected, results):
