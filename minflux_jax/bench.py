@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from minflux import bench, configs, lora
+from minflux.request import Inputs
 from minflux_jax import fp8, layers, sampling
 from minflux_jax import train as jtrain
 from minflux_jax.load import abstract_model, assign, torch_shapes
@@ -183,10 +184,16 @@ def sample_row(plan, model, ae, inp: dict) -> dict:
     guidance = 3.5 if model.params.guidance_embed else None
     ts = bench.schedule(plan)
 
+    inputs = Inputs(
+        img_ids=x["img_ids"],
+        txt=x["txt"],
+        txt_ids=x["txt_ids"],
+        vec=x.get("vec"),
+        guidance=guidance,
+    )
+
     def call():
-        z = sampling.denoise(
-            model, x["noise"], x["img_ids"], x["txt"], x["txt_ids"], ts, x.get("vec"), guidance
-        )
+        z = sampling.denoise(model, x["noise"], ts, inputs)
         return decode(
             ae, sampling.unpack(z, plan.side, plan.side, family).astype(dtype)
         ).block_until_ready()

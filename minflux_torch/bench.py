@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from minflux import bench, configs, keymaps, lora
 from minflux.family import FAMILIES
+from minflux.request import Inputs
 from minflux_torch import fp8, layers, sampling
 from minflux_torch import train as ttrain
 from minflux_torch.load import MODELS, to_torch
@@ -183,10 +184,16 @@ def sample_row(plan, model, ae, inp: dict, compiled: bool) -> dict:
     guidance = 3.5 if model.params.guidance_embed else None
     ts = bench.schedule(plan)
 
+    inputs = Inputs(
+        img_ids=x["img_ids"],
+        txt=x["txt"],
+        txt_ids=x["txt_ids"],
+        vec=x.get("vec"),
+        guidance=guidance,
+    )
+
     def call():
-        z = sampling.denoise(
-            model, x["noise"], x["img_ids"], x["txt"], x["txt_ids"], ts, x.get("vec"), guidance
-        )
+        z = sampling.denoise(model, x["noise"], ts, inputs)
         return decode(sampling.unpack(z, plan.side, plan.side, family).to(dtype))
 
     with torch.inference_mode():
