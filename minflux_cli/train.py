@@ -551,6 +551,11 @@ def run(args) -> int:
     t0 = time.time()
     try:
         losses = trainer.fit(log=log, every=args.sample_every, callback=draw)
+    except FloatingPointError:
+        # diverged: the save in flight (an earlier, finite step) finishes, so no orbax thread dies at exit
+        log.close()
+        trainer.close()
+        raise
     except BaseException:
         log.abandon()  # the first failure is the one reported (a full disk fails the log's flush too)
         raise

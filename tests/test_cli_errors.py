@@ -512,6 +512,31 @@ BENCH = [
 TOP = [
     (["nosuch"], 2, "invalid choice: 'nosuch' (choose from 'parity'"),
     (["--verbose", "nosuch"], 2, "invalid choice: 'nosuch' (choose from 'parity'"),
+    (["--nosuch"], 2, "unrecognized arguments: --nosuch (see minflux --help)"),
+    # a flag the command does not know is the command's error, pointing at its help (was `minflux --help`)
+    (
+        ["train", "--no-progress"],
+        2,
+        "unrecognized arguments: --no-progress (see minflux train --help)",
+    ),
+    (
+        ["generate", "--random-weights", "--nosuch", "1"],
+        2,
+        "unrecognized arguments: --nosuch 1 (see minflux generate --help)",
+    ),
+    (["parity", "extra"], 2, "unrecognized arguments: extra (see minflux parity --help)"),
+    # finite in Python, inf in float32: the picture came out NaN, written with exit 0
+    (
+        ["generate", "--random-weights", "--guidance", "1e39"],
+        2,
+        "argument --guidance: expected a finite number, got '1e39' (beyond float32's",
+    ),
+    (["train", "--lr", "1e39"], 2, "argument --lr: expected a finite number, got '1e39'"),
+    (
+        ["generate", "--random-weights", "--lora", "{lora}:1e39"],
+        2,
+        "argument --lora: expected a finite number, got '1e39'",
+    ),
 ]
 
 # Issue 23: what a new user tried that was not clean. `{long}` is a 300-character file name.
@@ -1611,3 +1636,44 @@ def test_out_of_memory_is_one_line_with_the_levers(monkeypatch, capsys, error):
     monkeypatch.setattr(generate, "run", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["generate", "--random-weights"])
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_nan_picture_is_one_line_and_writes_nothing(framework, tmp_path, capsys):
+    """--guidance 1e38 is a float32 number, but the sampler overflows: the picture was written black with exit 0
+    (and numpy's "invalid value encountered in cast" on stderr). Now one line naming the numbers to check, exit 1,
+    the existing file as it was."""
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"an earlier picture")
+    argv = ["generate", "--random-weights", "--framework", framework, "--guidance", "1e38"]
+    argv += ["--width", "16", "--height", "16", "--steps", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "minflux generate: error: the picture holds NaN or Inf values"
+    ), lines
+    assert lines[0].endswith("check --guidance, --cfg and the --lora scales, or try --dtype fp32")
+    assert out.read_bytes() == b"an earlier picture"
+
+
+@pytest.mark.slow
+def test_diverged_training_is_one_line_and_keeps_the_finite_checkpoints(tmp_path):
+    """--lr 1e30: the loss turns NaN at step 3. The run wrote a NaN model.safetensors with exit 0 (and with
+    --save-every, NaN checkpoints as the latest). Now one line, exit 1, no model written, the checkpoints of the
+    finite steps complete (no orbax thread dying at exit with a traceback, no temporary save left)."""
+    out = tmp_path / "run"
+    argv = ["train", "--steps", "4", "--lr", "1e30", "--save-every", "1", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "minflux_cli", *argv], capture_output=True, text=True, timeout=300
+    )
+    errors = [
+        line
+        for line in proc.stderr.replace("\r", "\n").splitlines()
+        if line.strip() and "training:" not in line
+    ]
+    assert proc.returncode == 1, proc.stderr
+    assert len(errors) == 1 and errors[0].startswith(
+        "minflux train: error: step 3: the loss is nan"
+    ), errors
+    assert not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["1", "2", "run.json"]
