@@ -234,6 +234,7 @@ OOM_LEVERS = {
     "train": "; try a smaller --batch-size, --remat full or --lora-rank",
     "bench": "; try a smaller --resolution or --batch",
     "parity": "; try --dtype bf16 or a smaller --resolution",
+    "cache": "; try a smaller --batch-size, --max-length or --size, or --dtype bf16",
 }
 
 

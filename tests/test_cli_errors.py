@@ -1723,3 +1723,17 @@ def test_diverged_training_is_one_line_and_keeps_the_finite_checkpoints(tmp_path
     ), errors
     assert not (out / "model.safetensors").exists()
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["1", "2", "run.json"]
+
+
+def test_out_of_memory_in_cache_names_its_levers(tmp_path, monkeypatch, capsys):
+    """`cache --max-length 100000` ran out of memory with no lever named (cache had no entry)."""
+    from minflux_cli import cache
+
+    def fail(args):
+        raise MemoryError
+
+    monkeypatch.setattr(cache, "run", fail)
+    assert main(["cache", str(tmp_path), str(tmp_path / "out")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minflux cache: error: out of memory (")
+    assert lines[0].endswith("try a smaller --batch-size, --max-length or --size, or --dtype bf16")
