@@ -1733,7 +1733,7 @@ def test_out_of_memory_in_cache_names_its_levers(tmp_path, monkeypatch, capsys):
         raise MemoryError
 
     monkeypatch.setattr(cache, "run", fail)
-    assert main(["cache", str(tmp_path), str(tmp_path / "out")]) == 1
+    assert main(["cache", str(tmp_path), str(tmp_path / "out"), "--model", "flux2-tiny"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minflux cache: error: out of memory (")
     assert lines[0].endswith("try a smaller --batch-size, --max-length or --size, or --dtype bf16")
