@@ -215,8 +215,10 @@ def random_tensor(key: str, shape: tuple[int, ...], seed: int = 0, dtype=np.floa
     """`minflux.random.tensor(key, shape, seed).astype(dtype)` (float32 or bfloat16), bit for bit, drawn by every
     core in pieces of WEIGHT_PIECE elements: about 169 M elements per core-second, so FLUX.1-dev's 12 B weights
     take seconds on a 16-core GPU host instead of 82 s on one core."""
+    # (here: `minflux bench --help` answers without it); before np.dtype, which knows "bfloat16" only once it is in
+    import ml_dtypes
+
     dtype = np.dtype(dtype)
-    import ml_dtypes  # (here: `minflux bench --help` answers without it)
 
     if dtype not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
         raise ValueError(f"random_tensor: dtype {dtype.name}: expected float32 or bfloat16")

@@ -308,9 +308,10 @@ class Checkpoint:
     Raises CheckpointError naming the file (and the key) for anything `parse_header` rejects, a missing path,
     a shard the index names that is missing, a key the index places in a shard that lacks it, a key in two
     shards, a component the file does not hold, and a scale whose shape is neither per tensor nor per row.
+    Notices (skipped tensors) are logged as warnings unless `quiet`; `notices` keeps them either way.
     """
 
-    def __init__(self, path: str | os.PathLike, component: str | None = None):
+    def __init__(self, path: str | os.PathLike, component: str | None = None, quiet: bool = False):
         self.path = Path(path)
         self._handles: dict[Path, object] = {}
         if not self.path.exists():
@@ -344,7 +345,8 @@ class Checkpoint:
                 )
         self.stored = stored
         self._select(component)
-        for notice in self.notices:
+        # quiet: a header check before the real read (which says them), so no notice precedes a refusal or repeats
+        for notice in [] if quiet else self.notices:
             log.warning("notice: %s", notice)
 
     def _select(self, component: str | None) -> None:

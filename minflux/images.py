@@ -147,7 +147,14 @@ def load(
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8, clipped and rounded (BFL truncates with `.byte()`; rounding is unbiased)."""
+    """[-1, 1] floats -> uint8, clipped and rounded (BFL truncates with `.byte()`; rounding is unbiased). Raises
+    FloatingPointError for NaN or Inf values (an overflowed sampler), which would otherwise become black pixels."""
+    x = np.asarray(x, np.float32)
+    if not np.isfinite(x).all():
+        raise FloatingPointError(
+            f"the picture holds NaN or Inf values ({np.count_nonzero(~np.isfinite(x))} of {x.size}): "
+            "the computation overflowed"
+        )
     return np.round((np.clip(np.asarray(x, np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 

@@ -28,6 +28,10 @@ def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[s
     return frozenset(vars(parser.parse_known_args(argv)[0]))
 
 
+# numpy's float32 max, without importing numpy here (`--help` imports nothing heavy)
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(kind, low=None, multiple=None, high=None):
     def parse(text: str):
         try:
@@ -38,6 +42,11 @@ def _number(kind, low=None, multiple=None, high=None):
             ) from None
         if value != value or value in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        # the models compute in float32 (or narrower): 1e39 would be inf there, and the picture NaN
+        if kind is float and abs(value) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number, got {text!r} (beyond float32's {FLOAT32_MAX:.4g})"
+            )
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
         if high is not None and value > high:
@@ -97,8 +106,8 @@ def lora_spec(text: str) -> tuple[Path, float]:
     ):  # FILE:SCALE with a scale that is no number
         finite(tail)
     path, scale = lora.parse_spec(text)
-    if scale != scale or scale in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"{text}: the scale must be a finite number")
+    if scale != scale or abs(scale) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text}: the scale must be a finite number (float32)")
     return existing(path), scale
 
 

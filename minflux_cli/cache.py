@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minflux import buckets, configs, data, family, images, references
+from minflux import buckets, checkpoint, configs, data, family, images, lora, references
 from minflux_cli import text_encoders
 from minflux_cli.args import (
     UsageError,
@@ -454,6 +454,19 @@ def ae_cfg_name(args, cfg) -> str:
     )
 
 
+def check_ae(path: Path, ae_cfg, name: str) -> None:
+    """--ae holds an autoencoder of the model's family, from its header alone, before any image is read (it was
+    found after the captions were checked, without naming --ae; a LoRA was told to go to --lora, which cache
+    does not have)."""
+    if lora.is_lora(path):
+        raise UsageError(f"--ae {path}: a LoRA file (low-rank A/B pairs), not an autoencoder")
+    try:
+        with checkpoint.Checkpoint(path, quiet=True) as ckpt:
+            checkpoint.check_holds(ckpt, ae_cfg, name)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"--ae {e}") from None
+
+
 def plan(args):
     """Every check before a model loads: (cfg, ae_cfg, settings, the existing record or None, pairs to encode,
     the bad ones skipped, the sample prompts or None, the text plan)."""
@@ -479,6 +492,8 @@ def plan(args):
             f"--ae-config {args.ae_config}: {args.model} needs "
             f"{configs.describe(family.of(cfg).autoencoder)}"
         )
+    if not args.random_weights:
+        check_ae(args.ae, ae_cfg, ae_cfg_name(args, cfg))
     spec = settings(args, cfg, ae_cfg)
     old = data.read_meta(args.out) if args.out.is_dir() else None
     if old is not None and not args.append:

@@ -64,6 +64,7 @@ from minflux import (
     family,
     files,
     images,
+    keymaps,
     masks,
     memory,
     references,
@@ -698,12 +699,16 @@ def _check_files(args: argparse.Namespace, prompts: bool, model: tuple, ae: tupl
         ("--transformer", args.transformer, model),
         ("--ae", args.ae, ae),
     ):
-        with checkpoint.Checkpoint(path) as ckpt:
+        with checkpoint.Checkpoint(path, quiet=True) as ckpt:
             try:
                 checkpoint.check_holds(ckpt, want, name)
             except checkpoint.CheckpointError as e:
+                # only when the file is an autoencoder: a transformer given as --ae is not a family mix-up
+                other_ae = path is args.ae and family.AUTOENCODERS.get(
+                    keymaps.infer_family(ckpt.meta)
+                )
                 hint = " (the transformer and autoencoder come from different families)"
-                raise UsageError(f"{flag} {e}{hint if path is args.ae else ''}") from None
+                raise UsageError(f"{flag} {e}{hint if other_ae else ''}") from None
             stored = {dtype for dtype, _ in ckpt.meta.values()}
             if flag == "--transformer" and args.keep_quantized and not ckpt.quant:
                 if not any(d.startswith("F8") for d in stored):
@@ -783,7 +788,7 @@ def _txt_shape(path: Path | None) -> tuple[int, ...]:
     """The shape of an embedding file's `txt` from its header; () without one (`read_embeddings` says why)."""
     if path is None:
         return ()
-    return tuple(checkpoint.Checkpoint(path).meta.get("txt", (None, ()))[1])
+    return tuple(checkpoint.Checkpoint(path, quiet=True).meta.get("txt", (None, ()))[1])
 
 
 def _one_prompt(prompts: TextPlan, i: int) -> TextPlan:

@@ -95,6 +95,7 @@ def parser(only: str | None = None) -> Parser:
         sp.add_argument(
             "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
         )
+    p.commands = sub.choices  # each command's parser: it names the flags it does not know
     return p
 
 
@@ -233,6 +234,15 @@ OOM_LEVERS = {
     "train": "; try a smaller --batch-size, --remat full or --lora-rank",
     "bench": "; try a smaller --resolution or --batch",
     "parity": "; try --dtype bf16 or a smaller --resolution",
+    "cache": "; try a smaller --batch-size, --max-length or --size, or --dtype bf16",
+}
+
+
+# a NaN / Inf picture or loss (FloatingPointError): the numbers that make a run overflow
+NONFINITE_LEVERS = {
+    "generate": "; nothing written; check --guidance, --cfg and the --lora scales, or try --dtype fp32",
+    "train": "; the last model is not written (--save-every keeps the earlier checkpoints); try a lower --lr "
+    "or --precision fp32",
 }
 
 
@@ -259,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"minflux {command}" if command else "minflux"
     try:
         try:
-            args = parser(only=command or "").parse_args(argv)
+            top = parser(only=command or "")
+            args, extra = top.parse_known_args(argv)
+            if extra:  # "minflux generate: error: unrecognized arguments: --x (see minflux generate --help)"
+                top.commands.get(args.command, top).error(
+                    f"unrecognized arguments: {' '.join(extra)}"
+                )
             args.typed_flags = typed_flags(parser(only=command or ""), argv)
         except SystemExit as e:
             # --help (0) or a usage error (2, one line already printed): a return value
@@ -273,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                 _clear_progress()
                 print(f"{prefix}: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
                 return 2
+            except FloatingPointError as e:
+                _clear_progress()
+                print(f"{prefix}: error: {e}{NONFINITE_LEVERS.get(command, '')}", file=sys.stderr)
+                return 1
             except Exception as e:
                 if not out_of_memory(e):
                     raise

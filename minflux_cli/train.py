@@ -238,9 +238,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_init(path: Path, cfg, name: str) -> None:
     """--init must hold a transformer of `cfg`'s family and width: said before any key list."""
-    with Checkpoint(
-        path
-    ) as ckpt:  # headers only: a file that is not safetensors is a CheckpointError
+    # headers only: a file that is not safetensors is a CheckpointError
+    with Checkpoint(path, quiet=True) as ckpt:
         try:
             checkpoint.check_holds(ckpt, cfg, name)
         except CheckpointError as e:
@@ -552,6 +551,11 @@ def run(args) -> int:
     t0 = time.time()
     try:
         losses = trainer.fit(log=log, every=args.sample_every, callback=draw)
+    except FloatingPointError:
+        # diverged: the save in flight (an earlier, finite step) finishes, so no orbax thread dies at exit
+        log.close()
+        trainer.close()
+        raise
     except BaseException:
         log.abandon()  # the first failure is the one reported (a full disk fails the log's flush too)
         raise

@@ -202,6 +202,15 @@ def fsdp_gather(mesh: Mesh):
 # ---------------------------------------------------------------------------------------------
 
 
+def check_loss(metrics: dict, step: int) -> float:
+    """The step's loss as a float; FloatingPointError when it is NaN or Inf: the run diverged, and its weights,
+    NaN from here on, must not be saved as a result."""
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"step {step}: the loss is {loss}: training diverged")
+    return loss
+
+
 class Trainer(Batches):
     """Owns the train state on the mesh, the compiled step and the checkpoint manager."""
 
@@ -314,6 +323,7 @@ class Trainer(Batches):
             and self.opts.save_every
             and self.step % self.opts.save_every == 0
         ):
+            check_loss(metrics, self.step)  # never a diverged state as the latest checkpoint
             self.save()
         return metrics
 
@@ -366,7 +376,7 @@ class Trainer(Batches):
             while self.step < total:
                 start = time.perf_counter()
                 metrics = self.train_step()
-                losses.append(float(metrics["loss"]))  # waits for the step
+                losses.append(check_loss(metrics, self.step))  # waits for the step
                 m = self.measures(metrics, time.perf_counter() - start)
                 if log is not None:
                     log.write(self.step, m)

@@ -41,6 +41,14 @@ def _layout(x: np.ndarray, like: nn.Module) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def _device(model: nn.Module) -> torch.device:
+    """Where the model computes: its first tensor not on "meta" (an offloaded model's blocks are there until their
+    turn, and a model whose head keeps every linear quantized has buffers, no parameters, before them)."""
+    return next(
+        t.device for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"
+    )
+
+
 def encode(ae: nn.Module, pixels: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) float in [-1, 1] -> latents NCHW (the autoencoder's dtype)."""
     return ae.encode(_layout(pixels, ae))
@@ -76,7 +84,7 @@ def noise(model: nn.Module, req: Request, pixels_per_token: int) -> torch.Tensor
     """The starting latents of `req` (NCHW, fp32, on the model's device): image i's drawn from its seed alone
     (`Request.image_seeds`: seed + i, or seeds[i]), so a row of a batch is the image a single run with that
     seed draws; numpy's draw, the same in both frameworks."""
-    device, family = next(model.parameters()).device, model.params.family
+    device, family = _device(model), model.params.family
     draw = lambda seed: sampling.get_noise(
         1, req.height, req.width, family, seed, device=device, pixels_per_token=pixels_per_token
     )
@@ -89,7 +97,7 @@ def conditioning(model: nn.Module, ae: nn.Module, req: Request, kind: str) -> Co
     by `ae` (FLUX.1 Fill: the image with the repaint region blanked, and the mask, as BFL's
     `prepare_fill`; Canny / Depth: the control image's tokens, as BFL's `prepare_control` after its
     edge or depth detector)."""
-    device, family = next(model.parameters()).device, model.params.family
+    device, family = _device(model), model.params.family
     ppt = configs.pixels_per_token(ae.params)
     emb = lambda a: None if a is None else torch.from_numpy(np.asarray(a, np.float32)).to(device)
     init, mask, img_cond = req.init, req.mask, None

@@ -227,6 +227,20 @@ def test_weights_drawn_in_pieces_are_minflux_random(name, monkeypatch):
         )
 
 
+def test_bf16_weights_by_name_in_a_fresh_process():
+    """PyTorch's runner asks for "bfloat16" by name in a process that has not imported ml_dtypes (the torch rows of
+    a bare `minflux bench` once all failed with "data type 'bfloat16' not understood")."""
+    import subprocess
+
+    code = (
+        "import sys; from minflux import bench; assert 'ml_dtypes' not in sys.modules; "
+        "print(bench.random_tensor('w', (3,), 0, 'bfloat16').dtype)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "bfloat16"
+
+
 def test_bf16_rounding_is_ml_dtypes_on_finite_values():
     rng = np.random.default_rng(0)
     x = np.concatenate(

@@ -213,6 +213,22 @@ def test_fp8_weights_move_packed_and_widen_in_the_layer(fw, files):
     assert rel_l2(got, ref) < 1e-5
 
 
+def test_a_head_without_parameters_draws_on_the_blocks_device(files):
+    """FLUX.2 in fp8 kept quantized: every linear before the blocks is a QuantLinear (buffers, no bias), so the
+    model's first parameter is an offloaded block's, on "meta"; the noise and embeddings still go to the device
+    the model computes on, and the picture is the resident model's, bitwise (once: "Tensor on device cpu is not
+    on the expected device meta")."""
+    cfg = configs.get("flux2-tiny")
+    path, req = files(cfg, fp8=True), request(cfg, steps=1)
+    ae = mt.build_model("flux2-ae-tiny", seed=1)
+    model, run = toff.load_model(cfg, path, dtype=torch.float32, keep_quantized=True)
+    assert next(model.parameters()).device.type == "meta"
+    resident = mt.load_model(cfg, path, dtype=torch.float32, keep_quantized=True)
+    assert np.array_equal(
+        tpipe.generate(model, ae, req, offload=run), tpipe.generate(resident, ae, req)
+    )
+
+
 @pytest.mark.parametrize("fw", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
 def test_klein_kv_with_offloading(fw, files):
     """klein KV (the references' keys and values computed on the first step, read after) through the
