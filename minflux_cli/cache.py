@@ -267,7 +267,8 @@ def check(pairs: list[Pair], kind: str, spec: dict, refs: int | None) -> tuple[l
             w, h = _size(pair.target)
             if min(w, h) < smallest:
                 raise UsageError(
-                    f"{pair.target}: {w}x{h} is smaller than the smallest bucket side ({smallest} pixels)"
+                    f"{pair.target}: {w}x{h} is smaller than the smallest bucket side ({smallest} pixels at "
+                    f"--size {spec['size']}): a larger picture or a smaller --size"
                 )
             pair.bucket = (
                 (spec["size"], spec["size"])

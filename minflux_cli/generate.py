@@ -368,7 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # Flags --from-png lets a user change: where the picture goes and how it is computed, not what is drawn.
-REPLAY_FLAGS = ("out", "no_progress", "framework", "device", "compile")
+REPLAY_FLAGS = ("out", "no_progress", "framework", "device", "compile", "keep_quantized", "offload")
 # Flags that only generating reads: with --save-embeddings (encode, then stop) they would do nothing.
 GENERATION_FLAGS = (
     "transformer",

@@ -130,7 +130,11 @@ def _check_part(part: str, directory: Path, name: str, cfg, max_length, stacked)
         text.tokenizer_files(tok_dir, s.arch)
         tcfg = text.read_config(part, model_dir)
         if s.arch == "decoder":
-            text.check_layers(s, tcfg, model_dir / "config.json")
+            try:
+                text.check_layers(s, tcfg, model_dir / "config.json")
+            except ValueError as e:
+                given = "" if stacked else f" (the {name} default)"
+                raise ValueError(f"{e}: choose them with --text-encoder-layers{given}") from None
         text.check_length(s, tcfg, model_dir / "config.json")
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--text-encoder {directory}: {e}") from None

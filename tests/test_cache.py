@@ -207,7 +207,7 @@ BAD = [
     (
         "small",
         lambda f: picture(f / "b.png", 12, 40),
-        "b.png: 12x40 is smaller than the smallest bucket side (16 pixels)",
+        "b.png: 12x40 is smaller than the smallest bucket side (16 pixels at --size",
     ),
     (
         "no ref",

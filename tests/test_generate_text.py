@@ -255,7 +255,10 @@ def test_errors(files, tmp_path, capsys):
     )
     assert "flux2-klein-4b takes a qwen3 text encoder" in msg and "'t5'" in msg
     # The official layers (9, 18, 27) do not exist in the tiny Qwen3.
-    assert "stacked layers (9, 18, 27)" in error(f2 + ["--text-encoder", str(files["flux2-enc"])])
+    msg = error(f2 + ["--text-encoder", str(files["flux2-enc"])])
+    assert "stacked layers (9, 18, 27)" in msg and msg.endswith(
+        "choose them with --text-encoder-layers (the flux2-tiny default)"
+    )
     # A missing tokenizer is named.
     bare = tmp_path / "bare"
     shutil.copytree(files["flux2-enc"], bare)

@@ -103,6 +103,10 @@ def test_png_records_enough_to_remake_it(embeddings, tiny_checkpoint, tmp_path, 
     again = ["generate", "--from-png", str(tmp_path / "j.png"), "--framework", "torch"]
     assert main([*again, "--out", str(tmp_path / "t.png")]) == 0
     assert images.metadata(tmp_path / "t.png")["settings"].endswith("torch fp32")
+    # how it is computed may change, not what is drawn: offloaded, the same picture
+    offloaded = ["generate", "--from-png", str(tmp_path / "b-1.png"), "--offload", "blocks"]
+    assert main([*offloaded, "--out", str(tmp_path / "off.png")]) == 0
+    np.testing.assert_array_equal(png(tmp_path / "off.png"), png(tmp_path / "b-1.png"))
     capsys.readouterr()
     for seed in ("3", "0"):  # 0 is --seed's default
         assert main(["generate", "--from-png", str(tmp_path / "b-1.png"), "--seed", seed]) == 2
