@@ -256,7 +256,7 @@ def test_errors(files, tmp_path, capsys):
     assert "flux2-klein-4b takes a qwen3 text encoder" in msg and "'t5'" in msg
     # The official layers (9, 18, 27) do not exist in the tiny Qwen3.
     msg = error(f2 + ["--text-encoder", str(files["flux2-enc"])])
-    assert "stacked layers (9, 18, 27)" in msg and msg.endswith(
+    assert "stacked layers (9, 18, 27)" in msg and msg.rstrip().endswith(
         "choose them with --text-encoder-layers (the flux2-tiny default)"
     )
     # A missing tokenizer is named.
