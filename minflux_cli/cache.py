@@ -75,6 +75,7 @@ ROLE = re.compile(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=directory, help="folder of images, each with a NAME.txt caption")
     p.add_argument("out", type=out_dir, help="output folder for the shards")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--model",
         type=preset,
@@ -581,7 +582,7 @@ def run(args) -> int:
         default=-1,
     )
     limit = args.shard_mb * 1_000_000
-    with tqdm(total=len(pairs), desc="caching", unit="image") as bar:
+    with tqdm(total=len(pairs), desc="caching", unit="image", disable=args.no_progress) as bar:
         for chunk in shards_of(pairs, args.shard_size):
             parts, size = [], 0
             for start in range(0, len(chunk), args.batch_size):

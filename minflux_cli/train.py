@@ -79,6 +79,7 @@ def decay(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--config",
         type=config_name,
@@ -550,7 +551,9 @@ def run(args) -> int:
         draw(0)  # the starting point, so progress can be seen
     t0 = time.time()
     try:
-        losses = trainer.fit(log=log, every=args.sample_every, callback=draw)
+        losses = trainer.fit(
+            progress=not args.no_progress, log=log, every=args.sample_every, callback=draw
+        )
     except FloatingPointError:
         # diverged: the save in flight (an earlier, finite step) finishes, so no orbax thread dies at exit
         log.close()

@@ -561,9 +561,9 @@ TOP = [
     (["--nosuch"], 2, "unrecognized arguments: --nosuch (see minflux --help)"),
     # a flag the command does not know is the command's error, pointing at its help (was `minflux --help`)
     (
-        ["train", "--no-progress"],
+        ["train", "--no-such-flag"],
         2,
-        "unrecognized arguments: --no-progress (see minflux train --help)",
+        "unrecognized arguments: --no-such-flag (see minflux train --help)",
     ),
     (
         ["generate", "--random-weights", "--nosuch", "1"],
