@@ -263,11 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_in(argv)
     if command is None and all(a == "--verbose" for a in argv):
         argv, command = [*argv, "parity"], "parity"  # no command: the default parity run
-    previous = {sig: signal.signal(sig, _stop) for sig in STOPPED}  # first: before any heavy import
-    previous_hook = sys.unraisablehook
+    previous, previous_hook = {}, sys.unraisablehook
     _running["command"] = command
     prefix = f"minflux {command}" if command else "minflux"
     try:
+        for sig in (
+            STOPPED
+        ):  # first, before any heavy import, and inside the try: a signal at once is one line
+            previous[sig] = signal.signal(sig, _stop)
         try:
             top = parser(only=command or "")
             args, extra = top.parse_known_args(argv)

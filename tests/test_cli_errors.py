@@ -1551,6 +1551,15 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"minflux {want}"
 
 
+def caught(pid: int, sig: int) -> bool:
+    """Whether process pid has a handler for sig (Linux: the SigCgt mask of /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(
+        next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16
+    )
+    return bool(mask >> (sig - 1) & 1)
+
+
 def console_script(tmp_path) -> Path:
     """A `minflux` script like the one pip writes for the console entry point."""
     script = tmp_path / "minflux"
@@ -1565,15 +1574,20 @@ def console_script(tmp_path) -> Path:
     "sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
 )
 def test_signal_during_imports(tmp_path, sig, code, word):
-    """Half a second in, `minflux parity` is still importing torch and jax: one line and 130 / 143, not a
-    KeyboardInterrupt traceback (status 1) or a silent death by the signal (status -15)."""
+    """As soon as its handlers are in, `minflux parity` is still importing torch and jax: one line and 130 / 143,
+    not a KeyboardInterrupt traceback (status 1) or a silent death by the signal (status -15)."""
     proc = subprocess.Popen(
         [console_script(tmp_path), "parity"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)
+    # Sent once minflux's handlers are in (SIGTERM caught: Python's own start-up catches SIGINT only), before
+    # the frameworks are imported: a fixed sleep raced Python's start-up on a loaded machine.
+    deadline = time.monotonic() + 30
+    while not caught(proc.pid, signal.SIGTERM):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and err.strip().splitlines() == [f"minflux parity: {word}"], err
