@@ -70,43 +70,38 @@ def models(tmp_path_factory):
     return build_models(tmp_path_factory)
 
 
-def test_masks_match_diffusers():
-    """`inpaint_mask` against each pipeline's own mask path (binarise, then prepare_mask_latents), both frameworks."""
+def diffusers_mask_latents(m: np.ndarray, family: str) -> np.ndarray:
+    """A pixel mask (1, 1, H, W) through the diffusers pipeline's own mask path (binarise, then
+    `prepare_mask_latents`): FluxInpaintPipeline's (B, L, 64) for "flux1", Flux2KleinInpaintPipeline's (B, L, 1)
+    for "flux2"."""
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
     from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
-    h, w = 64, 96
-    m = pixel_mask(h, w)
-    proc = VaeImageProcessor(
-        vae_scale_factor=16,
-        vae_latent_channels=16,
-        do_normalize=False,
-        do_binarize=True,
-        do_convert_grayscale=True,
-    )
-    fake = SimpleNamespace(vae_scale_factor=8, _pack_latents=FluxPipeline._pack_latents)
-    want, _ = FluxInpaintPipeline.prepare_mask_latents(
-        fake,
-        proc.preprocess(torch.from_numpy(m), height=h, width=w),
-        torch.zeros(1, 16, h // 8, w // 8),
-        1,
-        16,
-        1,
-        h,
-        w,
-        torch.float32,
-        "cpu",
-        None,
-    )
-    assert want.shape == (1, h * w // 256, 64)
-    np.testing.assert_array_equal(
-        ts.inpaint_mask(torch.from_numpy(m), "flux1", mode="center").numpy(), want.numpy()
-    )
-    np.testing.assert_array_equal(
-        np.asarray(js.inpaint_mask(nhwc(m), "flux1", mode="center")), want.numpy()
-    )
-
+    h, w = m.shape[-2:]
+    if family == "flux1":
+        proc = VaeImageProcessor(
+            vae_scale_factor=16,
+            vae_latent_channels=16,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
+        )
+        fake = SimpleNamespace(vae_scale_factor=8, _pack_latents=FluxPipeline._pack_latents)
+        want, _ = FluxInpaintPipeline.prepare_mask_latents(
+            fake,
+            proc.preprocess(torch.from_numpy(m), height=h, width=w),
+            torch.zeros(1, 16, h // 8, w // 8),
+            1,
+            16,
+            1,
+            h,
+            w,
+            torch.float32,
+            "cpu",
+            None,
+        )
+        return want.numpy()
     proc = Flux2ImageProcessor(
         vae_scale_factor=16,
         vae_latent_channels=32,
@@ -128,18 +123,33 @@ def test_masks_match_diffusers():
         torch.float32,
         "cpu",
     )
+    return want.numpy()
+
+
+def test_masks_match_diffusers():
+    """`inpaint_mask` against each pipeline's own mask path (binarise, then prepare_mask_latents), both frameworks."""
+    h, w = 64, 96
+    m = pixel_mask(h, w)
+    want = diffusers_mask_latents(m, "flux1")
+    assert want.shape == (1, h * w // 256, 64)
+    np.testing.assert_array_equal(
+        ts.inpaint_mask(torch.from_numpy(m), "flux1", mode="center").numpy(), want
+    )
+    np.testing.assert_array_equal(
+        np.asarray(js.inpaint_mask(nhwc(m), "flux1", mode="center")), want
+    )
+
+    want = diffusers_mask_latents(m, "flux2")
     assert (
         want.shape == (1, h * w // 256, 1)
         and 0 < want.mean() < 1
         and ((want > 0) & (want < 1)).any()
     )
     np.testing.assert_allclose(
-        ts.inpaint_mask(torch.from_numpy(m), "flux2", mode="center").numpy(),
-        want.numpy(),
-        atol=1e-7,
+        ts.inpaint_mask(torch.from_numpy(m), "flux2", mode="center").numpy(), want, atol=1e-7
     )
     np.testing.assert_allclose(
-        np.asarray(js.inpaint_mask(nhwc(m), "flux2", mode="center")), want.numpy(), atol=1e-7
+        np.asarray(js.inpaint_mask(nhwc(m), "flux2", mode="center")), want, atol=1e-7
     )
 
 

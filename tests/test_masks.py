@@ -6,7 +6,6 @@ diffusers, in center mode: `test_inpaint.py`)."""
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,55 +69,16 @@ def test_max_mode_is_max_pooling(factor):
 
 def test_center_mode_is_diffusers():
     """The numpy rule in center mode against FluxInpaintPipeline's and Flux2KleinInpaintPipeline's mask paths."""
-    from diffusers.image_processor import VaeImageProcessor
-    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-    from diffusers.pipelines.flux.pipeline_flux_inpaint import FluxInpaintPipeline
-    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
-    from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import Flux2KleinInpaintPipeline
+    from test_inpaint import diffusers_mask_latents
 
     h, w = 64, 96
     m = np.random.default_rng(1).uniform(size=(1, 1, h, w)).astype(np.float32)
-    proc = VaeImageProcessor(
-        vae_scale_factor=16, do_normalize=False, do_binarize=True, do_convert_grayscale=True
-    )
-    fake = SimpleNamespace(vae_scale_factor=8, _pack_latents=FluxPipeline._pack_latents)
-    want, _ = FluxInpaintPipeline.prepare_mask_latents(
-        fake,
-        proc.preprocess(torch.from_numpy(m), height=h, width=w),
-        torch.zeros(1, 16, h // 8, w // 8),
-        1,
-        16,
-        1,
-        h,
-        w,
-        torch.float32,
-        "cpu",
-        None,
-    )
     ours = masks.weights(m[0, 0], family.FLUX1, 8, "center")
-    np.testing.assert_array_equal(packed(ours), want.numpy())
-    proc = Flux2ImageProcessor(
-        vae_scale_factor=16,
-        do_normalize=False,
-        do_binarize=True,
-        do_convert_rgb=False,
-        do_convert_grayscale=True,
-    )
-    fake = SimpleNamespace(
-        vae_scale_factor=8, _pack_latents=Flux2KleinInpaintPipeline._pack_latents
-    )
-    want = Flux2KleinInpaintPipeline.prepare_mask_latents(
-        fake,
-        proc.preprocess(torch.from_numpy(m), height=h, width=w),
-        1,
-        1,
-        h,
-        w,
-        torch.float32,
-        "cpu",
-    )
+    np.testing.assert_array_equal(packed(ours), diffusers_mask_latents(m, "flux1"))
     ours = masks.weights(m[0, 0], family.FLUX2, 8, "center")
-    np.testing.assert_allclose(ours.reshape(1, -1, 1), want.numpy(), atol=1e-7)
+    np.testing.assert_allclose(
+        ours.reshape(1, -1, 1), diffusers_mask_latents(m, "flux2"), atol=1e-7
+    )
 
 
 def test_thin_strokes_repaint_in_max_mode():
