@@ -155,7 +155,7 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
             f"the picture holds NaN or Inf values ({np.count_nonzero(~np.isfinite(x))} of {x.size}): "
             "the computation overflowed"
         )
-    return np.round((np.clip(np.asarray(x, np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def encode(

@@ -14,7 +14,7 @@ class UsageError(Exception):
 
 def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
     """The dests argv sets itself, whatever their values: `--framework torch` is given even where torch is the
-    default. `parser` must be a fresh one (its defaults, and its subcommands', are suppressed here)."""
+    default. `parser` is changed (its defaults, and its subcommands', are suppressed): parse with it first."""
 
     def suppress(p: argparse.ArgumentParser) -> None:
         for action in p._actions:

@@ -578,15 +578,10 @@ def replay(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(
             f"--from-png {path}: no minflux settings in its metadata (a PNG minflux generate wrote)"
         ) from None
-    parser = _parser()
-    prog, parser.prog = parser.prog, f"--from-png {path}"
-    try:
-        recorded = parser.parse_args(argv)
-    finally:
-        parser.prog = prog
-    fresh = _Recorded(prog=prog, add_help=False)
-    add_arguments(fresh)
-    recorded.typed_flags = typed_flags(fresh, argv)
+    parser = _Recorded(prog=f"--from-png {path}", add_help=False)  # its errors name the file
+    add_arguments(parser)
+    recorded = parser.parse_args(argv)
+    recorded.typed_flags = typed_flags(parser, argv)
     for dest in REPLAY_FLAGS:
         if dest in _given(args):
             setattr(recorded, dest, getattr(args, dest))
@@ -824,8 +819,8 @@ def _check_memory(plan: Plan, args: argparse.Namespace) -> None:
         pixels_per_token=ppt,
         attention_matrix=plan.fw.name == "jax",  # XLA on a CPU does not fuse attention
         cfg_scale=plan.true_cfg,
-        offload=plan.offload == "blocks"
-        and not plan.random,  # random weights: built whole, in host memory
+        # random weights are built whole, in host memory
+        offload=plan.offload == "blocks" and not plan.random,
     )
     packed = " kept quantized" if plan.keep_quantized else ""
     what = f"{plan.model} ({plan.fw.dtype}{packed}) at --width {plan.width} --height {plan.height}"

@@ -267,9 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     _running["command"] = command
     prefix = f"minflux {command}" if command else "minflux"
     try:
-        for sig in (
-            STOPPED
-        ):  # first, before any heavy import, and inside the try: a signal at once is one line
+        # first, before any heavy import, and inside the try: a signal at once is one line
+        for sig in STOPPED:
             previous[sig] = signal.signal(sig, _stop)
         try:
             top = parser(only=command or "")
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 top.commands.get(args.command, top).error(
                     f"unrecognized arguments: {' '.join(extra)}"
                 )
-            args.typed_flags = typed_flags(parser(only=command or ""), argv)
+            args.typed_flags = typed_flags(top, argv)  # (top is not used after this)
         except SystemExit as e:
             # --help (0) or a usage error (2, one line already printed): a return value
             return e.code
